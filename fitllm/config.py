@@ -1,0 +1,153 @@
+"""ModelConfig (one normalised view of every family's config.json) and EngineConfig (all knobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# config.json `architectures` / `model_type` values that the Llama implementation serves.
+LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Architecture facts, with the same field names whatever the checkpoint family called them."""
+
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+
+    @property
+    def kv_bytes_per_token_per_dtype_byte(self) -> int:
+        """K and V elements per token over all layers (multiply by the KV dtype's size)."""
+        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes of KV cache one token occupies across all layers."""
+        return self.kv_bytes_per_token_per_dtype_byte * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM)."""
+        from fitllm.model.registry import resolve_architecture
+
+        architecture = resolve_architecture(cfg)
+        model_type = cfg.get("model_type", "llama")
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        eos = cfg.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        # Qwen2 always has q/k/v bias and its config does not say so.
+        attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
+        sliding_window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            sliding_window = None
+        rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None and isinstance(rope_scaling, dict):
+            rope_theta = rope_scaling.get("rope_theta")
+        if isinstance(rope_scaling, dict):
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling = None if kind == "default" else dict(rope_scaling, rope_type=kind)
+        return cls(
+            architecture=architecture,
+            model_type=model_type,
+            hidden_size=hidden,
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=sliding_window,
+            hidden_act=cfg.get("hidden_act", "silu"),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos_ids,
+        )
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> the fastest 16-bit type the device computes well; otherwise the named type."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Decode on CPU is memory-bound: bfloat16 halves the bytes read per token (about 2x in transformers too).
+    return torch.bfloat16
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Every engine knob; names follow vLLM where the concept is the same."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts, capped
+    seed: int = 0
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a positive power of two; got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"--max-num-seqs must be at least 1; got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
+
+    def resolve_device(self) -> torch.device:
+        """'auto' -> CUDA when present, else CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division."""
+    return -(-a // b)
+
+
+__all__ = ["ModelConfig", "EngineConfig", "resolve_dtype", "cdiv", "LLAMA_LIKE_MODEL_TYPES"]

@@ -1,0 +1,235 @@
+"""Engine: add_request / step / abort over the scheduler, runner and detokenizer."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from fitllm.config import EngineConfig, cdiv, resolve_dtype
+from fitllm.engine.detokenizer import IncrementalDetokenizer
+from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
+from fitllm.engine.runner import ModelRunner, allocate_kv_cache
+from fitllm.engine.sampler import Sampler
+from fitllm.engine.scheduler import Scheduler
+from fitllm.loader import build_model, open_model
+from fitllm.memory.block_pool import BlockPool
+from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.units import format_bytes
+
+log = logging.getLogger("fitllm")
+
+# Without a memory budget yet (the memory issue brings one), the default pool holds this many bytes at most.
+DEFAULT_KV_CACHE_MEMORY = 1 << 30
+
+
+class Engine:
+    """Owns the model and all its memory; a single thread calls add_request, step and abort."""
+
+    def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = config.resolve_device()
+        self.source = open_model(config.model)
+        self.model_config = mc = self.source.config
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
+            log.warning(
+                "--max-model-len %d exceeds the model's trained context %d",
+                self.max_model_len,
+                mc.max_position_embeddings,
+            )
+        self.tokenizer = self.source.tokenizer(config.tokenizer)
+        self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
+
+        self.block_size = config.block_size
+        per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+        if config.kv_cache_memory is not None:
+            num_blocks = config.kv_cache_memory // per_block
+            if num_blocks < 1:
+                raise ValueError(
+                    f"--kv-cache-memory {format_bytes(config.kv_cache_memory)} holds no block of "
+                    f"{format_bytes(per_block)}; raise it or lower --block-size"
+                )
+        else:
+            wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
+            num_blocks = max(1, min(wanted, DEFAULT_KV_CACHE_MEMORY // per_block))
+        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, self.block_size)
+        caches = allocate_kv_cache(mc, num_blocks, self.block_size, self.dtype, self.device)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(self.model, mc, self.kv, caches, self.sampler, self.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._finished_outputs: list[RequestOutput] = []
+        log.info(
+            "KV cache: %d blocks of %d tokens (%s, %d tokens in all)",
+            num_blocks,
+            self.block_size,
+            format_bytes(num_blocks * per_block),
+            num_blocks * self.block_size,
+        )
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})"
+                )
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens but --max-model-len is {self.max_model_len}; "
+                f"shorten the prompt or raise --max-model-len"
+            )
+        needed = cdiv(len(ids) + 1, self.block_size)
+        if needed > self.pool.num_blocks:
+            raise ValueError(
+                f"the prompt needs {needed} KV blocks but the pool has {self.pool.num_blocks}; "
+                f"raise --kv-cache-memory"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, text, ids, params, priority)
+        limit = (
+            self.max_model_len
+            if params.max_tokens is None
+            else min(self.max_model_len, len(ids) + params.max_tokens)
+        )
+        req.max_total_tokens = limit
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its memory; returns False if it is unknown or already done."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._finished_outputs.append(self._output(req))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, detokenize; returns outputs of requests that progressed."""
+        outputs, self._finished_outputs = self._finished_outputs, []
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished() and not sched.preempted:
+                # Nothing fits and nothing runs: the head request can never be served.
+                raise RuntimeError(
+                    "scheduler made no progress; the KV pool is too small for the waiting request"
+                )
+            return outputs
+        sampled, result = self.runner.execute(sched)
+        self.scheduler.update_after_step(sched)
+        if result is None:
+            return outputs
+        now = time.monotonic()
+        for i, req in enumerate(sampled):
+            token = result.token_ids[i]
+            req.token_ids.append(token)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            if req.logprobs is not None:
+                req.logprobs.append(result.logprobs[i])
+                req.cumulative_logprob += result.sampled_logprob[i]
+            status = self._check_stop(req, token)
+            if status is not None:
+                self._finish(req, status)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.params
+        stop_str = req.detokenizer.add_token(token)
+        if req.num_output_tokens < p.min_tokens:
+            return None
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            return RequestStatus.FINISHED_STOPPED
+        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in p.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_tokens >= req.max_total_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        req.status = status
+        req.finish_reason = status.value
+        req.metrics.finished_time = time.monotonic()
+        self.scheduler.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def _output(self, req: Request) -> RequestOutput:
+        finished = req.status.finished
+        completion = CompletionOutput(
+            index=0,
+            text=req.detokenizer.text,
+            token_ids=req.output_token_ids,
+            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+            logprobs=req.logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            delta_text=req.detokenizer.take_delta(finished),
+            delta_token_ids=req.take_new_token_ids(),
+        )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[completion],
+            finished=finished,
+            num_cached_tokens=req.num_cached_tokens,
+            metrics=req.metrics,
+        )
+
+    def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0
+    ) -> Iterator[RequestOutput]:
+        """Run one request to completion here, yielding its output after every step it progresses."""
+        rid = self.add_request(prompt, params, priority=priority)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    def check_integrity(self) -> None:
+        """Pool invariants plus: every running request's blocks cover its computed tokens."""
+        self.pool.check_integrity()
+        for req in self.scheduler.running:
+            assert len(self.kv.block_ids(req.request_id)) * self.block_size >= req.num_computed_tokens

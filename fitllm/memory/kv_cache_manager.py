@@ -1,0 +1,96 @@
+"""Per-request block tables over the block pool, with prefix-cache lookups by chained block hashes.
+
+Knows nothing of requests beyond an id and a token list, so the scheduler stays above it.
+"""
+
+from __future__ import annotations
+
+from fitllm.config import cdiv
+from fitllm.memory.block_pool import BlockHash, BlockPool, KVBlock
+
+
+class KVCacheManager:
+    """Allocates slots for requests' new tokens and shares full blocks between equal prefixes."""
+
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}
+        self._num_cached: dict[str, int] = {}  # blocks of each request already registered in the cache
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
+
+    def _block_hashes(self, request_id: str, token_ids: list[int]) -> list[BlockHash]:
+        hashes = self._hashes.setdefault(request_id, [])
+        bs = self.block_size
+        for i in range(len(hashes), len(token_ids) // bs):
+            hashes.append(
+                BlockHash.of(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+            )
+        return hashes
+
+    def find_prefix_hit(self, request_id: str, token_ids: list[int]) -> tuple[list[KVBlock], int]:
+        """Longest run of cached full blocks at the start of `token_ids`, leaving >= 1 token to compute."""
+        if not self.pool.enable_caching:
+            return [], 0
+        # The last token must be recomputed to produce logits, so it may not come from the cache.
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in self._block_hashes(request_id, token_ids)[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count an admitted request's prefix lookup (for the hit-rate metric)."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit
+
+    def allocate(self, request_id: str, num_tokens: int, prefix_hits: list[KVBlock] | None = None) -> bool:
+        """Ensure the request's block table covers `num_tokens` tokens; all or nothing."""
+        blocks = self._blocks.setdefault(request_id, [])
+        hits = prefix_hits or []
+        need = cdiv(num_tokens, self.block_size) - len(blocks) - len(hits)
+        # A hit on an unreferenced cached block takes it out of the free count.
+        reclaimed = sum(1 for b in hits if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - reclaimed:
+            return False
+        self.pool.touch(hits)
+        blocks.extend(hits)
+        self._num_cached[request_id] = self._num_cached.get(request_id, 0) + len(hits)
+        if need > 0:
+            new = self.pool.take(need)
+            assert new is not None
+            blocks.extend(new)
+        return True
+
+    def cache_computed(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Register every block that is now full and computed under its prefix hash."""
+        if not self.pool.enable_caching:
+            return
+        full = num_computed // self.block_size
+        done = self._num_cached.get(request_id, 0)
+        if full <= done:
+            return
+        hashes = self._block_hashes(request_id, token_ids[: full * self.block_size])
+        blocks = self._blocks[request_id]
+        for i in range(done, full):
+            self.pool.cache(blocks[i], hashes[i])
+        self._num_cached[request_id] = full
+
+    def free(self, request_id: str) -> None:
+        """Give the request's blocks back (tail first, so shared heads stay cached longest)."""
+        blocks = self._blocks.pop(request_id, [])
+        self.pool.release(list(reversed(blocks)))
+        self._hashes.pop(request_id, None)
+        self._num_cached.pop(request_id, None)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table: logical block i -> physical block id."""
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)

@@ -1,0 +1,123 @@
+"""Building blocks shared by the decoder families: norms, rotary embeddings, activations, embeddings."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, with an optional fused residual add (as Hugging Face rounds it)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            x = x + residual
+        residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype), residual
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU activation over a fused [gate | up] projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's frequency-dependent rope scaling (long wavelengths stretched, short kept)."""
+    factor = scaling["factor"]
+    low_freq_factor = scaling.get("low_freq_factor", 1.0)
+    high_freq_factor = scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen = old_len / low_freq_factor
+    high_freq_wavelen = old_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half layout), cos/sin tabulated once per position in float32."""
+
+    def __init__(
+        self,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        scaling: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.base = base
+        self.scaling = scaling
+        self.cos_sin: torch.Tensor | None = None  # built by `build` on the target device
+
+    def inv_freq(self) -> torch.Tensor:
+        inv_freq = 1.0 / (
+            self.base ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.int64).float() / self.rotary_dim)
+        )
+        if self.scaling is None:
+            return inv_freq
+        kind = self.scaling["rope_type"]
+        if kind == "linear":
+            return inv_freq / self.scaling["factor"]
+        if kind == "llama3":
+            return _llama3_inv_freq(inv_freq, self.scaling)
+        raise ValueError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Tabulate cos/sin for every position up to max_position, rounded to the model dtype once."""
+        t = torch.arange(self.max_position, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos_sin = torch.stack((emb.cos(), emb.sin())).to(device=device, dtype=dtype)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hk, D]; positions: [T]."""
+        assert self.cos_sin is not None, "RotaryEmbedding.build was not called"
+        cos = self.cos_sin[0].index_select(0, positions).unsqueeze(1)
+        sin = self.cos_sin[1].index_select(0, positions).unsqueeze(1)
+        return _apply_rotary(q, cos, sin, self.rotary_dim), _apply_rotary(k, cos, sin, self.rotary_dim)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    if rotary_dim == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding table (vocab-parallel sharding arrives with tensor parallelism)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)

@@ -1,0 +1,182 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over the paged KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fitllm.config import ModelConfig
+from fitllm.model.attention import AttentionMetadata, PagedAttention
+from fitllm.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
+from fitllm.model.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with rotary positions and optional q/k/v bias."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        hd = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            hd,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.attention_bias,
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = hd
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=False)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.reshape(t, q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward with fused gate/up projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"Llama-family MLP supports hidden_act 'silu', got {config.hidden_act!r}")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias
+        )
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention + MLP with the residual carried between fused add-norms."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+# Hugging Face parameter name fragments that fitllm stores fused: (hf fragment, fitllm fragment, shard id).
+_STACKED_PARAMS = (
+    ("q_proj", "qkv_proj", "q"),
+    ("k_proj", "qkv_proj", "k"),
+    ("v_proj", "qkv_proj", "v"),
+    ("gate_proj", "gate_up_proj", 0),
+    ("up_proj", "gate_up_proj", 1),
+)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama decoder + LM head; `forward` returns hidden states, `compute_logits` only for sampled rows."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.rotary = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else ReplicatedLinear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def attention_layers(self) -> list[PagedAttention]:
+        """The paged-attention module of each layer, in order (the runner binds KV caches to them)."""
+        return [layer.self_attn.attn for layer in self.layers]
+
+    def prepare(self, device: torch.device, dtype: torch.dtype, max_position: int) -> None:
+        """Build tables that are computed, not loaded (rotary cos/sin)."""
+        self.rotary.max_position = max(max_position, 1)
+        self.rotary.build(device, dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual, meta)
+        h, _ = self.norm(h, residual)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face-named tensors into the (fused, sharded) parameters; returns names loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def load_into(name: str, tensor: torch.Tensor, shard: object = None) -> None:
+            # The owning module decides how its (possibly sharded or fused) parameter takes the tensor.
+            owner = self.get_submodule(name.rpartition(".")[0])
+            loader = getattr(owner, "weight_loader", None)
+            if loader is not None:
+                loader(params[name], tensor, shard)
+            elif tuple(params[name].shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(params[name].shape)}"
+                )
+            else:
+                params[name].data.copy_(tensor)
+            loaded.add(name)
+
+        for hf_name, tensor in weights:
+            name = hf_name.removeprefix("model.")
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding serves as the head
+            for hf_frag, frag, shard in _STACKED_PARAMS:
+                if f".{hf_frag}." in name:
+                    load_into(name.replace(f".{hf_frag}.", f".{frag}."), tensor, shard)
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(self).__name__}")
+                load_into(name, tensor)
+        return loaded

@@ -1,0 +1,49 @@
+"""Architecture name in a checkpoint's config -> the class that implements it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+# HF `architectures[0]` -> fitllm model class path.
+_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
+}
+# `model_type` (or GGUF general.architecture) -> HF architecture, for configs without `architectures`.
+_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "smollm": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def supported_architectures() -> list[str]:
+    """Names a user can look for in config.json."""
+    return sorted(_ARCHITECTURES)
+
+
+def resolve_architecture(cfg: dict[str, Any]) -> str:
+    """Pick the architecture name from a config dict, or explain which ones fitllm knows."""
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in _ARCHITECTURES:
+            return arch
+    model_type = cfg.get("model_type")
+    if not archs and model_type in _MODEL_TYPES:
+        return _MODEL_TYPES[model_type]
+    named = ", ".join(archs) if archs else f"model_type {model_type!r}"
+    raise ValueError(
+        f"unsupported architecture {named}; fitllm supports: {', '.join(supported_architectures())}"
+    )
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """Import and return the class for an architecture name."""
+    import importlib
+
+    module_name, _, cls_name = _ARCHITECTURES[architecture].partition(":")
+    return getattr(importlib.import_module(module_name), cls_name)
