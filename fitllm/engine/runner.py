@@ -40,6 +40,9 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.kv_caches = kv_caches
+        # Tests set this to keep each sampled request's float32 logits of the last step (parity checks).
+        self.capture_logits = False
+        self.last_logits: dict[str, torch.Tensor] = {}
         for attn, cache in zip(model.attention_layers(), kv_caches, strict=True):
             attn.kv_cache = cache
 
@@ -128,4 +131,6 @@ class ModelRunner:
             return [], None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if self.capture_logits:
+            self.last_logits = {r.request_id: logits[i].float().cpu() for i, r in enumerate(sampling)}
         return sampling, self.sampler(logits, sampling)

@@ -1,0 +1,1 @@
+"""Benchmarks, run through `fitllm bench ...`; each prints a table and writes JSON."""

