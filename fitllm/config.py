@@ -61,8 +61,21 @@ class ModelConfig:
         # Qwen2 always has q/k/v bias and its config does not say so.
         attention_bias = bool(cfg.get("attention_bias", model_type == "qwen2"))
         sliding_window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding_window = None
+        layer_types = cfg.get("layer_types")
+        if layer_types is None and model_type == "qwen2":
+            # Qwen2 windows layer i only when use_sliding_window and i >= max_window_layers.
+            first = cfg.get("max_window_layers", 0) if cfg.get("use_sliding_window", False) else None
+            layer_types = [
+                "sliding_attention" if first is not None and i >= first else "full_attention"
+                for i in range(cfg["num_hidden_layers"])
+            ]
+        if layer_types is not None:
+            if "sliding_attention" not in layer_types:
+                sliding_window = None
+            elif set(layer_types) != {"sliding_attention"}:
+                raise ValueError(
+                    "per-layer sliding windows (some layers full, some windowed) are not supported yet"
+                )
         rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None and isinstance(rope_scaling, dict):

@@ -143,6 +143,10 @@ class Engine:
         self._finished_outputs.append(self._output(req))
         return True
 
+    def reset_prefix_cache(self) -> int:
+        """Evict every cached (unreferenced) prefix block; returns how many were dropped."""
+        return self.pool.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

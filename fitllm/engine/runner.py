@@ -132,5 +132,7 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         if self.capture_logits:
-            self.last_logits = {r.request_id: logits[i].float().cpu() for i, r in enumerate(sampling)}
+            self.last_logits = {
+                r.request_id: logits[i].to("cpu", torch.float32, copy=True) for i, r in enumerate(sampling)
+            }
         return sampling, self.sampler(logits, sampling)

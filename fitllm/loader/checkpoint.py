@@ -66,17 +66,18 @@ def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 def _load_pickle_safely(path: Path) -> dict[str, torch.Tensor]:
     """torch.load restricted to tensors and plain containers; memory-mapped so shards are not copied."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            # Old (pre-zipfile) pickles cannot be memory-mapped; they are still read with weights_only.
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path} needs more than tensors to unpickle and fitllm never executes code from a checkpoint; "
             f"convert it to safetensors first ({str(exc).splitlines()[0]})"
         ) from exc
-    except RuntimeError as exc:
-        # Old (pre-zipfile) pickles cannot be memory-mapped; they are still read with weights_only.
-        if "mmap" not in str(exc):
-            raise
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

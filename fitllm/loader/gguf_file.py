@@ -83,6 +83,13 @@ def gguf_to_hf_config(reader: Any) -> dict[str, Any]:
     scaling_type = get("rope.scaling.type")
     if scaling_type == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": get("rope.scaling.factor")}
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        # Llama 3.1-style GGUFs store the per-frequency divisors llama.cpp applies, not the scaling config.
+        cfg["rope_scaling"] = {
+            "rope_type": "freq_factors",
+            "factors": np.asarray(freqs.data, dtype=np.float32).tolist(),
+        }
     return cfg
 
 
@@ -107,7 +114,7 @@ def iter_gguf_weights(reader: Any, cfg: dict[str, Any]) -> Iterator[tuple[str, t
         elif t.name in _GLOBAL_NAMES:
             name = _GLOBAL_NAMES[t.name]
         elif t.name.startswith("rope_freqs"):
-            continue  # llama3 rope factors: recomputed from the scaling config
+            continue  # read into the config's rope_scaling by gguf_to_hf_config
         else:
             raise ValueError(f"unexpected GGUF tensor {t.name!r}")
         shape = tuple(int(d) for d in reversed(t.shape))

@@ -81,6 +81,8 @@ class RotaryEmbedding(nn.Module):
             return inv_freq / self.scaling["factor"]
         if kind == "llama3":
             return _llama3_inv_freq(inv_freq, self.scaling)
+        if kind == "freq_factors":  # GGUF rope_freqs: one divisor per frequency
+            return inv_freq / torch.tensor(self.scaling["factors"], dtype=torch.float32)
         raise ValueError(f"rope scaling type {kind!r} is not supported (supported: linear, llama3)")
 
     def build(self, device: torch.device, dtype: torch.dtype) -> None:

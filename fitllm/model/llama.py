@@ -34,7 +34,9 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = hd
-        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=False)
+        # Llama's attention_bias covers o_proj too; Qwen2 biases only q/k/v.
+        o_bias = config.attention_bias and config.model_type != "qwen2"
+        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=o_bias)
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
 

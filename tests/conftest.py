@@ -1,0 +1,139 @@
+"""Shared helpers: tiny random-weight Hugging Face checkpoints that fitllm and transformers both load.
+
+`make_random_checkpoint(tmp_path, family="llama", **overrides) -> Path` is a plain function (import it with
+`from conftest import make_random_checkpoint`) and also a fixture of the same name that returns it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny models on a shared 2-core machine: more than one intra-op thread only adds contention (measured
+# 10-100x slower under load), and results do not depend on it.
+torch.set_num_threads(1)
+
+# Wide init and perturbed norms: with transformers' default std 0.02 a tiny model repeats one token forever.
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=256,
+    initializer_range=0.25,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+}
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> Path:
+    """A WordLevel tokenizer.json whose ids are exactly 0..vocab_size-1 ("t0", "t1", ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def build_random_model(family: str = "llama", seed: int = 0, **overrides):
+    """A transformers model of `family` with wide random weights, random RMSNorm gains and biases."""
+    import transformers
+
+    config_name, model_name = _FAMILIES[family]
+    kwargs = dict(TINY_CONFIG)
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):  # transformers initialises biases to zero: make them matter
+                p.copy_(0.25 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def make_random_checkpoint(
+    tmp_path: Path,
+    family: str = "llama",
+    *,
+    seed: int = 0,
+    save_kwargs: dict | None = None,
+    name: str | None = None,
+    **overrides,
+) -> Path:
+    """Save a random `family` model (config overrides as keyword args) plus a tokenizer.json; returns the folder."""
+    model = build_random_model(family, seed=seed, **overrides)
+    folder = Path(tmp_path) / (name or f"{family}-{seed}")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, **(save_kwargs or {}))
+    write_tokenizer(folder, model.config.vocab_size)
+    return folder
+
+
+@pytest.fixture(name="make_random_checkpoint")
+def _make_random_checkpoint_fixture():
+    """Fixture form of make_random_checkpoint (returns the function)."""
+    return make_random_checkpoint
+
+
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
+    """The reference: transformers' own model from the same folder."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
+    """Float32 logits of the last position of a full-sequence forward (no KV cache)."""
+    out = model(torch.tensor([ids]), use_cache=False)
+    return out.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy continuation by repeated full-sequence forwards; returns the tokens and each step's logits."""
+    ids, logits = list(prompt), []
+    for _ in range(n):
+        row = hf_last_logits(model, ids)
+        logits.append(row)
+        ids.append(int(row.argmax()))
+    return ids[len(prompt) :], logits
+
+
+def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy-generate with a fitllm Engine, capturing the float32 logits of every step that sampled."""
+    from fitllm import SamplingParams
+
+    engine.runner.capture_logits = True
+    rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    logits: list[torch.Tensor] = []
+    tokens: list[int] = []
+    while engine.has_unfinished_requests():
+        engine.runner.last_logits = {}
+        for out in engine.step():
+            if out.request_id == rid and out.outputs[0].delta_token_ids:
+                assert len(out.outputs[0].delta_token_ids) == 1
+                logits.append(engine.runner.last_logits[rid])
+                tokens = list(out.outputs[0].token_ids)
+    return tokens, logits
