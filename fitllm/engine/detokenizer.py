@@ -29,19 +29,28 @@ class IncrementalDetokenizer:
         self.text = ""
         self._sent = 0
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append one token's text; returns the stop string if it now appears (text is cut there)."""
+    def add_token(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one token's text; returns the stop string if it now appears (text is cut there).
+
+        check_stop=False (before min_tokens) appends without looking for stop strings."""
         piece = self._stream.step(self._tokenizer.backend, token_id)
         if not piece:
             return None
         start = max(0, len(self.text) - self._holdback)
         self.text += piece
+        if not check_stop:
+            return None
         found = [(at, s) for s in self.stop if (at := self.text.find(s, start)) != -1]
         if not found:
             return None
         at, s = min(found)  # the earliest stop string wins
         self.text = self.text[: at + len(s)] if self.include_stop else self.text[:at]
         return s
+
+    @property
+    def streamed_text(self) -> str:
+        """The text released by take_delta so far (held-back characters excluded)."""
+        return self.text[: self._sent]
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet streamed that can no longer turn into a stop string."""

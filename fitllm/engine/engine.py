@@ -183,9 +183,10 @@ class Engine:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
-        stop_str = req.detokenizer.add_token(token)
+        stop_str = req.detokenizer.add_token(token, check_stop=req.num_output_tokens >= p.min_tokens)
         if req.num_output_tokens < p.min_tokens:
-            return None
+            # min_tokens defers stop conditions, never the context limit.
+            return RequestStatus.FINISHED_LENGTH if req.num_tokens >= self.max_model_len else None
         if stop_str is not None:
             req.stop_reason = stop_str
             return RequestStatus.FINISHED_STOPPED
@@ -207,15 +208,16 @@ class Engine:
 
     def _output(self, req: Request) -> RequestOutput:
         finished = req.status.finished
+        delta_text = req.detokenizer.take_delta(finished)
         completion = CompletionOutput(
             index=0,
-            text=req.detokenizer.text,
+            text=req.detokenizer.streamed_text,
             token_ids=req.output_token_ids,
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
             logprobs=req.logprobs,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
-            delta_text=req.detokenizer.take_delta(finished),
+            delta_text=delta_text,
             delta_token_ids=req.take_new_token_ids(),
         )
         return RequestOutput(

@@ -114,7 +114,10 @@ def sample_truncated(
         keep &= mass_before < top_p[rows].unsqueeze(1)
         keep &= probs >= min_p[rows].unsqueeze(1) * probs[:, :1]
         keep[:, 0] = True  # the most likely token always survives
-        done = ~keep[:, -1] | k_inside | (c == vocab)
+        # A cut inside the candidates is final unless top-p must be measured on a top-k set that reaches
+        # past them (its mass, the normaliser, is then not known yet).
+        k_off = k_eff[rows] == vocab
+        done = k_inside | (c == vocab) | (~keep[:, -1] & (k_off | (top_p[rows] >= 1)))
         if done.any():
             picked = _inverse_cdf(probs[done] * keep[done], u[rows[done]])
             out[rows[done]] = idx[done].gather(1, picked.unsqueeze(1)).squeeze(1)
@@ -187,7 +190,8 @@ class Sampler:
             for i, r in enumerate(requests)
             if r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0
         ]
-        plain = [i for i in range(len(requests)) if i not in set(trunc)]
+        truncated = set(trunc)
+        plain = [i for i in range(len(requests)) if i not in truncated]
         if plain:
             # Inverse CDF needs no sort: any fixed token order gives the same distribution.
             probs = logits[plain].softmax(dim=-1)
