@@ -10,7 +10,7 @@ from fitllm.engine.request import Request
 from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.model.attention import AttentionMetadata, PrefillSpan
+from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows
 
 
 def allocate_kv_cache(
@@ -87,8 +87,9 @@ class ModelRunner:
             mask = k_pos <= q_pos.unsqueeze(1)
             if self.config.sliding_window is not None:
                 mask &= k_pos > q_pos.unsqueeze(1) - self.config.sliding_window
-            meta.decode_slots = slots.to(self.device)
-            meta.decode_mask = mask.view(len(decodes), 1, 1, max_ctx).to(self.device)
+            meta.decode_context = max_ctx
+            meta.decode_rows = head_rows(slots, self.config.num_key_value_heads).to(self.device)
+            meta.decode_mask = mask.to(self.device)
             for i, s in enumerate(decodes):
                 r = s.request
                 ids.append(r.token_ids[r.num_computed_tokens])
@@ -106,7 +107,8 @@ class ModelRunner:
             mask = None
             if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
                 mask = self._mask(q_pos, end).to(self.device)
-            meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, context_slots.to(self.device), mask))
+            rows = head_rows(context_slots, self.config.num_key_value_heads).to(self.device)
+            meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, end, rows, mask))
             ids.extend(r.token_ids[start:end])
             pos_chunks.append(q_pos)
             slot_chunks.append(context_slots[start:end])

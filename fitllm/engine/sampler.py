@@ -148,7 +148,9 @@ class Sampler:
         if greedy:
             tokens[greedy] = logits[greedy].argmax(dim=-1).cpu()
         rand = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if rand:
+        if len(rand) == n:  # the common case: no fancy-index copy of the logits
+            tokens = self._sample_random(logits, requests)
+        elif rand:
             tokens[rand] = self._sample_random(logits[rand], [requests[i] for i in rand])
 
         token_list = tokens.tolist()
@@ -199,7 +201,7 @@ class Sampler:
         if trunc:
             sub = [requests[i] for i in trunc]
             out[trunc] = sample_truncated(
-                logits[trunc],
+                logits if len(trunc) == len(requests) else logits[trunc],
                 torch.tensor([r.params.top_k for r in sub], dtype=torch.long),
                 torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype),
                 torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype),

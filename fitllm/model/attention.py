@@ -3,8 +3,13 @@
 The runner flattens a step's requests into one token batch ordered decodes first, then prefill chunks.
 Decodes (one query token each) are attended in one batched call over K/V gathered through their block
 tables and padded to the longest context; each prefill chunk is attended on its own with a causal mask
-offset by the tokens it already has in the cache. Masks and gather indices are built once per step
-and shared by all layers.
+offset by the tokens it already has in the cache. Gather indices and masks are built once per step and
+shared by all layers.
+
+The cache is slot-major, [2, num_slots, kv_heads, head_dim], so a new token's K/V is one contiguous
+write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
+order: the result is already the [kv_heads * requests, context, head_dim] batch that bmm wants, with no
+transpose copy (measured 7x faster than gathering slots and permuting).
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def head_rows(slots: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Row ids into the [num_slots * kv_heads, head_dim] cache view for `slots`, kv-head-major, flattened."""
+    heads = torch.arange(num_kv_heads, device=slots.device).view(num_kv_heads, *([1] * slots.dim()))
+    return (slots.unsqueeze(0) * num_kv_heads + heads).reshape(-1)
+
+
 @dataclass(slots=True)
 class PrefillSpan:
     """One request's prefill chunk inside the flat batch."""
 
     query_start: int
     query_len: int
-    context_slots: torch.Tensor  # [context_len] slot id of every token it attends to, oldest first
+    context_len: int
+    context_rows: torch.Tensor  # head_rows() of the slots of every token it attends to, oldest first
     mask: torch.Tensor | None  # [query_len, context_len] bool, True = attend; None = plain causal
 
 
@@ -32,8 +44,9 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
-    decode_slots: torch.Tensor | None = None  # [num_decodes, max_context] slot ids (padding: 0)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_context] bool
+    decode_context: int = 0  # longest decode context (gathers are padded to it)
+    decode_rows: torch.Tensor | None = None  # head_rows() of [num_decodes, decode_context] slots (padding: 0)
+    decode_mask: torch.Tensor | None = None  # [num_decodes, decode_context] bool, True = attend
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -46,8 +59,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        # [2, num_slots, num_kv_heads, head_dim]: K then V, one row per token slot.
-        self.kv_cache: torch.Tensor | None = None
+        self.kv_cache: torch.Tensor | None = None  # [2, num_slots, kv_heads, head_dim]
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
@@ -57,43 +69,41 @@ class PagedAttention(nn.Module):
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        k_rows = k_cache.view(-1, self.head_dim)
+        v_rows = v_cache.view(-1, self.head_dim)
         out = torch.empty_like(q)
         if meta.num_decodes:
-            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_cache, v_cache, meta)
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_rows, v_rows, meta)
         for span in meta.prefills:
             qs = slice(span.query_start, span.query_start + span.query_len)
-            out[qs] = self._prefill(q[qs], k_cache, v_cache, span)
+            out[qs] = self._prefill(q[qs], k_rows, v_rows, span)
         return out
 
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        n, max_ctx = meta.decode_slots.shape
-        group = self.num_heads // self.num_kv_heads
-        flat = meta.decode_slots.reshape(-1)
-        keys = (
-            k_cache.index_select(0, flat).view(n, max_ctx, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )
-        vals = (
-            v_cache.index_select(0, flat).view(n, max_ctx, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        )
-        # The query heads that share a KV head become that head's "query rows": no K/V repeat needed.
-        qg = q.view(n, self.num_kv_heads, group, self.head_dim)
-        # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for one query token
-        # per request this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
-        scores = torch.matmul(qg, keys.to(q.dtype).transpose(-1, -2)) * self.scale
-        scores = scores.float().masked_fill_(~meta.decode_mask, float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1).to(q.dtype), vals.to(q.dtype))
-        return out.reshape(n, self.num_heads, self.head_dim)
+        n, ctx = meta.num_decodes, meta.decode_context
+        kvh, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        keys = k_rows.index_select(0, meta.decode_rows).view(kvh * n, ctx, d).to(q.dtype)
+        vals = v_rows.index_select(0, meta.decode_rows).view(kvh * n, ctx, d).to(q.dtype)
+        # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
+        qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
+        # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
+        # this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
+        scores = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
+        mask = meta.decode_mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
+        scores = scores.float().masked_fill_(~mask, float("-inf"))
+        out = torch.bmm(scores.softmax(dim=-1).to(q.dtype), vals)
+        return out.view(kvh, n, group, d).transpose(0, 1).reshape(n, self.num_heads, d)
 
     def _prefill(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan
+        self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, span: PrefillSpan
     ) -> torch.Tensor:
-        keys = k_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-        vals = v_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0).to(q.dtype)
-        qh = q.transpose(0, 1).unsqueeze(0)
+        shape = (1, self.num_kv_heads, span.context_len, self.head_dim)
+        keys = k_rows.index_select(0, span.context_rows).view(shape).to(q.dtype)
+        vals = v_rows.index_select(0, span.context_rows).view(shape).to(q.dtype)
         out = F.scaled_dot_product_attention(
-            qh,
+            q.transpose(0, 1).unsqueeze(0),
             keys,
             vals,
             attn_mask=span.mask,
