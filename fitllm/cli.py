@@ -55,6 +55,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)",
     )
     g.add_argument(
+        "--memory-budget",
+        default=None,
+        help="device bytes fitllm may hold: 12GiB, or a fraction of free memory such as 0.8 (default 0.8)",
+    )
+    g.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -78,6 +83,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory,
+        memory_budget=args.memory_budget,
         seed=args.seed,
         num_threads=args.threads,
     )
@@ -153,6 +159,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_model_len(text: str) -> int | None:
+    if text == "auto":
+        return None
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("--max-model-len must be at least 2 or 'auto'")
+    return value
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from fitllm.config import ModelConfig, resolve_dtype
+    from fitllm.loader import open_model
+    from fitllm.memory.budget import resolve_budget
+    from fitllm.memory.planner import make_plan
+
+    path = Path(args.model) if args.model else None
+    if path is not None and path.suffix == ".json" and path.is_file():
+        config, name = ModelConfig.from_hf_config(json.loads(path.read_text())), path.parent.name or path.name
+    else:
+        source = open_model(args.model)
+        config, name = source.config, source.path.name
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    dtype = resolve_dtype(args.dtype, device)
+    plan = make_plan(
+        config,
+        name,
+        dtype,
+        resolve_budget(args.memory_budget, device),
+        args.max_model_len,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitllm", description="fitllm: an LLM engine that fits the memory it is given."
@@ -169,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    plan = sub.add_parser("plan", help="what a model needs and whether it fits a budget, before loading it")
+    plan.add_argument(
+        "--model", default=None, help="GGUF file, HF folder or config.json (default: the default model)"
+    )
+    plan.add_argument(
+        "--memory-budget",
+        default=None,
+        help="bytes with a unit (12GiB) or a fraction of free memory (0.8); default 0.8",
+    )
+    plan.add_argument(
+        "--max-model-len",
+        type=_parse_model_len,
+        default=None,
+        help="context per request, or 'auto' (largest that fits; default)",
+    )
+    plan.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype"
+    )
+    plan.add_argument("--device", default="auto", help="cpu or cuda (for dtype and free memory)")
+    plan.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    plan.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="largest step (sizes the workspace)"
+    )
+    plan.add_argument(
+        "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

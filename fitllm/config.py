@@ -7,9 +7,6 @@ from typing import Any
 
 import torch
 
-# config.json `architectures` / `model_type` values that the Llama implementation serves.
-LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm")
-
 
 @dataclass(slots=True)
 class ModelConfig:
@@ -36,14 +33,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
-    @property
-    def kv_bytes_per_token_per_dtype_byte(self) -> int:
-        """K and V elements per token over all layers (multiply by the KV dtype's size)."""
-        return self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
-
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of KV cache one token occupies across all layers."""
-        return self.kv_bytes_per_token_per_dtype_byte * torch.empty((), dtype=dtype).element_size()
+        """Bytes of KV cache one token occupies across all layers (K and V, every KV head)."""
+        elements = self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
+        return elements * torch.empty((), dtype=dtype).element_size()
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -136,6 +129,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts, capped
+    memory_budget: str | int | None = None  # bytes, '12GiB', or a fraction of free memory; None: 0.8 of free
     seed: int = 0
     num_threads: int | None = None
 
@@ -163,4 +157,4 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-__all__ = ["ModelConfig", "EngineConfig", "resolve_dtype", "cdiv", "LLAMA_LIKE_MODEL_TYPES"]
+__all__ = ["ModelConfig", "EngineConfig", "resolve_dtype", "cdiv"]

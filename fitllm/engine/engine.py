@@ -17,7 +17,10 @@ from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler
 from fitllm.loader import build_model, open_model
 from fitllm.memory.block_pool import BlockPool
+from fitllm.memory.budget import resolve_budget
 from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
+from fitllm.memory.planner import workspace_bytes
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -45,7 +48,17 @@ class Engine:
                 mc.max_position_embeddings,
             )
         self.tokenizer = self.source.tokenizer(config.tokenizer)
+        self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        workspace = workspace_bytes(mc, self.dtype, config.max_num_batched_tokens, config.max_num_seqs)
+        try:
+            self.ledger.reserve("weights", weight_bytes)
+            self.ledger.reserve("workspace", workspace)
+        except BudgetExceeded as exc:
+            raise ValueError(
+                f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
+            ) from exc
 
         self.block_size = config.block_size
         per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
@@ -58,7 +71,17 @@ class Engine:
                 )
         else:
             wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
-            num_blocks = max(1, min(wanted, DEFAULT_KV_CACHE_MEMORY // per_block))
+            room = min(DEFAULT_KV_CACHE_MEMORY, self.ledger.free_bytes())
+            num_blocks = min(wanted, room // per_block)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"no room for even one KV block ({format_bytes(per_block)}) in --memory-budget "
+                    f"{format_bytes(self.ledger.budget)} after weights and workspace; raise it (see `fitllm plan`)"
+                )
+        try:
+            self.ledger.reserve("kv", num_blocks * per_block)
+        except BudgetExceeded as exc:
+            raise ValueError(f"{exc}; lower --kv-cache-memory or raise --memory-budget") from exc
         self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, self.block_size)
         caches = allocate_kv_cache(mc, num_blocks, self.block_size, self.dtype, self.device)

@@ -51,9 +51,6 @@ class Tokenizer:
         """Token ids -> text."""
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
-
     def decode_stream(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> DecodeStream:
         """An incremental decoder primed with the prompt's tail, so word-initial spaces come out right."""
         return DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=skip_special_tokens)

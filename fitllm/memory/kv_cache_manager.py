@@ -91,6 +91,3 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table: logical block i -> physical block id."""
         return [b.block_id for b in self._blocks.get(request_id, ())]
-
-    def num_blocks_needed(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)

@@ -1,0 +1,215 @@
+"""The planner: from a config alone (no weights read), what fitllm will hold and whether it fits.
+
+Weight bytes come from the model class itself built on the meta device, so they are exact for every
+architecture the registry knows, and equal what the loader later allocates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fitllm.config import ModelConfig, cdiv
+from fitllm.model.registry import model_class
+from fitllm.units import format_bytes
+
+# Activation bytes per batched token, in units of the model dtype, beyond the hidden state: the fused
+# q/k/v and gate/up outputs dominate; the factor 2 covers the residual, norms and temporaries alive at once.
+_WORKSPACE_SLACK = 2
+# Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
+DEFAULT_OVERHEAD = 256 << 20
+
+
+@dataclass(slots=True)
+class WeightBreakdown:
+    """Resident weight bytes per component."""
+
+    embedding: int = 0
+    attention: int = 0
+    mlp: int = 0
+    norms: int = 0
+    lm_head: int = 0
+    per_layer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
+
+
+def weight_breakdown(config: ModelConfig, dtype: torch.dtype) -> WeightBreakdown:
+    """Exact parameter bytes by component, from the model class built on the meta device."""
+    with torch.device("meta"):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = model_class(config.architecture)(config)
+        finally:
+            torch.set_default_dtype(old)
+    out = WeightBreakdown()
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if "embed_tokens" in name:
+            out.embedding += nbytes
+        elif name.startswith("lm_head"):
+            out.lm_head += nbytes
+        elif "norm" in name:
+            out.norms += nbytes
+        elif "self_attn" in name:
+            out.attention += nbytes
+        else:
+            out.mlp += nbytes
+        if re.match(r"layers\.0\.", name):
+            out.per_layer += nbytes
+    return out
+
+
+def workspace_bytes(
+    config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int
+) -> int:
+    """Planned activation workspace of the largest step: activations of every batched token, plus
+    float32 logits for the rows that sample (one per running request at most)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    q_kv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    per_token = (2 * config.hidden_size + q_kv + 2 * config.intermediate_size) * elem * _WORKSPACE_SLACK
+    logits = min(max_num_seqs, max_num_batched_tokens) * config.vocab_size * 4 * 2  # logits + sampler copy
+    return max_num_batched_tokens * per_token + logits
+
+
+@dataclass(slots=True)
+class Plan:
+    """What fits in a budget, and why."""
+
+    model: str
+    dtype: str
+    kv_dtype: str
+    budget: int
+    weights: WeightBreakdown
+    kv_bytes_per_token: int
+    max_model_len: int
+    kv_bytes_per_request: int
+    workspace: int
+    overhead: int
+    kv_capacity_tokens: int  # tokens of KV that fit after weights, workspace and overhead
+    fits: bool
+    max_context_that_fits: int
+    max_full_length_requests: int
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def fixed_bytes(self) -> int:
+        return self.weights.total + self.workspace + self.overhead
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weights"]["total"] = self.weights.total
+        return d
+
+    def table(self) -> str:
+        """Human-readable breakdown."""
+        w = self.weights
+        rows = [
+            ("budget", format_bytes(self.budget)),
+            ("weights: embedding", format_bytes(w.embedding)),
+            ("weights: attention (all layers)", format_bytes(w.attention)),
+            ("weights: mlp (all layers)", format_bytes(w.mlp)),
+            ("weights: norms", format_bytes(w.norms)),
+            ("weights: lm_head", format_bytes(w.lm_head) + ("" if w.lm_head else " (tied to the embedding)")),
+            ("weights: one decoder layer", format_bytes(w.per_layer)),
+            ("weights: total", format_bytes(w.total)),
+            ("workspace (largest step)", format_bytes(self.workspace)),
+            ("framework overhead", format_bytes(self.overhead)),
+            (f"KV per token ({self.kv_dtype})", format_bytes(self.kv_bytes_per_token)),
+            (f"KV per full request ({self.max_model_len} tokens)", format_bytes(self.kv_bytes_per_request)),
+            (
+                "KV room after the above",
+                f"{format_bytes(max(0, self.budget - self.fixed_bytes))} = {self.kv_capacity_tokens} tokens",
+            ),
+            ("largest context that fits (one request)", str(self.max_context_that_fits)),
+            (
+                f"full-length requests at once ({self.max_model_len} tokens)",
+                str(self.max_full_length_requests),
+            ),
+            ("fits", "yes" if self.fits else "NO"),
+        ]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{self.model} ({self.dtype})"] + [f"  {k:<{width}}  {v}" for k, v in rows]
+        lines += [f"  -> {s}" for s in self.suggestions]
+        return "\n".join(lines)
+
+
+def make_plan(
+    config: ModelConfig,
+    model_name: str,
+    dtype: torch.dtype,
+    budget: int,
+    max_model_len: int | None,
+    block_size: int = 16,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 64,
+    kv_dtype: torch.dtype | None = None,
+    overhead: int = DEFAULT_OVERHEAD,
+) -> Plan:
+    """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
+
+    max_model_len None means 'auto': the largest context that fits, capped by the model's own.
+    """
+    kv_dtype = kv_dtype or dtype
+    weights = weight_breakdown(config, dtype)
+    per_token = config.kv_bytes_per_token(kv_dtype)
+    workspace = workspace_bytes(config, dtype, max_num_batched_tokens, max_num_seqs)
+    room = budget - weights.total - workspace - overhead
+    # KV is allocated in whole blocks.
+    capacity = max(0, room // (per_token * block_size)) * block_size
+    max_ctx = min(capacity, config.max_position_embeddings)
+    length = max_ctx if max_model_len is None else max_model_len
+    per_request = per_token * cdiv(max(length, 1), block_size) * block_size
+    fits = room > 0 and capacity >= length and length >= 2
+    plan = Plan(
+        model=model_name,
+        dtype=str(dtype).removeprefix("torch."),
+        kv_dtype=str(kv_dtype).removeprefix("torch."),
+        budget=budget,
+        weights=weights,
+        kv_bytes_per_token=per_token,
+        max_model_len=length,
+        kv_bytes_per_request=per_request,
+        workspace=workspace,
+        overhead=overhead,
+        kv_capacity_tokens=capacity,
+        fits=fits,
+        max_context_that_fits=max_ctx,
+        max_full_length_requests=capacity // max(1, cdiv(length, block_size) * block_size),
+    )
+    if not fits:
+        plan.suggestions = _suggestions(plan, config, dtype, room)
+    return plan
+
+
+def _suggestions(plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int) -> list[str]:
+    """Concrete changes that would make a non-fitting plan fit, each with its figure."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    linear = plan.weights.attention + plan.weights.mlp + plan.weights.lm_head
+    # Weight-only quantization of the linear layers: int8 per channel ~1 byte, int4 group 128 ~0.53 byte.
+    saving = {"int8": linear - linear // elem, "int4": linear - linear * 17 // (32 * elem)}
+    per_token = plan.kv_bytes_per_token
+    out: list[str] = []
+    if room <= 0:
+        out.append(
+            f"weights + workspace + overhead need {format_bytes(plan.fixed_bytes)}, {format_bytes(-room)} over "
+            f"the budget: raise --memory-budget, lower --max-num-batched-tokens, or offload layers"
+        )
+    elif plan.max_context_that_fits >= 2:
+        out.append(f"--max-model-len {plan.max_context_that_fits} fits now (or --max-model-len auto)")
+    for method, freed in saving.items():
+        if freed > 0 and room + freed > 0:
+            tokens = (room + freed) // per_token
+            out.append(
+                f"--quantization {method} frees about {format_bytes(freed)}: room for ~{tokens} KV tokens"
+            )
+    if elem > 1 and room > 0:
+        out.append(
+            f"--kv-cache-dtype int8 halves KV per token: room for ~{room // (per_token // elem)} tokens"
+        )
+    return out

@@ -1,0 +1,154 @@
+"""Ledger, budget parsing and the planner (figures checked against what the engine really allocates)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fitllm.cli import main as cli_main
+from fitllm.config import EngineConfig
+from fitllm.engine.engine import Engine
+from fitllm.loader import open_model
+from fitllm.memory.budget import resolve_budget
+from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
+from fitllm.memory.planner import make_plan, weight_breakdown
+
+
+def test_ledger_reserve_release_and_peak():
+    ledger = MemoryLedger(1000)
+    ledger.reserve("weights", 600)
+    ledger.reserve("kv", 300)
+    ledger.release("kv", 200)
+    assert ledger.total == 700 and ledger.peak_total == 900
+    assert ledger.snapshot().peak["kv"] == 300
+    ledger.move("kv", "kv_cached", 100)
+    assert ledger.current("kv") == 0 and ledger.current("kv_cached") == 100 and ledger.total == 700
+
+
+def test_ledger_refuses_over_budget_without_changing_state():
+    ledger = MemoryLedger(1000)
+    ledger.reserve("weights", 900)
+    with pytest.raises(BudgetExceeded, match="exceed the budget"):
+        ledger.reserve("kv", 101)
+    assert ledger.total == 900 and ledger.current("kv") == 0
+    with pytest.raises(ValueError):
+        ledger.release("kv", 1)
+    with pytest.raises(KeyError):
+        ledger.reserve("bogus", 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(TAGS), st.integers(0, 400), st.booleans()), max_size=60))
+def test_ledger_never_exceeds_budget(ops):
+    ledger = MemoryLedger(1000)
+    held = dict.fromkeys(TAGS, 0)
+    for tag, nbytes, is_reserve in ops:
+        if is_reserve:
+            try:
+                ledger.reserve(tag, nbytes)
+                held[tag] += nbytes
+            except BudgetExceeded:
+                assert sum(held.values()) + nbytes > 1000
+        else:
+            amount = min(nbytes, held[tag])
+            ledger.release(tag, amount)
+            held[tag] -= amount
+        assert ledger.total == sum(held.values()) <= 1000
+        assert ledger.peak_total <= 1000
+
+
+def test_budget_units_and_fractions():
+    cpu = torch.device("cpu")
+    assert resolve_budget("12GiB", cpu) == 12 * 1024**3
+    assert resolve_budget("1500", cpu) == 1500
+    half = resolve_budget("0.5", cpu)
+    assert 0 < half < resolve_budget(None, cpu)
+    with pytest.raises(ValueError, match="--memory-budget"):
+        resolve_budget("12x", cpu)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(EngineConfig(dtype="bfloat16", max_model_len=512, max_num_seqs=4))
+
+
+def test_planned_weights_and_kv_equal_what_the_engine_allocates(engine):
+    actual_weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    planned = weight_breakdown(engine.model_config, torch.bfloat16)
+    assert planned.total == actual_weights
+    kv_bytes = sum(t.numel() * t.element_size() for t in engine.runner.kv_caches)
+    tokens = engine.pool.num_blocks * engine.block_size
+    assert engine.model_config.kv_bytes_per_token(torch.bfloat16) * tokens == kv_bytes
+
+
+def test_plan_fits_and_auto_context():
+    source = open_model(None)
+    cfg = source.config
+    big = make_plan(cfg, "m", torch.bfloat16, 4 << 30, None)
+    assert big.fits and big.max_model_len == cfg.max_position_embeddings
+    # A budget with room for ~1000 tokens of KV: auto picks a context that fits, whole blocks.
+    fixed = big.fixed_bytes
+    budget = fixed + 1000 * big.kv_bytes_per_token
+    small = make_plan(cfg, "m", torch.bfloat16, budget, None)
+    assert small.fits and small.max_model_len == 992 == small.max_context_that_fits
+    too_long = make_plan(cfg, "m", torch.bfloat16, budget, 4096)
+    assert not too_long.fits
+    assert any("--max-model-len 992" in s for s in too_long.suggestions)
+    assert any("--kv-cache-dtype int8" in s for s in too_long.suggestions)
+
+
+def test_plan_reports_weights_over_budget():
+    cfg = open_model(None).config
+    plan = make_plan(cfg, "m", torch.float32, 300 << 20, 1024)
+    assert not plan.fits and plan.kv_capacity_tokens == 0
+    assert "over the budget" in plan.suggestions[0]
+
+
+def test_plan_cli_json_and_exit_code(tmp_path, capsys):
+    assert cli_main(["plan", "--memory-budget", "4GiB", "--dtype", "bfloat16", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True and data["weights"]["total"] > 0
+    assert cli_main(["plan", "--memory-budget", "300MiB", "--max-model-len", "8192"]) == 1
+    assert "fits" in capsys.readouterr().out
+
+
+def test_plan_from_config_json(tmp_path, capsys):
+    from conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path, family="qwen2")
+    assert (
+        cli_main(["plan", "--model", str(folder / "config.json"), "--memory-budget", "1GiB", "--json"]) == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    assert data["weights"]["total"] == sum(p.numel() * p.element_size() for p in hf.parameters())
+
+
+def test_engine_ledger_holds_weights_workspace_and_kv(engine):
+    snap = engine.ledger.snapshot()
+    assert snap.current["weights"] == sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    assert snap.current["kv"] == sum(t.numel() * t.element_size() for t in engine.runner.kv_caches)
+    assert snap.current["workspace"] > 0
+    assert snap.total <= snap.budget
+
+
+def test_engine_refuses_budget_below_weights_naming_the_flag():
+    with pytest.raises(ValueError, match="--memory-budget"):
+        Engine(EngineConfig(dtype="bfloat16", memory_budget="100MiB"))
+
+
+def test_engine_sizes_kv_pool_within_budget():
+    cfg = open_model(None).config
+    weights = weight_breakdown(cfg, torch.bfloat16).total
+    budget = weights + (100 << 20)
+    eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=budget, max_model_len=512, max_num_seqs=64))
+    assert eng.ledger.total <= budget
+    assert eng.ledger.current("kv") == eng.pool.num_blocks * eng.block_size * cfg.kv_bytes_per_token(
+        torch.bfloat16
+    )
