@@ -55,6 +55,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)",
     )
     g.add_argument(
+        "--static-kv",
+        action="store_true",
+        help="allocate the whole KV pool up front (the static alternative)",
+    )
+    g.add_argument(
+        "--kv-slab-size",
+        type=parse_bytes,
+        default=64 << 20,
+        help="bytes per slab of the elastic KV pool (default 64MiB)",
+    )
+    g.add_argument(
+        "--kv-idle-release-s",
+        type=float,
+        default=30.0,
+        help="give back a KV slab no request has used for this many seconds",
+    )
+    g.add_argument(
         "--memory-budget",
         default=None,
         help="device bytes fitllm may hold: 12GiB, or a fraction of free memory such as 0.8 (default 0.8)",
@@ -84,6 +101,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_cache_memory=args.kv_cache_memory,
         memory_budget=args.memory_budget,
+        static_kv=args.static_kv,
+        kv_slab_size=args.kv_slab_size,
+        kv_idle_release_s=args.kv_idle_release_s,
         seed=args.seed,
         num_threads=args.threads,
     )

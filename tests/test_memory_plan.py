@@ -80,7 +80,7 @@ def test_planned_weights_and_kv_equal_what_the_engine_allocates(engine):
     actual_weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     planned = weight_breakdown(engine.model_config, torch.bfloat16)
     assert planned.total == actual_weights
-    kv_bytes = sum(t.numel() * t.element_size() for t in engine.runner.kv_caches)
+    kv_bytes = engine.storage.bytes_allocated
     tokens = engine.pool.num_blocks * engine.block_size
     assert engine.model_config.kv_bytes_per_token(torch.bfloat16) * tokens == kv_bytes
 
@@ -133,7 +133,7 @@ def test_plan_from_config_json(tmp_path, capsys):
 def test_engine_ledger_holds_weights_workspace_and_kv(engine):
     snap = engine.ledger.snapshot()
     assert snap.current["weights"] == sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    assert snap.current["kv"] == sum(t.numel() * t.element_size() for t in engine.runner.kv_caches)
+    assert snap.current["kv"] + snap.current["kv_cached"] == engine.storage.bytes_allocated
     assert snap.current["workspace"] > 0
     assert snap.total <= snap.budget
 

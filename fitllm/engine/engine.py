@@ -12,21 +12,19 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_dtype
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
-from fitllm.engine.runner import ModelRunner, allocate_kv_cache
+from fitllm.engine.runner import ModelRunner
 from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler
 from fitllm.loader import build_model, open_model
 from fitllm.memory.block_pool import BlockPool
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.memory.planner import workspace_bytes
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
-
-# Without a memory budget yet (the memory issue brings one), the default pool holds this many bytes at most.
-DEFAULT_KV_CACHE_MEMORY = 1 << 30
 
 
 class Engine:
@@ -61,43 +59,65 @@ class Engine:
             ) from exc
 
         self.block_size = config.block_size
-        per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
-        if config.kv_cache_memory is not None:
-            num_blocks = config.kv_cache_memory // per_block
-            if num_blocks < 1:
-                raise ValueError(
-                    f"--kv-cache-memory {format_bytes(config.kv_cache_memory)} holds no block of "
-                    f"{format_bytes(per_block)}; raise it or lower --block-size"
-                )
+        self._per_block = per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+        # Blocks beyond max_num_seqs full contexts could never be used at once.
+        wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
+        if config.static_kv or config.kv_cache_memory is not None:
+            # The static alternative: the whole pool allocated up front as one slab.
+            kv_bytes = config.kv_cache_memory
+            if kv_bytes is None:
+                kv_bytes = min(wanted * per_block, self.ledger.free_bytes())
+            slab_blocks, max_slabs = kv_bytes // per_block, 1
         else:
-            wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
-            room = min(DEFAULT_KV_CACHE_MEMORY, self.ledger.free_bytes())
-            num_blocks = min(wanted, room // per_block)
-            if num_blocks < 1:
-                raise ValueError(
-                    f"no room for even one KV block ({format_bytes(per_block)}) in --memory-budget "
-                    f"{format_bytes(self.ledger.budget)} after weights and workspace; raise it (see `fitllm plan`)"
-                )
-        try:
-            self.ledger.reserve("kv", num_blocks * per_block)
-        except BudgetExceeded as exc:
-            raise ValueError(f"{exc}; lower --kv-cache-memory or raise --memory-budget") from exc
-        self.pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+            # A budget tighter than one slab gets a smaller slab rather than a refusal.
+            slab_bytes = min(config.kv_slab_size, self.ledger.free_bytes())
+            slab_blocks = min(max(1, slab_bytes // per_block), wanted)
+            max_slabs = cdiv(wanted, slab_blocks)
+        if slab_blocks < 1:
+            raise ValueError(
+                f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
+                f"--memory-budget (see `fitllm plan`)"
+            )
+        self.storage = KVSlabStorage(
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            self.block_size,
+            slab_blocks,
+            max_slabs,
+            self.dtype,
+            self.device,
+            self.ledger,
+        )
+        if not self.storage.add(0):
+            raise ValueError(
+                f"the first KV slab ({format_bytes(self.storage.slab_bytes)}) does not fit in --memory-budget "
+                f"{format_bytes(self.ledger.budget)} after weights and workspace "
+                f"({format_bytes(self.ledger.total)}); raise the budget, or lower --kv-slab-size or --kv-cache-memory"
+            )
+        self.pool = BlockPool(
+            slab_blocks,
+            enable_caching=config.enable_prefix_caching,
+            max_slabs=max_slabs,
+            allocator=self.storage,
+            idle_release_s=config.kv_idle_release_s,
+        )
         self.kv = KVCacheManager(self.pool, self.block_size)
-        caches = allocate_kv_cache(mc, num_blocks, self.block_size, self.dtype, self.device)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, mc, self.kv, caches, self.sampler, self.device)
+        self.runner = ModelRunner(self.model, mc, self.kv, self.storage, self.sampler, self.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._finished_outputs: list[RequestOutput] = []
         log.info(
-            "KV cache: %d blocks of %d tokens (%s, %d tokens in all)",
-            num_blocks,
+            "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
+            slab_blocks,
             self.block_size,
-            format_bytes(num_blocks * per_block),
-            num_blocks * self.block_size,
+            format_bytes(self.storage.slab_bytes),
+            max_slabs,
+            "static" if max_slabs == 1 else "elastic",
         )
+        log.info("memory ledger:\n%s", self.ledger.report())
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(
@@ -132,13 +152,13 @@ class Engine:
             else min(self.max_model_len, len(ids) + params.max_tokens)
         )
         needed = cdiv(limit, self.block_size)
-        if needed > self.pool.num_blocks:
+        if needed > self.pool.capacity_blocks:
             # It could never run to completion even alone: refuse now rather than preempt it forever.
             raise ValueError(
                 f"the prompt ({len(ids)} tokens) plus up to {limit - len(ids)} new tokens needs {needed} KV blocks "
-                f"of {self.block_size} tokens, but the pool holds {self.pool.num_blocks} "
-                f"({self.pool.num_blocks * self.block_size} tokens); raise --kv-cache-memory, or lower max_tokens "
-                f"or --max-model-len"
+                f"of {self.block_size} tokens, but the budget holds at most {self.pool.capacity_blocks} "
+                f"({self.pool.capacity_blocks * self.block_size} tokens); raise --memory-budget or --kv-cache-memory, "
+                f"or lower max_tokens or --max-model-len"
             )
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
@@ -174,8 +194,20 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     # ---- the step ---------------------------------------------------------------------------------
+    def release_idle_memory(self) -> int:
+        """Give back KV slabs idle for --kv-idle-release-s and re-tag cached-block bytes; returns slabs freed."""
+        released = self.pool.release_idle_slabs()
+        cached = self.pool.num_cached_blocks * self._per_block
+        delta = cached - self.ledger.current("kv_cached")
+        if delta > 0:
+            self.ledger.move("kv", "kv_cached", delta)
+        elif delta < 0:
+            self.ledger.move("kv_cached", "kv", -delta)
+        return released
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample, detokenize; returns outputs of requests that progressed."""
+        self.release_idle_memory()
         outputs, self._finished_outputs = self._finished_outputs, []
         sched = self.scheduler.schedule()
         if not sched.scheduled:

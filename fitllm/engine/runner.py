@@ -10,15 +10,17 @@ from fitllm.engine.request import Request
 from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows
+from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.model.attention import AttentionMetadata, PrefillSpan, SlabSplit, head_rows, split_by_slab
 
 
-def allocate_kv_cache(
-    config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> list[torch.Tensor]:
-    """One [2, num_blocks * block_size, kv_heads, head_dim] tensor per layer (K and V by slot)."""
-    shape = (2, num_blocks * block_size, config.num_key_value_heads, config.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+def _to(split: SlabSplit, device: torch.device) -> SlabSplit:
+    if device.type == "cpu":
+        return split
+    return SlabSplit(
+        split.size,
+        [(s, None if p is None else p.to(device), local.to(device)) for s, p, local in split.parts],
+    )
 
 
 class ModelRunner:
@@ -29,7 +31,7 @@ class ModelRunner:
         model: nn.Module,
         config: ModelConfig,
         kv: KVCacheManager,
-        kv_caches: list[torch.Tensor],
+        storage: KVSlabStorage,
         sampler: Sampler,
         device: torch.device,
     ) -> None:
@@ -39,12 +41,15 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.sampler = sampler
         self.device = device
-        self.kv_caches = kv_caches
+        self.storage = storage
         # Tests set this to keep each sampled request's float32 logits of the last step (parity checks).
         self.capture_logits = False
         self.last_logits: dict[str, torch.Tensor] = {}
-        for attn, cache in zip(model.attention_layers(), kv_caches, strict=True):
-            attn.kv_cache = cache
+        for attn, slabs in zip(model.attention_layers(), storage.layer_slabs, strict=True):
+            attn.kv_slabs = slabs  # updated in place as slabs come and go
+        kvh = config.num_key_value_heads
+        self._slab_slots = storage.slab_slots
+        self._slab_rows = storage.slab_slots * kvh
 
     def _block_table(self, request: Request) -> torch.Tensor:
         return torch.tensor(self.kv.block_ids(request.request_id), dtype=torch.long)
@@ -70,7 +75,7 @@ class ModelRunner:
         pos_chunks: list[torch.Tensor] = []
         slot_chunks: list[torch.Tensor] = []
         sample_rows: list[int] = []
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), num_decodes=len(decodes))
+        meta = AttentionMetadata(slot_mapping=None, num_decodes=len(decodes))
 
         if decodes:
             tables = [self._block_table(s.request) for s in decodes]
@@ -88,7 +93,8 @@ class ModelRunner:
             if self.config.sliding_window is not None:
                 mask &= k_pos > q_pos.unsqueeze(1) - self.config.sliding_window
             meta.decode_context = max_ctx
-            meta.decode_rows = head_rows(slots, self.config.num_key_value_heads).to(self.device)
+            rows = head_rows(slots, self.config.num_key_value_heads)
+            meta.decode_rows = _to(split_by_slab(rows, self._slab_rows), self.device)
             meta.decode_mask = mask.to(self.device)
             for i, s in enumerate(decodes):
                 r = s.request
@@ -107,7 +113,10 @@ class ModelRunner:
             mask = None
             if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
                 mask = self._mask(q_pos, end).to(self.device)
-            rows = head_rows(context_slots, self.config.num_key_value_heads).to(self.device)
+            rows = _to(
+                split_by_slab(head_rows(context_slots, self.config.num_key_value_heads), self._slab_rows),
+                self.device,
+            )
             meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, end, rows, mask))
             ids.extend(r.token_ids[start:end])
             pos_chunks.append(q_pos)
@@ -115,7 +124,7 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(ids) - 1)
 
-        meta.slot_mapping = torch.cat(slot_chunks).to(self.device)
+        meta.slot_mapping = _to(split_by_slab(torch.cat(slot_chunks), self._slab_slots), self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.cat(pos_chunks).to(self.device)
         return input_ids, positions, meta, sample_rows

@@ -1,17 +1,26 @@
-"""The KV block pool: which physical blocks are free, in use, or cached for prefix reuse.
+"""The KV block pool: which physical blocks are free, in use, or cached for prefix reuse, in slabs.
 
-Three disjoint states, always summing to the pool size (checked by `check_integrity`):
-- free:   ref_cnt 0, no hash. Kept in a min-heap so low ids are handed out first.
+Three disjoint states, always summing to the blocks of the live slabs (checked by `check_integrity`):
+- free:   ref_cnt 0, no hash. Kept in a min-heap so low ids (low slabs) are handed out first and high
+          slabs drain.
 - cached: ref_cnt 0, holds a prefix hash. Reusable on a hit until evicted, least recently freed first.
 - used:   ref_cnt > 0 (shared by every running request whose prefix matched it).
-Clean free blocks are always handed out before a cached block is evicted.
+
+Blocks live in slabs of `slab_blocks` consecutive ids (slab s holds ids [s * slab_blocks, (s+1) *
+slab_blocks)). The pool starts with one slab; when no clean block is left it asks its SlabAllocator for
+another (the allocator checks the memory budget), and only then evicts cached prefixes. A slab none of
+whose blocks has been used for `idle_release_s` is given back (its cached blocks evicted first); slab 0
+always stays. Blocks never move: growth adds ids, it never copies.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(slots=True, frozen=True)
@@ -37,27 +46,80 @@ class KVBlock:
     block_hash: BlockHash | None = None
 
 
-class BlockPool:
-    """Allocation, reference counting and prefix-cache bookkeeping over a fixed set of block ids."""
+class SlabAllocator(Protocol):
+    """What backs the pool's slabs with memory (KVSlabStorage; tests use fakes)."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def num_addable(self) -> int:
+        """How many more slabs the budget allows now."""
+
+    def add(self, slab: int) -> bool:
+        """Back slab `slab` with memory; False if the budget refuses."""
+
+    def remove(self, slab: int) -> None:
+        """Free slab `slab`'s memory."""
+
+
+class BlockPool:
+    """Allocation, reference counting and prefix-cache bookkeeping over the blocks of the live slabs."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_caching: bool = True,
+        *,
+        max_slabs: int = 1,
+        allocator: SlabAllocator | None = None,
+        idle_release_s: float = math.inf,
+    ) -> None:
+        """num_blocks: blocks per slab (a static pool is one slab); max_slabs: most slabs ever live."""
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        if max_slabs > 1 and allocator is None:
+            raise ValueError("a pool that grows needs a slab allocator")
+        self.slab_blocks = num_blocks
+        self.max_slabs = max_slabs
+        self.allocator = allocator
+        self.idle_release_s = idle_release_s
+        self.blocks = [KVBlock(i) for i in range(num_blocks * max_slabs)]
         self.enable_caching = enable_caching
-        self._free: list[int] = list(range(num_blocks))  # heap of clean free block ids
+        self._live = [False] * max_slabs
+        self._slab_used = [0] * max_slabs  # blocks with ref_cnt > 0, per slab
+        self._idle_since = [0.0] * max_slabs
+        self._free: list[int] = []  # heap of clean free block ids of live slabs
         self._cached: OrderedDict[int, KVBlock] = OrderedDict()  # ref 0 with hash, LRU first
         self._by_hash: dict[int, KVBlock] = {}
         self.num_evictions = 0
+        self.num_grows = 0
+        self.num_releases = 0
+        self._open_slab(0)
+
+    # ---- sizes --------------------------------------------------------------------------------------
+    @property
+    def num_slabs(self) -> int:
+        return sum(self._live)
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        """Blocks of the live slabs."""
+        return self.num_slabs * self.slab_blocks
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks that can be handed out now: clean plus evictable cached."""
+        """Blocks that can be handed out without growing: clean plus evictable cached."""
         return len(self._free) + len(self._cached)
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Blocks obtainable now: free, cached, and those of slabs the budget still allows."""
+        addable = 0
+        if self.allocator is not None:
+            addable = min(self.allocator.num_addable(), self.max_slabs - self.num_slabs)
+        return self.num_free_blocks + addable * self.slab_blocks
+
+    @property
+    def capacity_blocks(self) -> int:
+        """The most blocks the pool could ever hold (live slabs plus what the budget allows)."""
+        return self.num_available_blocks + self.num_used_blocks
 
     @property
     def num_cached_blocks(self) -> int:
@@ -68,9 +130,63 @@ class BlockPool:
         return self.num_blocks - self.num_free_blocks
 
     def usage(self) -> float:
-        """Fraction of blocks referenced by running requests."""
+        """Fraction of live blocks referenced by running requests."""
         return self.num_used_blocks / self.num_blocks
 
+    # ---- slabs --------------------------------------------------------------------------------------
+    def _slab_ids(self, slab: int) -> range:
+        return range(slab * self.slab_blocks, (slab + 1) * self.slab_blocks)
+
+    def _open_slab(self, slab: int) -> None:
+        self._live[slab] = True
+        self._idle_since[slab] = time.monotonic()
+        for i in self._slab_ids(slab):
+            heapq.heappush(self._free, i)
+
+    def _grow(self) -> bool:
+        """Add the lowest slab not live, if the budget allows."""
+        if self.allocator is None or self.num_slabs >= self.max_slabs:
+            return False
+        slab = self._live.index(False)
+        if not self.allocator.add(slab):
+            return False
+        self._open_slab(slab)
+        self.num_grows += 1
+        return True
+
+    def release_idle_slabs(self, now: float | None = None) -> int:
+        """Give back every slab (but slab 0) that no request has used for idle_release_s; returns how many."""
+        if self.allocator is None or self.num_slabs == 1:
+            return 0
+        now = time.monotonic() if now is None else now
+        released = 0
+        for slab in range(self.max_slabs - 1, 0, -1):
+            if (
+                not self._live[slab]
+                or self._slab_used[slab]
+                or now - self._idle_since[slab] < self.idle_release_s
+            ):
+                continue
+            ids = self._slab_ids(slab)
+            for i in ids:
+                block = self.blocks[i]
+                if block.block_hash is not None:  # a cached prefix: evicted with its slab
+                    del self._cached[i]
+                    self._forget_hash(block)
+            self._free = [i for i in self._free if i not in ids]
+            heapq.heapify(self._free)
+            self._live[slab] = False
+            self.allocator.remove(slab)
+            self.num_releases += 1
+            released += 1
+        return released
+
+    def _ref_up(self, block: KVBlock) -> None:
+        block.ref_cnt += 1
+        if block.ref_cnt == 1:
+            self._slab_used[block.block_id // self.slab_blocks] += 1
+
+    # ---- blocks -------------------------------------------------------------------------------------
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         """The block holding exactly these tokens after exactly this parent, if cached."""
         block = self._by_hash.get(block_hash.value)
@@ -79,7 +195,13 @@ class BlockPool:
         return block
 
     def take(self, num: int) -> list[KVBlock] | None:
-        """Hand out `num` blocks with ref_cnt 1 (clean first, then evict LRU cached), or None if short."""
+        """Hand out `num` blocks with ref_cnt 1, or None if short (nothing handed out then).
+
+        Clean blocks first, then grow a slab while the budget allows, and only then evict cached prefixes
+        (least recently used first): memory the budget allows is cheaper than recomputing a prefix.
+        """
+        while len(self._free) < num and self._grow():
+            pass
         if num > self.num_free_blocks:
             return None
         out = []
@@ -90,7 +212,7 @@ class BlockPool:
                 _, block = self._cached.popitem(last=False)
                 self._forget_hash(block)
                 self.num_evictions += 1
-            block.ref_cnt = 1
+            self._ref_up(block)
             out.append(block)
         return out
 
@@ -99,14 +221,19 @@ class BlockPool:
         for block in blocks:
             if block.ref_cnt == 0:
                 del self._cached[block.block_id]
-            block.ref_cnt += 1
+            self._ref_up(block)
 
     def release(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block; pass them tail first so tails are evicted before heads."""
+        now = time.monotonic()
         for block in blocks:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} released more often than taken"
             if block.ref_cnt == 0:
+                slab = block.block_id // self.slab_blocks
+                self._slab_used[slab] -= 1
+                if self._slab_used[slab] == 0:
+                    self._idle_since[slab] = now
                 if block.block_hash is not None:
                     self._cached[block.block_id] = block
                 else:
@@ -135,26 +262,32 @@ class BlockPool:
             block.block_hash = None
 
     def check_integrity(self) -> None:
-        """Assert free + cached + used == total and that every block is in exactly one state."""
+        """Assert free + cached + used == live blocks, every block in exactly one state, slab counts right."""
         free = set(self._free)
         cached = set(self._cached)
         assert len(free) == len(self._free), "a block is in the free heap twice"
         assert not free & cached, "a block is both free and cached"
-        for block in self.blocks:
-            in_free, in_cached = block.block_id in free, block.block_id in cached
-            if block.ref_cnt > 0:
-                assert not in_free and not in_cached, f"block {block.block_id} is used and also free/cached"
-            else:
-                assert in_free != in_cached, (
-                    f"unreferenced block {block.block_id} is in {in_free + in_cached} lists"
-                )
-                assert in_cached == (block.block_hash is not None), (
-                    f"block {block.block_id} hash/state mismatch"
-                )
-            if block.block_hash is not None:
-                assert self._by_hash.get(block.block_hash.value) is block, (
-                    f"block {block.block_id} hash not indexed"
-                )
+        used = 0
+        for slab in range(self.max_slabs):
+            slab_used = 0
+            for i in self._slab_ids(slab):
+                block = self.blocks[i]
+                in_free, in_cached = i in free, i in cached
+                if not self._live[slab]:
+                    assert (
+                        block.ref_cnt == 0 and block.block_hash is None and not in_free and not in_cached
+                    ), f"block {i} of released slab {slab} is still in use"
+                    continue
+                if block.ref_cnt > 0:
+                    assert not in_free and not in_cached, f"block {i} is used and also free/cached"
+                    slab_used += 1
+                else:
+                    assert in_free != in_cached, f"unreferenced block {i} is in {in_free + in_cached} lists"
+                    assert in_cached == (block.block_hash is not None), f"block {i} hash/state mismatch"
+                if block.block_hash is not None:
+                    assert self._by_hash.get(block.block_hash.value) is block, f"block {i} hash not indexed"
+            assert slab_used == self._slab_used[slab], f"slab {slab} use count is off"
+            used += slab_used
         assert all(b.block_hash is not None and self._by_hash[h] is b for h, b in self._by_hash.items())
-        used = sum(1 for b in self.blocks if b.ref_cnt > 0)
-        assert len(free) + len(cached) + used == self.num_blocks, "free + cached + used != total"
+        assert self._live[0], "slab 0 must stay live"
+        assert len(free) + len(cached) + used == self.num_blocks, "free + cached + used != live blocks"

@@ -56,7 +56,7 @@ class KVCacheManager:
         need = cdiv(num_tokens, self.block_size) - len(blocks) - len(hits)
         # A hit on an unreferenced cached block takes it out of the free count.
         reclaimed = sum(1 for b in hits if b.ref_cnt == 0)
-        if need > self.pool.num_free_blocks - reclaimed:
+        if need > self.pool.num_available_blocks - reclaimed:
             return False
         self.pool.touch(hits)
         blocks.extend(hits)

@@ -1,0 +1,214 @@
+"""The elastic KV pool: slabs grown on demand within the budget, given back when idle, never moved."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fitllm.config import EngineConfig
+from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
+from fitllm.memory.block_pool import BlockHash, BlockPool
+
+
+class FakeSlabs:
+    """A slab allocator with a budget counted in slabs."""
+
+    def __init__(self, budget_slabs: int) -> None:
+        self.budget = budget_slabs
+        self.live = {0}
+
+    def num_addable(self) -> int:
+        return self.budget - len(self.live)
+
+    def add(self, slab: int) -> bool:
+        if len(self.live) >= self.budget:
+            return False
+        assert slab not in self.live
+        self.live.add(slab)
+        return True
+
+    def remove(self, slab: int) -> None:
+        self.live.remove(slab)
+
+
+def elastic(budget_slabs: int = 3, slab_blocks: int = 4, idle: float = 0.0) -> tuple[BlockPool, FakeSlabs]:
+    alloc = FakeSlabs(budget_slabs)
+    pool = BlockPool(slab_blocks, max_slabs=8, allocator=alloc, idle_release_s=idle)
+    return pool, alloc
+
+
+def test_grows_by_a_slab_when_clean_blocks_run_out():
+    pool, alloc = elastic()
+    assert pool.num_slabs == 1 and pool.num_available_blocks == 12
+    first = pool.take(4)
+    assert [b.block_id for b in first] == [0, 1, 2, 3]
+    more = pool.take(2)
+    assert pool.num_slabs == 2 and alloc.live == {0, 1}
+    assert [b.block_id for b in more] == [4, 5]  # the new slab's ids: nothing moved
+    pool.check_integrity()
+
+
+def test_grows_before_evicting_cached_prefixes_and_evicts_when_the_budget_is_spent():
+    pool, _ = elastic(budget_slabs=2)
+    blocks = pool.take(4)
+    for i, b in enumerate(blocks):
+        pool.cache(b, BlockHash.of(None, (i,)))
+    pool.release(blocks)
+    assert pool.num_cached_blocks == 4
+    pool.take(4)  # fresh slab rather than evicting the cached prefixes
+    assert pool.num_slabs == 2 and pool.num_cached_blocks == 4 and pool.num_evictions == 0
+    pool.take(2)  # budget spent: now the least recently used cached blocks go
+    assert pool.num_evictions == 2 and pool.num_cached_blocks == 2
+    assert pool.take(3) is None  # short: nothing handed out
+    pool.check_integrity()
+
+
+def test_idle_slabs_are_released_but_never_slab_zero():
+    pool, alloc = elastic(budget_slabs=4, idle=5.0)
+    held = pool.take(12)
+    assert pool.num_slabs == 3
+    pool.release(held[4:])  # slabs 1 and 2 fall idle now; slab 0 stays in use
+    assert pool.release_idle_slabs(time.monotonic()) == 0  # not idle long enough yet
+    assert pool.release_idle_slabs(time.monotonic() + 6) == 2
+    assert pool.num_slabs == 1 and alloc.live == {0}
+    pool.release(held[:4])
+    assert pool.release_idle_slabs(time.monotonic() + 60) == 0  # slab 0 always stays
+    pool.check_integrity()
+
+
+def test_a_slab_with_one_block_in_use_is_kept_and_cached_blocks_go_with_their_slab():
+    pool, alloc = elastic(budget_slabs=3)
+    held = pool.take(6)  # slab 0 full, slab 1 half
+    pool.cache(held[5], BlockHash.of(None, (5,)))
+    pool.release([held[5]])
+    assert pool.release_idle_slabs(time.monotonic() + 1) == 0  # block 4 still in use in slab 1
+    pool.release([held[4]])
+    assert pool.release_idle_slabs(time.monotonic() + 1) == 1
+    assert pool.lookup(BlockHash.of(None, (5,))) is None
+    pool.check_integrity()
+
+
+def test_low_slabs_are_filled_first_so_high_slabs_drain():
+    pool, _ = elastic(budget_slabs=3)
+    held = pool.take(12)
+    pool.release(held)
+    again = pool.take(4)
+    assert {b.block_id // 4 for b in again} == {0}
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["take", "free", "idle", "cache"]), st.integers(1, 7)), max_size=60)
+)
+def test_random_operations_keep_integrity_and_stay_within_budget(ops):
+    pool, alloc = elastic(budget_slabs=3, slab_blocks=3)
+    held = []
+    for op, n in ops:
+        if op == "take":
+            got = pool.take(n)
+            if got is None:
+                assert n > pool.num_available_blocks
+            else:
+                held.extend(got)
+        elif op == "free" and held:
+            pool.release([held.pop() for _ in range(min(n, len(held)))])
+        elif op == "cache" and held:
+            b = held[-1]
+            pool.cache(b, BlockHash.of(None, (b.block_id, n)))
+        elif op == "idle":
+            pool.release_idle_slabs(time.monotonic() + 1)
+        pool.check_integrity()
+        assert pool.num_slabs <= 3 and len(alloc.live) == pool.num_slabs
+        assert {b.block_id // 3 for b in held} <= alloc.live
+
+
+# ---- the engine -----------------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _book() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[2] / "shared" / "data" / "war_of_the_worlds.txt").read_text()
+
+
+def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
+    """64 MiB slabs of the default model (bf16): ~2900 tokens each; 6 prompts of ~600 tokens need two."""
+    eng = Engine(EngineConfig(dtype="bfloat16", max_model_len=1024, kv_idle_release_s=0.0))
+    slab = eng.storage.slab_bytes
+    assert slab == 64 << 20 or slab < 64 << 20
+    book = _book()
+    prompts = [eng.tokenizer.encode(book[20000 + 5000 * i : 23000 + 5000 * i])[:600] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    for p in prompts:
+        eng.add_request(p, params)
+    rss_before = _rss()
+    peak_slabs = 1
+    while eng.has_unfinished_requests():
+        eng.step()
+        eng.check_integrity()
+        peak_slabs = max(peak_slabs, eng.pool.num_slabs)
+        assert eng.ledger.total <= eng.ledger.budget
+    assert peak_slabs >= 2
+    rss_peak = _rss()
+    assert rss_peak - rss_before >= (peak_slabs - 1) * slab * 0.8
+    eng.release_idle_memory()
+    assert eng.pool.num_slabs == 1 and eng.storage.num_live == 1
+    assert eng.ledger.current("kv") + eng.ledger.current("kv_cached") == slab
+    # The freed slabs' pages went back to the OS (each slab is one mmap'd allocation).
+    assert rss_peak - _rss() >= (peak_slabs - 1) * slab * 0.8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import make_random_checkpoint
+
+    return make_random_checkpoint(tmp_path_factory.mktemp("tiny"), family="llama")
+
+
+def _run(engine: Engine, prompts, params) -> list[list[int]]:
+    ids = [engine.add_request(p, params, priority=i % 3) for i, p in enumerate(prompts)]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+        assert engine.ledger.total <= engine.ledger.budget
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tight_budget_gives_identical_output_to_an_unconstrained_run(tiny, seed):
+    import random
+
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(3, 70))] for _ in range(10)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    free = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128))
+    reference = _run(free, prompts, params)
+    # Budget: the weights and workspace plus room for ~3 slabs of 2 blocks; slabs grow, preemption happens.
+    probe = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, kv_slab_size=1))
+    per_block = probe._per_block
+    fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
+    tight = Engine(
+        EngineConfig(
+            model=str(tiny),
+            dtype="float32",
+            max_model_len=128,
+            memory_budget=fixed + 12 * per_block,
+            kv_slab_size=2 * per_block,
+            kv_idle_release_s=0.0,
+        )
+    )
+    assert _run(tight, prompts, params) == reference
+    assert tight.pool.num_grows > 0 and tight.scheduler.num_preemptions > 0
+    assert tight.ledger.peak_total <= tight.ledger.budget
