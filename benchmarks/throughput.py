@@ -43,7 +43,7 @@ NOTES = [
     "pad waste = share of transformers' decoded tokens (batch x its max_new_tokens) beyond the requests' own max_tokens",
     "peak RSS = the process's high-water mark during the pass (both models are resident throughout, so it is "
     "not one system's figure); own RSS = what the system added at load (RSS after minus before) plus its growth "
-    "during the pass (peak minus RSS at the pass's start); fitllm's includes its preallocated KV pool",
+    "during the pass (peak minus RSS at the pass's start); fitllm's includes its KV pool (elastic: one slab at load, grown by slabs under load)",
     "p99 over fewer than 100 requests is interpolated between the two largest values",
 ]
 
@@ -286,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
         )
         for w in workload
     ]
-    kv_bytes = (
+    kv_bytes = (  # the live slabs at load: one, for the elastic pool
         engine.pool.num_blocks * engine.block_size * engine.model_config.kv_bytes_per_token(engine.dtype)
     )
     load = {
@@ -371,7 +371,7 @@ def run(args: argparse.Namespace) -> int:
         + (f", max_tokens capped at {cap}" if cap else ", each request's own max_tokens")
         + ", ignore EOS",
         f"load: fitllm {fitllm_load_s:.1f} s, +{load['fitllm']['memory']['growth_bytes'] / MiB:.0f} MiB peak "
-        f"(KV pool {kv_bytes / MiB:.0f} MiB)"
+        f"(KV pool at load {kv_bytes / MiB:.0f} MiB)"
         + (
             f"; transformers {load['transformers']['seconds']:.1f} s, "
             f"+{load['transformers']['memory']['growth_bytes'] / MiB:.0f} MiB peak"

@@ -12,6 +12,19 @@ from fitllm.engine.request import SamplingParams
 from fitllm.units import parse_bytes
 
 
+def _parse_model_len(text: str) -> int | str:
+    """--max-model-len: a token count, or 'auto' (the largest context the memory budget holds)."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError("--max-model-len must be at least 2 or 'auto'")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Flags that shape the engine (vLLM's names where the concept is the same)."""
     g = p.add_argument_group("engine")
@@ -30,9 +43,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (auto: cuda when present)")
     g.add_argument(
         "--max-model-len",
-        type=int,
+        type=_parse_model_len,
         default=None,
-        help="longest prompt + output in tokens (default: the model's context)",
+        help="longest prompt + output in tokens, or 'auto': the largest the budget holds (default: the model's context)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once")
@@ -179,15 +192,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_model_len(text: str) -> int | None:
-    if text == "auto":
-        return None
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("--max-model-len must be at least 2 or 'auto'")
-    return value
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -218,7 +222,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         name,
         dtype,
         resolve_budget(args.memory_budget, device),
-        args.max_model_len,
+        None if args.max_model_len == "auto" else args.max_model_len,
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,

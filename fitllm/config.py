@@ -123,7 +123,7 @@ class EngineConfig:
     tokenizer: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    max_model_len: int | None = None
+    max_model_len: int | str | None = None  # None: the model's context; "auto": the largest the budget holds
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -145,7 +145,11 @@ class EngineConfig:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
-        if self.max_model_len is not None and self.max_model_len < 2:
+        if self.max_model_len == "auto":
+            pass
+        elif self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
             raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
 
     def resolve_device(self) -> torch.device:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from fitllm.cli import main as cli_main
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
 from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
@@ -152,3 +153,16 @@ def test_engine_sizes_kv_pool_within_budget():
     assert eng.ledger.current("kv") == eng.pool.num_blocks * eng.block_size * cfg.kv_bytes_per_token(
         torch.bfloat16
     )
+
+
+def test_engine_max_model_len_auto_is_what_the_budget_holds():
+    cfg = open_model(None).config
+    weights = weight_breakdown(cfg, torch.bfloat16).total
+    eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=weights + (100 << 20), max_model_len="auto"))
+    per_token = cfg.kv_bytes_per_token(torch.bfloat16)
+    room = eng.ledger.budget - eng.ledger.current("weights") - eng.ledger.current("workspace")
+    assert eng.max_model_len == (room // (per_token * 16)) * 16 < cfg.max_position_embeddings
+    # A request of exactly that length is admitted; one token more is refused with the flag to change.
+    eng.add_request([5] * (eng.max_model_len - 1), SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="--max-model-len"):
+        eng.add_request([5] * eng.max_model_len, SamplingParams(max_tokens=1))

@@ -232,7 +232,7 @@ def test_bf16_matches_transformers_bf16(tmp_path, family):
     hf16, hf32 = load_hf(folder, torch.bfloat16), load_hf(folder)
     engine = _engine(folder, dtype="bfloat16")
     assert engine.model.embed_tokens.weight.dtype == torch.bfloat16
-    assert engine.storage.slabs[0].dtype == torch.bfloat16
+    assert engine.storage.slab_view(0).dtype == torch.bfloat16
     for n in PROMPT_LENS:
         prompt = _prompt(n)
         ref_tokens, _ = hf_greedy(hf16, prompt, NEW_TOKENS)

@@ -38,7 +38,10 @@ class Engine:
         self.source = open_model(config.model)
         self.model_config = mc = self.source.config
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        auto_len = config.max_model_len == "auto"
+        self.max_model_len = (
+            mc.max_position_embeddings if auto_len else config.max_model_len or mc.max_position_embeddings
+        )
         if self.max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
             log.warning(
                 "--max-model-len %d exceeds the model's trained context %d",
@@ -60,6 +63,16 @@ class Engine:
 
         self.block_size = config.block_size
         self._per_block = per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+        if auto_len:
+            # The longest context one request can have once weights and workspace are in: what the KV room holds.
+            room_tokens = (self.ledger.free_bytes() // per_block) * self.block_size
+            self.max_model_len = min(mc.max_position_embeddings, room_tokens)
+            if self.max_model_len < 2:
+                raise ValueError(
+                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
+                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
+                )
+            log.info("--max-model-len auto: %d tokens", self.max_model_len)
         # Blocks beyond max_num_seqs full contexts could never be used at once.
         wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
         if config.static_kv or config.kv_cache_memory is not None:

@@ -48,8 +48,8 @@ class ModelRunner:
         for attn, slabs in zip(model.attention_layers(), storage.layer_slabs, strict=True):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
         kvh = config.num_key_value_heads
-        self._slab_slots = storage.slab_slots
-        self._slab_rows = storage.slab_slots * kvh
+        self._slab_slots = storage.view_slots
+        self._slab_rows = storage.view_slots * kvh
 
     def _block_table(self, request: Request) -> torch.Tensor:
         return torch.tensor(self.kv.block_ids(request.request_id), dtype=torch.long)
