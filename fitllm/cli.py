@@ -286,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_throughput_args(tp)
     add_engine_args(tp)
     tp.set_defaults(func=run_throughput)
+    from benchmarks.decode_step import add_arguments as add_step_args
+    from benchmarks.decode_step import run as run_step
+
+    st = bench_sub.add_parser("step", help="one decode step's time: static vs elastic KV pool")
+    add_step_args(st)
+    add_engine_args(st)
+    st.set_defaults(func=run_step)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""`fitllm bench step`: time of one decode step for a batch of running requests, static vs elastic KV pool.
+
+Both engines are built in one process and measured alternately, so the ratio is what to read; the absolute
+milliseconds depend on the machine. Prompts are cut from the novel so that the batch's KV spans several
+slabs of the elastic pool (the case where its reads could cost more than the static pool's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.workload import DEFAULT_TEXT
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument(
+        "--text", type=Path, metavar="PATH", default=DEFAULT_TEXT, help="text the prompts are cut from"
+    )
+    g.add_argument("--batch", type=int, default=32, help="running requests decoded together")
+    g.add_argument("--prompt-tokens", type=int, default=250, help="prompt length of each request (roughly)")
+    g.add_argument("--steps", type=int, default=10, help="decode steps timed per round")
+    g.add_argument("--rounds", type=int, default=3, help="alternating rounds (static, elastic)")
+    g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
+
+
+def _engine(args: argparse.Namespace, static: bool):
+    from fitllm.cli import engine_config_from_args
+    from fitllm.engine.engine import Engine
+    from fitllm.engine.request import SamplingParams
+
+    cfg = dataclasses.replace(engine_config_from_args(args), static_kv=static)
+    engine = Engine(cfg)
+    ids = engine.tokenizer.encode(args.text.read_text(encoding="utf-8")[10000:200000])
+    total = args.rounds * (args.steps + 2) + 8
+    for i in range(args.batch):
+        start = i * 50
+        engine.add_request(
+            ids[start : start + args.prompt_tokens + 7 * i],
+            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=total, ignore_eos=True, seed=i),
+        )
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
+        engine.step()  # prefill everything first: the timed steps are pure decode
+    for _ in range(2):
+        engine.step()
+    return engine
+
+
+def run(args: argparse.Namespace) -> int:
+    engines = {"static": _engine(args, True), "elastic": _engine(args, False)}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+    result = {
+        name: {
+            "step_ms_median": statistics.median(ts),
+            "step_ms_rounds": ts,
+            "slabs": engines[name].pool.num_slabs,
+            "storage": engines[name].storage.mode,
+            "kv_bytes": engines[name].storage.bytes_allocated,
+        }
+        for name, ts in times.items()
+    }
+    ratio = result["elastic"]["step_ms_median"] / result["static"]["step_ms_median"]
+    for name, r in result.items():
+        print(
+            f"{name:8} {r['step_ms_median']:7.1f} ms/step  ({r['slabs']} slab(s), {r['storage']}, "
+            f"KV {r['kv_bytes'] / 2**20:.0f} MiB)"
+        )
+    print(
+        f"elastic / static time per step: {ratio:.3f}  (batch {args.batch}, {args.steps} steps x {args.rounds} rounds)"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"ratio": ratio, **result}, indent=2))
+    return 0
