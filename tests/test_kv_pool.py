@@ -135,9 +135,9 @@ def _rss() -> int:
 
 
 def _book() -> str:
-    from pathlib import Path
+    from benchmarks.workload import DEFAULT_TEXT  # ../shared beside the repository, as CI lays it out
 
-    return (Path(__file__).resolve().parents[2] / "shared" / "data" / "war_of_the_worlds.txt").read_text()
+    return DEFAULT_TEXT.read_text(encoding="utf-8")
 
 
 def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
