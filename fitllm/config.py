@@ -133,6 +133,7 @@ class EngineConfig:
     static_kv: bool = False  # allocate the whole KV pool up front (the static alternative, for comparison)
     kv_slab_size: int = 64 << 20  # bytes per KV slab of the elastic pool
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
+    profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0
     num_threads: int | None = None
 

@@ -205,7 +205,12 @@ def test_tight_budget_gives_identical_output_to_an_unconstrained_run(tiny, seed,
     free = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128))
     reference = _run(free, prompts, params)
     # Budget: the weights and workspace plus room for ~3 slabs of 2 blocks; slabs grow, preemption happens.
-    probe = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, kv_slab_size=1))
+    # Both engines hold the planned workspace (no profile step), so the budget below is exact.
+    probe = Engine(
+        EngineConfig(
+            model=str(tiny), dtype="float32", max_model_len=128, kv_slab_size=1, profile_workspace=False
+        )
+    )
     per_block = probe._per_block
     fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
     tight = Engine(
@@ -216,6 +221,7 @@ def test_tight_budget_gives_identical_output_to_an_unconstrained_run(tiny, seed,
             memory_budget=fixed + 12 * per_block,
             kv_slab_size=2 * per_block,
             kv_idle_release_s=0.0,
+            profile_workspace=False,
         )
     )
     assert tight.storage.mode == mode

@@ -135,7 +135,7 @@ def test_engine_ledger_holds_weights_workspace_and_kv(engine):
     snap = engine.ledger.snapshot()
     assert snap.current["weights"] == sum(p.numel() * p.element_size() for p in engine.model.parameters())
     assert snap.current["kv"] + snap.current["kv_cached"] == engine.storage.bytes_allocated
-    assert snap.current["workspace"] > 0
+    assert snap.current["workspace"] == engine.workspace_measured > 0
     assert snap.total <= snap.budget
 
 
@@ -166,3 +166,12 @@ def test_engine_max_model_len_auto_is_what_the_budget_holds():
     eng.add_request([5] * (eng.max_model_len - 1), SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="--max-model-len"):
         eng.add_request([5] * eng.max_model_len, SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize(("dtype", "tokens"), [("bfloat16", 2048), ("float32", 512)])
+def test_measured_workspace_is_reserved_and_within_10_percent_of_the_plan(dtype, tokens):
+    eng = Engine(EngineConfig(dtype=dtype, max_num_batched_tokens=tokens, max_model_len=4096))
+    assert eng.workspace_measured is not None and eng.workspace_measured > 0
+    assert eng.ledger.current("workspace") == eng.workspace_measured
+    assert abs(eng.workspace_planned - eng.workspace_measured) <= 0.10 * eng.workspace_measured
+    assert "measured" in eng.memory_report()

@@ -12,7 +12,7 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_dtype
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
-from fitllm.engine.runner import ModelRunner
+from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler
 from fitllm.loader import build_model, open_model
@@ -52,7 +52,23 @@ class Engine:
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        workspace = workspace_bytes(mc, self.dtype, config.max_num_batched_tokens, config.max_num_seqs)
+        self.workspace_planned = workspace_bytes(
+            mc, self.dtype, config.max_num_batched_tokens, config.max_num_seqs
+        )
+        self.workspace_measured: int | None = None
+        if config.profile_workspace:
+            # Measured before the KV pool is sized, so the pool gets what the real workspace leaves.
+            tokens = min(config.max_num_batched_tokens, self.max_model_len)
+            self.workspace_measured = profile_workspace(
+                self.model, mc, self.device, tokens, min(config.max_num_seqs, tokens)
+            )
+            log.info(
+                "workspace: measured %s for a %d-token step (planned %s)",
+                format_bytes(self.workspace_measured),
+                tokens,
+                format_bytes(self.workspace_planned),
+            )
+        workspace = self.workspace_planned if self.workspace_measured is None else self.workspace_measured
         try:
             self.ledger.reserve("weights", weight_bytes)
             self.ledger.reserve("workspace", workspace)
@@ -130,7 +146,31 @@ class Engine:
             max_slabs,
             "static" if max_slabs == 1 else "elastic",
         )
-        log.info("memory ledger:\n%s", self.ledger.report())
+        log.info("memory:\n%s", self.memory_report())
+
+    def memory_report(self) -> str:
+        """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
+        lines = [self.ledger.report()]
+        if self.workspace_measured is not None:
+            lines.append(
+                f"workspace planned {format_bytes(self.workspace_planned)}, measured {format_bytes(self.workspace_measured)}"
+            )
+        lines.append(
+            f"KV: {self.pool.num_slabs} slab(s) of {format_bytes(self.storage.slab_bytes)} ({self.storage.mode}), "
+            f"{self.pool.num_used_blocks} blocks used, {self.pool.num_cached_blocks} cached, "
+            f"{self.pool.num_free_blocks - self.pool.num_cached_blocks} free"
+        )
+        if self.device.type == "cuda":
+            lines.append(
+                f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(self.device))}"
+            )
+        else:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * 4096
+            lines.append(
+                f"process RSS: {format_bytes(rss)} (includes the framework, tokenizer and host copies)"
+            )
+        return "\n".join(lines)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(

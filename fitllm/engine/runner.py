@@ -23,6 +23,46 @@ def _to(split: SlabSplit, device: torch.device) -> SlabSplit:
     )
 
 
+@torch.inference_mode()
+def profile_workspace(
+    model: nn.Module, config: ModelConfig, device: torch.device, num_tokens: int, num_rows: int
+) -> int:
+    """Measured workspace of the largest step, before the KV pool exists: one prefill of `num_tokens`
+    tokens, logits for `num_rows` rows and the sampler's float32 working set.
+
+    K/V go to a one-block scratch cache (slot ids wrap around it); the gathered context is still
+    `num_tokens` long, so the attention workspace measured is the real one.
+    """
+    from fitllm.memory.profile import measure_peak_bytes
+
+    kvh, block = config.num_key_value_heads, 16
+    dtype = next(model.parameters()).dtype
+    scratch = torch.zeros(
+        (config.num_hidden_layers, 2, block, kvh, config.head_dim), dtype=dtype, device=device
+    )
+    layers = model.attention_layers()
+    for i, attn in enumerate(layers):
+        attn.kv_slabs = [scratch[i]]
+    slots = torch.arange(num_tokens) % block
+    meta = AttentionMetadata(slot_mapping=_to(split_by_slab(slots, block), device), num_decodes=0)
+    rows = _to(split_by_slab(head_rows(slots, kvh), block * kvh), device)
+    meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    positions = torch.arange(num_tokens, device=device)
+
+    def step() -> None:
+        hidden = model(ids, positions, meta)
+        logits = model.compute_logits(hidden[:num_rows]).float()
+        # The sampler's largest working set: probabilities and their running sum per row.
+        logits.softmax(dim=-1).cumsum(dim=-1)
+
+    try:
+        return measure_peak_bytes(step, device)
+    finally:
+        for attn in layers:
+            attn.kv_slabs = None
+
+
 class ModelRunner:
     """Owns the model and its KV tensors; one `execute` call per engine step."""
 

@@ -15,9 +15,6 @@ from fitllm.config import ModelConfig, cdiv
 from fitllm.model.registry import model_class
 from fitllm.units import format_bytes
 
-# Activation bytes per batched token, in units of the model dtype, beyond the hidden state: the fused
-# q/k/v and gate/up outputs dominate; the factor 2 covers the residual, norms and temporaries alive at once.
-_WORKSPACE_SLACK = 2
 # Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
 DEFAULT_OVERHEAD = 256 << 20
 
@@ -68,13 +65,20 @@ def weight_breakdown(config: ModelConfig, dtype: torch.dtype) -> WeightBreakdown
 def workspace_bytes(
     config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int
 ) -> int:
-    """Planned activation workspace of the largest step: activations of every batched token, plus
-    float32 logits for the rows that sample (one per running request at most)."""
+    """Planned workspace of the largest step: the larger of its two peaks.
+
+    - The MLP of a layer, per batched token: the residual, the normed input and the previous layer's
+      output (3 x hidden), the fused gate/up output and, while SiLU(gate) * up is formed, two more
+      intermediate-sized tensors (4 x intermediate), in the model dtype.
+    - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
+      (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
+    The engine measures the real figure with a profile step at start (Engine.workspace_measured).
+    """
     elem = torch.empty((), dtype=dtype).element_size()
-    q_kv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    per_token = (2 * config.hidden_size + q_kv + 2 * config.intermediate_size) * elem * _WORKSPACE_SLACK
-    logits = min(max_num_seqs, max_num_batched_tokens) * config.vocab_size * 4 * 2  # logits + sampler copy
-    return max_num_batched_tokens * per_token + logits
+    mlp = max_num_batched_tokens * (3 * config.hidden_size + 4 * config.intermediate_size) * elem
+    rows = min(max_num_seqs, max_num_batched_tokens)
+    sampling = rows * config.vocab_size * 3 * 4
+    return max(mlp, sampling)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,33 @@
+"""Peak bytes of tensors allocated while a function runs: the measured workspace of a profile step.
+
+On CUDA the allocator's own peak counter; on CPU the torch profiler's memory events (exact tensor bytes,
+unlike RSS, which misses memory the C allocator reuses without asking the OS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def measure_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak of live tensor bytes allocated by `fn` above what was live when it started."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each op reports the bytes it allocated net of what it freed; in time order they trace live bytes.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
