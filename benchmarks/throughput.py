@@ -118,9 +118,11 @@ def num_requests_for(concurrency: int, args: argparse.Namespace, available: int)
 
 
 def run_fitllm(
-    engine, requests: list[PreparedRequest], concurrency: int, tag: str
+    engine, requests: list[PreparedRequest], concurrency: int, tag: str, on_step=None
 ) -> tuple[float, list[RequestTiming], dict]:
-    """Closed loop over Engine.step(): keep `concurrency` requests added, add the next as one finishes."""
+    """Closed loop over Engine.step(): keep `concurrency` requests added, add the next as one finishes.
+
+    `on_step(engine)`, if given, is called after every step (the memory benchmark samples there)."""
     from fitllm.engine.request import SamplingParams
 
     engine.reset_prefix_cache()  # earlier passes ran the same prompts: no free prefix hits
@@ -164,6 +166,8 @@ def run_fitllm(
                 )
             )
         steps += 1
+        if on_step is not None:
+            on_step(engine)
     wall = time.monotonic() - start
     return wall, timings, {"steps": steps, "preemptions": engine.scheduler.num_preemptions - preemptions}
 

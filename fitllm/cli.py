@@ -75,8 +75,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-slab-size",
         type=parse_bytes,
-        default=64 << 20,
-        help="bytes per slab of the elastic KV pool (default 64MiB)",
+        default=16 << 20,
+        help="bytes per slab of the elastic KV pool (default 16MiB)",
     )
     g.add_argument(
         "--kv-idle-release-s",
@@ -288,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=run_throughput)
     from benchmarks.decode_step import add_arguments as add_step_args
     from benchmarks.decode_step import run as run_step
+    from benchmarks.memory import add_arguments as add_memory_args
+    from benchmarks.memory import run as run_memory
+
+    mem = bench_sub.add_parser("memory", help="static vs elastic KV pool: peak bytes, KV utilization, TPOT")
+    add_memory_args(mem)
+    add_engine_args(mem)
+    mem.set_defaults(func=run_memory)
 
     st = bench_sub.add_parser("step", help="one decode step's time: static vs elastic KV pool")
     add_step_args(st)

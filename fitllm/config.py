@@ -131,7 +131,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts, capped
     memory_budget: str | int | None = None  # bytes, '12GiB', or a fraction of free memory; None: 0.8 of free
     static_kv: bool = False  # allocate the whole KV pool up front (the static alternative, for comparison)
-    kv_slab_size: int = 64 << 20  # bytes per KV slab of the elastic pool
+    kv_slab_size: int = 16 << 20  # bytes per KV slab of the elastic pool
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0

@@ -52,18 +52,18 @@ def test_grows_by_a_slab_when_clean_blocks_run_out():
     pool.check_integrity()
 
 
-def test_grows_before_evicting_cached_prefixes_and_evicts_when_the_budget_is_spent():
+def test_evicts_cached_prefixes_before_growing():
     pool, _ = elastic(budget_slabs=2)
     blocks = pool.take(4)
     for i, b in enumerate(blocks):
         pool.cache(b, BlockHash.of(None, (i,)))
     pool.release(blocks)
     assert pool.num_cached_blocks == 4
-    pool.take(4)  # fresh slab rather than evicting the cached prefixes
-    assert pool.num_slabs == 2 and pool.num_cached_blocks == 4 and pool.num_evictions == 0
-    pool.take(2)  # budget spent: now the least recently used cached blocks go
-    assert pool.num_evictions == 2 and pool.num_cached_blocks == 2
-    assert pool.take(3) is None  # short: nothing handed out
+    pool.take(3)  # cached prefixes go first (LRU), no new slab
+    assert pool.num_slabs == 1 and pool.num_evictions == 3 and pool.num_cached_blocks == 1
+    pool.take(3)  # 1 cached is not enough for 3: a new slab, whose clean blocks go first
+    assert pool.num_slabs == 2 and pool.num_evictions == 3 and pool.num_cached_blocks == 1
+    assert pool.take(3) is None  # 1 clean + 1 cached, and the budget is spent: nothing handed out
     pool.check_integrity()
 
 
@@ -142,7 +142,9 @@ def _book() -> str:
 
 def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
     """64 MiB slabs of the default model (bf16): ~2900 tokens each; 6 prompts of ~600 tokens need two."""
-    eng = Engine(EngineConfig(dtype="bfloat16", max_model_len=1024, kv_idle_release_s=0.0))
+    eng = Engine(
+        EngineConfig(dtype="bfloat16", max_model_len=1024, kv_idle_release_s=0.0, kv_slab_size=64 << 20)
+    )
     slab = eng.storage.slab_bytes
     assert slab <= 64 << 20
     book = _book()

@@ -161,7 +161,9 @@ def test_engine_max_model_len_auto_is_what_the_budget_holds():
     eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=weights + (100 << 20), max_model_len="auto"))
     per_token = cfg.kv_bytes_per_token(torch.bfloat16)
     room = eng.ledger.budget - eng.ledger.current("weights") - eng.ledger.current("workspace")
-    assert eng.max_model_len == (room // (per_token * 16)) * 16 < cfg.max_position_embeddings
+    slab = eng.storage.slab_bytes
+    # Whole slabs only: what the budget leaves after weights and workspace, rounded down to slabs.
+    assert eng.max_model_len == (room // slab) * (slab // (per_token * 16)) * 16 < cfg.max_position_embeddings
     # A request of exactly that length is admitted; one token more is refused with the flag to change.
     eng.add_request([5] * (eng.max_model_len - 1), SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="--max-model-len"):

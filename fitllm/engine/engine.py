@@ -79,16 +79,6 @@ class Engine:
 
         self.block_size = config.block_size
         self._per_block = per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
-        if auto_len:
-            # The longest context one request can have once weights and workspace are in: what the KV room holds.
-            room_tokens = (self.ledger.free_bytes() // per_block) * self.block_size
-            self.max_model_len = min(mc.max_position_embeddings, room_tokens)
-            if self.max_model_len < 2:
-                raise ValueError(
-                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
-                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
-                )
-            log.info("--max-model-len auto: %d tokens", self.max_model_len)
         # Blocks beyond max_num_seqs full contexts could never be used at once.
         wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
         if config.static_kv or config.kv_cache_memory is not None:
@@ -132,6 +122,16 @@ class Engine:
             idle_release_s=config.kv_idle_release_s,
         )
         self.kv = KVCacheManager(self.pool, self.block_size)
+        if auto_len:
+            # The longest context one request can have: what the pool can ever hold, in whole slabs,
+            # once weights and workspace are in.
+            self.max_model_len = min(mc.max_position_embeddings, self.pool.capacity_blocks * self.block_size)
+            if self.max_model_len < 2:
+                raise ValueError(
+                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
+                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
+                )
+            log.info("--max-model-len auto: %d tokens", self.max_model_len)
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(self.model, mc, self.kv, self.storage, self.sampler, self.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)

@@ -90,6 +90,12 @@ class MemoryLedger:
             self._current[dst] += nbytes
             self._peak[dst] = max(self._peak[dst], self._current[dst])
 
+    def reset_peak(self) -> None:
+        """Start peak tracking afresh from the current figures (e.g. per benchmark pass)."""
+        with self._lock:
+            self._peak = dict(self._current)
+            self._peak_total = self._total
+
     def current(self, tag: str) -> int:
         return self._current[tag]
 
