@@ -18,21 +18,12 @@ from pathlib import Path
 from benchmarks.hf_baseline import PreparedRequest
 from benchmarks.measure import MiB, PhaseMemoryProbe, percentile
 from benchmarks.throughput import run_fitllm
-from benchmarks.workload import DEFAULT_CREATIVE_WRITING, DEFAULT_TEXT, load_workload
+from benchmarks.workload import add_workload_arguments, load_workload
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
-    g.add_argument(
-        "--workload",
-        type=Path,
-        metavar="PATH",
-        default=DEFAULT_CREATIVE_WRITING,
-        help="request trace (JSONL)",
-    )
-    g.add_argument(
-        "--text", type=Path, metavar="PATH", default=DEFAULT_TEXT, help="the text the trace indexes"
-    )
+    add_workload_arguments(g)
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     g.add_argument("--num-requests", type=int, default=64, help="first N workload requests")
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")

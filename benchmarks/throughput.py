@@ -21,7 +21,11 @@ from pathlib import Path
 
 from benchmarks.hf_baseline import PreparedRequest, RequestTiming
 from benchmarks.measure import MiB, PhaseMemoryProbe, lifetime_peak_rss, machine_facts, percentile
-from benchmarks.workload import DEFAULT_CREATIVE_WRITING, DEFAULT_TEXT, REPO_ROOT, load_workload
+from benchmarks.workload import (
+    REPO_ROOT,
+    add_workload_arguments,
+    load_workload,
+)
 
 DEFAULT_CONCURRENCY = [1, 8, 32]
 QUICK_CONCURRENCY = [1, 2]
@@ -51,20 +55,7 @@ NOTES = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Benchmark flags (the engine flags are added by the CLI)."""
     g = p.add_argument_group("benchmark")
-    g.add_argument(
-        "--workload",
-        type=Path,
-        metavar="PATH",
-        default=DEFAULT_CREATIVE_WRITING,
-        help="request trace (JSONL)",
-    )
-    g.add_argument(
-        "--text",
-        type=Path,
-        metavar="PATH",
-        default=DEFAULT_TEXT,
-        help="the text the trace's prompt_chars index",
-    )
+    add_workload_arguments(g)
     g.add_argument(
         "--concurrency",
         type=int,

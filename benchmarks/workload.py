@@ -56,3 +56,21 @@ def load_workload(path: Path | str, text_path: Path | str) -> list[WorkloadReque
     if not requests:
         raise ValueError(f"workload {path} has no requests")
     return requests
+
+
+def add_workload_arguments(group) -> None:
+    """--workload and --text, the same for every benchmark that replays a trace."""
+    group.add_argument(
+        "--workload",
+        type=Path,
+        metavar="PATH",
+        default=DEFAULT_CREATIVE_WRITING,
+        help="request trace (JSONL)",
+    )
+    group.add_argument(
+        "--text",
+        type=Path,
+        metavar="PATH",
+        default=DEFAULT_TEXT,
+        help="the text the trace's prompt_chars index",
+    )

@@ -128,10 +128,7 @@ class ModelRunner:
             offsets = torch.arange(self.block_size)
             slots = (padded.unsqueeze(-1) * self.block_size + offsets).reshape(len(decodes), -1)[:, :max_ctx]
             q_pos = ctx - 1
-            k_pos = torch.arange(max_ctx).unsqueeze(0)
-            mask = k_pos <= q_pos.unsqueeze(1)
-            if self.config.sliding_window is not None:
-                mask &= k_pos > q_pos.unsqueeze(1) - self.config.sliding_window
+            mask = self._mask(q_pos, max_ctx)
             meta.decode_context = max_ctx
             rows = head_rows(slots, self.config.num_key_value_heads)
             meta.decode_rows = _to(split_by_slab(rows, self._slab_rows), self.device)
