@@ -85,6 +85,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="give back a KV slab no request has used for this many seconds",
     )
     g.add_argument(
+        "--swap-space",
+        type=parse_bytes,
+        default=None,
+        help="host memory for the K/V of preempted requests, e.g. 4GiB (default: 4GiB on CUDA, 0 on CPU)",
+    )
+    g.add_argument(
+        "--preemption-mode",
+        choices=["auto", "swap", "recompute"],
+        default="auto",
+        help="what preemption does with a request's K/V: swap it to host, drop it for recompute, "
+        "or pick the cheaper (auto)",
+    )
+    g.add_argument(
         "--memory-budget",
         default=None,
         help="device bytes fitllm may hold: 12GiB, or a fraction of free memory such as 0.8 (default 0.8)",
@@ -117,6 +130,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         static_kv=args.static_kv,
         kv_slab_size=args.kv_slab_size,
         kv_idle_release_s=args.kv_idle_release_s,
+        swap_space=args.swap_space,
+        preemption_mode=args.preemption_mode,
         seed=args.seed,
         num_threads=args.threads,
     )

@@ -133,6 +133,8 @@ class EngineConfig:
     static_kv: bool = False  # allocate the whole KV pool up front (the static alternative, for comparison)
     kv_slab_size: int = 16 << 20  # bytes per KV slab of the elastic pool
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
+    swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
+    preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0
     num_threads: int | None = None
@@ -146,12 +148,25 @@ class EngineConfig:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise ValueError(
+                f"--preemption-mode must be auto, swap or recompute; got {self.preemption_mode!r}"
+            )
+        if self.swap_space is not None and self.swap_space < 0:
+            raise ValueError(f"--swap-space must be non-negative; got {self.swap_space}")
         if self.max_model_len == "auto":
             pass
         elif self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
+
+    def resolve_swap_space(self, device: torch.device) -> int:
+        """Host bytes for swapped KV. On CPU the 'device' is host memory already, so swapping there would
+        only move bytes outside --memory-budget: it is off unless asked for."""
+        if self.swap_space is not None:
+            return self.swap_space
+        return 4 << 30 if device.type == "cuda" else 0
 
     def resolve_device(self) -> torch.device:
         """'auto' -> CUDA when present, else CPU."""

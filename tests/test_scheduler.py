@@ -130,9 +130,10 @@ class Sim:
             assert victim not in self.sched.running
             self.victims.append(victim)
         if out.preempted:
-            assert set(map(id, self.sched.running)) <= set(map(id, running_before)), (
-                "admitted while preempting"
-            )
+            # Admission in a step that preempts is only for requests that outrank a running one.
+            admitted_now = [r for r in self.sched.running if not any(r is b for b in running_before)]
+            lowest = max(r.priority for r in running_before)
+            assert all(r.priority < lowest for r in admitted_now), "admitted an equal while preempting"
             assert not any(s.request in out.preempted for s in out.scheduled)
 
         # Admission in priority order: everyone admitted beats everyone left waiting.
@@ -288,6 +289,61 @@ def test_victims_budget_goes_to_the_next_running_request():
     assert out.preempted == [low]
     assert dict((rid, n) for rid, n, _ in sim.last_plan) == {"r1": 1, "r2": 2}
     assert out.num_tokens == 3
+    sim.run()
+
+
+def test_high_priority_arrival_preempts_lower_priority_running():
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=8, budget=100, caching=False)
+    low = sim.add("r0", [1] * 6, 6, priority=5, arrival=0.0)
+    mid = sim.add("r1", [2] * 6, 6, priority=3, arrival=1.0)
+    sim.step()  # 2 + 2 blocks (7 tokens each after the step): the pool is full, nobody needs to grow yet
+    assert sim.pool.num_free_blocks == 0
+    high = sim.add("r2", [0] * 3, 3, priority=0, arrival=2.0)
+    out = sim.step()
+    assert out.preempted == [low]  # one victim (the least important) makes room; mid keeps running
+    assert high in sim.sched.running and mid in sim.sched.running
+    sim.run()
+    assert high.num_preemptions == 0  # mid may be preempted later by high's growth, never high
+
+
+def test_equal_priority_arrival_waits_instead_of_preempting():
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=8, budget=100, caching=False)
+    first = sim.add("r0", [1] * 6, 4, priority=1, arrival=0.0)
+    sim.add("r1", [2] * 6, 4, priority=1, arrival=1.0)
+    sim.step()
+    late = sim.add("r2", [0] * 3, 3, priority=1, arrival=2.0)
+    out = sim.step()
+    assert not out.preempted and late not in sim.sched.running
+    sim.run()
+    assert first.num_preemptions == 0 and late.num_preemptions == 0
+
+
+def test_high_priority_waits_when_preempting_cannot_make_room():
+    """Preempting the only lower-priority request would free 1 block; the newcomer needs 3: no victim."""
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=8, budget=100, caching=False)
+    top = sim.add("r0", [1] * 10, 2, priority=0, arrival=0.0)
+    low = sim.add("r1", [2] * 3, 2, priority=9, arrival=1.0)
+    sim.step()
+    assert sim.pool.num_free_blocks == 0
+    big = sim.add("r2", [0] * 11, 2, priority=1, arrival=2.0)
+    out = sim.step()
+    scheduled = [s.request for s in out.scheduled]
+    assert not out.preempted and low in scheduled and big not in scheduled
+    sim.run()
+    assert low.num_preemptions == 0 and top.num_preemptions == 0 and big.num_output_tokens == 2
+
+
+def test_cached_prefixes_are_sacrificed_before_running_requests():
+    sim = Sim(num_blocks=4, block_size=4, max_num_seqs=8, budget=100, caching=True)
+    sim.add("r0", [1] * 8, 1, priority=0, arrival=0.0)
+    sim.run()  # finished: its 2 full prompt blocks stay cached
+    assert sim.pool.num_cached_blocks == 2
+    low = sim.add("r1", [2] * 7, 6, priority=9, arrival=1.0)
+    sim.step()
+    high = sim.add("r2", [0] * 7, 3, priority=0, arrival=2.0)
+    out = sim.step()  # needs 2 blocks: the cached ones are evicted, low keeps running
+    assert not out.preempted and high in sim.sched.running and low in sim.sched.running
+    assert sim.pool.num_cached_blocks == 0
     sim.run()
 
 

@@ -22,6 +22,7 @@ from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.memory.planner import workspace_bytes
+from fitllm.memory.swap import KVSwapper
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -51,6 +52,39 @@ class Engine:
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
+        self._reserve_weights_and_workspace()
+        self.block_size = config.block_size
+        self._per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+        self.storage, self.pool = self._build_kv_pool()
+        self.kv = KVCacheManager(self.pool, self.block_size)
+        if auto_len:
+            # The longest context one request can have: what the pool can ever hold, in whole slabs,
+            # once weights and workspace are in.
+            self.max_model_len = min(mc.max_position_embeddings, self.pool.capacity_blocks * self.block_size)
+            if self.max_model_len < 2:
+                raise ValueError(
+                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
+                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
+                )
+            log.info("--max-model-len auto: %d tokens", self.max_model_len)
+        self.swapper = KVSwapper(
+            self.storage,
+            self.kv,
+            config.resolve_swap_space(self.device),
+            mc.kv_bytes_per_token(self.dtype),
+            config.preemption_mode,  # type: ignore[arg-type]
+        )
+        self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(self.model, mc, self.kv, self.storage, self.sampler, self.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._finished_outputs: list[RequestOutput] = []
+        log.info("memory:\n%s", self.memory_report())
+
+    def _reserve_weights_and_workspace(self) -> None:
+        """Ledger the loaded weights and the workspace (measured by a profile step unless disabled)."""
+        config, mc = self.config, self.model_config
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.workspace_planned = workspace_bytes(
             mc, self.dtype, config.max_num_batched_tokens, config.max_num_seqs
@@ -77,12 +111,13 @@ class Engine:
                 f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
             ) from exc
 
-        self.block_size = config.block_size
-        self._per_block = per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+    def _build_kv_pool(self) -> tuple[KVSlabStorage, BlockPool]:
+        """The KV slab storage (first slab allocated) and the block pool over it: elastic by default,
+        one up-front slab with --static-kv or --kv-cache-memory."""
+        config, mc, per_block = self.config, self.model_config, self._per_block
         # Blocks beyond max_num_seqs full contexts could never be used at once.
         wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
         if config.static_kv or config.kv_cache_memory is not None:
-            # The static alternative: the whole pool allocated up front as one slab.
             kv_bytes = config.kv_cache_memory
             if kv_bytes is None:
                 kv_bytes = min(wanted * per_block, self.ledger.free_bytes())
@@ -97,7 +132,7 @@ class Engine:
                 f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
                 f"--memory-budget (see `fitllm plan`)"
             )
-        self.storage = KVSlabStorage(
+        storage = KVSlabStorage(
             mc.num_hidden_layers,
             mc.num_key_value_heads,
             mc.head_dim,
@@ -108,45 +143,28 @@ class Engine:
             self.device,
             self.ledger,
         )
-        if not self.storage.add(0):
+        if not storage.add(0):
             raise ValueError(
-                f"the first KV slab ({format_bytes(self.storage.slab_bytes)}) does not fit in --memory-budget "
+                f"the first KV slab ({format_bytes(storage.slab_bytes)}) does not fit in --memory-budget "
                 f"{format_bytes(self.ledger.budget)} after weights and workspace "
                 f"({format_bytes(self.ledger.total)}); raise the budget, or lower --kv-slab-size or --kv-cache-memory"
             )
-        self.pool = BlockPool(
+        pool = BlockPool(
             slab_blocks,
             enable_caching=config.enable_prefix_caching,
             max_slabs=max_slabs,
-            allocator=self.storage,
+            allocator=storage,
             idle_release_s=config.kv_idle_release_s,
         )
-        self.kv = KVCacheManager(self.pool, self.block_size)
-        if auto_len:
-            # The longest context one request can have: what the pool can ever hold, in whole slabs,
-            # once weights and workspace are in.
-            self.max_model_len = min(mc.max_position_embeddings, self.pool.capacity_blocks * self.block_size)
-            if self.max_model_len < 2:
-                raise ValueError(
-                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
-                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
-                )
-            log.info("--max-model-len auto: %d tokens", self.max_model_len)
-        self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, mc, self.kv, self.storage, self.sampler, self.device)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.requests: dict[str, Request] = {}
-        self._ids = itertools.count()
-        self._finished_outputs: list[RequestOutput] = []
         log.info(
             "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
             slab_blocks,
             self.block_size,
-            format_bytes(self.storage.slab_bytes),
+            format_bytes(storage.slab_bytes),
             max_slabs,
             "static" if max_slabs == 1 else "elastic",
         )
-        log.info("memory:\n%s", self.memory_report())
+        return storage, pool
 
     def memory_report(self) -> str:
         """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
@@ -160,6 +178,13 @@ class Engine:
             f"{self.pool.num_used_blocks} blocks used, {self.pool.num_cached_blocks} cached, "
             f"{self.pool.num_free_blocks - self.pool.num_cached_blocks} free"
         )
+        if self.swapper.ledger is not None:
+            sw = self.swapper.ledger
+            lines.append(
+                f"host swap ({self.swapper.mode}): {format_bytes(sw.current('kv_swapped'))} of "
+                f"{format_bytes(sw.budget)} (peak {format_bytes(sw.snapshot().peak_total)}); "
+                f"{self.swapper.num_swap_outs} swapped out, {self.swapper.num_recomputes} recomputed"
+            )
         if self.device.type == "cuda":
             lines.append(
                 f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(self.device))}"
@@ -217,11 +242,6 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params, priority)
-        limit = (
-            self.max_model_len
-            if params.max_tokens is None
-            else min(self.max_model_len, len(ids) + params.max_tokens)
-        )
         req.max_total_tokens = limit
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
@@ -270,7 +290,9 @@ class Engine:
                     "scheduler made no progress; the KV pool is too small for the waiting request"
                 )
             return outputs
+        start = time.perf_counter()
         sampled, result = self.runner.execute(sched)
+        self.swapper.costs.observe_step(sched.num_tokens, time.perf_counter() - start)
         self.scheduler.update_after_step(sched)
         if result is None:
             return outputs

@@ -5,6 +5,8 @@ Knows nothing of requests beyond an id and a token list, so the scheduler stays 
 
 from __future__ import annotations
 
+import torch
+
 from fitllm.config import cdiv
 from fitllm.memory.block_pool import BlockHash, BlockPool, KVBlock
 
@@ -87,6 +89,27 @@ class KVCacheManager:
         self.pool.release(list(reversed(blocks)))
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
+
+    def slots(self, request_id: str, num_tokens: int) -> torch.Tensor:
+        """Physical slot ids of the request's first `num_tokens` tokens (int64, on CPU)."""
+        ids = torch.tensor(self.block_ids(request_id), dtype=torch.int64)
+        slots = (ids.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).reshape(-1)
+        assert len(slots) >= num_tokens, f"{request_id}: {num_tokens} tokens but {len(slots)} slots"
+        return slots[:num_tokens]
+
+    def num_shared_prefix_tokens(self, request_id: str, num_tokens: int) -> int:
+        """Tokens at the start of the request held in blocks other requests also use (they survive its
+        preemption, so a recompute gets them back as prefix hits)."""
+        shared = 0
+        for block in self._blocks.get(request_id, ()):
+            if block.ref_cnt < 2:
+                break
+            shared += 1
+        return min(shared * self.block_size, num_tokens)
+
+    def exclusive_block_ids(self, request_id: str) -> list[int]:
+        """Blocks only this request references (freeing it makes exactly these available)."""
+        return [b.block_id for b in self._blocks.get(request_id, ()) if b.ref_cnt == 1]
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table: logical block i -> physical block id."""

@@ -3,7 +3,7 @@
 Two ways to back slabs, chosen by device:
 
 - `reserved` (CPU on Linux): one virtual region big enough for every slab the pool may ever have,
-  [num_layers, 2, max_slabs * slab_slots, kv_heads, head_dim], made with torch.empty, whose pages the
+  [num_layers, 2, max_slabs * slab_slots, kv_heads, head_dim], an anonymous private mmap whose pages the
   kernel only backs when they are first written. Adding a slab reserves its bytes in the ledger; releasing
   it hands its pages back with madvise(MADV_DONTNEED), after which they read as zeros. Attention sees one
   tensor, so a gather stays a single index_select whatever the number of slabs (a gather split over slabs
@@ -14,7 +14,6 @@ Two ways to back slabs, chosen by device:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import mmap
@@ -23,31 +22,39 @@ import sys
 import torch
 
 from fitllm.memory.ledger import MemoryLedger
+from fitllm.model.attention import split_by_slab
 
 log = logging.getLogger("fitllm")
-_MADV_DONTNEED = 4
 
 
-def _madvise_dontneed(tensor: torch.Tensor) -> None:
-    """Return the whole pages inside a contiguous tensor's bytes to the OS (they read back as zeros)."""
-    page = mmap.PAGESIZE
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    start = (start + page - 1) // page * page
-    end = end // page * page
-    if end > start:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
-            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
+class ReservedRegion:
+    """Anonymous private memory seen as one tensor: zero-filled, and backed by the kernel page by page only
+    when first written (so reserving it for every slab costs address space, not memory)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+        self.tensor = torch.frombuffer(self._buffer, dtype=dtype).view(shape)
+        self._base = self.tensor.data_ptr()
+
+    def discard(self, view: torch.Tensor) -> None:
+        """Return the whole pages inside a contiguous view's bytes to the OS; they read back as zeros."""
+        page = mmap.PAGESIZE
+        start = view.data_ptr() - self._base
+        end = start + view.numel() * view.element_size()
+        start = (start + page - 1) // page * page
+        end = end // page * page
+        if end > start:
+            self._buffer.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def reserve_region(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """A lazily backed tensor for every slab (CPU on Linux), or None where slabs must be real tensors."""
+def reserve_region(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> ReservedRegion | None:
+    """A lazily backed region for every slab (CPU on Linux), or None where slabs must be real tensors."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return None
     try:
-        return torch.empty(shape, dtype=dtype, device=device)
-    except RuntimeError as exc:  # address space or overcommit limits: fall back to real slabs
+        return ReservedRegion(shape, dtype)
+    except (OSError, ValueError, RuntimeError) as exc:  # address space or overcommit limits
         log.info("KV region %s not reservable (%s); using separate slabs", shape, exc)
         return None
 
@@ -77,9 +84,12 @@ class KVSlabStorage:
         self.live = [False] * max_slabs
         self.slabs: list[torch.Tensor | None] = [None] * max_slabs  # `slabs` mode only
         self.region: torch.Tensor | None = None
+        self._reserved: ReservedRegion | None = None
         if max_slabs > 1:
             shape = (num_layers, 2, max_slabs * self.slab_slots, num_kv_heads, head_dim)
-            self.region = reserve_region(shape, dtype, device)
+            self._reserved = reserve_region(shape, dtype, device)
+            if self._reserved is not None:
+                self.region = self._reserved.tensor
         # What attention indexes: one tensor per layer over all slots, or one per slab.
         self.view_slots = max_slabs * self.slab_slots if self.region is not None else self.slab_slots
         if self.region is not None:
@@ -106,6 +116,28 @@ class KVSlabStorage:
         tensor = self.slabs[slab]
         assert tensor is not None, f"slab {slab} is not live"
         return tensor
+
+    def read_slots(self, slots: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy the K/V of global `slots` into `out` [num_layers, 2, len(slots), kv_heads, head_dim]."""
+        for view, pos, local in self._split(slots):
+            part = view.index_select(2, local)
+            if pos is None:
+                out.copy_(part, non_blocking=True)
+            else:
+                out[:, :, pos.to(out.device)] = part.to(out.device)
+
+    def write_slots(self, slots: torch.Tensor, data: torch.Tensor) -> None:
+        """Write `data` [num_layers, 2, len(slots), kv_heads, head_dim] into global `slots`."""
+        data = data.to(self.device, non_blocking=True)
+        for view, pos, local in self._split(slots):
+            view.index_copy_(2, local, data if pos is None else data.index_select(2, pos))
+
+    def _split(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """Global slot ids as (tensor to index on dim 2, positions in `slots` or None for all, local ids)."""
+        if self.region is not None:
+            return [(self.region, None, slots)]
+        split = split_by_slab(slots, self.slab_slots)
+        return [(self.slab_view(slab), pos, local) for slab, pos, local in split.parts]
 
     def num_addable(self) -> int:
         """Slabs the budget allows on top of the live ones."""
@@ -135,7 +167,7 @@ class KVSlabStorage:
             view = self.slab_view(slab)
             for layer in range(view.shape[0]):
                 for kv in range(2):
-                    _madvise_dontneed(view[layer, kv])
+                    self._reserved.discard(view[layer, kv])
         else:
             for views in self.layer_slabs:
                 views[slab] = None

@@ -31,12 +31,14 @@ class MemoryLedger:
     Thread-safe, because the server's metrics thread reads it while the engine thread writes.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, tags: tuple[str, ...] = TAGS) -> None:
+        """tags: the device tags by default; the host swap space keeps its own ledger with `kv_swapped`."""
         if budget <= 0:
             raise ValueError(f"the memory budget must be positive; got {budget}")
         self.budget = budget
-        self._current = dict.fromkeys(TAGS, 0)
-        self._peak = dict.fromkeys(TAGS, 0)
+        self.tags = tags
+        self._current = dict.fromkeys(tags, 0)
+        self._peak = dict.fromkeys(tags, 0)
         self._total = 0
         self._peak_total = 0
         self._lock = threading.Lock()
@@ -59,7 +61,7 @@ class MemoryLedger:
     def reserve(self, tag: str, nbytes: int) -> None:
         """Account `nbytes` under `tag`; raises BudgetExceeded (and changes nothing) if it does not fit."""
         if tag not in self._current:
-            raise KeyError(f"unknown ledger tag {tag!r}; tags: {', '.join(TAGS)}")
+            raise KeyError(f"unknown ledger tag {tag!r}; tags: {', '.join(self.tags)}")
         if nbytes < 0:
             raise ValueError("reserve a non-negative number of bytes")
         with self._lock:
@@ -110,7 +112,7 @@ class MemoryLedger:
         snap = self.snapshot()
         lines = [
             f"{tag:<10} {format_bytes(snap.current[tag]):>12}  (peak {format_bytes(snap.peak[tag])})"
-            for tag in TAGS
+            for tag in self.tags
         ]
         lines.append(
             f"{'total':<10} {format_bytes(snap.total):>12}  (peak {format_bytes(snap.peak_total)}) "
