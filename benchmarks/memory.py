@@ -1,10 +1,15 @@
 """`fitllm bench memory`: static versus elastic KV allocation on the creative-writing workload.
 
-The same requests run through two engines in one process, alternating: one with the whole KV pool
-allocated up front (`--static-kv`, sized for max_num_seqs full-length requests, as engines that
-preallocate do) and one with the elastic pool. Reported per engine: peak ledger bytes and the process's
-peak RSS during the pass, average and peak KV utilization (tokens whose K/V is held / token slots
-allocated), time per output token and throughput.
+The same requests run through two engines in one process: one with the whole KV pool allocated up front
+(`--static-kv`, sized for max_num_seqs full-length requests, as engines that preallocate do) and one with
+the elastic pool. Two kinds of pass:
+
+- memory passes, one engine at a time: peak ledger bytes, the process's RSS growth during the pass,
+  average and peak KV utilization (tokens whose K/V is held / token slots allocated);
+- timing passes, both engines stepped alternately (benchmarks/closed_loop.py), each request timed on its
+  own engine's clock: time per output token and throughput, side by side under the same machine noise.
+  Both engines schedule the same requests identically, so their step i does the same work; the paired
+  step-time ratio is reported besides the TPOT ratio.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import datetime
 import json
 from pathlib import Path
 
+from benchmarks.closed_loop import ClosedLoop, run_alternating
 from benchmarks.hf_baseline import PreparedRequest
 from benchmarks.measure import MiB, PhaseMemoryProbe, percentile
 from benchmarks.throughput import run_fitllm
@@ -26,36 +32,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(g)
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     g.add_argument("--num-requests", type=int, default=64, help="first N workload requests")
+    g.add_argument("--timing-rounds", type=int, default=2, help="alternating timing passes")
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
 
 
 class KVSampler:
-    """Per-step KV utilization and ledger peak of one engine."""
+    """Per-step KV utilization of one engine, read from Engine.last_step (right after the model ran, so a
+    request finishing in that step still counts the tokens it attended to)."""
 
     def __init__(self) -> None:
         self.utilization: list[float] = []
         self.slots: list[int] = []
 
     def __call__(self, engine) -> None:
-        held = sum(r.num_computed_tokens for r in engine.scheduler.running)
-        slots = engine.pool.num_blocks * engine.block_size
-        if held:
-            self.slots.append(slots)
-            self.utilization.append(held / slots)
+        stats = engine.last_step
+        if stats is not None and stats.kv_tokens:
+            self.slots.append(stats.kv_slots)
+            self.utilization.append(stats.kv_utilization)
 
     def at_peak(self) -> float:
-        """Best utilization while the pool was at its largest (the issue's 'utilization at peak')."""
+        """Utilization in the step where the pool first reached its largest size (the memory peak)."""
+        return self.utilization[self.slots.index(max(self.slots))]
+
+    def while_at_peak(self) -> float:
+        """Mean utilization over every step the pool spent at its largest size."""
         top = max(self.slots)
-        return max(u for u, s in zip(self.utilization, self.slots, strict=True) if s == top)
+        at = [u for u, s in zip(self.utilization, self.slots, strict=True) if s == top]
+        return sum(at) / len(at)
 
 
-def _pass(engine, requests: list[PreparedRequest], concurrency: int, tag: str) -> dict:
+def _memory_pass(engine, requests: list[PreparedRequest], concurrency: int, tag: str) -> dict:
     sampler = KVSampler()
     engine.ledger.reset_peak()  # the pass's own peak
     with PhaseMemoryProbe() as mem:
-        wall, timings, extra = run_fitllm(engine, requests, concurrency, tag, on_step=sampler)
-    tpot = [t.tpot for t in timings if t.tpot is not None]
-    out_tokens = sum(t.output_tokens for t in timings)
+        _, _, extra = run_fitllm(engine, requests, concurrency, tag, on_step=sampler)
     util = sampler.utilization
     return {
         "ledger_peak_bytes": engine.ledger.peak_total,
@@ -64,14 +74,33 @@ def _pass(engine, requests: list[PreparedRequest], concurrency: int, tag: str) -
         "rss_growth_bytes": mem.result.growth,
         "kv_utilization_mean": sum(util) / len(util),
         "kv_utilization_peak": max(util),
-        "kv_utilization_at_peak_slots": sampler.at_peak(),
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_mean_s": sum(tpot) / len(tpot),
-        "output_tok_per_s": out_tokens / wall,
-        "wall_s": wall,
+        "kv_utilization_at_peak": sampler.at_peak(),
+        "kv_utilization_while_at_peak": sampler.while_at_peak(),
         "preemptions": extra["preemptions"],
         "slabs_at_end": engine.pool.num_slabs,
     }
+
+
+def _timing_pass(engines: dict, requests: list[PreparedRequest], concurrency: int, tag: str) -> dict:
+    loops = {
+        name: ClosedLoop(engine, requests, concurrency, f"{tag}-{name}") for name, engine in engines.items()
+    }
+    run_alternating(list(loops.values()))
+    out = {}
+    for name, loop in loops.items():
+        tpot = [t.tpot for t in loop.timings if t.tpot is not None]
+        out[name] = {
+            "tpot_mean_s": sum(tpot) / len(tpot),
+            "tpot_p50_s": percentile(tpot, 50),
+            "output_tok_per_s": sum(t.output_tokens for t in loop.timings) / loop.busy,
+            "busy_s": loop.busy,
+            "steps": len(loop.step_times),
+        }
+    s, e = loops["static"].step_times, loops["elastic"].step_times
+    out["same_schedule"] = len(s) == len(e)
+    if len(s) == len(e):
+        out["paired_step_ratio"] = sum(e) / sum(s)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,31 +121,46 @@ def run(args: argparse.Namespace) -> int:
     warm = [dataclasses.replace(r, id=f"w-{r.id}", max_tokens=4) for r in prepared[:2]]
     for engine in engines.values():
         run_fitllm(engine, warm, 2, "warmup")
-    results = {name: _pass(engine, prepared, args.concurrency, name) for name, engine in engines.items()}
+    results = {
+        name: _memory_pass(engine, prepared, args.concurrency, name) for name, engine in engines.items()
+    }
+    rounds = [_timing_pass(engines, prepared, args.concurrency, f"t{i}") for i in range(args.timing_rounds)]
+    for name in engines:
+        for key in ("tpot_mean_s", "tpot_p50_s", "output_tok_per_s"):
+            results[name][key] = sum(r[name][key] for r in rounds) / len(rounds)
     s, e = results["static"], results["elastic"]
     summary = {
         "peak_ledger_reduction": 1 - e["ledger_peak_bytes"] / s["ledger_peak_bytes"],
         "tpot_ratio": e["tpot_mean_s"] / s["tpot_mean_s"],
+        "tpot_ratio_per_round": [r["elastic"]["tpot_mean_s"] / r["static"]["tpot_mean_s"] for r in rounds],
+        "paired_step_ratio_per_round": [r.get("paired_step_ratio") for r in rounds],
         "throughput_ratio": e["output_tok_per_s"] / s["output_tok_per_s"],
     }
     print(f"fitllm bench memory  {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(
         f"{len(prepared)} requests, {args.concurrency} concurrent, max_model_len {engines['static'].max_model_len}, "
-        f"dtype {engines['static'].dtype}"
+        f"dtype {engines['static'].dtype}, KV slabs of {engines['elastic'].storage.slab_bytes / MiB:.1f} MiB; "
+        f"timing: {args.timing_rounds} alternating round(s)"
     )
-    header = f"{'pool':8} {'ledger peak':>12} {'RSS growth':>10} {'KV util mean':>13} {'util at peak':>13} {'TPOT p50':>9} {'tok/s':>7} {'preempt':>7}"
+    header = (
+        f"{'pool':8} {'ledger peak':>12} {'RSS growth':>10} {'KV util mean':>13} {'util at peak':>13} "
+        f"{'while at peak':>14} {'TPOT mean':>10} {'tok/s':>7} {'preempt':>7}"
+    )
     print(header)
     for name, r in results.items():
         rss = r["rss_growth_bytes"] / MiB
         print(
             f"{name:8} {r['ledger_peak_bytes'] / MiB:9.0f} MiB {rss:6.0f} MiB {r['kv_utilization_mean']:13.1%} "
-            f"{r['kv_utilization_at_peak_slots']:13.1%} {r['tpot_p50_s'] * 1000:6.1f} ms {r['output_tok_per_s']:7.1f} {r['preemptions']:7d}"
+            f"{r['kv_utilization_at_peak']:13.1%} {r['kv_utilization_while_at_peak']:14.1%} {r['tpot_mean_s'] * 1000:7.1f} ms {r['output_tok_per_s']:7.1f} {r['preemptions']:7d}"
         )
+    per_round = ", ".join(f"x{x:.3f}" for x in summary["tpot_ratio_per_round"])
+    paired = ", ".join("-" if x is None else f"x{x:.3f}" for x in summary["paired_step_ratio_per_round"])
     print(
         f"elastic vs static: peak ledger {summary['peak_ledger_reduction']:.1%} lower, "
-        f"TPOT x{summary['tpot_ratio']:.3f}, throughput x{summary['throughput_ratio']:.3f}"
+        f"TPOT x{summary['tpot_ratio']:.3f} (rounds: {per_round}; paired steps: {paired}), "
+        f"throughput x{summary['throughput_ratio']:.3f}"
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"summary": summary, **results}, indent=2))
+        args.json.write_text(json.dumps({"summary": summary, **results, "timing_rounds": rounds}, indent=2))
     return 0

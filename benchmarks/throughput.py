@@ -16,9 +16,9 @@ import os
 import shlex
 import sys
 import time
-from collections import deque
 from pathlib import Path
 
+from benchmarks.closed_loop import ClosedLoop, run_closed_loop
 from benchmarks.hf_baseline import PreparedRequest, RequestTiming
 from benchmarks.measure import MiB, PhaseMemoryProbe, lifetime_peak_rss, machine_facts, percentile
 from benchmarks.workload import (
@@ -34,7 +34,9 @@ TARGET = (32, 2.0)  # at 32 concurrent requests, at least 2x the transformers th
 
 NOTES = [
     "output tok/s = the requests' own max_tokens summed / wall time of the whole pass (first add to last finish)",
-    "TTFT = first token time - time the request was handed to the system; TPOT = (finished - first token) / (tokens - 1)",
+    "TTFT = first token time - time the request was handed to the system; TPOT = (finished - first token) / (tokens - 1); "
+    "fitllm's request times are on its engine's clock (time inside add_request and step, i.e. wall time less the "
+    "client loop's bookkeeping)",
     "both systems get the same prompt token ids (fitllm's tokenizer, untimed); fitllm's time includes its "
     "incremental detokenization, transformers' has none",
     "fitllm: closed loop, at most N requests added, the next one added when one finishes; prefix cache reset before each pass",
@@ -111,56 +113,11 @@ def num_requests_for(concurrency: int, args: argparse.Namespace, available: int)
 def run_fitllm(
     engine, requests: list[PreparedRequest], concurrency: int, tag: str, on_step=None
 ) -> tuple[float, list[RequestTiming], dict]:
-    """Closed loop over Engine.step(): keep `concurrency` requests added, add the next as one finishes.
-
-    `on_step(engine)`, if given, is called after every step (the memory benchmark samples there)."""
-    from fitllm.engine.request import SamplingParams
-
-    engine.reset_prefix_cache()  # earlier passes ran the same prompts: no free prefix hits
-    preemptions = engine.scheduler.num_preemptions
-    pending = deque(requests)
-    in_flight: dict[str, PreparedRequest] = {}
-    timings: list[RequestTiming] = []
-    steps = 0
+    """Closed loop over Engine.step() (benchmarks/closed_loop.py); returns the pass's wall seconds, the
+    requests' timings and step/preemption counts. `on_step(engine)` runs after every step, untimed."""
     start = time.monotonic()
-    while pending or in_flight:
-        while pending and len(in_flight) < concurrency:
-            r = pending.popleft()
-            params = SamplingParams(
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed,
-                max_tokens=r.max_tokens,
-                ignore_eos=True,
-            )
-            in_flight[engine.add_request(r.prompt_ids, params, request_id=f"{tag}-{r.id}")] = r
-        for out in engine.step():
-            if not out.finished:
-                continue
-            r = in_flight.pop(out.request_id)
-            m = out.metrics
-            n_out = len(out.outputs[0].token_ids)
-            if n_out != r.max_tokens or out.outputs[0].finish_reason != "length":
-                raise RuntimeError(
-                    f"{r.id}: fitllm made {n_out} tokens ({out.outputs[0].finish_reason}), expected "
-                    f"{r.max_tokens}; is --max-model-len below prompt + max_tokens?"
-                )
-            timings.append(
-                RequestTiming(
-                    r.id,
-                    len(r.prompt_ids),
-                    n_out,
-                    m.arrival_time,
-                    m.first_token_time,
-                    m.finished_time,
-                    out.num_cached_tokens,
-                )
-            )
-        steps += 1
-        if on_step is not None:
-            on_step(engine)
-    wall = time.monotonic() - start
-    return wall, timings, {"steps": steps, "preemptions": engine.scheduler.num_preemptions - preemptions}
+    loop = run_closed_loop(ClosedLoop(engine, requests, concurrency, tag, on_step))
+    return time.monotonic() - start, loop.timings, loop.extra()
 
 
 def summarize(

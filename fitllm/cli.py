@@ -75,8 +75,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-slab-size",
         type=parse_bytes,
-        default=16 << 20,
-        help="bytes per slab of the elastic KV pool (default 16MiB)",
+        default=None,
+        help="bytes per slab of the elastic KV pool (default: 2MiB on CPU, 64MiB on CUDA)",
     )
     g.add_argument(
         "--kv-idle-release-s",

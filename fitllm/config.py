@@ -131,7 +131,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts, capped
     memory_budget: str | int | None = None  # bytes, '12GiB', or a fraction of free memory; None: 0.8 of free
     static_kv: bool = False  # allocate the whole KV pool up front (the static alternative, for comparison)
-    kv_slab_size: int = 16 << 20  # bytes per KV slab of the elastic pool
+    kv_slab_size: int | None = (
+        None  # bytes per KV slab of the elastic pool; None: by device (resolve_kv_slab_size)
+    )
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
@@ -160,6 +162,15 @@ class EngineConfig:
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
+
+    def resolve_kv_slab_size(self, device: torch.device) -> int:
+        """Slab bytes. On CPU the slabs are pages of one reserved region, so they can be fine-grained
+        (2 MiB: 97% KV utilization at the peak on the creative-writing workload, against 92% at 8 MiB
+        and 83% at 16 MiB). On CUDA each slab is its own tensor and the torch backend splits reads by
+        slab, so they are larger there."""
+        if self.kv_slab_size is not None:
+            return self.kv_slab_size
+        return 2 << 20 if device.type == "cpu" else 64 << 20
 
     def resolve_swap_space(self, device: torch.device) -> int:
         """Host bytes for swapped KV. On CPU the 'device' is host memory already, so swapping there would

@@ -62,9 +62,10 @@ def test_evicts_cached_prefixes_before_growing():
     assert pool.num_cached_blocks == 4
     pool.take(3)  # cached prefixes go first (LRU), no new slab
     assert pool.num_slabs == 1 and pool.num_evictions == 3 and pool.num_cached_blocks == 1
-    pool.take(3)  # 1 cached is not enough for 3: a new slab, whose clean blocks go first
-    assert pool.num_slabs == 2 and pool.num_evictions == 3 and pool.num_cached_blocks == 1
-    assert pool.take(3) is None  # 1 clean + 1 cached, and the budget is spent: nothing handed out
+    pool.take(3)  # 1 cached is not enough for 3: it is evicted too, and a new slab gives the other 2
+    assert pool.num_slabs == 2 and pool.num_evictions == 4 and pool.num_cached_blocks == 0
+    assert pool.take(3) is None  # 2 clean left and the budget is spent: nothing handed out
+    assert pool.num_free_blocks == 2
     pool.check_integrity()
 
 

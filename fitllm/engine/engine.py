@@ -6,6 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,23 @@ from fitllm.memory.swap import KVSwapper
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
+
+
+@dataclass(slots=True)
+class StepStats:
+    """One step, seen right after the model ran (before finished requests give their blocks back)."""
+
+    num_tokens: int  # tokens computed
+    num_running: int
+    num_waiting: int
+    num_preempted: int
+    kv_tokens: int  # tokens whose K/V running requests hold
+    kv_slots: int  # token slots of the live KV slabs
+    seconds: float  # model forward and sampling
+
+    @property
+    def kv_utilization(self) -> float:
+        return self.kv_tokens / self.kv_slots
 
 
 class Engine:
@@ -80,6 +98,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._finished_outputs: list[RequestOutput] = []
+        self.last_step: StepStats | None = None
         log.info("memory:\n%s", self.memory_report())
 
     def _reserve_weights_and_workspace(self) -> None:
@@ -124,7 +143,7 @@ class Engine:
             slab_blocks, max_slabs = kv_bytes // per_block, 1
         else:
             # A budget tighter than one slab gets a smaller slab rather than a refusal.
-            slab_bytes = min(config.kv_slab_size, self.ledger.free_bytes())
+            slab_bytes = min(config.resolve_kv_slab_size(self.device), self.ledger.free_bytes())
             slab_blocks = min(max(1, slab_bytes // per_block), wanted)
             max_slabs = cdiv(wanted, slab_blocks)
         if slab_blocks < 1:
@@ -292,8 +311,18 @@ class Engine:
             return outputs
         start = time.perf_counter()
         sampled, result = self.runner.execute(sched)
-        self.swapper.costs.observe_step(sched.num_tokens, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.swapper.costs.observe_step(sched.num_tokens, seconds)
         self.scheduler.update_after_step(sched)
+        self.last_step = StepStats(
+            num_tokens=sched.num_tokens,
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting,
+            num_preempted=len(sched.preempted),
+            kv_tokens=sum(r.num_computed_tokens for r in self.scheduler.running),
+            kv_slots=self.pool.num_blocks * self.block_size,
+            seconds=seconds,
+        )
         if result is None:
             return outputs
         now = time.monotonic()

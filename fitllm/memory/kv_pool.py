@@ -82,6 +82,7 @@ class KVSlabStorage:
         self.device = device
         self.ledger = ledger
         self.live = [False] * max_slabs
+        self.num_live = 0
         self.slabs: list[torch.Tensor | None] = [None] * max_slabs  # `slabs` mode only
         self.region: torch.Tensor | None = None
         self._reserved: ReservedRegion | None = None
@@ -100,10 +101,6 @@ class KVSlabStorage:
     @property
     def mode(self) -> str:
         return "reserved" if self.region is not None else "slabs"
-
-    @property
-    def num_live(self) -> int:
-        return sum(self.live)
 
     @property
     def bytes_allocated(self) -> int:
@@ -152,12 +149,14 @@ class KVSlabStorage:
         if self.region is not None:
             # Fresh or released pages read as zeros: padded gathers (slot 0) see finite numbers.
             self.live[slab] = True
+            self.num_live += 1
             return True
         tensor = torch.zeros(self.slab_shape, dtype=self.dtype, device=self.device)
         self.slabs[slab] = tensor
         for layer, views in enumerate(self.layer_slabs):
             views[slab] = tensor[layer]
         self.live[slab] = True
+        self.num_live += 1
         return True
 
     def remove(self, slab: int) -> None:
@@ -173,6 +172,7 @@ class KVSlabStorage:
                 views[slab] = None
             self.slabs[slab] = None
         self.live[slab] = False
+        self.num_live -= 1
         # Cached-block bytes are re-tagged lazily by the engine; fold them back before releasing.
         self.ledger.move("kv_cached", "kv", self.ledger.current("kv_cached"))
         self.ledger.release("kv", self.slab_bytes)

@@ -1,0 +1,112 @@
+"""A closed-loop client over Engine.step(), timed on the engine's own clock so two loops can alternate.
+
+At most `concurrency` requests are in flight; the next is added as soon as one finishes. Request times
+(arrival, first token, finish) are read from a clock that advances only while this loop's engine works
+(add_request and step). Run alone, that clock is the wall clock minus the loop's bookkeeping; two loops
+stepped alternately in one process (`run_alternating`) each see only their own engine's time, while
+both share whatever the machine does meanwhile. That is how `fitllm bench memory` compares static and
+elastic pools to within a percent on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from benchmarks.hf_baseline import PreparedRequest, RequestTiming
+
+
+class ClosedLoop:
+    """One engine, one request list, one clock."""
+
+    def __init__(
+        self,
+        engine,
+        requests: list[PreparedRequest],
+        concurrency: int,
+        tag: str,
+        on_step: Callable | None = None,
+    ) -> None:
+        self.engine = engine
+        self.concurrency = concurrency
+        self.tag = tag
+        self.on_step = on_step
+        self.pending = deque(requests)
+        self.in_flight: dict[str, tuple[PreparedRequest, float, float | None]] = {}
+        self.timings: list[RequestTiming] = []
+        self.step_times: list[float] = []
+        self.busy = 0.0  # this loop's clock: seconds spent inside the engine
+        self._preemptions_at_start = engine.scheduler.num_preemptions
+        engine.reset_prefix_cache()  # earlier passes ran the same prompts: no free prefix hits
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and not self.in_flight
+
+    def _add_requests(self) -> None:
+        from fitllm.engine.request import SamplingParams
+
+        while self.pending and len(self.in_flight) < self.concurrency:
+            r = self.pending.popleft()
+            params = SamplingParams(
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=r.seed,
+                max_tokens=r.max_tokens,
+                ignore_eos=True,
+            )
+            rid = self.engine.add_request(r.prompt_ids, params, request_id=f"{self.tag}-{r.id}")
+            self.in_flight[rid] = (r, self.busy, None)
+
+    def step(self) -> float:
+        """Top up the requests in flight and run one engine step; returns the step's seconds."""
+        start = time.perf_counter()
+        self._add_requests()
+        outputs = self.engine.step()
+        elapsed = time.perf_counter() - start
+        self.busy += elapsed
+        self.step_times.append(elapsed)
+        for out in outputs:
+            r, arrival, first = self.in_flight[out.request_id]
+            if first is None:
+                first = self.busy
+                self.in_flight[out.request_id] = (r, arrival, first)
+            if not out.finished:
+                continue
+            del self.in_flight[out.request_id]
+            n_out = len(out.outputs[0].token_ids)
+            if n_out != r.max_tokens or out.outputs[0].finish_reason != "length":
+                raise RuntimeError(
+                    f"{r.id}: fitllm made {n_out} tokens ({out.outputs[0].finish_reason}), expected "
+                    f"{r.max_tokens}; is --max-model-len below prompt + max_tokens?"
+                )
+            self.timings.append(
+                RequestTiming(
+                    r.id, len(r.prompt_ids), n_out, arrival, first, self.busy, out.num_cached_tokens
+                )
+            )
+        if self.on_step is not None:
+            self.on_step(self.engine)
+        return elapsed
+
+    def extra(self) -> dict:
+        return {
+            "steps": len(self.step_times),
+            "preemptions": self.engine.scheduler.num_preemptions - self._preemptions_at_start,
+        }
+
+
+def run_closed_loop(loop: ClosedLoop) -> ClosedLoop:
+    while not loop.done:
+        loop.step()
+    return loop
+
+
+def run_alternating(loops: list[ClosedLoop]) -> list[ClosedLoop]:
+    """Step each unfinished loop in turn until all are done (the engines share the machine step by step)."""
+    while not all(loop.done for loop in loops):
+        for loop in loops:
+            if not loop.done:
+                loop.step()
+    return loops
