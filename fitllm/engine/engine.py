@@ -19,6 +19,7 @@ from fitllm.engine.scheduler import Scheduler
 from fitllm.loader import build_model, open_model
 from fitllm.memory.block_pool import BlockPool
 from fitllm.memory.budget import resolve_budget
+from fitllm.memory.host import host_memory, trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
@@ -70,7 +71,9 @@ class Engine:
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
+        self.source.release()  # the weights are in; the file's mapped pages need not stay resident
         self._reserve_weights_and_workspace()
+        trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
         self._per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
         self.storage, self.pool = self._build_kv_pool()
@@ -209,11 +212,13 @@ class Engine:
                 f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(self.device))}"
             )
         else:
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * 4096
-            lines.append(
-                f"process RSS: {format_bytes(rss)} (includes the framework, tokenizer and host copies)"
-            )
+            host = host_memory()
+            if host is not None:
+                lines.append(
+                    f"process RSS: {format_bytes(host.rss)} ({format_bytes(host.anon)} anonymous: the ledger's "
+                    f"bytes plus the Python and torch runtime and the tokenizer; {format_bytes(host.file)} "
+                    f"mapped files: libraries)"
+                )
         return "\n".join(lines)
 
     # ---- requests ---------------------------------------------------------------------------------

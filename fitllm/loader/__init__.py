@@ -57,6 +57,10 @@ class ModelSource:
             return load_gguf_tokenizer(self._reader)
         return load_hf_tokenizer(self.path, self.config.eos_token_id)
 
+    def release(self) -> None:
+        """Drop the open GGUF reader (its memory-mapped pages count in RSS); weights() no longer works."""
+        self._reader = None
+
     def num_tensors(self) -> int:
         if self.format == "gguf":
             return len(self._reader.tensors)
