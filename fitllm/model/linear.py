@@ -7,10 +7,10 @@ layer runs four matmuls instead of seven (fewer kernel launches and Python calls
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce
+from fitllm.quant.base import QuantMethod, UnquantizedMethod
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -20,25 +20,41 @@ def _divide(numerator: int, denominator: int) -> int:
 
 
 class LinearBase(nn.Module):
-    """y = x W^T (+ b); `weight` is [out_features, in_features] of this rank."""
+    """y = x W^T (+ b) for this rank's [out_features, in_features] weight, stored as `quant` says (the
+    model dtype by default; see fitllm/quant). The bias always stays in the model dtype."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, quant: QuantMethod | None = None
+    ) -> None:
         super().__init__()
         self.tp_rank = get_tp_rank()
         self.tp_size = get_tp_world_size()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.quant = quant or UnquantizedMethod()
+        self.quant.create_weights(self, out_features, in_features)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
+    def _load_rows(self, offset: int, size: int, src: torch.Tensor) -> None:
+        """Checkpoint rows for output rows [offset, offset + size), quantized as they are stored."""
+        if tuple(src.shape) != (size, self.in_features):
+            raise ValueError(
+                f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {(size, self.in_features)}"
+            )
+        self.quant.load_rows(self, offset, src)
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        _copy_checked(param.data, loaded)
+        if param is self.bias:
+            _copy_checked(param.data, loaded)
+        else:
+            self._load_rows(0, self.out_features, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = self.quant.apply(self, x)
+        return out if self.bias is None else out + self.bias
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -56,61 +72,88 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank keeps rows [rank*n, (rank+1)*n)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, _divide(out_features, get_tp_world_size()), bias)
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, quant: QuantMethod | None = None
+    ) -> None:
+        super().__init__(in_features, _divide(out_features, get_tp_world_size()), bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        n = param.shape[0]
-        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * n, n))
+        n = self.out_features
+        if param is self.bias:
+            _copy_checked(param.data, loaded.narrow(0, self.tp_rank * n, n))
+        else:
+            self._load_rows(0, n, loaded.narrow(0, self.tp_rank * n, n))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel matrices stacked into one (gate_proj + up_proj)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool = False, quant: QuantMethod | None = None
+    ) -> None:
         self.output_sizes = output_sizes
-        super().__init__(in_features, sum(output_sizes), bias)
+        super().__init__(in_features, sum(output_sizes), bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+        shard = loaded.narrow(0, self.tp_rank * size, size)
+        if param is self.bias:
+            _copy_checked(param.data.narrow(0, offset, size), shard)
+        else:
+            self._load_rows(offset, size, shard)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matrix; heads split across ranks."""
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        quant: QuantMethod | None = None,
     ) -> None:
         tp = get_tp_world_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp)
         self.num_kv_heads = _divide(num_kv_heads, tp)
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias)
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, self.tp_rank * size, size))
+        shard = loaded.narrow(0, self.tp_rank * size, size)
+        if param is self.bias:
+            _copy_checked(param.data.narrow(0, offset, size), shard)
+        else:
+            self._load_rows(offset, size, shard)
 
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial products are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(_divide(in_features, get_tp_world_size()), out_features, bias)
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, quant: QuantMethod | None = None
+    ) -> None:
+        super().__init__(_divide(in_features, get_tp_world_size()), out_features, bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        if param.dim() == 1:  # bias: added once, after the reduce
+        if param is self.bias:  # added once, after the reduce
             _copy_checked(param.data, loaded)
             return
-        n = param.shape[1]
-        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * n, n))
+        n = self.in_features
+        if loaded.dim() != 2 or loaded.shape[1] != n * self.tp_size:
+            raise ValueError(
+                f"checkpoint tensor has shape {tuple(loaded.shape)}, the model expects "
+                f"{(self.out_features, n * self.tp_size)}"
+            )
+        self._load_rows(0, self.out_features, loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        out = tp_all_reduce(out)
+        out = tp_all_reduce(self.quant.apply(self, x))
         return out if self.bias is None else out + self.bias

@@ -16,12 +16,15 @@ from fitllm.model.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from fitllm.quant.base import QuantMethod
 
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with rotary positions and optional q/k/v bias."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, quant: QuantMethod | None = None
+    ) -> None:
         super().__init__()
         hd = config.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -30,13 +33,16 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
             config.attention_bias,
+            quant,
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = hd
         # Llama's attention_bias covers o_proj too; Qwen2 biases only q/k/v.
         o_bias = config.attention_bias and config.model_type != "qwen2"
-        self.o_proj = RowParallelLinear(config.num_attention_heads * hd, config.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * hd, config.hidden_size, bias=o_bias, quant=quant
+        )
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
 
@@ -57,14 +63,16 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU feed-forward with fused gate/up projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantMethod | None = None) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"Llama-family MLP supports hidden_act 'silu', got {config.hidden_act!r}")
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias
+            config.hidden_size, [config.intermediate_size] * 2, bias=config.mlp_bias, quant=quant
         )
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, quant=quant
+        )
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +82,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention + MLP with the residual carried between fused add-norms."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, quant: QuantMethod | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, rotary, quant)
+        self.mlp = LlamaMLP(config, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -107,7 +117,8 @@ _STACKED_PARAMS = (
 class LlamaForCausalLM(nn.Module):
     """Llama decoder + LM head; `forward` returns hidden states, `compute_logits` only for sampled rows."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantMethod | None = None) -> None:
+        """quant: how the decoder linears store their weights (fitllm/quant; None: the model dtype)."""
         super().__init__()
         self.config = config
         self.rotary = RotaryEmbedding(
@@ -115,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, self.rotary, quant) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = (

@@ -1,0 +1,50 @@
+"""The QuantMethod interface and the unquantized (model dtype) method."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantMethod:
+    """How one linear layer stores, loads and applies its [out_features, in_features] weight."""
+
+    name = "none"
+    uses_scratch = False  # multiplies large batches through a shared model-dtype copy of the weight
+    derived_params: tuple[str, ...] = ()  # written by the weight loader with `weight` (scales), not loaded
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        raise NotImplementedError
+
+    def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor) -> None:
+        """Store checkpoint rows [n, in_features] (shape already checked) at output rows [offset, offset + n)."""
+        raise NotImplementedError
+
+    def finish_loading(self, layer: nn.Module) -> None:
+        """Called once every row is in (repacking into a kernel's layout, for instance)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """The weight as a float [out_features, in_features] tensor (tests, reference paths)."""
+        raise NotImplementedError
+
+
+class UnquantizedMethod(QuantMethod):
+    """The weight in the model dtype; y = x W^T."""
+
+    name = "none"
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor) -> None:
+        layer.weight.data.narrow(0, offset, rows.shape[0]).copy_(rows)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.data.float()

@@ -1,0 +1,147 @@
+"""int4 weight-only quantization: asymmetric, one scale and zero point per group of input channels.
+
+For each row and each group of `group_size` consecutive input channels: scale = (max - min) / 15, and
+q = round((w - min) / scale) in [0, 15]; dequantized as (q - 8) * scale + zero with zero = min + 8 * scale
+(the convention of PyTorch's int4 CPU kernel, `aten._weight_int4pack_mm_for_cpu`).
+
+Storage: `weight` uint8 [out, in / 2] (two 4-bit values per byte) and `weight_scale_zeros` [in / group,
+out, 2] in the model dtype. While loading, rows are stored in fitllm's plain layout (byte j of a row holds
+input channels 2j in its low nibble and 2j + 1 in its high nibble), which is row-independent, so fused
+layers quantize each shard as it arrives. `finish_loading` then repacks into the CPU kernel's blocked
+layout, same shape and bytes, one matrix at a time (its int32 transient is one matrix's). Where that kernel
+cannot run (other devices, float32 activations), the pure-torch fallback unpacks and dequantizes. The
+kernel's layout has changed across PyTorch versions: tests pin the round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fitllm.quant.base import QuantMethod
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q uint8 [n, k] in [0, 15], scale_zeros float32 [k / group, n, 2])."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-10)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    zero = lo + 8.0 * scale
+    return q, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_plain(q: torch.Tensor) -> torch.Tensor:
+    """[n, k] values in [0, 15] -> [n, k / 2] bytes, channel 2j in the low nibble."""
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_plain(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_plain."""
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8, device=packed.device)
+    out[:, 0::2] = packed & 15
+    out[:, 1::2] = packed >> 4
+    return out
+
+
+def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float32 [n, k] from values [n, k] and scale_zeros [k / group, n, 2]."""
+    n, k = q.shape
+    sz = scale_zeros.float().transpose(0, 1)  # [n, groups, 2]
+    g = q.float().reshape(n, k // group_size, group_size)
+    return ((g - 8.0) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
+
+
+def cpu_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+class Int4Method(QuantMethod):
+    """Group-wise asymmetric 4-bit weights; PyTorch's CPU kernel when it serves, else pure torch."""
+
+    name = "int4"
+    derived_params = ("weight_scale_zeros",)
+
+    def __init__(self, group_size: int) -> None:
+        if group_size < 2 or group_size & (group_size - 1):
+            raise ValueError(f"--quant-group-size must be a power of two >= 2; got {group_size}")
+        self.group_size = group_size
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if in_features % self.group_size:
+            raise ValueError(
+                f"--quantization int4: --quant-group-size {self.group_size} does not divide a layer's "
+                f"{in_features} input features; use a group size that does (e.g. "
+                f"{_largest_pow2_divisor(in_features, self.group_size)}) or --quantization int8"
+            )
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        self.check_shape(out_features, in_features)
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False
+        )
+        layer.weight_scale_zeros = nn.Parameter(
+            torch.empty(in_features // self.group_size, out_features, 2), requires_grad=False
+        )
+        layer.int4_kernel_layout = False  # rows are in the plain layout until finish_loading repacks
+
+    def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor) -> None:
+        q, sz = quantize_int4(rows, self.group_size)
+        n = rows.shape[0]
+        layer.weight.data.narrow(0, offset, n).copy_(pack_plain(q))
+        layer.weight_scale_zeros.data.narrow(1, offset, n).copy_(sz)
+
+    def _use_kernel(self, layer: nn.Module) -> bool:
+        return (
+            layer.weight.device.type == "cpu"
+            and cpu_kernel_available()
+            and layer.weight.shape[0] % 16 == 0  # the kernel packs rows in tiles of 16
+            and layer.weight_scale_zeros.dtype == torch.bfloat16
+        )
+
+    def finish_loading(self, layer: nn.Module) -> None:
+        if self._use_kernel(layer) and not layer.int4_kernel_layout:
+            q = unpack_plain(layer.weight.data).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            assert packed.shape == layer.weight.shape and packed.dtype == torch.uint8, (
+                f"PyTorch's int4 CPU layout changed: {tuple(packed.shape)} {packed.dtype}"
+            )
+            layer.weight.data.copy_(packed)
+            layer.int4_kernel_layout = True
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if layer.int4_kernel_layout and x2.dtype == torch.bfloat16:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, layer.weight, self.group_size, layer.weight_scale_zeros
+            )
+        else:
+            out = F.linear(x2, self.dequantize(layer).to(x2.dtype))
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        if layer.int4_kernel_layout:
+            # Unpack through the kernel itself: an identity batch gives W^T column by column.
+            k = layer.weight.shape[1] * 2
+            eye = torch.eye(k, dtype=torch.bfloat16, device=layer.weight.device)
+            return (
+                torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    eye, layer.weight, self.group_size, layer.weight_scale_zeros
+                )
+                .t()
+                .float()
+            )
+        q = unpack_plain(layer.weight.data)
+        return dequantize_int4(q, layer.weight_scale_zeros.data, self.group_size)
+
+
+def _largest_pow2_divisor(n: int, cap: int) -> int:
+    g = cap
+    while g > 1 and n % g:
+        g //= 2
+    return g

@@ -1,0 +1,80 @@
+"""int8 weight-only quantization: symmetric, one scale per output channel.
+
+w ~= q * s with q = round(w / s) in [-127, 127], s = max|w_row| / 127. Rows are independent, so a fused
+layer quantizes each checkpoint shard as it arrives. Matmul on CPU: PyTorch's own int8 weight-only kernel
+(`aten._weight_int8pack_mm`) for small batches, where decode is bound by reading the weight (measured 1.6x to
+3.3x faster than bfloat16 at 1 row on this machine); from SMALL_BATCH rows on, that kernel costs about one
+extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
+(measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fitllm.quant.base import QuantMethod
+
+SMALL_BATCH = 16  # rows below which the int8 kernel beats convert-and-multiply (measured crossover)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: (q int8 [n, k], scale float32 [n])."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class _Scratch:
+    """One model-dtype buffer shared by every int8 layer (they run one at a time), grown to the largest."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        b = self.buffer
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            self.buffer = b = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(shape)
+
+
+class Int8Method(QuantMethod):
+    """`weight` int8 [out, in] plus `weight_scale` [out] in the model dtype."""
+
+    name = "int8"
+    uses_scratch = True
+    derived_params = ("weight_scale",)
+
+    def __init__(self) -> None:
+        self.scratch = _Scratch()
+
+    def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False
+        )
+        layer.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
+
+    def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor) -> None:
+        q, scale = quantize_int8(rows)
+        n = rows.shape[0]
+        layer.weight.data.narrow(0, offset, n).copy_(q)
+        layer.weight_scale.data.narrow(0, offset, n).copy_(scale)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w, scale = layer.weight, layer.weight_scale
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.device.type == "cpu" and x2.shape[0] < SMALL_BATCH and x2.dtype == scale.dtype:
+            out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
+        else:
+            wd = self.scratch.get(w.shape, x2.dtype, x2.device)
+            wd.copy_(w)
+            out = F.linear(x2, wd)
+            out.mul_(scale.to(out.dtype))
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight.data.float() * layer.weight_scale.data.float()[:, None]
