@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from fitllm.config import EngineConfig
 from fitllm.engine.request import SamplingParams
@@ -343,7 +344,72 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_args(st)
     add_engine_args(st)
     st.set_defaults(func=run_step)
+
+    ev = sub.add_parser("eval", help="quality evaluation")
+    ev_sub = ev.add_subparsers(dest="eval", required=True)
+    ppl = ev_sub.add_parser("perplexity", help="sliding-window perplexity over a text file")
+    ppl.add_argument(
+        "--text", type=Path, required=True, help="UTF-8 text (Project Gutenberg header/footer dropped)"
+    )
+    ppl.add_argument("--context", type=int, default=1024, help="tokens per window")
+    ppl.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    ppl.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    ppl.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
+    add_engine_args(ppl)
+    ppl.set_defaults(func=cmd_eval_perplexity)
     return parser
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from benchmarks.measure import PhaseMemoryProbe
+    from fitllm.engine.engine import Engine
+    from fitllm.eval.perplexity import SequenceScorer, perplexity, read_text
+    from fitllm.units import format_bytes
+
+    if not args.text.is_file():
+        print(f"--text {args.text}: no such file", file=sys.stderr)
+        return 2
+    config = engine_config_from_args(args)
+    config.max_model_len = max(args.context, 2)
+    with PhaseMemoryProbe() as load:
+        engine = Engine(config)
+    ids = engine.tokenizer.encode(read_text(args.text))
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    scorer = SequenceScorer(engine.model, engine.model_config, engine.device, args.context)
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} tokens", end="", file=sys.stderr, flush=True)
+
+    result = perplexity(scorer, ids, args.stride, progress)
+    print(file=sys.stderr)
+    weights = engine.ledger.current("weights")
+    quant = engine.quant.name + (f" (group {engine.quant.group_size})" if engine.quant.name == "int4" else "")
+    print(f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}")
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.num_scored} tokens "
+        f"({result.num_windows} windows of {result.context}, stride {result.stride})"
+    )
+    print(
+        f"resident weights {format_bytes(weights)}; load: RSS peak +{format_bytes(load.result.peak - load.result.start)}, "
+        f"after +{format_bytes(load.result.end - load.result.start)} ({load.result.method})"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = dataclasses.asdict(result) | {
+            "model": str(engine.source.path),
+            "dtype": str(engine.dtype),
+            "quantization": engine.quant.name,
+            "quant_group_size": getattr(engine.quant, "group_size", None),
+            "weight_bytes": weights,
+            "load_rss_peak_growth": load.result.peak - load.result.start,
+            "load_rss_growth": load.result.end - load.result.start,
+        }
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
