@@ -54,6 +54,9 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
     return ((g - 8.0) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
 
 
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
+
+
 def cpu_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
@@ -100,6 +103,7 @@ class Int4Method(QuantMethod):
             layer.weight.device.type == "cpu"
             and cpu_kernel_available()
             and layer.weight.shape[0] % 16 == 0  # the kernel packs rows in tiles of 16
+            and self.group_size in KERNEL_GROUP_SIZES
             and layer.weight_scale_zeros.dtype == torch.bfloat16
         )
 
@@ -142,6 +146,6 @@ class Int4Method(QuantMethod):
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:
     g = cap
-    while g > 1 and n % g:
+    while g > 2 and n % g:
         g //= 2
     return g
