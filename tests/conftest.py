@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,16 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
                 logits.append(engine.runner.last_logits[rid])
                 tokens = list(out.outputs[0].token_ids)
     return tokens, logits
+
+
+@functools.cache
+def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
+    """For a float32 engine on `folder` (max_model_len 128, planned workspace): the ledger's weights +
+    workspace bytes, and the bytes of one KV block. Tight-budget tests size their budgets from these."""
+    from fitllm.config import EngineConfig
+    from fitllm.engine.engine import Engine
+
+    probe = Engine(
+        EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
+    )
+    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe._per_block

@@ -6,6 +6,7 @@ import contextlib
 import time
 
 import pytest
+from conftest import fixed_and_block_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -243,12 +244,8 @@ def test_tight_budget_random_workloads_match_unconstrained_runs(tiny, w):
         if w["storage"] == "slabs"
         else contextlib.nullcontext()
     )
+    fixed, per_block = fixed_and_block_bytes(tiny)
     with patch:
-        probe = Engine(
-            EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, profile_workspace=False)
-        )
-        per_block = probe._per_block
-        fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
         eng = Engine(
             EngineConfig(
                 model=str(tiny),

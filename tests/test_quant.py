@@ -8,8 +8,6 @@ Measured figures behind each tolerance are in the comments next to it (this mach
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,6 +23,7 @@ from fitllm.model.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from fitllm.model.registry import default_dtype
 from fitllm.quant import get_quant_method
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.int4 import (
@@ -49,16 +48,6 @@ def _randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative L2 error of a against the reference b."""
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _method(name: str) -> QuantMethod:
@@ -152,7 +141,7 @@ HIDDEN = 128
 def _build(kind: str, quant: QuantMethod, dtype: torch.dtype, seed: int = 0, finish: bool = True):
     """A linear of `kind` on real memory, loaded shard by shard as the Llama loader does; returns it and the
     full float32 [out, in] weight it was loaded from."""
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         if kind == "qkv":  # 4 query heads, 2 KV heads of 32: q 128 rows, k 64, v 64
             layer = QKVParallelLinear(HIDDEN, 32, 4, 2, bias=False, quant=quant)
             sizes = [("q", 128), ("k", 64), ("v", 64)]
@@ -221,7 +210,7 @@ def test_int8_small_batches_use_the_kernel_and_large_ones_the_scratch():
     assert buf is not None and buf.dtype == torch.bfloat16 and buf.numel() == w.numel()
     assert _rel(small, large[: SMALL_BATCH - 1]) < BF16_TOL
     # The scratch is shared: a second, smaller layer reuses it.
-    with _default_dtype(torch.bfloat16):
+    with default_dtype(torch.bfloat16):
         other = ColumnParallelLinear(HIDDEN, 64, quant=quant)
     other.weight_loader(other.weight, _randn(64, HIDDEN, seed=6))
     xo = _randn(SMALL_BATCH, HIDDEN, seed=7).to(torch.bfloat16)
@@ -242,7 +231,7 @@ def test_fused_shards_quantize_like_the_whole_matrix(kind, method, dtype):
     """Rows are quantized independently, so loading q, k, v (or gate, up) one by one stores exactly what
     quantizing the concatenated matrix stores."""
     fused, w = _build(kind, _method(method), dtype, finish=False)
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         whole = ColumnParallelLinear(HIDDEN, w.shape[0], quant=_method(method))
     whole.weight_loader(whole.weight, w)
     # The stored bytes are the codec's own output (plain layout while loading).
@@ -308,7 +297,7 @@ def test_int4_cpu_kernel_layout_round_trip(kind):
 
 
 def test_int4_kernel_skipped_when_rows_are_not_tiles_of_16():
-    with _default_dtype(torch.bfloat16):
+    with default_dtype(torch.bfloat16):
         layer = ColumnParallelLinear(HIDDEN, 40, quant=Int4Method(32))
     w = _randn(40, HIDDEN, seed=4)
     layer.weight_loader(layer.weight, w)
@@ -322,7 +311,7 @@ def test_int4_kernel_skipped_when_rows_are_not_tiles_of_16():
 def test_int4_group_sizes_the_cpu_kernel_does_not_take_still_run(group):
     """aten's int4 CPU kernel takes groups of 32-256 only; other sizes stay on the pure-torch path."""
     in_features = max(group, HIDDEN)
-    with _default_dtype(torch.bfloat16):
+    with default_dtype(torch.bfloat16):
         layer = ColumnParallelLinear(in_features, 32, quant=Int4Method(group))
     w = _randn(32, in_features, seed=group)
     layer.weight_loader(layer.weight, w)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import fixed_and_block_bytes
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
@@ -132,15 +133,14 @@ def run_all(engine: Engine, prompts, priorities=None, on_step=None) -> list[list
 
 
 def tight_engine(tiny, mode: str, swap_space: int, kv_blocks: int = 12) -> Engine:
-    probe = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, profile_workspace=False))
-    fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
+    fixed, per_block = fixed_and_block_bytes(tiny)
     return Engine(
         EngineConfig(
             model=str(tiny),
             dtype="float32",
             max_model_len=128,
-            memory_budget=fixed + kv_blocks * probe._per_block,
-            kv_slab_size=2 * probe._per_block,
+            memory_budget=fixed + kv_blocks * per_block,
+            kv_slab_size=2 * per_block,
             profile_workspace=False,
             swap_space=swap_space,
             preemption_mode=mode,

@@ -23,7 +23,7 @@ from fitllm.memory.host import host_memory, trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import weight_breakdown, workspace_bytes
+from fitllm.memory.planner import scratch_elements, workspace_bytes
 from fitllm.memory.swap import KVSwapper
 from fitllm.quant import get_quant_method
 from fitllm.units import format_bytes
@@ -117,7 +117,7 @@ class Engine:
             self.dtype,
             config.max_num_batched_tokens,
             config.max_num_seqs,
-            weight_breakdown(mc, self.dtype, self.quant),
+            scratch_elements(self.model),
         )
         self.workspace_measured: int | None = None
         if config.profile_workspace:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -11,16 +14,35 @@ from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.model.attention import AttentionMetadata, PrefillSpan, SlabSplit, head_rows, split_by_slab
+from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows, split_by_slab
 
 
-def _to(split: SlabSplit, device: torch.device) -> SlabSplit:
-    if device.type == "cpu":
-        return split
-    return SlabSplit(
-        split.size,
-        [(s, None if p is None else p.to(device), local.to(device)) for s, p, local in split.parts],
+@contextlib.contextmanager
+def scratch_prefill(
+    model: nn.Module, config: ModelConfig, device: torch.device, num_slots: int, num_tokens: int
+) -> Iterator[AttentionMetadata]:
+    """Metadata for one causal prefill of `num_tokens` over a zeroed scratch KV cache of `num_slots` slots
+    (slot ids wrap around it), bound to every attention layer inside the block; the layers' own KV
+    bindings come back after. Used where there is no KV pool to ask: the start-up profile step and
+    perplexity scoring."""
+    kvh = config.num_key_value_heads
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    scratch = torch.zeros(
+        (config.num_hidden_layers, 2, num_slots, kvh, config.head_dim), dtype=dtype, device=device
     )
+    slots = torch.arange(num_tokens) % num_slots
+    meta = AttentionMetadata(slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=0)
+    rows = split_by_slab(head_rows(slots, kvh), num_slots * kvh).to(device)
+    meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
+    layers = model.attention_layers()
+    saved = [attn.kv_slabs for attn in layers]
+    for i, attn in enumerate(layers):
+        attn.kv_slabs = [scratch[i]]
+    try:
+        yield meta
+    finally:
+        for attn, kv in zip(layers, saved, strict=True):
+            attn.kv_slabs = kv
 
 
 @torch.inference_mode()
@@ -35,32 +57,17 @@ def profile_workspace(
     """
     from fitllm.memory.profile import measure_peak_bytes
 
-    kvh, block = config.num_key_value_heads, 16
-    dtype = next(model.parameters()).dtype
-    scratch = torch.zeros(
-        (config.num_hidden_layers, 2, block, kvh, config.head_dim), dtype=dtype, device=device
-    )
-    layers = model.attention_layers()
-    for i, attn in enumerate(layers):
-        attn.kv_slabs = [scratch[i]]
-    slots = torch.arange(num_tokens) % block
-    meta = AttentionMetadata(slot_mapping=_to(split_by_slab(slots, block), device), num_decodes=0)
-    rows = _to(split_by_slab(head_rows(slots, kvh), block * kvh), device)
-    meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device)
+    with scratch_prefill(model, config, device, 16, num_tokens) as meta:
 
-    def step() -> None:
-        hidden = model(ids, positions, meta)
-        logits = model.compute_logits(hidden[:num_rows]).float()
-        # The sampler's largest working set: probabilities and their running sum per row.
-        logits.softmax(dim=-1).cumsum(dim=-1)
+        def step() -> None:
+            hidden = model(ids, positions, meta)
+            logits = model.compute_logits(hidden[:num_rows]).float()
+            # The sampler's largest working set: probabilities and their running sum per row.
+            logits.softmax(dim=-1).cumsum(dim=-1)
 
-    try:
         return measure_peak_bytes(step, device)
-    finally:
-        for attn in layers:
-            attn.kv_slabs = None
 
 
 class ModelRunner:
@@ -131,7 +138,7 @@ class ModelRunner:
             mask = self._mask(q_pos, max_ctx)
             meta.decode_context = max_ctx
             rows = head_rows(slots, self.config.num_key_value_heads)
-            meta.decode_rows = _to(split_by_slab(rows, self._slab_rows), self.device)
+            meta.decode_rows = split_by_slab(rows, self._slab_rows).to(self.device)
             meta.decode_mask = mask.to(self.device)
             for i, s in enumerate(decodes):
                 r = s.request
@@ -150,10 +157,9 @@ class ModelRunner:
             mask = None
             if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
                 mask = self._mask(q_pos, end).to(self.device)
-            rows = _to(
-                split_by_slab(head_rows(context_slots, self.config.num_key_value_heads), self._slab_rows),
-                self.device,
-            )
+            rows = split_by_slab(
+                head_rows(context_slots, self.config.num_key_value_heads), self._slab_rows
+            ).to(self.device)
             meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, end, rows, mask))
             ids.extend(r.token_ids[start:end])
             pos_chunks.append(q_pos)
@@ -161,7 +167,7 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(len(ids) - 1)
 
-        meta.slot_mapping = _to(split_by_slab(torch.cat(slot_chunks), self._slab_slots), self.device)
+        meta.slot_mapping = split_by_slab(torch.cat(slot_chunks), self._slab_slots).to(self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.cat(pos_chunks).to(self.device)
         return input_ids, positions, meta, sample_rows

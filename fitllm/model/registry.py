@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fitllm.config import ModelConfig
+    from fitllm.quant.base import QuantMethod
 
 # HF `architectures[0]` -> fitllm model class path.
 _ARCHITECTURES: dict[str, str] = {
@@ -47,3 +54,21 @@ def model_class(architecture: str) -> type[nn.Module]:
 
     module_name, _, cls_name = _ARCHITECTURES[architecture].partition(":")
     return getattr(importlib.import_module(module_name), cls_name)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default dtype set to `dtype` inside the block (parameters are created in it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_on_meta(config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None) -> nn.Module:
+    """The model for `config` on the meta device, parameters in `dtype` (or as `quant` stores them): shapes
+    and bytes without memory. The loader allocates it; the planner counts it."""
+    with default_dtype(dtype), torch.device("meta"):
+        return model_class(config.architecture)(config, quant)
