@@ -128,6 +128,12 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="input channels per int4 scale and zero point (default 64)",
     )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "int8", "fp8"],
+        default="auto",
+        help="KV cache storage: the model dtype (auto), or 1 byte per element plus a float32 scale per head vector",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -151,6 +157,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         preemption_mode=args.preemption_mode,
         quantization=args.quantization,
         quant_group_size=args.quant_group_size,
+        kv_cache_dtype=args.kv_cache_dtype,
         seed=args.seed,
         num_threads=args.threads,
     )
@@ -312,12 +319,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
     )
     add_quantization_args(plan)
-    plan.add_argument(
-        "--kv-cache-dtype",
-        choices=["auto", "int8", "fp8"],
-        default="auto",
-        help="KV cache storage: the model dtype (auto), or 1 byte per element plus a float32 scale per head vector",
-    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
@@ -379,7 +380,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     ids = engine.tokenizer.encode(read_text(args.text))
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
-    scorer = SequenceScorer(engine.model, engine.model_config, engine.device, args.context)
+    scorer = SequenceScorer(engine.model, engine.model_config, engine.device, args.context, engine.kv_format)
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} tokens", end="", file=sys.stderr, flush=True)
@@ -388,7 +389,10 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     weights = engine.ledger.current("weights")
     quant = engine.quant.name + (f" (group {engine.quant.group_size})" if engine.quant.name == "int4" else "")
-    print(f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}")
+    print(
+        f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}, "
+        f"KV cache {engine.kv_format.name}"
+    )
     print(
         f"perplexity {result.perplexity:.4f} over {result.num_scored} tokens "
         f"({result.num_windows} windows of {result.context}, stride {result.stride})"
@@ -404,6 +408,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
             "dtype": str(engine.dtype),
             "quantization": engine.quant.name,
             "quant_group_size": getattr(engine.quant, "group_size", None),
+            "kv_cache_dtype": engine.kv_format.name,
             "weight_bytes": weights,
             "load_rss_peak_growth": load.result.peak - load.result.start,
             "load_rss_growth": load.result.end - load.result.start,

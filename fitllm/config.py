@@ -137,6 +137,7 @@ class EngineConfig:
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
     quantization: str | None = None  # None / "none", "int8", "int4" (fitllm/quant)
     quant_group_size: int | None = None  # int4 group size (default 64)
+    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/quant/kv.py)
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
@@ -156,6 +157,9 @@ class EngineConfig:
             raise ValueError(
                 f"--preemption-mode must be auto, swap or recompute; got {self.preemption_mode!r}"
             )
+        from fitllm.quant.kv import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.swap_space is not None and self.swap_space < 0:
             raise ValueError(f"--swap-space must be non-negative; got {self.swap_space}")
         if self.max_model_len == "auto":

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fitllm.engine.request import SamplingParams
+
 # Tiny models on a shared 2-core machine: more than one intra-op thread only adds contention (measured
 # 10-100x slower under load), and results do not depend on it.
 torch.set_num_threads(1)
@@ -37,6 +39,9 @@ _FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
 }
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> Path:
@@ -138,6 +143,25 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
                 logits.append(engine.runner.last_logits[rid])
                 tokens = list(out.outputs[0].token_ids)
     return tokens, logits
+
+
+def run_all(engine, prompts, priorities=None, on_step=None) -> list[list[int]]:
+    """Run `prompts` greedily to the end, checking the pool's integrity and the budget after every step;
+    the token ids of each, in order."""
+    ids = [
+        engine.add_request(p, GREEDY, priority=0 if priorities is None else priorities[i])
+        for i, p in enumerate(prompts)
+    ]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        engine.check_integrity()
+        assert engine.ledger.total <= engine.ledger.budget
+        if on_step is not None:
+            on_step(engine)
+    return [done[i] for i in ids]
 
 
 @functools.cache

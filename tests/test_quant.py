@@ -89,16 +89,19 @@ def test_quantize_int4_range_and_group_error(group, offset):
     assert q.dtype == torch.uint8 and q.shape == (n, k)
     assert int(q.min()) >= 0 and int(q.max()) <= 15
     assert sz.dtype == torch.float32 and sz.shape == (k // group, n, 2)
-    # Each non-constant group uses both ends of the range.
-    qg = q.reshape(n, k // group, group)
-    varied = torch.ones(n, k // group, dtype=torch.bool)
-    varied[3, 0] = False
-    assert (qg.amin(-1)[varied] == 0).all() and (qg.amax(-1)[varied] == 15).all()
     deq = dequantize_int4(q, sz, group)
-    scale = sz[..., 0].transpose(0, 1).repeat_interleave(group, dim=1)  # [n, k], each channel's group scale
-    err = (w - deq).abs()
-    bound = scale / 2 + EPS * w.abs()
-    assert (err <= bound).all(), (err / scale).max()
+    # Never worse than plain min/max rounding, group by group (the least-squares grid search includes it).
+    g = w.reshape(n, k // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = ((hi - lo) / 15).clamp(min=1e-10)
+    minmax = ((g - lo) / step).round().clamp(0, 15) * step + lo
+    err = (deq.reshape(n, k // group, group) - g).square().sum(-1)
+    base = (minmax - g).square().sum(-1)
+    assert (err <= base * (1 + 1e-4) + 1e-10).all()
+    if group >= 32:  # over many channels the search finds a strictly better grid (-30% on Gaussian rows)
+        assert err.sum() < 0.9 * base.sum(), (err.sum() / base.sum()).item()
+    # Clipping an outlier costs it at most two min/max steps (measured worst: 1.44 steps over 2000 rows).
+    assert ((deq - w).abs() <= 2 * step.expand_as(g).reshape(n, k) + EPS * w.abs()).all()
     assert torch.allclose(deq[3, :group], torch.full((group,), 0.7), atol=1e-6)
 
 

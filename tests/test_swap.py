@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import fixed_and_block_bytes
+from conftest import GREEDY, fixed_and_block_bytes, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
-from fitllm.engine.request import SamplingParams
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.swap import PreemptionCosts, choose_preemption
-
-GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
+from fitllm.quant.kv import KVCacheFormat
 
 # ---- the cost choice -------------------------------------------------------------------------------------
 
@@ -74,7 +71,8 @@ def test_read_and_write_slots_round_trip_across_slabs(mode, monkeypatch):
     if mode == "slabs":
         monkeypatch.setattr("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
     ledger = MemoryLedger(1 << 30)
-    s = KVSlabStorage(3, 2, 8, 4, 2, 3, torch.float32, torch.device("cpu"), ledger)  # 8 slots per slab
+    fmt = KVCacheFormat("auto", torch.float32, 8)
+    s = KVSlabStorage(3, 2, fmt, 4, 2, 3, torch.device("cpu"), ledger)  # 8 slots per slab
     for slab in range(3):
         assert s.add(slab)
     assert s.mode == mode
@@ -113,23 +111,6 @@ def prompts():
 def reference(tiny, prompts):
     eng = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128))
     return run_all(eng, prompts)
-
-
-def run_all(engine: Engine, prompts, priorities=None, on_step=None) -> list[list[int]]:
-    ids = [
-        engine.add_request(p, GREEDY, priority=0 if priorities is None else priorities[i])
-        for i, p in enumerate(prompts)
-    ]
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        engine.check_integrity()
-        assert engine.ledger.total <= engine.ledger.budget
-        if on_step is not None:
-            on_step(engine)
-    return [done[i] for i in ids]
 
 
 def tight_engine(tiny, mode: str, swap_space: int, kv_blocks: int = 12) -> Engine:

@@ -26,6 +26,7 @@ from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.memory.planner import scratch_elements, workspace_bytes
 from fitllm.memory.swap import KVSwapper
 from fitllm.quant import get_quant_method
+from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -72,6 +73,8 @@ class Engine:
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.quant = get_quant_method(config.quantization, config.quant_group_size)
+        self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
+        self.kv_bytes_per_token = kv_bytes_per_token(mc, self.dtype, config.kv_cache_dtype)
         self.model = build_model(
             self.source, self.dtype, self.device, self.max_model_len, show_progress, self.quant
         )
@@ -79,7 +82,7 @@ class Engine:
         self._reserve_weights_and_workspace()
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
-        self._per_block = mc.kv_bytes_per_token(self.dtype) * self.block_size
+        self._per_block = self.kv_bytes_per_token * self.block_size
         self.storage, self.pool = self._build_kv_pool()
         self.kv = KVCacheManager(self.pool, self.block_size)
         if auto_len:
@@ -96,7 +99,7 @@ class Engine:
             self.storage,
             self.kv,
             config.resolve_swap_space(self.device),
-            mc.kv_bytes_per_token(self.dtype),
+            self.kv_bytes_per_token,
             config.preemption_mode,  # type: ignore[arg-type]
         )
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
@@ -165,11 +168,10 @@ class Engine:
         storage = KVSlabStorage(
             mc.num_hidden_layers,
             mc.num_key_value_heads,
-            mc.head_dim,
+            self.kv_format,
             self.block_size,
             slab_blocks,
             max_slabs,
-            self.dtype,
             self.device,
             self.ledger,
         )

@@ -15,39 +15,54 @@ from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows, split_by_slab
+from fitllm.quant.kv import KVCacheFormat
 
 
 @contextlib.contextmanager
 def scratch_prefill(
-    model: nn.Module, config: ModelConfig, device: torch.device, num_slots: int, num_tokens: int
+    model: nn.Module,
+    config: ModelConfig,
+    device: torch.device,
+    num_slots: int,
+    num_tokens: int,
+    kv_format: KVCacheFormat | None = None,
 ) -> Iterator[AttentionMetadata]:
     """Metadata for one causal prefill of `num_tokens` over a zeroed scratch KV cache of `num_slots` slots
-    (slot ids wrap around it), bound to every attention layer inside the block; the layers' own KV
-    bindings come back after. Used where there is no KV pool to ask: the start-up profile step and
-    perplexity scoring."""
+    (slot ids wrap around it) stored as `kv_format` (default: the model dtype), bound to every attention
+    layer inside the block; the layers' own KV bindings come back after. Used where there is no KV pool to
+    ask: the start-up profile step and perplexity scoring."""
     kvh = config.num_key_value_heads
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    if kv_format is None:
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        kv_format = KVCacheFormat("auto", dtype, config.head_dim)
     scratch = torch.zeros(
-        (config.num_hidden_layers, 2, num_slots, kvh, config.head_dim), dtype=dtype, device=device
+        (config.num_hidden_layers, 2, num_slots, kvh, kv_format.entry_width),
+        dtype=kv_format.storage_dtype,
+        device=device,
     )
     slots = torch.arange(num_tokens) % num_slots
     meta = AttentionMetadata(slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=0)
     rows = split_by_slab(head_rows(slots, kvh), num_slots * kvh).to(device)
     meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
     layers = model.attention_layers()
-    saved = [attn.kv_slabs for attn in layers]
+    saved = [(attn.kv_slabs, attn.kv_format) for attn in layers]
     for i, attn in enumerate(layers):
-        attn.kv_slabs = [scratch[i]]
+        attn.kv_slabs, attn.kv_format = [scratch[i]], kv_format
     try:
         yield meta
     finally:
-        for attn, kv in zip(layers, saved, strict=True):
-            attn.kv_slabs = kv
+        for attn, (kv, fmt) in zip(layers, saved, strict=True):
+            attn.kv_slabs, attn.kv_format = kv, fmt
 
 
 @torch.inference_mode()
 def profile_workspace(
-    model: nn.Module, config: ModelConfig, device: torch.device, num_tokens: int, num_rows: int
+    model: nn.Module,
+    config: ModelConfig,
+    device: torch.device,
+    num_tokens: int,
+    num_rows: int,
+    kv_format: KVCacheFormat | None = None,
 ) -> int:
     """Measured workspace of the largest step, before the KV pool exists: one prefill of `num_tokens`
     tokens, logits for `num_rows` rows and the sampler's float32 working set.
@@ -59,7 +74,7 @@ def profile_workspace(
 
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device)
-    with scratch_prefill(model, config, device, 16, num_tokens) as meta:
+    with scratch_prefill(model, config, device, 16, num_tokens, kv_format) as meta:
 
         def step() -> None:
             hidden = model(ids, positions, meta)
@@ -94,6 +109,7 @@ class ModelRunner:
         self.last_logits: dict[str, torch.Tensor] = {}
         for attn, slabs in zip(model.attention_layers(), storage.layer_slabs, strict=True):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
+            attn.kv_format = storage.kv_format
         kvh = config.num_key_value_heads
         self._slab_slots = storage.view_slots
         self._slab_rows = storage.view_slots * kvh

@@ -19,6 +19,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.runner import scratch_prefill
+from fitllm.quant.kv import KVCacheFormat
 
 LOGIT_ROWS = 256  # rows of logits formed at once
 
@@ -44,11 +45,19 @@ class PerplexityResult:
 class SequenceScorer:
     """Log-likelihoods of every next token of a sequence of up to `context` tokens, through the model."""
 
-    def __init__(self, model: nn.Module, config: ModelConfig, device: torch.device, context: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        device: torch.device,
+        context: int,
+        kv_format: KVCacheFormat | None = None,
+    ) -> None:
         self.model = model
         self.config = config
         self.device = device
         self.context = context
+        self.kv_format = kv_format  # K/V stored as the engine would (None: the model dtype)
 
     @torch.inference_mode()
     def token_logprobs(self, ids: list[int]) -> torch.Tensor:
@@ -56,7 +65,7 @@ class SequenceScorer:
         n = len(ids)
         assert 2 <= n <= self.context
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with scratch_prefill(self.model, self.config, self.device, n, n) as meta:
+        with scratch_prefill(self.model, self.config, self.device, n, n, self.kv_format) as meta:
             hidden = self.model(tokens, torch.arange(n, device=self.device), meta)
         out = torch.empty(n - 1, dtype=torch.float32)
         for start in range(0, n - 1, LOGIT_ROWS):

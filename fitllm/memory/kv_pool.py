@@ -3,13 +3,16 @@
 Two ways to back slabs, chosen by device:
 
 - `reserved` (CPU on Linux): one virtual region big enough for every slab the pool may ever have,
-  [num_layers, 2, max_slabs * slab_slots, kv_heads, head_dim], an anonymous private mmap whose pages the
+  [num_layers, 2, max_slabs * slab_slots, kv_heads, entry_width], an anonymous private mmap whose pages the
   kernel only backs when they are first written. Adding a slab reserves its bytes in the ledger; releasing
   it hands its pages back with madvise(MADV_DONTNEED), after which they read as zeros. Attention sees one
   tensor, so a gather stays a single index_select whatever the number of slabs (a gather split over slabs
   measured 30% slower per decode step at 3 slabs).
 - `slabs` (CUDA, or when the region cannot be reserved): one real tensor [num_layers, 2, slab_slots,
-  kv_heads, head_dim] per slab, freed as a whole; attention splits its reads and writes by slab.
+  kv_heads, entry_width] per slab, freed as a whole; attention splits its reads and writes by slab.
+
+Each head vector takes `entry_width` elements of the storage dtype, as its `KVCacheFormat` says: head_dim
+values of the model dtype, or head_dim one-byte codes plus a 4-byte scale for a quantized cache.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.model.attention import split_by_slab
+from fitllm.quant.kv import KVCacheFormat
 
 log = logging.getLogger("fitllm")
 
@@ -66,16 +70,17 @@ class KVSlabStorage:
         self,
         num_layers: int,
         num_kv_heads: int,
-        head_dim: int,
+        kv_format: KVCacheFormat,
         block_size: int,
         slab_blocks: int,
         max_slabs: int,
-        dtype: torch.dtype,
         device: torch.device,
         ledger: MemoryLedger,
     ) -> None:
+        self.kv_format = kv_format
+        dtype, width = kv_format.storage_dtype, kv_format.entry_width
         self.slab_slots = slab_blocks * block_size
-        self.slab_shape = (num_layers, 2, self.slab_slots, num_kv_heads, head_dim)
+        self.slab_shape = (num_layers, 2, self.slab_slots, num_kv_heads, width)
         self.slab_bytes = math.prod(self.slab_shape) * torch.empty((), dtype=dtype).element_size()
         self.max_slabs = max_slabs
         self.dtype = dtype
@@ -87,7 +92,7 @@ class KVSlabStorage:
         self.region: torch.Tensor | None = None
         self._reserved: ReservedRegion | None = None
         if max_slabs > 1:
-            shape = (num_layers, 2, max_slabs * self.slab_slots, num_kv_heads, head_dim)
+            shape = (num_layers, 2, max_slabs * self.slab_slots, num_kv_heads, width)
             self._reserved = reserve_region(shape, dtype, device)
             if self._reserved is not None:
                 self.region = self._reserved.tensor
@@ -107,7 +112,7 @@ class KVSlabStorage:
         return self.num_live * self.slab_bytes
 
     def slab_view(self, slab: int) -> torch.Tensor:
-        """Slab `slab`'s memory as [num_layers, 2, slab_slots, kv_heads, head_dim] (a view, not a copy)."""
+        """Slab `slab`'s memory as [num_layers, 2, slab_slots, kv_heads, entry_width] (a view, not a copy)."""
         if self.region is not None:
             return self.region[:, :, slab * self.slab_slots : (slab + 1) * self.slab_slots]
         tensor = self.slabs[slab]
@@ -115,7 +120,7 @@ class KVSlabStorage:
         return tensor
 
     def read_slots(self, slots: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy the K/V of global `slots` into `out` [num_layers, 2, len(slots), kv_heads, head_dim]."""
+        """Copy the K/V of global `slots` into `out` [num_layers, 2, len(slots), kv_heads, entry_width]."""
         for view, pos, local in self._split(slots):
             part = view.index_select(2, local)
             if pos is None:
@@ -124,7 +129,7 @@ class KVSlabStorage:
                 out[:, :, pos.to(out.device)] = part.to(out.device)
 
     def write_slots(self, slots: torch.Tensor, data: torch.Tensor) -> None:
-        """Write `data` [num_layers, 2, len(slots), kv_heads, head_dim] into global `slots`."""
+        """Write `data` [num_layers, 2, len(slots), kv_heads, entry_width] into global `slots`."""
         data = data.to(self.device, non_blocking=True)
         for view, pos, local in self._split(slots):
             view.index_copy_(2, local, data if pos is None else data.index_select(2, pos))

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitllm.quant.kv import KVCacheFormat
+
 
 @dataclass(slots=True)
 class SlabSplit:
@@ -91,19 +93,20 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
-        # Per slab (None where a slab is not allocated): [2, slab_slots, kv_heads, head_dim].
+        # Per slab (None where a slab is not allocated): [2, slab_slots, kv_heads, kv_format.entry_width].
         self.kv_slabs: list[torch.Tensor | None] | None = None
+        self.kv_format: KVCacheFormat | None = None  # how K/V are stored there (bound with kv_slabs)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]."""
-        assert self.kv_slabs is not None, "KV cache not bound to this layer"
+        assert self.kv_slabs is not None and self.kv_format is not None, "KV cache not bound to this layer"
         for slab, pos, local in meta.slot_mapping.parts:
             cache = self.kv_slabs[slab]
             kk, vv = (k, v) if pos is None else (k.index_select(0, pos), v.index_select(0, pos))
-            cache[0].index_copy_(0, local, kk.to(cache.dtype))
-            cache[1].index_copy_(0, local, vv.to(cache.dtype))
+            cache[0].index_copy_(0, local, self.kv_format.encode(kk))
+            cache[1].index_copy_(0, local, self.kv_format.encode(vv))
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], meta)
@@ -112,22 +115,25 @@ class PagedAttention(nn.Module):
             out[qs] = self._prefill(q[qs], span)
         return out
 
-    def _gather(self, which: int, rows: SlabSplit, dtype: torch.dtype) -> torch.Tensor:
-        """Rows of K (which=0) or V (1) from the [slab_slots * kv_heads, head_dim] views of the slabs."""
+    def _gather(self, which: int, rows: SlabSplit) -> torch.Tensor:
+        """Rows of K (which=0) or V (1) from the [slab_slots * kv_heads, entry_width] views of the slabs,
+        decoded to [len(rows), head_dim] in the compute dtype."""
+        fmt = self.kv_format
+        width = fmt.entry_width
         if len(rows.parts) == 1:
             slab, _, local = rows.parts[0]
-            return self.kv_slabs[slab][which].view(-1, self.head_dim).index_select(0, local).to(dtype)
+            return fmt.decode(self.kv_slabs[slab][which].view(-1, width).index_select(0, local))
         first = self.kv_slabs[rows.parts[0][0]]
-        out = torch.empty(rows.size, self.head_dim, dtype=first.dtype, device=first.device)
+        out = torch.empty(rows.size, width, dtype=first.dtype, device=first.device)
         for slab, pos, local in rows.parts:
-            out.index_copy_(0, pos, self.kv_slabs[slab][which].view(-1, self.head_dim).index_select(0, local))
-        return out.to(dtype)
+            out.index_copy_(0, pos, self.kv_slabs[slab][which].view(-1, width).index_select(0, local))
+        return fmt.decode(out)
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n, ctx = meta.num_decodes, meta.decode_context
         kvh, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        keys = self._gather(0, meta.decode_rows, q.dtype).view(kvh * n, ctx, d)
-        vals = self._gather(1, meta.decode_rows, q.dtype).view(kvh * n, ctx, d)
+        keys = self._gather(0, meta.decode_rows).view(kvh * n, ctx, d)
+        vals = self._gather(1, meta.decode_rows).view(kvh * n, ctx, d)
         # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
         qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
         # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
@@ -140,8 +146,8 @@ class PagedAttention(nn.Module):
 
     def _prefill(self, q: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
         shape = (1, self.num_kv_heads, span.context_len, self.head_dim)
-        keys = self._gather(0, span.context_rows, q.dtype).view(shape)
-        vals = self._gather(1, span.context_rows, q.dtype).view(shape)
+        keys = self._gather(0, span.context_rows).view(shape)
+        vals = self._gather(1, span.context_rows).view(shape)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             keys,
