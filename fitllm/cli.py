@@ -126,7 +126,8 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
         "--quant-group-size",
         type=int,
         default=None,
-        help="input channels per int4 scale and zero point (default 64)",
+        help="input channels per int4 scale and zero point (default: 32 for GGUF Q4_0/Q4_1 checkpoints, "
+        "whose blocks then load as they are; 64 otherwise)",
     )
     p.add_argument(
         "--kv-cache-dtype",
@@ -243,13 +244,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.loader import open_model
     from fitllm.memory.budget import resolve_budget
     from fitllm.memory.planner import make_plan
+    from fitllm.quant import default_group_size
 
     path = Path(args.model) if args.model else None
+    group_size = args.quant_group_size
     if path is not None and path.suffix == ".json" and path.is_file():
         config, name = ModelConfig.from_hf_config(json.loads(path.read_text())), path.parent.name or path.name
     else:
         source = open_model(args.model)
         config, name = source.config, source.path.name
+        group_size = group_size or default_group_size(source.linear_block_type())
     device = torch.device(
         "cuda"
         if args.device == "auto" and torch.cuda.is_available()
@@ -269,7 +273,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
-        quant_group_size=args.quant_group_size,
+        quant_group_size=group_size,
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
@@ -388,7 +392,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     result = perplexity(scorer, ids, args.stride, progress)
     print(file=sys.stderr)
     weights = engine.ledger.current("weights")
-    quant = engine.quant.name + (f" (group {engine.quant.group_size})" if engine.quant.name == "int4" else "")
+    quant = engine.quant.describe()
     print(
         f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}, "
         f"KV cache {engine.kv_format.name}"

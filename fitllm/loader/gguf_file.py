@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitllm.quant.gguf_blocks import GGUFBlocks, read_blocks
+
 # GGUF tensor name (after blk.N.) -> Hugging Face name within model.layers.N.
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -27,6 +29,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # llama.cpp permutes q/k rows of Llama checkpoints for its interleaved rope; other families are stored as is.
 _PERMUTED_ARCHS = ("llama",)
@@ -99,8 +102,11 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-def iter_gguf_weights(reader: Any, cfg: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float32 tensor) per GGUF tensor, dequantized one at a time."""
+def iter_gguf_weights(
+    reader: Any, cfg: dict[str, Any], keep_blocks: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+    """Yield (Hugging Face name, float32 tensor) per GGUF tensor, dequantized one at a time; decoder linear
+    weights whose type is in `keep_blocks` come as GGUFBlocks instead (codes and scales, no float copy)."""
     from gguf.quants import dequantize
 
     arch = _field(reader, "general.architecture")
@@ -118,11 +124,18 @@ def iter_gguf_weights(reader: Any, cfg: dict[str, Any]) -> Iterator[tuple[str, t
         else:
             raise ValueError(f"unexpected GGUF tensor {t.name!r}")
         shape = tuple(int(d) for d in reversed(t.shape))
+        permuted = arch in _PERMUTED_ARCHS and m and m.group(2) in ("attn_q", "attn_k")
+        heads = cfg["num_attention_heads"] if m and m.group(2) == "attn_q" else cfg["num_key_value_heads"]
+        if m and m.group(2) in _LINEAR_KINDS and t.tensor_type.name in keep_blocks and suffix == "weight":
+            blocks = read_blocks(t.data, t.tensor_type.name, shape)
+            if permuted:
+                blocks = blocks.index_rows(_unpermute(torch.arange(shape[0]), heads))
+            yield name, blocks
+            continue
         array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         if not array.flags.writeable:  # unquantized tensors are views of the read-only memory map
             array = array.copy()
         tensor = torch.from_numpy(array)
-        if arch in _PERMUTED_ARCHS and m and m.group(2) in ("attn_q", "attn_k"):
-            heads = cfg["num_attention_heads"] if m.group(2) == "attn_q" else cfg["num_key_value_heads"]
+        if permuted:
             tensor = _unpermute(tensor, heads)
         yield name, tensor

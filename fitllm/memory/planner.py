@@ -198,7 +198,8 @@ def make_plan(
     fits = room > 0 and capacity >= length and length >= 2
     plan = Plan(
         model=model_name,
-        dtype=str(dtype).removeprefix("torch.") + ("" if quant.name == "none" else f", {quant.name} weights"),
+        dtype=str(dtype).removeprefix("torch.")
+        + ("" if quant.name == "none" else f", {quant.describe()} weights"),
         kv_dtype=str(dtype).removeprefix("torch.") if kv_cache_dtype == "auto" else kv_cache_dtype,
         budget=budget,
         weights=weights,

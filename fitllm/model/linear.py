@@ -11,6 +11,7 @@ from torch import nn
 
 from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
+from fitllm.quant.gguf_blocks import GGUFBlocks
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -38,12 +39,18 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _load_rows(self, offset: int, size: int, src: torch.Tensor) -> None:
-        """Checkpoint rows for output rows [offset, offset + size), quantized as they are stored."""
+    def _load_rows(self, offset: int, size: int, src: torch.Tensor | GGUFBlocks) -> None:
+        """Checkpoint rows for output rows [offset, offset + size), quantized as they are stored (or, for
+        prequantized GGUF blocks the method takes, stored as they are)."""
         if tuple(src.shape) != (size, self.in_features):
             raise ValueError(
                 f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {(size, self.in_features)}"
             )
+        if isinstance(src, GGUFBlocks):
+            if src.qtype in self.quant.block_types():
+                self.quant.load_blocks(self, offset, src)
+                return
+            src = src.dequantize()
         self.quant.load_rows(self, offset, src)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:

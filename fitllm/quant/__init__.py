@@ -9,21 +9,32 @@ loading never holds more than one tensor in float on top of the final weights), 
 from __future__ import annotations
 
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
+from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method
 
 QUANTIZATIONS = ("none", "int8", "int4")
-DEFAULT_INT4_GROUP_SIZE = 64
+DEFAULT_INT4_GROUP_SIZE = 64  # for float checkpoints
 
 
-def get_quant_method(name: str | None, group_size: int | None = None) -> QuantMethod:
-    """The method for `--quantization NAME` (None or 'none': the model dtype)."""
+def default_group_size(source_block_type: str | None) -> int:
+    """int4's group size when --quant-group-size is not given: the checkpoint's own when its linears are
+    GGUF 4-bit blocks (Q4_0/Q4_1, 32), so they load as they are instead of being rounded onto a second,
+    coarser grid (on the default model: perplexity +0% instead of +19% at group 64); else 64."""
+    return BLOCK if source_block_type in Int4Method(BLOCK).block_types() else DEFAULT_INT4_GROUP_SIZE
+
+
+def get_quant_method(
+    name: str | None, group_size: int | None = None, source_block_type: str | None = None
+) -> QuantMethod:
+    """The method for `--quantization NAME` (None or 'none': the model dtype); `source_block_type` (see
+    ModelSource.linear_block_type) picks int4's default group size."""
     if name in (None, "none"):
         return UnquantizedMethod()
     if name == "int8":
         return Int8Method()
     if name == "int4":
-        return Int4Method(group_size or DEFAULT_INT4_GROUP_SIZE)
+        return Int4Method(group_size or default_group_size(source_block_type))
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {name!r}")
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitllm.quant.gguf_blocks import GGUFBlocks
+
 
 class QuantMethod:
     """How one linear layer stores, loads and applies its [out_features, in_features] weight."""
@@ -19,6 +21,18 @@ class QuantMethod:
 
     def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor) -> None:
         """Store checkpoint rows [n, in_features] (shape already checked) at output rows [offset, offset + n)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """How logs and reports name this method."""
+        return self.name
+
+    def block_types(self) -> tuple[str, ...]:
+        """GGUF block types (fitllm/quant/gguf_blocks.py) this method takes as codes, without a float copy."""
+        return ()
+
+    def load_blocks(self, layer: nn.Module, offset: int, blocks: GGUFBlocks) -> None:
+        """Store prequantized rows (a type from block_types()) at output rows [offset, offset + n)."""
         raise NotImplementedError
 
     def finish_loading(self, layer: nn.Module) -> None:

@@ -5,8 +5,9 @@ stored as (q - 8) * scale + zero, scale = a and zero = b + 8a (the convention of
 `aten._weight_int4pack_mm_for_cpu`). Plain min/max rounding (a = (max - min) / 15, b = min) wastes levels
 on a group's outliers; instead, as llama.cpp's k-quants do, several candidate grids around min/max assign
 the codes and, for each, a and b are refit by least squares to those codes; the grid with the smallest
-squared error wins. On the default model's layers that cuts the weight error by 27% at group 64, and a
-group already on a 4-bit grid (a Q4_1 checkpoint at group 32) comes back exactly.
+squared error wins. On the default model's layers that cuts the relative weight error at group 64 by 30%
+(4.6e-3 against 6.5e-3), and a group already on a 4-bit grid (a Q4_1 checkpoint at group 32) comes back
+exactly. GGUF Q4_0/Q4_1 tensors at group 32 are not requantized at all (fitllm/quant/gguf_blocks.py).
 
 Storage: `weight` uint8 [out, in / 2] (two 4-bit values per byte) and `weight_scale_zeros` [in / group,
 out, 2] in the model dtype. While loading, rows are stored in fitllm's plain layout (byte j of a row holds
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 
-GRID_CANDIDATES = 21  # code grids tried per group: 15 + t * GRID_STEP levels over [min, max], t in -10..10
-GRID_STEP = 0.2
+GRID_CANDIDATES = 11  # code grids tried per group: 15 + t * GRID_STEP levels over [min, max], t in -5..5
+GRID_STEP = 0.4  # 11 x 0.4 keeps 98% of the gain of 21 x 0.2 (weight error) at half the load time
 ROW_CHUNK = 512  # rows quantized at once: bounds the float32 temporaries to a few copies of 512 rows
 
 
@@ -44,15 +46,21 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 
 
 def _fit_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best (codes [r, g, size] float, a [r, g], b [r, g]) per group of x [r, g, size], w ~= a * q + b."""
+    """Best (codes [r, g, size] float, a [r, g], b [r, g]) per group of x [r, g, size], w ~= a * q + b.
+
+    Each candidate costs one rounding pass and three sums; the squared error of its least-squares fit
+    follows from those sums in closed form, and only the winner's codes are rounded again at the end."""
     size = x.shape[-1]
     lo, hi = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
     span = (hi - lo).clamp(min=1e-10)
-    sum_x = x.sum(dim=-1, keepdim=True)
-    best = None
+    shifted = x - lo
+    sum_x, sum_xx = x.sum(-1, keepdim=True), (x * x).sum(-1, keepdim=True)
+    best_err = torch.full_like(lo, float("inf"))
+    best_iscale, best_a, best_b = torch.empty_like(lo), torch.empty_like(lo), torch.empty_like(lo)
     half = GRID_CANDIDATES // 2
     for t in range(-half, half + 1):
-        q = ((x - lo) * ((15.0 + GRID_STEP * t) / span)).round_().clamp_(0, 15)
+        iscale = (15.0 + GRID_STEP * t) / span
+        q = (shifted * iscale).round_().clamp_(0, 15)
         sum_q, sum_qq, sum_qx = (
             q.sum(-1, keepdim=True),
             (q * q).sum(-1, keepdim=True),
@@ -63,14 +71,15 @@ def _fit_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         a = torch.where(det > 0, (size * sum_qx - sum_q * sum_x) / det.clamp(min=1e-20), span / 15.0)
         a = a.clamp_(min=1e-10)
         b = (sum_x - a * sum_q) / size
-        err = (q * a + b - x).square_().sum(-1, keepdim=True)
-        if best is None:
-            best = [err, q, a, b]
-        else:
-            better = err < best[0]
-            best = [torch.where(better, new, old) for new, old in zip((err, q, a, b), best, strict=True)]
-    _, q, a, b = best
-    return q, a.squeeze(-1), b.squeeze(-1)
+        # sum((a q + b - x)^2), expanded.
+        err = a * a * sum_qq + 2 * a * b * sum_q - 2 * a * sum_qx + size * b * b - 2 * b * sum_x + sum_xx
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_iscale = torch.where(better, iscale, best_iscale)
+        best_a = torch.where(better, a, best_a)
+        best_b = torch.where(better, b, best_b)
+    q = (shifted * best_iscale).round_().clamp_(0, 15)
+    return q, best_a.squeeze(-1), best_b.squeeze(-1)
 
 
 def pack_plain(q: torch.Tensor) -> torch.Tensor:
@@ -137,6 +146,22 @@ class Int4Method(QuantMethod):
         n = rows.shape[0]
         layer.weight.data.narrow(0, offset, n).copy_(pack_plain(q))
         layer.weight_scale_zeros.data.narrow(1, offset, n).copy_(sz)
+
+    def describe(self) -> str:
+        return f"int4 (group {self.group_size})"
+
+    def block_types(self) -> tuple[str, ...]:
+        # GGUF's 4-bit types are groups of 32 on the same (q - 8) * scale + zero form: taken as they are.
+        return ("Q4_0", "Q4_1") if self.group_size == BLOCK else ()
+
+    def load_blocks(self, layer: nn.Module, offset: int, blocks: GGUFBlocks) -> None:
+        n = blocks.shape[0]
+        d = blocks.scales
+        zero = torch.zeros_like(d) if blocks.mins is None else blocks.mins + 8.0 * d  # Q4_0: w = d * (q - 8)
+        layer.weight.data.narrow(0, offset, n).copy_(pack_plain(blocks.codes))
+        layer.weight_scale_zeros.data.narrow(1, offset, n).copy_(
+            torch.stack([d, zero], dim=-1).transpose(0, 1)
+        )
 
     def _use_kernel(self, layer: nn.Module) -> bool:
         return (

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 
 SMALL_BATCH = 16  # rows below which the int8 kernel beats convert-and-multiply (measured crossover)
+ROW_CHUNK = 1024  # rows of a prequantized tensor rescaled at once (bounds the float temporary)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +63,24 @@ class Int8Method(QuantMethod):
         q, scale = quantize_int8(rows)
         n = rows.shape[0]
         layer.weight.data.narrow(0, offset, n).copy_(q)
+        layer.weight_scale.data.narrow(0, offset, n).copy_(scale)
+
+    def block_types(self) -> tuple[str, ...]:
+        return ("Q8_0",)
+
+    def load_blocks(self, layer: nn.Module, offset: int, blocks: GGUFBlocks) -> None:
+        """Q8_0 codes rescaled block by block onto one scale per row: the row's largest |w| / 127, as
+        quantizing the dequantized row would give, without the float copy of the tensor. Exact when a row's
+        blocks share a scale; otherwise a block whose scale is smaller than the row's loses the bits between."""
+        n, k = blocks.shape
+        amax = blocks.scales * blocks.codes.view(n, -1, BLOCK).abs().amax(dim=-1).float()  # [n, blocks]
+        scale = (amax.amax(dim=1) / 127.0).clamp(min=1e-10)
+        for start in range(0, n, ROW_CHUNK):
+            end = min(start + ROW_CHUNK, n)
+            ratio = (blocks.scales[start:end] / scale[start:end, None]).unsqueeze(-1)
+            codes = blocks.codes[start:end].view(end - start, -1, BLOCK).float().mul_(ratio)
+            q = codes.round_().clamp_(-127, 127).to(torch.int8).view(end - start, k)
+            layer.weight.data.narrow(0, offset + start, end - start).copy_(q)
         layer.weight_scale.data.narrow(0, offset, n).copy_(scale)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
