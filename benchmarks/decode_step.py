@@ -29,26 +29,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
 
 
-def _engine(args: argparse.Namespace, static: bool):
-    from fitllm.cli import engine_config_from_args
+def decoding_engine(cfg, text: Path, batch: int, prompt_tokens: int, decode_steps: int):
+    """An Engine with `batch` requests (prompts of about `prompt_tokens` cut from `text`) prefilled and two
+    steps into decoding, with room for `decode_steps` more: every later step is a pure decode step."""
     from fitllm.engine.engine import Engine
     from fitllm.engine.request import SamplingParams
 
-    cfg = dataclasses.replace(engine_config_from_args(args), static_kv=static)
     engine = Engine(cfg)
-    ids = engine.tokenizer.encode(args.text.read_text(encoding="utf-8")[10000:200000])
-    total = args.rounds * (args.steps + 2) + 8
-    for i in range(args.batch):
+    ids = engine.tokenizer.encode(text.read_text(encoding="utf-8")[10000:200000])
+    for i in range(batch):
         start = i * 50
         engine.add_request(
-            ids[start : start + args.prompt_tokens + 7 * i],
-            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=total, ignore_eos=True, seed=i),
+            ids[start : start + prompt_tokens + 7 * i],
+            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=decode_steps + 8, ignore_eos=True, seed=i),
         )
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
-        engine.step()  # prefill everything first: the timed steps are pure decode
+        engine.step()
     for _ in range(2):
         engine.step()
     return engine
+
+
+def _engine(args: argparse.Namespace, static: bool):
+    from fitllm.cli import engine_config_from_args
+
+    cfg = dataclasses.replace(engine_config_from_args(args), static_kv=static)
+    return decoding_engine(cfg, args.text, args.batch, args.prompt_tokens, args.rounds * (args.steps + 2))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -351,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_args(st)
     add_engine_args(st)
     st.set_defaults(func=run_step)
+    from benchmarks.quant_decode import add_arguments as add_quant_args
+    from benchmarks.quant_decode import run as run_quant
+
+    qb = bench_sub.add_parser(
+        "quant", help="decode tokens/s per weight quantization and KV dtype, side by side"
+    )
+    add_quant_args(qb)
+    add_engine_args(qb)
+    qb.set_defaults(func=run_quant)
 
     ev = sub.add_parser("eval", help="quality evaluation")
     ev_sub = ev.add_subparsers(dest="eval", required=True)

@@ -544,3 +544,23 @@ def test_plan_refuses_bad_group_size_naming_the_flag(e2e_folder, capsys):
     assert cli_main([*argv, "--quant-group-size", "32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["weights"]["total"] == plans["int4"].weights.total
+
+
+def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{3 + i % 250}" for i in range(8000)))
+    out = tmp_path / "quant.json"
+    argv = ["bench", "quant", "--model", str(e2e_folder), "--dtype", "bfloat16", "--text", str(text)]
+    argv += ["--configs", "none,int8,none+kv-int8", "--batches", "1,3", "--rounds", "2", "--steps", "2"]
+    argv += ["--prompt-tokens", "20", "--max-model-len", "128", "--json", str(out)]
+    assert cli_main(argv) == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"none", "int8", "none+kv-int8"}
+    for batch in ("batch_1", "batch_3"):
+        assert data["none"][batch]["ratio_vs_none"] == 1.0
+        assert all(
+            len(d[batch]["tokens_per_s_rounds"]) == 2 and d[batch]["tokens_per_s_median"] > 0
+            for d in data.values()
+        )
+        assert data["int8"][batch]["weight_bytes"] < data["none"][batch]["weight_bytes"]
+        assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]

@@ -1,0 +1,83 @@
+"""`fitllm bench quant`: decode tokens/s of each weight quantization (and KV cache dtype) at batch 1 and 16.
+
+Every configuration is built in one process and timed in alternating rounds (none, int8, int4, ...,
+then again), so the ratios against the unquantized model are what to read on a shared machine; absolute
+tokens/s only mean something on a quiet one. Each step decodes one token for every request of the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+from benchmarks.decode_step import decoding_engine
+from benchmarks.workload import DEFAULT_TEXT
+
+DEFAULT_CONFIGS = "none,int8,int4,bnb-int8,bnb-nf4,none+kv-int8,none+kv-fp8"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument(
+        "--text", type=Path, metavar="PATH", default=DEFAULT_TEXT, help="text the prompts are cut from"
+    )
+    g.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="comma-separated: a --quantization value, optionally +kv-int8 / +kv-fp8 (--kv-cache-dtype)",
+    )
+    g.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    g.add_argument("--prompt-tokens", type=int, default=200, help="prompt length of each request (roughly)")
+    g.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
+    g.add_argument("--rounds", type=int, default=5, help="alternating rounds over the configurations")
+    g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
+
+
+def _config(args: argparse.Namespace, name: str):
+    from fitllm.cli import engine_config_from_args
+
+    method, _, kv = name.partition("+kv-")
+    return dataclasses.replace(
+        engine_config_from_args(args),
+        quantization=None if method == "none" else method,
+        kv_cache_dtype=kv or "auto",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    batches = [int(b) for b in args.batches.split(",")]
+    result: dict[str, dict] = {}
+    for batch in batches:
+        engines = {
+            name: decoding_engine(
+                _config(args, name), args.text, batch, args.prompt_tokens, args.rounds * args.steps
+            )
+            for name in configs
+        }
+        rates: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in range(args.rounds):
+            for name, engine in engines.items():
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    engine.step()
+                rates[name].append(batch * args.steps / (time.perf_counter() - t0))
+        base = statistics.median(rates[configs[0]])
+        for name in configs:
+            tps = statistics.median(rates[name])
+            result.setdefault(name, {})[f"batch_{batch}"] = {
+                "tokens_per_s_median": tps,
+                "tokens_per_s_rounds": rates[name],
+                f"ratio_vs_{configs[0]}": tps / base,
+                "weight_bytes": engines[name].ledger.current("weights"),
+            }
+            print(f"batch {batch:3}  {name:16} {tps:8.1f} tok/s  x{tps / base:.3f} vs {configs[0]}")
+        del engines
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
