@@ -82,11 +82,14 @@ def default_source():
 
 def test_default_model_linears_are_q4_1_blocks_and_load_without_requantizing(default_source):
     assert default_source.linear_block_type() == "Q4_1"
-    blocks = dict(default_source.weights(frozenset({"Q4_1"})))
+    blocks = dict(default_source.weights(as_blocks=True))
     floats = dict(open_model(None).weights())
     name = "model.layers.3.self_attn.q_proj.weight"  # llama.cpp-permuted rows: the blocks are unpermuted too
     assert torch.equal(blocks[name].dequantize(), floats[name])
-    assert isinstance(blocks["model.embed_tokens.weight"], torch.Tensor)  # not a linear: always float
+    embedding = blocks["model.embed_tokens.weight"]  # Q8_0: dequantized into the table by row chunks
+    assert embedding.qtype == "Q8_0" and torch.equal(
+        embedding.dequantize(), floats["model.embed_tokens.weight"]
+    )
 
     int4 = build_model(
         open_model(None), torch.bfloat16, torch.device("cpu"), 256, quant=get_quant_method("int4", 32)

@@ -69,12 +69,11 @@ class ModelSource:
             return len(self._reader.tensors)
         return -1
 
-    def weights(
-        self, keep_blocks: frozenset[str] = frozenset()
-    ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-        """(Hugging Face name, tensor) pairs; GGUF linear weights of a type in `keep_blocks` stay blocks."""
+    def weights(self, as_blocks: bool = False) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
+        """(Hugging Face name, tensor) pairs; with `as_blocks`, GGUF's block-quantized matrices stay blocks
+        (see fitllm/quant/gguf_blocks.py)."""
         if self.format == "gguf":
-            return iter_gguf_weights(self._reader, self.hf_config, keep_blocks)
+            return iter_gguf_weights(self._reader, self.hf_config, as_blocks)
         return iter_weights(weight_files(self.path))
 
     def linear_block_type(self) -> str | None:
@@ -130,8 +129,9 @@ def build_model(
 ) -> nn.Module:
     """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one.
 
-    With `quant`, decoder linears quantize each checkpoint tensor as it arrives, so the load peak is the
-    final size plus one tensor in float.
+    With `quant`, decoder linears quantize each checkpoint tensor as it arrives (or keep GGUF blocks as
+    they are), so the load peak is the final size plus one tensor in float; block-quantized GGUF tensors
+    are dequantized a chunk of rows at a time, so for them not even one whole tensor is in float.
     """
     model = build_on_meta(source.config, dtype, quant).to_empty(device=device)
     derived = {
@@ -148,10 +148,8 @@ def build_model(
             else None
         )
 
-        keep = frozenset(quant.block_types()) if quant is not None else frozenset()
-
         def tracked() -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-            for item in source.weights(keep):
+            for item in source.weights(as_blocks=True):
                 yield item
                 if progress is not None:
                     progress.advance(task)

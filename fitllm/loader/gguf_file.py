@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fitllm.quant.gguf_blocks import GGUFBlocks, read_blocks
+from fitllm.quant.gguf_blocks import BLOCK_TYPES, GGUFBlocks, read_blocks
 
 # GGUF tensor name (after blk.N.) -> Hugging Face name within model.layers.N.
 _LAYER_NAMES = {
@@ -29,7 +29,6 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LINEAR_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 # llama.cpp permutes q/k rows of Llama checkpoints for its interleaved rope; other families are stored as is.
 _PERMUTED_ARCHS = ("llama",)
@@ -103,10 +102,11 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(
-    reader: Any, cfg: dict[str, Any], keep_blocks: frozenset[str] = frozenset()
+    reader: Any, cfg: dict[str, Any], as_blocks: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-    """Yield (Hugging Face name, float32 tensor) per GGUF tensor, dequantized one at a time; decoder linear
-    weights whose type is in `keep_blocks` come as GGUFBlocks instead (codes and scales, no float copy)."""
+    """Yield (Hugging Face name, float32 tensor) per GGUF tensor, dequantized one at a time; with
+    `as_blocks`, matrices of a 32-element block type (Q8_0, Q4_0, Q4_1) come as GGUFBlocks instead (codes
+    and scales: the model keeps them, or dequantizes them a chunk of rows at a time)."""
     from gguf.quants import dequantize
 
     arch = _field(reader, "general.architecture")
@@ -126,7 +126,7 @@ def iter_gguf_weights(
         shape = tuple(int(d) for d in reversed(t.shape))
         permuted = arch in _PERMUTED_ARCHS and m and m.group(2) in ("attn_q", "attn_k")
         heads = cfg["num_attention_heads"] if m and m.group(2) == "attn_q" else cfg["num_key_value_heads"]
-        if m and m.group(2) in _LINEAR_KINDS and t.tensor_type.name in keep_blocks and suffix == "weight":
+        if as_blocks and t.tensor_type.name in BLOCK_TYPES and len(shape) == 2:
             blocks = read_blocks(t.data, t.tensor_type.name, shape)
             if permuted:
                 blocks = blocks.index_rows(_unpermute(torch.arange(shape[0]), heads))

@@ -11,7 +11,7 @@ from torch import nn
 
 from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
-from fitllm.quant.gguf_blocks import GGUFBlocks
+from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -46,12 +46,13 @@ class LinearBase(nn.Module):
             raise ValueError(
                 f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {(size, self.in_features)}"
             )
-        if isinstance(src, GGUFBlocks):
-            if src.qtype in self.quant.block_types():
-                self.quant.load_blocks(self, offset, src)
-                return
-            src = src.dequantize()
-        self.quant.load_rows(self, offset, src)
+        if not isinstance(src, GGUFBlocks):
+            self.quant.load_rows(self, offset, src)
+        elif src.qtype in self.quant.block_types():
+            self.quant.load_blocks(self, offset, src)
+        else:  # rows are independent in every method: dequantize and store a chunk at a time
+            for start, rows in row_chunks(src):
+                self.quant.load_rows(self, offset + start, rows)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param is self.bias:

@@ -17,6 +17,7 @@ from fitllm.model.linear import (
     RowParallelLinear,
 )
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 
 class LlamaAttention(nn.Module):
@@ -174,6 +175,9 @@ class LlamaForCausalLM(nn.Module):
                     f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, "
                     f"the model expects {tuple(params[name].shape)}"
                 )
+            elif isinstance(tensor, GGUFBlocks):
+                for start, rows in row_chunks(tensor):
+                    params[name].data.narrow(0, start, rows.shape[0]).copy_(rows)
             else:
                 params[name].data.copy_(tensor)
             loaded.add(name)

@@ -4,7 +4,8 @@ A GGUF checkpoint of this kind is already quantized. Dequantizing it to float an
 float copy of every tensor and, when the grids differ, a second rounding. When the `--quantization` method
 can hold a block type's numbers exactly (int4 with group 32 holds Q4_0 and Q4_1; int8 holds Q8_0 up to its
 per-row scale), the loader hands it the codes instead (`QuantMethod.load_blocks`); every other tensor is
-dequantized as before.
+dequantized, a chunk of rows at a time (`row_chunks`), so that no tensor is ever whole in float32: the load
+peak stays the final weights plus one chunk.
 
 Block layouts (ggml): Q8_0 = float16 d, 32 int8 q; w = d * q. Q4_0 = float16 d, 16 bytes; w = d * (q - 8).
 Q4_1 = float16 d, float16 m, 16 bytes; w = d * q + m. In the 4-bit types byte j holds element j in its low
@@ -13,6 +14,7 @@ nibble and element j + 16 in its high nibble.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +75,15 @@ class GGUFBlocks:
         if self.mins is not None:
             w = w + self.mins.unsqueeze(-1)
         return w.view(n, k)
+
+
+DEQUANT_ROWS = 1024  # rows dequantized at once where blocks must become floats (bounds the float32 transient)
+
+
+def row_chunks(blocks: GGUFBlocks) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 rows) over the tensor, DEQUANT_ROWS at a time."""
+    for start in range(0, blocks.shape[0], DEQUANT_ROWS):
+        yield start, blocks.narrow(0, start, min(DEQUANT_ROWS, blocks.shape[0] - start)).dequantize()
 
 
 def read_blocks(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> GGUFBlocks:
