@@ -360,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_quant_args(qb)
     add_engine_args(qb)
     qb.set_defaults(func=run_quant)
+    from benchmarks.load_peak import add_arguments as add_load_args
+    from benchmarks.load_peak import run as run_load
+
+    lb = bench_sub.add_parser("load", help="host memory peak of loading with each quantization vs the bound")
+    add_load_args(lb)
+    lb.set_defaults(func=run_load)
 
     ev = sub.add_parser("eval", help="quality evaluation")
     ev_sub = ev.add_subparsers(dest="eval", required=True)

@@ -34,7 +34,7 @@ from fitllm.quant.int4 import (
     quantize_int4,
     unpack_plain,
 )
-from fitllm.quant.int8 import SMALL_BATCH, Int8Method, quantize_int8
+from fitllm.quant.int8 import KERNEL_ROWS_SMALL, Int8Method, kernel_rows, quantize_int8
 
 EPS = 1e-5  # float32 slack, relative to |w|, on "error <= scale / 2" (w / s and q * s each round once)
 
@@ -189,11 +189,13 @@ def test_quantized_linear_matches_float_matmul(kind, method):
     x = _randn(40, layer.in_features, seed=99).to(torch.bfloat16)
     full = layer(x)
     assert full.dtype == torch.bfloat16 and full.shape == (40, w.shape[0])
-    for rows in (1, 8, SMALL_BATCH - 1, SMALL_BATCH, 40):
+    cut = kernel_rows(w.numel())
+    assert cut == KERNEL_ROWS_SMALL  # these small layers
+    for rows in (1, 8, cut - 1, cut, 40):
         y = layer(x[:rows])
         assert _rel(y, x[:rows].float() @ w.T) < QUANT_TOL[method], rows
         assert _rel(y, x[:rows].float() @ deq.T) < BF16_TOL, rows
-        # Every batch size agrees with the 40-row batch (int8: kernel below SMALL_BATCH rows, scratch from
+        # Every batch size agrees with the 40-row batch (int8: kernel below `cut` rows, scratch from
         # it on). Measured <= 0.004 relative, a couple of bfloat16 ulps per element.
         assert _rel(y, full[:rows]) < BF16_TOL, rows
     # Leading dimensions are kept.
@@ -205,18 +207,20 @@ def test_quantized_linear_matches_float_matmul(kind, method):
 def test_int8_small_batches_use_the_kernel_and_large_ones_the_scratch():
     quant = Int8Method()
     layer, w = _build("down", quant, torch.bfloat16)
-    x = _randn(SMALL_BATCH, layer.in_features, seed=5).to(torch.bfloat16)
-    small = layer(x[: SMALL_BATCH - 1])
+    cut = kernel_rows(w.numel())
+    assert kernel_rows(4096 * 4096) < cut  # large layers switch to the scratch earlier
+    x = _randn(cut, layer.in_features, seed=5).to(torch.bfloat16)
+    small = layer(x[: cut - 1])
     assert quant.scratch.buffer is None  # the int8 kernel: no bfloat16 copy of the weight
     large = layer(x)
     buf = quant.scratch.buffer
     assert buf is not None and buf.dtype == torch.bfloat16 and buf.numel() == w.numel()
-    assert _rel(small, large[: SMALL_BATCH - 1]) < BF16_TOL
+    assert _rel(small, large[: cut - 1]) < BF16_TOL
     # The scratch is shared: a second, smaller layer reuses it.
     with default_dtype(torch.bfloat16):
         other = ColumnParallelLinear(HIDDEN, 64, quant=quant)
     other.weight_loader(other.weight, _randn(64, HIDDEN, seed=6))
-    xo = _randn(SMALL_BATCH, HIDDEN, seed=7).to(torch.bfloat16)
+    xo = _randn(cut, HIDDEN, seed=7).to(torch.bfloat16)
     assert _rel(other(xo), xo.float() @ quant.dequantize(other).T) < BF16_TOL
     assert quant.scratch.buffer is buf
     # Float32 activations (model dtype float32) take the kernel too, against float32 scales.

@@ -3,7 +3,7 @@
 w ~= q * s with q = round(w / s) in [-127, 127], s = max|w_row| / 127. Rows are independent, so a fused
 layer quantizes each checkpoint shard as it arrives. Matmul on CPU: PyTorch's own int8 weight-only kernel
 (`aten._weight_int8pack_mm`) for small batches, where decode is bound by reading the weight (measured 1.6x to
-3.3x faster than bfloat16 at 1 row on this machine); from SMALL_BATCH rows on, that kernel costs about one
+3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, that kernel costs about one
 extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
 (measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
 """
@@ -17,7 +17,20 @@ from torch import nn
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 
-SMALL_BATCH = 16  # rows below which the int8 kernel beats convert-and-multiply (measured crossover)
+# Rows below which PyTorch's int8 kernel beats converting the weight into the scratch and multiplying
+# there, measured on this machine: 16 for a 4096 x 4096 layer; between 32 and 48 for the default model's
+# layers (576 x 576 to 3072 x 576), where converting costs more relative to the matmul (at 16 rows: kernel
+# 1.28x, convert-and-multiply 2.75x the bfloat16 time; at 48: 1.96x and 1.29x).
+KERNEL_ROWS_LARGE = 16
+KERNEL_ROWS_SMALL = 32
+SMALL_LAYER = 1 << 22  # weights of at most this many elements use KERNEL_ROWS_SMALL
+
+
+def kernel_rows(weight_numel: int) -> int:
+    """Rows per call below which a layer of `weight_numel` weights multiplies through the int8 kernel."""
+    return KERNEL_ROWS_SMALL if weight_numel <= SMALL_LAYER else KERNEL_ROWS_LARGE
+
+
 ROW_CHUNK = 1024  # rows of a prequantized tensor rescaled at once (bounds the float temporary)
 
 
@@ -87,7 +100,7 @@ class Int8Method(QuantMethod):
         w, scale = layer.weight, layer.weight_scale
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu" and x2.shape[0] < SMALL_BATCH and x2.dtype == scale.dtype:
+        if x2.device.type == "cpu" and x2.shape[0] < kernel_rows(w.numel()) and x2.dtype == scale.dtype:
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
         else:
             wd = self.scratch.get(w.shape, x2.dtype, x2.device)
