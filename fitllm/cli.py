@@ -281,6 +281,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.server.app import build_app, default_model_name
+
+    config = engine_config_from_args(args)
+    engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+    name = args.served_model_name or default_model_name(args.model)
+    app = build_app(engine, name, args.api_key)
+    print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30
+    )
+    return 0 if engine.error is None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fitllm", description="fitllm: an LLM engine that fits the memory it is given."
@@ -297,6 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and /metrics, /health)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for all)")
+    srv.add_argument("--port", type=int, default=7860, help="TCP port")
+    srv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on API routes")
+    srv.add_argument(
+        "--served-model-name", default=None, help="model id in the API (default: the file's name)"
+    )
+    srv.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=256,
+        help="queued requests beyond which the server answers 503",
+    )
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     plan = sub.add_parser("plan", help="what a model needs and whether it fits a budget, before loading it")
     plan.add_argument(

@@ -286,6 +286,41 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
+    def score_prompt(
+        self, prompt: str | list[int], top_n: int = 0
+    ) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]]]:
+        """log p(token | the tokens before it) for every prompt token after the first, with the `top_n`
+        most likely alternatives: (token ids, [(logprob, [(id, logprob), ...]) per token from the second]).
+
+        One prefill outside the KV pool (not cached) whose scratch cache and logits are reserved in the
+        ledger for its duration; prompts longer than --max-num-batched-tokens are refused, because the
+        measured workspace covers steps of at most that many tokens."""
+        from fitllm.eval.perplexity import SequenceScorer
+
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"the prompt must be non-empty token ids in [0, {vocab})")
+        if len(ids) > self.config.max_num_batched_tokens:
+            raise ValueError(
+                f"prompt logprobs are computed for prompts of up to --max-num-batched-tokens "
+                f"({self.config.max_num_batched_tokens}) tokens; this one has {len(ids)}"
+            )
+        if len(ids) < 2:
+            return ids, []
+        need = SequenceScorer.workspace_bytes(len(ids), self.kv_bytes_per_token, vocab)
+        self.ledger.reserve("workspace", need)  # BudgetExceeded when memory is short right now
+        try:
+            scorer = SequenceScorer(self.model, self.model_config, self.device, len(ids), self.kv_format)
+            logprobs, values, indices = scorer.token_logprobs_and_top(ids, top_n)
+        finally:
+            self.ledger.release("workspace", need)
+        entries = [
+            (float(logprobs[i]), list(zip(indices[i].tolist(), values[i].tolist(), strict=True)))
+            for i in range(len(ids) - 1)
+        ]
+        return ids, entries
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its memory; returns False if it is unknown or already done."""
         req = self.requests.get(request_id)

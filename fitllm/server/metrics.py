@@ -1,0 +1,114 @@
+"""`GET /metrics`: Prometheus text format through prometheus-client.
+
+Gauges are read from the engine at scrape time by a custom collector (the ledger, the block pool and the
+scheduler, as they are now), so nothing is copied on the engine's hot path; the time-to-first-token and
+time-per-output-token histograms are observed by the engine thread as tokens are delivered. Each server
+has its own registry (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fitllm.engine.async_engine import AsyncEngine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class EngineCollector(Collector):
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.async_engine = engine
+
+    def collect(self) -> Iterator:
+        ae = self.async_engine
+        ready = GaugeMetricFamily("fitllm_ready", "1 once the model is loaded and serving")
+        ready.add_metric([], 1.0 if ae.ready else 0.0)
+        yield ready
+        engine = ae.engine
+        if engine is None:
+            return
+        snap = engine.ledger.snapshot()
+        budget = GaugeMetricFamily("fitllm_memory_budget_bytes", "the --memory-budget in bytes")
+        budget.add_metric([], snap.budget)
+        yield budget
+        held = GaugeMetricFamily(
+            "fitllm_memory_bytes", "bytes held on the compute device, by ledger tag", labels=["tag"]
+        )
+        peak = GaugeMetricFamily("fitllm_memory_peak_bytes", "peak bytes held, by ledger tag", labels=["tag"])
+        for tag, value in snap.current.items():
+            held.add_metric([tag], value)
+            peak.add_metric([tag], snap.peak.get(tag, 0))
+        yield held
+        yield peak
+        total = GaugeMetricFamily("fitllm_memory_total_bytes", "bytes held on the compute device, all tags")
+        total.add_metric([], snap.total)
+        yield total
+        peak_total = GaugeMetricFamily("fitllm_memory_peak_total_bytes", "peak of the total")
+        peak_total.add_metric([], snap.peak_total)
+        yield peak_total
+        pool = engine.pool
+        blocks = GaugeMetricFamily(
+            "fitllm_kv_blocks", "KV blocks of the live slabs, by state", labels=["state"]
+        )
+        blocks.add_metric(["used"], pool.num_used_blocks)
+        blocks.add_metric(["cached"], pool.num_cached_blocks)
+        blocks.add_metric(["free"], pool.num_free_blocks)
+        yield blocks
+        slabs = GaugeMetricFamily("fitllm_kv_slabs", "live KV slabs")
+        slabs.add_metric([], pool.num_slabs)
+        yield slabs
+        sched = engine.scheduler
+        requests = GaugeMetricFamily("fitllm_requests", "requests by state", labels=["state"])
+        requests.add_metric(["running"], len(sched.running))
+        requests.add_metric(["waiting"], sched.num_waiting)
+        requests.add_metric(["swapped"], len(engine.swapper._held))
+        yield requests
+        c = ae.counters
+        for name, doc, value in (
+            ("fitllm_preemptions", "requests preempted", sched.num_preemptions),
+            ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),
+            ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
+            ("fitllm_engine_steps", "engine steps run", c.steps),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            yield counter
+        finished = CounterMetricFamily(
+            "fitllm_requests_finished", "finished requests by reason", labels=["reason"]
+        )
+        for reason, n in dict(c.requests_finished).items():
+            finished.add_metric([reason], n)
+        yield finished
+
+
+class ServerMetrics:
+    """The registry of one server: engine gauges plus latency histograms."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine))
+        self.ttft = Histogram(
+            "fitllm_time_to_first_token_seconds",
+            "arrival to first token",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "fitllm_time_per_output_token_seconds",
+            "time between output tokens",
+            buckets=TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        engine.on_token_timing = self.observe
+
+    def observe(self, kind: str, seconds: float) -> None:
+        (self.ttft if kind == "ttft" else self.tpot).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,128 @@
+"""What every route needs: the AsyncEngine, the served model's name and facts, and error translation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from fitllm.engine.async_engine import AsyncEngine, EngineDead, QueueFull
+from fitllm.loader.tokenizer import Tokenizer
+from fitllm.memory.ledger import BudgetExceeded
+from fitllm.server.errors import APIError, bad_request
+
+T = TypeVar("T")
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    api_key: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _ready_engine(self):
+        if not self.engine.ready:
+            detail = (
+                "the model is still loading"
+                if self.engine.error is None
+                else f"the engine failed: {self.engine.error}"
+            )
+            raise APIError(503, detail, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.engine.engine
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._ready_engine().tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._ready_engine().max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self._ready_engine().model_config.vocab_size
+
+    def check_model(self, name: str | None) -> None:
+        """404 for a model name this server does not serve (no name: the served model)."""
+        if name and name != self.model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                "not_found_error",
+                "model",
+                "model_not_found",
+            )
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "fitllm",
+            "max_model_len": self.max_model_len,
+        }
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except Exception as exc:  # the template's own raise_exception, or no template
+            raise bad_request(f"the chat template refused the messages: {exc}", "messages") from exc
+
+    async def start_streams(self, starting: Awaitable[T]) -> T:
+        """Await engine admission, translating refusals into HTTP errors."""
+        self._ready_engine()
+        try:
+            return await starting
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+        except BudgetExceeded as exc:
+            raise APIError(
+                503,
+                f"not enough free memory right now: {exc}",
+                "service_unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from exc
+        except QueueFull as exc:
+            raise APIError(
+                503, f"server busy: {exc}", "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from exc
+        except EngineDead as exc:
+            raise APIError(
+                503, str(exc), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from exc
+
+    async def score_prompt(self, prompt: str | list[int], top_n: int) -> dict[str, Any]:
+        """Legacy logprobs of every prompt token (the first has none), for echo."""
+        scored = await self.start_streams(self.engine.score(prompt, top_n))
+        ids, entries = scored
+        tok = self.tokenizer
+        tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+        for i, t in enumerate(ids):
+            text = tok.decode([t], skip_special_tokens=False)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            if i == 0:
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            logprob, alternatives = entries[i - 1]
+            token_logprobs.append(logprob)
+            top.append(
+                {tok.decode([a], skip_special_tokens=False): lp for a, lp in alternatives} | {text: logprob}
+            )
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.fitllm
