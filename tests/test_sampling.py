@@ -585,3 +585,82 @@ def test_detokenizer_skips_special_tokens(tok):
         keep.add_token(t)
     assert skip.text == " hello"
     assert keep.text == " hello" + tok.decode([eos], skip_special_tokens=False)
+
+
+# ---- KoboldCpp-style penalties and sampler order ---------------------------------------------------------
+
+
+def kobold_rep_pen_reference(
+    logits: list[float], context: list[int], rep: float, n: int, slope: float, presence: float
+):
+    """KoboldCpp's sample_rep_pen, written from its description: the last n context tokens, the newer half
+    penalised by rep, the older half by 1 + (rep - 1) * slope, presence subtracted once per windowed token."""
+    window = context[-n:]
+    s = n // 2
+    padded = [None] * (n - len(window)) + window  # KoboldCpp pads short contexts at the front
+    far, near = set(padded[:s]) - {None}, set(padded[s:]) - {None}
+    slope = slope if 0 < slope <= 1 else 1.0
+    rep_far = 1 + (rep - 1) * slope if rep > 1 else rep
+    out = list(logits)
+    for t in range(len(out)):
+        p = rep if t in near else rep_far if t in far else None
+        if p is not None:
+            out[t] = out[t] * p if out[t] <= 0 else out[t] / p
+            out[t] -= presence
+    return out
+
+
+@pytest.mark.parametrize(
+    ("n", "slope", "prompt", "output"),
+    [
+        (8, 0.5, (5, 6, 7, 8, 9, 10), (11, 12, 13)),  # window covers part of the prompt and all output
+        (4, 0.7, (5, 6, 7), (8, 9, 5)),  # a token in both halves counts as near
+        (16, 0.0, (1, 2), (3,)),  # shorter context than the range; slope 0 means no slope
+        (3, 1.0, (20, 21, 22, 23), ()),  # odd range
+    ],
+)
+def test_kobold_windowed_repetition_penalty_matches_reference(n, slope, prompt, output):
+    logits = rand_logits(1, seed=n)
+    params = SamplingParams(
+        repetition_penalty=1.3,
+        repetition_penalty_range=n,
+        repetition_penalty_slope=slope,
+        presence_penalty=0.4,
+    )
+    req = make_req(params, prompt=prompt, output=output)
+    got = logits.clone()
+    apply_penalties(got, [req])
+    want = kobold_rep_pen_reference(logits[0].tolist(), list(prompt) + list(output), 1.3, n, slope, 0.4)
+    assert torch.allclose(got[0], torch.tensor(want), atol=1e-6)
+
+
+def test_hf_repetition_penalty_unchanged_by_the_window_fields():
+    logits = rand_logits(2, seed=9)
+    hf = make_req(SamplingParams(repetition_penalty=1.5, presence_penalty=0.3), prompt=(1, 2), output=(3, 3))
+    got = logits.clone()
+    apply_penalties(got, [hf, hf])
+    want = logits.clone()
+    for t in (1, 2, 3):  # HF: every prompt and output token, full penalty
+        want[:, t] = torch.where(want[:, t] > 0, want[:, t] / 1.5, want[:, t] * 1.5)
+    want[:, 3] -= 0.3  # OpenAI presence: output tokens only
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_temperature_last_cuts_the_untempered_distribution():
+    # Token 0 holds 60% before temperature; top_p 0.5 keeps it alone. Tempered first (T = 5), the
+    # distribution flattens and the nucleus takes many tokens.
+    logits = torch.full((1, V), 0.0)
+    logits[0, 0] = math.log(0.6 * (V - 1) / 0.4)
+    first = Counter(_draws(logits[0], SamplingParams(temperature=5.0, top_p=0.5), n=300))
+    last = Counter(
+        _draws(logits[0], SamplingParams(temperature=5.0, top_p=0.5, temperature_last=True), n=300)
+    )
+    assert set(last) == {0}
+    assert len(first) > 5
+    # With a wider cut, temperature still reshapes the survivors: top_k 2, T large -> both about equal.
+    logits2 = torch.full((1, V), -10.0)
+    logits2[0, 0], logits2[0, 1] = 2.0, 0.0  # 88% / 12% untempered
+    draws = Counter(
+        _draws(logits2[0], SamplingParams(temperature=50.0, top_k=2, temperature_last=True), n=600)
+    )
+    assert set(draws) == {0, 1} and 0.4 < draws[1] / 600 < 0.6

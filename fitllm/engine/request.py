@@ -20,6 +20,13 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # HF style, over prompt and output tokens
+    # KoboldCpp style when > 0: repetition and presence penalties look only at the last N tokens of prompt +
+    # output, and the older half of that window gets 1 + (repetition_penalty - 1) * slope.
+    repetition_penalty_range: int = 0
+    repetition_penalty_slope: float = 1.0  # in (0, 1]; KoboldCpp treats 0 (and > 1) as 1, so does fitllm
+    temperature_last: bool = (
+        False  # top-k / top-p / min-p cut the untempered distribution (KoboldCpp's order)
+    )
     presence_penalty: float = 0.0  # OpenAI style, over output tokens
     frequency_penalty: float = 0.0
     seed: int | None = None
@@ -68,6 +75,11 @@ class SamplingParams:
             raise bad("min_p", self.min_p, "in [0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", self.top_k, "a non-negative integer (0 or -1: off)")
+        finite("repetition_penalty_slope", self.repetition_penalty_slope)
+        if not isinstance(self.repetition_penalty_range, int) or self.repetition_penalty_range < 0:
+            raise bad(
+                "repetition_penalty_range", self.repetition_penalty_range, "a non-negative integer (0: all)"
+            )
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 (1 means off)")
         if not -2 <= self.presence_penalty <= 2:

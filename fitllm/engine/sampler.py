@@ -32,8 +32,30 @@ def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> to
     return counts
 
 
+def _penalty_windows(
+    requests: list[Request], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(near, far) [len(requests), vocab] masks of the tokens each repetition penalty looks at.
+
+    HF style (range 0): every prompt and output token is near. KoboldCpp style (range N): the last N
+    tokens of prompt + output, the newer half near and the older half far."""
+    near_rows, far_rows = [], []
+    for r in requests:
+        n = r.params.repetition_penalty_range
+        if n <= 0:
+            near_rows.append(r.prompt_token_ids + r.output_token_ids)
+            far_rows.append([])
+            continue
+        window = (r.prompt_token_ids + r.output_token_ids)[-n:]
+        split = len(window) - (n - n // 2)  # KoboldCpp splits the full-length window at n // 2
+        near_rows.append(window[max(split, 0) :])
+        far_rows.append(window[: max(split, 0)])
+    return _token_counts(near_rows, vocab, device) > 0, _token_counts(far_rows, vocab, device) > 0
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
-    """Repetition (HF: prompt + output), presence and frequency (OpenAI: output only), in place."""
+    """Repetition (HF: prompt + output; or KoboldCpp's window with slope), presence and frequency
+    (OpenAI: output only; presence over the window in KoboldCpp style), in place."""
     rows = [
         i
         for i, r in enumerate(requests)
@@ -41,24 +63,24 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
     ]
     if not rows:
         return
-    vocab = logits.shape[-1]
+    vocab, device = logits.shape[-1], logits.device
+    reqs = [requests[i] for i in rows]
     sub = logits[rows]
-    out_counts = _token_counts([requests[i].output_token_ids for i in rows], vocab, logits.device)
-    rep = torch.tensor([requests[i].params.repetition_penalty for i in rows], device=logits.device).unsqueeze(
-        1
-    )
+    out_counts = _token_counts([r.output_token_ids for r in reqs], vocab, device)
+    near, far = _penalty_windows(reqs, vocab, device)
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device).unsqueeze(1)
     if (rep != 1.0).any():
-        seen = _token_counts([requests[i].prompt_token_ids for i in rows], vocab, logits.device) > 0
-        seen |= out_counts > 0
-        penalised = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalised, sub)
-    freq = torch.tensor([requests[i].params.frequency_penalty for i in rows], device=logits.device).unsqueeze(
-        1
-    )
-    pres = torch.tensor([requests[i].params.presence_penalty for i in rows], device=logits.device).unsqueeze(
-        1
-    )
-    sub = sub - freq * out_counts - pres * (out_counts > 0).float()
+        slope = torch.tensor(
+            [s if 0 < (s := r.params.repetition_penalty_slope) <= 1 else 1.0 for r in reqs], device=device
+        ).unsqueeze(1)
+        rep_far = torch.where(rep > 1, 1 + (rep - 1) * slope, rep)
+        factor = torch.where(near, rep, torch.where(far, rep_far, torch.ones_like(sub)))
+        sub = torch.where(sub > 0, sub / factor, sub * factor)
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device).unsqueeze(1)
+    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device).unsqueeze(1)
+    windowed = torch.tensor([r.params.repetition_penalty_range > 0 for r in reqs], device=device).unsqueeze(1)
+    present = torch.where(windowed, near | far, out_counts > 0)
+    sub = sub - freq * out_counts - pres * present.float()
     logits[rows] = sub
 
 
@@ -90,11 +112,17 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def sample_truncated(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    u: torch.Tensor,
+    temperature_after: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample each row from its top-k, then top-p nucleus (renormalised after top-k), then min-p survivors.
 
-    top_k: 0 = off; top_p: 1 = off; min_p: 0 = off; u: one uniform in [0, 1) per row.
+    top_k: 0 = off; top_p: 1 = off; min_p: 0 = off; u: one uniform in [0, 1) per row; temperature_after:
+    per row, a temperature applied to the survivors only after the cut (KoboldCpp's default order), 1 = none.
     """
     n, vocab = logits.shape
     out = torch.empty(n, dtype=torch.long)
@@ -119,7 +147,11 @@ def sample_truncated(
         k_off = k_eff[rows] == vocab
         done = k_inside | (c == vocab) | (~keep[:, -1] & (k_off | (top_p[rows] >= 1)))
         if done.any():
-            picked = _inverse_cdf(probs[done] * keep[done], u[rows[done]])
+            weights = probs[done]
+            if temperature_after is not None:
+                t = temperature_after[rows[done]].unsqueeze(1)
+                weights = ((vals[done] - vals[done, :1]) / t).exp()  # the survivors, tempered
+            picked = _inverse_cdf(weights * keep[done], u[rows[done]])
             out[rows[done]] = idx[done].gather(1, picked.unsqueeze(1)).squeeze(1)
         pending = rows[~done]
         if len(pending) == 0:
@@ -184,7 +216,13 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         logits = logits.cpu()
         temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
-        logits = logits / temps.unsqueeze(1)
+        last = torch.tensor([r.params.temperature_last for r in requests])
+        trunc_rows = torch.tensor(
+            [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
+        )
+        # Temperature-last rows are cut on the untempered logits; the survivors are tempered after.
+        after = torch.where(last & trunc_rows, temps, torch.ones_like(temps))
+        logits = logits / (temps / after).unsqueeze(1)
         u = self._uniforms(requests)
         out = torch.empty(len(requests), dtype=torch.long)
         trunc = [
@@ -206,5 +244,6 @@ class Sampler:
                 torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype),
                 torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype),
                 u[trunc].to(logits.dtype),
+                None if bool((after == 1).all()) else after[trunc],
             )
         return out
