@@ -1,6 +1,7 @@
 """The HTTP server: one FastAPI app, one port, the engine on its own thread (`fitllm serve`).
 
-Routes: OpenAI-compatible (fitllm/server/openai_api.py), `/health` (503 while loading), `/metrics`
+Routes: OpenAI-compatible (fitllm/server/openai_api.py), KoboldAI / KoboldCpp-compatible
+(fitllm/server/kobold_api.py), `/health` (503 while loading), `/metrics`
 (Prometheus). With an API key every API route needs `Authorization: Bearer KEY`; `/health` and
 `/metrics` stay open for probes and scrapers. CORS allows any origin, since browser front ends call the
 API directly.
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.errors import error_body, install_error_handlers
+from fitllm.server.kobold_api import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai_api import router as openai_router
 from fitllm.server.state import ServerState
@@ -89,4 +91,5 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(kobold_router)
     return app

@@ -8,7 +8,6 @@ their requests and frees their blocks.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -21,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
-from fitllm.server.errors import APIError, bad_request
+from fitllm.server.errors import bad_request
 from fitllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,9 +29,9 @@ from fitllm.server.protocol import (
     TokenizeRequest,
 )
 from fitllm.server.state import ServerState, get_state
+from fitllm.server.streaming import collect, merged
 
 router = APIRouter()
-DISCONNECT_POLL_S = 0.25
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -57,62 +56,6 @@ async def _start(
             s.close()
         raise
     return streams
-
-
-async def _merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all streams as they arrive, as (choice index, output); closing it aborts the rest."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                await queue.put((index, out))
-        except BaseException as exc:
-            await queue.put((index, exc))
-            raise
-        await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(k, s)) for k, (_, s) in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        for _, s in streams:
-            s.close()
-
-
-async def _collect(request: Request, streams: list[tuple[int, RequestStream]]) -> list[RequestOutput]:
-    """The final output of every stream; aborts them all if the client disconnects first."""
-    finals: list[RequestOutput | None] = [None] * len(streams)
-
-    async def run() -> None:
-        async for index, out in _merged(streams):
-            if out.finished:
-                finals[index] = out
-
-    task = asyncio.create_task(run())
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                raise APIError(499, "client disconnected")
-        task.result()
-    finally:
-        if not task.done():
-            task.cancel()
-        for _, s in streams:
-            s.close()
-    return [f for f in finals if f is not None]
 
 
 def _envelope(obj: str, cid: str, created: int, model: str, choices: list, **extra: Any) -> dict[str, Any]:
@@ -219,7 +162,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
             sent_echo: set[int] = set()
             prompt_tokens: dict[int, int] = {}
             completion_tokens = 0
-            async for k, out in _merged(streams):
+            async for k, out in merged(streams):
                 i = streams[k][0]
                 prompt_tokens[i] = len(out.prompt_token_ids)
                 c = out.outputs[0]
@@ -248,7 +191,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    finals = await _collect(request, streams)
+    finals = await collect(request, streams)
     choices = []
     for k, out in enumerate(finals):
         i = streams[k][0]
@@ -314,7 +257,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                     )
                 )
             prompt_tokens, completion_tokens = 0, 0
-            async for k, out in _merged(streams):
+            async for k, out in merged(streams):
                 prompt_tokens = len(out.prompt_token_ids)
                 c = out.outputs[0]
                 completion_tokens += len(c.delta_token_ids)
@@ -343,7 +286,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    finals = await _collect(request, streams)
+    finals = await collect(request, streams)
     choices = []
     for k, out in enumerate(finals):
         c = out.outputs[0]

@@ -19,11 +19,43 @@ RETRY_AFTER_S = 1
 
 
 @dataclass
+class KoboldJob:
+    """A Kobold generation: its text so far (for /api/extra/generate/check) and request (for abort)."""
+
+    request_id: str
+    text: str = ""
+    done: bool = False
+
+    def update(self, text: str) -> None:
+        self.text = text
+
+
+@dataclass
+class KoboldJobs:
+    """Generations by genkey, and the latest (what a check without a genkey reports)."""
+
+    by_genkey: dict[str, KoboldJob] = field(default_factory=dict)
+    last: KoboldJob | None = None
+    max_kept: int = 1024  # finished jobs are forgotten oldest first beyond this
+
+    def start(self, request_id: str, genkey: str) -> KoboldJob:
+        job = KoboldJob(request_id)
+        self.last = job
+        if genkey:
+            self.by_genkey.pop(genkey, None)
+            self.by_genkey[genkey] = job
+            while len(self.by_genkey) > self.max_kept:
+                self.by_genkey.pop(next(iter(self.by_genkey)))
+        return job
+
+
+@dataclass
 class ServerState:
     engine: AsyncEngine
     model_name: str
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    kobold_jobs: KoboldJobs = field(default_factory=KoboldJobs)
 
     def _ready_engine(self):
         if not self.engine.ready:

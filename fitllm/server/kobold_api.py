@@ -1,0 +1,335 @@
+"""KoboldAI / KoboldCpp-compatible routes, the API creative-writing front ends (KoboldAI Lite, SillyTavern's
+Kobold mode, ...) speak.
+
+Behaviour follows KoboldCpp (koboldcpp.py, gpttype_adapter.cpp), including its defaults:
+
+- `memory` is kept whole at the front; the prompt is trimmed from its oldest tokens so that memory +
+  prompt + max_length fit max_context_length (itself capped by --max-model-len), and max_length is capped
+  so some context always remains.
+- Samplers: temperature (<= 0: greedy), top_k (< 1: off), top_p, min_p, rep_pen over the last
+  rep_pen_range tokens with rep_pen_slope, presence_penalty over the same window, logit_bias, sampler_seed,
+  stop_sequence with trim_stop (default on: the stop string is cut from the text), the default
+  sampler_order (repetition penalties, truncations, then temperature). Samplers fitllm does not implement
+  (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, banned
+  strings, images) are accepted only at their neutral values; anything else is a 400 naming the field.
+- `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
+  which KoboldAI Lite sends `memory` separately and streams over SSE, and every feature Lite enables below
+  it is one fitllm serves or rejects clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.server.errors import bad_request
+from fitllm.server.state import ServerState, get_state
+from fitllm.server.streaming import collect
+
+router = APIRouter()
+
+KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp reports
+KOBOLDCPP_VERSION = "1.49"
+DEFAULT_MAX_LENGTH = 100
+DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
+REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
+
+
+class KoboldGenerateRequest(BaseModel):
+    """POST /api/v1/generate and /api/extra/generate/stream, with KoboldCpp's defaults."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    memory: str = ""
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_context_length: int | None = None
+    temperature: float = 0.75
+    top_k: int = 100
+    top_p: float = 0.92
+    min_p: float = 0.0
+    top_a: float = 0.0
+    typical: float = 1.0
+    tfs: float = 1.0
+    nsigma: float = 0.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    rep_pen_slope: float = 1.0
+    presence_penalty: float = 0.0
+    sampler_order: list[int] | None = None
+    sampler_seed: int = -1
+    stop_sequence: list[str] | None = None
+    trim_stop: bool = True
+    genkey: str = ""
+    mirostat: int = 0
+    dynatemp_range: float = 0.0
+    smoothing_factor: float = 0.0
+    dry_multiplier: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.2
+    grammar: str = ""
+    banned_tokens: list[str] | None = None
+    banned_strings: list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    use_default_badwordsids: bool = False
+    ban_eos_token: bool | None = None
+    bypass_eos: bool = False
+    images: list[Any] | None = None
+
+
+class GenkeyRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    genkey: str = ""
+
+
+class TokenCountRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    special: bool = True
+
+
+# ---- translating a request ----------------------------------------------------------------------------
+
+
+def _reject_unsupported(body: KoboldGenerateRequest) -> None:
+    """400 for a sampler fitllm does not implement set to a non-neutral value (never silently ignored)."""
+    unsupported = [
+        ("top_a", body.top_a > 0, "0"),
+        ("typical", body.typical < 1, "1"),
+        ("tfs", body.tfs < 1, "1"),
+        ("nsigma", body.nsigma > 0, "0"),
+        ("mirostat", body.mirostat in (1, 2), "0"),
+        ("dynatemp_range", body.dynatemp_range > 0, "0"),
+        ("smoothing_factor", body.smoothing_factor > 0, "0"),
+        ("dry_multiplier", body.dry_multiplier > 0, "0"),
+        ("xtc_probability", body.xtc_probability > 0 and body.xtc_threshold <= 0.5, "0"),
+        ("grammar", bool(body.grammar), "empty"),
+        ("banned_tokens", bool(body.banned_tokens or body.banned_strings), "empty"),
+        ("images", bool(body.images), "empty"),
+    ]
+    for name, used, neutral in unsupported:
+        if used:
+            raise bad_request(f"{name} is not supported by fitllm; set it to {neutral} (off)", name)
+
+
+def _temperature_last(body: KoboldGenerateRequest) -> bool:
+    """Map sampler_order onto the orders fitllm's sampler has: repetition penalties first, top-k before
+    top-p / min-p, temperature either before every active cut or after all of them."""
+    order = body.sampler_order or DEFAULT_SAMPLER_ORDER
+    if sorted(set(order)) != sorted(order) or any(not 0 <= s <= 6 for s in order):
+        raise bad_request(f"sampler_order must list distinct sampler ids 0-6; got {order}", "sampler_order")
+    pos = {s: i for i, s in enumerate(order)}
+    active = [s for s, on in ((TOP_K, body.top_k >= 1), (TOP_P, body.top_p < 1 or body.min_p > 0)) if on]
+    if REP_PEN in pos and any(pos.get(s, -1) < pos[REP_PEN] for s in (*active, TEMPERATURE) if s in pos):
+        raise bad_request("sampler_order: fitllm applies repetition penalties (6) first", "sampler_order")
+    if TOP_K in active and TOP_P in active and pos.get(TOP_P, 99) < pos.get(TOP_K, 99):
+        raise bad_request("sampler_order: fitllm applies top_k (0) before top_p (2)", "sampler_order")
+    t = pos.get(TEMPERATURE, len(order))
+    before = [s for s in active if pos.get(s, 99) < t]
+    if before and len(before) != len(active):
+        raise bad_request(
+            "sampler_order: temperature (5) must come before or after all active truncation samplers",
+            "sampler_order",
+        )
+    return bool(before)
+
+
+def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: list[int]) -> SamplingParams:
+    _reject_unsupported(body)
+    bias: dict[int, float] = {}
+    for k, v in (body.logit_bias or {}).items():
+        try:
+            bias[int(k)] = max(-100.0, min(100.0, float(v)))
+        except ValueError as exc:
+            raise bad_request("logit_bias keys must be token ids", "logit_bias") from exc
+    ban_eos = body.ban_eos_token if body.ban_eos_token is not None else body.use_default_badwordsids
+    if ban_eos:
+        bias.update(dict.fromkeys(eos_ids, -100.0))
+    stops = [s for s in (body.stop_sequence or []) if s]
+    try:
+        return SamplingParams(
+            temperature=max(0.0, body.temperature),
+            top_k=max(0, body.top_k),
+            top_p=body.top_p if 0 < body.top_p <= 1 else 1.0,
+            min_p=max(0.0, body.min_p),
+            repetition_penalty=body.rep_pen,
+            repetition_penalty_range=max(1, body.rep_pen_range),
+            repetition_penalty_slope=body.rep_pen_slope,
+            presence_penalty=body.presence_penalty,
+            temperature_last=_temperature_last(body),
+            seed=body.sampler_seed if body.sampler_seed > 0 else None,
+            max_tokens=max_length,
+            stop=stops,
+            include_stop_str_in_output=not body.trim_stop,
+            ignore_eos=bool(ban_eos or body.bypass_eos),
+            logit_bias=bias or None,
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def build_context(st: ServerState, body: KoboldGenerateRequest) -> tuple[list[int], int]:
+    """(prompt token ids, max_length): memory whole at the front, then the newest prompt tokens that fit
+    max_context_length - max_length (KoboldCpp's trimming)."""
+    tok = st.tokenizer
+    ctx = min(body.max_context_length or st.max_model_len, st.max_model_len)
+    if ctx < 8:
+        raise bad_request(f"max_context_length must be at least 8; got {ctx}", "max_context_length")
+    if body.max_length < 1:
+        raise bad_request(f"max_length must be at least 1; got {body.max_length}", "max_length")
+    max_length = min(body.max_length, ctx - max(min(ctx - 4, 16), int(0.2 * ctx)))
+    bos = tok.encode("", add_special_tokens=True)  # [BOS] for models that start with it, else []
+    memory = tok.encode(body.memory, add_special_tokens=False) if body.memory else []
+    prompt = tok.encode(body.prompt, add_special_tokens=False)
+    room = ctx - max_length - len(bos)
+    if len(memory) > room - 1:
+        memory = memory[len(memory) - (room - 1) :]  # memory alone overflows: its oldest tokens go
+    keep = room - len(memory)
+    prompt = prompt[len(prompt) - keep :] if len(prompt) > keep else prompt
+    ids = bos + memory + prompt
+    if len(ids) == len(bos):
+        raise bad_request("the prompt is empty", "prompt")
+    return ids, max_length
+
+
+async def _start(st: ServerState, body: KoboldGenerateRequest):
+    ids, max_length = build_context(st, body)
+    params = sampling_params(body, max_length, st.tokenizer.eos_token_ids)
+    rid = f"kobold-{uuid.uuid4().hex}"
+    stream = await st.start_streams(st.engine.add(ids, params, rid))
+    return stream, st.kobold_jobs.start(rid, body.genkey)
+
+
+def _finish_reason(out: RequestOutput) -> str:
+    reason = out.outputs[0].finish_reason
+    return "length" if reason == "length" else "stop"
+
+
+# ---- routes --------------------------------------------------------------------------------------------
+
+
+@router.get("/api/v1/model")
+async def model(request: Request) -> dict[str, str]:
+    return {"result": get_state(request).model_name}
+
+
+@router.get("/api/v1/info/version")
+async def api_version() -> dict[str, str]:
+    return {"result": KOBOLD_API_VERSION}
+
+
+@router.get("/api/v1/config/max_context_length")
+async def max_context_length(request: Request) -> dict[str, int]:
+    return {"value": get_state(request).max_model_len}
+
+
+@router.get("/api/extra/true_max_context_length")
+async def true_max_context_length(request: Request) -> dict[str, int]:
+    return {"value": get_state(request).max_model_len}
+
+
+@router.get("/api/v1/config/max_length")
+async def max_length() -> dict[str, int]:
+    return {"value": DEFAULT_MAX_LENGTH}
+
+
+@router.get("/api/extra/version")
+async def extra_version(request: Request) -> dict[str, Any]:
+    st = get_state(request)
+    off = dict.fromkeys(
+        ("txt2img", "vision", "audio", "transcribe", "multiplayer", "websearch", "tts", "embeddings"), False
+    )
+    return {
+        "result": "KoboldCpp",
+        "version": KOBOLDCPP_VERSION,
+        "protected": st.api_key is not None,
+        "llm": True,
+        **off,
+        "savedata": False,
+        "admin": 0,
+        "guidance": False,
+        "jinja": False,
+    }
+
+
+@router.post("/api/v1/generate")
+async def generate(body: KoboldGenerateRequest, request: Request) -> dict[str, Any]:
+    st = get_state(request)
+    stream, job = await _start(st, body)
+    try:
+        (final,) = await collect(request, [(0, stream)], lambda _, out: job.update(out.outputs[0].text))
+    finally:
+        job.done = True
+    c = final.outputs[0]
+    return {
+        "results": [
+            {
+                "text": c.text,
+                "finish_reason": _finish_reason(final),
+                "prompt_tokens": len(final.prompt_token_ids),
+                "completion_tokens": len(c.token_ids),
+                "logprobs": None,
+                "tool_calls": [],
+            }
+        ]
+    }
+
+
+@router.post("/api/extra/generate/stream")
+async def generate_stream(body: KoboldGenerateRequest, request: Request) -> StreamingResponse:
+    st = get_state(request)
+    stream, job = await _start(st, body)
+
+    def event(token: str, finish_reason: str | None) -> str:
+        return f"event: message\ndata: {json.dumps({'token': token, 'finish_reason': finish_reason})}\n\n"
+
+    async def events() -> AsyncIterator[str]:
+        async with stream:
+            async for out in stream:
+                c = out.outputs[0]
+                job.update(c.text)
+                if c.delta_text:
+                    yield event(c.delta_text, None)
+                if out.finished:
+                    job.done = True
+                    yield event("", _finish_reason(out))
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+@router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
+async def check(request: Request) -> dict[str, Any]:
+    jobs = get_state(request).kobold_jobs
+    job = jobs.last
+    if request.method == "POST":
+        try:
+            body = GenkeyRequest(**(await request.json()))
+        except Exception as exc:
+            raise bad_request("the body must be a JSON object with a genkey") from exc
+        job = jobs.by_genkey.get(body.genkey)
+    return {"results": [{"text": job.text if job else ""}]}
+
+
+@router.post("/api/extra/abort")
+async def abort(body: GenkeyRequest, request: Request) -> dict[str, str]:
+    st = get_state(request)
+    jobs = st.kobold_jobs
+    job = jobs.by_genkey.get(body.genkey) if body.genkey else jobs.last
+    if job is None or job.done:
+        return {"success": "false", "done": "false"}
+    st.engine.abort(job.request_id)
+    return {"success": "true", "done": "true"}
+
+
+@router.post("/api/extra/tokencount")
+async def tokencount(body: TokenCountRequest, request: Request) -> dict[str, Any]:
+    ids = get_state(request).tokenizer.encode(body.prompt, add_special_tokens=body.special)
+    return {"value": len(ids), "ids": ids}

@@ -1,0 +1,79 @@
+"""Consuming engine streams in a route: several requests' outputs merged, and a non-streamed response
+that aborts its requests when the client disconnects (Starlette only notices a disconnect while sending,
+so the route polls for it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+
+from fitllm.engine.async_engine import RequestStream
+from fitllm.engine.request import RequestOutput
+from fitllm.server.errors import APIError
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of all streams as they arrive, as (choice index, output); closing it aborts the rest."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except BaseException as exc:
+            await queue.put((index, exc))
+            raise
+        await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, (_, s) in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for _, s in streams:
+            s.close()
+
+
+async def collect(
+    request: Request,
+    streams: list[tuple[int, RequestStream]],
+    on_output: Callable[[int, RequestOutput], None] | None = None,
+) -> list[RequestOutput]:
+    """The final output of every stream (`on_output` sees every output as it arrives); aborts them all if
+    the client disconnects first."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+
+    async def run() -> None:
+        async for index, out in merged(streams):
+            if on_output is not None:
+                on_output(index, out)
+            if out.finished:
+                finals[index] = out
+
+    task = asyncio.create_task(run())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+        for _, s in streams:
+            s.close()
+    return [f for f in finals if f is not None]
