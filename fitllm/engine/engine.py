@@ -255,6 +255,14 @@ class Engine:
                 )
         if not ids:
             raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        for name, tokens in (
+            ("logit_bias", params.logit_bias or {}),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            bad = [t for t in tokens if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but --max-model-len is {self.max_model_len}; "

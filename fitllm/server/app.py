@@ -13,19 +13,17 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from fitllm.engine.async_engine import AsyncEngine
-from fitllm.server.errors import error_body, install_error_handlers
+from fitllm.server.errors import install_error_handlers
+from fitllm.server.guard import RequestGuard
 from fitllm.server.kobold_api import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai_api import router as openai_router
 from fitllm.server.state import ServerState
-
-MAX_BODY_BYTES = 32 << 20  # a request body larger than this is refused (413) before it is read
-OPEN_PATHS = ("/health", "/metrics")
 
 
 def default_model_name(model: str | None) -> str:
@@ -55,28 +53,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return JSONResponse(
-                error_body(
-                    f"the request body is larger than {MAX_BODY_BYTES} bytes", "invalid_request_error"
-                ),
-                status_code=413,
-            )
-        guarded = api_key and request.method != "OPTIONS" and not request.url.path.startswith(OPEN_PATHS)
-        if guarded and request.headers.get("authorization", "") != f"Bearer {api_key}":
-            return JSONResponse(
-                error_body(
-                    "missing or wrong API key (Authorization: Bearer KEY)",
-                    "authentication_error",
-                    code="invalid_api_key",
-                ),
-                status_code=401,
-            )
-        return await call_next(request)
-
+    app.add_middleware(RequestGuard, api_key=api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
 
     @app.get("/health")

@@ -6,6 +6,7 @@ client written for the OpenAI API can show the message.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+_PARAM = re.compile(r"^([a-z_]+)(?::| must )")
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
+    """A 400; without `param`, one is read from messages of the form "name: ..." or "name must ..."."""
+    if param is None and (m := _PARAM.match(message)):
+        param = m.group(1)
     return APIError(400, message, param=param)
 
 

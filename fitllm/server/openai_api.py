@@ -160,6 +160,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
 
         async def events() -> AsyncIterator[str]:
             sent_echo: set[int] = set()
+            next_offset: dict[int, int] = {}  # per choice: text offset of its next logprob token
             prompt_tokens: dict[int, int] = {}
             completion_tokens = 0
             async for k, out in merged(streams):
@@ -170,11 +171,15 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                 text = c.delta_text
                 if body.echo and k not in sent_echo:
                     sent_echo.add(k)
-                    text = echo_text(i, out) + text
+                    prefix = echo_text(i, out)
+                    next_offset[k] = len(prefix)
+                    text = prefix + text
                 logprobs = None
                 if body.logprobs is not None and c.delta_token_ids and c.logprobs is not None:
                     n = len(c.delta_token_ids)
-                    logprobs = _legacy_logprobs(st, c.delta_token_ids, c.logprobs[-n:], 0)
+                    offset = next_offset.get(k, 0)
+                    logprobs = _legacy_logprobs(st, c.delta_token_ids, c.logprobs[-n:], offset)
+                    next_offset[k] = offset + sum(len(t) for t in logprobs["tokens"])
                 if not text and not out.finished and logprobs is None:
                     continue
                 choice = {

@@ -81,7 +81,7 @@ class SamplingFields(BaseModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValueError as exc:
-            raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from exc
+            raise bad_request(str(exc)) from exc
 
     @property
     def include_usage(self) -> bool:

@@ -107,7 +107,12 @@ class ServerState:
 
     async def start_streams(self, starting: Awaitable[T]) -> T:
         """Await engine admission, translating refusals into HTTP errors."""
-        self._ready_engine()
+        try:
+            self._ready_engine()
+        except APIError:
+            if hasattr(starting, "close"):
+                starting.close()  # never started: close it so it is not reported as never awaited
+            raise
         try:
             return await starting
         except ValueError as exc:

@@ -1,0 +1,664 @@
+"""The HTTP server end to end: real uvicorn on a loopback port, the official `openai` client and plain `httpx`.
+
+The reference for every generated text is the offline Engine with the same config (greedy), and for prompt
+logprobs the SequenceScorer (itself checked against transformers in test_eval.py). Servers are built once
+per module: the default model (bfloat16) for generation, a tiny random checkpoint with an API key and no
+waiting room for auth and 503s, and an engine whose factory blocks then fails for /health.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fitllm.config import EngineConfig
+from fitllm.engine.async_engine import AsyncEngine, EngineDead
+from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
+from fitllm.eval.perplexity import SequenceScorer
+from fitllm.server.app import build_app, default_model_name
+from fitllm.server.guard import MAX_BODY_BYTES
+
+CONFIG = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0)
+PROMPT = "The Martians landed in"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+API_KEY = "secret"
+
+
+@dataclass
+class Served:
+    url: str
+    name: str
+    engine: AsyncEngine
+
+
+@contextlib.contextmanager
+def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True):
+    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(build_app(engine, name, api_key), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert thread.is_alive(), "uvicorn exited during startup"
+            assert engine.error is None or not wait_ready, f"the engine failed to start: {engine.error}"
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(f"{url}/health", timeout=5).status_code
+                if status == 200 or (status == 503 and not wait_ready):
+                    break
+                assert status == 503
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        yield Served(url, name, engine)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Served]:
+    with serve(AsyncEngine(EngineConfig(**CONFIG)), default_model_name(None)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def offline() -> Engine:
+    return Engine(EngineConfig(**CONFIG))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Iterator[Served]:
+    """A random-weight checkpoint behind an API key, whose engine refuses every add (no waiting room)."""
+    from conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path_factory.mktemp("srv"), family="llama")
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
+    with serve(AsyncEngine(config, max_waiting_requests=0), default_model_name(str(folder)), API_KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def greedy(engine: Engine, prompt, max_tokens: int = 12, **kw):
+    """The offline reference: the final output of one greedy request."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, **kw)
+    return list(engine.stream(prompt, params))[-1]
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    return err
+
+
+def wait_idle_after_abort(url: str, aborts_before: float) -> dict:
+    """Poll /metrics until nothing runs or waits, no KV block is in use, and one more request was aborted."""
+    deadline = time.monotonic() + 10
+    while True:
+        m = scrape(url)
+        idle = (
+            sample(m, "fitllm_requests", state="running") == 0
+            and sample(m, "fitllm_requests", state="waiting") == 0
+            and sample(m, "fitllm_kv_blocks", state="used") == 0
+        )
+        if idle and sample(m, "fitllm_requests_finished_total", reason="abort") == aborts_before + 1:
+            return m
+        assert time.monotonic() < deadline, {k: v for k, v in m.items() if "requests" in k[0] or "kv" in k[0]}
+        time.sleep(0.1)
+
+
+# ---- generation against the offline engine ---------------------------------------------------------------
+
+
+def test_models_and_greedy_completion_match_offline(server, client, offline):
+    assert [m.id for m in client.models.list().data] == [server.name]
+    assert client.models.retrieve(server.name).id == server.name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    ref = greedy(offline, PROMPT)
+    resp = client.completions.create(model=server.name, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert len(resp.choices) == 1
+    assert resp.choices[0].text == ref.outputs[0].text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(offline.tokenizer.encode(PROMPT))
+    assert resp.usage.completion_tokens == 12
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + 12
+
+
+def test_prompt_lists_and_n(server, client, offline):
+    prompts = [PROMPT, "Once upon a time"]
+    resp = client.completions.create(model=server.name, prompt=prompts, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    assert resp.choices[0].text == resp.choices[1].text  # greedy: both choices of one prompt agree
+    assert resp.choices[2].text == resp.choices[3].text
+    assert resp.usage.prompt_tokens == sum(len(offline.tokenizer.encode(p)) for p in prompts)
+    assert resp.usage.completion_tokens == 4 * 6
+
+    ids = offline.tokenizer.encode(PROMPT)
+    one = client.completions.create(model=server.name, prompt=ids, max_tokens=12, temperature=0)
+    assert [c.text for c in one.choices] == [greedy(offline, ids).outputs[0].text]
+    assert one.usage.prompt_tokens == len(ids)
+    ids2 = offline.tokenizer.encode("Once upon a time")
+    two = client.completions.create(model=server.name, prompt=[ids, ids2], max_tokens=4, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text == greedy(offline, ids, 4).outputs[0].text
+    assert two.usage.prompt_tokens == len(ids) + len(ids2)
+
+    chunks = list(
+        client.completions.create(
+            model=server.name,
+            prompt=prompts,
+            n=2,
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    finished = sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason == "length")
+    assert finished == [0, 1, 2, 3]
+    assert chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 4 * 3
+
+
+def test_stop_and_seeded_sampling_match_offline(server, client, offline):
+    ref = greedy(offline, PROMPT, stop=[" and"]).outputs[0]
+    resp = client.completions.create(
+        model=server.name, prompt=PROMPT, max_tokens=12, temperature=0, stop=" and"
+    )
+    assert ref.finish_reason == "stop" and len(ref.token_ids) < 12  # the stop string is reached
+    assert (resp.choices[0].text, resp.choices[0].finish_reason) == (ref.text, "stop")
+
+    # A seeded request is reproducible and matches the offline engine with the same seed. (Both alone in
+    # their batch: in bfloat16 the logits, and so the samples, depend slightly on the batch size.)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    ref = list(offline.stream(PROMPT, params))[-1].outputs[0].text
+    kw = dict(
+        model=server.name, prompt=PROMPT, max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True}
+    )
+    assert client.completions.create(**kw, seed=5).choices[0].text == ref
+    # Choice j of a seeded request samples with seed + j: reproducible, and distinct from its sibling.
+    first = [c.text for c in client.completions.create(**kw, seed=5, n=2).choices]
+    assert first == [c.text for c in client.completions.create(**kw, seed=5, n=2).choices]
+    assert first[0] != first[1]
+
+
+def test_chat_completion_matches_offline_template(server, client, offline):
+    rendered = offline.tokenizer.apply_chat_template(MESSAGES)
+    ref = greedy(offline, rendered, 24)
+    assert ref.outputs[0].finish_reason == "stop"  # the answer ends on EOS before the limit
+    resp = client.chat.completions.create(model=server.name, messages=MESSAGES, max_tokens=24, temperature=0)
+    msg = resp.choices[0]
+    assert (msg.message.role, msg.message.content) == ("assistant", ref.outputs[0].text)
+    assert msg.finish_reason == "stop"
+    assert resp.usage.prompt_tokens == len(offline.tokenizer.encode(rendered))
+
+    chunks = list(
+        client.chat.completions.create(
+            model=server.name,
+            messages=MESSAGES,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in content) == ref.outputs[0].text
+    assert content[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+
+def test_completion_logprobs(server, client, offline):
+    ref = greedy(offline, PROMPT, 8, logprobs=3).outputs[0]
+    resp = client.completions.create(
+        model=server.name, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3
+    )
+    c = resp.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset[0] == 0
+    for i in range(1, 8):
+        assert lp.text_offset[i] == lp.text_offset[i - 1] + len(lp.tokens[i - 1])
+    for tok, value, top, ref_entry, ref_id in zip(
+        lp.tokens, lp.token_logprobs, lp.top_logprobs, ref.logprobs, ref.token_ids, strict=True
+    ):
+        assert 1 <= len(top) <= 4 and top[tok] == value
+        assert value == max(top.values())  # greedy picks the most likely token
+        assert value == pytest.approx(ref_entry[ref_id].logprob, abs=1e-3)
+
+
+def test_streamed_logprobs_equal_non_streamed(server, client):
+    kw = dict(model=server.name, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    whole = client.completions.create(**kw).choices[0].logprobs
+    parts = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices]
+    parts = [p for p in parts if p is not None]
+    assert sum((p.tokens for p in parts), []) == whole.tokens
+    assert sum((p.token_logprobs for p in parts), []) == pytest.approx(whole.token_logprobs, abs=1e-4)
+    # text_offset indexes the choice's whole text, as in the non-streamed response (and in vLLM).
+    assert sum((p.text_offset for p in parts), []) == whole.text_offset
+
+
+def test_chat_logprobs(server, client, offline):
+    resp = client.chat.completions.create(
+        model=server.name, messages=MESSAGES, max_tokens=16, temperature=0, logprobs=True, top_logprobs=2
+    )
+    c = resp.choices[0]
+    entries = c.logprobs.content
+    assert len(entries) == resp.usage.completion_tokens
+    # As vLLM does, the EOS that stopped the answer is scored though its text is not in the content.
+    assert c.finish_reason == "stop" and entries[-1].token == offline.tokenizer.eos_token
+    assert "".join(e.token for e in entries[:-1]) == c.message.content
+    for e in entries:
+        assert e.bytes == list(e.token.encode())
+        assert len(e.top_logprobs) == 2
+        assert e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
+
+
+def test_echo_logprobs_as_lm_eval_sends_them(server, http, offline):
+    prompts = [PROMPT + " the middle of a field", "Paris is the capital of"]
+    r = http.post(
+        "/v1/completions",
+        json={
+            "model": server.name,
+            "prompt": prompts,
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 1,
+            "temperature": 0,
+        },
+    )
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for prompt, choice in zip(prompts, choices, strict=True):
+        ids = offline.tokenizer.encode(prompt)
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(prompt)
+        assert len(lp["tokens"]) == len(ids) + 1  # every prompt token and the generated one
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert "".join(lp["tokens"][: len(ids)]) == prompt
+        assert lp["text_offset"][len(ids)] == len(prompt)
+        scorer = SequenceScorer(offline.model, offline.model_config, offline.device, context=len(ids))
+        ref = scorer.token_logprobs(ids)
+        got = lp["token_logprobs"][1 : len(ids)]
+        assert got == pytest.approx(ref.tolist(), abs=1e-3)
+        assert sum(got) == pytest.approx(float(ref.sum()), abs=1e-3)
+        for tok, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+            assert top[tok] == value and 1 <= len(top) <= 2
+
+
+# ---- tokenizer routes and raw SSE ------------------------------------------------------------------------
+
+
+def test_tokenize_detokenize_and_tokenizer_info(server, http, offline):
+    r = http.post("/tokenize", json={"prompt": PROMPT})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["tokens"] == offline.tokenizer.encode(PROMPT)
+    assert (body["count"], body["max_model_len"]) == (len(body["tokens"]), 512)
+    back = http.post("/detokenize", json={"tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": PROMPT}
+    chat = http.post("/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["tokens"] == offline.tokenizer.encode(offline.tokenizer.apply_chat_template(MESSAGES))
+    info = http.get("/tokenizer_info").json()
+    assert info["eos_token_ids"] == offline.tokenizer.eos_token_ids and info["eos_token_ids"]
+    assert info["chat_template"] == offline.tokenizer.chat_template and "im_start" in info["chat_template"]
+    assert info["model_max_length"] == 512
+
+
+@pytest.mark.parametrize(
+    "path,extra",
+    [("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": MESSAGES})],
+)
+def test_raw_sse(http, path, extra):
+    body = {"max_tokens": 5, "temperature": 0, "stream": True, **extra}
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+    events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+    assert len(events) >= 2 and all(e["choices"] for e in events)
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+ANY = object()  # the param is not checked
+BAD = [
+    ("malformed_json", C, '{"prompt": "hi",', 400, ANY),
+    ("body_is_a_list", C, "[1, 2]", 400, ANY),
+    ("empty_body", C, "", 400, ANY),
+    ("prompt_dict", C, {"prompt": {"a": 1}}, 400, ANY),
+    ("max_tokens_text", C, {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("max_tokens_fraction", C, {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens"),
+    ("nan_temperature", C, '{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("infinite_top_p", C, '{"prompt": "hi", "top_p": Infinity}', 400, "top_p"),
+    ("negative_temperature", C, {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("negative_max_tokens", C, {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("zero_max_tokens", C, {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("top_p_zero", C, {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("huge_n", C, {"prompt": "hi", "n": 1000}, 400, "n"),
+    ("zero_n", C, {"prompt": "hi", "n": 0}, 400, "n"),
+    ("presence_penalty_out_of_range", C, {"prompt": "hi", "presence_penalty": 5}, 400, "presence_penalty"),
+    ("min_tokens_over_max", C, {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
+    ("logprobs_over_20", C, {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("logit_bias_key", C, {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("stop_int", C, {"prompt": "hi", "stop": 5}, 400, ANY),
+    (
+        "logit_bias_out_of_vocab",
+        C,
+        {"prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999": 1}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "stop_token_out_of_vocab",
+        C,
+        {"prompt": "hi", "min_tokens": 1, "stop_token_ids": [99999999]},
+        400,
+        "stop_token_ids",
+    ),
+    ("empty_prompt", C, {"prompt": ""}, 400, ANY),
+    ("empty_prompt_list", C, {"prompt": []}, 400, "prompt"),
+    ("empty_token_prompt", C, {"prompt": [[]]}, 400, ANY),
+    ("token_out_of_vocab", C, {"prompt": [10**9]}, 400, ANY),
+    ("negative_token", C, {"prompt": [[1, -1]]}, 400, ANY),
+    ("prompt_too_long", C, {"prompt": "hello " * 600, "max_tokens": 1}, 400, ANY),
+    ("suffix", C, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("best_of", C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("echo_logprobs_stream", C, {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "echo"),
+    ("stream_bad_max_tokens", C, {"prompt": "hi", "max_tokens": -1, "stream": True}, 400, "max_tokens"),
+    ("stream_empty_prompt", C, {"prompt": "", "stream": True}, 400, ANY),
+    ("unknown_model", C, {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+    ("chat_no_messages", CHAT, {"max_tokens": 1}, 400, ANY),
+    ("chat_empty_messages", CHAT, {"messages": []}, 400, ANY),
+    ("chat_bad_role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, ANY),
+    (
+        "chat_image_part",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages",
+    ),
+    ("chat_top_logprobs_alone", CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat_unknown_model", CHAT, {"messages": MESSAGES, "model": "gpt-9"}, 404, "model"),
+    ("detokenize_out_of_vocab", "/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("tokenize_nothing", "/tokenize", {}, 400, ANY),
+    ("unknown_route", "/v1/nothing", {}, 404, ANY),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_an_openai_error(server, http, name, path, body, status, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = http.post(path, content=content, headers={"content-type": "application/json"})
+    err = assert_error(r, status)
+    if param is not ANY:
+        assert err["param"] == param, err
+    if name.endswith("unknown_model"):
+        assert (err["code"], err["type"]) == ("model_not_found", "not_found_error")
+    ok = http.post(C, json={"prompt": "hi", "max_tokens": 1, "temperature": 0})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
+
+
+def test_unknown_fields_are_accepted(server, http):
+    body = {"prompt": "hi", "max_tokens": 1, "foo": "bar", "guided_json": {"type": "object"}, "top_a": 0.1}
+    assert http.post(C, json=body).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 1, "tools": []}
+    assert http.post(CHAT, json=chat).status_code == 200
+
+
+def test_openai_client_sees_the_errors(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-9", prompt="hi", max_tokens=1)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=server.name, prompt="hi", max_tokens=-1)
+    assert e.value.param == "max_tokens" and "max_tokens" in e.value.message
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read off a raw socket."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            length = next(
+                int(v)
+                for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                if k.strip().lower() == b"content-length"
+            )
+            if len(body) >= length:
+                return data
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed mid-response: {data[:300]!r}"
+        data += chunk
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode() + b'{"prompt": "' + b"x" * 1000)  # the rest is never sent
+        response = _read_response(sock)
+    status_line, rest = response.split(b"\r\n", 1)
+    assert status_line.split()[1] == b"413", response[:300]
+    err = json.loads(rest.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(err) == {"message", "type", "param", "code"} and str(MAX_BODY_BYTES) in err["message"]
+
+
+def test_chunked_oversized_body_is_refused(server):
+    """Without a Content-Length (chunked upload) the limit must hold while the body is read."""
+    pad = b"x" * (1 << 20)
+
+    def body():
+        yield b'{"prompt": "hi", "max_tokens": 1, "pad": "'
+        for _ in range(MAX_BODY_BYTES // len(pad) + 1):
+            yield pad
+        yield b'"}'
+
+    r = httpx.post(
+        f"{server.url}{C}", content=body(), headers={"content-type": "application/json"}, timeout=60
+    )
+    assert_error(r, 413)
+
+
+def test_bad_logit_bias_leaves_other_requests_alone(server, http):
+    """A request the engine cannot run must be refused at admission, not fail the step of everyone."""
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 40,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    lines: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", C, json=body) as r:
+        it = r.iter_lines()
+        for line in it:
+            lines.append(line)
+            if line.startswith("data: {"):
+                break
+        bad = http.post(C, json={"prompt": "hi", "max_tokens": 2, "logit_bias": {"99999999": 1}})
+        with contextlib.suppress(httpx.HTTPError):  # a stream cut short by the server
+            lines.extend(it)
+    lines = [line for line in lines if line]  # SSE separates events with blank lines
+    assert lines[-1] == "data: [DONE]", f"the other request's stream was cut: {lines[-2:]}"
+    assert bad.status_code == 400, bad.text
+
+
+# ---- disconnects, metrics --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def abort_leftovers(server) -> Iterator[None]:
+    """After the test, abort whatever still runs, so a failed abort does not slow the tests after it."""
+    yield
+    engine = server.engine.engine
+    for _ in range(3):  # the engine thread may add or drop a request while the ids are listed
+        with contextlib.suppress(RuntimeError):
+            for rid in list(engine.requests):
+                server.engine.abort(rid)
+            break
+    deadline = time.monotonic() + 30
+    while engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_stream_disconnect_aborts_and_frees_blocks(server, abort_leftovers):
+    before = scrape(server.url)
+    aborts = sample(before, "fitllm_requests_finished_total", reason="abort")
+    assert sample(before, "fitllm_kv_blocks", state="used") == 0
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as c, c.stream("POST", C, json=body) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen == 3:
+                break
+    assert seen == 3
+    m = wait_idle_after_abort(server.url, aborts)
+    assert sample(m, "fitllm_requests_finished_total", reason="length") == sample(
+        before, "fitllm_requests_finished_total", reason="length"
+    )
+
+
+def test_non_stream_disconnect_aborts(server, abort_leftovers):
+    aborts = sample(scrape(server.url), "fitllm_requests_finished_total", reason="abort")
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}{C}", json=body, timeout=httpx.Timeout(30, read=1.0))
+    wait_idle_after_abort(server.url, aborts)
+
+
+def test_metrics(server, http):
+    assert http.post(C, json={"prompt": "hi", "max_tokens": 3, "temperature": 0}).status_code == 200
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = scrape(server.url)
+    assert sample(m, "fitllm_ready") == 1
+    assert sample(m, "fitllm_memory_bytes", tag="weights") > 0
+    assert sample(m, "fitllm_memory_budget_bytes") >= sample(m, "fitllm_memory_total_bytes") > 0
+    for state in ("used", "cached", "free"):
+        assert ("fitllm_kv_blocks", (("state", state),)) in m
+    for state in ("running", "waiting", "swapped"):
+        assert ("fitllm_requests", (("state", state),)) in m
+    assert sample(m, "fitllm_time_to_first_token_seconds_count") >= 1
+    assert sample(m, "fitllm_time_per_output_token_seconds_count") >= 1
+    assert sample(m, "fitllm_generation_tokens_total") >= 3
+    assert sample(m, "fitllm_prompt_tokens_total") >= 1
+    assert sample(m, "fitllm_requests_finished_total", reason="length") >= 1
+
+
+# ---- the tiny server: API key and a full queue -----------------------------------------------------------
+
+
+def test_api_key(tiny):
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY}):
+        err = assert_error(httpx.get(f"{tiny.url}/v1/models", headers=headers), 401)
+        assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")
+    assert_error(httpx.post(f"{tiny.url}/tokenize", json={"prompt": "t5"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{tiny.url}/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=f"{tiny.url}/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in good.models.list().data] == [tiny.name]
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    tokens = httpx.post(f"{tiny.url}/tokenize", json={"prompt": "t5 t6"}, headers=auth).json()["tokens"]
+    assert tokens == [5, 6]
+    assert httpx.get(f"{tiny.url}/health").status_code == 200
+    assert httpx.get(f"{tiny.url}/metrics").status_code == 200
+    preflight = httpx.options(
+        f"{tiny.url}/v1/completions",
+        headers={"origin": "http://example.com", "access-control-request-method": "POST"},
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"]
+
+
+def test_full_queue_is_503_with_retry_after(tiny):
+    auth = {"authorization": f"Bearer {API_KEY}"}
+    for stream in (False, True):
+        body = {"prompt": "t5 t6 t7", "max_tokens": 2, "stream": stream}
+        r = httpx.post(f"{tiny.url}/v1/completions", json=body, headers=auth, timeout=60)
+        err = assert_error(r, 503)
+        assert err["type"] == "service_unavailable" and int(r.headers["retry-after"]) >= 1
+    # No chat template on this checkpoint: a 400 naming messages, not a 500.
+    r = httpx.post(f"{tiny.url}/v1/chat/completions", json={"messages": MESSAGES}, headers=auth, timeout=60)
+    assert assert_error(r, 400)["param"] == "messages"
+
+
+def test_health_while_loading_and_after_a_failed_start():
+    gate = threading.Event()
+
+    def factory(_: EngineConfig) -> Engine:
+        gate.wait(60)
+        raise RuntimeError("boom")
+
+    engine = AsyncEngine(EngineConfig(), engine_factory=factory)
+    with serve(engine, "broken", wait_ready=False) as s:
+        r = httpx.get(f"{s.url}/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading" and r.headers["retry-after"]
+        assert_error(httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"}), 503)
+        assert sample(scrape(s.url), "fitllm_ready") == 0
+        gate.set()
+        with pytest.raises(EngineDead, match="boom"):
+            engine.wait_ready(30)
+        r = httpx.get(f"{s.url}/health")
+        assert r.status_code == 503 and "boom" in r.json()["status"]
+        err = assert_error(httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"}), 503)
+        assert "boom" in err["message"]
