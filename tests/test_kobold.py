@@ -1,14 +1,25 @@
-"""KoboldAI / KoboldCpp compatibility (fitllm/server/kobold_api.py) without a server: the context
-(memory kept at the front, the prompt trimmed from its oldest tokens, max_length capped as KoboldCpp
-does) and the translation of Kobold sampler fields, with the unsupported ones refused by name."""
+"""KoboldAI / KoboldCpp compatibility (fitllm/server/kobold_api.py): the context (memory kept at the
+front, the prompt trimmed from its oldest tokens, max_length capped as KoboldCpp does), the translation of
+Kobold sampler fields with the unsupported ones refused by name, and the routes through real HTTP against
+the offline engine."""
 
 from __future__ import annotations
 
+import json
+import re
+import threading
+import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
+from live_server import sample, scrape, serve
 
+from fitllm.config import EngineConfig
+from fitllm.engine.async_engine import AsyncEngine
+from fitllm.engine.engine import Engine
 from fitllm.loader import open_model
+from fitllm.server.app import default_model_name
 from fitllm.server.errors import APIError
 from fitllm.server.kobold_api import KoboldGenerateRequest, build_context, sampling_params
 
@@ -123,3 +134,133 @@ def test_eos_banning_and_bias_and_greedy_and_seed():
     assert p.temperature == 0 and p.seed is None
     q = sampling_params(_body(prompt="x", trim_stop=False, top_k=0, rep_pen_range=0), 10, [2])
     assert q.include_stop_str_in_output and q.top_k == 0 and q.repetition_penalty_range == 1
+
+
+# ---- through real HTTP ----------------------------------------------------------------------------------
+
+LITE_SSE = re.compile(r"event: (.*)\ndata: (.*)\n\n")  # how KoboldAI Lite parses the stream
+
+
+@pytest.fixture(scope="module")
+def server():
+    config = EngineConfig(dtype="bfloat16", max_model_len=256, max_num_seqs=4, seed=0)
+    with serve(AsyncEngine(config), default_model_name(None)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return Engine(EngineConfig(dtype="bfloat16", max_model_len=256, max_num_seqs=4, seed=0))
+
+
+def test_info_routes(server):
+    get = lambda path: httpx.get(server.url + path, timeout=30).json()  # noqa: E731
+    assert get("/api/v1/model") == {"result": server.name}
+    assert get("/api/v1/info/version") == {"result": "1.2.5"}
+    assert get("/api/v1/config/max_context_length") == {"value": 256}
+    assert get("/api/v1/config/max_length")["value"] > 0
+    version = get("/api/extra/version")
+    assert version["result"] == "KoboldCpp" and version["version"] == "1.49"
+    assert not any(version[k] for k in ("txt2img", "vision", "audio", "transcribe", "tts", "embeddings"))
+
+
+def test_generate_matches_the_offline_engine_and_keeps_memory(server, offline):
+    body = {
+        "prompt": " ".join(["The fleet drifted past the moons of Jupiter."] * 60),  # longer than the context
+        "memory": "Captain Ada commands the Starling.\n",
+        "max_length": 24,
+        "max_context_length": 200,
+        "temperature": 0,
+        "rep_pen": 1.1,
+        "rep_pen_range": 64,
+        "rep_pen_slope": 0.7,
+        "use_default_badwordsids": True,
+    }
+    r = httpx.post(f"{server.url}/api/v1/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    state = SimpleNamespace(tokenizer=offline.tokenizer, max_model_len=256)
+    ids, max_length = build_context(state, KoboldGenerateRequest(**body))
+    assert result["prompt_tokens"] == len(ids) == 200 - 24
+    params = sampling_params(KoboldGenerateRequest(**body), max_length, offline.tokenizer.eos_token_ids)
+    want = list(offline.stream(ids, params))[-1].outputs[0]
+    assert result["text"] == want.text and result["completion_tokens"] == len(want.token_ids) == 24
+    assert result["finish_reason"] == "length"
+
+
+def test_stream_is_what_lite_parses_and_equals_generate(server):
+    body = {"prompt": "Once upon a time, on a distant planet,", "max_length": 16, "temperature": 0}
+    full = httpx.post(f"{server.url}/api/v1/generate", json=body, timeout=120).json()["results"][0]["text"]
+    with httpx.stream("POST", f"{server.url}/api/extra/generate/stream", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [(name, json.loads(data)) for name, data in LITE_SSE.findall(raw)]
+    assert "".join(m for m in LITE_SSE.split(raw)[::3]) == ""  # nothing outside the events
+    assert all(name == "message" for name, _ in events)
+    assert "".join(d["token"] for _, d in events) == full
+    assert events[-1][1] == {"token": "", "finish_reason": "length"}
+
+
+def test_stop_sequence_is_trimmed_unless_trim_stop_is_off(server, offline):
+    base = {"prompt": "1, 2, 3, 4, 5,", "max_length": 30, "temperature": 0}
+    free = httpx.post(f"{server.url}/api/v1/generate", json=base, timeout=120).json()["results"][0]["text"]
+    stop = free[2:6]  # a piece of what it writes anyway
+    trimmed = httpx.post(f"{server.url}/api/v1/generate", json=base | {"stop_sequence": [stop]}, timeout=120)
+    kept = httpx.post(
+        f"{server.url}/api/v1/generate",
+        json=base | {"stop_sequence": [stop], "trim_stop": False},
+        timeout=120,
+    )
+    cut = free[: free.index(stop)]
+    assert trimmed.json()["results"][0]["text"] == cut
+    assert kept.json()["results"][0]["text"] == cut + stop
+    assert trimmed.json()["results"][0]["finish_reason"] == "stop"
+
+
+def test_check_and_abort_by_genkey(server):
+    body = {"prompt": "A very long saga begins:", "max_length": 180, "temperature": 0.8, "genkey": "KCPP4242",
+            "use_default_badwordsids": True}  # fmt: skip
+    result: dict = {}
+
+    def run() -> None:
+        result["r"] = httpx.post(f"{server.url}/api/v1/generate", json=body, timeout=120)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    text = ""
+    while not text:  # the check route shows the text so far while it is generated
+        assert time.monotonic() < deadline
+        text = httpx.post(f"{server.url}/api/extra/generate/check", json={"genkey": "KCPP4242"}).json()[
+            "results"
+        ][0]["text"]
+        time.sleep(0.05)
+    assert httpx.post(f"{server.url}/api/extra/generate/check", json={"genkey": "other"}).json() == {
+        "results": [{"text": ""}]
+    }
+    assert httpx.post(f"{server.url}/api/extra/abort", json={"genkey": "KCPP4242"}).json() == {
+        "success": "true",
+        "done": "true",
+    }
+    worker.join(60)
+    r = result["r"].json()["results"][0]
+    assert r["completion_tokens"] < 180 and r["text"].startswith(text)
+    assert (
+        httpx.post(f"{server.url}/api/extra/abort", json={"genkey": "KCPP4242"}).json()["success"] == "false"
+    )
+    m = scrape(server.url)
+    assert (
+        sample(m, "fitllm_kv_blocks", state="used") == 0
+        and sample(m, "fitllm_requests", state="running") == 0
+    )
+
+
+def test_tokencount_and_bad_input(server, offline):
+    r = httpx.post(f"{server.url}/api/extra/tokencount", json={"prompt": "The Martians landed."}).json()
+    assert r == {"value": len(r["ids"]), "ids": offline.tokenizer.encode("The Martians landed.")}
+    bad = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "tfs": 0.9})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tfs"
+    wrong = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "max_length": "long"})
+    assert wrong.status_code == 400 and "max_length" in wrong.json()["error"]["message"]
+    ok = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "max_length": 2}, timeout=60)
+    assert ok.status_code == 200  # still serving

@@ -1,0 +1,67 @@
+"""A real fitllm server for tests: build_app on uvicorn in a thread, and /metrics scraping."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from fitllm.engine.async_engine import AsyncEngine
+from fitllm.server.app import build_app
+
+
+@dataclass
+class Served:
+    url: str
+    name: str
+    engine: AsyncEngine
+
+
+@contextlib.contextmanager
+def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True):
+    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race)."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(build_app(engine, name, api_key), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert thread.is_alive(), "uvicorn exited during startup"
+            assert engine.error is None or not wait_ready, f"the engine failed to start: {engine.error}"
+            with contextlib.suppress(httpx.TransportError):
+                status = httpx.get(f"{url}/health", timeout=5).status_code
+                if status == 200 or (status == 503 and not wait_ready):
+                    break
+                assert status == 503
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        yield Served(url, name, engine)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def sample(metrics: dict, name: str, **labels) -> float:
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
