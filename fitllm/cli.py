@@ -399,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb = bench_sub.add_parser("load", help="host memory peak of loading with each quantization vs the bound")
     add_load_args(lb)
     lb.set_defaults(func=run_load)
+    from benchmarks.serve_load import add_arguments as add_serve_args
+    from benchmarks.serve_load import run as run_serve
+
+    sb = bench_sub.add_parser("serve", help="load test: every trace request as a concurrent streaming client")
+    add_serve_args(sb)
+    sb.set_defaults(func=run_serve)
 
     ev = sub.add_parser("eval", help="quality evaluation")
     ev_sub = ev.add_subparsers(dest="eval", required=True)
