@@ -20,6 +20,7 @@ class Served:
     url: str
     name: str
     engine: AsyncEngine
+    server: object = None  # the uvicorn.Server (tests may stop it themselves)
 
 
 @contextlib.contextmanager
@@ -46,7 +47,7 @@ def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready
                 assert status == 503
             assert time.monotonic() < deadline, "the server did not become ready"
             time.sleep(0.1)
-        yield Served(url, name, engine)
+        yield Served(url, name, engine, server)
     finally:
         server.should_exit = True
         thread.join(60)

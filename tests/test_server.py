@@ -609,3 +609,29 @@ def test_health_while_loading_and_after_a_failed_start():
         assert r.status_code == 503 and "boom" in r.json()["status"]
         err = assert_error(httpx.post(f"{s.url}/v1/completions", json={"prompt": "hi"}), 503)
         assert "boom" in err["message"]
+
+
+def test_shutdown_lets_in_flight_streams_finish_then_stops_the_engine(tmp_path):
+    from conftest import make_random_checkpoint
+
+    folder = make_random_checkpoint(tmp_path, family="llama")
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
+    engine = AsyncEngine(config)
+    with serve(engine, "tiny") as s:
+        body = {"prompt": "t5 t6 t7", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 2:
+                    s.server.should_exit = True  # what SIGINT / SIGTERM does
+        assert lines[-1] == "data: [DONE]"
+        finals = [json.loads(x[6:]) for x in lines[:-1]]
+        assert finals[-1]["choices"][0]["finish_reason"] == "length"  # it ran to the end
+        assert sum(1 for f in finals if f["choices"][0]["text"]) >= 2
+        deadline = time.monotonic() + 30
+        while engine._thread.is_alive():  # the lifespan stops the engine thread after the last request
+            assert time.monotonic() < deadline, "the engine thread did not stop"
+            time.sleep(0.05)
+        assert not engine.ready
