@@ -3,5 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
+# The studio's browser test drives Debian's Chromium through Playwright (no browser download).
+if [[ ! -x /usr/bin/chromium ]]; then
+  sudo_=""; [[ "$(id -u)" != 0 ]] && sudo_="sudo"
+  $sudo_ apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || {
+    $sudo_ apt-get update -q >/dev/null && $sudo_ apt-get install -y -q chromium chromium-driver >/dev/null
+  }
+fi
 .venv/bin/ruff check fitllm benchmarks tests
 exec .venv/bin/python -m pytest "$@"

@@ -24,6 +24,7 @@ from fitllm.server.kobold_api import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai_api import router as openai_router
 from fitllm.server.state import ServerState
+from fitllm.studio.routes import router as studio_router
 
 
 def default_model_name(model: str | None) -> str:
@@ -69,4 +70,5 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
 
     app.include_router(openai_router)
     app.include_router(kobold_router)
+    app.include_router(studio_router)
     return app

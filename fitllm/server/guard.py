@@ -47,6 +47,7 @@ class RequestGuard:
         guarded = (
             self.api_key is not None
             and scope["method"] != "OPTIONS"
+            and scope["path"] != "/"  # the studio page itself; its API calls send the key
             and not scope["path"].startswith(OPEN_PATHS)
         )
         if guarded and headers.get("authorization", "") != f"Bearer {self.api_key}":

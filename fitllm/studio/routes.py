@@ -1,0 +1,168 @@
+"""The story studio's routes: the page at `/`, and the small JSON/SSE API it calls.
+
+The studio is one static page (fitllm/studio/static/studio.html: HTML, CSS and plain JavaScript, no build
+step) served by the same process and port as the APIs, rather than Gradio: the page streams tokens into
+the story and stops them with a plain `fetch` + `AbortController` (a closed connection aborts the request
+and frees its blocks, as for any API client), draws the memory panel from `/studio/api/memory` itself, and
+costs no dependency (Gradio would bring ~30 MB and dozens of packages for three text boxes and a plot).
+Several tabs are several clients: their generations batch together in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from fitllm.engine.request import SamplingParams
+from fitllm.server.errors import bad_request
+from fitllm.server.state import get_state
+from fitllm.studio.context import build_story_context
+
+router = APIRouter()
+PAGE = Path(__file__).parent / "static" / "studio.html"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.1
+    max_new_tokens: int = Field(default=150, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class StoryRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    memory: str = ""
+    story: str = ""
+    note: str = ""
+    note_depth: int = Field(default=3, ge=0)
+    settings: Settings = Field(default_factory=Settings)
+
+
+def _context(request: Request, body: StoryRequest):
+    st = get_state(request)
+    try:
+        ctx = build_story_context(
+            st.tokenizer,
+            body.memory,
+            body.story,
+            body.note,
+            body.note_depth,
+            st.max_model_len,
+            min(body.settings.max_new_tokens, st.max_model_len - 1),
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+    return st, ctx
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+@router.post("/studio/api/context")
+async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
+    st, ctx = _context(request, body)
+    return {
+        "total_tokens": ctx.total_tokens,
+        "prompt_tokens": len(ctx.ids),
+        "dropped_tokens": ctx.story_tokens_dropped,
+        "max_new_tokens": ctx.max_new_tokens,
+        "context_length": st.max_model_len,
+        "model": st.model_name,
+    }
+
+
+@router.post("/studio/api/generate")
+async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
+    """SSE: {"text": delta} events, then {"done": true, "finish_reason", "tokens", "tokens_per_s", ...}."""
+    st, ctx = _context(request, body)
+    s = body.settings
+    try:
+        params = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            max_tokens=ctx.max_new_tokens,
+            seed=s.seed,
+            stop=[x for x in s.stop if x],
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from exc
+    stream = await st.start_streams(st.engine.add(ctx.ids, params, f"studio-{uuid.uuid4().hex}"))
+
+    async def events() -> AsyncIterator[str]:
+        start = time.perf_counter()
+        first = None
+        async with stream:
+            async for out in stream:
+                c = out.outputs[0]
+                if c.delta_text:
+                    first = first or time.perf_counter()
+                    yield f"data: {json.dumps({'text': c.delta_text})}\n\n"
+                if out.finished:
+                    n = len(c.token_ids)
+                    span = time.perf_counter() - (first or start)
+                    done = {
+                        "done": True,
+                        "finish_reason": c.finish_reason,
+                        "tokens": n,
+                        "prompt_tokens": len(ctx.ids),
+                        "dropped_tokens": ctx.story_tokens_dropped,
+                        "seconds": time.perf_counter() - start,
+                        "tokens_per_s": (n - 1) / span if n > 1 and span > 0 else None,
+                    }
+                    yield f"data: {json.dumps(done)}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/studio/api/memory")
+async def memory(request: Request) -> dict[str, Any]:
+    """What the device memory holds now: the memory panel polls this."""
+    st = get_state(request)
+    engine = st.engine.engine
+    if engine is None or not st.engine.ready:
+        return {"ready": False, "time": time.time()}
+    snap = engine.ledger.snapshot()
+    pool, sched = engine.pool, engine.scheduler
+    return {
+        "ready": True,
+        "time": time.time(),
+        "budget": snap.budget,
+        "total": snap.total,
+        "peak_total": snap.peak_total,
+        "tags": dict(snap.current),
+        "kv_blocks": {
+            "used": pool.num_used_blocks,
+            "cached": pool.num_cached_blocks,
+            "free": pool.num_free_blocks,
+        },
+        "block_size": engine.block_size,
+        "slabs": pool.num_slabs,
+        "slab_bytes": engine.storage.slab_bytes,
+        "requests": {
+            "running": len(sched.running),
+            "waiting": sched.num_waiting,
+            "swapped": len(engine.swapper._held),
+        },
+        "model": st.model_name,
+        "context_length": engine.max_model_len,
+        "quantization": engine.quant.describe(),
+        "kv_cache_dtype": engine.kv_format.name,
+    }
