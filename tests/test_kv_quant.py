@@ -129,3 +129,28 @@ def test_swapped_quantized_blocks_come_back_intact(tiny):
     )
     assert run_all(tight, prompts) == reference
     assert tight.swapper.num_swap_outs > 0 and tight.swapper.num_swap_ins == tight.swapper.num_swap_outs
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_decode_folds_scales_exactly_like_dequantizing(tiny, kv_dtype, monkeypatch):
+    """Decode steps multiply scores and probabilities by the per-vector scales instead of dequantizing
+    K and V: the same numbers as attending over the dequantized cache."""
+    from fitllm.model.attention import PagedAttention
+
+    prompt = list(range(3, 30))
+    folded_tokens, folded = run_engine(_engine(tiny, kv_dtype), prompt, 10)
+
+    def dequantizing(self, meta, dtype):
+        shape = (self.num_kv_heads * meta.num_decodes, meta.decode_context, self.head_dim)
+        return (
+            self._gather(0, meta.decode_rows).view(shape),
+            self._gather(1, meta.decode_rows).view(shape),
+            None,
+            None,
+        )
+
+    monkeypatch.setattr(PagedAttention, "_decode_kv", dequantizing)
+    plain_tokens, plain = run_engine(_engine(tiny, kv_dtype), prompt, 10)
+    assert folded_tokens == plain_tokens
+    for a, b in zip(folded, plain, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()

@@ -115,33 +115,54 @@ class PagedAttention(nn.Module):
             out[qs] = self._prefill(q[qs], span)
         return out
 
-    def _gather(self, which: int, rows: SlabSplit) -> torch.Tensor:
+    def _gather_raw(self, which: int, rows: SlabSplit) -> torch.Tensor:
         """Rows of K (which=0) or V (1) from the [slab_slots * kv_heads, entry_width] views of the slabs,
-        decoded to [len(rows), head_dim] in the compute dtype."""
-        fmt = self.kv_format
-        width = fmt.entry_width
+        as stored."""
+        width = self.kv_format.entry_width
         if len(rows.parts) == 1:
             slab, _, local = rows.parts[0]
-            return fmt.decode(self.kv_slabs[slab][which].view(-1, width).index_select(0, local))
+            return self.kv_slabs[slab][which].view(-1, width).index_select(0, local)
         first = self.kv_slabs[rows.parts[0][0]]
         out = torch.empty(rows.size, width, dtype=first.dtype, device=first.device)
         for slab, pos, local in rows.parts:
             out.index_copy_(0, pos, self.kv_slabs[slab][which].view(-1, width).index_select(0, local))
-        return fmt.decode(out)
+        return out
+
+    def _gather(self, which: int, rows: SlabSplit) -> torch.Tensor:
+        """_gather_raw decoded to [len(rows), head_dim] in the compute dtype."""
+        return self.kv_format.decode(self._gather_raw(which, rows))
+
+    def _decode_kv(self, meta: AttentionMetadata, dtype: torch.dtype):
+        """Decode-step keys and values [kvh * n, ctx, d] in `dtype`, and for a quantized cache their
+        per-vector scales [kvh * n, 1, ctx] float32 (None otherwise): the scales are folded into the
+        scores and the probabilities instead of multiplying every element of K and V."""
+        n, ctx, d = meta.num_decodes, meta.decode_context, self.head_dim
+        shape = (self.num_kv_heads * n, ctx, d)
+        if not self.kv_format.quantized:
+            keys = self._gather(0, meta.decode_rows).view(shape)
+            return keys, self._gather(1, meta.decode_rows).view(shape), None, None
+        out = []
+        for which in (0, 1):
+            codes, scale = self.kv_format.split(self._gather_raw(which, meta.decode_rows))
+            out += [codes.to(dtype).view(shape), scale.view(shape[0], 1, ctx)]
+        return out[0], out[2], out[1], out[3]
 
     def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n, ctx = meta.num_decodes, meta.decode_context
         kvh, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        keys = self._gather(0, meta.decode_rows).view(kvh * n, ctx, d)
-        vals = self._gather(1, meta.decode_rows).view(kvh * n, ctx, d)
+        keys, vals, k_scale, v_scale = self._decode_kv(meta, q.dtype)
         # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
         qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
         # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
         # this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
-        scores = torch.bmm(qg, keys.transpose(1, 2)) * self.scale
+        scores = torch.bmm(qg, keys.transpose(1, 2))
+        # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
+        scores = (scores * self.scale).float() if k_scale is None else scores.float() * (k_scale * self.scale)
         mask = meta.decode_mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
-        scores = scores.float().masked_fill_(~mask, float("-inf"))
-        out = torch.bmm(scores.softmax(dim=-1).to(q.dtype), vals)
+        probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
+        if v_scale is not None:
+            probs *= v_scale  # sum p (s v) = sum (p s) v: the same for V
+        out = torch.bmm(probs.to(q.dtype), vals)
         return out.view(kvh, n, group, d).transpose(0, 1).reshape(n, self.num_heads, d)
 
     def _prefill(self, q: torch.Tensor, span: PrefillSpan) -> torch.Tensor:

@@ -87,11 +87,16 @@ class KVCacheFormat:
             codes = codes.to(_CODE_DTYPES["fp8"])
         return torch.cat([codes.view(torch.uint8), scale.view(torch.uint8)], dim=-1)
 
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized [N, entry_width] rows -> (codes [N, head_dim] as int8 / float8 views, scales [N, 1])."""
+        return rows[:, : self.head_dim].view(_CODE_DTYPES[self.name]), rows[:, self.head_dim :].view(
+            torch.float32
+        )
+
     def decode(self, rows: torch.Tensor) -> torch.Tensor:
         """[N, entry_width] of storage_dtype -> [N, head_dim] in dtype."""
         if not self.quantized:
             return rows.to(self.dtype)
-        codes = rows[:, : self.head_dim].view(_CODE_DTYPES[self.name])
-        scale = rows[:, self.head_dim :].view(torch.float32)
+        codes, scale = self.split(rows)
         # In float32, rounded once to the model dtype (a bfloat16 scale alone would add 0.4% error).
         return (codes.float() * scale).to(self.dtype)
