@@ -30,6 +30,10 @@ class ModelConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     hidden_act: str = "silu"
+    partial_rotary_factor: float = (
+        1.0  # rotary on the first head_dim * factor channels of each head (GLM: 0.5)
+    )
+    rope_interleaved: bool = False  # rotate channel pairs (0, 1), (2, 3), ... (GLM) instead of halves (Llama)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
@@ -40,7 +44,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM)."""
+        """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4)."""
         from fitllm.model.registry import resolve_architecture
 
         architecture = resolve_architecture(cfg)
@@ -70,6 +74,9 @@ class ModelConfig:
                     "per-layer sliding windows (some layers full, some windowed) are not supported yet"
                 )
         rope_scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        partial_rotary = cfg.get("partial_rotary_factor")
+        if partial_rotary is None and isinstance(rope_scaling, dict):
+            partial_rotary = rope_scaling.get("partial_rotary_factor")
         rope_theta = cfg.get("rope_theta")
         if rope_theta is None and isinstance(rope_scaling, dict):
             rope_theta = rope_scaling.get("rope_theta")
@@ -95,6 +102,8 @@ class ModelConfig:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=sliding_window,
             hidden_act=cfg.get("hidden_act", "silu"),
+            partial_rotary_factor=float(partial_rotary if partial_rotary is not None else 1.0),
+            rope_interleaved=model_type == "glm",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
         )

@@ -38,6 +38,7 @@ _FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "glm": ("GlmConfig", "GlmForCausalLM"),
 }
 
 
@@ -64,6 +65,8 @@ def build_random_model(family: str = "llama", seed: int = 0, **overrides):
     kwargs = dict(TINY_CONFIG)
     if family == "mistral":
         kwargs["sliding_window"] = None
+    if family == "glm":  # GLM-4's defaults are the 9B's: size them down (rotary stays on half of each head)
+        kwargs.update(head_dim=16, pad_token_id=0)
     kwargs.update(overrides)
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)

@@ -84,6 +84,9 @@ FP32_CASES = {
     "mistral-large-window": ("mistral", {"sliding_window": 4096}),
     # A window shorter than one block: every later token's window starts mid-block.
     "mistral-window-8": ("mistral", {"sliding_window": 8}),
+    # GLM-4 (native layout): q/k/v bias, fused gate_up_proj, rotary interleaved on half of each head.
+    "glm-half-rotary": ("glm", {}),
+    "glm-mqa-4-layers": ("glm", {"num_key_value_heads": 1, "num_hidden_layers": 4}),
     # Qwen2 with every layer windowed (layer i slides when i >= max_window_layers).
     "qwen2-all-layers-window-8": (
         "qwen2",
@@ -97,6 +100,24 @@ def test_fp32_logits_and_greedy_match_transformers(tmp_path, case):
     family, overrides = FP32_CASES[case]
     folder = make_random_checkpoint(tmp_path, family, seed=list(FP32_CASES).index(case), **overrides)
     _check_fp32_parity(folder)
+
+
+def test_glm_layout_is_what_the_parity_depends_on(tmp_path):
+    """GLM's parity above is not luck: rotary really covers half of each head, interleaved; q/k/v carry
+    random biases and o_proj none; the fused gate_up_proj tensor landed in both halves."""
+    folder = make_random_checkpoint(tmp_path, "glm")
+    engine = _engine(folder)
+    mc = engine.model_config
+    assert (mc.architecture, mc.partial_rotary_factor, mc.rope_interleaved) == ("GlmForCausalLM", 0.5, True)
+    assert engine.model.rotary.rotary_dim == mc.head_dim // 2 and engine.model.rotary.interleaved
+    attn = engine.model.layers[0].self_attn
+    assert (
+        attn.qkv_proj.bias is not None and attn.qkv_proj.bias.abs().max() > 0.1 and attn.o_proj.bias is None
+    )
+    hf = load_hf(folder)
+    assert torch.equal(
+        engine.model.layers[1].mlp.gate_up_proj.weight, hf.model.layers[1].mlp.gate_up_proj.weight
+    )
 
 
 def test_qwen2_bias_is_loaded(tmp_path):

@@ -54,7 +54,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (rotate-half layout), cos/sin tabulated once per position in float32."""
+    """Rotary position embedding on the first `rotary_dim` channels of each head, cos/sin tabulated once per
+    position. Rotate-half layout (Llama: channel i pairs with i + rotary_dim / 2) or interleaved (GLM:
+    channel 2j pairs with 2j + 1)."""
 
     def __init__(
         self,
@@ -62,9 +64,11 @@ class RotaryEmbedding(nn.Module):
         max_position: int,
         base: float,
         scaling: dict[str, Any] | None = None,
+        interleaved: bool = False,
     ) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim
+        self.interleaved = interleaved
         self.max_position = max_position
         self.base = base
         self.scaling = scaling
@@ -89,7 +93,7 @@ class RotaryEmbedding(nn.Module):
         """Tabulate cos/sin for every position up to max_position, rounded to the model dtype once."""
         t = torch.arange(self.max_position, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq())
-        emb = torch.cat((freqs, freqs), dim=-1)
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         self.cos_sin = torch.stack((emb.cos(), emb.sin())).to(device=device, dtype=dtype)
 
     def forward(
@@ -99,7 +103,11 @@ class RotaryEmbedding(nn.Module):
         assert self.cos_sin is not None, "RotaryEmbedding.build was not called"
         cos = self.cos_sin[0].index_select(0, positions).unsqueeze(1)
         sin = self.cos_sin[1].index_select(0, positions).unsqueeze(1)
-        return _apply_rotary(q, cos, sin, self.rotary_dim), _apply_rotary(k, cos, sin, self.rotary_dim)
+        rotate = _rotate_pairs if self.interleaved else _rotate_half
+        return (
+            _apply_rotary(q, cos, sin, self.rotary_dim, rotate),
+            _apply_rotary(k, cos, sin, self.rotary_dim, rotate),
+        )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -107,11 +115,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def _apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, rotate=_rotate_half
+) -> torch.Tensor:
     if rotary_dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((rot * cos + rotate(rot) * sin, rest), dim=-1)
 
 
 class VocabEmbedding(nn.Module):

@@ -103,6 +103,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:  # a checkpoint that stores the matrices already stacked (GLM's gate_up_proj)
+            offset = 0
+            for i, rows in enumerate(self.output_sizes):
+                self.weight_loader(param, loaded.narrow(0, offset, rows), i)
+                offset += rows
+            return
         assert isinstance(shard_id, int)
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size

@@ -39,8 +39,8 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = hd
-        # Llama's attention_bias covers o_proj too; Qwen2 biases only q/k/v.
-        o_bias = config.attention_bias and config.model_type != "qwen2"
+        # Llama's attention_bias covers o_proj too; Qwen2 and GLM bias only q/k/v.
+        o_bias = config.attention_bias and config.model_type not in ("qwen2", "glm")
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * hd, config.hidden_size, bias=o_bias, quant=quant
         )
@@ -123,7 +123,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.rotary = RotaryEmbedding(
-            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+            int(config.head_dim * config.partial_rotary_factor),
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            interleaved=config.rope_interleaved,
         )
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(

@@ -18,6 +18,8 @@ _ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
     "MistralForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
+    # GLM-4 (transformers' native layout): Llama's block with q/k/v bias, fused gate_up and half, interleaved rotary.
+    "GlmForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
 }
 # `model_type` (or GGUF general.architecture) -> HF architecture, for configs without `architectures`.
 _MODEL_TYPES: dict[str, str] = {
@@ -25,6 +27,7 @@ _MODEL_TYPES: dict[str, str] = {
     "smollm": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "glm": "GlmForCausalLM",
 }
 
 
