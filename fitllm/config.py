@@ -45,8 +45,11 @@ class ModelConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4)."""
+        from fitllm.loader.chatglm import chatglm_to_glm_config, is_chatglm
         from fitllm.model.registry import resolve_architecture
 
+        if is_chatglm(cfg):
+            cfg = chatglm_to_glm_config(cfg)
         architecture = resolve_architecture(cfg)
         model_type = cfg.get("model_type", "llama")
         hidden = cfg["hidden_size"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
+from fitllm.loader.chatglm import is_chatglm, rename_chatglm
 from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
 from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
@@ -74,7 +75,8 @@ class ModelSource:
         (see fitllm/quant/gguf_blocks.py)."""
         if self.format == "gguf":
             return iter_gguf_weights(self._reader, self.hf_config, as_blocks)
-        return iter_weights(weight_files(self.path))
+        weights = iter_weights(weight_files(self.path))
+        return rename_chatglm(weights) if is_chatglm(self.hf_config) else weights
 
     def linear_block_type(self) -> str | None:
         """The GGUF type every decoder linear weight has (e.g. "Q4_1"), or None (mixed, or not GGUF)."""

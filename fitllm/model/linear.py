@@ -138,6 +138,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id is None:  # q, k and v already stacked in the checkpoint (ChatGLM's query_key_value)
+            tp = self.tp_size
+            sizes = {"q": self.num_heads * tp * self.head_dim, "k": self.num_kv_heads * tp * self.head_dim}
+            sizes["v"] = sizes["k"]
+            offset = 0
+            for sid, rows in sizes.items():
+                self.weight_loader(param, loaded.narrow(0, offset, rows), sid)
+                offset += rows
+            return
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
