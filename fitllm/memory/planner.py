@@ -250,7 +250,7 @@ def _suggestions(
         small = kv_bytes_per_token(config, dtype, "int8")
         if small < per_token:
             out.append(
-                f"--kv-cache-dtype int8 takes {format_bytes(small)} per token instead of "
+                f"--kv-cache-dtype int8 (or fp8) takes {format_bytes(small)} per token instead of "
                 f"{format_bytes(per_token)}: room for ~{room // small} tokens"
             )
     return out
