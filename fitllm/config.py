@@ -34,6 +34,7 @@ class ModelConfig:
         1.0  # rotary on the first head_dim * factor channels of each head (GLM: 0.5)
     )
     rope_interleaved: bool = False  # rotate channel pairs (0, 1), (2, 3), ... (GLM) instead of halves (Llama)
+    scale_embedding: bool = False  # token embeddings times sqrt(hidden_size) (XGLM)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
@@ -50,6 +51,8 @@ class ModelConfig:
 
         if is_chatglm(cfg):
             cfg = chatglm_to_glm_config(cfg)
+        if cfg.get("model_type") == "xglm":
+            cfg = _xglm_config(cfg)
         architecture = resolve_architecture(cfg)
         model_type = cfg.get("model_type", "llama")
         hidden = cfg["hidden_size"]
@@ -107,9 +110,30 @@ class ModelConfig:
             hidden_act=cfg.get("hidden_act", "silu"),
             partial_rotary_factor=float(partial_rotary if partial_rotary is not None else 1.0),
             rope_interleaved=model_type == "glm",
+            scale_embedding=bool(cfg.get("scale_embedding", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
         )
+
+
+def _xglm_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """XGLM's config names (d_model, num_layers, attention_heads, ffn_dim) as the common ones."""
+    heads = cfg.get("attention_heads", 16)
+    d = cfg.get("d_model", 1024)
+    return dict(
+        cfg,
+        hidden_size=d,
+        num_hidden_layers=cfg.get("num_layers", 24),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=d // heads,
+        intermediate_size=cfg.get("ffn_dim", 4096),
+        hidden_act=cfg.get("activation_function", "gelu"),
+        rms_norm_eps=1e-5,  # nn.LayerNorm's default, which XGLM uses
+        tie_word_embeddings=cfg.get("tie_word_embeddings", True),
+        scale_embedding=cfg.get("scale_embedding", True),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+    )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -39,6 +39,7 @@ _FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "glm": ("GlmConfig", "GlmForCausalLM"),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM"),
 }
 
 
@@ -67,6 +68,14 @@ def build_random_model(family: str = "llama", seed: int = 0, **overrides):
         kwargs["sliding_window"] = None
     if family == "glm":  # GLM-4's defaults are the 9B's: size them down (rotary stays on half of each head)
         kwargs.update(head_dim=16, pad_token_id=0)
+    if family == "xglm":  # XGLM's own field names; no GQA (multi-head attention only)
+        kwargs = dict(
+            d_model=kwargs["hidden_size"], num_layers=kwargs["num_hidden_layers"],
+            attention_heads=kwargs["num_attention_heads"], ffn_dim=kwargs["intermediate_size"],
+            vocab_size=kwargs["vocab_size"], max_position_embeddings=kwargs["max_position_embeddings"],
+            init_std=kwargs["initializer_range"], bos_token_id=kwargs["bos_token_id"], eos_token_id=kwargs["eos_token_id"],
+            pad_token_id=1,
+        )  # fmt: skip
     kwargs.update(overrides)
     config = getattr(transformers, config_name)(**kwargs)
     torch.manual_seed(seed)

@@ -87,6 +87,14 @@ FP32_CASES = {
     # GLM-4 (native layout): q/k/v bias, fused gate_up_proj, rotary interleaved on half of each head.
     "glm-half-rotary": ("glm", {}),
     "glm-mqa-4-layers": ("glm", {"num_key_value_heads": 1, "num_hidden_layers": 4}),
+    # XGLM (fairseq-dense): scaled embeddings, sinusoidal positions at +2, LayerNorm, GELU, biases, tied head.
+    # (Untied heads here: with the head tied to these random embeddings every continuation repeats one
+    # token, which would make the greedy comparison meaningless; the tied head is tested below.)
+    "xglm-untied": ("xglm", {"tie_word_embeddings": False, "init_std": 0.1}),
+    "xglm-untied-3-layers-8-heads": (
+        "xglm",
+        {"tie_word_embeddings": False, "init_std": 0.1, "num_layers": 3, "attention_heads": 8},
+    ),
     # Qwen2 with every layer windowed (layer i slides when i >= max_window_layers).
     "qwen2-all-layers-window-8": (
         "qwen2",
@@ -429,3 +437,16 @@ def test_default_model_chat_template_matches_transformers(default_engine, hf_ggu
     want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert default_engine.tokenizer.apply_chat_template(messages) == want
     assert want.endswith("<|im_start|>assistant\n")
+
+
+def test_xglm_tied_head_matches_transformers(tmp_path):
+    """XGLM ties its head to the (unscaled) token embeddings; random tied models repeat one token, so this
+    compares logits step by step rather than asking for a varied continuation."""
+    folder = make_random_checkpoint(tmp_path, "xglm", seed=3, init_std=0.1)
+    engine = _engine(folder)
+    assert engine.model.lm_head is None  # tied
+    prompt = _prompt(21)
+    tokens, logits = run_engine(engine, prompt, NEW_TOKENS)
+    ref_tokens, ref_logits = hf_greedy(load_hf(folder), prompt, NEW_TOKENS)
+    assert tokens == ref_tokens
+    _assert_logits_parity(logits, ref_logits, "xglm tied")

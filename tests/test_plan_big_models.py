@@ -52,7 +52,9 @@ def test_glm9b_full_context_does_not_fit_20gib_and_the_planner_says_what_would(g
         small = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072, kv_cache_dtype=kv)
         assert small.kv_bytes_per_token == 40 * 2 * 2 * (128 + 4)  # 20.6 KiB: codes + a scale per vector
         assert not small.fits and 1.9 * plan.max_context_that_fits < small.max_context_that_fits < 131072
-        both = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072, quantization="int8", kv_cache_dtype=kv)
+        both = make_plan(
+            glm9b, "glm", torch.bfloat16, 20 * GiB, 131072, quantization="int8", kv_cache_dtype=kv
+        )
         assert both.fits and both.kv_capacity_tokens // 131072 >= 3
     # --max-model-len auto: the largest context that fits the budget.
     auto = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, None)
@@ -76,3 +78,37 @@ def test_fitllm_plan_cli_on_the_fixture(capsys):
     out = capsys.readouterr().out
     assert "17.51 GiB" in out and "40.00 KiB" in out and "5.00 GiB" in out and "NO" in out
     assert cli_main([*argv, "--device", "cpu", "--quantization", "int8"]) == 0
+
+
+@pytest.fixture(scope="module")
+def janeway13b() -> ModelConfig:
+    return ModelConfig.from_hf_config(
+        json.loads((FIXTURES / "fairseq-dense-13B-Janeway" / "config.json").read_text())
+    )
+
+
+def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
+    mc = janeway13b
+    assert (mc.architecture, mc.num_hidden_layers, mc.num_attention_heads, mc.head_dim) == (
+        "XGLMForCausalLM",
+        40,
+        40,
+        128,
+    )
+    assert mc.num_key_value_heads == 40 and mc.scale_embedding and mc.tie_word_embeddings
+    plans = {
+        q: make_plan(mc, "janeway", torch.float16, 24 * GiB, None, quantization=q)
+        for q in ("none", "int8", "int4")
+    }
+    # ~12.8B parameters: 23.9 GiB in float16 (the published fp16 file is ~25.7 GB), ~12.2 GiB in int8.
+    assert 23.8 * GiB < plans["none"].weights.total < 24.0 * GiB and not plans["none"].fits
+    assert 12.1 * GiB < plans["int8"].weights.total < 12.3 * GiB
+    assert plans["int4"].weights.total < 0.6 * plans["int8"].weights.total
+    # 800 KiB of KV per token in 16-bit (40 layers x K and V x 40 heads x 128 x 2 bytes).
+    assert plans["int8"].kv_bytes_per_token == 800 * 1024
+    # On 24 GiB with int8 weights: ~14k tokens of context at once, i.e. seven full 2048-token stories.
+    int8 = plans["int8"]
+    assert int8.fits and int8.max_context_that_fits == 2048
+    room = 24 * GiB - int8.fixed_bytes
+    assert int8.kv_capacity_tokens == room // (800 * 1024 * 16) * 16
+    assert 14_000 < int8.kv_capacity_tokens < 15_000 and int8.kv_capacity_tokens // 2048 == 7

@@ -20,6 +20,7 @@ _ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
     # GLM-4 (transformers' native layout): Llama's block with q/k/v bias, fused gate_up and half, interleaved rotary.
     "GlmForCausalLM": "fitllm.model.llama:LlamaForCausalLM",
+    "XGLMForCausalLM": "fitllm.model.xglm:XGLMForCausalLM",  # fairseq-dense
 }
 # `model_type` (or GGUF general.architecture) -> HF architecture, for configs without `architectures`.
 _MODEL_TYPES: dict[str, str] = {
@@ -28,6 +29,7 @@ _MODEL_TYPES: dict[str, str] = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "glm": "GlmForCausalLM",
+    "xglm": "XGLMForCausalLM",
 }
 
 
