@@ -119,3 +119,27 @@ def test_chatglm_names_and_refusals():
         base | {"multi_query_attention": True, "multi_query_group_num": 2, "rope_ratio": 500}
     )
     assert (mc.num_key_value_heads, mc.rope_theta, mc.rope_interleaved) == (2, 5_000_000.0, True)
+
+
+def test_custom_code_is_never_run(tmp_path):
+    """A ChatGLM folder with only its Python tokenizer: a clear message, not an import of that file; an
+    unknown architecture with auto_map: refused, saying why."""
+    from fitllm.config import ModelConfig
+    from fitllm.loader import open_model
+
+    model = build_random_model("glm", seed=5)
+    folder = tmp_path / "custom"
+    save_chatglm(model, folder)
+    (folder / "tokenizer.json").unlink()
+    marker = tmp_path / "executed"
+    (folder / "tokenization_chatglm.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folder / "tokenizer.model").write_text("not a real tokenizer")
+    source = open_model(str(folder))
+    with pytest.raises(FileNotFoundError, match="never executes") as err:
+        source.tokenizer()
+    assert "--tokenizer" in str(err.value) and "tokenization_chatglm.py" in str(err.value)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="never executes code from a checkpoint"):
+        ModelConfig.from_hf_config(
+            {"architectures": ["MysteryLM"], "auto_map": {"AutoModel": "x.Y"}, "model_type": "mystery"}
+        )

@@ -450,3 +450,38 @@ def test_xglm_tied_head_matches_transformers(tmp_path):
     ref_tokens, ref_logits = hf_greedy(load_hf(folder), prompt, NEW_TOKENS)
     assert tokens == ref_tokens
     _assert_logits_parity(logits, ref_logits, "xglm tied")
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("glm", {}), ("xglm", {"tie_word_embeddings": False, "init_std": 0.1})],
+    ids=["glm", "xglm"],
+)
+def test_new_architectures_batched_with_chunked_prefill_and_prefix_hits(tmp_path, family, overrides):
+    """Three requests at once, prefilled 16 tokens a step; the third shares the first's first two blocks
+    (a prefix-cache hit). Every request's greedy tokens and step logits equal transformers' alone."""
+    folder = make_random_checkpoint(tmp_path, family, seed=41, **overrides)
+    hf = load_hf(folder)
+    engine = _engine(folder, max_num_batched_tokens=16)
+    engine.runner.capture_logits = True
+    first = _prompt(40, seed=1)
+    prompts = [first, _prompt(23, seed=2), first[:32] + _prompt(9, seed=3)]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    rids = [engine.add_request(prompts[0], params), engine.add_request(prompts[1], params)]
+    engine.step()
+    rids.append(engine.add_request(prompts[2], params))  # arrives while the others prefill
+    tokens = {r: [] for r in rids}
+    logits = {r: [] for r in rids}
+    cached = {}
+    while engine.has_unfinished_requests():
+        engine.runner.last_logits = {}
+        for out in engine.step():
+            if out.outputs[0].delta_token_ids:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+                logits[out.request_id].append(engine.runner.last_logits[out.request_id])
+            cached[out.request_id] = out.num_cached_tokens
+    assert cached[rids[2]] == 32
+    for rid, prompt in zip(rids, prompts, strict=True):
+        ref_tokens, ref_logits = hf_greedy(hf, prompt, NEW_TOKENS)
+        assert tokens[rid] == ref_tokens, rid
+        _assert_logits_parity(logits[rid], ref_logits, f"{family} {rid}")

@@ -84,6 +84,15 @@ def _token_text(value: Any) -> str | None:
 def load_hf_tokenizer(folder: Path, eos_from_config: list[int]) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json, generation_config.json) from a Hugging Face folder."""
     path = folder / "tokenizer.json"
+    custom = sorted(p.name for p in folder.glob("tokenization_*.py"))
+    if not path.is_file() and custom:
+        # ChatGLM and others ship their tokenizer as Python code next to the weights; fitllm never runs it.
+        raise FileNotFoundError(
+            f"{folder} has no tokenizer.json, only a custom tokenizer ({', '.join(custom)}), which is code from the "
+            f"checkpoint and fitllm never executes it. Convert it once, on a machine where you trust that code: "
+            f"transformers' AutoTokenizer.from_pretrained(folder, trust_remote_code=True).save_pretrained(out) "
+            f"writes tokenizer.json to out; then pass --tokenizer out"
+        )
     if not path.is_file():
         extra = " (only tokenizer.model is present)" if (folder / "tokenizer.model").is_file() else ""
         raise FileNotFoundError(

@@ -48,8 +48,13 @@ def resolve_architecture(cfg: dict[str, Any]) -> str:
     if not archs and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     named = ", ".join(archs) if archs else f"model_type {model_type!r}"
+    remote = (
+        " (its config points at its own modelling code, auto_map; fitllm never executes code from a checkpoint)"
+        if cfg.get("auto_map")
+        else ""
+    )
     raise ValueError(
-        f"unsupported architecture {named}; fitllm supports: {', '.join(supported_architectures())}"
+        f"unsupported architecture {named}{remote}; fitllm supports: {', '.join(supported_architectures())}"
     )
 
 
