@@ -187,3 +187,36 @@ def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
         EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
     )
     return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe._per_block
+
+
+# ---- a live fitllm server on the default model (tests/test_server*.py) -------------------------------------
+
+SERVER_CONFIG = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The default model behind a real uvicorn server (module-scoped)."""
+    from live_server import serve
+
+    from fitllm.config import EngineConfig
+    from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.server.app import default_model_name
+
+    with serve(AsyncEngine(EngineConfig(**SERVER_CONFIG)), default_model_name(None)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

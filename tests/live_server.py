@@ -66,3 +66,12 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 def sample(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    return err
