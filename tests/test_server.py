@@ -20,15 +20,13 @@ from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.eval.perplexity import SequenceScorer
 
-CONFIG = SERVER_CONFIG
 PROMPT = "The Martians landed in"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-API_KEY = "secret"
 
 
 @pytest.fixture(scope="module")
 def offline() -> Engine:
-    return Engine(EngineConfig(**CONFIG))
+    return Engine(EngineConfig(**SERVER_CONFIG))
 
 
 def greedy(engine: Engine, prompt, max_tokens: int = 12, **kw):

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import SERVER_CONFIG
 from live_server import Served, assert_error, sample, scrape, serve
 
 from fitllm.config import EngineConfig
@@ -28,8 +27,6 @@ from fitllm.engine.engine import Engine
 from fitllm.server.app import default_model_name
 from fitllm.server.guard import MAX_BODY_BYTES
 
-CONFIG = SERVER_CONFIG
-PROMPT = "The Martians landed in"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 API_KEY = "secret"
 
