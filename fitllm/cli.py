@@ -362,49 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from benchmarks.throughput import add_arguments as add_throughput_args
-    from benchmarks.throughput import run as run_throughput
+    from benchmarks.commands import add_bench_commands
 
-    tp = bench_sub.add_parser("throughput", help="creative-writing workload: fitllm vs transformers")
-    add_throughput_args(tp)
-    add_engine_args(tp)
-    tp.set_defaults(func=run_throughput)
-    from benchmarks.decode_step import add_arguments as add_step_args
-    from benchmarks.decode_step import run as run_step
-    from benchmarks.memory import add_arguments as add_memory_args
-    from benchmarks.memory import run as run_memory
-
-    mem = bench_sub.add_parser("memory", help="static vs elastic KV pool: peak bytes, KV utilization, TPOT")
-    add_memory_args(mem)
-    add_engine_args(mem)
-    mem.set_defaults(func=run_memory)
-
-    st = bench_sub.add_parser("step", help="one decode step's time: static vs elastic KV pool")
-    add_step_args(st)
-    add_engine_args(st)
-    st.set_defaults(func=run_step)
-    from benchmarks.quant_decode import add_arguments as add_quant_args
-    from benchmarks.quant_decode import run as run_quant
-
-    qb = bench_sub.add_parser(
-        "quant", help="decode tokens/s per weight quantization and KV dtype, side by side"
-    )
-    add_quant_args(qb)
-    add_engine_args(qb)
-    qb.set_defaults(func=run_quant)
-    from benchmarks.load_peak import add_arguments as add_load_args
-    from benchmarks.load_peak import run as run_load
-
-    lb = bench_sub.add_parser("load", help="host memory peak of loading with each quantization vs the bound")
-    add_load_args(lb)
-    lb.set_defaults(func=run_load)
-    from benchmarks.serve_load import add_arguments as add_serve_args
-    from benchmarks.serve_load import run as run_serve
-
-    sb = bench_sub.add_parser("serve", help="load test: every trace request as a concurrent streaming client")
-    add_serve_args(sb)
-    sb.set_defaults(func=run_serve)
+    add_bench_commands(bench.add_subparsers(dest="bench", required=True), add_engine_args)
 
     ev = sub.add_parser("eval", help="quality evaluation")
     ev_sub = ev.add_subparsers(dest="eval", required=True)

@@ -1,0 +1,46 @@
+"""`fitllm bench ...`: one row per benchmark (subcommand, module, help, whether it takes engine flags).
+
+Each module has `add_arguments(parser)` and `run(args) -> exit code`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from collections.abc import Callable
+
+BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
+    ("throughput", "benchmarks.throughput", "creative-writing workload: fitllm vs transformers", True),
+    ("memory", "benchmarks.memory", "static vs elastic KV pool: peak bytes, KV utilization, TPOT", True),
+    ("step", "benchmarks.decode_step", "one decode step's time: static vs elastic KV pool", True),
+    (
+        "quant",
+        "benchmarks.quant_decode",
+        "decode tokens/s per weight quantization and KV dtype, side by side",
+        True,
+    ),
+    (
+        "load",
+        "benchmarks.load_peak",
+        "host memory peak of loading with each quantization vs the bound",
+        False,
+    ),
+    (
+        "serve",
+        "benchmarks.serve_load",
+        "load test: every trace request as a concurrent streaming client",
+        False,
+    ),
+)
+
+
+def add_bench_commands(
+    sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    for name, module_name, help_text, engine_flags in BENCHMARKS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text)
+        module.add_arguments(p)
+        if engine_flags:
+            add_engine_args(p)
+        p.set_defaults(func=module.run)
