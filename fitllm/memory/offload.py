@@ -1,0 +1,114 @@
+"""Offload placement: which decoder layers stay resident and which are streamed in before each use.
+
+The first piece of weight offload (the streaming itself comes next): given the bytes one decoder layer
+takes as stored and the bytes the budget leaves for decoder layers, keep as many layers resident as fit
+next to the staging buffers the streamed ones need (`prefetch` layers in flight), and spread the streamed
+ones evenly through the stack, so every copy has resident layers' compute to hide behind instead of a run
+of streamed layers stalling back to back.
+
+The cost model is the one a pipeline of copies and compute has: a step takes the longer of all compute
+and all copies, plus one copy to fill the pipeline; one pass over the layers serves the whole batch, so
+tokens/s grows with batch size until compute dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class Placement:
+    """Decoder layers by where they live; the bytes each side holds."""
+
+    num_layers: int
+    layer_bytes: int  # one decoder layer as stored (quantized layers stream their quantized bytes)
+    offloaded: tuple[int, ...]  # layer indices streamed in before each use, ascending
+    prefetch: int  # streamed layers in flight at once (staging buffers)
+
+    @property
+    def resident_layers(self) -> int:
+        return self.num_layers - len(self.offloaded)
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident_layers * self.layer_bytes
+
+    @property
+    def offloaded_bytes(self) -> int:
+        return len(self.offloaded) * self.layer_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Device bytes of the staging buffers: one per layer in flight, reused as soon as it has run."""
+        return min(self.prefetch, len(self.offloaded)) * self.layer_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident_bytes + self.staging_bytes
+
+
+def spread_evenly(num_layers: int, count: int) -> tuple[int, ...]:
+    """`count` distinct layer indices in [0, num_layers), as evenly spaced as possible (the centres of
+    `count` equal slices of the stack)."""
+    if not 0 <= count <= num_layers:
+        raise ValueError(f"cannot pick {count} of {num_layers} layers")
+    return tuple(int((i + 0.5) * num_layers / count) for i in range(count))
+
+
+def place_layers(
+    num_layers: int,
+    layer_bytes: int,
+    room: int,
+    prefetch: int = 1,
+    force_offload_bytes: int | None = None,
+) -> Placement:
+    """Where each decoder layer lives when `room` bytes of the budget are left for decoder layers.
+
+    Automatic: everything resident if it fits; otherwise the most resident layers that fit beside
+    `prefetch` staging buffers. `force_offload_bytes` (--cpu-offload-gb) offloads at least that many
+    bytes' worth of whole layers even when everything would fit."""
+    if num_layers < 1 or layer_bytes < 1:
+        raise ValueError("a model with decoder layers of some size is needed")
+    if prefetch < 1:
+        raise ValueError(f"--offload-prefetch must be at least 1; got {prefetch}")
+    forced = 0 if not force_offload_bytes else min(num_layers, math.ceil(force_offload_bytes / layer_bytes))
+    if forced == 0 and num_layers * layer_bytes <= room:
+        return Placement(num_layers, layer_bytes, (), prefetch)
+    # r resident layers need r + min(prefetch, num_layers - r) layer slots.
+    resident = next(
+        (
+            r
+            for r in range(num_layers - max(forced, 1), -1, -1)
+            if (r + min(prefetch, num_layers - r)) * layer_bytes <= room
+        ),
+        None,
+    )
+    if resident is None:
+        need = min(prefetch, num_layers) * layer_bytes
+        raise ValueError(
+            f"the budget leaves {room} B for decoder layers, not even the {need} B of staging for "
+            f"{min(prefetch, num_layers)} streamed layer(s) of {layer_bytes} B; raise --memory-budget, quantize "
+            f"(--quantization int8/int4), or lower --offload-prefetch"
+        )
+    return Placement(num_layers, layer_bytes, spread_evenly(num_layers, num_layers - resident), prefetch)
+
+
+def predicted_step_seconds(placement: Placement, bandwidth: float, compute_seconds_per_layer: float) -> float:
+    """One forward pass over the layers: the longer of compute and copies, plus one copy to fill the
+    pipeline (nothing to hide the first streamed layer's copy behind when it comes early)."""
+    if bandwidth <= 0:
+        raise ValueError("transfer bandwidth must be positive")
+    compute = placement.num_layers * compute_seconds_per_layer
+    if not placement.offloaded:
+        return compute
+    copy_one = placement.layer_bytes / bandwidth
+    return max(compute, copy_one * len(placement.offloaded)) + copy_one
+
+
+def predicted_tokens_per_s(
+    placement: Placement, bandwidth: float, compute_seconds_per_layer: float, batch: int = 1
+) -> float:
+    """Decode tokens/s at `batch` requests: one pass over the layers serves the whole batch
+    (`compute_seconds_per_layer` is the per-layer compute of a step at that batch size)."""
+    return batch / predicted_step_seconds(placement, bandwidth, compute_seconds_per_layer)
