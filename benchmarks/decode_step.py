@@ -57,15 +57,25 @@ def _engine(args: argparse.Namespace, static: bool):
     return decoding_engine(cfg, args.text, args.batch, args.prompt_tokens, args.rounds * (args.steps + 2))
 
 
-def run(args: argparse.Namespace) -> int:
-    engines = {"static": _engine(args, True), "elastic": _engine(args, False)}
+def timed_rounds(engines: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each engine, `rounds` times, the engines taking turns (so a shared machine's
+    noise falls on all of them alike)."""
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, engine in engines.items():
             t0 = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(steps):
                 engine.step()
-            times[name].append((time.perf_counter() - t0) / args.steps * 1000)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    engines = {"static": _engine(args, True), "elastic": _engine(args, False)}
+    times = {
+        name: [s * 1000 for s in rounds]
+        for name, rounds in timed_rounds(engines, args.rounds, args.steps).items()
+    }
     result = {
         name: {
             "step_ms_median": statistics.median(ts),

@@ -11,10 +11,9 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 from pathlib import Path
 
-from benchmarks.decode_step import decoding_engine
+from benchmarks.decode_step import decoding_engine, timed_rounds
 from benchmarks.workload import DEFAULT_TEXT
 
 DEFAULT_CONFIGS = "none,int8,int4,bnb-int8,bnb-nf4,none+kv-int8,none+kv-fp8"
@@ -59,13 +58,10 @@ def run(args: argparse.Namespace) -> int:
             )
             for name in configs
         }
-        rates: dict[str, list[float]] = {name: [] for name in configs}
-        for _ in range(args.rounds):
-            for name, engine in engines.items():
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    engine.step()
-                rates[name].append(batch * args.steps / (time.perf_counter() - t0))
+        rates = {
+            name: [batch / s for s in rounds]
+            for name, rounds in timed_rounds(engines, args.rounds, args.steps).items()
+        }
         base = statistics.median(rates[configs[0]])
         for name in configs:
             tps = statistics.median(rates[name])

@@ -10,22 +10,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import sample, scrape, serve
-
-from fitllm.config import EngineConfig
-from fitllm.engine.async_engine import AsyncEngine
-from fitllm.server.app import default_model_name
+from live_server import sample, scrape
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PROMPT = "Captain Ada stood on the bridge of the Starling as the alien fleet"
-
-
-@pytest.fixture(scope="module")
-def server():
-    config = EngineConfig(dtype="bfloat16", max_model_len=512, max_num_seqs=4, seed=0)
-    with serve(AsyncEngine(config), default_model_name(None)) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

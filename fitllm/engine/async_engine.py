@@ -150,20 +150,20 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises ValueError (bad input), QueueFull or EngineDead. Iterate the returned
         stream for its outputs; close it early (or let it be garbage) to abort the request."""
-        if not self.ready:
-            raise EngineDead("the engine is not running" if self.error is None else str(self.error))
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        future: concurrent.futures.Future[str] = concurrent.futures.Future()
-        self._commands.put(("add", (prompt, params, request_id, priority, stream), future))
-        rid = await asyncio.wrap_future(future)
+        rid = await self._call("add", (prompt, params, request_id, priority, stream))
         return RequestStream(self, rid, stream.queue)
 
     async def score(self, prompt: str | list[int], top_n: int):
         """Engine.score_prompt on the engine thread, between steps."""
+        return await self._call("score", (prompt, top_n))
+
+    async def _call(self, kind: str, payload: tuple):
+        """Send a command to the engine thread and await its answer (or the exception it raised)."""
         if not self.ready:
             raise EngineDead("the engine is not running" if self.error is None else str(self.error))
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("score", (prompt, top_n), future))
+        self._commands.put((kind, payload, future))
         return await asyncio.wrap_future(future)
 
     async def generate(

@@ -22,7 +22,7 @@ from fitllm.memory.budget import resolve_budget
 from fitllm.memory.host import host_memory, trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
+from fitllm.memory.ledger import BudgetExceeded, LedgerSnapshot, MemoryLedger
 from fitllm.memory.planner import scratch_elements, workspace_bytes
 from fitllm.memory.swap import KVSwapper
 from fitllm.quant import get_quant_method
@@ -47,6 +47,19 @@ class StepStats:
     @property
     def kv_utilization(self) -> float:
         return self.kv_tokens / self.kv_slots
+
+
+@dataclass(slots=True)
+class EngineStatus:
+    """What the engine holds now, for front ends that show it (metrics, the studio's memory panel)."""
+
+    ledger: LedgerSnapshot
+    kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs
+    block_size: int
+    slabs: int
+    slab_bytes: int
+    requests: dict[str, int]  # running / waiting / swapped
+    preemptions: int
 
 
 class Engine:
@@ -199,6 +212,26 @@ class Engine:
             "static" if max_slabs == 1 else "elastic",
         )
         return storage, pool
+
+    def status(self) -> EngineStatus:
+        pool, sched = self.pool, self.scheduler
+        return EngineStatus(
+            ledger=self.ledger.snapshot(),
+            kv_blocks={
+                "used": pool.num_used_blocks,
+                "cached": pool.num_cached_blocks,
+                "free": pool.num_free_blocks,
+            },
+            block_size=self.block_size,
+            slabs=pool.num_slabs,
+            slab_bytes=self.storage.slab_bytes,
+            requests={
+                "running": len(sched.running),
+                "waiting": sched.num_waiting,
+                "swapped": self.swapper.num_swapped_requests,
+            },
+            preemptions=sched.num_preemptions,
+        )
 
     def memory_report(self) -> str:
         """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""

@@ -215,23 +215,21 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         logits = logits.cpu()
+        cuts = [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
+        trunc = [i for i, cut in enumerate(cuts) if cut]
+        plain = [i for i, cut in enumerate(cuts) if not cut]
         temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
-        last = torch.tensor([r.params.temperature_last for r in requests])
-        trunc_rows = torch.tensor(
-            [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
-        )
         # Temperature-last rows are cut on the untempered logits; the survivors are tempered after.
-        after = torch.where(last & trunc_rows, temps, torch.ones_like(temps))
+        after = torch.tensor(
+            [
+                r.params.temperature if cut and r.params.temperature_last else 1.0
+                for r, cut in zip(requests, cuts)
+            ],
+            dtype=logits.dtype,
+        )
         logits = logits / (temps / after).unsqueeze(1)
         u = self._uniforms(requests)
         out = torch.empty(len(requests), dtype=torch.long)
-        trunc = [
-            i
-            for i, r in enumerate(requests)
-            if r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0
-        ]
-        truncated = set(trunc)
-        plain = [i for i in range(len(requests)) if i not in truncated]
         if plain:
             # Inverse CDF needs no sort: any fixed token order gives the same distribution.
             probs = logits[plain].softmax(dim=-1)

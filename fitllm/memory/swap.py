@@ -107,6 +107,10 @@ class KVSwapper:
     def free_bytes(self) -> int:
         return 0 if self.ledger is None else self.ledger.free_bytes()
 
+    @property
+    def num_swapped_requests(self) -> int:
+        return len(self._held)
+
     def holds(self, request_id: str) -> bool:
         return request_id in self._held
 

@@ -60,6 +60,16 @@ class LinearBase(nn.Module):
         else:
             self._load_rows(0, self.out_features, loaded)
 
+    def _load_stacked(
+        self, param: nn.Parameter, loaded: torch.Tensor, parts: list[tuple[object, int]]
+    ) -> None:
+        """A checkpoint tensor holding several shards one after another: each (shard id, full rows) part
+        goes through weight_loader as if it had come alone."""
+        offset = 0
+        for shard_id, rows in parts:
+            self.weight_loader(param, loaded.narrow(0, offset, rows), shard_id)
+            offset += rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant.apply(self, x)
         return out if self.bias is None else out + self.bias
@@ -104,10 +114,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # a checkpoint that stores the matrices already stacked (GLM's gate_up_proj)
-            offset = 0
-            for i, rows in enumerate(self.output_sizes):
-                self.weight_loader(param, loaded.narrow(0, offset, rows), i)
-                offset += rows
+            self._load_stacked(param, loaded, list(enumerate(self.output_sizes)))
             return
         assert isinstance(shard_id, int)
         size = self.output_sizes[shard_id] // self.tp_size
@@ -139,13 +146,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # q, k and v already stacked in the checkpoint (ChatGLM's query_key_value)
-            tp = self.tp_size
-            sizes = {"q": self.num_heads * tp * self.head_dim, "k": self.num_kv_heads * tp * self.head_dim}
-            sizes["v"] = sizes["k"]
-            offset = 0
-            for sid, rows in sizes.items():
-                self.weight_loader(param, loaded.narrow(0, offset, rows), sid)
-                offset += rows
+            q, kv = (
+                self.num_heads * self.tp_size * self.head_dim,
+                self.num_kv_heads * self.tp_size * self.head_dim,
+            )
+            self._load_stacked(param, loaded, [("q", q), ("k", kv), ("v", kv)])
             return
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim

@@ -16,8 +16,8 @@ from fitllm.model.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from fitllm.model.loading import load_parameter
 from fitllm.quant.base import QuantMethod
-from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 
 class LlamaAttention(nn.Module):
@@ -169,21 +169,7 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
 
         def load_into(name: str, tensor: torch.Tensor, shard: object = None) -> None:
-            # The owning module decides how its (possibly sharded or fused) parameter takes the tensor.
-            owner = self.get_submodule(name.rpartition(".")[0])
-            loader = getattr(owner, "weight_loader", None)
-            if loader is not None:
-                loader(params[name], tensor, shard)
-            elif tuple(params[name].shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(params[name].shape)}"
-                )
-            elif isinstance(tensor, GGUFBlocks):
-                for start, rows in row_chunks(tensor):
-                    params[name].data.narrow(0, start, rows.shape[0]).copy_(rows)
-            else:
-                params[name].data.copy_(tensor)
+            load_parameter(self, params, name, tensor, shard)
             loaded.add(name)
 
         for hf_name, tensor in weights:

@@ -19,8 +19,8 @@ from fitllm.config import ModelConfig
 from fitllm.model.attention import AttentionMetadata, PagedAttention
 from fitllm.model.layers import VocabEmbedding
 from fitllm.model.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from fitllm.model.loading import load_parameter
 from fitllm.quant.base import QuantMethod
-from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 POSITION_OFFSET = 2  # fairseq's learned-position padding offset, kept by XGLM's sinusoidal table
 
@@ -124,34 +124,14 @@ class XGLMForCausalLM(nn.Module):
                 continue  # tied to the embedding
             if "embed_positions" in name:
                 continue  # sinusoidal: computed, not loaded
-            for proj, shard in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+            shard = None
+            for proj, qkv in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
                 if f".self_attn.{proj}." in name:
-                    target = name.replace(f".self_attn.{proj}.", ".qkv_proj.")
-                    layer = self.get_submodule(target.rpartition(".")[0])
-                    layer.weight_loader(params[target], _dense(tensor), shard)
-                    loaded.add(target)
+                    name, shard = name.replace(f".self_attn.{proj}.", ".qkv_proj."), qkv
                     break
-            else:
-                name = name.replace(".self_attn.out_proj.", ".out_proj.")
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {hf_name!r} has no place in XGLMForCausalLM")
-                owner = self.get_submodule(name.rpartition(".")[0])
-                loader = getattr(owner, "weight_loader", None)
-                if loader is not None:
-                    loader(params[name], tensor)
-                else:
-                    value = _dense(tensor)
-                    if tuple(value.shape) != tuple(params[name].shape):
-                        raise ValueError(
-                            f"checkpoint tensor for {name!r} has shape {tuple(value.shape)}, "
-                            f"the model expects {tuple(params[name].shape)}"
-                        )
-                    params[name].data.copy_(value)
-                loaded.add(name)
+            name = name.replace(".self_attn.out_proj.", ".out_proj.")
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in XGLMForCausalLM")
+            load_parameter(self, params, name, tensor, shard)
+            loaded.add(name)
         return loaded
-
-
-def _dense(tensor: torch.Tensor | GGUFBlocks) -> torch.Tensor:
-    if isinstance(tensor, GGUFBlocks):
-        return torch.cat([rows for _, rows in row_chunks(tensor)])
-    return tensor

@@ -226,12 +226,8 @@ async def api_version() -> dict[str, str]:
 
 
 @router.get("/api/v1/config/max_context_length")
-async def max_context_length(request: Request) -> dict[str, int]:
-    return {"value": get_state(request).max_model_len}
-
-
 @router.get("/api/extra/true_max_context_length")
-async def true_max_context_length(request: Request) -> dict[str, int]:
+async def max_context_length(request: Request) -> dict[str, int]:
     return {"value": get_state(request).max_model_len}
 
 

@@ -33,7 +33,8 @@ class EngineCollector(Collector):
         engine = ae.engine
         if engine is None:
             return
-        snap = engine.ledger.snapshot()
+        status = engine.status()
+        snap = status.ledger
         budget = GaugeMetricFamily("fitllm_memory_budget_bytes", "the --memory-budget in bytes")
         budget.add_metric([], snap.budget)
         yield budget
@@ -52,26 +53,22 @@ class EngineCollector(Collector):
         peak_total = GaugeMetricFamily("fitllm_memory_peak_total_bytes", "peak of the total")
         peak_total.add_metric([], snap.peak_total)
         yield peak_total
-        pool = engine.pool
         blocks = GaugeMetricFamily(
             "fitllm_kv_blocks", "KV blocks of the live slabs, by state", labels=["state"]
         )
-        blocks.add_metric(["used"], pool.num_used_blocks)
-        blocks.add_metric(["cached"], pool.num_cached_blocks)
-        blocks.add_metric(["free"], pool.num_free_blocks)
+        for state, n in status.kv_blocks.items():
+            blocks.add_metric([state], n)
         yield blocks
         slabs = GaugeMetricFamily("fitllm_kv_slabs", "live KV slabs")
-        slabs.add_metric([], pool.num_slabs)
+        slabs.add_metric([], status.slabs)
         yield slabs
-        sched = engine.scheduler
         requests = GaugeMetricFamily("fitllm_requests", "requests by state", labels=["state"])
-        requests.add_metric(["running"], len(sched.running))
-        requests.add_metric(["waiting"], sched.num_waiting)
-        requests.add_metric(["swapped"], len(engine.swapper._held))
+        for state, n in status.requests.items():
+            requests.add_metric([state], n)
         yield requests
         c = ae.counters
         for name, doc, value in (
-            ("fitllm_preemptions", "requests preempted", sched.num_preemptions),
+            ("fitllm_preemptions", "requests preempted", status.preemptions),
             ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),
             ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
             ("fitllm_engine_steps", "engine steps run", c.steps),

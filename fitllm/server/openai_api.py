@@ -111,11 +111,6 @@ def _chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int
     return {"content": content}
 
 
-def _finish_reason(out: RequestOutput) -> str | None:
-    reason = out.outputs[0].finish_reason
-    return "abort" if reason == "abort" else reason
-
-
 # ---- routes --------------------------------------------------------------------------------------------
 
 
@@ -186,7 +181,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                     "index": k,
                     "text": text,
                     "logprobs": logprobs,
-                    "finish_reason": _finish_reason(out) if out.finished else None,
+                    "finish_reason": out.outputs[0].finish_reason if out.finished else None,
                 }
                 yield _sse(_envelope("text_completion", cid, created, model, [choice]))
             if body.include_usage:
@@ -216,7 +211,9 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                     "text_offset": head["text_offset"] + [o + len(prefix) for o in logprobs["text_offset"]],
                 }
             text = prefix + text
-        choices.append({"index": k, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(out)})
+        choices.append(
+            {"index": k, "text": text, "logprobs": logprobs, "finish_reason": out.outputs[0].finish_reason}
+        )
     prompt_tokens = sum(
         len(finals[k].prompt_token_ids) for k in {streams[k][0]: k for k in range(len(finals))}.values()
     )
@@ -280,7 +277,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                                 "index": k,
                                 "delta": delta,
                                 "logprobs": logprobs,
-                                "finish_reason": _finish_reason(out) if out.finished else None,
+                                "finish_reason": out.outputs[0].finish_reason if out.finished else None,
                             }
                         ]
                     )
@@ -302,7 +299,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 "logprobs": _chat_logprobs(st, c.token_ids, c.logprobs or [], top_n)
                 if body.logprobs
                 else None,
-                "finish_reason": _finish_reason(out),
+                "finish_reason": out.outputs[0].finish_reason,
             }
         )
     completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals)

@@ -18,6 +18,11 @@ T = TypeVar("T")
 RETRY_AFTER_S = 1
 
 
+def unavailable(message: str) -> APIError:
+    """A 503 a client should retry shortly (loading, busy, out of memory for now)."""
+    return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 @dataclass
 class KoboldJob:
     """A Kobold generation: its text so far (for /api/extra/generate/check) and request (for abort)."""
@@ -64,7 +69,7 @@ class ServerState:
                 if self.engine.error is None
                 else f"the engine failed: {self.engine.error}"
             )
-            raise APIError(503, detail, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise unavailable(detail)
         return self.engine.engine
 
     @property
@@ -118,20 +123,11 @@ class ServerState:
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
         except BudgetExceeded as exc:
-            raise APIError(
-                503,
-                f"not enough free memory right now: {exc}",
-                "service_unavailable",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            ) from exc
+            raise unavailable(f"not enough free memory right now: {exc}") from exc
         except QueueFull as exc:
-            raise APIError(
-                503, f"server busy: {exc}", "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from exc
+            raise unavailable(f"server busy: {exc}") from exc
         except EngineDead as exc:
-            raise APIError(
-                503, str(exc), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from exc
+            raise unavailable(str(exc)) from exc
 
     async def score_prompt(self, prompt: str | list[int], top_n: int) -> dict[str, Any]:
         """Legacy logprobs of every prompt token (the first has none), for echo."""

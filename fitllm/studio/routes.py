@@ -139,8 +139,8 @@ async def memory(request: Request) -> dict[str, Any]:
     engine = st.engine.engine
     if engine is None or not st.engine.ready:
         return {"ready": False, "time": time.time()}
-    snap = engine.ledger.snapshot()
-    pool, sched = engine.pool, engine.scheduler
+    status = engine.status()
+    snap = status.ledger
     return {
         "ready": True,
         "time": time.time(),
@@ -148,19 +148,11 @@ async def memory(request: Request) -> dict[str, Any]:
         "total": snap.total,
         "peak_total": snap.peak_total,
         "tags": dict(snap.current),
-        "kv_blocks": {
-            "used": pool.num_used_blocks,
-            "cached": pool.num_cached_blocks,
-            "free": pool.num_free_blocks,
-        },
-        "block_size": engine.block_size,
-        "slabs": pool.num_slabs,
-        "slab_bytes": engine.storage.slab_bytes,
-        "requests": {
-            "running": len(sched.running),
-            "waiting": sched.num_waiting,
-            "swapped": len(engine.swapper._held),
-        },
+        "kv_blocks": status.kv_blocks,
+        "block_size": status.block_size,
+        "slabs": status.slabs,
+        "slab_bytes": status.slab_bytes,
+        "requests": status.requests,
         "model": st.model_name,
         "context_length": engine.max_model_len,
         "quantization": engine.quant.describe(),
