@@ -176,6 +176,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/quant/kv.py)
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
+    cpu_offload_gb: float = 0.0  # GiB of decoder layers to offload even when they fit (0: only if they must)
+    offload_prefetch: int = 2  # offloaded layers in flight at once (staging buffers)
+    offload_dir: str | None = None  # CPU tier: folder for the offload file (None: the temp folder)
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0
     num_threads: int | None = None
@@ -198,6 +201,10 @@ class EngineConfig:
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.swap_space is not None and self.swap_space < 0:
             raise ValueError(f"--swap-space must be non-negative; got {self.swap_space}")
+        if self.cpu_offload_gb < 0:
+            raise ValueError(f"--cpu-offload-gb must be non-negative; got {self.cpu_offload_gb}")
+        if self.offload_prefetch < 1:
+            raise ValueError(f"--offload-prefetch must be at least 1; got {self.offload_prefetch}")
         if self.max_model_len == "auto":
             pass
         elif self.max_model_len is not None and (

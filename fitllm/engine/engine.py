@@ -12,6 +12,7 @@ import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_dtype
 from fitllm.engine.detokenizer import IncrementalDetokenizer
+from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler
@@ -19,6 +20,7 @@ from fitllm.engine.scheduler import Scheduler
 from fitllm.loader import build_model, open_model
 from fitllm.memory.block_pool import BlockPool
 from fitllm.memory.budget import resolve_budget
+from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import host_memory, trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
@@ -60,6 +62,9 @@ class EngineStatus:
     slab_bytes: int
     requests: dict[str, int]  # running / waiting / swapped
     preemptions: int
+    offloaded_layers: int = 0
+    offloaded_bytes: int = 0  # decoder layers kept off the device (file or pinned host memory)
+    bytes_streamed: int = 0  # copied into staging since start
 
 
 class Engine:
@@ -90,11 +95,37 @@ class Engine:
         )
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         self.kv_bytes_per_token = kv_bytes_per_token(mc, self.dtype, config.kv_cache_dtype)
+        self.placement = engine_placement(
+            config,
+            mc,
+            self.dtype,
+            self.quant,
+            self.ledger.budget,
+            self.kv_bytes_per_token,
+            config.max_model_len,
+        )
+        sink = None
+        if self.placement.offloaded:
+            sink = make_sink(layer_layout(mc, self.dtype, self.quant), self.device, config.offload_dir)
+            log.info(
+                "offload: %d of %d decoder layers streamed (%s each), prefetch %d",
+                len(self.placement.offloaded),
+                mc.num_hidden_layers,
+                format_bytes(self.placement.layer_bytes),
+                self.placement.prefetch,
+            )
         self.model = build_model(
-            self.source, self.dtype, self.device, self.max_model_len, show_progress, self.quant
+            self.source,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            show_progress,
+            self.quant,
+            frozenset(self.placement.offloaded),
+            sink,
         )
         self.source.release()  # the weights are in; the file's mapped pages need not stay resident
-        self._reserve_weights_and_workspace()
+        self._reserve_weights_and_workspace(sink)
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
         self._per_block = self.kv_bytes_per_token * self.block_size
@@ -126,10 +157,21 @@ class Engine:
         self.last_step: StepStats | None = None
         log.info("memory:\n%s", self.memory_report())
 
-    def _reserve_weights_and_workspace(self) -> None:
-        """Ledger the loaded weights and the workspace (measured by a profile step unless disabled)."""
+    def _reserve_weights_and_workspace(self, sink: OffloadFile | PinnedHostStore | None) -> None:
+        """Ledger the resident weights, start streaming the offloaded ones (their staging buffers are
+        ledgered too), then the workspace (measured by a profile step unless disabled)."""
         config, mc = self.config, self.model_config
+        # Offloaded layers' parameters are empty between uses, so this counts resident weights only.
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        try:
+            self.ledger.reserve("weights", weight_bytes)
+            self.streamer = (
+                None
+                if sink is None
+                else start_streamer(self.model, self.placement, sink, self.device, self.ledger)
+            )
+        except BudgetExceeded as exc:
+            raise ValueError(f"{exc}; raise --memory-budget or quantize (see `fitllm plan`)") from exc
         self.workspace_planned = workspace_bytes(
             mc,
             self.dtype,
@@ -152,7 +194,6 @@ class Engine:
             )
         workspace = self.workspace_planned if self.workspace_measured is None else self.workspace_measured
         try:
-            self.ledger.reserve("weights", weight_bytes)
             self.ledger.reserve("workspace", workspace)
         except BudgetExceeded as exc:
             raise ValueError(
@@ -231,6 +272,9 @@ class Engine:
                 "swapped": self.swapper.num_swapped_requests,
             },
             preemptions=sched.num_preemptions,
+            offloaded_layers=len(self.placement.offloaded),
+            offloaded_bytes=self.placement.offloaded_bytes,
+            bytes_streamed=0 if self.streamer is None else self.streamer.stats.bytes_streamed,
         )
 
     def memory_report(self) -> str:
@@ -245,6 +289,13 @@ class Engine:
             f"{self.pool.num_used_blocks} blocks used, {self.pool.num_cached_blocks} cached, "
             f"{self.pool.num_free_blocks - self.pool.num_cached_blocks} free"
         )
+        if self.streamer is not None:
+            p, st = self.placement, self.streamer.stats
+            lines.append(
+                f"offload: {len(p.offloaded)} of {p.num_layers} decoder layers streamed "
+                f"({format_bytes(p.offloaded_bytes)} kept off the device, {format_bytes(p.staging_bytes)} staging "
+                f"for prefetch {p.prefetch}); {format_bytes(st.bytes_streamed)} streamed so far"
+            )
         if self.swapper.ledger is not None:
             sw = self.swapper.ledger
             lines.append(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from fitllm.loader.chatglm import is_chatglm, rename_chatglm
 from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
 from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from fitllm.memory.layer_layout import LayerLayout
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
@@ -121,6 +124,18 @@ def _progress(total: int, show: bool):
     )
 
 
+class LayerSink(Protocol):
+    """Where offloaded decoder layers go once loaded (fitllm/memory/copy_engine.py: a file or pinned
+    host memory)."""
+
+    layout: LayerLayout
+
+    def write(self, index: int, layer: nn.Module) -> None: ...
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
 def build_model(
     source: ModelSource,
     dtype: torch.dtype,
@@ -128,14 +143,31 @@ def build_model(
     max_position: int,
     show_progress: bool = False,
     quant: QuantMethod | None = None,
+    offloaded: frozenset[int] = frozenset(),
+    sink: LayerSink | None = None,
 ) -> nn.Module:
     """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one.
 
     With `quant`, decoder linears quantize each checkpoint tensor as it arrives (or keep GGUF blocks as
     they are), so the load peak is the final size plus one tensor in float; block-quantized GGUF tensors
     are dequantized a chunk of rows at a time, so for them not even one whole tensor is in float.
+
+    Decoder layers in `offloaded` never get resident memory: each is loaded into memory of its own when
+    its first tensor arrives, finished, handed to `sink`, and released when the next layer's tensors
+    start, so loading holds at most one offloaded layer (checkpoints store tensors grouped by layer).
     """
-    model = build_on_meta(source.config, dtype, quant).to_empty(device=device)
+    model = build_on_meta(source.config, dtype, quant)
+    stack: nn.ModuleList = model.layers
+    held = {i: stack[i] for i in offloaded}
+    for i in held:
+        stack[i] = nn.Module()  # keep to_empty off the offloaded layers
+    model.to_empty(device=device)
+    layout = sink.layout if sink is not None else None
+    if held and layout is None:
+        raise ValueError("offloaded layers need a sink to go to")
+    for i, layer in held.items():
+        stack[i] = layer
+        layout.release(layer, device)
     derived = {
         f"{name}.{param}"
         for name, module in model.named_modules()
@@ -143,6 +175,22 @@ def build_model(
         for param in module.quant.derived_params
     }
     expected = {name for name, _ in model.named_parameters()} - derived
+    finished: set[int] = set()
+    open_layer: list[int] = []  # the offloaded layer being loaded, if any
+
+    def finish_linears(module: nn.Module) -> None:
+        for m in module.modules():
+            if isinstance(m, LinearBase):
+                m.quant.finish_loading(m)
+
+    def close_layer() -> None:
+        if open_layer:
+            i = open_layer.pop()
+            finish_linears(held[i])
+            sink.write(i, held[i])
+            layout.release(held[i], device)
+            finished.add(i)
+
     with _progress(source.num_tensors(), show_progress) as progress:
         task = (
             progress.add_task("load", total=source.num_tensors() if source.num_tensors() > 0 else None)
@@ -151,18 +199,33 @@ def build_model(
         )
 
         def tracked() -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
-            for item in source.weights(as_blocks=True):
-                yield item
+            for name, tensor in source.weights(as_blocks=True):
+                match = _LAYER_INDEX.search(name) if held else None
+                index = int(match.group(1)) if match else None
+                if index in held and open_layer != [index]:
+                    close_layer()
+                    if index in finished:
+                        raise CheckpointError(
+                            f"{source.path}: the tensors of layer {index} are not stored together, which "
+                            f"offloading needs; load without --cpu-offload-gb or re-save the checkpoint"
+                        )
+                    layout.materialize(held[index], device)
+                    open_layer.append(index)
+                yield name, tensor
                 if progress is not None:
                     progress.advance(task)
 
         loaded = model.load_weights(tracked())
+        close_layer()
     missing = expected - loaded
     if missing:
         raise CheckpointError(f"{source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            module.quant.finish_loading(module)
+    for i, layer in enumerate(stack):
+        if i not in held:
+            finish_linears(layer)
+    for name, module in model.named_children():
+        if name != "layers":
+            finish_linears(module)
     model.prepare(device, dtype, max_position)
     model.eval()
     return model

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fitllm.units import format_bytes
+
 
 @dataclass(slots=True, frozen=True)
 class Placement:
@@ -87,11 +89,44 @@ def place_layers(
     if resident is None:
         need = min(prefetch, num_layers) * layer_bytes
         raise ValueError(
-            f"the budget leaves {room} B for decoder layers, not even the {need} B of staging for "
-            f"{min(prefetch, num_layers)} streamed layer(s) of {layer_bytes} B; raise --memory-budget, quantize "
+            f"the budget leaves {format_bytes(room)} for decoder layers, not even the {format_bytes(need)} of "
+            f"staging for {min(prefetch, num_layers)} streamed layer(s) of {format_bytes(layer_bytes)}; raise "
+            f"--memory-budget, lower --max-model-len or --max-num-batched-tokens, quantize "
             f"(--quantization int8/int4), or lower --offload-prefetch"
         )
     return Placement(num_layers, layer_bytes, spread_evenly(num_layers, num_layers - resident), prefetch)
+
+
+# Without an explicit --max-model-len, automatic offload keeps room for this many tokens of KV (or the
+# model's whole context, if shorter) before it gives the rest to layers; with --max-model-len auto, for
+# a short prompt only, since auto means "the longest context the resident weights leave room for".
+DEFAULT_KV_RESERVE_TOKENS = 4096
+AUTO_KV_RESERVE_TOKENS = 256
+
+
+def kv_reserve_tokens(max_model_len: int | str | None, max_position: int) -> int:
+    """Tokens of KV an automatic placement keeps room for: one request of an explicit --max-model-len,
+    else a default share (offload is for weights that do not fit, not for the longest contexts)."""
+    if isinstance(max_model_len, int):
+        return max_model_len
+    floor = AUTO_KV_RESERVE_TOKENS if max_model_len == "auto" else DEFAULT_KV_RESERVE_TOKENS
+    return min(max_position, floor)
+
+
+def place_for_budget(
+    num_layers: int,
+    layer_param_bytes: int,
+    layer_stream_bytes: int,
+    room: int,
+    prefetch: int = 2,
+    force_offload_bytes: int | None = None,
+) -> Placement:
+    """The placement for `room` bytes left for decoder layers once everything else (embedding, head,
+    workspace, one request's KV) is counted: all resident when the layers fit and nothing is forced,
+    else `place_layers` over the layers as streamed (`layer_stream_bytes`, the aligned packed size)."""
+    if not force_offload_bytes and num_layers * layer_param_bytes <= room:
+        return Placement(num_layers, layer_stream_bytes, (), prefetch)
+    return place_layers(num_layers, layer_stream_bytes, room, prefetch, force_offload_bytes)
 
 
 def predicted_step_seconds(placement: Placement, bandwidth: float, compute_seconds_per_layer: float) -> float:

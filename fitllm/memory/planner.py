@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
+from fitllm.memory.layer_layout import LayerLayout
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
@@ -35,6 +36,9 @@ class WeightBreakdown:
     lm_head: int = 0
     per_layer: int = 0
     largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
+    layer_stream_bytes: int = (
+        0  # one decoder layer packed for streaming (aligned; fitllm/memory/layer_layout.py)
+    )
 
     @property
     def total(self) -> int:
@@ -47,7 +51,10 @@ def weight_breakdown(
     """Exact parameter bytes by component, from the model class built on the meta device with the same
     quantization the loader would use (so quantized weights and their scales are counted as stored)."""
     model = build_on_meta(config, dtype, quant)
-    out = WeightBreakdown(largest_quantized_linear=scratch_elements(model))
+    out = WeightBreakdown(
+        largest_quantized_linear=scratch_elements(model),
+        layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
+    )
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
         if "embed_tokens" in name:
