@@ -87,6 +87,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="give back a KV slab no request has used for this many seconds",
     )
     add_quantization_args(g)
+    add_offload_args(g)
     g.add_argument(
         "--swap-space",
         type=parse_bytes,
@@ -139,6 +140,27 @@ def add_quantization_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cpu-offload-gb",
+        type=float,
+        default=0.0,
+        help="GiB of decoder layers to keep off the device and stream in before each use, even when they "
+        "would fit (default 0: offload only what the budget cannot hold)",
+    )
+    p.add_argument(
+        "--offload-prefetch",
+        type=int,
+        default=2,
+        help="offloaded layers in flight at once; each takes one layer of device memory (staging)",
+    )
+    p.add_argument(
+        "--offload-dir",
+        default=None,
+        help="CPU: folder for the offload file that streamed layers are read from (default: the temp folder)",
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from parsed engine flags."""
     return EngineConfig(
@@ -161,6 +183,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         quant_group_size=args.quant_group_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        cpu_offload_gb=args.cpu_offload_gb,
+        offload_prefetch=args.offload_prefetch,
+        offload_dir=args.offload_dir,
         seed=args.seed,
         num_threads=args.threads,
     )
@@ -244,8 +269,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from fitllm.config import ModelConfig, resolve_dtype
     from fitllm.loader import open_model
+    from fitllm.memory.bandwidth import measure_offload_estimate
     from fitllm.memory.budget import resolve_budget
-    from fitllm.memory.planner import make_plan
+    from fitllm.memory.offload import OffloadEstimate
+    from fitllm.memory.planner import Plan, make_plan
     from fitllm.quant import default_group_size
 
     path = Path(args.model) if args.model else None
@@ -264,19 +291,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else args.device
     )
     dtype = resolve_dtype(args.dtype, device)
-    plan = make_plan(
-        config,
-        name,
-        dtype,
-        resolve_budget(args.memory_budget, device),
-        None if args.max_model_len == "auto" else args.max_model_len,
-        block_size=args.block_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
-        quant_group_size=group_size,
-    )
+
+    def plan_with(estimate: OffloadEstimate | None = None) -> Plan:
+        return make_plan(
+            config,
+            name,
+            dtype,
+            resolve_budget(args.memory_budget, device),
+            None if args.max_model_len == "auto" else args.max_model_len,
+            block_size=args.block_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
+            quant_group_size=group_size,
+            cpu_offload_gb=args.cpu_offload_gb,
+            offload_prefetch=args.offload_prefetch,
+            estimate=estimate,
+        )
+
+    plan = plan_with()
+    if plan.placement is not None and plan.placement.offloaded:
+        # Offloading: measure the links the prediction needs (a second or so).
+        plan = plan_with(measure_offload_estimate(device, args.offload_dir))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
 
@@ -358,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
     )
     add_quantization_args(plan)
+    add_offload_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 

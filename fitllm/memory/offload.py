@@ -97,20 +97,20 @@ def place_layers(
     return Placement(num_layers, layer_bytes, spread_evenly(num_layers, num_layers - resident), prefetch)
 
 
-# Without an explicit --max-model-len, automatic offload keeps room for this many tokens of KV (or the
-# model's whole context, if shorter) before it gives the rest to layers; with --max-model-len auto, for
-# a short prompt only, since auto means "the longest context the resident weights leave room for".
-DEFAULT_KV_RESERVE_TOKENS = 4096
+# Automatic offload is for weights that do not fit: it keeps room for this many tokens of KV (or
+# --max-model-len, or the model's context, if shorter) and gives the rest of the budget to layers. Longer
+# contexts are the elastic KV pool's business; `fitllm plan` says what offload would buy them. With
+# --max-model-len auto ("the longest context the resident weights leave room for"), for a short prompt.
+KV_RESERVE_TOKENS = 4096
 AUTO_KV_RESERVE_TOKENS = 256
 
 
 def kv_reserve_tokens(max_model_len: int | str | None, max_position: int) -> int:
-    """Tokens of KV an automatic placement keeps room for: one request of an explicit --max-model-len,
-    else a default share (offload is for weights that do not fit, not for the longest contexts)."""
-    if isinstance(max_model_len, int):
-        return max_model_len
-    floor = AUTO_KV_RESERVE_TOKENS if max_model_len == "auto" else DEFAULT_KV_RESERVE_TOKENS
-    return min(max_position, floor)
+    """Tokens of KV an automatic placement keeps room for."""
+    if max_model_len == "auto":
+        return min(max_position, AUTO_KV_RESERVE_TOKENS)
+    length = max_model_len if isinstance(max_model_len, int) else max_position
+    return min(length, KV_RESERVE_TOKENS)
 
 
 def place_for_budget(
@@ -147,3 +147,33 @@ def predicted_tokens_per_s(
     """Decode tokens/s at `batch` requests: one pass over the layers serves the whole batch
     (`compute_seconds_per_layer` is the per-layer compute of a step at that batch size)."""
     return batch / predicted_step_seconds(placement, bandwidth, compute_seconds_per_layer)
+
+
+@dataclass(slots=True, frozen=True)
+class OffloadEstimate:
+    """Measured bandwidths (fitllm/memory/bandwidth.py) that turn a placement into predicted tokens/s.
+
+    Decode compute is taken as bandwidth-bound: a layer's step costs its bytes at the device's memory
+    bandwidth, whatever the batch (one pass over the weights serves every request in it). `fitllm bench
+    offload` replaces that with the measured compute of a fully resident step."""
+
+    transfer: float  # bytes/s from where offloaded layers are kept into staging
+    memory: float  # bytes/s the device reads its own memory at
+    tier: str  # "file" (CPU) or "pinned host" (CUDA)
+
+    def compute_seconds_per_layer(self, placement: Placement) -> float:
+        return placement.layer_bytes / self.memory
+
+    def tokens_per_s(self, placement: Placement, batch: int) -> float:
+        return predicted_tokens_per_s(
+            placement, self.transfer, self.compute_seconds_per_layer(placement), batch
+        )
+
+    def resident_tokens_per_s(self, placement: Placement, batch: int) -> float:
+        return batch / (placement.num_layers * self.compute_seconds_per_layer(placement))
+
+    def describe(self) -> str:
+        return (
+            f"{self.tier} -> device measured at {self.transfer / 1e9:.1f} GB/s, device memory at "
+            f"{self.memory / 1e9:.1f} GB/s; weights-bandwidth-bound estimate"
+        )

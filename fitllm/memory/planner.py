@@ -6,6 +6,7 @@ architecture the registry knows, and equal what the loader later allocates.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
 from fitllm.memory.layer_layout import LayerLayout
+from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_for_budget
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
@@ -128,15 +130,25 @@ class Plan:
     fits: bool
     max_context_that_fits: int
     max_full_length_requests: int
+    placement: Placement | None = None  # decoder layers resident vs streamed (None: all resident)
+    resident_weight_bytes: int = 0  # weights held on the device (all of them without offload)
+    offload_estimate: OffloadEstimate | None = None  # predicted decode speed with the offload chosen
     suggestions: list[str] = field(default_factory=list)
 
     @property
+    def staging_bytes(self) -> int:
+        return 0 if self.placement is None else self.placement.staging_bytes
+
+    @property
     def fixed_bytes(self) -> int:
-        return self.weights.total + self.workspace + self.overhead
+        return self.resident_weight_bytes + self.staging_bytes + self.workspace + self.overhead
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["weights"]["total"] = self.weights.total
+        d["staging_bytes"] = self.staging_bytes
+        if self.placement is not None:
+            d["placement"]["offloaded_bytes"] = self.placement.offloaded_bytes
         return d
 
     def table(self) -> str:
@@ -151,6 +163,32 @@ class Plan:
             ("weights: lm_head", format_bytes(w.lm_head) + ("" if w.lm_head else " (tied to the embedding)")),
             ("weights: one decoder layer", format_bytes(w.per_layer)),
             ("weights: total", format_bytes(w.total)),
+        ]
+        p = self.placement
+        if p is not None and p.offloaded:
+            rows += [
+                (
+                    "weights: resident",
+                    f"{format_bytes(self.resident_weight_bytes)} ({p.resident_layers} of {p.num_layers} "
+                    f"decoder layers, embedding, head, norms)",
+                ),
+                (
+                    "weights: offloaded (streamed)",
+                    f"{format_bytes(p.offloaded_bytes)} ({len(p.offloaded)} layers: {_ranges(p.offloaded)})",
+                ),
+                (f"staging (prefetch {p.prefetch})", format_bytes(p.staging_bytes)),
+            ]
+            e = self.offload_estimate
+            if e is not None:
+                rows.append(
+                    (
+                        "predicted decode, batch 1 / 16",
+                        f"{e.tokens_per_s(p, 1):.1f} / {e.tokens_per_s(p, 16):.1f} tok/s (all resident: "
+                        f"{e.resident_tokens_per_s(p, 1):.1f} / {e.resident_tokens_per_s(p, 16):.1f}; "
+                        f"{e.describe()})",
+                    )
+                )
+        rows += [
             ("workspace (largest step)", format_bytes(self.workspace)),
             ("framework overhead", format_bytes(self.overhead)),
             (f"KV per token ({self.kv_dtype})", format_bytes(self.kv_bytes_per_token)),
@@ -185,10 +223,16 @@ def make_plan(
     overhead: int = DEFAULT_OVERHEAD,
     quantization: str | None = None,
     quant_group_size: int | None = None,
+    cpu_offload_gb: float = 0.0,
+    offload_prefetch: int = 2,
+    estimate: OffloadEstimate | None = None,
 ) -> Plan:
     """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
 
     max_model_len None means 'auto': the largest context that fits, capped by the model's own.
+    Decoder layers are offloaded as the engine would (fitllm/engine/offloading.py): when the weights do
+    not fit beside the workspace and a short request's KV, or when --cpu-offload-gb asks; `estimate`
+    (measured bandwidths) turns the placement into predicted tokens/s.
     """
     quant = get_quant_method(quantization, quant_group_size)
     weights = weight_breakdown(config, dtype, quant)
@@ -196,7 +240,26 @@ def make_plan(
     workspace = workspace_bytes(
         config, dtype, max_num_batched_tokens, max_num_seqs, weights.largest_quantized_linear
     )
-    room = budget - weights.total - workspace - overhead
+    layers = config.num_hidden_layers
+    non_layer = weights.total - layers * weights.per_layer
+    reserve_tokens = kv_reserve_tokens(
+        "auto" if max_model_len is None else max_model_len, config.max_position_embeddings
+    )
+    reserve = per_token * cdiv(reserve_tokens, block_size) * block_size
+    try:
+        placement = place_for_budget(
+            layers,
+            weights.per_layer,
+            weights.layer_stream_bytes,
+            budget - non_layer - workspace - overhead - reserve,
+            offload_prefetch,
+            int(cpu_offload_gb * (1 << 30)) or None,
+        )
+    except ValueError:  # not even with every layer streamed: the suggestions say what would
+        placement = None
+    resident = weights.total - (len(placement.offloaded) if placement else 0) * weights.per_layer
+    staging = placement.staging_bytes if placement else 0
+    room = budget - resident - staging - workspace - overhead
     # KV is allocated in whole blocks.
     capacity = max(0, room // (per_token * block_size)) * block_size
     max_ctx = min(capacity, config.max_position_embeddings)
@@ -219,10 +282,47 @@ def make_plan(
         fits=fits,
         max_context_that_fits=max_ctx,
         max_full_length_requests=capacity // max(1, cdiv(length, block_size) * block_size),
+        placement=placement,
+        resident_weight_bytes=resident,
+        offload_estimate=estimate if placement is not None and placement.offloaded else None,
     )
     if not fits:
         plan.suggestions = _suggestions(plan, config, dtype, room, quant.name, kv_cache_dtype)
+        if placement is not None and layers * weights.per_layer > 0:
+            plan.suggestions += _offload_suggestion(plan, layers, weights, room, length, offload_prefetch)
     return plan
+
+
+def _offload_suggestion(
+    plan: Plan, layers: int, weights: WeightBreakdown, room: int, length: int, prefetch: int
+) -> list[str]:
+    """How much --cpu-offload-gb would make one full-length request fit, if any amount does."""
+    short = plan.kv_bytes_per_request - max(room, 0)
+    current = len(plan.placement.offloaded) if plan.placement else 0
+    for count in range(current + 1, layers + 1):
+        # Each layer streamed frees its resident bytes but the first `prefetch` cost one staging buffer.
+        freed = (count - current) * weights.per_layer - (
+            min(prefetch, count) - min(prefetch, current)
+        ) * weights.layer_stream_bytes
+        if freed >= short:
+            gib = count * weights.per_layer / (1 << 30)
+            return [
+                f"--cpu-offload-gb {math.ceil(gib * 100) / 100:.2f} streams {count} of {layers} decoder layers "
+                f"from host memory and makes one {length}-token request fit (slower decode: see the "
+                f"prediction with that flag)"
+            ]
+    return []
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """(1, 2, 3, 7) -> '1-3, 7'."""
+    out: list[str] = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
 def _suggestions(

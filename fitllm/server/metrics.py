@@ -66,12 +66,24 @@ class EngineCollector(Collector):
         for state, n in status.requests.items():
             requests.add_metric([state], n)
         yield requests
+        for name, doc, value in (
+            ("fitllm_offloaded_layers", "decoder layers streamed in before each use", status.offloaded_layers),
+            ("fitllm_offloaded_bytes", "weight bytes kept off the device (file or host)", status.offloaded_bytes),
+        ):
+            gauge = GaugeMetricFamily(name, doc)
+            gauge.add_metric([], value)
+            yield gauge
         c = ae.counters
         for name, doc, value in (
             ("fitllm_preemptions", "requests preempted", status.preemptions),
             ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),
             ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
             ("fitllm_engine_steps", "engine steps run", c.steps),
+            (
+                "fitllm_offload_streamed_bytes",
+                "weight bytes copied into staging (rate() gives bytes streamed per second)",
+                status.bytes_streamed,
+            ),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], value)

@@ -1,0 +1,182 @@
+"""Offload through the whole engine: streamed layers give the same greedy tokens as resident ones, the
+budget holds while streaming, and a model several times larger than its budget completes (CPU file tier).
+The streamer's own ordering logic (and the CUDA tier's events, simulated) is in test_offload_streamer.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_random_checkpoint, run_all
+
+from fitllm import EngineConfig
+from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
+from fitllm.memory.planner import make_plan, weight_breakdown
+
+GiB = 1 << 30
+
+
+def _offload_gib(layers_bytes: int, fraction: float) -> float:
+    """--cpu-offload-gb that streams `fraction` of the decoder layers (given their total bytes)."""
+    return layers_bytes * fraction / GiB
+
+
+# ---- the default model ---------------------------------------------------------------------------------
+
+PROMPTS = [
+    "The Martians landed on the common at Horsell, and",
+    "Once upon a time, in a kingdom by the sea,",
+    "def fibonacci(n):",
+]
+
+
+@pytest.fixture(scope="module")
+def default_layers_bytes() -> int:
+    from fitllm.loader import open_model
+
+    cfg = open_model(None).config
+    w = weight_breakdown(cfg, torch.bfloat16)
+    return cfg.num_hidden_layers * w.per_layer
+
+
+def _greedy_default(**kw) -> tuple[list[list[int]], Engine]:
+    eng = Engine(EngineConfig(dtype="bfloat16", max_model_len=512, max_num_seqs=4, **kw))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ids = [eng.add_request(p, params) for p in PROMPTS]  # one batch: one pass over the layers serves all
+    done: dict[str, list[int]] = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        assert eng.ledger.total <= eng.ledger.budget
+    return [done[i] for i in ids], eng
+
+
+def test_default_model_greedy_identical_at_0_50_100_percent_offloaded(default_layers_bytes):
+    resident, eng0 = _greedy_default()
+    assert eng0.streamer is None and eng0.ledger.current("staging") == 0
+    for fraction, prefetch in ((0.5, 1), (1.0, 2)):
+        tokens, eng = _greedy_default(
+            cpu_offload_gb=_offload_gib(default_layers_bytes, fraction), offload_prefetch=prefetch
+        )
+        layers = eng.model_config.num_hidden_layers
+        streamed = len(eng.placement.offloaded)
+        assert streamed == round(fraction * layers), (fraction, streamed)
+        assert tokens == resident, f"{fraction:.0%} offloaded changed the greedy tokens"
+        # Resident weights shrink by exactly the streamed layers; staging is prefetch x one layer.
+        per_layer = default_layers_bytes // layers
+        assert eng.ledger.current("weights") == eng0.ledger.current("weights") - streamed * per_layer
+        assert eng.ledger.snapshot().peak["staging"] == prefetch * eng.placement.layer_bytes
+        assert eng.streamer.stats.bytes_streamed > 0 and eng.status().bytes_streamed > 0
+        eng.streamer.close()
+
+
+# ---- random-weight Llama checkpoints ---------------------------------------------------------------------
+
+BIG = dict(
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=512,
+    max_position_embeddings=512,
+    initializer_range=0.05,
+)
+
+
+@pytest.fixture(scope="module")
+def big_llama(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("offload"), "llama", seed=3, **BIG)
+
+
+def _engine(folder, **kw) -> Engine:
+    base = dict(
+        model=str(folder), dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=128
+    )
+    base.update(kw)
+    return Engine(EngineConfig(**base))
+
+
+RANDOM_PROMPTS = [[5, 17, 99, 3, 250, 12], [7] * 40, list(range(100, 131))]
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_random_llama_greedy_identical_when_offloaded(big_llama, quantization):
+    reference = run_all(_engine(big_llama, quantization=quantization), RANDOM_PROMPTS)
+    layers_bytes = (
+        BIG["num_hidden_layers"]
+        * weight_breakdown(_engine_config_model(big_llama), torch.float32, _quant(quantization)).per_layer
+    )
+    for fraction in (0.5, 1.0):
+        eng = _engine(
+            big_llama, quantization=quantization, cpu_offload_gb=_offload_gib(layers_bytes, fraction)
+        )
+        assert len(eng.placement.offloaded) == round(fraction * BIG["num_hidden_layers"])
+        assert run_all(eng, RANDOM_PROMPTS) == reference, (quantization, fraction)
+        eng.streamer.close()
+
+
+def _engine_config_model(folder):
+    from fitllm.loader import open_model
+
+    return open_model(str(folder)).config
+
+
+def _quant(name):
+    from fitllm.quant import get_quant_method
+
+    return get_quant_method(name)
+
+
+def test_model_several_times_larger_than_its_budget_completes_within_it(big_llama):
+    cfg = _engine_config_model(big_llama)
+    weights = weight_breakdown(cfg, torch.float32).total
+    budget = 40 << 20
+    assert weights > 3 * budget  # the point of the test: weights alone are 3x the budget
+    reference = run_all(_engine(big_llama), RANDOM_PROMPTS[:2])
+    eng = _engine(big_llama, memory_budget=budget, offload_prefetch=1)  # automatic: no --cpu-offload-gb
+    assert eng.placement.offloaded, "weights over the budget must be offloaded automatically"
+    staging_cap = eng.placement.prefetch * eng.placement.layer_bytes
+
+    def within_bounds(engine: Engine) -> None:
+        snap = engine.ledger.snapshot()
+        assert snap.total <= budget and snap.current["staging"] <= staging_cap
+
+    assert run_all(eng, RANDOM_PROMPTS[:2], on_step=within_bounds) == reference
+    snap = eng.ledger.snapshot()
+    assert snap.peak_total <= budget and snap.peak["staging"] == staging_cap
+    assert eng.ledger.current("weights") + eng.placement.offloaded_bytes >= weights
+    # Every step streamed every offloaded layer (prefetch 1 < offloaded layers: no buffer keeps one).
+    assert eng.streamer.stats.copies >= len(eng.placement.offloaded) * 2
+    eng.streamer.close()
+    assert eng.ledger.current("staging") == 0
+
+
+def test_ledger_weights_match_the_planner_with_offload(big_llama):
+    cfg = _engine_config_model(big_llama)
+    eng = _engine(big_llama, cpu_offload_gb=0.03)
+    plan = make_plan(
+        cfg,
+        "big",
+        torch.float32,
+        1 << 40,
+        256,
+        max_num_batched_tokens=128,
+        max_num_seqs=4,
+        cpu_offload_gb=0.03,
+    )
+    assert plan.placement.offloaded == eng.placement.offloaded
+    assert eng.ledger.current("weights") == plan.resident_weight_bytes
+    assert eng.ledger.current("staging") == plan.staging_bytes
+    eng.streamer.close()
+
+
+def test_budget_too_small_even_for_staging_names_the_flags(big_llama):
+    with pytest.raises(ValueError, match="--memory-budget.*--offload-prefetch"):
+        _engine(big_llama, memory_budget=12 << 20)
+
+
+def test_bnb_with_offload_is_refused_naming_the_alternative(big_llama):
+    with pytest.raises(ValueError, match="int8 or int4"):
+        _engine(big_llama, quantization="bnb-int8", cpu_offload_gb=0.01)
