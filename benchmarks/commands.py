@@ -26,6 +26,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "offload",
+        "benchmarks.offload",
+        "decode tokens/s as the offloaded share of layers goes 0 -> 100%, against the prediction",
+        True,
+    ),
+    (
         "serve",
         "benchmarks.serve_load",
         "load test: every trace request as a concurrent streaming client",

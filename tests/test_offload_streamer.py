@@ -48,10 +48,10 @@ class Block(nn.Module):
         self.fail = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fail:
-            raise RuntimeError("layer failed")
         if self.observer is not None:
             self.observer(self)
+        if self.fail:  # after reading its weights, as a kernel failing part way would
+            raise RuntimeError("layer failed")
         return torch.tanh(self.fc(x))
 
 
@@ -341,3 +341,23 @@ def test_file_tier_streams_from_an_unlinked_file(tmp_path: Path, prefetch: int):
     streamer.close()  # lets the reads still in flight land
     assert streamer.stats.bytes_streamed == engine.bytes_copied == streamer.stats.copies * layout.nbytes
     assert file._fd == -1 and not path.exists()
+
+
+def test_first_copies_wait_for_compute_queued_before_the_streamer():
+    """Staging memory fresh from the caching allocator may still be read by queued compute-stream work,
+    so even the first copies into it wait on an event recorded on the compute stream."""
+    streamer, ops = sim_streamer(make_stack(), (1, 3, 4), 2)
+    afters: list = []
+    real_copy = ops.copy
+
+    def spy(dst, src, after):
+        afters.append(after)
+        return real_copy(dst, src, after)
+
+    ops.copy = spy
+    streamer.close()  # nothing yet: re-run construction with the spy in place
+    stack = make_stack()
+    layout = LayerLayout.of(stack[0])
+    store = PinnedHostStore(layout, pin=False)
+    WeightStreamer(offload(stack, (1, 3, 4), store), layout, StreamCopyEngine(store.layers, ops), 2, CPU)
+    assert len(afters) == 2 and all(isinstance(a, Event) and a.copy < 0 for a in afters), afters

@@ -94,6 +94,10 @@ class WeightStreamer:
         for index, layer in layers.items():
             self._hooks.handles.append(layer.register_forward_pre_hook(self._pre_hook(index)))
             self._hooks.handles.append(layer.register_forward_hook(self._post_hook(index)))
+        for buf in self.buffers:
+            # Fresh memory from the caching allocator may still be read by queued compute-stream work:
+            # the first copies into it wait for that, like every later one.
+            buf.free = engine.release()
         self._start_copies()  # the first pass's first layers start arriving now
 
     # -- the schedule ---------------------------------------------------------------------------------
