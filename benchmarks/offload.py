@@ -61,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
     layers_bytes = _layers_bytes(base)
     estimate = measure_offload_estimate(base.resolve_device(), base.offload_dir)
     print(f"transfer ({estimate.tier} -> device): {estimate.transfer / 1e9:.2f} GB/s measured")
-    result: dict = {"transfer_bytes_per_s": estimate.transfer, "tier": estimate.tier, "runs": {}}
+    result: dict = {
+        "transfer_bytes_per_s": estimate.transfer,
+        "tier": estimate.tier,
+        "copies_overlap_compute": estimate.overlap,
+        "runs": {},
+    }
     for batch in [int(b) for b in args.batches.split(",")]:
         engines = {
             f: decoding_engine(
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             step = statistics.median(seconds[f])
             placement = engine.placement
             predicted = predicted_tokens_per_s(
-                placement, estimate.transfer, resident_step / num_layers, batch
+                placement, estimate.transfer, resident_step / num_layers, batch, estimate.overlap
             )
             streamed = (_streamed(engine) - streamed0[f]) / sum(seconds[f]) / args.steps
             row = {

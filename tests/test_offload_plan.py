@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitllm.memory.offload import (
+    OffloadEstimate,
     Placement,
     place_layers,
     predicted_step_seconds,
@@ -91,5 +92,70 @@ def test_predicted_cost_follows_the_pipeline():
     assert predicted_tokens_per_s(half, bw, compute, batch=16) == pytest.approx(
         16 * predicted_tokens_per_s(half, bw, compute)
     )
+    # Without a copy engine of its own (CPU tier), copies and compute take turns: their times add.
+    assert predicted_step_seconds(half, bw, compute, overlap=False) == pytest.approx(0.1 + 0.5)
+    assert predicted_step_seconds(half, bw, 1.0, overlap=False) == pytest.approx(10.0 + 0.5)
+    assert predicted_step_seconds(none, bw, compute, overlap=False) == pytest.approx(0.1)
+    assert OffloadEstimate(bw, 1e9, "file").overlap is False
+    assert OffloadEstimate(bw, 1e9, "pinned host").overlap is True
     with pytest.raises(ValueError):
         predicted_step_seconds(half, 0.0, compute)
+
+
+# ---- the planner with offload ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def glm9b():
+    import json
+    from pathlib import Path
+
+    from fitllm.config import ModelConfig
+
+    path = Path(__file__).parent / "fixtures" / "codegeex4-all-9b" / "config.json"
+    return ModelConfig.from_hf_config(json.loads(path.read_text()))
+
+
+def test_plan_offloads_weights_that_do_not_fit_and_says_so(glm9b):
+    import torch
+
+    from fitllm.memory.planner import make_plan
+
+    GiB = 1 << 30
+    estimate = OffloadEstimate(20e9, 3000e9, "pinned host")
+    plan = make_plan(glm9b, "glm", torch.bfloat16, 12 * GiB, 8192, estimate=estimate)
+    p = plan.placement
+    assert plan.fits and p is not None and 0 < len(p.offloaded) < p.num_layers
+    per_layer = plan.weights.per_layer
+    # Resident + offloaded = all weights; the ledger-exact resident figure is what the engine reserves.
+    assert plan.resident_weight_bytes + len(p.offloaded) * per_layer == plan.weights.total
+    assert plan.fixed_bytes + plan.kv_bytes_per_request <= plan.budget
+    assert plan.staging_bytes == 2 * p.layer_bytes  # default --offload-prefetch 2
+    # Minimal: one layer more resident would not leave the automatic KV reserve (4096 tokens).
+    reserve = 4096 * plan.kv_bytes_per_token
+    assert plan.fixed_bytes + reserve <= plan.budget < plan.fixed_bytes + per_layer + reserve
+    text = plan.table()
+    assert "weights: offloaded (streamed)" in text and "predicted decode, batch 1 / 16" in text
+    assert estimate.tokens_per_s(p, 1) < estimate.resident_tokens_per_s(p, 1)
+    assert estimate.tokens_per_s(p, 16) == pytest.approx(16 * estimate.tokens_per_s(p, 1))
+    # Weights that fit are never offloaded unless asked; --cpu-offload-gb forces it.
+    roomy = make_plan(glm9b, "glm", torch.bfloat16, 40 * GiB, 8192)
+    assert roomy.placement is not None and not roomy.placement.offloaded
+    forced = make_plan(glm9b, "glm", torch.bfloat16, 40 * GiB, 8192, cpu_offload_gb=4.0)
+    assert len(forced.placement.offloaded) == -(-4 * GiB // forced.placement.layer_bytes)
+
+
+def test_plan_suggests_the_offload_that_fits_a_full_context(glm9b):
+    import re
+
+    import torch
+
+    from fitllm.memory.planner import make_plan
+
+    GiB = 1 << 30
+    plan = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072)
+    assert not plan.fits
+    line = next(s for s in plan.suggestions if s.startswith("--cpu-offload-gb"))
+    gb = float(re.match(r"--cpu-offload-gb ([\d.]+)", line).group(1))
+    assert make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072, cpu_offload_gb=gb).fits
+    assert not make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072, cpu_offload_gb=gb - 0.5).fits

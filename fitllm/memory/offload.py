@@ -129,24 +129,35 @@ def place_for_budget(
     return place_layers(num_layers, layer_stream_bytes, room, prefetch, force_offload_bytes)
 
 
-def predicted_step_seconds(placement: Placement, bandwidth: float, compute_seconds_per_layer: float) -> float:
-    """One forward pass over the layers: the longer of compute and copies, plus one copy to fill the
-    pipeline (nothing to hide the first streamed layer's copy behind when it comes early)."""
+def predicted_step_seconds(
+    placement: Placement, bandwidth: float, compute_seconds_per_layer: float, overlap: bool = True
+) -> float:
+    """One forward pass over the layers.
+
+    With `overlap` (a copy engine of its own: CUDA's DMA engines), the longer of compute and copies, plus
+    one copy to fill the pipeline (nothing to hide the first streamed layer's copy behind). Without it
+    (the CPU tier when compute already uses every core, as on the 2-core machine measured in
+    docs/benchmarks.md), copies and compute take turns, so their times add."""
     if bandwidth <= 0:
         raise ValueError("transfer bandwidth must be positive")
     compute = placement.num_layers * compute_seconds_per_layer
     if not placement.offloaded:
         return compute
     copy_one = placement.layer_bytes / bandwidth
-    return max(compute, copy_one * len(placement.offloaded)) + copy_one
+    copies = copy_one * len(placement.offloaded)
+    return max(compute, copies) + copy_one if overlap else compute + copies
 
 
 def predicted_tokens_per_s(
-    placement: Placement, bandwidth: float, compute_seconds_per_layer: float, batch: int = 1
+    placement: Placement,
+    bandwidth: float,
+    compute_seconds_per_layer: float,
+    batch: int = 1,
+    overlap: bool = True,
 ) -> float:
     """Decode tokens/s at `batch` requests: one pass over the layers serves the whole batch
     (`compute_seconds_per_layer` is the per-layer compute of a step at that batch size)."""
-    return batch / predicted_step_seconds(placement, bandwidth, compute_seconds_per_layer)
+    return batch / predicted_step_seconds(placement, bandwidth, compute_seconds_per_layer, overlap)
 
 
 @dataclass(slots=True, frozen=True)
@@ -161,12 +172,18 @@ class OffloadEstimate:
     memory: float  # bytes/s the device reads its own memory at
     tier: str  # "file" (CPU) or "pinned host" (CUDA)
 
+    @property
+    def overlap(self) -> bool:
+        """Whether copies run beside compute: CUDA's copy engines do; the CPU tier's reads take cores
+        that compute uses (measured: its times add, docs/benchmarks.md)."""
+        return self.tier != "file"
+
     def compute_seconds_per_layer(self, placement: Placement) -> float:
         return placement.layer_bytes / self.memory
 
     def tokens_per_s(self, placement: Placement, batch: int) -> float:
         return predicted_tokens_per_s(
-            placement, self.transfer, self.compute_seconds_per_layer(placement), batch
+            placement, self.transfer, self.compute_seconds_per_layer(placement), batch, self.overlap
         )
 
     def resident_tokens_per_s(self, placement: Placement, batch: int) -> float:
@@ -175,5 +192,6 @@ class OffloadEstimate:
     def describe(self) -> str:
         return (
             f"{self.tier} -> device measured at {self.transfer / 1e9:.1f} GB/s, device memory at "
-            f"{self.memory / 1e9:.1f} GB/s; weights-bandwidth-bound estimate"
+            f"{self.memory / 1e9:.1f} GB/s; weights-bandwidth-bound estimate, copies "
+            f"{'overlapped with' if self.overlap else 'added to'} compute"
         )

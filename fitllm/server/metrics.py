@@ -67,8 +67,16 @@ class EngineCollector(Collector):
             requests.add_metric([state], n)
         yield requests
         for name, doc, value in (
-            ("fitllm_offloaded_layers", "decoder layers streamed in before each use", status.offloaded_layers),
-            ("fitllm_offloaded_bytes", "weight bytes kept off the device (file or host)", status.offloaded_bytes),
+            (
+                "fitllm_offloaded_layers",
+                "decoder layers streamed in before each use",
+                status.offloaded_layers,
+            ),
+            (
+                "fitllm_offloaded_bytes",
+                "weight bytes kept off the device (file or host)",
+                status.offloaded_bytes,
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc)
             gauge.add_metric([], value)
