@@ -27,25 +27,24 @@ def engine_placement(
     kv_bytes_per_token: int,
     max_model_len: int | str | None,
 ) -> Placement:
-    """Layers stay resident unless the budget cannot hold them beside the workspace and the KV that
-    `kv_reserve_tokens` keeps room for (--max-model-len as given: a number, None or "auto"), or
-    --cpu-offload-gb asks for offload."""
+    """Layers stay resident unless the budget cannot hold them beside the workspace and one KV block, or
+    --cpu-offload-gb asks; streamed layers then leave room for the KV that `kv_reserve_tokens` keeps
+    (--max-model-len as given: a number, None or "auto")."""
     mc = model_config
     weights = weight_breakdown(mc, dtype, quant)
     workspace = workspace_bytes(
         mc, dtype, config.max_num_batched_tokens, config.max_num_seqs, weights.largest_quantized_linear
     )
     block = config.block_size
-    kv = (
-        kv_bytes_per_token * cdiv(kv_reserve_tokens(max_model_len, mc.max_position_embeddings), block) * block
-    )
+    block_bytes = kv_bytes_per_token * block
+    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, mc.max_position_embeddings), block)
     non_layer = weights.total - mc.num_hidden_layers * weights.per_layer
-    room = budget - non_layer - workspace - kv
     placement = place_for_budget(
         mc.num_hidden_layers,
         weights.per_layer,
         weights.layer_stream_bytes,
-        room,
+        budget - non_layer - workspace - block_bytes,
+        reserve - block_bytes,
         config.offload_prefetch,
         int(config.cpu_offload_gb * GIB) or None,
     )

@@ -97,10 +97,10 @@ def place_layers(
     return Placement(num_layers, layer_bytes, spread_evenly(num_layers, num_layers - resident), prefetch)
 
 
-# Automatic offload is for weights that do not fit: it keeps room for this many tokens of KV (or
-# --max-model-len, or the model's context, if shorter) and gives the rest of the budget to layers. Longer
-# contexts are the elastic KV pool's business; `fitllm plan` says what offload would buy them. With
-# --max-model-len auto ("the longest context the resident weights leave room for"), for a short prompt.
+# Automatic offload is for weights that do not fit beside the workspace and one KV block; when it
+# streams, it keeps room for this many tokens of KV (or --max-model-len, or the model's context, if
+# shorter) and gives the rest of the budget to layers. Longer contexts are the elastic KV pool's
+# business; `fitllm plan` says what offload would buy them. With --max-model-len auto, a short prompt.
 KV_RESERVE_TOKENS = 4096
 AUTO_KV_RESERVE_TOKENS = 256
 
@@ -118,15 +118,20 @@ def place_for_budget(
     layer_param_bytes: int,
     layer_stream_bytes: int,
     room: int,
+    kv_reserve: int,
     prefetch: int = 2,
     force_offload_bytes: int | None = None,
 ) -> Placement:
-    """The placement for `room` bytes left for decoder layers once everything else (embedding, head,
-    workspace, one request's KV) is counted: all resident when the layers fit and nothing is forced,
-    else `place_layers` over the layers as streamed (`layer_stream_bytes`, the aligned packed size)."""
+    """The placement when `room` bytes are left once everything but decoder layers and KV (embedding,
+    head, workspace) is counted, less one KV block.
+
+    All resident when the layers fit there and nothing is forced: offload is for weights that do not
+    fit, and a budget they do fit leaves whatever context it can (the elastic pool's business). Otherwise
+    `place_layers` over the layers as streamed (`layer_stream_bytes`, the aligned packed size), keeping
+    `kv_reserve` more bytes for KV, so streaming buys a usable context and not just a started engine."""
     if not force_offload_bytes and num_layers * layer_param_bytes <= room:
         return Placement(num_layers, layer_stream_bytes, (), prefetch)
-    return place_layers(num_layers, layer_stream_bytes, room, prefetch, force_offload_bytes)
+    return place_layers(num_layers, layer_stream_bytes, room - kv_reserve, prefetch, force_offload_bytes)
 
 
 def predicted_step_seconds(

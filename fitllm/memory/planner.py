@@ -245,13 +245,15 @@ def make_plan(
     reserve_tokens = kv_reserve_tokens(
         "auto" if max_model_len is None else max_model_len, config.max_position_embeddings
     )
-    reserve = per_token * cdiv(reserve_tokens, block_size) * block_size
+    block_bytes = per_token * block_size
+    reserve = block_bytes * cdiv(reserve_tokens, block_size)
     try:
         placement = place_for_budget(
             layers,
             weights.per_layer,
             weights.layer_stream_bytes,
-            budget - non_layer - workspace - overhead - reserve,
+            budget - non_layer - workspace - overhead - block_bytes,
+            reserve - block_bytes,
             offload_prefetch,
             int(cpu_offload_gb * (1 << 30)) or None,
         )
