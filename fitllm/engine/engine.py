@@ -26,6 +26,7 @@ from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
 from fitllm.memory.ledger import BudgetExceeded, LedgerSnapshot, MemoryLedger
 from fitllm.memory.planner import scratch_elements, workspace_bytes
+from fitllm.memory.streamer import WeightStreamer
 from fitllm.memory.swap import KVSwapper
 from fitllm.quant import get_quant_method
 from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
@@ -125,6 +126,7 @@ class Engine:
             sink,
         )
         self.source.release()  # the weights are in; the file's mapped pages need not stay resident
+        self.streamer: WeightStreamer | None = None  # set with the staging it holds, below
         self._reserve_weights_and_workspace(sink)
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size

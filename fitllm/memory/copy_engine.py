@@ -185,10 +185,6 @@ class PinnedHostStore:
     def finish(self) -> None:
         pass
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.layers) * self.layout.nbytes
-
 
 def make_sink(
     layout: LayerLayout, device: torch.device, offload_dir: str | None
