@@ -103,7 +103,6 @@ class Engine:
             self.quant,
             self.ledger.budget,
             self.kv_bytes_per_token,
-            config.max_model_len,
         )
         sink = None
         if self.placement.offloaded:

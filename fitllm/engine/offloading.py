@@ -5,17 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitllm.config import EngineConfig, ModelConfig, cdiv
+from fitllm.config import EngineConfig, ModelConfig
 from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_copy_engine
 from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.offload import Placement, kv_reserve_tokens, place_for_budget
-from fitllm.memory.planner import weight_breakdown, workspace_bytes
+from fitllm.memory.offload import Placement
+from fitllm.memory.planner import place_decoder_layers, weight_breakdown, workspace_bytes
 from fitllm.memory.streamer import WeightStreamer
 from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
-
-GIB = 1 << 30
 
 
 def engine_placement(
@@ -25,28 +23,24 @@ def engine_placement(
     quant: QuantMethod,
     budget: int,
     kv_bytes_per_token: int,
-    max_model_len: int | str | None,
 ) -> Placement:
-    """Layers stay resident unless the budget cannot hold them beside the workspace and one KV block, or
-    --cpu-offload-gb asks; streamed layers then leave room for the KV that `kv_reserve_tokens` keeps
-    (--max-model-len as given: a number, None or "auto")."""
+    """Where the engine's decoder layers live: `place_decoder_layers` (the rule `fitllm plan` uses)
+    with the engine's planned workspace; bitsandbytes weights cannot be streamed."""
     mc = model_config
     weights = weight_breakdown(mc, dtype, quant)
     workspace = workspace_bytes(
         mc, dtype, config.max_num_batched_tokens, config.max_num_seqs, weights.largest_quantized_linear
     )
-    block = config.block_size
-    block_bytes = kv_bytes_per_token * block
-    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, mc.max_position_embeddings), block)
-    non_layer = weights.total - mc.num_hidden_layers * weights.per_layer
-    placement = place_for_budget(
-        mc.num_hidden_layers,
-        weights.per_layer,
-        weights.layer_stream_bytes,
-        budget - non_layer - workspace - block_bytes,
-        reserve - block_bytes,
+    placement = place_decoder_layers(
+        mc,
+        weights,
+        workspace,
+        kv_bytes_per_token,
+        budget,
+        config.max_model_len,
+        config.block_size,
         config.offload_prefetch,
-        int(config.cpu_offload_gb * GIB) or None,
+        config.cpu_offload_gb,
     )
     if placement.offloaded and quant.name.startswith("bnb"):
         raise ValueError(

@@ -210,6 +210,38 @@ class Plan:
         return "\n".join(lines)
 
 
+def place_decoder_layers(
+    config: ModelConfig,
+    weights: WeightBreakdown,
+    fixed: int,
+    kv_bytes_per_token: int,
+    budget: int,
+    max_model_len: int | str | None,
+    block_size: int,
+    prefetch: int,
+    cpu_offload_gb: float,
+) -> Placement:
+    """The one placement rule, used by the engine (fitllm/engine/offloading.py) and by the plan.
+
+    Layers stay resident unless the budget cannot hold them beside the rest of the weights, `fixed`
+    bytes (workspace, and the plan's overhead) and one KV block, or --cpu-offload-gb asks; streamed
+    layers then leave room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a
+    number, None or "auto"). Raises ValueError when not even streaming every layer fits."""
+    layers = config.num_hidden_layers
+    block_bytes = kv_bytes_per_token * block_size
+    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, config.max_position_embeddings), block_size)
+    non_layer = weights.total - layers * weights.per_layer
+    return place_for_budget(
+        layers,
+        weights.per_layer,
+        weights.layer_stream_bytes,
+        budget - non_layer - fixed - block_bytes,
+        reserve - block_bytes,
+        prefetch,
+        int(cpu_offload_gb * (1 << 30)) or None,
+    )
+
+
 def make_plan(
     config: ModelConfig,
     model_name: str,
@@ -230,9 +262,8 @@ def make_plan(
     """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
 
     max_model_len None means 'auto': the largest context that fits, capped by the model's own.
-    Decoder layers are offloaded as the engine would (fitllm/engine/offloading.py): when the weights do
-    not fit beside the workspace and a short request's KV, or when --cpu-offload-gb asks; `estimate`
-    (measured bandwidths) turns the placement into predicted tokens/s.
+    Decoder layers are placed by the engine's own rule (`place_decoder_layers`); `estimate` (measured
+    bandwidths) turns the placement into predicted tokens/s.
     """
     quant = get_quant_method(quantization, quant_group_size)
     weights = weight_breakdown(config, dtype, quant)
@@ -241,21 +272,17 @@ def make_plan(
         config, dtype, max_num_batched_tokens, max_num_seqs, weights.largest_quantized_linear
     )
     layers = config.num_hidden_layers
-    non_layer = weights.total - layers * weights.per_layer
-    reserve_tokens = kv_reserve_tokens(
-        "auto" if max_model_len is None else max_model_len, config.max_position_embeddings
-    )
-    block_bytes = per_token * block_size
-    reserve = block_bytes * cdiv(reserve_tokens, block_size)
     try:
-        placement = place_for_budget(
-            layers,
-            weights.per_layer,
-            weights.layer_stream_bytes,
-            budget - non_layer - workspace - overhead - block_bytes,
-            reserve - block_bytes,
+        placement = place_decoder_layers(
+            config,
+            weights,
+            workspace + overhead,
+            per_token,
+            budget,
+            "auto" if max_model_len is None else max_model_len,
+            block_size,
             offload_prefetch,
-            int(cpu_offload_gb * (1 << 30)) or None,
+            cpu_offload_gb,
         )
     except ValueError:  # not even with every layer streamed: the suggestions say what would
         placement = None

@@ -20,11 +20,12 @@ copied after the first pass.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from fitllm.memory.copy_engine import CopyEngine
 from fitllm.memory.layer_layout import LayerLayout
@@ -45,16 +46,6 @@ class StreamerStats:
     copies: int = 0
     host_wait_seconds: float = 0.0  # time the engine thread blocked on late copies (CPU tier)
     resyncs: int = 0
-
-
-@dataclass(slots=True)
-class _Hooks:
-    handles: list[Any] = field(default_factory=list)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
 
 
 class WeightStreamer:
@@ -90,10 +81,10 @@ class WeightStreamer:
         self._next_start = 0  # sequence number of the next copy to start
         self._next_use = 0  # sequence number of the next copy a layer will run from
         self._running: int | None = None  # layer bound to a buffer right now
-        self._hooks = _Hooks()
+        self._hooks: list[RemovableHandle] = []
         for index, layer in layers.items():
-            self._hooks.handles.append(layer.register_forward_pre_hook(self._pre_hook(index)))
-            self._hooks.handles.append(layer.register_forward_hook(self._post_hook(index)))
+            self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(index)))
+            self._hooks.append(layer.register_forward_hook(self._post_hook(index)))
         for buf in self.buffers:
             # Fresh memory from the caching allocator may still be read by queued compute-stream work:
             # the first copies into it wait for that, like every later one.
@@ -178,7 +169,9 @@ class WeightStreamer:
 
     def close(self) -> None:
         """Remove the hooks, let in-flight copies land, free the staging buffers and their ledger bytes."""
-        self._hooks.remove()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         for buf in self.buffers:
             if buf.ready is not None:
                 self.engine.wait(buf.ready)

@@ -27,46 +27,20 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator:
         ae = self.async_engine
-        ready = GaugeMetricFamily("fitllm_ready", "1 once the model is loaded and serving")
-        ready.add_metric([], 1.0 if ae.ready else 0.0)
-        yield ready
+        yield GaugeMetricFamily(
+            "fitllm_ready", "1 once the model is loaded and serving", value=1.0 if ae.ready else 0.0
+        )
         engine = ae.engine
         if engine is None:
             return
         status = engine.status()
         snap = status.ledger
-        budget = GaugeMetricFamily("fitllm_memory_budget_bytes", "the --memory-budget in bytes")
-        budget.add_metric([], snap.budget)
-        yield budget
-        held = GaugeMetricFamily(
-            "fitllm_memory_bytes", "bytes held on the compute device, by ledger tag", labels=["tag"]
-        )
-        peak = GaugeMetricFamily("fitllm_memory_peak_bytes", "peak bytes held, by ledger tag", labels=["tag"])
-        for tag, value in snap.current.items():
-            held.add_metric([tag], value)
-            peak.add_metric([tag], snap.peak.get(tag, 0))
-        yield held
-        yield peak
-        total = GaugeMetricFamily("fitllm_memory_total_bytes", "bytes held on the compute device, all tags")
-        total.add_metric([], snap.total)
-        yield total
-        peak_total = GaugeMetricFamily("fitllm_memory_peak_total_bytes", "peak of the total")
-        peak_total.add_metric([], snap.peak_total)
-        yield peak_total
-        blocks = GaugeMetricFamily(
-            "fitllm_kv_blocks", "KV blocks of the live slabs, by state", labels=["state"]
-        )
-        for state, n in status.kv_blocks.items():
-            blocks.add_metric([state], n)
-        yield blocks
-        slabs = GaugeMetricFamily("fitllm_kv_slabs", "live KV slabs")
-        slabs.add_metric([], status.slabs)
-        yield slabs
-        requests = GaugeMetricFamily("fitllm_requests", "requests by state", labels=["state"])
-        for state, n in status.requests.items():
-            requests.add_metric([state], n)
-        yield requests
+        c = ae.counters
         for name, doc, value in (
+            ("fitllm_memory_budget_bytes", "the --memory-budget in bytes", snap.budget),
+            ("fitllm_memory_total_bytes", "bytes held on the compute device, all tags", snap.total),
+            ("fitllm_memory_peak_total_bytes", "peak of the total", snap.peak_total),
+            ("fitllm_kv_slabs", "live KV slabs", status.slabs),
             (
                 "fitllm_offloaded_layers",
                 "decoder layers streamed in before each use",
@@ -78,10 +52,19 @@ class EngineCollector(Collector):
                 status.offloaded_bytes,
             ),
         ):
-            gauge = GaugeMetricFamily(name, doc)
-            gauge.add_metric([], value)
-            yield gauge
-        c = ae.counters
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, label, values in (
+            ("fitllm_memory_bytes", "bytes held on the compute device, by ledger tag", "tag", snap.current),
+            (
+                "fitllm_memory_peak_bytes",
+                "peak bytes held, by ledger tag",
+                "tag",
+                {tag: snap.peak.get(tag, 0) for tag in snap.current},
+            ),
+            ("fitllm_kv_blocks", "KV blocks of the live slabs, by state", "state", status.kv_blocks),
+            ("fitllm_requests", "requests by state", "state", status.requests),
+        ):
+            yield _labelled(GaugeMetricFamily(name, doc, labels=[label]), values)
         for name, doc, value in (
             ("fitllm_preemptions", "requests preempted", status.preemptions),
             ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),
@@ -93,15 +76,18 @@ class EngineCollector(Collector):
                 status.bytes_streamed,
             ),
         ):
-            counter = CounterMetricFamily(name, doc)
-            counter.add_metric([], value)
-            yield counter
+            yield CounterMetricFamily(name, doc, value=value)
         finished = CounterMetricFamily(
             "fitllm_requests_finished", "finished requests by reason", labels=["reason"]
         )
-        for reason, n in dict(c.requests_finished).items():
-            finished.add_metric([reason], n)
-        yield finished
+        yield _labelled(finished, dict(c.requests_finished))
+
+
+def _labelled(family, values: dict):
+    """`family` with one sample per (label value, number) of `values`."""
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 class ServerMetrics:
