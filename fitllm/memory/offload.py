@@ -113,27 +113,6 @@ def kv_reserve_tokens(max_model_len: int | str | None, max_position: int) -> int
     return min(length, KV_RESERVE_TOKENS)
 
 
-def place_for_budget(
-    num_layers: int,
-    layer_param_bytes: int,
-    layer_stream_bytes: int,
-    room: int,
-    kv_reserve: int,
-    prefetch: int = 2,
-    force_offload_bytes: int | None = None,
-) -> Placement:
-    """The placement when `room` bytes are left once everything but decoder layers and KV (embedding,
-    head, workspace) is counted, less one KV block.
-
-    All resident when the layers fit there and nothing is forced: offload is for weights that do not
-    fit, and a budget they do fit leaves whatever context it can (the elastic pool's business). Otherwise
-    `place_layers` over the layers as streamed (`layer_stream_bytes`, the aligned packed size), keeping
-    `kv_reserve` more bytes for KV, so streaming buys a usable context and not just a started engine."""
-    if not force_offload_bytes and num_layers * layer_param_bytes <= room:
-        return Placement(num_layers, layer_stream_bytes, (), prefetch)
-    return place_layers(num_layers, layer_stream_bytes, room - kv_reserve, prefetch, force_offload_bytes)
-
-
 def predicted_step_seconds(
     placement: Placement, bandwidth: float, compute_seconds_per_layer: float, overlap: bool = True
 ) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
 from fitllm.memory.layer_layout import LayerLayout
-from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_for_budget
+from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
@@ -223,23 +223,21 @@ def place_decoder_layers(
 ) -> Placement:
     """The one placement rule, used by the engine (fitllm/engine/offloading.py) and by the plan.
 
-    Layers stay resident unless the budget cannot hold them beside the rest of the weights, `fixed`
-    bytes (workspace, and the plan's overhead) and one KV block, or --cpu-offload-gb asks; streamed
-    layers then leave room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a
-    number, None or "auto"). Raises ValueError when not even streaming every layer fits."""
+    All layers stay resident when they fit beside the rest of the weights, `fixed` bytes (workspace,
+    and the plan's overhead) and one KV block, and --cpu-offload-gb asks for nothing: offload is for
+    weights that do not fit, and a budget they do fit leaves whatever context it can (the elastic
+    pool's business). Otherwise `place_layers` over the layers as streamed (their aligned packed size),
+    keeping room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a number, None or
+    "auto"), so streaming buys a usable context and not just a started engine. Raises ValueError when
+    not even streaming every layer fits."""
     layers = config.num_hidden_layers
     block_bytes = kv_bytes_per_token * block_size
     reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, config.max_position_embeddings), block_size)
-    non_layer = weights.total - layers * weights.per_layer
-    return place_for_budget(
-        layers,
-        weights.per_layer,
-        weights.layer_stream_bytes,
-        budget - non_layer - fixed - block_bytes,
-        reserve - block_bytes,
-        prefetch,
-        int(cpu_offload_gb * (1 << 30)) or None,
-    )
+    room = budget - (weights.total - layers * weights.per_layer) - fixed - block_bytes
+    forced = int(cpu_offload_gb * (1 << 30)) or None
+    if not forced and layers * weights.per_layer <= room:
+        return Placement(layers, weights.layer_stream_bytes, (), prefetch)
+    return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
 def make_plan(
