@@ -55,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from fitllm.memory.offload import predicted_tokens_per_s
 
     base = engine_config_from_args(args)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    if fractions[0] != 0:
-        fractions.insert(0, 0.0)  # the resident engine is the compute measurement the prediction needs
+    # The resident engine comes first: its step time is the compute the prediction needs.
+    fractions = [0.0] + [f for f in map(float, args.fractions.split(",")) if f != 0]
     layers_bytes = _layers_bytes(base)
     estimate = measure_offload_estimate(base.resolve_device(), base.offload_dir)
     print(f"transfer ({estimate.tier} -> device): {estimate.transfer / 1e9:.2f} GB/s measured")
