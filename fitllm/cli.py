@@ -107,6 +107,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="device bytes fitllm may hold: 12GiB, or a fraction of free memory such as 0.8 (default 0.8)",
     )
     g.add_argument(
+        "--attention-backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="paged attention: Triton kernels reading K/V through block tables (auto on CUDA) or the torch "
+        "reference (auto elsewhere)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    g.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -186,6 +198,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cpu_offload_gb=args.cpu_offload_gb,
         offload_prefetch=args.offload_prefetch,
         offload_dir=args.offload_dir,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
         seed=args.seed,
         num_threads=args.threads,
     )

@@ -179,6 +179,8 @@ class EngineConfig:
     cpu_offload_gb: float = 0.0  # GiB of decoder layers to offload even when they fit (0: only if they must)
     offload_prefetch: int = 2  # offloaded layers in flight at once (staging buffers)
     offload_dir: str | None = None  # CPU tier: folder for the offload file (None: the temp folder)
+    attention_backend: str = "auto"  # auto | torch | triton (fitllm/model/attention.py)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0
     num_threads: int | None = None

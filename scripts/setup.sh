@@ -22,5 +22,10 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # --quantization bnb-int8/bnb-nf4. --no-deps: its torch requirement must not replace the CPU build (its
 # other dependencies, numpy and packaging, come with torch and fitllm).
 "${pip[@]}" --no-deps "bitsandbytes==0.50.2"
+# Tests run the Triton attention kernels on CPU in Triton's interpreter (TRITON_INTERPRET=1); a CUDA torch
+# brings its own triton, so only install one where none is there.
+if [[ -n "$extra" ]] && ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  "${pip[@]}" --no-deps "triton==3.8.0"
+fi
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 echo "$want" > "$stamp"

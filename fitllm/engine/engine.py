@@ -28,6 +28,7 @@ from fitllm.memory.ledger import BudgetExceeded, LedgerSnapshot, MemoryLedger
 from fitllm.memory.planner import scratch_elements, workspace_bytes
 from fitllm.memory.streamer import WeightStreamer
 from fitllm.memory.swap import KVSwapper
+from fitllm.model.attention import resolve_attention_backend
 from fitllm.quant import get_quant_method
 from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 from fitllm.units import format_bytes
@@ -79,6 +80,7 @@ class Engine:
         self.source = open_model(config.model)
         self.model_config = mc = self.source.config
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         auto_len = config.max_model_len == "auto"
         self.max_model_len = (
             mc.max_position_embeddings if auto_len else config.max_model_len or mc.max_position_embeddings
@@ -150,7 +152,9 @@ class Engine:
             config.preemption_mode,  # type: ignore[arg-type]
         )
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, mc, self.kv, self.storage, self.sampler, self.device)
+        self.runner = ModelRunner(
+            self.model, mc, self.kv, self.storage, self.sampler, self.device, self.attention_backend
+        )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -185,7 +189,12 @@ class Engine:
             # Measured before the KV pool is sized, so the pool gets what the real workspace leaves.
             tokens = min(config.max_num_batched_tokens, self.max_model_len)
             self.workspace_measured = profile_workspace(
-                self.model, mc, self.device, tokens, min(config.max_num_seqs, tokens)
+                self.model,
+                mc,
+                self.device,
+                tokens,
+                min(config.max_num_seqs, tokens),
+                backend=self.attention_backend,
             )
             log.info(
                 "workspace: measured %s for a %d-token step (planned %s)",

@@ -14,7 +14,14 @@ from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.model.attention import AttentionMetadata, PrefillSpan, head_rows, split_by_slab
+from fitllm.model.attention import (
+    AttentionMetadata,
+    KernelMetadata,
+    PagedKVLayout,
+    PrefillSpan,
+    head_rows,
+    split_by_slab,
+)
 from fitllm.quant.kv import KVCacheFormat
 
 
@@ -26,11 +33,13 @@ def scratch_prefill(
     num_slots: int,
     num_tokens: int,
     kv_format: KVCacheFormat | None = None,
+    backend: str = "torch",
 ) -> Iterator[AttentionMetadata]:
     """Metadata for one causal prefill of `num_tokens` over a zeroed scratch KV cache of `num_slots` slots
-    (slot ids wrap around it) stored as `kv_format` (default: the model dtype), bound to every attention
-    layer inside the block; the layers' own KV bindings come back after. Used where there is no KV pool to
-    ask: the start-up profile step and perplexity scoring."""
+    (slot ids wrap around it; a multiple of 16) stored as `kv_format` (default: the model dtype), bound to
+    every attention layer inside the block; the layers' own KV bindings come back after. Used where there is
+    no KV pool to ask: the start-up profile step and perplexity scoring. `backend` is the attention backend
+    the metadata is for."""
     kvh = config.num_key_value_heads
     if kv_format is None:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -41,18 +50,36 @@ def scratch_prefill(
         device=device,
     )
     slots = torch.arange(num_tokens) % num_slots
-    meta = AttentionMetadata(slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=0)
-    rows = split_by_slab(head_rows(slots, kvh), num_slots * kvh).to(device)
-    meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
+    if backend == "triton":
+        # Every position maps to block 0 of a 16-slot block size: slot = position % 16 wraps the same way.
+        width = -(-num_tokens // 16)
+        meta = AttentionMetadata(
+            kernel=KernelMetadata(
+                slot_mapping=slots.to(device),
+                block_tables=torch.zeros(1, width, dtype=torch.int32, device=device),
+                seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+                query_start=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+                max_query_len=num_tokens,
+                block_size=16,
+                sliding_window=config.sliding_window or 0,
+            )
+        )
+    else:
+        meta = AttentionMetadata(slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=0)
+        rows = split_by_slab(head_rows(slots, kvh), num_slots * kvh).to(device)
+        meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
+    layout = PagedKVLayout(
+        scratch, torch.zeros(1, dtype=torch.int64, device=device), num_slots, kvh, kv_format.entry_width
+    )
     layers = model.attention_layers()
-    saved = [(attn.kv_slabs, attn.kv_format) for attn in layers]
+    saved = [(attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index) for attn in layers]
     for i, attn in enumerate(layers):
-        attn.kv_slabs, attn.kv_format = [scratch[i]], kv_format
+        attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = [scratch[i]], kv_format, layout, i
     try:
         yield meta
     finally:
-        for attn, (kv, fmt) in zip(layers, saved, strict=True):
-            attn.kv_slabs, attn.kv_format = kv, fmt
+        for attn, (kv, fmt, lay, index) in zip(layers, saved, strict=True):
+            attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = kv, fmt, lay, index
 
 
 @torch.inference_mode()
@@ -63,6 +90,7 @@ def profile_workspace(
     num_tokens: int,
     num_rows: int,
     kv_format: KVCacheFormat | None = None,
+    backend: str = "torch",
 ) -> int:
     """Measured workspace of the largest step, before the KV pool exists: one prefill of `num_tokens`
     tokens, logits for `num_rows` rows and the sampler's float32 working set.
@@ -74,7 +102,7 @@ def profile_workspace(
 
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device)
-    with scratch_prefill(model, config, device, 16, num_tokens, kv_format) as meta:
+    with scratch_prefill(model, config, device, 16, num_tokens, kv_format, backend) as meta:
 
         def step() -> None:
             hidden = model(ids, positions, meta)
@@ -96,8 +124,10 @@ class ModelRunner:
         storage: KVSlabStorage,
         sampler: Sampler,
         device: torch.device,
+        attention_backend: str = "torch",
     ) -> None:
         self.model = model
+        self.attention_backend = attention_backend
         self.config = config
         self.kv = kv
         self.block_size = kv.block_size
@@ -107,9 +137,14 @@ class ModelRunner:
         # Tests set this to keep each sampled request's float32 logits of the last step (parity checks).
         self.capture_logits = False
         self.last_logits: dict[str, torch.Tensor] = {}
-        for attn, slabs in zip(model.attention_layers(), storage.layer_slabs, strict=True):
+        for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
             attn.kv_format = storage.kv_format
+            attn.kv_layout, attn.layer_index = storage.layout, i
+        # Flash-decoding splits fill the GPU's SMs; the interpreter (CPU) counts as one.
+        self._num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        )
         kvh = config.num_key_value_heads
         self._slab_slots = storage.view_slots
         self._slab_rows = storage.view_slots * kvh
@@ -132,6 +167,8 @@ class ModelRunner:
         self, scheduled: list[ScheduledRequest]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, attention metadata and the row index of each sampled request."""
+        if self.attention_backend == "triton":
+            return self.prepare_kernel(scheduled)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ids: list[int] = []
@@ -187,6 +224,55 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         positions = torch.cat(pos_chunks).to(self.device)
         return input_ids, positions, meta, sample_rows
+
+    def prepare_kernel(
+        self, scheduled: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """`prepare` for the Triton backend: block tables and lengths instead of gather plans."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        query_start = [0]
+        sample_rows: list[int] = []
+        for s in scheduled:
+            r = s.request
+            start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            table = self.kv.block_ids(r.request_id)
+            tables.append(table)
+            slots.append(self._slots(torch.tensor(table, dtype=torch.long), torch.arange(start, end)))
+            ids.extend(r.token_ids[start:end])
+            positions.extend(range(start, end))
+            seq_lens.append(end)
+            query_start.append(len(ids))
+            if s.samples:
+                sample_rows.append(len(ids) - 1)
+        block_tables = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
+        for i, table in enumerate(tables):
+            block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        max_query_len = max(s.num_new_tokens for s in scheduled)
+        splits = 1
+        if max_query_len == 1:
+            from fitllm.model.triton_attention import choose_num_splits
+
+            splits = choose_num_splits(
+                len(scheduled), self.config.num_key_value_heads, max(seq_lens), self._num_sms
+            )
+        dev = self.device
+        kernel = KernelMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            query_start=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            max_query_len=max_query_len,
+            block_size=self.block_size,
+            sliding_window=self.config.sliding_window or 0,
+            num_splits=splits,
+        )
+        meta = AttentionMetadata(num_decodes=sum(s.num_new_tokens == 1 for s in scheduled), kernel=kernel)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        return input_ids, torch.tensor(positions, device=dev), meta, sample_rows
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[list[Request], SampleResult | None]:

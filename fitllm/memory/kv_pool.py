@@ -25,7 +25,7 @@ import sys
 import torch
 
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model.attention import split_by_slab
+from fitllm.model.attention import PagedKVLayout, split_by_slab
 from fitllm.quant.kv import KVCacheFormat
 
 log = logging.getLogger("fitllm")
@@ -102,6 +102,11 @@ class KVSlabStorage:
             self.layer_slabs: list[list[torch.Tensor | None]] = [[self.region[i]] for i in range(num_layers)]
         else:
             self.layer_slabs = [[None] * max_slabs for _ in range(num_layers)]
+        # What the Triton kernels address: the region itself, or separate slabs from a one-element anchor
+        # (its 8 bytes per slab of offsets and the anchor are not ledgered).
+        anchor = self.region if self.region is not None else torch.empty(1, dtype=dtype, device=device)
+        offsets = torch.zeros(1 if self.region is not None else max_slabs, dtype=torch.int64, device=device)
+        self.layout = PagedKVLayout(anchor, offsets, self.view_slots, num_kv_heads, width)
 
     @property
     def mode(self) -> str:
@@ -158,6 +163,7 @@ class KVSlabStorage:
             return True
         tensor = torch.zeros(self.slab_shape, dtype=self.dtype, device=self.device)
         self.slabs[slab] = tensor
+        self.layout.bind(slab, tensor)
         for layer, views in enumerate(self.layer_slabs):
             views[slab] = tensor[layer]
         self.live[slab] = True

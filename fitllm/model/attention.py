@@ -1,4 +1,10 @@
-"""Paged attention, torch reference backend: K/V are written and read only through slot ids.
+"""Paged attention: K/V are written and read only through slot ids or block tables.
+
+Two backends (`--attention-backend`, chosen by `resolve_attention_backend`): the torch reference backend
+below, and Triton kernels (fitllm/model/triton_attention.py) that read K/V through block tables straight
+from the slabs. The runner picks one per engine and fills the matching half of `AttentionMetadata`.
+
+Reference backend:
 
 The runner flattens a step's requests into one token batch ordered decodes first, then prefill chunks.
 Decodes (one query token each) are attended in one batched call over K/V gathered through their block
@@ -72,16 +78,91 @@ class PrefillSpan:
     mask: torch.Tensor | None  # [query_len, context_len] bool, True = attend; None = plain causal
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """`--attention-backend` to the backend that runs: auto is triton on CUDA when Triton imports, else torch.
+    triton off CUDA needs TRITON_INTERPRET=1 (the kernels then run, slowly, in Triton's interpreter)."""
+    import importlib.util
+    import os
+
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if name == "triton":
+        if not has_triton:
+            raise ValueError(
+                "--attention-backend triton needs the triton package; use --attention-backend torch"
+            )
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "--attention-backend triton runs on CUDA GPUs (or on CPU under TRITON_INTERPRET=1, for tests); "
+                "use --attention-backend torch"
+            )
+    return name
+
+
+@dataclass(slots=True)
+class PagedKVLayout:
+    """Where the Triton kernels find every layer's K/V: slab s of layer l starts at
+    anchor + slab_offsets[s] + l * layer_stride elements, K then V, each [slab_slots, kv_heads, width].
+
+    Slabs are separate allocations on CUDA; addressing them from one fixed anchor through an offset table
+    that is rewritten in place lets a captured CUDA graph outlive slabs coming and going."""
+
+    anchor: torch.Tensor  # a fixed tensor of the storage dtype, alive as long as the pool
+    slab_offsets: torch.Tensor  # [max_slabs] int64: element offset of each live slab from `anchor`
+    slab_slots: int
+    num_kv_heads: int
+    width: int  # elements per head vector (KVCacheFormat.entry_width)
+
+    @property
+    def kv_stride(self) -> int:
+        """Elements from a slab's K plane to its V plane within one layer."""
+        return self.slab_slots * self.num_kv_heads * self.width
+
+    def layer_offset(self, layer: int) -> int:
+        return layer * 2 * self.kv_stride
+
+    def bind(self, slab: int, tensor: torch.Tensor) -> None:
+        """Point slab `slab` at `tensor` (its [num_layers, 2, slab_slots, kv_heads, width] memory)."""
+        delta = tensor.data_ptr() - self.anchor.data_ptr()
+        size = self.anchor.element_size()
+        if delta % size:
+            raise ValueError(f"KV slab at byte offset {delta} is not aligned to its {size}-byte elements")
+        self.slab_offsets[slab] = delta // size
+
+
+@dataclass(slots=True)
+class KernelMetadata:
+    """A step's batch as the Triton kernels read it: sequences in token order (decodes first), all on the
+    device, with shapes that depend only on the batch (so a decode step can be captured as a CUDA graph)."""
+
+    slot_mapping: torch.Tensor  # [T] int64 slot of each new token; -1 = write nothing (graph padding)
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32: keys each sequence attends to, this step's tokens included
+    query_start: torch.Tensor  # [S + 1] int32: sequence i's tokens are [query_start[i], query_start[i+1])
+    max_query_len: int
+    block_size: int
+    sliding_window: int = 0  # 0: none
+    num_splits: int = 1  # context splits per decode sequence (flash decoding); 1 for batches with prefill
+
+
 @dataclass(slots=True)
 class AttentionMetadata:
-    """Everything attention needs about one step's flat batch."""
+    """Everything attention needs about one step's flat batch: the reference backend's gather plan, or the
+    kernels' block tables (`kernel`)."""
 
-    slot_mapping: SlabSplit  # where each new token's K/V is written
-    num_decodes: int  # the first num_decodes tokens are single-token decodes, one per request
+    slot_mapping: SlabSplit | None = None  # where each new token's K/V is written
+    num_decodes: int = 0  # the first num_decodes tokens are single-token decodes, one per request
     decode_context: int = 0  # longest decode context (gathers are padded to it)
     decode_rows: SlabSplit | None = None  # head_rows() of [num_decodes, decode_context] slots (padding: 0)
     decode_mask: torch.Tensor | None = None  # [num_decodes, decode_context] bool, True = attend
     prefills: list[PrefillSpan] = field(default_factory=list)
+    kernel: KernelMetadata | None = None
 
 
 class PagedAttention(nn.Module):
@@ -96,12 +177,17 @@ class PagedAttention(nn.Module):
         # Per slab (None where a slab is not allocated): [2, slab_slots, kv_heads, kv_format.entry_width].
         self.kv_slabs: list[torch.Tensor | None] | None = None
         self.kv_format: KVCacheFormat | None = None  # how K/V are stored there (bound with kv_slabs)
+        # The same cache as the Triton kernels address it, and this layer's index in it.
+        self.kv_layout: PagedKVLayout | None = None
+        self.layer_index = 0
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]."""
         assert self.kv_slabs is not None and self.kv_format is not None, "KV cache not bound to this layer"
+        if meta.kernel is not None:
+            return self._forward_kernels(q, k, v, meta.kernel)
         for slab, pos, local in meta.slot_mapping.parts:
             cache = self.kv_slabs[slab]
             kk, vv = (k, v) if pos is None else (k.index_select(0, pos), v.index_select(0, pos))
@@ -114,6 +200,30 @@ class PagedAttention(nn.Module):
             qs = slice(span.query_start, span.query_start + span.query_len)
             out[qs] = self._prefill(q[qs], span)
         return out
+
+    def _forward_kernels(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: KernelMetadata
+    ) -> torch.Tensor:
+        from fitllm.model import triton_attention
+
+        layout = self.kv_layout
+        assert layout is not None, "KV layout not bound to this layer"
+        fmt = self.kv_format
+        triton_attention.write_kv(fmt.encode(k), fmt.encode(v), meta.slot_mapping, layout, self.layer_index)
+        return triton_attention.paged_attention(
+            q,
+            layout,
+            self.layer_index,
+            kv_cache_dtype=fmt.name,
+            block_tables=meta.block_tables,
+            seq_lens=meta.seq_lens,
+            query_start=meta.query_start,
+            max_query_len=meta.max_query_len,
+            block_size=meta.block_size,
+            scale=self.scale,
+            sliding_window=meta.sliding_window,
+            num_splits=meta.num_splits,
+        )
 
     def _gather_raw(self, which: int, rows: SlabSplit) -> torch.Tensor:
         """Rows of K (which=0) or V (1) from the [slab_slots * kv_heads, entry_width] views of the slabs,
