@@ -7,12 +7,18 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from fitllm.engine.request import SamplingParams
+# Triton reads TRITON_INTERPRET when it decorates kernels: set it before anything imports triton, so that
+# without a GPU the Triton attention kernels run (interpreted) on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fitllm.engine.request import SamplingParams  # noqa: E402
 
 # Tiny models on a shared 2-core machine: more than one intra-op thread only adds contention (measured
 # 10-100x slower under load), and results do not depend on it.

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_dtype
+from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
@@ -155,6 +156,16 @@ class Engine:
         self.runner = ModelRunner(
             self.model, mc, self.kv, self.storage, self.sampler, self.device, self.attention_backend
         )
+        self.graphs: DecodeGraphs | None = None
+        if (
+            self.attention_backend == "triton"
+            and self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.streamer is None  # streamed layers wait on host events between kernels
+        ):
+            self.graphs = capture_decode_graphs(
+                self.runner, self.ledger, config.max_num_seqs, self.max_model_len
+            )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -305,6 +316,11 @@ class Engine:
                 f"offload: {len(p.offloaded)} of {p.num_layers} decoder layers streamed "
                 f"({format_bytes(p.offloaded_bytes)} kept off the device, {format_bytes(p.staging_bytes)} staging "
                 f"for prefetch {p.prefetch}); {format_bytes(st.bytes_streamed)} streamed so far"
+            )
+        if self.graphs is not None:
+            lines.append(
+                f"CUDA graphs: {len(self.graphs.sizes)} decode batch sizes up to {self.graphs.sizes[-1]}, "
+                f"pool {format_bytes(self.graphs.pool_bytes)} (in workspace)"
             )
         if self.swapper.ledger is not None:
             sw = self.swapper.ledger

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
+from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer, capture_sizes
 from fitllm.engine.request import Request
 from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -134,6 +135,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.storage = storage
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
         # Tests set this to keep each sampled request's float32 logits of the last step (parity checks).
         self.capture_logits = False
         self.last_logits: dict[str, torch.Tensor] = {}
@@ -148,6 +150,26 @@ class ModelRunner:
         kvh = config.num_key_value_heads
         self._slab_slots = storage.view_slots
         self._slab_rows = storage.view_slots * kvh
+
+    @torch.inference_mode()
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int, capturer: GraphCapturer) -> DecodeGraphs:
+        """Capture decode steps for batches up to `max_num_seqs` and contexts up to `max_model_len`; later
+        decode-only steps replay them (Triton backend only)."""
+        from fitllm.model.triton_attention import choose_num_splits
+
+        assert self.attention_backend == "triton", "CUDA graphs need the Triton attention backend"
+        kvh = self.config.num_key_value_heads
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.device,
+            capture_sizes(max_num_seqs),
+            max_blocks=-(-max_model_len // self.block_size),
+            block_size=self.block_size,
+            sliding_window=self.config.sliding_window or 0,
+            num_splits=lambda size: choose_num_splits(size, kvh, max_model_len, self._num_sms),
+            capturer=capturer,
+        )
+        return self.graphs
 
     def _block_table(self, request: Request) -> torch.Tensor:
         return torch.tensor(self.kv.block_ids(request.request_id), dtype=torch.long)
@@ -281,7 +303,11 @@ class ModelRunner:
             s for s in out.scheduled if s.num_new_tokens > 1
         ]
         input_ids, positions, meta, sample_rows = self.prepare(ordered)
-        hidden = self.model(input_ids, positions, meta)
+        kernel = meta.kernel
+        if self.graphs is not None and kernel is not None and self.graphs.can_run(kernel):
+            hidden = self.graphs.run(input_ids, positions, kernel)
+        else:
+            hidden = self.model(input_ids, positions, meta)
         sampling = [s.request for s in ordered if s.samples]
         if not sampling:
             return [], None

@@ -1,0 +1,205 @@
+"""Decode steps replayed as CUDA graphs: one graph per batch size, all sharing one memory pool.
+
+A decode step is a few hundred small kernel launches (per layer: norms, projections, rotary, K/V write,
+attention); at batch 1 on a GPU, launching them from Python costs more than running them. Capturing the
+model's forward once per batch size and replaying it removes that cost. vLLM's `[1, 2, 4] + multiples of 8`
+scheme is followed: a batch runs in the smallest captured size that holds it, its padding rows writing no K/V
+(slot -1) and attending to nothing (length 0).
+
+A graph replays fixed addresses, so every input lives in a static buffer that `run` fills in place:
+input ids, positions, slot mapping, block tables (as wide as `--max-model-len` needs), sequence lengths.
+The K/V slabs are reached through `PagedKVLayout`'s anchor and offset table, so slabs may come and go
+between replays. Each size's flash-decoding split count is fixed at capture for the longest context.
+
+Graphs serve only the Triton backend, without weight offload (its hooks wait on host events), and are
+skipped with `--enforce-eager`. The pool's bytes are measured after capture and ledgered as workspace.
+
+The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; tests use `ReplayCapturer`, which
+re-runs the captured function on the static buffers, to check the buffer and padding logic on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
+from fitllm.model.attention import AttentionMetadata, KernelMetadata
+from fitllm.units import format_bytes
+
+if TYPE_CHECKING:
+    from fitllm.engine.runner import ModelRunner
+
+log = logging.getLogger("fitllm")
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4 and multiples of 8 below max_num_seqs, and max_num_seqs itself."""
+    base = [1, 2, 4, *range(8, max_num_seqs, 8)]
+    return sorted({s for s in base if s < max_num_seqs} | {max_num_seqs})
+
+
+class GraphCapturer(Protocol):
+    """Records `fn` (which reads and writes only static tensors) and returns a replay of it."""
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, output): replay() recomputes `output` in place from the static inputs."""
+        ...
+
+    def pool_bytes(self) -> int:
+        """Device bytes the captured graphs hold."""
+        ...
+
+
+class CudaGraphCapturer:
+    """torch.cuda.CUDAGraph capture into one shared pool (largest batch first, so smaller ones reuse it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self._reserved_before = torch.cuda.memory_reserved(device)
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        # Warm up on a side stream first (Triton compiles and autotunes outside the capture).
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = fn()
+        return graph.replay, output
+
+    def pool_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.memory_reserved(self.device) - self._reserved_before)
+
+
+class ReplayCapturer:
+    """CPU stand-in for tests: replay re-runs `fn` and copies its result into the captured output, so what a
+    replay sees is exactly what a CUDA graph would: the static buffers, nothing passed at run time."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        output = fn()
+        self.captures += 1
+
+        def replay() -> None:
+            self.replays += 1
+            output.copy_(fn())
+
+        return replay, output
+
+    def pool_bytes(self) -> int:
+        return 0
+
+
+class DecodeGraphs:
+    """Captured decode steps of `model` for each of `sizes`, over static input buffers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        sizes: list[int],
+        max_blocks: int,
+        block_size: int,
+        sliding_window: int,
+        num_splits: Callable[[int], int],
+        capturer: GraphCapturer,
+    ) -> None:
+        self.model = model
+        self.sizes = sorted(sizes)
+        self.max_blocks = max_blocks
+        top = self.sizes[-1]
+        self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
+        self.positions = torch.zeros(top, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(top, max_blocks, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(top, dtype=torch.int32, device=device)
+        # One token per sequence, padding included: query_start never changes.
+        self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
+        for size in reversed(self.sizes):
+            meta = AttentionMetadata(
+                num_decodes=size,
+                kernel=KernelMetadata(
+                    slot_mapping=self.slot_mapping[:size],
+                    block_tables=self.block_tables[:size],
+                    seq_lens=self.seq_lens[:size],
+                    query_start=self.query_start[: size + 1],
+                    max_query_len=1,
+                    block_size=block_size,
+                    sliding_window=sliding_window,
+                    num_splits=num_splits(size),
+                ),
+            )
+
+            def forward(size: int = size, meta: AttentionMetadata = meta) -> torch.Tensor:
+                return self.model(self.input_ids[:size], self.positions[:size], meta)
+
+            self._graphs[size] = capturer.capture(forward)
+        self.pool_bytes = capturer.pool_bytes()
+
+    def size_for(self, num_seqs: int) -> int | None:
+        """The smallest captured size holding `num_seqs` sequences, or None."""
+        return next((s for s in self.sizes if s >= num_seqs), None)
+
+    def can_run(self, meta: KernelMetadata) -> bool:
+        """Whether this step is a decode-only batch a captured graph holds."""
+        return (
+            meta.max_query_len == 1
+            and self.size_for(meta.seq_lens.shape[0]) is not None
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: KernelMetadata) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode batch of n sequences, by replaying the graph that holds it."""
+        n = meta.seq_lens.shape[0]
+        size = self.size_for(n)
+        assert size is not None and meta.max_query_len == 1
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:size].zero_()
+        replay, output = self._graphs[size]
+        replay()
+        return output[:n]
+
+
+def capture_decode_graphs(
+    runner: ModelRunner, ledger: MemoryLedger, max_num_seqs: int, max_model_len: int
+) -> DecodeGraphs | None:
+    """Capture decode graphs on CUDA and ledger their pool as workspace; None (decode stays eager) if the
+    budget has no room for the pool, which is then given back."""
+    graphs = runner.capture_graphs(max_num_seqs, max_model_len, CudaGraphCapturer(runner.device))
+    try:
+        ledger.reserve("workspace", graphs.pool_bytes)
+    except BudgetExceeded:
+        log.warning(
+            "CUDA graphs need %s that the budget does not have; decode runs eagerly",
+            format_bytes(graphs.pool_bytes),
+        )
+        runner.graphs = None
+        del graphs
+        torch.cuda.empty_cache()
+        return None
+    log.info(
+        "CUDA graphs: %d decode batch sizes up to %d, pool %s",
+        len(graphs.sizes),
+        graphs.sizes[-1],
+        format_bytes(graphs.pool_bytes),
+    )
+    return graphs
