@@ -1,7 +1,9 @@
 """Batched sampling: penalties, biases, temperature, top-k / top-p / min-p, per-request random streams.
 
 One call per step over the rows that sample. Rows that ask for nothing special cost nothing extra:
-each transformation runs only on the rows that need it.
+each transformation runs only on the rows that need it. Sampling runs where the logits are (on a GPU, no
+[rows, vocab] copy to the host); the uniforms come from host generators (seeded streams stay reproducible
+across devices) and the step's tokens reach the host in one copy.
 """
 
 from __future__ import annotations
@@ -125,15 +127,16 @@ def sample_truncated(
     per row, a temperature applied to the survivors only after the cut (KoboldCpp's default order), 1 = none.
     """
     n, vocab = logits.shape
-    out = torch.empty(n, dtype=torch.long)
+    device = logits.device
+    out = torch.empty(n, dtype=torch.long, device=device)
     full_lse = logits.logsumexp(dim=-1)
     k_eff = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    pending = torch.arange(n)
+    pending = torch.arange(n, device=device)
     for cap in _CANDIDATE_CAPS:
         c = vocab if cap is None else min(cap, vocab)
         rows = pending
         vals, idx = logits[rows].topk(c, dim=-1)  # sorted, most likely first
-        keep = torch.arange(c).unsqueeze(0) < k_eff[rows].unsqueeze(1)
+        keep = torch.arange(c, device=device).unsqueeze(0) < k_eff[rows].unsqueeze(1)
         k_inside = k_eff[rows] <= c
         # top-p is measured on the distribution renormalised over the top-k set (as HF and vLLM do).
         norm = torch.where(k_inside, vals.masked_fill(~keep, float("-inf")).logsumexp(dim=-1), full_lse[rows])
@@ -175,10 +178,12 @@ class Sampler:
         apply_penalties(logits, requests)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
 
-        tokens = torch.empty(n, dtype=torch.long)
+        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1).cpu()
+        if len(greedy) == n:
+            tokens = logits.argmax(dim=-1)
+        elif greedy:
+            tokens[greedy] = logits[greedy].argmax(dim=-1)
         rand = [i for i, r in enumerate(requests) if not r.params.greedy]
         if len(rand) == n:  # the common case: no fancy-index copy of the logits
             tokens = self._sample_random(logits, requests)
@@ -214,22 +219,20 @@ class Sampler:
         return u
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        logits = logits.cpu()
+        device = logits.device
         cuts = [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
         trunc = [i for i, cut in enumerate(cuts) if cut]
         plain = [i for i, cut in enumerate(cuts) if not cut]
-        temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype)
+        temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype, device=device)
         # Temperature-last rows are cut on the untempered logits; the survivors are tempered after.
-        after = torch.tensor(
-            [
-                r.params.temperature if cut and r.params.temperature_last else 1.0
-                for r, cut in zip(requests, cuts)
-            ],
-            dtype=logits.dtype,
-        )
+        after_list = [
+            r.params.temperature if cut and r.params.temperature_last else 1.0
+            for r, cut in zip(requests, cuts)
+        ]
+        after = torch.tensor(after_list, dtype=logits.dtype, device=device)
         logits = logits / (temps / after).unsqueeze(1)
-        u = self._uniforms(requests)
-        out = torch.empty(len(requests), dtype=torch.long)
+        u = self._uniforms(requests).to(device)
+        out = torch.empty(len(requests), dtype=torch.long, device=device)
         if plain:
             # Inverse CDF needs no sort: any fixed token order gives the same distribution.
             probs = logits[plain].softmax(dim=-1)
@@ -238,10 +241,10 @@ class Sampler:
             sub = [requests[i] for i in trunc]
             out[trunc] = sample_truncated(
                 logits if len(trunc) == len(requests) else logits[trunc],
-                torch.tensor([r.params.top_k for r in sub], dtype=torch.long),
-                torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype),
-                torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype),
+                torch.tensor([r.params.top_k for r in sub], dtype=torch.long, device=device),
+                torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype, device=device),
+                torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype, device=device),
                 u[trunc].to(logits.dtype),
-                None if bool((after == 1).all()) else after[trunc],
+                None if all(a == 1.0 for a in after_list) else after[trunc],
             )
         return out
