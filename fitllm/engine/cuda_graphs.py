@@ -180,11 +180,16 @@ class DecodeGraphs:
 
 
 def capture_decode_graphs(
-    runner: ModelRunner, ledger: MemoryLedger, max_num_seqs: int, max_model_len: int
+    runner: ModelRunner,
+    ledger: MemoryLedger,
+    max_num_seqs: int,
+    max_model_len: int,
+    capturer: GraphCapturer | None = None,
 ) -> DecodeGraphs | None:
-    """Capture decode graphs on CUDA and ledger their pool as workspace; None (decode stays eager) if the
-    budget has no room for the pool, which is then given back."""
-    graphs = runner.capture_graphs(max_num_seqs, max_model_len, CudaGraphCapturer(runner.device))
+    """Capture decode graphs (on CUDA unless a capturer is given) and ledger their pool as workspace; None
+    (decode stays eager) if the budget has no room for the pool, which is then given back."""
+    capturer = capturer or CudaGraphCapturer(runner.device)
+    graphs = runner.capture_graphs(max_num_seqs, max_model_len, capturer)
     try:
         ledger.reserve("workspace", graphs.pool_bytes)
     except BudgetExceeded:
