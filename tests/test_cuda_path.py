@@ -1,0 +1,63 @@
+"""The engine's GPU path on a real CUDA device: Triton kernels compiled for the GPU, CUDA graphs captured and
+replayed, compared with the torch reference backend. CPU machines (CI) check the same logic through the
+interpreter and ReplayCapturer (test_triton_attention.py, test_cuda_graphs.py); this file needs a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_random_checkpoint
+
+from fitllm.config import EngineConfig
+from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device)")
+
+PROMPTS = [list(range(5, 40)), [30, 31, 32], list(range(40, 58)), [7] * 70]
+MAX_TOKENS = [40, 12, 25, 18]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("cuda"), num_hidden_layers=3)
+
+
+def _greedy(folder, **kw) -> tuple[list[list[int]], Engine]:
+    engine = Engine(EngineConfig(model=str(folder), device="cuda", max_num_seqs=8, max_model_len=256, **kw))
+    for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), request_id=str(i))
+    outs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0].token_ids
+    return [outs[str(i)] for i in range(len(PROMPTS))], engine
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_gpu_triton_backend_matches_the_reference(llama, kv_cache_dtype, enforce_eager):
+    ref, _ = _greedy(llama, dtype="float32", attention_backend="torch", kv_cache_dtype=kv_cache_dtype)
+    assert len({t for out in ref for t in out}) > 5
+    got, engine = _greedy(
+        llama,
+        dtype="float32",
+        attention_backend="auto",
+        enforce_eager=enforce_eager,
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    assert engine.attention_backend == "triton"
+    assert (engine.graphs is None) == enforce_eager
+    assert got == ref
+
+
+def test_gpu_graph_pool_is_in_the_workspace(llama):
+    eager = Engine(EngineConfig(model=str(llama), device="cuda", enforce_eager=True, max_model_len=256))
+    workspace_eager = eager.ledger.current("workspace")
+    del eager
+    torch.cuda.empty_cache()
+    graphs = Engine(EngineConfig(model=str(llama), device="cuda", max_model_len=256))
+    assert graphs.graphs is not None and graphs.graphs.pool_bytes > 0
+    assert graphs.ledger.current("workspace") >= workspace_eager + graphs.graphs.pool_bytes - (1 << 20)
+    assert "CUDA graphs" in graphs.memory_report()
