@@ -32,6 +32,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         True,
     ),
     (
+        "roofline",
+        "benchmarks.roofline",
+        "batch-1 decode tokens/s vs the bandwidth roofline on a random-weight Llama (GPU), fitllm vs transformers",
+        False,
+    ),
+    (
         "serve",
         "benchmarks.serve_load",
         "load test: every trace request as a concurrent streaming client",

@@ -1,0 +1,179 @@
+"""`fitllm bench roofline`: batch-1 decode tokens/s against the memory-bandwidth roofline, fitllm (CUDA graphs
+and eager) vs transformers `generate`, on a random-weight Llama of a chosen size.
+
+At batch 1 every decode step reads all resident weights and the request's K/V once, so tokens/s cannot
+exceed bandwidth / (weight bytes + context x KV bytes per token). The bandwidth is measured here (a large
+device-to-device copy, read + write bytes over time). The checkpoint is built with random weights (nothing can
+be downloaded) and saved once under --checkpoint-dir, so transformers and fitllm load the same tensors.
+Made for a CUDA GPU; on CPU it runs the same way (e.g. --size tiny) to check the benchmark itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Llama-architecture sizes: Llama 3.2 1B and Llama 3.1 8B shapes; tiny for checking the benchmark on CPU.
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+}  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--size", choices=list(SIZES), default="1b", help="random-weight Llama shape")
+    g.add_argument(
+        "--checkpoint-dir", type=Path, default=Path("/tmp/fitllm-roofline"), help="where it is saved"
+    )
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--quantizations", default="none,int8", help="comma-separated --quantization values")
+    g.add_argument("--prompt-tokens", type=int, default=512)
+    g.add_argument("--decode-tokens", type=int, default=128, help="tokens timed after the first")
+    g.add_argument("--no-hf", action="store_true", help="skip transformers")
+    g.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+
+
+def random_checkpoint(size: str, folder: Path, dtype: torch.dtype) -> Path:
+    """A saved random-weight LlamaForCausalLM of `size` (reused when already there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = folder / f"llama-{size}-{str(dtype).removeprefix('torch.')}"
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **SIZES[size])
+    model = LlamaForCausalLM(config).to(dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    # Prompts are token ids; the engine still wants a tokenizer: one word per id.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting the bytes read and the bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fitllm_decode(folder: Path, args: argparse.Namespace, quantization: str, eager: bool) -> dict:
+    """Batch-1 decode tokens/s (after the first token) and the bytes each step reads."""
+    from fitllm.config import EngineConfig
+    from fitllm.engine.engine import Engine
+    from fitllm.engine.request import SamplingParams
+
+    n = args.decode_tokens + 1
+    engine = Engine(
+        EngineConfig(
+            model=str(folder),
+            device=args.device,
+            dtype=args.dtype,
+            quantization=None if quantization == "none" else quantization,
+            max_model_len=args.prompt_tokens + n + 16,
+            max_num_seqs=8,
+            enforce_eager=eager,
+        )
+    )
+    prompt = [(7 * i) % 1000 + 3 for i in range(args.prompt_tokens)]
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    for _ in range(2):  # the first pass warms up (Triton compiles, allocator settles)
+        engine.add_request(prompt, params)
+        engine.step()  # prefill and the first token
+        _sync(engine.device)
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        _sync(engine.device)
+        seconds = time.perf_counter() - start
+    weights = engine.ledger.current("weights")
+    kv_read = (args.prompt_tokens + n / 2) * engine.kv_bytes_per_token  # mean context over the run
+    result = dict(
+        system="fitllm",
+        quantization=quantization,
+        cuda_graphs=engine.graphs is not None,
+        attention_backend=engine.attention_backend,
+        tokens_per_s=args.decode_tokens / seconds,
+        bytes_per_token=weights + kv_read,
+    )
+    del engine
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def hf_decode(folder: Path, args: argparse.Namespace) -> dict:
+    """transformers `generate` at batch 1: (time for 1 + N tokens - time for 1 token) / N."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(args.device).eval()
+    ids = torch.tensor([[(7 * i) % 1000 + 3 for i in range(args.prompt_tokens)]], device=args.device)
+
+    def timed(new: int) -> float:
+        _sync(torch.device(args.device))
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        _sync(torch.device(args.device))
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    one, full = timed(1), timed(args.decode_tokens + 1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(system="transformers", quantization="none", tokens_per_s=args.decode_tokens / (full - one),
+                bytes_per_token=weights)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    folder = random_checkpoint(args.size, args.checkpoint_dir, getattr(torch, args.dtype))
+    bandwidth = device_bandwidth(device)
+    rows = []
+    for quantization in args.quantizations.split(","):
+        for eager in [False, True] if device.type == "cuda" else [True]:
+            rows.append(fitllm_decode(folder, args, quantization, eager))
+    if not args.no_hf:
+        rows.append(hf_decode(folder, args))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.size} Llama, {args.dtype}, {name}, measured bandwidth {bandwidth / 1e9:.0f} GB/s, "
+          f"prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens at batch 1")  # fmt: skip
+    print(
+        f"{'system':14} {'quant':6} {'graphs':6} {'tok/s':>9} {'GB/token':>9} {'roofline':>9} {'of roof':>8}"
+    )
+    for r in rows:
+        r["roofline_tokens_per_s"] = bandwidth / r["bytes_per_token"]
+        r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
+        graphs = "-" if "cuda_graphs" not in r else ("on" if r["cuda_graphs"] else "off")
+        print(f"{r['system']:14} {r['quantization']:6} {graphs:6} {r['tokens_per_s']:9.1f} "
+              f"{r['bytes_per_token'] / 1e9:9.3f} {r['roofline_tokens_per_s']:9.1f} "
+              f"{r['fraction_of_roofline']:8.1%}")  # fmt: skip
+    if args.json:
+        args.json.write_text(
+            json.dumps(dict(size=args.size, device=name, bandwidth=bandwidth, rows=rows), indent=2)
+        )
+    return 0
