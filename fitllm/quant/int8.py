@@ -6,9 +6,13 @@ layer quantizes each checkpoint shard as it arrives. Matmul on CPU: PyTorch's ow
 3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, that kernel costs about one
 extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
 (measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
+On CUDA, calls of up to `TRITON_ROWS` rows use a fused Triton dequantize-matmul (fitllm/quant/triton_int8.py)
+that reads each int8 weight once; larger ones use the scratch and cuBLAS.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,9 @@ from torch import nn
 
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_ROWS = 64  # CUDA: rows per call up to which the fused Triton kernel is used (decode-sized calls)
 
 # Rows below which PyTorch's int8 kernel beats converting the weight into the scratch and multiplying
 # there, measured on this machine: 16 for a 4096 x 4096 layer; between 32 and 48 for the default model's
@@ -102,6 +109,10 @@ class Int8Method(QuantMethod):
         x2 = x.reshape(-1, shape[-1])
         if x2.device.type == "cpu" and x2.shape[0] < kernel_rows(w.numel()) and x2.dtype == scale.dtype:
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
+        elif x2.device.type == "cuda" and HAS_TRITON and x2.shape[0] <= TRITON_ROWS:
+            from fitllm.quant.triton_int8 import int8_matmul
+
+            out = int8_matmul(x2, w, scale)
         else:
             wd = self.scratch.get(w.shape, x2.dtype, x2.device)
             wd.copy_(w)
