@@ -14,11 +14,14 @@ out, 2] in the model dtype. While loading, rows are stored in fitllm's plain lay
 input channels 2j in its low nibble and 2j + 1 in its high nibble), which is row-independent, so fused
 layers quantize each shard as it arrives. `finish_loading` then repacks into the CPU kernel's blocked
 layout, same shape and bytes, one matrix at a time (its int32 transient is one matrix's). Where that kernel
-cannot run (other devices, float32 activations), the pure-torch fallback unpacks and dequantizes. The
+cannot run, CUDA keeps the plain layout for a fused Triton matmul (fitllm/quant/triton_matmul.py) and
+elsewhere (float32 activations) the pure-torch fallback unpacks and dequantizes. The
 kernel's layout has changed across PyTorch versions: tests pin the round trip.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +106,7 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
     return ((g - 8.0) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
 
 
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA: fused Triton matmul (triton_matmul.py)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 
 
@@ -189,6 +193,10 @@ class Int4Method(QuantMethod):
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros
             )
+        elif x2.device.type == "cuda" and HAS_TRITON:
+            from fitllm.quant.triton_matmul import int4_matmul
+
+            out = int4_matmul(x2, layer.weight, layer.weight_scale_zeros, self.group_size)
         else:
             out = F.linear(x2, self.dequantize(layer).to(x2.dtype))
         return out.view(*shape[:-1], out.shape[-1])

@@ -6,7 +6,7 @@ layer quantizes each checkpoint shard as it arrives. Matmul on CPU: PyTorch's ow
 3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, that kernel costs about one
 extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
 (measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
-On CUDA, calls of up to `TRITON_ROWS` rows use a fused Triton dequantize-matmul (fitllm/quant/triton_int8.py)
+On CUDA, calls of up to `TRITON_ROWS` rows use a fused Triton dequantize-matmul (fitllm.quant.triton_matmul.py)
 that reads each int8 weight once; larger ones use the scratch and cuBLAS.
 """
 
@@ -110,7 +110,7 @@ class Int8Method(QuantMethod):
         if x2.device.type == "cpu" and x2.shape[0] < kernel_rows(w.numel()) and x2.dtype == scale.dtype:
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
         elif x2.device.type == "cuda" and HAS_TRITON and x2.shape[0] <= TRITON_ROWS:
-            from fitllm.quant.triton_int8 import int8_matmul
+            from fitllm.quant.triton_matmul import int8_matmul
 
             out = int8_matmul(x2, w, scale)
         else:

@@ -1,4 +1,4 @@
-"""The fused int8 weight-only matmul for CUDA (fitllm/quant/triton_int8.py), run in Triton's interpreter on
+"""The fused int8 and int4 weight-only matmuls for CUDA (fitllm.quant.triton_matmul.py), run in Triton's interpreter on
 CPU (conftest sets TRITON_INTERPRET=1 without CUDA), against the layer's own dequantized weight."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 import torch
 from test_quant import BF16_TOL, QUANT_TOL, _build, _randn, _rel
 
+from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method, quantize_int8
-from fitllm.quant.triton_int8 import int8_matmul
+from fitllm.quant.triton_matmul import int4_matmul, int8_matmul
 
 
 @pytest.mark.parametrize(
@@ -37,3 +38,21 @@ def test_int8_matmul_on_a_loaded_layer_bfloat16(kind):
         assert out.dtype == torch.bfloat16
         assert _rel(out, x.float() @ deq.T) < BF16_TOL
         assert _rel(out, layer(x)) < BF16_TOL  # the CPU path gives the same product
+
+
+@pytest.mark.parametrize("kind", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_matmul_on_a_loaded_layer(kind, dtype):
+    """The plain layout as Int4Method stores it off the CPU kernel (GPU layers keep it), against the layer's
+    dequantized weight: a wrong nibble order, group index or zero convention gives errors of order 1."""
+    method = Int4Method(32)
+    layer, w = _build(kind, method, dtype, finish=False)
+    assert not layer.int4_kernel_layout
+    deq = method.dequantize(layer)
+    tol = 1e-5 if dtype == torch.float32 else BF16_TOL
+    for rows in (1, 9, 40):
+        x = _randn(rows, layer.in_features, seed=rows + 3).to(dtype)
+        out = int4_matmul(x, layer.weight, layer.weight_scale_zeros, 32)
+        assert out.dtype == dtype and out.shape == (rows, w.shape[0])
+        assert _rel(out, x.float() @ deq.T) < tol
+        assert _rel(out, x.float() @ w.T) < QUANT_TOL["int4"]
