@@ -283,9 +283,8 @@ def paged_attention(
         return out
     if num_splits > 1:
         part_out = torch.empty(num_splits, tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        # Every split stores (max, sum) for all its rows, an empty one (-inf, 0): no initialisation needed.
         part_ml = torch.empty(num_splits, tokens, num_heads, 2, dtype=torch.float32, device=q.device)
-        # Splits a short sequence never reaches must read as empty (l = 0) in the merge.
-        part_ml.zero_()
     else:
         part_out = part_ml = out
     grid = (num_seqs, kvh, triton.cdiv(max_query_len, block_q) * num_splits)
