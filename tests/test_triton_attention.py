@@ -22,11 +22,11 @@ from unittest import mock
 
 import pytest
 import torch
+import triton  # noqa: E402  (a dev dependency: its absence must fail, not skip)
+import triton.language as tl  # noqa: E402
 from conftest import make_random_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-pytest.importorskip("triton")
 
 from fitllm.config import EngineConfig, ModelConfig  # noqa: E402
 from fitllm.engine.engine import Engine  # noqa: E402
@@ -71,6 +71,7 @@ class Case:
     seed: int = 0
     # Padding rows of a captured decode batch (CUDA graphs): one query row, length 0, slot -1.
     num_padding: int = 0
+    kernel_kv_dtype: str | None = None  # what the kernel is told, if not kv_cache_dtype ("fp8-bits")
 
     def __post_init__(self) -> None:
         assert len(self.q_lens) == len(self.ctx_lens)
@@ -208,7 +209,7 @@ def run_kernel(case: Case, b: Built) -> tuple[torch.Tensor, list[torch.Tensor]]:
         q,
         layout,
         case.layer,
-        kv_cache_dtype=case.kv_cache_dtype,
+        kv_cache_dtype=case.kernel_kv_dtype or case.kv_cache_dtype,
         block_tables=block_tables.to(DEVICE),
         seq_lens=torch.tensor(case.ctx_lens + [0] * case.num_padding, dtype=torch.int32, device=DEVICE),
         query_start=query_start.to(DEVICE),
@@ -643,3 +644,42 @@ def test_engine_triton_matches_torch_with_a_sliding_window(tmp_path):
     nowin = make_random_checkpoint(tmp_path, family="mistral", sliding_window=None, seed=3, name="nowin")
     full, _ = _scenario(_engine(nowin, "torch", block_size=8), prompts, [])
     assert full != ref
+
+
+# ---- fp8 decoded from its bits (GPUs before sm_89) -------------------------------------------------------
+
+
+@triton.jit
+def _decode_row_kernel(row_ptr, out_ptr, D: tl.constexpr, KV_QUANT: tl.constexpr):
+    d = tl.arange(0, D)
+    row_off = tl.zeros([1], tl.int64)
+    codes, scale = ta._load_kv_tile(row_ptr, row_off, row_off == 0, d, D, KV_QUANT, tl.float32)
+    tl.store(out_ptr + d[None, :], codes * scale[:, None])
+
+
+@pytest.mark.parametrize("kv_quant", [2, 3])
+def test_fp8_codes_decode_like_torch_for_all_256_bytes(kv_quant):
+    """Native fp8 conversion (2) and the bit decoder (3) agree with torch's float8_e4m3fn on every byte
+    but the two NaN patterns, subnormals and signs included."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    row = torch.cat([codes, torch.tensor([1.0]).view(torch.uint8)]).to(DEVICE)
+    out = torch.empty(1, 256, device=DEVICE)
+    _decode_row_kernel[(1,)](row, out, D=256, KV_QUANT=kv_quant)
+    want = codes.view(torch.float8_e4m3fn).float()
+    finite = ~torch.isnan(want)
+    assert finite.sum() == 254
+    assert torch.equal(out.cpu()[0][finite], want[finite])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fp8_bit_decoder_matches_reference_attention(seed):
+    """The whole kernel with fp8 decoded from bits ("fp8-bits") against the reference's fp8 path."""
+    case = Case(
+        q_lens=[1, 1, 6],
+        ctx_lens=[20, 45, 30],
+        kv_cache_dtype="fp8",
+        kernel_kv_dtype="fp8-bits",
+        block_size=8,
+        seed=seed,
+    )
+    check_case(case)

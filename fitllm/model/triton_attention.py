@@ -31,7 +31,19 @@ import triton.language as tl
 
 from fitllm.model.attention import PagedKVLayout
 
-_QUANT_CODES = {"auto": 0, "int8": 1, "fp8": 2}
+_QUANT_CODES = {"auto": 0, "int8": 1, "fp8": 2, "fp8-bits": 3}
+
+
+def kv_quant_code(kv_cache_dtype: str, device: torch.device) -> int:
+    """The kernel's KV_QUANT for a cache dtype: fp8 is converted natively where the GPU has fp8 conversions
+    (sm_89 and later; the interpreter too) and decoded from its bits elsewhere ("fp8-bits" forces that)."""
+    if (
+        kv_cache_dtype == "fp8"
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device) < (8, 9)
+    ):
+        return _QUANT_CODES["fp8-bits"]
+    return _QUANT_CODES[kv_cache_dtype]
 
 
 @triton.jit
@@ -81,8 +93,20 @@ def _load_kv_tile(
     raw = tl.load(ptrs, mask=mask, other=0)
     if KV_QUANT == 1:
         codes = raw.to(tl.int8, bitcast=True).to(tl.float32)
-    else:
+    elif KV_QUANT == 2:
         codes = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        # e4m3 decoded from its bits, for GPUs without fp8 conversions (before sm_89): sign, 4-bit exponent
+        # (bias 7; 0 = subnormal), 3-bit mantissa. The encoder never writes the NaN pattern.
+        bits = raw.to(tl.int32)
+        exponent = (bits >> 3) & 15
+        mantissa = (bits & 7).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0,
+            mantissa * 0.001953125,  # m / 8 * 2^-6
+            (8.0 + mantissa) * tl.exp2((exponent - 10).to(tl.float32)),  # (1 + m / 8) * 2^(e - 7)
+        )
+        codes = tl.where(bits >= 128, -magnitude, magnitude)
     scale_ptrs = (cache_ptr + row_off + D).to(tl.pointer_type(tl.float32), bitcast=True)
     return codes.to(COMPUTE), tl.load(scale_ptrs, mask=tile_mask, other=0.0)
 
@@ -314,7 +338,7 @@ def paged_attention(
         BLOCK_SIZE=block_size,
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
-        KV_QUANT=_QUANT_CODES[kv_cache_dtype],
+        KV_QUANT=kv_quant_code(kv_cache_dtype, q.device),
         NUM_SPLITS=num_splits,
         # Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): run them in float32.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
