@@ -22,19 +22,19 @@ from unittest import mock
 
 import pytest
 import torch
-import triton  # noqa: E402  (a dev dependency: its absence must fail, not skip)
-import triton.language as tl  # noqa: E402
+import triton  # a dev dependency: its absence must fail, not skip
+import triton.language as tl
 from conftest import make_random_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitllm.config import EngineConfig, ModelConfig  # noqa: E402
-from fitllm.engine.engine import Engine  # noqa: E402
-from fitllm.engine.request import SamplingParams  # noqa: E402
-from fitllm.memory.kv_pool import KVSlabStorage  # noqa: E402
-from fitllm.memory.ledger import MemoryLedger  # noqa: E402
-from fitllm.model import triton_attention as ta  # noqa: E402
-from fitllm.model.attention import (  # noqa: E402
+from fitllm.config import EngineConfig, ModelConfig
+from fitllm.engine.engine import Engine
+from fitllm.engine.request import SamplingParams
+from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.ledger import MemoryLedger
+from fitllm.model import triton_attention as ta
+from fitllm.model.attention import (
     AttentionMetadata,
     PagedAttention,
     PagedKVLayout,
@@ -43,7 +43,7 @@ from fitllm.model.attention import (  # noqa: E402
     resolve_attention_backend,
     split_by_slab,
 )
-from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token  # noqa: E402
+from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2
