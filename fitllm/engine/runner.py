@@ -37,7 +37,7 @@ def scratch_prefill(
     backend: str = "torch",
 ) -> Iterator[AttentionMetadata]:
     """Metadata for one causal prefill of `num_tokens` over a zeroed scratch KV cache of `num_slots` slots
-    (slot ids wrap around it; a multiple of 16) stored as `kv_format` (default: the model dtype), bound to
+    (slot ids wrap around it; 16 for the Triton backend) stored as `kv_format` (default: the model dtype), bound to
     every attention layer inside the block; the layers' own KV bindings come back after. Used where there is
     no KV pool to ask: the start-up profile step and perplexity scoring. `backend` is the attention backend
     the metadata is for."""
@@ -53,6 +53,7 @@ def scratch_prefill(
     slots = torch.arange(num_tokens) % num_slots
     if backend == "triton":
         # Every position maps to block 0 of a 16-slot block size: slot = position % 16 wraps the same way.
+        assert num_slots == 16, "the Triton scratch prefill wraps its slots around one 16-slot block"
         width = -(-num_tokens // 16)
         meta = AttentionMetadata(
             kernel=KernelMetadata(
