@@ -23,13 +23,12 @@ which is how CI checks them against the reference backend.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from fitllm.model.attention import PagedKVLayout
+from fitllm.triton_flags import dot_flags
 
 _QUANT_CODES = {"auto": 0, "int8": 1, "fp8": 2, "fp8-bits": 3}
 
@@ -340,10 +339,7 @@ def paged_attention(
         BLOCK_N=block_n,
         KV_QUANT=kv_quant_code(kv_cache_dtype, q.device),
         NUM_SPLITS=num_splits,
-        # Triton's interpreter computes bfloat16 dots wrongly (numpy has no bfloat16): run them in float32.
-        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        # float32 models get full-precision dots (Triton's default for float32 is TF32 on NVIDIA GPUs).
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **dot_flags(q.dtype),
     )
     if num_splits > 1:
         d_p2 = triton.next_power_of_2(head_dim)
