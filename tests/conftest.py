@@ -163,11 +163,13 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
     return tokens, logits
 
 
-def run_all(engine, prompts, priorities=None, on_step=None) -> list[list[int]]:
-    """Run `prompts` greedily to the end, checking the pool's integrity and the budget after every step;
-    the token ids of each, in order."""
+def run_all(engine, prompts, priorities=None, on_step=None, params=GREEDY) -> list[list[int]]:
+    """Run `prompts` to the end (greedily unless `params`, one SamplingParams or one per prompt, says
+    otherwise), checking the pool's integrity and the budget after every step; the token ids of each, in
+    order."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     ids = [
-        engine.add_request(p, GREEDY, priority=0 if priorities is None else priorities[i])
+        engine.add_request(p, per_prompt[i], priority=0 if priorities is None else priorities[i])
         for i, p in enumerate(prompts)
     ]
     done = {}

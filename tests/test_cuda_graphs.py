@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_random_checkpoint
+from conftest import make_random_checkpoint, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs, capture_sizes
@@ -33,6 +33,7 @@ def tiny_llama(tmp_path_factory):
 
 PROMPTS = [list(range(5, 23)), [30, 31, 32], list(range(40, 48)), [7] * 21]
 MAX_TOKENS = [20, 6, 13, 9]  # finishing at different steps: the batch shrinks through the sizes
+PARAMS = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
 
 
 def _run(folder, backend: str, capture: bool, **kw) -> tuple[list[list[int]], Engine, ReplayCapturer | None]:
@@ -51,14 +52,7 @@ def _run(folder, backend: str, capture: bool, **kw) -> tuple[list[list[int]], En
     if capture:
         capturer = ReplayCapturer()
         assert capture_decode_graphs(engine.runner, engine.ledger, 6, 96, capturer) is not None
-    for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), request_id=str(i))
-    outs: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out.outputs[0].token_ids
-    return [outs[str(i)] for i in range(len(PROMPTS))], engine, capturer
+    return run_all(engine, PROMPTS, params=PARAMS), engine, capturer
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_random_checkpoint
+from conftest import make_random_checkpoint, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
@@ -25,14 +25,8 @@ def llama(tmp_path_factory):
 
 def _greedy(folder, **kw) -> tuple[list[list[int]], Engine]:
     engine = Engine(EngineConfig(model=str(folder), device="cuda", max_num_seqs=8, max_model_len=256, **kw))
-    for i, (p, n) in enumerate(zip(PROMPTS, MAX_TOKENS)):
-        engine.add_request(p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), request_id=str(i))
-    outs: dict[str, list[int]] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                outs[out.request_id] = out.outputs[0].token_ids
-    return [outs[str(i)] for i in range(len(PROMPTS))], engine
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    return run_all(engine, PROMPTS, params=params), engine
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])

@@ -24,7 +24,7 @@ import pytest
 import torch
 import triton  # a dev dependency: its absence must fail, not skip
 import triton.language as tl
-from conftest import make_random_checkpoint
+from conftest import make_random_checkpoint, run_all
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -560,15 +560,10 @@ def _engine(folder, backend: str, **kw) -> Engine:
 
 
 def _generate(eng: Engine, prompts: list[list[int]], stats: dict) -> list[list[int]]:
-    rids = [eng.add_request(p, E2E_PARAMS) for p in prompts]
-    done = {}
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-        eng.check_integrity()
-        stats["peak_slabs"] = max(stats.get("peak_slabs", 0), eng.pool.num_slabs)
-    return [done[r] for r in rids]
+    def track(e: Engine) -> None:
+        stats["peak_slabs"] = max(stats.get("peak_slabs", 0), e.pool.num_slabs)
+
+    return [list(t) for t in run_all(eng, prompts, on_step=track, params=E2E_PARAMS)]
 
 
 def _scenario(eng: Engine, prompts: list[list[int]], shared: list[list[int]]) -> tuple[list, dict]:
