@@ -156,16 +156,14 @@ class Engine:
         self.runner = ModelRunner(
             self.model, mc, self.kv, self.storage, self.sampler, self.device, self.attention_backend
         )
-        self.graphs: DecodeGraphs | None = None
         if (
             self.attention_backend == "triton"
             and self.device.type == "cuda"
             and not config.enforce_eager
             and self.streamer is None  # streamed layers wait on host events between kernels
         ):
-            self.graphs = capture_decode_graphs(
-                self.runner, self.ledger, config.max_num_seqs, self.max_model_len
-            )
+            # Sets runner.graphs, or leaves it None when the budget has no room for the pool.
+            capture_decode_graphs(self.runner, self.ledger, config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -297,6 +295,11 @@ class Engine:
             offloaded_bytes=self.placement.offloaded_bytes,
             bytes_streamed=0 if self.streamer is None else self.streamer.stats.bytes_streamed,
         )
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        """The captured decode steps the runner replays (None: decode runs eagerly)."""
+        return self.runner.graphs
 
     def memory_report(self) -> str:
         """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
