@@ -254,7 +254,7 @@ class ModelRunner:
         """`prepare` for the Triton backend: block tables and lengths instead of gather plans."""
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
         tables: list[list[int]] = []
         seq_lens: list[int] = []
         query_start = [0]
@@ -264,16 +264,17 @@ class ModelRunner:
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
             table = self.kv.block_ids(r.request_id)
             tables.append(table)
-            slots.append(self._slots(torch.tensor(table, dtype=torch.long), torch.arange(start, end)))
+            # Plain ints: small tensor ops per request dominated (64 decodes: 1.7 ms -> 0.19 ms per step here).
+            bs = self.block_size
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             ids.extend(r.token_ids[start:end])
             positions.extend(range(start, end))
             seq_lens.append(end)
             query_start.append(len(ids))
             if s.samples:
                 sample_rows.append(len(ids) - 1)
-        block_tables = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
-        for i, table in enumerate(tables):
-            block_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        width = max(map(len, tables))
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         max_query_len = max(s.num_new_tokens for s in scheduled)
         splits = 1
         if max_query_len == 1:
@@ -284,7 +285,7 @@ class ModelRunner:
             )
         dev = self.device
         kernel = KernelMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=block_tables.to(dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             query_start=torch.tensor(query_start, dtype=torch.int32, device=dev),
