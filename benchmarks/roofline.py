@@ -82,7 +82,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fitllm_decode(folder: Path, args: argparse.Namespace, quantization: str, eager: bool) -> dict:
+def fitllm_decode(
+    folder: Path, args: argparse.Namespace, quantization: str, eager: bool, async_scheduling: str
+) -> dict:
     """Batch-1 decode tokens/s (after the first token) and the bytes each step reads."""
     from fitllm.config import EngineConfig
     from fitllm.engine.engine import Engine
@@ -98,6 +100,7 @@ def fitllm_decode(folder: Path, args: argparse.Namespace, quantization: str, eag
             max_model_len=args.prompt_tokens + n + 16,
             max_num_seqs=8,
             enforce_eager=eager,
+            async_scheduling=async_scheduling,
         )
     )
     prompt = [(7 * i) % 1000 + 3 for i in range(args.prompt_tokens)]
@@ -117,6 +120,7 @@ def fitllm_decode(folder: Path, args: argparse.Namespace, quantization: str, eag
         system="fitllm",
         quantization=quantization,
         cuda_graphs=engine.graphs is not None,
+        async_scheduling=engine.async_scheduling,
         attention_backend=engine.attention_backend,
         tokens_per_s=args.decode_tokens / seconds,
         bytes_per_token=weights + kv_read,
@@ -155,21 +159,25 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = device_bandwidth(device)
     rows = []
     for quantization in args.quantizations.split(","):
-        for eager in [False, True] if device.type == "cuda" else [True]:
-            rows.append(fitllm_decode(folder, args, quantization, eager))
+        # graphs and async scheduling on (the default), each switched off in turn
+        variants = [(False, "on"), (False, "off"), (True, "on")] if device.type == "cuda" else [(True, "off")]
+        for eager, async_scheduling in variants:
+            rows.append(fitllm_decode(folder, args, quantization, eager, async_scheduling))
     if not args.no_hf:
         rows.append(hf_decode(folder, args))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.size} Llama, {args.dtype}, {name}, measured bandwidth {bandwidth / 1e9:.0f} GB/s, "
           f"prompt {args.prompt_tokens}, {args.decode_tokens} decode tokens at batch 1")  # fmt: skip
     print(
-        f"{'system':14} {'quant':6} {'graphs':6} {'tok/s':>9} {'GB/token':>9} {'roofline':>9} {'of roof':>8}"
+        f"{'system':14} {'quant':6} {'graphs':6} {'async':6} {'tok/s':>9} {'GB/token':>9} {'roofline':>9} "
+        f"{'of roof':>8}"
     )
     for r in rows:
         r["roofline_tokens_per_s"] = bandwidth / r["bytes_per_token"]
         r["fraction_of_roofline"] = r["tokens_per_s"] / r["roofline_tokens_per_s"]
         graphs = "-" if "cuda_graphs" not in r else ("on" if r["cuda_graphs"] else "off")
-        print(f"{r['system']:14} {r['quantization']:6} {graphs:6} {r['tokens_per_s']:9.1f} "
+        overlap = "-" if "async_scheduling" not in r else ("on" if r["async_scheduling"] else "off")
+        print(f"{r['system']:14} {r['quantization']:6} {graphs:6} {overlap:6} {r['tokens_per_s']:9.1f} "
               f"{r['bytes_per_token'] / 1e9:9.3f} {r['roofline_tokens_per_s']:9.1f} "
               f"{r['fraction_of_roofline']:8.1%}")  # fmt: skip
     if args.json:

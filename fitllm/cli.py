@@ -119,6 +119,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
     )
     g.add_argument(
+        "--async-scheduling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="schedule and prepare the next step while the device runs this one (auto: on for CUDA)",
+    )
+    g.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -200,6 +206,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         offload_dir=args.offload_dir,
         attention_backend=args.attention_backend,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         seed=args.seed,
         num_threads=args.threads,
     )

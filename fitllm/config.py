@@ -181,6 +181,7 @@ class EngineConfig:
     offload_dir: str | None = None  # CPU tier: folder for the offload file (None: the temp folder)
     attention_backend: str = "auto"  # auto | torch | triton (fitllm/model/attention.py)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    async_scheduling: str = "auto"  # auto (on for CUDA) | on | off: schedule step N+1 while step N runs
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = 0
     num_threads: int | None = None
@@ -193,6 +194,10 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
+            )
+        if self.async_scheduling not in ASYNC_SCHEDULING:
+            raise ValueError(
+                f"--async-scheduling must be one of {', '.join(ASYNC_SCHEDULING)}; got {self.async_scheduling!r}"
             )
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError(
@@ -235,6 +240,15 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+ASYNC_SCHEDULING = ("auto", "on", "off")
+
+
+def resolve_async_scheduling(name: str, device: torch.device) -> bool:
+    """`--async-scheduling`: auto is on for CUDA, where kernels run while the host prepares the next step,
+    and off on CPU, where the model runs on the host thread and there is nothing to overlap."""
+    return name == "on" or (name == "auto" and device.type == "cuda")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -31,7 +31,8 @@ def _greedy(folder, **kw) -> tuple[list[list[int]], Engine]:
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8", "fp8"])
 @pytest.mark.parametrize("enforce_eager", [False, True])
-def test_gpu_triton_backend_matches_the_reference(llama, kv_cache_dtype, enforce_eager):
+@pytest.mark.parametrize("async_scheduling", ["on", "off"])
+def test_gpu_triton_backend_matches_the_reference(llama, kv_cache_dtype, enforce_eager, async_scheduling):
     ref, _ = _greedy(llama, dtype="float32", attention_backend="torch", kv_cache_dtype=kv_cache_dtype)
     assert len({t for out in ref for t in out}) > 5
     got, engine = _greedy(
@@ -40,8 +41,10 @@ def test_gpu_triton_backend_matches_the_reference(llama, kv_cache_dtype, enforce
         attention_backend="auto",
         enforce_eager=enforce_eager,
         kv_cache_dtype=kv_cache_dtype,
+        async_scheduling=async_scheduling,
     )
     assert engine.attention_backend == "triton"
+    assert engine.async_scheduling == (async_scheduling == "on")
     assert (engine.graphs is None) == enforce_eager
     assert got == ref
 
@@ -55,3 +58,29 @@ def test_gpu_graph_pool_is_in_the_workspace(llama):
     assert graphs.graphs is not None and graphs.graphs.pool_bytes > 0
     assert graphs.ledger.current("workspace") >= workspace_eager + graphs.graphs.pool_bytes - (1 << 20)
     assert "CUDA graphs" in graphs.memory_report()
+
+
+def test_gpu_steps_queue_without_host_syncs(llama):
+    """With async scheduling, preparing, running and sampling a step must not wait for the device (which
+    would wait for the step in flight): any synchronising call inside execute raises in this mode."""
+    ref, _ = _greedy(llama, dtype="float32", attention_backend="torch")
+    engine = Engine(
+        EngineConfig(model=str(llama), device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256)
+    )
+    assert engine.async_scheduling and engine.graphs is not None  # auto on CUDA
+    execute, calls = engine.runner.execute, []
+
+    def guarded(sched, pending=None):
+        calls.append(sched.num_tokens)
+        if len(calls) <= 3:  # warm-up: Triton compiles, the pinned host allocator grows
+            return execute(sched, pending)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return execute(sched, pending)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.execute = guarded
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    assert run_all(engine, PROMPTS, params=params) == ref
+    assert len(calls) > 30

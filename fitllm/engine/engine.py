@@ -10,14 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fitllm.config import EngineConfig, cdiv, resolve_dtype
+from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
-from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, SamplingParams
-from fitllm.engine.runner import ModelRunner, profile_workspace
-from fitllm.engine.sampler import Sampler
-from fitllm.engine.scheduler import Scheduler
+from fitllm.engine.outputs import check_stop, make_output
+from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from fitllm.engine.runner import ModelRunner, PendingTokens, profile_workspace
+from fitllm.engine.sampler import SampledBatch, Sampler
+from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.loader import build_model, open_model
 from fitllm.memory.block_pool import BlockPool
 from fitllm.memory.budget import resolve_budget
@@ -47,7 +48,7 @@ class StepStats:
     num_preempted: int
     kv_tokens: int  # tokens whose K/V running requests hold
     kv_slots: int  # token slots of the live KV slabs
-    seconds: float  # model forward and sampling
+    seconds: float  # from queueing the model until its samples were on the host
 
     @property
     def kv_utilization(self) -> float:
@@ -68,6 +69,23 @@ class EngineStatus:
     offloaded_layers: int = 0
     offloaded_bytes: int = 0  # decoder layers kept off the device (file or pinned host memory)
     bytes_streamed: int = 0  # copied into staging since start
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A launched step: its kernels and sampling are queued; the host has not read its samples yet."""
+
+    sched: SchedulerOutput
+    sampled: list[Request]  # the requests that sample, in row order
+    samples: SampledBatch | None
+    stats: StepStats
+    start: float  # time.perf_counter() at launch
+
+    def pending_tokens(self) -> PendingTokens | None:
+        """Its sampled tokens, still on the device, for the next step's placeholder ids."""
+        if self.samples is None:
+            return None
+        return PendingTokens(self.samples.tokens, {r.request_id: i for i, r in enumerate(self.sampled)})
 
 
 class Engine:
@@ -168,6 +186,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._finished_outputs: list[RequestOutput] = []
+        self.async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
+        self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None
         log.info("memory:\n%s", self.memory_report())
 
@@ -448,7 +468,7 @@ class Engine:
         if req is None:
             return False
         self._finish(req, RequestStatus.FINISHED_ABORTED)
-        self._finished_outputs.append(self._output(req))
+        self._finished_outputs.append(make_output(req))
         return True
 
     def reset_prefix_cache(self) -> int:
@@ -471,65 +491,97 @@ class Engine:
         return released
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, detokenize; returns outputs of requests that progressed."""
+        """Schedule, queue the model and sampling, and return the outputs the host has learnt.
+
+        Without async scheduling that is this step's. With it, the step is left in flight and the outputs
+        are the previous step's, read (and detokenized, stop-checked) while this one runs on the device;
+        this step was scheduled with the previous step's tokens as placeholders, which the device fills."""
         self.release_idle_memory()
         outputs, self._finished_outputs = self._finished_outputs, []
+        prev, self._in_flight = self._in_flight, None
         sched = self.scheduler.schedule()
+        if prev is not None and self._needs_known_tokens(sched):
+            outputs += self._resolve(prev)
+            prev = None
+            # Requests that stopped with that step's token must not run this one (their blocks are gone).
+            sched.scheduled = [s for s in sched.scheduled if not s.request.status.finished]
         if not sched.scheduled:
+            if prev is not None:
+                return outputs + self._resolve(prev)
             if self.scheduler.has_unfinished() and not sched.preempted:
                 # Nothing fits and nothing runs: the head request can never be served.
                 raise RuntimeError(
                     "scheduler made no progress; the KV pool is too small for the waiting request"
                 )
             return outputs
+        step = self._launch(sched, prev)
+        if prev is not None:
+            outputs += self._resolve(prev)
+        if self.async_scheduling:
+            self._in_flight = step
+        else:
+            outputs += self._resolve(step)
+        return outputs
+
+    @staticmethod
+    def _needs_known_tokens(sched: SchedulerOutput) -> bool:
+        """Whether a request sampling this step has a token in flight that its sampling reads (penalties
+        count previous tokens): then the step in flight is read first, and this one does not overlap it."""
+        return any(
+            s.request.num_output_placeholders and s.samples and s.request.params.uses_token_history
+            for s in sched.scheduled
+        )
+
+    def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
+        """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
         start = time.perf_counter()
-        sampled, result = self.runner.execute(sched)
-        seconds = time.perf_counter() - start
-        self.swapper.costs.observe_step(sched.num_tokens, seconds)
+        sampled, samples = self.runner.execute(sched, None if prev is None else prev.pending_tokens())
+        if samples is not None:
+            samples.start_copy()
         self.scheduler.update_after_step(sched)
-        self.last_step = StepStats(
+        for req in sampled:
+            req.num_output_placeholders += 1
+        stats = StepStats(
             num_tokens=sched.num_tokens,
             num_running=len(self.scheduler.running),
             num_waiting=self.scheduler.num_waiting,
             num_preempted=len(sched.preempted),
             kv_tokens=sum(r.num_computed_tokens for r in self.scheduler.running),
             kv_slots=self.pool.num_blocks * self.block_size,
-            seconds=seconds,
+            seconds=0.0,
         )
+        return InFlightStep(sched, sampled, samples, stats, start)
+
+    def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
+        """Read a launched step's samples (waiting for them if need be): placeholders become tokens, then
+        logprobs, stop checks and outputs. A request that stopped, or was aborted, meanwhile drops its token."""
+        result = step.samples.result() if step.samples is not None else None
+        step.stats.seconds = time.perf_counter() - step.start
+        self.swapper.costs.observe_step(step.stats.num_tokens, step.stats.seconds)
+        self.last_step = step.stats
         if result is None:
-            return outputs
+            return []
+        if step.samples.logits is not None:
+            self.runner.last_logits = step.samples.logits
+        outputs = []
         now = time.monotonic()
-        for i, req in enumerate(sampled):
+        for i, req in enumerate(step.sampled):
+            req.num_output_placeholders -= 1
+            if req.status.finished:
+                continue
             token = result.token_ids[i]
             req.token_ids.append(token)
+            self.scheduler.cache_known(req)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             if req.logprobs is not None:
                 req.logprobs.append(result.logprobs[i])
                 req.cumulative_logprob += result.sampled_logprob[i]
-            status = self._check_stop(req, token)
+            status = check_stop(req, token, self.tokenizer.eos_token_ids, self.max_model_len)
             if status is not None:
                 self._finish(req, status)
-            outputs.append(self._output(req))
+            outputs.append(make_output(req))
         return outputs
-
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
-        p = req.params
-        stop_str = req.detokenizer.add_token(token, check_stop=req.num_output_tokens >= p.min_tokens)
-        if req.num_output_tokens < p.min_tokens:
-            # min_tokens defers stop conditions, never the context limit.
-            return RequestStatus.FINISHED_LENGTH if req.num_tokens >= self.max_model_len else None
-        if stop_str is not None:
-            req.stop_reason = stop_str
-            return RequestStatus.FINISHED_STOPPED
-        if not p.ignore_eos and token in self.tokenizer.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if token in p.stop_token_ids:
-            req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if req.num_tokens >= req.max_total_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -537,30 +589,6 @@ class Engine:
         req.metrics.finished_time = time.monotonic()
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
-
-    def _output(self, req: Request) -> RequestOutput:
-        finished = req.status.finished
-        delta_text = req.detokenizer.take_delta(finished)
-        completion = CompletionOutput(
-            index=0,
-            text=req.detokenizer.streamed_text,
-            token_ids=req.output_token_ids,
-            cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
-            logprobs=req.logprobs,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            delta_text=delta_text,
-            delta_token_ids=req.take_new_token_ids(),
-        )
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[completion],
-            finished=finished,
-            num_cached_tokens=req.num_cached_tokens,
-            metrics=req.metrics,
-        )
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0

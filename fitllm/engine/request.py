@@ -104,6 +104,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def uses_token_history(self) -> bool:
+        """Whether sampling reads the previous tokens (the penalties), not only their count."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
 
 class RequestStatus(enum.Enum):
     """Where a request is in its life."""
@@ -183,6 +188,7 @@ class Request:
         "token_ids",
         "num_prompt_tokens",
         "num_computed_tokens",
+        "num_output_placeholders",
         "status",
         "generator",
         "detokenizer",
@@ -214,6 +220,9 @@ class Request:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Async scheduling: tokens sampled by the step in flight, not yet on the host (0 or 1). The next
+        # step is scheduled as if they were there; its input id comes from the device (ModelRunner).
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         # A seeded request owns its random stream, so its samples do not depend on its batch neighbours.
         self.generator: torch.Generator | None = None
@@ -233,6 +242,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """What the scheduler plans with: the known tokens plus those sampled but not yet on the host."""
+        return len(self.token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

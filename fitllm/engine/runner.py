@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -11,10 +12,11 @@ from torch import nn
 from fitllm.config import ModelConfig
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer, capture_sizes
 from fitllm.engine.request import Request
-from fitllm.engine.sampler import Sampler, SampleResult
+from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.transfer import move, to_device
 from fitllm.model.attention import (
     AttentionMetadata,
     KernelMetadata,
@@ -24,6 +26,38 @@ from fitllm.model.attention import (
     split_by_slab,
 )
 from fitllm.quant.kv import KVCacheFormat
+
+
+@dataclass(slots=True)
+class PendingTokens:
+    """The tokens sampled by the step in flight, still on the device (async scheduling), by request."""
+
+    tokens: torch.Tensor  # [rows] int64 on the device
+    rows: dict[str, int]  # request id -> row of `tokens`
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step's flat batch: what the model reads, and which rows are sampled afterwards."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: list[int]
+    # (row of input_ids, request) whose id is a placeholder: the token the step in flight samples.
+    placeholders: list[tuple[int, Request]] = field(default_factory=list)
+
+
+def append_input_ids(
+    request: Request, start: int, end: int, ids: list[int], placeholders: list[tuple[int, Request]]
+) -> None:
+    """Append the request's ids [start, end) to `ids`; one not yet on the host (an output placeholder) gets a
+    dummy id and is recorded in `placeholders`, to be filled on the device before the model runs."""
+    known = request.token_ids[start:end]
+    ids.extend(known)
+    for _ in range(end - start - len(known)):
+        placeholders.append((len(ids), request))
+        ids.append(0)
 
 
 @contextlib.contextmanager
@@ -137,7 +171,7 @@ class ModelRunner:
         self.device = device
         self.storage = storage
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
-        # Tests set this to keep each sampled request's float32 logits of the last step (parity checks).
+        # Tests set this to keep each sampled request's float32 logits of the last step read (parity checks).
         self.capture_logits = False
         self.last_logits: dict[str, torch.Tensor] = {}
         for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
@@ -186,15 +220,14 @@ class ModelRunner:
             mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
         return mask
 
-    def prepare(
-        self, scheduled: list[ScheduledRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         """Flat input ids, positions, attention metadata and the row index of each sampled request."""
         if self.attention_backend == "triton":
             return self.prepare_kernel(scheduled)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ids: list[int] = []
+        placeholders: list[tuple[int, Request]] = []
         pos_chunks: list[torch.Tensor] = []
         slot_chunks: list[torch.Tensor] = []
         sample_rows: list[int] = []
@@ -215,10 +248,10 @@ class ModelRunner:
             meta.decode_context = max_ctx
             rows = head_rows(slots, self.config.num_key_value_heads)
             meta.decode_rows = split_by_slab(rows, self._slab_rows).to(self.device)
-            meta.decode_mask = mask.to(self.device)
+            meta.decode_mask = move(mask, self.device)
             for i, s in enumerate(decodes):
                 r = s.request
-                ids.append(r.token_ids[r.num_computed_tokens])
+                append_input_ids(r, r.num_computed_tokens, r.num_computed_tokens + 1, ids, placeholders)
                 if s.samples:
                     sample_rows.append(i)
             pos_chunks.append(q_pos)
@@ -232,27 +265,27 @@ class ModelRunner:
             context_slots = self._slots(table, torch.arange(end))
             mask = None
             if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
-                mask = self._mask(q_pos, end).to(self.device)
+                mask = move(self._mask(q_pos, end), self.device)
             rows = split_by_slab(
                 head_rows(context_slots, self.config.num_key_value_heads), self._slab_rows
             ).to(self.device)
             meta.prefills.append(PrefillSpan(len(ids), s.num_new_tokens, end, rows, mask))
-            ids.extend(r.token_ids[start:end])
+            append_input_ids(r, start, end, ids, placeholders)
             pos_chunks.append(q_pos)
             slot_chunks.append(context_slots[start:end])
             if s.samples:
                 sample_rows.append(len(ids) - 1)
 
         meta.slot_mapping = split_by_slab(torch.cat(slot_chunks), self._slab_slots).to(self.device)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        positions = torch.cat(pos_chunks).to(self.device)
-        return input_ids, positions, meta, sample_rows
+        input_ids = to_device(ids, torch.long, self.device)
+        positions = move(torch.cat(pos_chunks), self.device)
+        return StepInputs(input_ids, positions, meta, sample_rows, placeholders)
 
-    def prepare_kernel(
-        self, scheduled: list[ScheduledRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """`prepare` for the Triton backend: block tables and lengths instead of gather plans."""
+    def prepare_kernel(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """`prepare` for the Triton backend: block tables and lengths instead of gather plans. Two copies to
+        the device: the int64 fields (ids, positions, slots) in one buffer, the int32 ones in another."""
         ids: list[int] = []
+        placeholders: list[tuple[int, Request]] = []
         positions: list[int] = []
         slots: list[int] = []
         tables: list[list[int]] = []
@@ -267,14 +300,13 @@ class ModelRunner:
             # Plain ints: small tensor ops per request dominated (64 decodes: 1.7 ms -> 0.19 ms per step here).
             bs = self.block_size
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            ids.extend(r.token_ids[start:end])
+            append_input_ids(r, start, end, ids, placeholders)
             positions.extend(range(start, end))
             seq_lens.append(end)
             query_start.append(len(ids))
             if s.samples:
                 sample_rows.append(len(ids) - 1)
         width = max(map(len, tables))
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         max_query_len = max(s.num_new_tokens for s in scheduled)
         splits = 1
         if max_query_len == 1:
@@ -283,28 +315,41 @@ class ModelRunner:
             splits = choose_num_splits(
                 len(scheduled), self.config.num_key_value_heads, max(seq_lens), self._num_sms
             )
-        dev = self.device
+        dev, n, b = self.device, len(ids), len(seq_lens)
+        longs = to_device(ids + positions + slots, torch.long, dev)
+        flat_tables = [i for t in tables for i in t + [0] * (width - len(t))]
+        ints = to_device(seq_lens + query_start + flat_tables, torch.int32, dev)
         kernel = KernelMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=block_tables.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            slot_mapping=longs[2 * n :],
+            block_tables=ints[2 * b + 1 :].view(b, width),
+            seq_lens=ints[:b],
+            query_start=ints[b : 2 * b + 1],
             max_query_len=max_query_len,
             block_size=self.block_size,
             sliding_window=self.config.sliding_window or 0,
             num_splits=splits,
         )
         meta = AttentionMetadata(num_decodes=sum(s.num_new_tokens == 1 for s in scheduled), kernel=kernel)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        return input_ids, torch.tensor(positions, device=dev), meta, sample_rows
+        return StepInputs(longs[:n], longs[n : 2 * n], meta, sample_rows, placeholders)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[list[Request], SampleResult | None]:
-        """Run one step; returns the requests that sampled (in row order) and their samples."""
+    def execute(
+        self, out: SchedulerOutput, pending: PendingTokens | None = None
+    ) -> tuple[list[Request], SampledBatch | None]:
+        """Queue one step; returns the requests that sample (in row order) and their samples, still where the
+        logits are. `pending` holds the step in flight's tokens, which fill this step's placeholder ids."""
         ordered = [s for s in out.scheduled if s.num_new_tokens == 1] + [
             s for s in out.scheduled if s.num_new_tokens > 1
         ]
-        input_ids, positions, meta, sample_rows = self.prepare(ordered)
+        step = self.prepare(ordered)
+        input_ids, positions, meta, sample_rows = step.input_ids, step.positions, step.meta, step.sample_rows
+        if step.placeholders:
+            assert pending is not None, "an output placeholder without a step in flight"
+            dst = to_device([i for i, _ in step.placeholders], torch.long, self.device)
+            src = [pending.rows[r.request_id] for _, r in step.placeholders]
+            input_ids.index_copy_(
+                0, dst, pending.tokens.index_select(0, to_device(src, torch.long, self.device))
+            )
         kernel = meta.kernel
         if self.graphs is not None and kernel is not None and self.graphs.can_run(kernel):
             hidden = self.graphs.run(input_ids, positions, kernel)
@@ -313,10 +358,13 @@ class ModelRunner:
         sampling = [s.request for s in ordered if s.samples]
         if not sampling:
             return [], None
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        rows = to_device(sample_rows, torch.long, self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
-        if self.capture_logits:
-            self.last_logits = {
+        captured = None
+        if self.capture_logits:  # before sampling, which edits float32 logits in place
+            captured = {
                 r.request_id: logits[i].to("cpu", torch.float32, copy=True) for i, r in enumerate(sampling)
             }
-        return sampling, self.sampler(logits, sampling)
+        samples = self.sampler.sample(logits, sampling)
+        samples.logits = captured  # read with the samples (Engine sets last_logits when it reads them)
+        return sampling, samples

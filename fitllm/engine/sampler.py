@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fitllm.engine.request import Logprob, Request
+from fitllm.memory.transfer import to_device
 
 
 @dataclass(slots=True)
@@ -26,12 +27,11 @@ class SampleResult:
 
 def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
     """[len(rows), vocab] occurrence counts of each token id."""
-    counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
-    for i, ids in enumerate(rows):
-        if ids:
-            t = torch.tensor(ids, dtype=torch.long, device=device)
-            counts[i].index_add_(0, t, torch.ones(len(ids), device=device))
-    return counts
+    counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)
+    flat = [i * vocab + t for i, ids in enumerate(rows) for t in ids]
+    if flat:
+        counts.index_add_(0, to_device(flat, torch.long, device), torch.ones(len(flat), device=device))
+    return counts.view(len(rows), vocab)
 
 
 def _penalty_windows(
@@ -67,23 +67,26 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
         return
     vocab, device = logits.shape[-1], logits.device
     reqs = [requests[i] for i in rows]
-    sub = logits[rows]
+    row_index = to_device(rows, torch.long, device)
+    sub = logits.index_select(0, row_index)
     out_counts = _token_counts([r.output_token_ids for r in reqs], vocab, device)
     near, far = _penalty_windows(reqs, vocab, device)
-    rep = torch.tensor([r.params.repetition_penalty for r in reqs], device=device).unsqueeze(1)
-    if (rep != 1.0).any():
-        slope = torch.tensor(
-            [s if 0 < (s := r.params.repetition_penalty_slope) <= 1 else 1.0 for r in reqs], device=device
+    f32 = torch.float32
+    rep = to_device([r.params.repetition_penalty for r in reqs], f32, device).unsqueeze(1)
+    if any(r.params.repetition_penalty != 1.0 for r in reqs):
+        slope = to_device(
+            [s if 0 < (s := r.params.repetition_penalty_slope) <= 1 else 1.0 for r in reqs], f32, device
         ).unsqueeze(1)
         rep_far = torch.where(rep > 1, 1 + (rep - 1) * slope, rep)
         factor = torch.where(near, rep, torch.where(far, rep_far, torch.ones_like(sub)))
         sub = torch.where(sub > 0, sub / factor, sub * factor)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs], device=device).unsqueeze(1)
-    pres = torch.tensor([r.params.presence_penalty for r in reqs], device=device).unsqueeze(1)
-    windowed = torch.tensor([r.params.repetition_penalty_range > 0 for r in reqs], device=device).unsqueeze(1)
+    freq = to_device([r.params.frequency_penalty for r in reqs], f32, device).unsqueeze(1)
+    pres = to_device([r.params.presence_penalty for r in reqs], f32, device).unsqueeze(1)
+    windowed = to_device([r.params.repetition_penalty_range > 0 for r in reqs], torch.bool, device)
+    windowed = windowed.unsqueeze(1)
     present = torch.where(windowed, near | far, out_counts > 0)
     sub = sub - freq * out_counts - pres * present.float()
-    logits[rows] = sub
+    logits.index_copy_(0, row_index, sub)
 
 
 def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos_ids: list[int]) -> None:
@@ -91,19 +94,23 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos
     for i, r in enumerate(requests):
         p = r.params
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            vals = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+            ids = to_device(list(p.logit_bias), torch.long, logits.device)
+            vals = to_device(list(p.logit_bias.values()), logits.dtype, logits.device)
             logits[i].index_add_(0, ids, vals)
-        if p.min_tokens and r.num_output_tokens < p.min_tokens:
+        # An output placeholder (async scheduling: a token sampled but not yet on the host) counts.
+        if p.min_tokens and r.num_output_tokens + r.num_output_placeholders < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_ids))
             if banned:
-                logits[i, banned] = float("-inf")
+                logits[i].index_fill_(0, to_device(banned, torch.long, logits.device), float("-inf"))
 
 
 # Candidate counts tried for truncated sampling: a top-k of a few hundred tokens is ~40x cheaper than
 # sorting the whole vocabulary, and a nucleus rarely needs more. Rows whose cut falls beyond a cap retry
 # with the next; the last entry (None) means the whole vocabulary, so the result is always exact.
+# On a GPU one pass over the sorted vocabulary is cheap and, unlike the retries, needs no host decision on
+# device values (which would make the host wait for the step).
 _CANDIDATE_CAPS = (128, 2048, None)
+_CANDIDATE_CAPS_CUDA = (None,)
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -132,7 +139,7 @@ def sample_truncated(
     full_lse = logits.logsumexp(dim=-1)
     k_eff = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     pending = torch.arange(n, device=device)
-    for cap in _CANDIDATE_CAPS:
+    for cap in _CANDIDATE_CAPS_CUDA if device.type == "cuda" else _CANDIDATE_CAPS:
         c = vocab if cap is None else min(cap, vocab)
         rows = pending
         vals, idx = logits[rows].topk(c, dim=-1)  # sorted, most likely first
@@ -147,8 +154,15 @@ def sample_truncated(
         keep[:, 0] = True  # the most likely token always survives
         # A cut inside the candidates is final unless top-p must be measured on a top-k set that reaches
         # past them (its mass, the normaliser, is then not known yet).
+        if c == vocab:  # every row is decided here: no selection by device values (no host sync)
+            weights = probs
+            if temperature_after is not None:
+                weights = ((vals - vals[:, :1]) / temperature_after[rows].unsqueeze(1)).exp()
+            picked = _inverse_cdf(weights * keep, u[rows])
+            out[rows] = idx.gather(1, picked.unsqueeze(1)).squeeze(1)
+            break
         k_off = k_eff[rows] == vocab
-        done = k_inside | (c == vocab) | (~keep[:, -1] & (k_off | (top_p[rows] >= 1)))
+        done = k_inside | (~keep[:, -1] & (k_off | (top_p[rows] >= 1)))
         if done.any():
             weights = probs[done]
             if temperature_after is not None:
@@ -162,6 +176,62 @@ def sample_truncated(
     return out
 
 
+@dataclass(slots=True)
+class SampledBatch:
+    """One step's samples where the logits were (on a GPU: the device), before the host has them.
+
+    `start_copy` queues the copy to the host right after sampling; `result` waits for that copy only. With
+    async scheduling the next step's kernels are queued in between, and `tokens` (still on the device)
+    feeds that step's input ids, so the host learns a step's tokens while the next one runs."""
+
+    tokens: torch.Tensor  # [rows] int64
+    want_logprobs: list[int | None]
+    # Rows that asked for logprobs (in order), on the device: the sampled token's logprob and rank, and the
+    # top-n alternatives (n = the largest asked for; each row keeps its own n).
+    logprob_rows: list[int]
+    sampled_logprob: torch.Tensor | None = None
+    rank: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    logits: dict[str, torch.Tensor] | None = None  # float32 logits by request id, when the runner keeps them
+    _host: tuple[torch.Tensor | None, ...] | None = None
+    _event: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Queue the device-to-host copy of everything `result` reads (pinned, no sync on a GPU)."""
+        parts = (self.tokens, self.sampled_logprob, self.rank, self.top_values, self.top_ids)
+        if self.tokens.device.type != "cuda":
+            self._host = parts
+            return
+        self._host = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in parts)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def result(self) -> SampleResult:
+        """The samples on the host (waits for the copy, not for work queued after it)."""
+        if self._host is None:
+            self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, lp, rank, top_v, top_i = self._host
+        token_list = tokens.tolist()
+        n = len(token_list)
+        lp_out: list[dict[int, Logprob] | None] = [None] * n
+        sampled_lp: list[float | None] = [None] * n
+        if self.logprob_rows:
+            lps, ranks = lp.tolist(), rank.tolist()
+            vals, ids = top_v.tolist(), top_i.tolist()
+            for j, i in enumerate(self.logprob_rows):
+                tok = token_list[i]
+                entry = {tok: Logprob(lps[j], ranks[j])}
+                k = self.want_logprobs[i]
+                for r, (v, t) in enumerate(zip(vals[j][:k], ids[j][:k]), start=1):
+                    entry.setdefault(t, Logprob(v, r))
+                lp_out[i] = entry
+                sampled_lp[i] = lps[j]
+        return SampleResult(token_list, lp_out, sampled_lp)
+
+
 class Sampler:
     """Turns the logits of sampled rows into next tokens."""
 
@@ -170,44 +240,41 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        return self.sample(logits, requests).result()
+
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
+        """Sample every row where the logits are; nothing here waits for the device."""
         logits = logits.float()
         n = len(requests)
+        device = logits.device
         want_logprobs = [r.params.logprobs for r in requests]
-        raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in want_logprobs) else None
+        logprob_rows = [i for i, k in enumerate(want_logprobs) if k is not None]
+        raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
 
         apply_penalties(logits, requests)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
 
-        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
+        rand = [i for i, r in enumerate(requests) if not r.params.greedy]
         if len(greedy) == n:
             tokens = logits.argmax(dim=-1)
-        elif greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        rand = [i for i, r in enumerate(requests) if not r.params.greedy]
-        if len(rand) == n:  # the common case: no fancy-index copy of the logits
+        elif len(rand) == n:  # the common case: no fancy-index copy of the logits
             tokens = self._sample_random(logits, requests)
-        elif rand:
-            tokens[rand] = self._sample_random(logits[rand], [requests[i] for i in rand])
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=device)
+            g, r = to_device(greedy, torch.long, device), to_device(rand, torch.long, device)
+            tokens[g] = logits.index_select(0, g).argmax(dim=-1)
+            tokens[r] = self._sample_random(logits.index_select(0, r), [requests[i] for i in rand])
 
-        token_list = tokens.tolist()
-        lp_out: list[dict[int, Logprob] | None] = [None] * n
-        sampled_lp: list[float | None] = [None] * n
+        batch = SampledBatch(tokens, want_logprobs, logprob_rows)
         if raw_logprobs is not None:
-            for i, k in enumerate(want_logprobs):
-                if k is None:
-                    continue
-                row = raw_logprobs[i]
-                tok = token_list[i]
-                lp = row[tok].item()
-                entry = {tok: Logprob(lp, int((row > lp).sum().item()) + 1)}
-                if k:
-                    vals, ids = row.topk(k)
-                    for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
-                        entry.setdefault(t, Logprob(v, rank))
-                lp_out[i] = entry
-                sampled_lp[i] = lp
-        return SampleResult(token_list, lp_out, sampled_lp)
+            picked = tokens[to_device(logprob_rows, torch.long, device)].unsqueeze(1)
+            lp = raw_logprobs.gather(1, picked)
+            batch.sampled_logprob = lp.squeeze(1)
+            batch.rank = (raw_logprobs > lp).sum(dim=1) + 1
+            k = max(want_logprobs[i] for i in logprob_rows)
+            batch.top_values, batch.top_ids = raw_logprobs.topk(k, dim=-1)
+        return batch
 
     def _uniforms(self, requests: list[Request]) -> torch.Tensor:
         """One uniform per row; a seeded request draws from its own stream, so its samples do not depend
@@ -223,28 +290,29 @@ class Sampler:
         cuts = [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
         trunc = [i for i, cut in enumerate(cuts) if cut]
         plain = [i for i, cut in enumerate(cuts) if not cut]
-        temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype, device=device)
+        temps = to_device([r.params.temperature for r in requests], logits.dtype, device)
         # Temperature-last rows are cut on the untempered logits; the survivors are tempered after.
         after_list = [
             r.params.temperature if cut and r.params.temperature_last else 1.0
             for r, cut in zip(requests, cuts)
         ]
-        after = torch.tensor(after_list, dtype=logits.dtype, device=device)
+        after = to_device(after_list, logits.dtype, device)
         logits = logits / (temps / after).unsqueeze(1)
-        u = self._uniforms(requests).to(device)
+        u = to_device(self._uniforms(requests), torch.float64, device)
+        if not trunc:  # inverse CDF needs no sort: any fixed token order gives the same distribution
+            return _inverse_cdf(logits.softmax(dim=-1), u.to(logits.dtype))
         out = torch.empty(len(requests), dtype=torch.long, device=device)
         if plain:
-            # Inverse CDF needs no sort: any fixed token order gives the same distribution.
-            probs = logits[plain].softmax(dim=-1)
-            out[plain] = _inverse_cdf(probs, u[plain].to(probs.dtype))
-        if trunc:
-            sub = [requests[i] for i in trunc]
-            out[trunc] = sample_truncated(
-                logits if len(trunc) == len(requests) else logits[trunc],
-                torch.tensor([r.params.top_k for r in sub], dtype=torch.long, device=device),
-                torch.tensor([r.params.top_p for r in sub], dtype=logits.dtype, device=device),
-                torch.tensor([r.params.min_p for r in sub], dtype=logits.dtype, device=device),
-                u[trunc].to(logits.dtype),
-                None if all(a == 1.0 for a in after_list) else after[trunc],
-            )
+            rows = to_device(plain, torch.long, device)
+            out[rows] = _inverse_cdf(logits.index_select(0, rows).softmax(dim=-1), u[rows].to(logits.dtype))
+        sub = [requests[i] for i in trunc]
+        rows = to_device(trunc, torch.long, device)
+        out[rows] = sample_truncated(
+            logits if len(trunc) == len(requests) else logits.index_select(0, rows),
+            to_device([r.params.top_k for r in sub], torch.long, device),
+            to_device([r.params.top_p for r in sub], logits.dtype, device),
+            to_device([r.params.min_p for r in sub], logits.dtype, device),
+            u[rows].to(logits.dtype),
+            None if all(a == 1.0 for a in after_list) else after[rows],
+        )
         return out

@@ -35,7 +35,7 @@ class ScheduledRequest:
     def samples(self) -> bool:
         """Whether this step reaches the request's last token, so a next token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens_with_placeholders
 
 
 @dataclass(slots=True)
@@ -108,7 +108,10 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step to make room
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            total = req.num_tokens_with_placeholders
+            if req.num_output_placeholders and total >= req.max_total_tokens:
+                continue  # its last token is in flight: it finishes when that token is known
+            num_new = min(total - req.num_computed_tokens, budget)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + num_new):
                 # The pool has already given up its cached prefixes: preempt the least important.
                 victim = max(self.running, key=lambda r: r.sort_key)
@@ -135,6 +138,8 @@ class Scheduler:
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Give the head waiting request its blocks (preempting lower-priority running requests if that
         makes room); returns the tokens it computes this step, or None if it must keep waiting."""
+        if req.num_output_placeholders:
+            return None  # preempted with a token in flight: its ids are complete once that step is known
         swapped = self.swapper is not None and self.swapper.holds(req.request_id)
         if swapped:
             hits, num_hit = [], self.swapper.num_swapped_tokens(req.request_id)
@@ -202,8 +207,15 @@ class Scheduler:
         return refund
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache."""
+        """Advance computed-token counts and publish newly full blocks to the prefix cache (the hash needs
+        the ids: a block holding a placeholder is published once its token is known, `cache_known`)."""
         for s in out.scheduled:
             r = s.request
             r.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_computed(r.request_id, r.token_ids, r.num_computed_tokens)
+            self.cache_known(r)
+
+    def cache_known(self, request: Request) -> None:
+        """Publish the request's full, computed blocks whose token ids are all known."""
+        if request.status is RequestStatus.RUNNING:
+            num = min(request.num_computed_tokens, request.num_tokens)
+            self.kv.cache_computed(request.request_id, request.token_ids, num)

@@ -42,9 +42,11 @@ class SlabSplit:
         """The same split with its index tensors on `device` (itself on CPU)."""
         if device.type == "cpu":
             return self
+        from fitllm.memory.transfer import move
+
         return SlabSplit(
             self.size,
-            [(s, None if p is None else p.to(device), local.to(device)) for s, p, local in self.parts],
+            [(s, None if p is None else move(p, device), move(local, device)) for s, p, local in self.parts],
         )
 
 

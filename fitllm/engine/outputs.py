@@ -1,0 +1,54 @@
+"""What a sampled token means for its request: stop checks, and the RequestOutput handed back."""
+
+from __future__ import annotations
+
+from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+
+
+def check_stop(
+    req: Request, token: int, eos_token_ids: list[int], max_model_len: int
+) -> RequestStatus | None:
+    """The request's status after `token` (already appended) if it stops here, else None."""
+    p = req.params
+    stop_str = req.detokenizer.add_token(token, check_stop=req.num_output_tokens >= p.min_tokens)
+    if req.num_output_tokens < p.min_tokens:
+        # min_tokens defers stop conditions, never the context limit.
+        return RequestStatus.FINISHED_LENGTH if req.num_tokens >= max_model_len else None
+    if stop_str is not None:
+        req.stop_reason = stop_str
+        return RequestStatus.FINISHED_STOPPED
+    if not p.ignore_eos and token in eos_token_ids:
+        return RequestStatus.FINISHED_STOPPED
+    if token in p.stop_token_ids:
+        req.stop_reason = token
+        return RequestStatus.FINISHED_STOPPED
+    if req.num_tokens >= req.max_total_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+def make_output(req: Request) -> RequestOutput:
+    """The request's cumulative text and token ids, plus what is new since its last output."""
+    finished = req.status.finished
+    delta_text = req.detokenizer.take_delta(finished)
+    completion = CompletionOutput(
+        index=0,
+        text=req.detokenizer.streamed_text,
+        token_ids=req.output_token_ids,
+        cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
+        # A copy: the request's list keeps growing while a front end reads this output on another thread.
+        logprobs=None if req.logprobs is None else list(req.logprobs),
+        finish_reason=req.finish_reason,
+        stop_reason=req.stop_reason,
+        delta_text=delta_text,
+        delta_token_ids=req.take_new_token_ids(),
+    )
+    return RequestOutput(
+        request_id=req.request_id,
+        prompt=req.prompt,
+        prompt_token_ids=req.prompt_token_ids,
+        outputs=[completion],
+        finished=finished,
+        num_cached_tokens=req.num_cached_tokens,
+        metrics=req.metrics,
+    )
