@@ -13,20 +13,20 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
+from fitllm.engine.kv_setup import build_kv_pool
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.outputs import check_stop, make_output
+from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, PendingTokens, profile_workspace
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.loader import build_model, open_model
-from fitllm.memory.block_pool import BlockPool
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
-from fitllm.memory.host import host_memory, trim_host_heap
+from fitllm.memory.host import trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.memory.ledger import BudgetExceeded, LedgerSnapshot, MemoryLedger
+from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.memory.planner import scratch_elements, workspace_bytes
 from fitllm.memory.streamer import WeightStreamer
 from fitllm.memory.swap import KVSwapper
@@ -53,22 +53,6 @@ class StepStats:
     @property
     def kv_utilization(self) -> float:
         return self.kv_tokens / self.kv_slots
-
-
-@dataclass(slots=True)
-class EngineStatus:
-    """What the engine holds now, for front ends that show it (metrics, the studio's memory panel)."""
-
-    ledger: LedgerSnapshot
-    kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs
-    block_size: int
-    slabs: int
-    slab_bytes: int
-    requests: dict[str, int]  # running / waiting / swapped
-    preemptions: int
-    offloaded_layers: int = 0
-    offloaded_bytes: int = 0  # decoder layers kept off the device (file or pinned host memory)
-    bytes_streamed: int = 0  # copied into staging since start
 
 
 @dataclass(slots=True)
@@ -151,7 +135,9 @@ class Engine:
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
         self._per_block = self.kv_bytes_per_token * self.block_size
-        self.storage, self.pool = self._build_kv_pool()
+        self.storage, self.pool = build_kv_pool(
+            config, mc, self.kv_format, self._per_block, self.max_model_len, self.device, self.ledger
+        )
         self.kv = KVCacheManager(self.pool, self.block_size)
         if auto_len:
             # The longest context one request can have: what the pool can ever hold, in whole slabs,
@@ -239,132 +225,18 @@ class Engine:
                 f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
             ) from exc
 
-    def _build_kv_pool(self) -> tuple[KVSlabStorage, BlockPool]:
-        """The KV slab storage (first slab allocated) and the block pool over it: elastic by default,
-        one up-front slab with --static-kv or --kv-cache-memory."""
-        config, mc, per_block = self.config, self.model_config, self._per_block
-        # Blocks beyond max_num_seqs full contexts could never be used at once.
-        wanted = config.max_num_seqs * cdiv(self.max_model_len, self.block_size)
-        if config.static_kv or config.kv_cache_memory is not None:
-            kv_bytes = config.kv_cache_memory
-            if kv_bytes is None:
-                kv_bytes = min(wanted * per_block, self.ledger.free_bytes())
-            slab_blocks, max_slabs = kv_bytes // per_block, 1
-        else:
-            # A budget tighter than one slab gets a smaller slab rather than a refusal.
-            slab_bytes = min(config.resolve_kv_slab_size(self.device), self.ledger.free_bytes())
-            slab_blocks = min(max(1, slab_bytes // per_block), wanted)
-            max_slabs = cdiv(wanted, slab_blocks)
-        if slab_blocks < 1:
-            raise ValueError(
-                f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
-                f"--memory-budget (see `fitllm plan`)"
-            )
-        storage = KVSlabStorage(
-            mc.num_hidden_layers,
-            mc.num_key_value_heads,
-            self.kv_format,
-            self.block_size,
-            slab_blocks,
-            max_slabs,
-            self.device,
-            self.ledger,
-        )
-        if not storage.add(0):
-            raise ValueError(
-                f"the first KV slab ({format_bytes(storage.slab_bytes)}) does not fit in --memory-budget "
-                f"{format_bytes(self.ledger.budget)} after weights and workspace "
-                f"({format_bytes(self.ledger.total)}); raise the budget, or lower --kv-slab-size or --kv-cache-memory"
-            )
-        pool = BlockPool(
-            slab_blocks,
-            enable_caching=config.enable_prefix_caching,
-            max_slabs=max_slabs,
-            allocator=storage,
-            idle_release_s=config.kv_idle_release_s,
-        )
-        log.info(
-            "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
-            slab_blocks,
-            self.block_size,
-            format_bytes(storage.slab_bytes),
-            max_slabs,
-            "static" if max_slabs == 1 else "elastic",
-        )
-        return storage, pool
-
     def status(self) -> EngineStatus:
-        pool, sched = self.pool, self.scheduler
-        return EngineStatus(
-            ledger=self.ledger.snapshot(),
-            kv_blocks={
-                "used": pool.num_used_blocks,
-                "cached": pool.num_cached_blocks,
-                "free": pool.num_free_blocks,
-            },
-            block_size=self.block_size,
-            slabs=pool.num_slabs,
-            slab_bytes=self.storage.slab_bytes,
-            requests={
-                "running": len(sched.running),
-                "waiting": sched.num_waiting,
-                "swapped": self.swapper.num_swapped_requests,
-            },
-            preemptions=sched.num_preemptions,
-            offloaded_layers=len(self.placement.offloaded),
-            offloaded_bytes=self.placement.offloaded_bytes,
-            bytes_streamed=0 if self.streamer is None else self.streamer.stats.bytes_streamed,
-        )
+        """What the engine holds now (for metrics and the studio's memory panel)."""
+        return engine_status(self)
+
+    def memory_report(self) -> str:
+        """The ledger by tag, the workspace planned vs measured, the pool, and the process's memory."""
+        return memory_report(self)
 
     @property
     def graphs(self) -> DecodeGraphs | None:
         """The captured decode steps the runner replays (None: decode runs eagerly)."""
         return self.runner.graphs
-
-    def memory_report(self) -> str:
-        """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
-        lines = [self.ledger.report()]
-        if self.workspace_measured is not None:
-            lines.append(
-                f"workspace planned {format_bytes(self.workspace_planned)}, measured {format_bytes(self.workspace_measured)}"
-            )
-        lines.append(
-            f"KV: {self.pool.num_slabs} slab(s) of {format_bytes(self.storage.slab_bytes)} ({self.storage.mode}), "
-            f"{self.pool.num_used_blocks} blocks used, {self.pool.num_cached_blocks} cached, "
-            f"{self.pool.num_free_blocks - self.pool.num_cached_blocks} free"
-        )
-        if self.streamer is not None:
-            p, st = self.placement, self.streamer.stats
-            lines.append(
-                f"offload: {len(p.offloaded)} of {p.num_layers} decoder layers streamed "
-                f"({format_bytes(p.offloaded_bytes)} kept off the device, {format_bytes(p.staging_bytes)} staging "
-                f"for prefetch {p.prefetch}); {format_bytes(st.bytes_streamed)} streamed so far"
-            )
-        if self.graphs is not None:
-            lines.append(
-                f"CUDA graphs: {len(self.graphs.sizes)} decode batch sizes up to {self.graphs.sizes[-1]}, "
-                f"pool {format_bytes(self.graphs.pool_bytes)} (in workspace)"
-            )
-        if self.swapper.ledger is not None:
-            sw = self.swapper.ledger
-            lines.append(
-                f"host swap ({self.swapper.mode}): {format_bytes(sw.current('kv_swapped'))} of "
-                f"{format_bytes(sw.budget)} (peak {format_bytes(sw.snapshot().peak_total)}); "
-                f"{self.swapper.num_swap_outs} swapped out, {self.swapper.num_recomputes} recomputed"
-            )
-        if self.device.type == "cuda":
-            lines.append(
-                f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(self.device))}"
-            )
-        else:
-            host = host_memory()
-            if host is not None:
-                lines.append(
-                    f"process RSS: {format_bytes(host.rss)} ({format_bytes(host.anon)} anonymous: the ledger's "
-                    f"bytes plus the Python and torch runtime and the tokenizer; {format_bytes(host.file)} "
-                    f"mapped files: libraries)"
-                )
-        return "\n".join(lines)
 
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(

@@ -1,0 +1,79 @@
+"""Sizing the KV pool at start: slab size and count from the budget left after weights and workspace."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fitllm.config import EngineConfig, ModelConfig, cdiv
+from fitllm.memory.block_pool import BlockPool
+from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.ledger import MemoryLedger
+from fitllm.quant.kv import KVCacheFormat
+from fitllm.units import format_bytes
+
+log = logging.getLogger("fitllm")
+
+
+def build_kv_pool(
+    config: EngineConfig,
+    mc: ModelConfig,
+    kv_format: KVCacheFormat,
+    per_block: int,
+    max_model_len: int,
+    device: torch.device,
+    ledger: MemoryLedger,
+) -> tuple[KVSlabStorage, BlockPool]:
+    """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
+    default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
+    block_size = config.block_size
+    # Blocks beyond max_num_seqs full contexts could never be used at once.
+    wanted = config.max_num_seqs * cdiv(max_model_len, block_size)
+    if config.static_kv or config.kv_cache_memory is not None:
+        kv_bytes = config.kv_cache_memory
+        if kv_bytes is None:
+            kv_bytes = min(wanted * per_block, ledger.free_bytes())
+        slab_blocks, max_slabs = kv_bytes // per_block, 1
+    else:
+        # A budget tighter than one slab gets a smaller slab rather than a refusal.
+        slab_bytes = min(config.resolve_kv_slab_size(device), ledger.free_bytes())
+        slab_blocks = min(max(1, slab_bytes // per_block), wanted)
+        max_slabs = cdiv(wanted, slab_blocks)
+    if slab_blocks < 1:
+        raise ValueError(
+            f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
+            f"--memory-budget (see `fitllm plan`)"
+        )
+    storage = KVSlabStorage(
+        mc.num_hidden_layers,
+        mc.num_key_value_heads,
+        kv_format,
+        block_size,
+        slab_blocks,
+        max_slabs,
+        device,
+        ledger,
+    )
+    if not storage.add(0):
+        raise ValueError(
+            f"the first KV slab ({format_bytes(storage.slab_bytes)}) does not fit in --memory-budget "
+            f"{format_bytes(ledger.budget)} after weights and workspace "
+            f"({format_bytes(ledger.total)}); raise the budget, or lower --kv-slab-size or --kv-cache-memory"
+        )
+    pool = BlockPool(
+        slab_blocks,
+        enable_caching=config.enable_prefix_caching,
+        max_slabs=max_slabs,
+        allocator=storage,
+        idle_release_s=config.kv_idle_release_s,
+    )
+    log.info(
+        "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
+        slab_blocks,
+        block_size,
+        format_bytes(storage.slab_bytes),
+        max_slabs,
+        "static" if max_slabs == 1 else "elastic",
+    )
+    return storage, pool

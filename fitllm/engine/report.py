@@ -1,0 +1,102 @@
+"""What an engine holds, for front ends (EngineStatus) and for people (memory_report)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fitllm.memory.host import host_memory
+from fitllm.memory.ledger import LedgerSnapshot
+from fitllm.units import format_bytes
+
+if TYPE_CHECKING:
+    from fitllm.engine.engine import Engine
+
+
+@dataclass(slots=True)
+class EngineStatus:
+    """What the engine holds now, for front ends that show it (metrics, the studio's memory panel)."""
+
+    ledger: LedgerSnapshot
+    kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs
+    block_size: int
+    slabs: int
+    slab_bytes: int
+    requests: dict[str, int]  # running / waiting / swapped
+    preemptions: int
+    offloaded_layers: int = 0
+    offloaded_bytes: int = 0  # decoder layers kept off the device (file or pinned host memory)
+    bytes_streamed: int = 0  # copied into staging since start
+
+
+def engine_status(engine: Engine) -> EngineStatus:
+    """What the engine holds now, by pool, queue and offload."""
+    pool, sched = engine.pool, engine.scheduler
+    return EngineStatus(
+        ledger=engine.ledger.snapshot(),
+        kv_blocks={
+            "used": pool.num_used_blocks,
+            "cached": pool.num_cached_blocks,
+            "free": pool.num_free_blocks,
+        },
+        block_size=engine.block_size,
+        slabs=pool.num_slabs,
+        slab_bytes=engine.storage.slab_bytes,
+        requests={
+            "running": len(sched.running),
+            "waiting": sched.num_waiting,
+            "swapped": engine.swapper.num_swapped_requests,
+        },
+        preemptions=sched.num_preemptions,
+        offloaded_layers=len(engine.placement.offloaded),
+        offloaded_bytes=engine.placement.offloaded_bytes,
+        bytes_streamed=0 if engine.streamer is None else engine.streamer.stats.bytes_streamed,
+    )
+
+
+def memory_report(engine: Engine) -> str:
+    """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
+    lines = [engine.ledger.report()]
+    if engine.workspace_measured is not None:
+        lines.append(
+            f"workspace planned {format_bytes(engine.workspace_planned)}, measured {format_bytes(engine.workspace_measured)}"
+        )
+    lines.append(
+        f"KV: {engine.pool.num_slabs} slab(s) of {format_bytes(engine.storage.slab_bytes)} ({engine.storage.mode}), "
+        f"{engine.pool.num_used_blocks} blocks used, {engine.pool.num_cached_blocks} cached, "
+        f"{engine.pool.num_free_blocks - engine.pool.num_cached_blocks} free"
+    )
+    if engine.streamer is not None:
+        p, st = engine.placement, engine.streamer.stats
+        lines.append(
+            f"offload: {len(p.offloaded)} of {p.num_layers} decoder layers streamed "
+            f"({format_bytes(p.offloaded_bytes)} kept off the device, {format_bytes(p.staging_bytes)} staging "
+            f"for prefetch {p.prefetch}); {format_bytes(st.bytes_streamed)} streamed so far"
+        )
+    if engine.graphs is not None:
+        lines.append(
+            f"CUDA graphs: {len(engine.graphs.sizes)} decode batch sizes up to {engine.graphs.sizes[-1]}, "
+            f"pool {format_bytes(engine.graphs.pool_bytes)} (in workspace)"
+        )
+    if engine.swapper.ledger is not None:
+        sw = engine.swapper.ledger
+        lines.append(
+            f"host swap ({engine.swapper.mode}): {format_bytes(sw.current('kv_swapped'))} of "
+            f"{format_bytes(sw.budget)} (peak {format_bytes(sw.snapshot().peak_total)}); "
+            f"{engine.swapper.num_swap_outs} swapped out, {engine.swapper.num_recomputes} recomputed"
+        )
+    if engine.device.type == "cuda":
+        lines.append(
+            f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(engine.device))}"
+        )
+    else:
+        host = host_memory()
+        if host is not None:
+            lines.append(
+                f"process RSS: {format_bytes(host.rss)} ({format_bytes(host.anon)} anonymous: the ledger's "
+                f"bytes plus the Python and torch runtime and the tokenizer; {format_bytes(host.file)} "
+                f"mapped files: libraries)"
+            )
+    return "\n".join(lines)
