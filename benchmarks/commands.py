@@ -28,7 +28,7 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
     (
         "offload",
         "benchmarks.offload",
-        "decode tokens/s as the offloaded share of layers goes 0 -> 100%, against the prediction",
+        "decode tokens/s as the offloaded share of layers goes 0 -> 100%%, against the prediction",
         True,
     ),
     (

@@ -51,7 +51,7 @@ def decoding_engine(cfg, text: Path, batch: int, prompt_tokens: int, decode_step
 
 
 def _engine(args: argparse.Namespace, static: bool):
-    from fitllm.cli import engine_config_from_args
+    from fitllm.args import engine_config_from_args
 
     cfg = dataclasses.replace(engine_config_from_args(args), static_kv=static)
     return decoding_engine(cfg, args.text, args.batch, args.prompt_tokens, args.rounds * (args.steps + 2))

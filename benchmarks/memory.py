@@ -104,7 +104,7 @@ def _timing_pass(engines: dict, requests: list[PreparedRequest], concurrency: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from fitllm.cli import engine_config_from_args
+    from fitllm.args import engine_config_from_args
     from fitllm.engine.engine import Engine
 
     base = engine_config_from_args(args)

@@ -50,7 +50,7 @@ def _layers_bytes(cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fitllm.cli import engine_config_from_args
+    from fitllm.args import engine_config_from_args
     from fitllm.memory.bandwidth import measure_offload_estimate
     from fitllm.memory.offload import predicted_tokens_per_s
 

@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, name: str):
-    from fitllm.cli import engine_config_from_args
+    from fitllm.args import engine_config_from_args
 
     method, _, kv = name.partition("+kv-")
     return dataclasses.replace(

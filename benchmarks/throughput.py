@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from benchmarks.hf_baseline import load_hf_model, pad_token_id, run_transformers
-    from fitllm.cli import engine_config_from_args
+    from fitllm.args import engine_config_from_args
     from fitllm.engine.engine import Engine
 
     # Piped output (tee, CI logs) keeps the whole table on one screen width rather than 80 columns.
