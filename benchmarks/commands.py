@@ -20,6 +20,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         True,
     ),
     (
+        "int8-linear",
+        "benchmarks.int8_linear",
+        "one int8 linear vs bfloat16 by rows per call: aten kernel, bf16 scratch, int8 activations",
+        False,
+    ),
+    (
         "load",
         "benchmarks.load_peak",
         "host memory peak of loading with each quantization vs the bound",

@@ -568,3 +568,31 @@ def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tm
         )
         assert data["int8"][batch]["weight_bytes"] < data["none"][batch]["weight_bytes"]
         assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]
+
+
+def test_bench_int8_linear_paths_compute_the_same_product(tmp_path):
+    """Every path the int8-linear bench times computes x @ dequantized(w).T (to bfloat16 rounding), and the
+    bench reports each path's ratio to bfloat16 per row count."""
+    from benchmarks.int8_linear import PATHS, _paths
+
+    gen = torch.Generator().manual_seed(3)
+    for rows in (1, 5, 40):
+        fns = _paths(96, 64, rows, gen)
+        want = fns["bf16"]().float()
+        norm = want.abs().max()
+        for path in PATHS[1:]:
+            got = fns[path]().float()
+            # int8 weights: per-channel rounding of w (<= 1/254 of a row's max) shows in the product.
+            assert (got - want).abs().max() / norm < 0.03, path
+        exact = fns["aten-int8"]().float()
+        for path in ("scratch", "int8-act", "fitllm"):
+            assert (fns[path]().float() - exact).abs().max() / norm < 0.01, path
+    out = tmp_path / "int8.json"
+    argv = ["bench", "int8-linear", "--shapes", "64x32", "--rows", "1,3", "--rounds", "1", "--calls", "2"]
+    assert cli_main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data["rows"]) == {"1", "3"}
+    assert all(
+        r["ratio_to_bf16"]["bf16"] == 1.0 and r["ratio_to_bf16"]["aten-int8"] > 0
+        for r in data["rows"].values()
+    )
