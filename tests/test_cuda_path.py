@@ -60,14 +60,31 @@ def test_gpu_graph_pool_is_in_the_workspace(llama):
     assert "CUDA graphs" in graphs.memory_report()
 
 
-def test_gpu_steps_queue_without_host_syncs(llama):
+def _mixed_params() -> list[SamplingParams]:
+    """Greedy and seeded rows with logprobs, top-k/top-p/min-p, logit bias and min_tokens."""
+    return [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=1, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.7, min_p=0.05, seed=2, max_tokens=25, logit_bias={9: 2.0}, min_tokens=5),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=18, ignore_eos=True, logprobs=0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "backend,eager", [("auto", False), ("auto", True), ("torch", False)], ids=["graphs", "eager", "torch"]
+)
+def test_gpu_steps_queue_without_host_syncs(llama, backend, eager):
     """With async scheduling, preparing, running and sampling a step must not wait for the device (which
-    would wait for the step in flight): any synchronising call inside execute raises in this mode."""
-    ref, _ = _greedy(llama, dtype="float32", attention_backend="torch")
-    engine = Engine(
-        EngineConfig(model=str(llama), device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256)
+    would wait for the step in flight): any synchronising call inside execute raises in this mode. Half the
+    requests arrive after the warm-up, so mixed prefill + decode steps run guarded too."""
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256, attention_backend=backend)
+    kw["enforce_eager"] = eager
+    params = _mixed_params()
+    ref = run_all(
+        Engine(EngineConfig(model=str(llama), async_scheduling="off", **kw)), PROMPTS, params=params
     )
-    assert engine.async_scheduling and engine.graphs is not None  # auto on CUDA
+    engine = Engine(EngineConfig(model=str(llama), **kw))
+    assert engine.async_scheduling  # auto on CUDA
     execute, calls = engine.runner.execute, []
 
     def guarded(sched, pending=None):
@@ -81,6 +98,11 @@ def test_gpu_steps_queue_without_host_syncs(llama):
             torch.cuda.set_sync_debug_mode("default")
 
     engine.runner.execute = guarded
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
-    assert run_all(engine, PROMPTS, params=params) == ref
+    rids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS[:2], params[:2], strict=True)]
+    done = {}
+    while engine.has_unfinished_requests():
+        if len(calls) >= 6 and len(rids) == 2:  # the other two arrive mid-run
+            rids += [engine.add_request(p, sp) for p, sp in zip(PROMPTS[2:], params[2:], strict=True)]
+        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    assert [done[r] for r in rids] == ref
     assert len(calls) > 30

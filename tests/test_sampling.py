@@ -664,3 +664,28 @@ def test_temperature_last_cuts_the_untempered_distribution():
         _draws(logits2[0], SamplingParams(temperature=50.0, top_k=2, temperature_last=True), n=600)
     )
     assert set(draws) == {0, 1} and 0.4 < draws[1] / 600 < 0.6
+
+
+@pytest.mark.parametrize("tempered_after", [False, True])
+def test_cuda_single_pass_in_row_chunks_equals_the_candidate_retries(tempered_after):
+    """CUDA cuts top-k/top-p/min-p in one pass over the sorted vocabulary (no host decisions on device
+    values), in row chunks; it samples exactly what the CPU's candidate retries sample (no ties here), and
+    its working set stays within the 12 bytes per row and vocabulary entry planned for sampling."""
+    from fitllm.memory.profile import measure_peak_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    n, vocab = 40, 3000
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    top_k = torch.randint(0, 60, (n,), generator=gen)
+    top_k[::4] = 0  # some rows without top-k, so top-p reaches past the first candidates
+    top_p = torch.rand(n, generator=gen) * 0.6 + 0.4
+    min_p = torch.rand(n, generator=gen) * 0.05
+    u = torch.rand(n, generator=gen)
+    after = torch.rand(n, generator=gen) + 0.5 if tempered_after else None
+    retries = sample_truncated(logits, top_k, top_p, min_p, u, after)
+    single = sample_truncated(logits, top_k, top_p, min_p, u, after, caps=(None,))
+    assert torch.equal(retries, single)
+    peak = measure_peak_bytes(
+        lambda: sample_truncated(logits, top_k, top_p, min_p, u, after, caps=(None,)), torch.device("cpu")
+    )
+    assert peak <= n * vocab * 12

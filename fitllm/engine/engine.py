@@ -370,39 +370,38 @@ class Engine:
         this step was scheduled with the previous step's tokens as placeholders, which the device fills."""
         self.release_idle_memory()
         outputs, self._finished_outputs = self._finished_outputs, []
-        prev, self._in_flight = self._in_flight, None
+        if self._in_flight is not None and self._needs_known_tokens():
+            outputs += self._resolve(self._take_in_flight())
         sched = self.scheduler.schedule()
-        if prev is not None and self._needs_known_tokens(sched):
-            outputs += self._resolve(prev)
-            prev = None
-            # Requests that stopped with that step's token must not run this one (their blocks are gone).
-            sched.scheduled = [s for s in sched.scheduled if not s.request.status.finished]
         if not sched.scheduled:
-            if prev is not None:
-                return outputs + self._resolve(prev)
+            if self._in_flight is not None:
+                return outputs + self._resolve(self._take_in_flight())
             if self.scheduler.has_unfinished() and not sched.preempted:
                 # Nothing fits and nothing runs: the head request can never be served.
                 raise RuntimeError(
                     "scheduler made no progress; the KV pool is too small for the waiting request"
                 )
             return outputs
-        step = self._launch(sched, prev)
-        if prev is not None:
-            outputs += self._resolve(prev)
+        # If queueing raises, the step in flight stays in flight (its tokens are still to be read).
+        step = self._launch(sched, self._in_flight)
+        if self._in_flight is not None:
+            outputs += self._resolve(self._take_in_flight())
         if self.async_scheduling:
             self._in_flight = step
         else:
             outputs += self._resolve(step)
         return outputs
 
-    @staticmethod
-    def _needs_known_tokens(sched: SchedulerOutput) -> bool:
-        """Whether a request sampling this step has a token in flight that its sampling reads (penalties
-        count previous tokens): then the step in flight is read first, and this one does not overlap it."""
-        return any(
-            s.request.num_output_placeholders and s.samples and s.request.params.uses_token_history
-            for s in sched.scheduled
-        )
+    def _take_in_flight(self) -> InFlightStep:
+        step, self._in_flight = self._in_flight, None
+        assert step is not None
+        return step
+
+    def _needs_known_tokens(self) -> bool:
+        """Whether a running request with a token in flight samples with penalties, which count previous
+        tokens: then the step in flight is read before scheduling, and the next step does not overlap it
+        (reading it first also lets requests that stopped there give up their seats and blocks)."""
+        return any(r.num_output_placeholders and r.params.uses_token_history for r in self.scheduler.running)
 
     def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
@@ -427,7 +426,11 @@ class Engine:
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Read a launched step's samples (waiting for them if need be): placeholders become tokens, then
         logprobs, stop checks and outputs. A request that stopped, or was aborted, meanwhile drops its token."""
-        result = step.samples.result() if step.samples is not None else None
+        try:
+            result = step.samples.result() if step.samples is not None else None
+        except BaseException:
+            self._drop_samples(step)
+            raise
         step.stats.seconds = time.perf_counter() - step.start
         self.swapper.costs.observe_step(step.stats.num_tokens, step.stats.seconds)
         self.last_step = step.stats
@@ -454,6 +457,14 @@ class Engine:
                 self._finish(req, status)
             outputs.append(make_output(req))
         return outputs
+
+    def _drop_samples(self, step: InFlightStep) -> None:
+        """A step whose samples cannot be read: its requests lose the placeholder, and the running ones
+        recompute their last position next step (whose K/V is rewritten, identically) to sample again."""
+        for req in step.sampled:
+            req.num_output_placeholders -= 1
+            if req.status is RequestStatus.RUNNING:
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status

@@ -220,8 +220,9 @@ class Request:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
-        # Async scheduling: tokens sampled by the step in flight, not yet on the host (0 or 1). The next
-        # step is scheduled as if they were there; its input id comes from the device (ModelRunner).
+        # Async scheduling: tokens sampled by launched steps, not yet on the host (one per such step: at
+        # most 2, between queueing step N+1 and reading step N). Steps are scheduled as if they were there;
+        # the input id comes from the device (ModelRunner).
         self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         # A seeded request owns its random stream, so its samples do not depend on its batch neighbours.

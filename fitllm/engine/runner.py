@@ -12,7 +12,7 @@ from torch import nn
 from fitllm.config import ModelConfig
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer, capture_sizes
 from fitllm.engine.request import Request
-from fitllm.engine.sampler import SampledBatch, Sampler
+from fitllm.engine.sampler import SampledBatch, Sampler, sample_truncated
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
@@ -143,8 +143,12 @@ def profile_workspace(
         def step() -> None:
             hidden = model(ids, positions, meta)
             logits = model.compute_logits(hidden[:num_rows]).float()
-            # The sampler's largest working set: probabilities and their running sum per row.
+            # The sampler's largest working sets: probabilities and their running sum per row, and a
+            # top-p cut as this device makes it (on CUDA one pass over the sorted vocabulary).
             logits.softmax(dim=-1).cumsum(dim=-1)
+            keep_all = torch.zeros(num_rows, dtype=torch.long, device=device)
+            p = torch.full((num_rows,), 0.9, device=device)
+            sample_truncated(logits, keep_all, p, p * 0, torch.rand(num_rows, device=device))
 
         return measure_peak_bytes(step, device)
 

@@ -108,9 +108,12 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos
 # sorting the whole vocabulary, and a nucleus rarely needs more. Rows whose cut falls beyond a cap retry
 # with the next; the last entry (None) means the whole vocabulary, so the result is always exact.
 # On a GPU one pass over the sorted vocabulary is cheap and, unlike the retries, needs no host decision on
-# device values (which would make the host wait for the step).
+# device values (which would make the host wait for the step). Its working set is about 37 bytes per
+# vocabulary entry (sorted values and ids, probabilities, running sums, masks), so rows go through it in
+# chunks that keep it within the 12 bytes per entry and row that the planner gives sampling.
 _CANDIDATE_CAPS = (128, 2048, None)
 _CANDIDATE_CAPS_CUDA = (None,)
+_SINGLE_PASS_BYTES, _PLANNED_BYTES = 37, 12
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -127,19 +130,48 @@ def sample_truncated(
     min_p: torch.Tensor,
     u: torch.Tensor,
     temperature_after: torch.Tensor | None = None,
+    caps: tuple[int | None, ...] | None = None,
 ) -> torch.Tensor:
     """Sample each row from its top-k, then top-p nucleus (renormalised after top-k), then min-p survivors.
 
     top_k: 0 = off; top_p: 1 = off; min_p: 0 = off; u: one uniform in [0, 1) per row; temperature_after:
     per row, a temperature applied to the survivors only after the cut (KoboldCpp's default order), 1 = none.
+    caps: candidate counts to try (default: retries on CPU, one whole-vocabulary pass on CUDA).
     """
+    n, vocab = logits.shape
+    device = logits.device
+    if caps is None:
+        caps = _CANDIDATE_CAPS_CUDA if device.type == "cuda" else _CANDIDATE_CAPS
+    chunk = max(1, n * _PLANNED_BYTES // _SINGLE_PASS_BYTES)
+    if caps == (None,) and chunk < n:
+        out = torch.empty(n, dtype=torch.long, device=device)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            after = None if temperature_after is None else temperature_after[rows]
+            out[rows] = _sample_truncated(
+                logits[rows], top_k[rows], top_p[rows], min_p[rows], u[rows], after, caps
+            )
+        return out
+    return _sample_truncated(logits, top_k, top_p, min_p, u, temperature_after, caps)
+
+
+def _sample_truncated(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    u: torch.Tensor,
+    temperature_after: torch.Tensor | None,
+    caps: tuple[int | None, ...],
+) -> torch.Tensor:
+    """sample_truncated over all of its rows at once, trying the candidate counts in `caps` in turn."""
     n, vocab = logits.shape
     device = logits.device
     out = torch.empty(n, dtype=torch.long, device=device)
     full_lse = logits.logsumexp(dim=-1)
     k_eff = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
     pending = torch.arange(n, device=device)
-    for cap in _CANDIDATE_CAPS_CUDA if device.type == "cuda" else _CANDIDATE_CAPS:
+    for cap in caps:
         c = vocab if cap is None else min(cap, vocab)
         rows = pending
         vals, idx = logits[rows].topk(c, dim=-1)  # sorted, most likely first
@@ -249,7 +281,10 @@ class Sampler:
         device = logits.device
         want_logprobs = [r.params.logprobs for r in requests]
         logprob_rows = [i for i, k in enumerate(want_logprobs) if k is not None]
-        raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None
+        raw_logprobs = lp_index = None
+        if logprob_rows:  # a device index: a list index would copy (and sync) from pageable memory
+            lp_index = to_device(logprob_rows, torch.long, device)
+            raw_logprobs = logits.index_select(0, lp_index).log_softmax(dim=-1)
 
         apply_penalties(logits, requests)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
@@ -268,7 +303,7 @@ class Sampler:
 
         batch = SampledBatch(tokens, want_logprobs, logprob_rows)
         if raw_logprobs is not None:
-            picked = tokens[to_device(logprob_rows, torch.long, device)].unsqueeze(1)
+            picked = tokens.index_select(0, lp_index).unsqueeze(1)
             lp = raw_logprobs.gather(1, picked)
             batch.sampled_logprob = lp.squeeze(1)
             batch.rank = (raw_logprobs > lp).sum(dim=1) + 1
