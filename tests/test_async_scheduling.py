@@ -298,3 +298,18 @@ def test_a_step_that_fails_to_queue_leaves_the_step_in_flight(tiny):
         engine.check_integrity()
     assert failures == 1
     assert summary({i: done[r] for i, r in enumerate(rids)}) == want
+
+
+def test_step_time_excludes_the_host_work_queued_after_it(tiny, monkeypatch):
+    """The preemption cost model learns prefill speed from each step's time. With a step in flight, reading
+    it happens after the next one is queued; its time must stop when it was queued (CPU), not when read."""
+    import fitllm.engine.step_state as step_state
+
+    clock = iter(range(0, 10_000, 5))  # every reading of the clock advances it by 5 "seconds"
+    monkeypatch.setattr(step_state, "perf_counter", lambda: float(next(clock)))
+    engine = make_engine(tiny, "on")
+    seen = []
+    prompt = [[3, 4, 5, 6]]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    run(engine, prompt, params, on_step=lambda e: seen.append(e.last_step and e.last_step.seconds))
+    assert seen[0] is None and seen[1:] == [5.0] * 4  # one tick: queued, never the reads after

@@ -6,7 +6,6 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -18,9 +17,10 @@ from fitllm.engine.offloading import engine_placement, layer_layout, start_strea
 from fitllm.engine.outputs import check_stop, make_output
 from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
-from fitllm.engine.runner import ModelRunner, PendingTokens, profile_workspace
-from fitllm.engine.sampler import SampledBatch, Sampler
+from fitllm.engine.runner import ModelRunner, profile_workspace
+from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
+from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
@@ -36,40 +36,6 @@ from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
-
-
-@dataclass(slots=True)
-class StepStats:
-    """One step, seen right after the model ran (before finished requests give their blocks back)."""
-
-    num_tokens: int  # tokens computed
-    num_running: int
-    num_waiting: int
-    num_preempted: int
-    kv_tokens: int  # tokens whose K/V running requests hold
-    kv_slots: int  # token slots of the live KV slabs
-    seconds: float  # from queueing the model until its samples were on the host
-
-    @property
-    def kv_utilization(self) -> float:
-        return self.kv_tokens / self.kv_slots
-
-
-@dataclass(slots=True)
-class InFlightStep:
-    """A launched step: its kernels and sampling are queued; the host has not read its samples yet."""
-
-    sched: SchedulerOutput
-    sampled: list[Request]  # the requests that sample, in row order
-    samples: SampledBatch | None
-    stats: StepStats
-    start: float  # time.perf_counter() at launch
-
-    def pending_tokens(self) -> PendingTokens | None:
-        """Its sampled tokens, still on the device, for the next step's placeholder ids."""
-        if self.samples is None:
-            return None
-        return PendingTokens(self.samples.tokens, {r.request_id: i for i, r in enumerate(self.sampled)})
 
 
 class Engine:
@@ -405,8 +371,9 @@ class Engine:
 
     def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
-        start = time.perf_counter()
+        timer = StepTimer(self.device)
         sampled, samples = self.runner.execute(sched, None if prev is None else prev.pending_tokens())
+        timer.stop()
         if samples is not None:
             samples.start_copy()
         self.scheduler.update_after_step(sched)
@@ -421,7 +388,7 @@ class Engine:
             kv_slots=self.pool.num_blocks * self.block_size,
             seconds=0.0,
         )
-        return InFlightStep(sched, sampled, samples, stats, start)
+        return InFlightStep(sched, sampled, samples, stats, timer)
 
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Read a launched step's samples (waiting for them if need be): placeholders become tokens, then
@@ -431,7 +398,7 @@ class Engine:
         except BaseException:
             self._drop_samples(step)
             raise
-        step.stats.seconds = time.perf_counter() - step.start
+        step.stats.seconds = step.timer.seconds()
         self.swapper.costs.observe_step(step.stats.num_tokens, step.stats.seconds)
         self.last_step = step.stats
         if result is None:
