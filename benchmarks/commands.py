@@ -44,6 +44,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "fullsize",
+        "benchmarks.fullsize",
+        "a published config.json in random weights: planned vs measured memory under a budget",
+        False,
+    ),
+    (
         "serve",
         "benchmarks.serve_load",
         "load test: every trace request as a concurrent streaming client",

@@ -118,3 +118,51 @@ def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
     room = 24 * GiB - int8.fixed_bytes
     assert int8.kv_capacity_tokens == room // (800 * 1024 * 16) * 16
     assert 14_000 < int8.kv_capacity_tokens < 15_000 and int8.kv_capacity_tokens // 2048 == 7
+
+
+@pytest.mark.parametrize(
+    "fixture,shrink",
+    [
+        ("fairseq-dense-13B-Janeway", dict(d_model=64, num_layers=2, attention_heads=4, ffn_dim=128)),
+        (
+            "codegeex4-all-9b",
+            dict(hidden_size=64, num_layers=2, num_attention_heads=4, kv_channels=16, ffn_hidden_size=96,
+                 padded_vocab_size=1024, eos_token_id=[1000], pad_token_id=1000),
+        ),
+    ],
+    ids=["xglm", "chatglm"],
+)  # fmt: skip
+def test_bench_fullsize_builds_plans_and_measures_the_published_config(tmp_path, fixture, shrink):
+    """`fitllm bench fullsize` (issue 7's GPU measurement) on the published config with its sizes shrunk, on
+    CPU: it saves the random checkpoint in the family's layout, plans it, loads it with int8 weights and
+    reports the ledger beside the plan; the weights it holds are the planned bytes."""
+    config = json.loads((FIXTURES / fixture / "config.json").read_text())
+    config.update(shrink)
+    folder = tmp_path / fixture
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "fullsize.json"
+    argv = [
+        "bench",
+        "fullsize",
+        "--config",
+        str(folder / "config.json"),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
+    argv += [
+        "--dtype",
+        "float32",
+        "--memory-budget",
+        "2GiB",
+        "--max-model-len",
+        "256",
+        "--prompt-tokens",
+        "40",
+    ]
+    assert cli_main([*argv, "--decode-tokens", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == fixture and result["tokens"] == 43 and result["planned"]["fits"]
+    assert result["ledger"]["peak_by_tag"]["weights"] == result["planned"]["weights"]
+    assert result["ledger"]["peak_by_tag"]["kv"] >= result["planned"]["kv_for_this_request"]
+    assert result["ledger"]["peak_total"] <= result["budget"]

@@ -669,9 +669,7 @@ def test_temperature_last_cuts_the_untempered_distribution():
 @pytest.mark.parametrize("tempered_after", [False, True])
 def test_cuda_single_pass_in_row_chunks_equals_the_candidate_retries(tempered_after):
     """CUDA cuts top-k/top-p/min-p in one pass over the sorted vocabulary (no host decisions on device
-    values), in row chunks; it samples exactly what the CPU's candidate retries sample (no ties here), and
-    its working set stays within the 12 bytes per row and vocabulary entry planned for sampling."""
-    from fitllm.memory.profile import measure_peak_bytes
+    values), in row chunks; it samples exactly what the CPU's candidate retries sample (no ties here)."""
 
     gen = torch.Generator().manual_seed(0)
     n, vocab = 40, 3000
@@ -685,7 +683,23 @@ def test_cuda_single_pass_in_row_chunks_equals_the_candidate_retries(tempered_af
     retries = sample_truncated(logits, top_k, top_p, min_p, u, after)
     single = sample_truncated(logits, top_k, top_p, min_p, u, after, caps=(None,))
     assert torch.equal(retries, single)
-    peak = measure_peak_bytes(
-        lambda: sample_truncated(logits, top_k, top_p, min_p, u, after, caps=(None,)), torch.device("cpu")
-    )
-    assert peak <= n * vocab * 12
+
+
+@pytest.mark.parametrize("caps", [None, (None,)], ids=["cpu-retries", "cuda-single-pass"])
+def test_nucleus_over_a_flat_distribution_stays_in_the_planned_sampling_workspace(caps, monkeypatch):
+    """A nucleus that needs the whole vocabulary (a flat distribution) goes through the whole-vocabulary pass
+    in row chunks: the sampler's peak stays within the 12 bytes per row and entry planned for sampling (the
+    float logits are there before it, so 8 more), plus the small capped retries."""
+    import fitllm.engine.sampler as sampler_module
+    from fitllm.memory.profile import measure_peak_bytes
+
+    if caps is not None:
+        monkeypatch.setattr(sampler_module, "_CANDIDATE_CAPS", caps)
+    n, vocab = 32, 20000
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1)) * 0.05
+    reqs = [Request(f"r{i}", None, [1], SamplingParams(temperature=0.8, top_p=0.9, seed=i)) for i in range(n)]
+    sampler = Sampler([EOS])
+    peak = measure_peak_bytes(lambda: sampler.sample(logits, reqs), torch.device("cpu"))
+    assert peak <= n * vocab * 8 + n * 2048 * 40
+    tokens = sampler.sample(logits, reqs).tokens
+    assert len(set(tokens.tolist())) > n // 2  # flat: the samples spread over the vocabulary

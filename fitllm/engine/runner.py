@@ -11,8 +11,8 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer, capture_sizes
-from fitllm.engine.request import Request
-from fitllm.engine.sampler import SampledBatch, Sampler, sample_truncated
+from fitllm.engine.request import Request, SamplingParams
+from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
@@ -138,6 +138,7 @@ def profile_workspace(
 
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.arange(num_tokens, device=device)
+    probe = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=1)  # tempered, then a nucleus cut
     with scratch_prefill(model, config, device, 16, num_tokens, kv_format, backend) as meta:
 
         def step() -> None:
@@ -146,9 +147,7 @@ def profile_workspace(
             # The sampler's largest working sets: probabilities and their running sum per row, and a
             # top-p cut as this device makes it (on CUDA one pass over the sorted vocabulary).
             logits.softmax(dim=-1).cumsum(dim=-1)
-            keep_all = torch.zeros(num_rows, dtype=torch.long, device=device)
-            p = torch.full((num_rows,), 0.9, device=device)
-            sample_truncated(logits, keep_all, p, p * 0, torch.rand(num_rows, device=device))
+            Sampler([]).sample(logits, [Request(f"profile-{i}", None, [0], probe) for i in range(num_rows)])
 
         return measure_peak_bytes(step, device)
 

@@ -108,12 +108,13 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos
 # sorting the whole vocabulary, and a nucleus rarely needs more. Rows whose cut falls beyond a cap retry
 # with the next; the last entry (None) means the whole vocabulary, so the result is always exact.
 # On a GPU one pass over the sorted vocabulary is cheap and, unlike the retries, needs no host decision on
-# device values (which would make the host wait for the step). Its working set is about 37 bytes per
-# vocabulary entry (sorted values and ids, probabilities, running sums, masks), so rows go through it in
-# chunks that keep it within the 12 bytes per entry and row that the planner gives sampling.
+# device values (which would make the host wait for the step). A whole-vocabulary pass (the GPU's, or the
+# CPU's last retry) holds about 33 bytes per vocabulary entry beyond the float logits (sorted values and
+# ids, probabilities, running sums, masks), so rows go through it in chunks. The planner gives sampling 12
+# bytes per entry and row: the float logits (4), the tempered copy (4), and 4 for the pass.
 _CANDIDATE_CAPS = (128, 2048, None)
 _CANDIDATE_CAPS_CUDA = (None,)
-_SINGLE_PASS_BYTES, _PLANNED_BYTES = 37, 12
+_SINGLE_PASS_BYTES, _PLANNED_BYTES = 33, 4
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -136,44 +137,19 @@ def sample_truncated(
 
     top_k: 0 = off; top_p: 1 = off; min_p: 0 = off; u: one uniform in [0, 1) per row; temperature_after:
     per row, a temperature applied to the survivors only after the cut (KoboldCpp's default order), 1 = none.
-    caps: candidate counts to try (default: retries on CPU, one whole-vocabulary pass on CUDA).
+    caps: candidate counts to try (default: retries on CPU, one whole-vocabulary pass on CUDA). The
+    whole-vocabulary pass runs in row chunks, so its working set stays within the sampling workspace.
     """
     n, vocab = logits.shape
     device = logits.device
     if caps is None:
         caps = _CANDIDATE_CAPS_CUDA if device.type == "cuda" else _CANDIDATE_CAPS
-    chunk = max(1, n * _PLANNED_BYTES // _SINGLE_PASS_BYTES)
-    if caps == (None,) and chunk < n:
-        out = torch.empty(n, dtype=torch.long, device=device)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            after = None if temperature_after is None else temperature_after[rows]
-            out[rows] = _sample_truncated(
-                logits[rows], top_k[rows], top_p[rows], min_p[rows], u[rows], after, caps
-            )
-        return out
-    return _sample_truncated(logits, top_k, top_p, min_p, u, temperature_after, caps)
-
-
-def _sample_truncated(
-    logits: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    u: torch.Tensor,
-    temperature_after: torch.Tensor | None,
-    caps: tuple[int | None, ...],
-) -> torch.Tensor:
-    """sample_truncated over all of its rows at once, trying the candidate counts in `caps` in turn."""
-    n, vocab = logits.shape
-    device = logits.device
     out = torch.empty(n, dtype=torch.long, device=device)
     full_lse = logits.logsumexp(dim=-1)
     k_eff = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    pending = torch.arange(n, device=device)
-    for cap in caps:
-        c = vocab if cap is None else min(cap, vocab)
-        rows = pending
+
+    def cut(rows: torch.Tensor, c: int) -> tuple[torch.Tensor, ...]:
+        """The c most likely candidates of `rows`, and which survive top-k, top-p and min-p."""
         vals, idx = logits[rows].topk(c, dim=-1)  # sorted, most likely first
         keep = torch.arange(c, device=device).unsqueeze(0) < k_eff[rows].unsqueeze(1)
         k_inside = k_eff[rows] <= c
@@ -184,25 +160,32 @@ def _sample_truncated(
         keep &= mass_before < top_p[rows].unsqueeze(1)
         keep &= probs >= min_p[rows].unsqueeze(1) * probs[:, :1]
         keep[:, 0] = True  # the most likely token always survives
+        return vals, idx, keep, probs, k_inside
+
+    def pick(rows: torch.Tensor, vals, idx, keep, probs) -> None:
+        weights = probs
+        if temperature_after is not None:  # the survivors, tempered
+            weights = ((vals - vals[:, :1]) / temperature_after[rows].unsqueeze(1)).exp()
+        picked = _inverse_cdf(weights * keep, u[rows])
+        out[rows] = idx.gather(1, picked.unsqueeze(1)).squeeze(1)
+
+    pending = torch.arange(n, device=device)
+    for cap in caps:
+        c = vocab if cap is None else min(cap, vocab)
+        if c == vocab:  # every row is decided here, with no selection by device values (no host sync)
+            for rows in pending.split(max(1, n * _PLANNED_BYTES // _SINGLE_PASS_BYTES)):
+                vals, idx, keep, probs, _ = cut(rows, c)
+                pick(rows, vals, idx, keep, probs)
+            break
+        vals, idx, keep, probs, k_inside = cut(pending, c)
         # A cut inside the candidates is final unless top-p must be measured on a top-k set that reaches
         # past them (its mass, the normaliser, is then not known yet).
-        if c == vocab:  # every row is decided here: no selection by device values (no host sync)
-            weights = probs
-            if temperature_after is not None:
-                weights = ((vals - vals[:, :1]) / temperature_after[rows].unsqueeze(1)).exp()
-            picked = _inverse_cdf(weights * keep, u[rows])
-            out[rows] = idx.gather(1, picked.unsqueeze(1)).squeeze(1)
-            break
-        k_off = k_eff[rows] == vocab
-        done = k_inside | (~keep[:, -1] & (k_off | (top_p[rows] >= 1)))
+        k_off = k_eff[pending] == vocab
+        done = k_inside | (~keep[:, -1] & (k_off | (top_p[pending] >= 1)))
         if done.any():
-            weights = probs[done]
-            if temperature_after is not None:
-                t = temperature_after[rows[done]].unsqueeze(1)
-                weights = ((vals[done] - vals[done, :1]) / t).exp()  # the survivors, tempered
-            picked = _inverse_cdf(weights * keep[done], u[rows[done]])
-            out[rows[done]] = idx[done].gather(1, picked.unsqueeze(1)).squeeze(1)
-        pending = rows[~done]
+            pick(pending[done], vals[done], idx[done], keep[done], probs[done])
+        pending = pending[~done]
+        del vals, idx, keep, probs  # before the next, larger pass
         if len(pending) == 0:
             break
     return out

@@ -1,0 +1,155 @@
+"""`fitllm bench fullsize`: a model at its published size, in random weights, planned and then measured.
+
+No checkpoint can be downloaded, so the published `config.json` (the fixtures in tests/fixtures, e.g. the
+13B fairseq-dense and the 9B GLM-4) is built in transformers with random weights and saved once; fitllm
+then loads it under `--memory-budget` (quantizing while loading), runs one request of `--prompt-tokens`
+plus `--decode-tokens`, and reports what `fitllm plan` predicted beside what was held: the ledger's
+weights and peak, and on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it runs
+too (on a small config), which is how it is tested; the figures that matter are the GPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--config", type=Path, required=True, help="a published config.json (HF or ChatGLM)")
+    g.add_argument(
+        "--checkpoint-dir", type=Path, default=Path("/tmp/fitllm-fullsize"), help="where it is saved"
+    )
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="float16", help="dtype of the saved checkpoint and of fitllm")
+    g.add_argument("--quantization", default="int8")
+    g.add_argument("--memory-budget", default="24GiB")
+    g.add_argument("--max-model-len", type=int, default=4096)
+    g.add_argument("--prompt-tokens", type=int, default=2048)
+    g.add_argument("--decode-tokens", type=int, default=16)
+    g.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+
+
+def hf_config(path: Path):
+    """The transformers config a published config.json describes (ChatGLM as transformers' GLM)."""
+    import transformers
+
+    from fitllm.loader.chatglm import chatglm_to_glm_config, is_chatglm
+
+    raw = json.loads(path.read_text())
+    if is_chatglm(raw):
+        raw = {**chatglm_to_glm_config(raw), "pad_token_id": raw.get("pad_token_id")}
+    raw = {k: v for k, v in raw.items() if k not in ("auto_map", "_name_or_path", "transformers_version")}
+    return transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
+def random_checkpoint(config_path: Path, folder: Path, dtype: torch.dtype) -> Path:
+    """Save the model of `config_path` with random weights in `dtype`, plus a one-word-per-id tokenizer
+    (reused when already there)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM
+
+    folder = folder / f"{config_path.parent.name}-{str(dtype).removeprefix('torch.')}"
+    if (folder / "tokenizer.json").exists():
+        return folder
+    config = hf_config(config_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    del model
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
+    from fitllm.config import EngineConfig
+    from fitllm.engine.engine import Engine
+    from fitllm.engine.request import SamplingParams
+    from fitllm.loader import open_model
+    from fitllm.memory.budget import resolve_budget
+    from fitllm.memory.planner import make_plan
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    start = time.perf_counter()
+    folder = random_checkpoint(args.config, args.checkpoint_dir, dtype)
+    saved_s = time.perf_counter() - start
+    quantization = None if args.quantization == "none" else args.quantization
+    budget = resolve_budget(args.memory_budget, device)
+    source = open_model(str(folder))
+    plan = make_plan(
+        source.config, args.config.parent.name, dtype, budget, args.max_model_len, quantization=quantization
+    )
+    source.release()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    start = time.perf_counter()
+    engine = Engine(
+        EngineConfig(
+            model=str(folder),
+            device=args.device,
+            dtype=args.dtype,
+            quantization=quantization,
+            memory_budget=budget,
+            max_model_len=args.max_model_len,
+        )
+    )
+    load_s = time.perf_counter() - start
+    load_peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    vocab = source.config.vocab_size
+    prompt = [(7 * i) % (vocab - 3) + 3 for i in range(args.prompt_tokens)]
+    params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
+    tokens = []
+    for out in engine.stream(prompt, params):
+        tokens = out.outputs[0].token_ids
+    run_peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    ledger = engine.ledger.snapshot()
+    kv_run = engine.kv_bytes_per_token * (args.prompt_tokens + args.decode_tokens)
+    planned = plan.resident_weight_bytes + plan.workspace + kv_run
+    result = {
+        "model": args.config.parent.name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "quantization": args.quantization,
+        "budget": budget,
+        "tokens": args.prompt_tokens + len(tokens),
+        "planned": {
+            "weights": plan.resident_weight_bytes,
+            "workspace": plan.workspace,
+            "kv_for_this_request": kv_run,
+            "total": planned,
+            "fits": plan.fits,
+            "kv_capacity_tokens": plan.kv_capacity_tokens,
+        },
+        # By tag at its peak; KV is held in whole slabs, so it is at least the request's KV.
+        "ledger": {"peak_by_tag": ledger.peak, "peak_total": ledger.peak_total},
+        "allocator_peak_load": load_peak,
+        "allocator_peak_run": run_peak,
+        "seconds": {"save_checkpoint": saved_s, "load": load_s},
+    }
+    gib = 1 << 30
+    print(f"{result['model']} ({args.dtype}, {args.quantization}) on {result['device']}, "
+          f"budget {budget / gib:.2f} GiB, one request of {result['tokens']} tokens")  # fmt: skip
+    print(f"  planned: weights {plan.resident_weight_bytes / gib:.2f} GiB + workspace {plan.workspace / gib:.2f} "
+          f"+ KV {kv_run / gib:.3f} = {planned / gib:.2f} GiB; fits: {plan.fits}")  # fmt: skip
+    print(
+        f"  ledger peak: {ledger.peak_total / gib:.2f} GiB ("
+        + ", ".join(f"{tag} {n / gib:.3f}" for tag, n in ledger.peak.items() if n)
+        + "; KV in whole slabs)"
+    )
+    if run_peak is not None:
+        print(f"  CUDA allocator peak: load {load_peak / gib:.2f} GiB, run {run_peak / gib:.2f} GiB "
+              f"({run_peak / planned:.3f} of planned)")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
