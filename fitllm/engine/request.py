@@ -134,7 +134,7 @@ class Logprob:
     """Log probability of one candidate token, with its rank among all tokens (1 = most likely)."""
 
     logprob: float
-    rank: int
+    rank: int | None  # None where it is not computed (prompt logprobs beyond the top-n)
     decoded_token: str | None = None
 
 

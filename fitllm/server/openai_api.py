@@ -78,15 +78,17 @@ def _token_text(st: ServerState, token_id: int, entry: Logprob | None = None) ->
 
 
 def _legacy_logprobs(
-    st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob]], offset: int
+    st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob] | None], offset: int
 ) -> dict[str, Any]:
-    """The completions API's logprobs object for `token_ids` (text offsets start at `offset`)."""
+    """The completions API's logprobs object for `token_ids` (text offsets start at `offset`); a None entry
+    (an echoed prompt's first token) has no logprob and no alternatives."""
     tokens, token_logprobs, top, offsets = [], [], [], []
     for tok, entry in zip(token_ids, entries, strict=False):
-        text = _token_text(st, tok, entry.get(tok))
+        own = None if entry is None else entry.get(tok)
+        text = _token_text(st, tok, own)
         tokens.append(text)
-        token_logprobs.append(entry[tok].logprob if tok in entry else None)
-        top.append({_token_text(st, t, lp): lp.logprob for t, lp in entry.items()})
+        token_logprobs.append(None if own is None else own.logprob)
+        top.append(None if entry is None else {_token_text(st, t, lp): lp.logprob for t, lp in entry.items()})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
@@ -203,7 +205,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         if body.echo:
             prefix = echo_text(i, out)
             if logprobs is not None and prompt_scores is not None:
-                head = prompt_scores[i]
+                head = _legacy_logprobs(st, *prompt_scores[i], 0)
                 logprobs = {
                     "tokens": head["tokens"] + logprobs["tokens"],
                     "token_logprobs": head["token_logprobs"] + logprobs["token_logprobs"],

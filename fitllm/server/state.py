@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from fitllm.engine.async_engine import AsyncEngine, EngineDead, QueueFull
+from fitllm.engine.request import Logprob
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
 from fitllm.server.errors import APIError, bad_request
@@ -129,32 +130,15 @@ class ServerState:
         except EngineDead as exc:
             raise unavailable(str(exc)) from exc
 
-    async def score_prompt(self, prompt: str | list[int], top_n: int) -> dict[str, Any]:
-        """Legacy logprobs of every prompt token (the first has none), for echo."""
-        scored = await self.start_streams(self.engine.score(prompt, top_n))
-        ids, entries = scored
-        tok = self.tokenizer
-        tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
-        for i, t in enumerate(ids):
-            text = tok.decode([t], skip_special_tokens=False)
-            tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
-            if i == 0:
-                token_logprobs.append(None)
-                top.append(None)
-                continue
-            logprob, alternatives = entries[i - 1]
-            token_logprobs.append(logprob)
-            top.append(
-                {tok.decode([a], skip_special_tokens=False): lp for a, lp in alternatives} | {text: logprob}
-            )
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top,
-            "text_offset": offsets,
-        }
+    async def score_prompt(self, prompt: str | list[int], top_n: int) -> tuple[list[int], list]:
+        """Every prompt token's id and logprob entry (the token and its `top_n` alternatives; None for the
+        first token, which nothing predicts), in the shape the completions API's logprobs are built from."""
+        ids, scores = await self.start_streams(self.engine.score(prompt, top_n))
+        entries: list[dict[int, Logprob] | None] = [None]
+        for tok, (logprob, alternatives) in zip(ids[1:], scores, strict=True):
+            # The rank of a prompt token is not computed (it may lie outside the top_n).
+            entries.append({a: Logprob(lp, None) for a, lp in alternatives} | {tok: Logprob(logprob, None)})
+        return ids, entries
 
 
 def get_state(request: Request) -> ServerState:
