@@ -313,3 +313,37 @@ def test_step_time_excludes_the_host_work_queued_after_it(tiny, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
     run(engine, prompt, params, on_step=lambda e: seen.append(e.last_step and e.last_step.seconds))
     assert seen[0] is None and seen[1:] == [5.0] * 4  # one tick: queued, never the reads after
+
+
+def test_step_timer_waits_only_for_steps_whose_samples_are_read(monkeypatch):
+    """On CUDA a step's time comes from events. Reading a sampled step has already waited for it; a step
+    without samples (a prefill chunk) must not make the host wait, so its time is skipped if not done."""
+    import torch
+
+    from fitllm.engine.step_state import StepTimer
+
+    log: list[str] = []
+
+    class FakeEvent:  # torch.cuda.Event's interface, on CPU
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.done = False
+
+        def record(self) -> None:
+            log.append("record")
+
+        def query(self) -> bool:
+            return self.done
+
+        def synchronize(self) -> None:
+            log.append("synchronize")
+            self.done = True
+
+        def elapsed_time(self, end: FakeEvent) -> float:
+            return 250.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = StepTimer(torch.device("cuda"))
+    timer.stop()
+    assert timer.seconds(wait=False) is None and "synchronize" not in log  # still running: skipped
+    assert timer.seconds(wait=True) == 0.25 and log.count("synchronize") == 1
+    assert timer.seconds(wait=False) == 0.25  # finished: read without waiting again

@@ -166,3 +166,12 @@ def test_bench_fullsize_builds_plans_and_measures_the_published_config(tmp_path,
     assert result["ledger"]["peak_by_tag"]["weights"] == result["planned"]["weights"]
     assert result["ledger"]["peak_by_tag"]["kv"] >= result["planned"]["kv_for_this_request"]
     assert result["ledger"]["peak_total"] <= result["budget"]
+
+
+def test_bench_fullsize_refuses_a_request_longer_than_the_context_before_building(tmp_path, capsys):
+    """On a GPU the checkpoint takes minutes to build: a request that cannot run is refused first."""
+    argv = ["bench", "fullsize", "--config", str(FIXTURES / "fairseq-dense-13B-Janeway" / "config.json")]
+    argv += ["--checkpoint-dir", str(tmp_path / "ck"), "--max-model-len", "2048", "--prompt-tokens", "2048"]
+    assert cli_main(argv) == 2
+    assert "--prompt-tokens" in capsys.readouterr().out
+    assert not (tmp_path / "ck").exists()

@@ -254,3 +254,23 @@ def test_raw_sse(http, path, extra):
     assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
     events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert len(events) >= 2 and all(e["choices"] for e in events)
+
+
+def test_legacy_logprobs_keep_the_tokens_own_logprob_when_texts_collide():
+    """Byte-fallback tokens can decode to the same text (U+FFFD); the top_logprobs entry under that text is
+    the token's own logprob, not an alternative's that happens to decode alike (found in review)."""
+    from types import SimpleNamespace
+
+    from fitllm.engine.request import Logprob
+    from fitllm.server.openai_api import _legacy_logprobs
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return "\ufffd" if ids[0] in (9, 17) else f"w{ids[0]}"
+
+    st = SimpleNamespace(tokenizer=Tok())
+    entries = [None, {9: Logprob(-2.104, None), 17: Logprob(-2.121, None), 4: Logprob(-3.0, None)}]
+    out = _legacy_logprobs(st, [5, 9], entries, 0)
+    assert out["tokens"] == ["w5", "\ufffd"] and out["token_logprobs"] == [None, -2.104]
+    assert out["top_logprobs"] == [None, {"\ufffd": -2.104, "w4": -3.0}]
+    assert out["text_offset"] == [0, 2]

@@ -398,8 +398,9 @@ class Engine:
         except BaseException:
             self._drop_samples(step)
             raise
-        step.stats.seconds = step.timer.seconds()
-        self.swapper.costs.observe_step(step.stats.num_tokens, step.stats.seconds)
+        step.stats.seconds = step.timer.seconds(wait=result is not None)
+        if step.stats.seconds is not None:
+            self.swapper.costs.observe_step(step.stats.num_tokens, step.stats.seconds)
         self.last_step = step.stats
         if result is None:
             return []

@@ -174,8 +174,7 @@ def sample_truncated(
         c = vocab if cap is None else min(cap, vocab)
         if c == vocab:  # every row is decided here, with no selection by device values (no host sync)
             for rows in pending.split(max(1, n * _PLANNED_BYTES // _SINGLE_PASS_BYTES)):
-                vals, idx, keep, probs, _ = cut(rows, c)
-                pick(rows, vals, idx, keep, probs)
+                pick(rows, *cut(rows, c)[:4])  # one chunk's tensors alive at a time
             break
         vals, idx, keep, probs, k_inside = cut(pending, c)
         # A cut inside the candidates is final unless top-p must be measured on a top-k set that reaches

@@ -23,7 +23,7 @@ class StepStats:
     num_preempted: int
     kv_tokens: int  # tokens whose K/V running requests hold
     kv_slots: int  # token slots of the live KV slabs
-    seconds: float  # the step's own time (StepTimer), set when its samples are read
+    seconds: float | None  # the step's own time (StepTimer), when its samples are read; None: not known
 
     @property
     def kv_utilization(self) -> float:
@@ -55,10 +55,13 @@ class StepTimer:
         else:
             self._seconds = perf_counter() - self._t0
 
-    def seconds(self) -> float:
-        """The step's time (waits for its end on CUDA, which reading its samples has already done)."""
+    def seconds(self, wait: bool = True) -> float | None:
+        """The step's time. On CUDA that needs its end: reading its samples has already waited for it; a
+        step without samples is not waited for (None if it has not finished), so the host keeps queueing."""
         if self._end is None:
             return self._seconds
+        if not wait and not self._end.query():
+            return None
         self._end.synchronize()
         return self._start.elapsed_time(self._end) / 1000.0
 

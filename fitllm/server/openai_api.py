@@ -88,7 +88,11 @@ def _legacy_logprobs(
         text = _token_text(st, tok, own)
         tokens.append(text)
         token_logprobs.append(None if own is None else own.logprob)
-        top.append(None if entry is None else {_token_text(st, t, lp): lp.logprob for t, lp in entry.items()})
+        if entry is None:
+            top.append(None)
+        else:  # the token's own logprob wins where an alternative decodes to the same text
+            others = {_token_text(st, t, lp): lp.logprob for t, lp in entry.items() if t != tok}
+            top.append(others if own is None else others | {text: own.logprob})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
