@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_quant import BF16_TOL, QUANT_TOL, _build, _randn, _rel
+from test_quant_layers import BF16_TOL, QUANT_TOL, _build, _randn, _rel
 
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method, quantize_int8
