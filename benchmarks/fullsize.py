@@ -48,24 +48,11 @@ def hf_config(path: Path):
 
 
 def random_checkpoint(config_path: Path, folder: Path, dtype: torch.dtype) -> Path:
-    """Save the model of `config_path` with random weights in `dtype`, plus a one-word-per-id tokenizer
-    (reused when already there)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM
+    """The model of `config_path` saved with random weights in `dtype` (reused when already there)."""
+    from benchmarks.random_weights import save_random_checkpoint
 
-    folder = folder / f"{config_path.parent.name}-{str(dtype).removeprefix('torch.')}"
-    if (folder / "tokenizer.json").exists():
-        return folder
-    config = hf_config(config_path)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    del model
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    name = f"{config_path.parent.name}-{str(dtype).removeprefix('torch.')}"
+    return save_random_checkpoint(hf_config(config_path), folder / name, dtype)
 
 
 def run(args: argparse.Namespace) -> int:

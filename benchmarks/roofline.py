@@ -45,23 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def random_checkpoint(size: str, folder: Path, dtype: torch.dtype) -> Path:
     """A saved random-weight LlamaForCausalLM of `size` (reused when already there)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    folder = folder / f"llama-{size}-{str(dtype).removeprefix('torch.')}"
-    if (folder / "config.json").exists():
-        return folder
-    torch.manual_seed(0)
+    from benchmarks.random_weights import save_random_checkpoint
+
     config = LlamaConfig(max_position_embeddings=8192, rope_theta=500000.0, **SIZES[size])
-    model = LlamaForCausalLM(config).to(dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    # Prompts are token ids; the engine still wants a tokenizer: one word per id.
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(config.vocab_size)}, unk_token="t0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
+    return save_random_checkpoint(config, folder / f"llama-{size}-{str(dtype).removeprefix('torch.')}", dtype)
 
 
 def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:

@@ -386,9 +386,9 @@ class Engine:
             num_preempted=len(sched.preempted),
             kv_tokens=sum(r.num_computed_tokens for r in self.scheduler.running),
             kv_slots=self.pool.num_blocks * self.block_size,
-            seconds=0.0,
+            seconds=None,
         )
-        return InFlightStep(sched, sampled, samples, stats, timer)
+        return InFlightStep(sampled, samples, stats, timer)
 
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Read a launched step's samples (waiting for them if need be): placeholders become tokens, then

@@ -10,7 +10,6 @@ import torch
 from fitllm.engine.request import Request
 from fitllm.engine.runner import PendingTokens
 from fitllm.engine.sampler import SampledBatch
-from fitllm.engine.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -70,7 +69,6 @@ class StepTimer:
 class InFlightStep:
     """A launched step: its kernels and sampling are queued; the host has not read its samples yet."""
 
-    sched: SchedulerOutput
     sampled: list[Request]  # the requests that sample, in row order
     samples: SampledBatch | None
     stats: StepStats
