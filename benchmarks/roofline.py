@@ -53,19 +53,6 @@ def random_checkpoint(size: str, folder: Path, dtype: torch.dtype) -> Path:
     return save_random_checkpoint(config, folder / f"llama-{size}-{str(dtype).removeprefix('torch.')}", dtype)
 
 
-def device_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """Bytes/s of a device-to-device copy, counting the bytes read and the bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * nbytes * reps / (time.perf_counter() - start)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,7 +132,9 @@ def hf_decode(folder: Path, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     folder = random_checkpoint(args.size, args.checkpoint_dir, getattr(torch, args.dtype))
-    bandwidth = device_bandwidth(device)
+    from fitllm.memory.bandwidth import memory_bandwidth
+
+    bandwidth = memory_bandwidth(device, nbytes=1 << 30)  # a device-to-device copy, read + write
     rows = []
     for quantization in args.quantizations.split(","):
         # graphs and async scheduling on (the default), each switched off in turn
