@@ -1,10 +1,17 @@
-"""What every Triton kernel here is told about its dot products (attention and the quantized matmuls)."""
+"""Triton here: whether it is installed, and what every kernel is told about its dot products (attention and
+the quantized matmuls)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
+
+
+def triton_available() -> bool:
+    """Whether the triton package is installed (it is optional off CUDA); does not import it."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def dot_flags(dtype: torch.dtype) -> dict[str, object]:

@@ -86,12 +86,13 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 def resolve_attention_backend(name: str, device: torch.device) -> str:
     """`--attention-backend` to the backend that runs: auto is triton on CUDA when Triton imports, else torch.
     triton off CUDA needs TRITON_INTERPRET=1 (the kernels then run, slowly, in Triton's interpreter)."""
-    import importlib.util
     import os
+
+    from fitllm.triton_flags import triton_available
 
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {name!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = triton_available()
     if name == "auto":
         return "triton" if device.type == "cuda" and has_triton else "torch"
     if name == "triton":

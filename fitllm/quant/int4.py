@@ -21,14 +21,13 @@ kernel's layout has changed across PyTorch versions: tests pin the round trip.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
+from fitllm.triton_flags import triton_available
 
 GRID_CANDIDATES = 11  # code grids tried per group: 15 + t * GRID_STEP levels over [min, max], t in -5..5
 GRID_STEP = 0.4  # 11 x 0.4 keeps 98% of the gain of 21 x 0.2 (weight error) at half the load time
@@ -106,7 +105,7 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
     return ((g - 8.0) * sz[..., 0:1] + sz[..., 1:2]).reshape(n, k)
 
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA: fused Triton matmul (triton_matmul.py)
+HAS_TRITON = triton_available()  # CUDA: fused Triton matmul (triton_matmul.py)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 
 

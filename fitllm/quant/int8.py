@@ -12,16 +12,15 @@ that reads each int8 weight once; larger ones use the scratch and cuBLAS.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
+from fitllm.triton_flags import triton_available
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = triton_available()
 TRITON_ROWS = 64  # CUDA: rows per call up to which the fused Triton kernel is used (decode-sized calls)
 
 # Rows below which PyTorch's int8 kernel beats converting the weight into the scratch and multiplying
