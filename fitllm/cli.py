@@ -59,6 +59,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.memory.offload import OffloadEstimate
     from fitllm.memory.planner import Plan, make_plan
     from fitllm.quant import default_group_size
+    from fitllm.triton_flags import triton_available
 
     path = Path(args.model) if args.model else None
     group_size = args.quant_group_size
@@ -93,6 +94,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cpu_offload_gb=args.cpu_offload_gb,
             offload_prefetch=args.offload_prefetch,
             estimate=estimate,
+            # As the engine decides (fitllm/engine/engine.py): Triton attention on CUDA captures decode.
+            cuda_graphs=device.type == "cuda" and triton_available() and not args.enforce_eager,
         )
 
     plan = plan_with()
@@ -178,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument(
         "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
+    )
+    plan.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="plan for eager decode on CUDA: no CUDA graph pool (as serve's --enforce-eager)",
     )
     add_quantization_args(plan)
     add_offload_args(plan)

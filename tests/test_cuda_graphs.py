@@ -51,7 +51,7 @@ def _run(folder, backend: str, capture: bool, **kw) -> tuple[list[list[int]], En
     capturer = None
     if capture:
         capturer = ReplayCapturer()
-        assert capture_decode_graphs(engine.runner, engine.ledger, 6, 96, capturer) is not None
+        assert capture_decode_graphs(engine.runner, engine.ledger, 6, 96, capturer=capturer) is not None
     return run_all(engine, PROMPTS, params=PARAMS), engine, capturer
 
 
@@ -106,7 +106,7 @@ def test_graph_pool_without_room_falls_back_to_eager(tiny_llama):
     )
     engine = Engine(config)
     workspace = engine.ledger.current("workspace")
-    assert capture_decode_graphs(engine.runner, engine.ledger, 4, 64, HugePool()) is None
+    assert capture_decode_graphs(engine.runner, engine.ledger, 4, 64, capturer=HugePool()) is None
     assert engine.runner.graphs is None
     assert engine.ledger.current("workspace") == workspace
 
@@ -125,3 +125,33 @@ def test_cpu_engine_captures_no_graphs(tiny_llama):
         EngineConfig(model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64)
     )
     assert engine.graphs is None and engine.runner.graphs is None
+
+
+def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):
+    class Pool(ReplayCapturer):
+        def pool_bytes(self) -> int:
+            return 3 << 20
+
+    engine = Engine(
+        EngineConfig(model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64)
+    )
+    before = engine.ledger.current("workspace")
+    engine.ledger.reserve("workspace", 5 << 20)  # as Engine._reserve_graph_pool does on CUDA
+    assert (
+        capture_decode_graphs(engine.runner, engine.ledger, 4, 64, planned=5 << 20, capturer=Pool())
+        is not None
+    )
+    assert engine.ledger.current("workspace") == before + (3 << 20)
+    # Measured beyond the budget: the planned bytes are given back too, and decode stays eager.
+    engine.ledger.reserve("workspace", 5 << 20)
+
+    class HugePool(ReplayCapturer):
+        def pool_bytes(self) -> int:
+            return 1 << 50
+
+    engine.ledger.release("workspace", 3 << 20)
+    assert (
+        capture_decode_graphs(engine.runner, engine.ledger, 4, 64, planned=5 << 20, capturer=HugePool())
+        is None
+    )
+    assert engine.runner.graphs is None and engine.ledger.current("workspace") == before

@@ -60,6 +60,26 @@ def test_gpu_graph_pool_is_in_the_workspace(llama):
     assert "CUDA graphs" in graphs.memory_report()
 
 
+@pytest.mark.parametrize("max_num_seqs", [8, 64])
+def test_gpu_static_kv_leaves_the_planned_graph_pool_which_covers_the_measured_one(llama, max_num_seqs):
+    from fitllm.memory.planner import graph_pool_bytes
+
+    engine = Engine(
+        EngineConfig(
+            model=str(llama),
+            device="cuda",
+            static_kv=True,
+            memory_budget="1GiB",
+            max_num_seqs=max_num_seqs,
+            max_model_len=256,
+        )
+    )
+    assert engine.graphs is not None, "the static KV pool took the graphs' planned bytes"
+    planned = graph_pool_bytes(engine.model_config, engine.dtype, max_num_seqs, 256, engine.block_size)
+    assert 0 < engine.graphs.pool_bytes <= planned
+    assert engine.ledger.total <= engine.ledger.budget
+
+
 def _mixed_params() -> list[SamplingParams]:
     """Greedy and seeded rows with logprobs, top-k/top-p/min-p, logit bias and min_tokens."""
     return [

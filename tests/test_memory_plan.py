@@ -177,3 +177,44 @@ def test_measured_workspace_is_reserved_and_within_10_percent_of_the_plan(dtype,
     assert eng.ledger.current("workspace") == eng.workspace_measured
     assert abs(eng.workspace_planned - eng.workspace_measured) <= 0.10 * eng.workspace_measured
     assert "measured" in eng.memory_report()
+
+
+def test_plan_holds_the_cuda_graph_pool_before_kv_and_says_what_eager_frees():
+    from fitllm.engine.cuda_graphs import capture_sizes
+    from fitllm.memory.planner import graph_pool_bytes, layer_activation_bytes
+
+    cfg = open_model(None).config
+    eager = make_plan(cfg, "m", torch.bfloat16, 2 << 30, 4096, max_num_seqs=64)
+    graphs = make_plan(cfg, "m", torch.bfloat16, 2 << 30, 4096, max_num_seqs=64, cuda_graphs=True)
+    assert eager.graph_pool == 0 and "CUDA graph pool" not in eager.table()
+    pool = graphs.graph_pool
+    assert pool == graph_pool_bytes(cfg, torch.bfloat16, 64, 4096, 16)
+    # The pool at least holds one decode forward at the largest size and every size's output.
+    assert pool >= layer_activation_bytes(cfg, 64, 2) + sum(capture_sizes(64)) * cfg.hidden_size * 2
+    assert graphs.fixed_bytes - eager.fixed_bytes == pool
+    assert eager.kv_capacity_tokens - graphs.kv_capacity_tokens >= pool // eager.kv_bytes_per_token - 16
+    assert "CUDA graph pool (decode steps)" in graphs.table()
+    # Wider contexts widen the static block table; more sequences, the forward and the outputs.
+    assert graph_pool_bytes(cfg, torch.bfloat16, 64, 1 << 20, 16) > pool
+    assert graph_pool_bytes(cfg, torch.bfloat16, 256, 4096, 16) > pool
+    # A budget the graphs tip over: the plan names --enforce-eager and the room it gives.
+    tight = make_plan(
+        cfg, "m", torch.bfloat16, eager.fixed_bytes + 4096 * eager.kv_bytes_per_token, 4096, cuda_graphs=True
+    )
+    assert not tight.fits and any(s.startswith("--enforce-eager frees") for s in tight.suggestions)
+    # Streamed layers run eagerly: no pool planned.
+    offloaded = make_plan(
+        cfg, "m", torch.bfloat16, 2 << 30, 4096, cpu_offload_gb=0.05, max_num_seqs=64, cuda_graphs=True
+    )
+    assert offloaded.placement.offloaded and offloaded.graph_pool == 0
+
+
+def test_plan_cli_plans_the_graph_pool_on_cuda_unless_eager(capsys):
+    pytest.importorskip("triton")
+    args = ["plan", "--device", "cuda", "--memory-budget", "2GiB", "--dtype", "bfloat16", "--json"]
+    assert cli_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["graph_pool"] > 0
+    assert cli_main([*args, "--enforce-eager"]) == 0
+    assert json.loads(capsys.readouterr().out)["graph_pool"] == 0
+    assert cli_main(["plan", "--device", "cpu", "--memory-budget", "2GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["graph_pool"] == 0

@@ -12,7 +12,8 @@ The K/V slabs are reached through `PagedKVLayout`'s anchor and offset table, so 
 between replays. Each size's flash-decoding split count is fixed at capture for the longest context.
 
 Graphs serve only the Triton backend, without weight offload (its hooks wait on host events), and are
-skipped with `--enforce-eager`. The pool's bytes are measured after capture and ledgered as workspace.
+skipped with `--enforce-eager`. The planner's estimate of the pool (`graph_pool_bytes`) is reserved as
+workspace before the KV pool is sized; after capture the measured bytes replace it.
 
 The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; tests use `ReplayCapturer`, which
 re-runs the captured function on the static buffers, to check the buffer and padding logic on CPU.
@@ -61,6 +62,10 @@ class CudaGraphCapturer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        # Each capture starts by emptying the allocator's cache (torch.cuda.graph), so the baseline must
+        # not include cached blocks, or what they held would be subtracted from the pool.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         self._reserved_before = torch.cuda.memory_reserved(device)
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
@@ -184,27 +189,33 @@ def capture_decode_graphs(
     ledger: MemoryLedger,
     max_num_seqs: int,
     max_model_len: int,
+    planned: int = 0,
     capturer: GraphCapturer | None = None,
 ) -> DecodeGraphs | None:
-    """Capture decode graphs (on CUDA unless a capturer is given) and ledger their pool as workspace; None
-    (decode stays eager) if the budget has no room for the pool, which is then given back."""
+    """Capture decode graphs (on CUDA unless a capturer is given) and ledger their pool as workspace, in
+    place of the `planned` bytes reserved for it before the KV pool was sized; None (decode stays eager)
+    if the budget has no room for the measured pool, which is then given back."""
     capturer = capturer or CudaGraphCapturer(runner.device)
     graphs = runner.capture_graphs(max_num_seqs, max_model_len, capturer)
+    ledger.release("workspace", planned)
     try:
         ledger.reserve("workspace", graphs.pool_bytes)
     except BudgetExceeded:
         log.warning(
-            "CUDA graphs need %s that the budget does not have; decode runs eagerly",
+            "CUDA graphs need %s (planned %s) that the budget does not have; decode runs eagerly",
             format_bytes(graphs.pool_bytes),
+            format_bytes(planned),
         )
         runner.graphs = None
         del graphs
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return None
     log.info(
-        "CUDA graphs: %d decode batch sizes up to %d, pool %s",
+        "CUDA graphs: %d decode batch sizes up to %d, pool %s (planned %s)",
         len(graphs.sizes),
         graphs.sizes[-1],
         format_bytes(graphs.pool_bytes),
+        format_bytes(planned),
     )
     return graphs

@@ -27,7 +27,7 @@ from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import scratch_elements, workspace_bytes
+from fitllm.memory.planner import graph_pool_bytes, scratch_elements, workspace_bytes
 from fitllm.memory.streamer import WeightStreamer
 from fitllm.memory.swap import KVSwapper
 from fitllm.model.attention import resolve_attention_backend
@@ -101,6 +101,7 @@ class Engine:
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
         self._per_block = self.kv_bytes_per_token * self.block_size
+        graph_reserve = self._reserve_graph_pool()
         self.storage, self.pool = build_kv_pool(
             config, mc, self.kv_format, self._per_block, self.max_model_len, self.device, self.ledger
         )
@@ -126,14 +127,11 @@ class Engine:
         self.runner = ModelRunner(
             self.model, mc, self.kv, self.storage, self.sampler, self.device, self.attention_backend
         )
-        if (
-            self.attention_backend == "triton"
-            and self.device.type == "cuda"
-            and not config.enforce_eager
-            and self.streamer is None  # streamed layers wait on host events between kernels
-        ):
+        if graph_reserve is not None:
             # Sets runner.graphs, or leaves it None when the budget has no room for the pool.
-            capture_decode_graphs(self.runner, self.ledger, config.max_num_seqs, self.max_model_len)
+            capture_decode_graphs(
+                self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
+            )
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -190,6 +188,32 @@ class Engine:
             raise ValueError(
                 f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
             ) from exc
+
+    def _reserve_graph_pool(self) -> int | None:
+        """Reserve the decode CUDA graphs' planned bytes before the KV pool is sized (so --static-kv does not
+        take them); None when decode runs eagerly: not CUDA, torch attention, --enforce-eager, streamed
+        layers (they wait on host events between kernels), or no room in the budget."""
+        config = self.config
+        if (
+            self.attention_backend != "triton"
+            or self.device.type != "cuda"
+            or config.enforce_eager
+            or self.streamer is not None
+        ):
+            return None
+        # Under --max-model-len auto, max_model_len is still the model's own here: the widest block table.
+        planned = graph_pool_bytes(
+            self.model_config, self.dtype, config.max_num_seqs, self.max_model_len, config.block_size
+        )
+        try:
+            self.ledger.reserve("workspace", planned)
+        except BudgetExceeded:
+            log.warning(
+                "CUDA graphs need about %s that the budget does not have; decode runs eagerly",
+                format_bytes(planned),
+            )
+            return None
+        return planned
 
     def status(self) -> EngineStatus:
         """What the engine holds now (for metrics and the studio's memory panel)."""

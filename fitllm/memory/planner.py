@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
+from fitllm.engine.cuda_graphs import capture_sizes
 from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
 from fitllm.model.linear import LinearBase
@@ -96,9 +97,7 @@ def workspace_bytes(
 ) -> int:
     """Planned workspace of the largest step: the larger of its two peaks.
 
-    - The MLP of a layer, per batched token: the residual, the normed input and the previous layer's
-      output (3 x hidden), the fused gate/up output and, while SiLU(gate) * up is formed, two more
-      intermediate-sized tensors (4 x intermediate), in the model dtype.
+    - The MLP of a layer over the step's batched tokens (`layer_activation_bytes`), in the model dtype.
     - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
     - int8 weights: batches of 16 rows or more multiply through one shared model-dtype copy of the
@@ -106,10 +105,45 @@ def workspace_bytes(
     The engine measures the real figure with a profile step at start (Engine.workspace_measured).
     """
     elem = torch.empty((), dtype=dtype).element_size()
-    mlp = max_num_batched_tokens * (3 * config.hidden_size + 4 * config.intermediate_size) * elem
+    mlp = layer_activation_bytes(config, max_num_batched_tokens, elem)
     rows = min(max_num_seqs, max_num_batched_tokens)
     sampling = rows * config.vocab_size * 3 * 4
     return max(mlp, sampling) + scratch * elem
+
+
+def layer_activation_bytes(config: ModelConfig, num_tokens: int, elem: int) -> int:
+    """Peak activations of one decoder layer's forward over `num_tokens` tokens, reached in its MLP: the
+    residual, the normed input and the previous layer's output (3 x hidden), the fused gate/up output and,
+    while SiLU(gate) * up is formed, two more intermediate-sized tensors (4 x intermediate)."""
+    return num_tokens * (3 * config.hidden_size + 4 * config.intermediate_size) * elem
+
+
+# The CUDA caching allocator's granularity (c10/cuda/CUDACachingAllocator.cpp): blocks of 1 MiB or less
+# come from 2 MiB segments, blocks up to 10 MiB from 20 MiB segments, larger ones are rounded to 2 MiB.
+_SMALL_SEGMENT, _LARGE_SEGMENT = 2 << 20, 20 << 20
+
+
+def graph_pool_bytes(
+    config: ModelConfig, dtype: torch.dtype, max_num_seqs: int, max_model_len: int, block_size: int
+) -> int:
+    """Planned device bytes of the decode CUDA graphs (fitllm/engine/cuda_graphs.py), which the engine
+    reserves before the KV pool takes the rest and replaces with the measured figure after capture.
+
+    - Static inputs, sized for the largest batch: input ids, positions and slots (int64), sequence lengths
+      and query starts (int32), and a block table as wide as `max_model_len` needs (int32).
+    - Each captured size's output hidden states, which stay alive between replays.
+    - One forward's intermediates at the largest size only: the graphs share one pool and are captured
+      largest first, so the smaller ones reuse its blocks. Its peak is the layer peak of the workspace.
+    - The allocator's segments: the above rounded up to 2 MiB, plus one segment of each smaller kind (the
+      flash-decoding partials, under 1 MiB, and the mid-sized blocks come from those).
+    """
+    sizes = capture_sizes(max_num_seqs)
+    top = sizes[-1]
+    elem = torch.empty((), dtype=dtype).element_size()
+    static = top * (3 * 8 + 4) + (top + 1) * 4 + top * cdiv(max_model_len, block_size) * 4
+    outputs = sum(sizes) * config.hidden_size * elem
+    pool = outputs + layer_activation_bytes(config, top, elem)
+    return static + cdiv(pool, _SMALL_SEGMENT) * _SMALL_SEGMENT + _LARGE_SEGMENT + _SMALL_SEGMENT
 
 
 @dataclass(slots=True)
@@ -133,6 +167,7 @@ class Plan:
     placement: Placement | None = None  # decoder layers resident vs streamed (None: all resident)
     resident_weight_bytes: int = 0  # weights held on the device (all of them without offload)
     offload_estimate: OffloadEstimate | None = None  # predicted decode speed with the offload chosen
+    graph_pool: int = 0  # decode CUDA graphs' pool and static inputs (0: decode runs eagerly)
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -141,7 +176,9 @@ class Plan:
 
     @property
     def fixed_bytes(self) -> int:
-        return self.resident_weight_bytes + self.staging_bytes + self.workspace + self.overhead
+        return (
+            self.resident_weight_bytes + self.staging_bytes + self.workspace + self.graph_pool + self.overhead
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -190,6 +227,7 @@ class Plan:
                 )
         rows += [
             ("workspace (largest step)", format_bytes(self.workspace)),
+            *([("CUDA graph pool (decode steps)", format_bytes(self.graph_pool))] if self.graph_pool else []),
             ("framework overhead", format_bytes(self.overhead)),
             (f"KV per token ({self.kv_dtype})", format_bytes(self.kv_bytes_per_token)),
             (f"KV per full request ({self.max_model_len} tokens)", format_bytes(self.kv_bytes_per_request)),
@@ -256,12 +294,14 @@ def make_plan(
     cpu_offload_gb: float = 0.0,
     offload_prefetch: int = 2,
     estimate: OffloadEstimate | None = None,
+    cuda_graphs: bool = False,
 ) -> Plan:
     """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
 
     max_model_len None means 'auto': the largest context that fits, capped by the model's own.
     Decoder layers are placed by the engine's own rule (`place_decoder_layers`); `estimate` (measured
-    bandwidths) turns the placement into predicted tokens/s.
+    bandwidths) turns the placement into predicted tokens/s. `cuda_graphs`: decode will be captured (CUDA,
+    Triton attention, no --enforce-eager), which holds `graph_pool_bytes` unless layers are streamed.
     """
     quant = get_quant_method(quantization, quant_group_size)
     weights = weight_breakdown(config, dtype, quant)
@@ -286,7 +326,11 @@ def make_plan(
         placement = None
     resident = weights.total - (len(placement.offloaded) if placement else 0) * weights.per_layer
     staging = placement.staging_bytes if placement else 0
-    room = budget - resident - staging - workspace - overhead
+    graph_pool = 0
+    if cuda_graphs and placement is not None and not placement.offloaded:
+        graph_len = config.max_position_embeddings if max_model_len is None else max_model_len
+        graph_pool = graph_pool_bytes(config, dtype, max_num_seqs, graph_len, block_size)
+    room = budget - resident - staging - workspace - graph_pool - overhead
     # KV is allocated in whole blocks.
     capacity = max(0, room // (per_token * block_size)) * block_size
     max_ctx = min(capacity, config.max_position_embeddings)
@@ -312,6 +356,7 @@ def make_plan(
         placement=placement,
         resident_weight_bytes=resident,
         offload_estimate=estimate if placement is not None and placement.offloaded else None,
+        graph_pool=graph_pool,
     )
     if not fits:
         plan.suggestions = _suggestions(plan, config, dtype, room, quant.name, kv_cache_dtype)
@@ -365,6 +410,11 @@ def _suggestions(
         )
     elif plan.max_context_that_fits >= 2:
         out.append(f"--max-model-len {plan.max_context_that_fits} fits now (or --max-model-len auto)")
+    if plan.graph_pool and room + plan.graph_pool > 0:
+        out.append(
+            f"--enforce-eager frees the CUDA graph pool's {format_bytes(plan.graph_pool)} (slower decode at small "
+            f"batches): room for ~{(room + plan.graph_pool) // per_token} KV tokens"
+        )
     for method in ("int8", "int4"):
         if method == quantization or (method == "int8" and quantization == "int4"):
             continue
