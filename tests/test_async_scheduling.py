@@ -243,6 +243,48 @@ def test_triton_backend_placeholders(tiny):
     assert got == want
 
 
+def test_a_steps_index_lists_reach_the_device_in_two_copies(tiny, monkeypatch):
+    """Triton path: ids, positions, slots, sampled rows and placeholder rows go in one int64 copy, lengths,
+    query starts and block tables in one int32 copy, however many lists a step has."""
+    import fitllm.memory.transfer as transfer
+
+    calls: list[int] = []
+    to_device = transfer.to_device
+
+    def counting(values, dtype, device):
+        calls.append(len(values))
+        return to_device(values, dtype, device)
+
+    monkeypatch.setattr(transfer, "to_device", counting)
+    engine = make_engine(tiny, "on", attention_backend="triton")
+    per_step: list[int] = []
+    execute = engine.runner.execute
+
+    def counted_execute(out, pending=None):
+        calls.clear()
+        result = execute(out, pending)
+        per_step.append(len(calls) if pending is not None else -1)
+        return result
+
+    monkeypatch.setattr(engine.runner, "execute", counted_execute)
+    prompts, params = mixed_requests(3, seed=5)
+    for p in params:
+        p.max_tokens, p.min_tokens = 6, 0
+    run(engine, prompts, params)
+    with_placeholders = [n for n in per_step if n >= 0]
+    assert with_placeholders and set(with_placeholders) == {2}
+
+
+def test_to_device_packed_returns_views_of_one_buffer():
+    import torch
+
+    from fitllm.memory.transfer import to_device_packed
+
+    a, b, c, d = to_device_packed([[1, 2], [], [3], [4, 5, 6]], torch.long, torch.device("cpu"))
+    assert [a.tolist(), b.tolist(), c.tolist(), d.tolist()] == [[1, 2], [], [3], [4, 5, 6]]
+    assert a.dtype == torch.long and a.untyped_storage().data_ptr() == d.untyped_storage().data_ptr()
+
+
 def test_status_is_unchanged_after_finishing(tiny):
     """When every request has finished, nothing is left running or held, though a step may be in flight."""
     engine = make_engine(tiny, "on")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.memory.transfer import move, to_device
+from fitllm.memory.transfer import move, to_device_packed
 from fitllm.model.attention import (
     AttentionMetadata,
     KernelMetadata,
@@ -38,14 +38,24 @@ class PendingTokens:
 
 @dataclass(slots=True)
 class StepInputs:
-    """One step's flat batch: what the model reads, and which rows are sampled afterwards."""
+    """One step's flat batch on the device: what the model reads, and which rows are sampled afterwards."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_rows: list[int]
-    # (row of input_ids, request) whose id is a placeholder: the token the step in flight samples.
-    placeholders: list[tuple[int, Request]] = field(default_factory=list)
+    sample_index: torch.Tensor  # [sampled requests] int64: the hidden-state row each samples from
+    # Rows of input_ids that hold an output placeholder, and the rows of the step in flight's tokens that
+    # fill them (async scheduling); empty when every id is known.
+    placeholder_rows: torch.Tensor
+    placeholder_sources: torch.Tensor
+
+
+def placeholder_sources(placeholders: list[tuple[int, Request]], pending: PendingTokens | None) -> list[int]:
+    """For each (row, request) placeholder, the row of the step in flight's tokens that holds its id."""
+    if not placeholders:
+        return []
+    assert pending is not None, "an output placeholder without a step in flight"
+    return [pending.rows[r.request_id] for _, r in placeholders]
 
 
 def append_input_ids(
@@ -223,10 +233,11 @@ class ModelRunner:
             mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
         return mask
 
-    def prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
-        """Flat input ids, positions, attention metadata and the row index of each sampled request."""
+    def prepare(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None = None) -> StepInputs:
+        """Flat input ids, positions, attention metadata and the row index of each sampled request. The ids,
+        positions and row indices go to the device in one copy."""
         if self.attention_backend == "triton":
-            return self.prepare_kernel(scheduled)
+            return self.prepare_kernel(scheduled, pending)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ids: list[int] = []
@@ -280,13 +291,25 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
 
         meta.slot_mapping = split_by_slab(torch.cat(slot_chunks), self._slab_slots).to(self.device)
-        input_ids = to_device(ids, torch.long, self.device)
-        positions = move(torch.cat(pos_chunks), self.device)
-        return StepInputs(input_ids, positions, meta, sample_rows, placeholders)
+        input_ids, positions, sample_index, dst, src = to_device_packed(
+            [
+                ids,
+                torch.cat(pos_chunks).tolist(),
+                sample_rows,
+                [row for row, _ in placeholders],
+                placeholder_sources(placeholders, pending),
+            ],
+            torch.long,
+            self.device,
+        )
+        return StepInputs(input_ids, positions, meta, sample_index, dst, src)
 
-    def prepare_kernel(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+    def prepare_kernel(
+        self, scheduled: list[ScheduledRequest], pending: PendingTokens | None = None
+    ) -> StepInputs:
         """`prepare` for the Triton backend: block tables and lengths instead of gather plans. Two copies to
-        the device: the int64 fields (ids, positions, slots) in one buffer, the int32 ones in another."""
+        the device: the int64 fields (ids, positions, slots, row indices) in one buffer, the int32 ones
+        (lengths, query starts, block tables) in another."""
         ids: list[int] = []
         placeholders: list[tuple[int, Request]] = []
         positions: list[int] = []
@@ -318,22 +341,35 @@ class ModelRunner:
             splits = choose_num_splits(
                 len(scheduled), self.config.num_key_value_heads, max(seq_lens), self._num_sms
             )
-        dev, n, b = self.device, len(ids), len(seq_lens)
-        longs = to_device(ids + positions + slots, torch.long, dev)
+        dev, b = self.device, len(seq_lens)
+        input_ids, positions_t, slot_mapping, sample_index, dst, src = to_device_packed(
+            [
+                ids,
+                positions,
+                slots,
+                sample_rows,
+                [row for row, _ in placeholders],
+                placeholder_sources(placeholders, pending),
+            ],
+            torch.long,
+            dev,
+        )
         flat_tables = [i for t in tables for i in t + [0] * (width - len(t))]
-        ints = to_device(seq_lens + query_start + flat_tables, torch.int32, dev)
+        seq_lens_t, query_start_t, flat_tables_t = to_device_packed(
+            [seq_lens, query_start, flat_tables], torch.int32, dev
+        )
         kernel = KernelMetadata(
-            slot_mapping=longs[2 * n :],
-            block_tables=ints[2 * b + 1 :].view(b, width),
-            seq_lens=ints[:b],
-            query_start=ints[b : 2 * b + 1],
+            slot_mapping=slot_mapping,
+            block_tables=flat_tables_t.view(b, width),
+            seq_lens=seq_lens_t,
+            query_start=query_start_t,
             max_query_len=max_query_len,
             block_size=self.block_size,
             sliding_window=self.config.sliding_window or 0,
             num_splits=splits,
         )
         meta = AttentionMetadata(num_decodes=sum(s.num_new_tokens == 1 for s in scheduled), kernel=kernel)
-        return StepInputs(longs[:n], longs[n : 2 * n], meta, sample_rows, placeholders)
+        return StepInputs(input_ids, positions_t, meta, sample_index, dst, src)
 
     @torch.inference_mode()
     def execute(
@@ -344,14 +380,12 @@ class ModelRunner:
         ordered = [s for s in out.scheduled if s.num_new_tokens == 1] + [
             s for s in out.scheduled if s.num_new_tokens > 1
         ]
-        step = self.prepare(ordered)
-        input_ids, positions, meta, sample_rows = step.input_ids, step.positions, step.meta, step.sample_rows
-        if step.placeholders:
-            assert pending is not None, "an output placeholder without a step in flight"
-            dst = to_device([i for i, _ in step.placeholders], torch.long, self.device)
-            src = [pending.rows[r.request_id] for _, r in step.placeholders]
+        step = self.prepare(ordered, pending)
+        input_ids, positions, meta = step.input_ids, step.positions, step.meta
+        if step.placeholder_rows.numel():
+            assert pending is not None
             input_ids.index_copy_(
-                0, dst, pending.tokens.index_select(0, to_device(src, torch.long, self.device))
+                0, step.placeholder_rows, pending.tokens.index_select(0, step.placeholder_sources)
             )
         kernel = meta.kernel
         if self.graphs is not None and kernel is not None and self.graphs.can_run(kernel):
@@ -361,8 +395,7 @@ class ModelRunner:
         sampling = [s.request for s in ordered if s.samples]
         if not sampling:
             return [], None
-        rows = to_device(sample_rows, torch.long, self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        logits = self.model.compute_logits(hidden.index_select(0, step.sample_index))
         captured = None
         if self.capture_logits:  # before sampling, which edits float32 logits in place
             captured = {

@@ -22,6 +22,19 @@ def to_device(values: Sequence | torch.Tensor, dtype: torch.dtype, device: torch
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def to_device_packed(
+    groups: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """Each list of `groups` as a `dtype` tensor on `device`, all through one copy: views of one buffer.
+    A step's small index lists would otherwise cost one pinned staging and one copy call each."""
+    flat = to_device([v for group in groups for v in group], dtype, device)
+    views, start = [], 0
+    for group in groups:
+        views.append(flat[start : start + len(group)])
+        start += len(group)
+    return views
+
+
 def move(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on `device` (its own dtype), without a host-device sync."""
     return to_device(tensor, tensor.dtype, device)
