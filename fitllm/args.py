@@ -64,7 +64,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         type=parse_bytes,
         default=None,
-        help="KV pool size, e.g. 512MiB (default: enough for max-num-seqs full contexts, at most 1 GiB)",
+        help="a static KV pool of this size, e.g. 512MiB (with --static-kv and no size: enough for max-num-seqs "
+        "full contexts, at most what the budget leaves)",
     )
     g.add_argument(
         "--static-kv",

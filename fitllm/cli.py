@@ -218,7 +218,8 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
     from benchmarks.measure import PhaseMemoryProbe
     from fitllm.engine.engine import Engine
-    from fitllm.eval.perplexity import SequenceScorer, perplexity, read_text
+    from fitllm.engine.scorer import SequenceScorer
+    from fitllm.eval.perplexity import perplexity, read_text
     from fitllm.units import format_bytes
 
     if not args.text.is_file():

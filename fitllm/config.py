@@ -171,8 +171,8 @@ class EngineConfig:
         None  # bytes per KV slab of the elastic pool; None: by device (resolve_kv_slab_size)
     )
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
-    quantization: str | None = None  # None / "none", "int8", "int4" (fitllm/quant)
-    quant_group_size: int | None = None  # int4 group size (default 64)
+    quantization: str | None = None  # None / "none", "int8", "int4", "bnb-int8", "bnb-nf4" (fitllm/quant)
+    quant_group_size: int | None = None  # int4 group size (default 64; 32 for GGUF Q4_0/Q4_1 linears)
     kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/quant/kv.py)
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute

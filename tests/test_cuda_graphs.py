@@ -10,9 +10,10 @@ import torch
 from conftest import make_random_checkpoint, run_all
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs, capture_sizes
+from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
+from fitllm.memory.planner import capture_sizes
 from fitllm.model.attention import KernelMetadata
 
 

@@ -9,7 +9,8 @@ import torch
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
-from fitllm.eval.perplexity import SequenceScorer, gutenberg_body, perplexity
+from fitllm.engine.scorer import SequenceScorer
+from fitllm.eval.perplexity import gutenberg_body, perplexity
 
 
 def hf_perplexity(model, ids: list[int], context: int, stride: int) -> tuple[float, int]:

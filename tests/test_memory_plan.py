@@ -180,8 +180,7 @@ def test_measured_workspace_is_reserved_and_within_10_percent_of_the_plan(dtype,
 
 
 def test_plan_holds_the_cuda_graph_pool_before_kv_and_says_what_eager_frees():
-    from fitllm.engine.cuda_graphs import capture_sizes
-    from fitllm.memory.planner import graph_pool_bytes, layer_activation_bytes
+    from fitllm.memory.planner import capture_sizes, graph_pool_bytes, layer_activation_bytes
 
     cfg = open_model(None).config
     eager = make_plan(cfg, "m", torch.bfloat16, 2 << 30, 4096, max_num_seqs=64)

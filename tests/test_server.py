@@ -18,7 +18,7 @@ from conftest import SERVER_CONFIG
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.eval.perplexity import SequenceScorer
+from fitllm.engine.scorer import SequenceScorer
 
 PROMPT = "The Martians landed in"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fitllm")
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Batch sizes to capture: 1, 2, 4 and multiples of 8 below max_num_seqs, and max_num_seqs itself."""
-    base = [1, 2, 4, *range(8, max_num_seqs, 8)]
-    return sorted({s for s in base if s < max_num_seqs} | {max_num_seqs})
-
-
 class GraphCapturer(Protocol):
     """Records `fn` (which reads and writes only static tensors) and returns a replay of it."""
 

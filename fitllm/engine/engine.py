@@ -20,6 +20,7 @@ from fitllm.engine.request import Request, RequestOutput, RequestStatus, Samplin
 from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
+from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
@@ -298,8 +299,6 @@ class Engine:
         One prefill outside the KV pool (not cached) whose scratch cache and logits are reserved in the
         ledger for its duration; prompts longer than --max-num-batched-tokens are refused, because the
         measured workspace covers steps of at most that many tokens."""
-        from fitllm.eval.perplexity import SequenceScorer
-
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.model_config.vocab_size
         if not ids or any(not 0 <= t < vocab for t in ids):

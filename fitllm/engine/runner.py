@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
-from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer, capture_sizes
+from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.planner import capture_sizes
 from fitllm.memory.transfer import move, to_device_packed
 from fitllm.model.attention import (
     AttentionMetadata,

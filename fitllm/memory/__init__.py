@@ -1,1 +1,1 @@
-"""Memory: the KV block pool and its manager (the ledger and planner join in the memory issue)."""
+"""Memory: the ledger and budget, the planner, the paged KV pool and its manager, KV swap, and weight offload."""

@@ -1,10 +1,10 @@
 """Offload placement: which decoder layers stay resident and which are streamed in before each use.
 
-The first piece of weight offload (the streaming itself comes next): given the bytes one decoder layer
-takes as stored and the bytes the budget leaves for decoder layers, keep as many layers resident as fit
-next to the staging buffers the streamed ones need (`prefetch` layers in flight), and spread the streamed
-ones evenly through the stack, so every copy has resident layers' compute to hide behind instead of a run
-of streamed layers stalling back to back.
+Given the bytes one decoder layer takes as stored and the bytes the budget leaves for decoder layers, keep
+as many layers resident as fit next to the staging buffers the streamed ones need (`prefetch` layers in
+flight), and spread the streamed ones evenly through the stack, so every copy has resident layers' compute
+to hide behind instead of a run of streamed layers stalling back to back. The streaming itself is
+fitllm/memory/streamer.py's.
 
 The cost model is the one a pipeline of copies and compute has: a step takes the longer of all compute
 and all copies, plus one copy to fill the pipeline; one pass over the layers serves the whole batch, so

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
-from fitllm.engine.cuda_graphs import capture_sizes
 from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
 from fitllm.model.linear import LinearBase
@@ -121,6 +120,13 @@ def layer_activation_bytes(config: ModelConfig, num_tokens: int, elem: int) -> i
 # The CUDA caching allocator's granularity (c10/cuda/CUDACachingAllocator.cpp): blocks of 1 MiB or less
 # come from 2 MiB segments, blocks up to 10 MiB from 20 MiB segments, larger ones are rounded to 2 MiB.
 _SMALL_SEGMENT, _LARGE_SEGMENT = 2 << 20, 20 << 20
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs (fitllm/engine/cuda_graphs.py): 1, 2, 4 and multiples of 8
+    below max_num_seqs, and max_num_seqs itself. Here because the plan sizes their pool."""
+    base = [1, 2, 4, *range(8, max_num_seqs, 8)]
+    return sorted({s for s in base if s < max_num_seqs} | {max_num_seqs})
 
 
 def graph_pool_bytes(
