@@ -134,6 +134,10 @@ def test_eos_banning_and_bias_and_greedy_and_seed():
     assert p.temperature == 0 and p.seed is None
     q = sampling_params(_body(prompt="x", trim_stop=False, top_k=0, rep_pen_range=0), 10, [2])
     assert q.include_stop_str_in_output and q.top_k == 0 and q.repetition_penalty_range == 1
+    # KoboldCpp's top_p 0 keeps only the most likely token; above 1 it is off.
+    zero = sampling_params(_body(prompt="x", top_p=0, top_k=40), 10, [2])
+    assert (zero.top_k, zero.top_p) == (1, 1.0)
+    assert sampling_params(_body(prompt="x", top_p=1.5), 10, [2]).top_p == 1.0
 
 
 # ---- through real HTTP ----------------------------------------------------------------------------------
@@ -264,3 +268,51 @@ def test_tokencount_and_bad_input(server, offline):
     assert wrong.status_code == 400 and "max_length" in wrong.json()["error"]["message"]
     ok = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "max_length": 2}, timeout=60)
     assert ok.status_code == 200  # still serving
+
+
+def test_bodies_are_read_as_json_whatever_their_content_type(server):
+    """KoboldCpp reads every body as JSON: front ends send it as text/plain, form data, or nothing at all
+    (SillyTavern's abort)."""
+    body = json.dumps({"prompt": "Once upon a time", "max_length": 3, "temperature": 0})
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        r = httpx.post(f"{server.url}/api/v1/generate", content=body, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+    assert httpx.post(f"{server.url}/api/extra/abort").json() == {"success": "false", "done": "false"}
+    last = r.json()["results"][0]["text"]  # the latest job, started without a genkey
+    assert httpx.post(f"{server.url}/api/extra/generate/check").json() == {"results": [{"text": last}]}
+    bad = httpx.post(f"{server.url}/api/v1/generate", content=b"not json", timeout=30)
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+
+
+def test_check_without_a_genkey_shows_only_a_job_started_without_one(server):
+    """A genkey keeps a job's text from everyone else, as in KoboldCpp (multi-user servers)."""
+    base = {"prompt": "The ships sailed on", "max_length": 4, "temperature": 0}
+    private = httpx.post(f"{server.url}/api/v1/generate", json=base | {"genkey": "USER-A"}, timeout=60).json()
+    assert private["results"][0]["text"]
+    assert httpx.get(f"{server.url}/api/extra/generate/check").json() == {"results": [{"text": ""}]}
+    mine = httpx.post(f"{server.url}/api/extra/generate/check", json={"genkey": "USER-A"}).json()
+    assert mine == {"results": [{"text": private["results"][0]["text"]}]}
+    public = httpx.post(f"{server.url}/api/v1/generate", json=base, timeout=60).json()
+    shown = httpx.get(f"{server.url}/api/extra/generate/check").json()
+    assert shown == {"results": [{"text": public["results"][0]["text"]}]}
+
+
+def test_perf_tokenize_detokenize_and_latest_aliases(server, offline):
+    before = httpx.get(f"{server.url}/api/extra/perf").json()
+    body = {"prompt": "The Martians", "max_length": 5, "temperature": 0, "sampler_seed": 77}
+    result = httpx.post(f"{server.url}/api/v1/generate", json=body, timeout=60).json()["results"][0]
+    perf = httpx.get(f"{server.url}/api/extra/perf").json()
+    assert perf["total_gens"] == before["total_gens"] + 1
+    assert perf["last_token_count"] == result["completion_tokens"] == 5
+    assert perf["stop_reason"] == 0 and perf["last_seed"] == 77  # 0: out of tokens (max_length)
+    assert perf["last_process"] >= 0 and perf["last_eval"] > 0
+    assert (perf["queue"], perf["idle"]) == (0, 1) and perf["uptime"] > 0
+    ids = offline.tokenizer.encode("The Martians landed.")
+    tokens = httpx.post(f"{server.url}/api/extra/tokenize", json={"prompt": "The Martians landed."}).json()
+    assert tokens == {"value": len(ids), "ids": ids}
+    text = httpx.post(f"{server.url}/api/extra/detokenize", json={"ids": ids}).json()
+    assert text == {"result": offline.tokenizer.decode(ids, skip_special_tokens=False), "success": True}
+    assert httpx.post(f"{server.url}/api/extra/detokenize", json={"ids": [10**9]}).status_code == 400
+    assert httpx.get(f"{server.url}/api/latest/model").json() == {"result": server.name}
+    assert httpx.get(f"{server.url}/api/v1/config/soft_prompts_list").json() == {"values": []}

@@ -221,6 +221,26 @@ def test_echo_logprobs_as_lm_eval_sends_them(server, http, offline):
             assert top[tok] == value and 1 <= len(top) <= 2
 
 
+def test_echo_without_generation_returns_the_scored_prompt(server, http, offline):
+    """Legacy OpenAI's `echo` with `max_tokens: 0`: the prompt and its logprobs, nothing generated."""
+    body = {"prompt": [PROMPT, "Paris is"], "echo": True, "logprobs": 1, "max_tokens": 0, "n": 2}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2, 3]
+    ids = offline.tokenizer.encode(PROMPT)
+    first = data["choices"][0]
+    assert first["text"] == PROMPT and first["finish_reason"] == "length"
+    ref = SequenceScorer(
+        offline.model, offline.model_config, offline.device, context=len(ids)
+    ).token_logprobs(ids)
+    assert first["logprobs"]["token_logprobs"][1:] == pytest.approx(ref.tolist(), abs=1e-3)
+    assert data["usage"]["completion_tokens"] == 0
+    assert data["usage"]["prompt_tokens"] == len(ids) + len(offline.tokenizer.encode("Paris is"))
+    plain = http.post("/v1/completions", json={"prompt": "Paris is", "echo": True, "max_tokens": 0}).json()
+    assert plain["choices"][0]["text"] == "Paris is" and plain["choices"][0]["logprobs"] is None
+
+
 # ---- tokenizer routes and raw SSE ------------------------------------------------------------------------
 
 

@@ -101,7 +101,40 @@ BAD = [
     ("empty_token_prompt", C, {"prompt": [[]]}, 400, ANY),
     ("token_out_of_vocab", C, {"prompt": [10**9]}, 400, ANY),
     ("negative_token", C, {"prompt": [[1, -1]]}, 400, ANY),
-    ("prompt_too_long", C, {"prompt": "hello " * 600, "max_tokens": 1}, 400, ANY),
+    ("prompt_too_long", C, {"prompt": "hello " * 600, "max_tokens": 1}, 400, "prompt"),
+    (
+        "chat_prompt_too_long",
+        CHAT,
+        {"messages": [{"role": "user", "content": "hello " * 600}]},
+        400,
+        "messages",
+    ),
+    ("max_tokens_past_context", C, {"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ("chat_max_tokens_past_context", CHAT, {"messages": MESSAGES, "max_tokens": 100000}, 400, "max_tokens"),
+    ("seed_overflow", C, {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    ("guided_json", C, {"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ("beam_search", C, {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    (
+        "response_format_json",
+        CHAT,
+        {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
+    (
+        "tools",
+        CHAT,
+        {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+    ),
+    (
+        "stream_options_without_stream",
+        C,
+        {"prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
     ("suffix", C, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ("best_of", C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("echo_logprobs_stream", C, {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "echo"),
@@ -139,11 +172,28 @@ def test_bad_input_is_an_openai_error(server, http, name, path, body, status, pa
     assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
 
 
-def test_unknown_fields_are_accepted(server, http):
-    body = {"prompt": "hi", "max_tokens": 1, "foo": "bar", "guided_json": {"type": "object"}, "top_a": 0.1}
+def test_unknown_fields_and_neutral_unsupported_ones_are_accepted(server, http):
+    body = {"prompt": "hi", "max_tokens": 1, "foo": "bar", "guided_json": None, "top_a": 0.1}
     assert http.post(C, json=body).status_code == 200
-    chat = {"messages": [{"role": "user", "content": "hi", "name": "x"}], "max_tokens": 1, "tools": []}
+    chat = {
+        "messages": [{"role": "user", "content": "hi", "name": "x"}],
+        "max_tokens": 1,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+    }
     assert http.post(CHAT, json=chat).status_code == 200
+    # The whole context is there for max_tokens: prompt + max_tokens == max_model_len is accepted.
+    n = len(http.post("/tokenize", json={"prompt": "hi"}).json()["tokens"])
+    limit = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    with http.stream("POST", C, json={"prompt": "hi", "max_tokens": limit - n, "stream": True}) as r:
+        assert r.status_code == 200  # accepted (closing the stream aborts it)
+
+
+def test_a_tiny_temperature_samples_greedily(server, http):
+    greedy = http.post(C, json={"prompt": "The Martians", "max_tokens": 6, "temperature": 0}).json()
+    tiny = http.post(C, json={"prompt": "The Martians", "max_tokens": 6, "temperature": 1e-38}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
 def test_openai_client_sees_the_errors(server, client):
@@ -296,6 +346,14 @@ def test_metrics(server, http):
 
 
 def test_api_key(tiny):
+    lower = {"authorization": f"bearer {API_KEY}"}  # the scheme is case-insensitive (RFC 9110)
+    assert httpx.get(f"{tiny.url}/v1/models", headers=lower).status_code == 200
+    # What a KoboldAI front end reads to find the server and learn that it needs a key stays open.
+    version = httpx.get(f"{tiny.url}/api/extra/version")
+    assert version.status_code == 200 and version.json()["protected"] is True
+    assert httpx.get(f"{tiny.url}/api/v1/config/max_context_length").status_code == 200
+    assert_error(httpx.post(f"{tiny.url}/api/v1/generate", json={"prompt": "t5"}), 401)
+    assert_error(httpx.post(f"{tiny.url}/api/extra/tokencount", json={"prompt": "t5"}), 401)
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": API_KEY}):
         err = assert_error(httpx.get(f"{tiny.url}/v1/models", headers=headers), 401)
         assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")

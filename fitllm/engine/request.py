@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-38 overflow to inf and NaN)
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -94,15 +96,16 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", self.logprobs, "an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
+            raise bad("seed", self.seed, "a 64-bit signed integer")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 finite(f"logit_bias[{tok}]", bias)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that dividing the logits by it would overflow them (vLLM's rule)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_token_history(self) -> bool:

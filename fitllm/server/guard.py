@@ -7,6 +7,7 @@ non-streamed request must be aborted when its client disconnects.
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -17,6 +18,19 @@ from fitllm.server.errors import error_body
 
 MAX_BODY_BYTES = 32 << 20  # a request body larger than this is refused (413)
 OPEN_PATHS = ("/health", "/metrics")
+# What KoboldCpp answers without its password, so a front end can find the server and see that it is
+# protected (/api/extra/version's "protected") before asking the user for the key.
+OPEN_GET_PATHS = (
+    "/api/v1/model",
+    "/api/latest/model",
+    "/api/v1/info/version",
+    "/api/latest/info/version",
+    "/api/v1/config/",
+    "/api/latest/config/",
+    "/api/extra/version",
+    "/api/extra/true_max_context_length",
+    "/api/extra/perf",
+)
 
 
 class BodyTooLarge(HTTPException):
@@ -49,8 +63,9 @@ class RequestGuard:
             and scope["method"] != "OPTIONS"
             and scope["path"] != "/"  # the studio page itself; its API calls send the key
             and not scope["path"].startswith(OPEN_PATHS)
+            and not (scope["method"] == "GET" and scope["path"].startswith(OPEN_GET_PATHS))
         )
-        if guarded and headers.get("authorization", "") != f"Bearer {self.api_key}":
+        if guarded and not _bearer_matches(headers.get("authorization", ""), self.api_key):
             body = error_body(
                 "missing or wrong API key (Authorization: Bearer KEY)",
                 "authentication_error",
@@ -70,6 +85,16 @@ class RequestGuard:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+def _bearer_matches(authorization: str, key: str | None) -> bool:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 9110: schemes are case-insensitive)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return (
+        key is not None
+        and scheme.lower() == "bearer"
+        and hmac.compare_digest(token.strip().encode(), key.encode())
+    )
 
 
 async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:

@@ -19,14 +19,17 @@ Behaviour follows KoboldCpp (koboldcpp.py, gpttype_adapter.cpp), including its d
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.errors import bad_request
@@ -34,6 +37,7 @@ from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect
 
 router = APIRouter()
+B = TypeVar("B", bound=BaseModel)
 
 KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp reports
 KOBOLDCPP_VERSION = "1.49"
@@ -93,6 +97,32 @@ class TokenCountRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
     special: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ids: list[int]
+
+
+async def read_body(request: Request, model: type[B], lenient: bool = False) -> B:
+    """The body as `model`, read as JSON whatever its content type (KoboldCpp reads every body so, and
+    front ends send JSON as text/plain or form data). `lenient`: an empty or unreadable body is `{}`, as
+    KoboldCpp's check and abort take it. Field errors are 400s naming the field, as for any route."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except ValueError as exc:
+        if not lenient:
+            raise bad_request(f"the body is not valid JSON: {exc}") from exc
+        data = {}
+    if not isinstance(data, dict):
+        if not lenient:
+            raise bad_request("the body must be a JSON object")
+        data = {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
 
 
 # ---- translating a request ----------------------------------------------------------------------------
@@ -156,8 +186,9 @@ def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: list[
     try:
         return SamplingParams(
             temperature=max(0.0, body.temperature),
-            top_k=max(0, body.top_k),
-            top_p=body.top_p if 0 < body.top_p <= 1 else 1.0,
+            # KoboldCpp: top_p 0 keeps only the most likely token; above 1, off.
+            top_k=1 if body.top_p <= 0 else max(0, body.top_k),
+            top_p=min(1.0, body.top_p) if body.top_p > 0 else 1.0,
             min_p=max(0.0, body.min_p),
             repetition_penalty=body.rep_pen,
             repetition_penalty_range=max(1, body.rep_pen_range),
@@ -204,7 +235,7 @@ async def _start(st: ServerState, body: KoboldGenerateRequest):
     params = sampling_params(body, max_length, st.tokenizer.eos_token_ids)
     rid = f"kobold-{uuid.uuid4().hex}"
     stream = await st.start_streams(st.engine.add(ids, params, rid))
-    return stream, st.kobold_jobs.start(rid, body.genkey)
+    return stream, st.kobold_jobs.start(rid, body.genkey, params.seed if params.seed is not None else -1)
 
 
 def _finish_reason(out: RequestOutput) -> str:
@@ -216,24 +247,48 @@ def _finish_reason(out: RequestOutput) -> str:
 
 
 @router.get("/api/v1/model")
+@router.get("/api/latest/model")
 async def model(request: Request) -> dict[str, str]:
     return {"result": get_state(request).model_name}
 
 
 @router.get("/api/v1/info/version")
+@router.get("/api/latest/info/version")
 async def api_version() -> dict[str, str]:
     return {"result": KOBOLD_API_VERSION}
 
 
 @router.get("/api/v1/config/max_context_length")
+@router.get("/api/latest/config/max_context_length")
 @router.get("/api/extra/true_max_context_length")
 async def max_context_length(request: Request) -> dict[str, int]:
     return {"value": get_state(request).max_model_len}
 
 
 @router.get("/api/v1/config/max_length")
+@router.get("/api/latest/config/max_length")
 async def max_length() -> dict[str, int]:
     return {"value": DEFAULT_MAX_LENGTH}
+
+
+@router.get("/api/v1/config/soft_prompts_list")
+@router.get("/api/latest/config/soft_prompts_list")
+async def soft_prompts_list() -> dict[str, list]:
+    return {"values": []}
+
+
+@router.get("/api/extra/perf")
+async def perf(request: Request) -> dict[str, Any]:
+    """KoboldCpp's figures: the last generation's prompt-processing and generation seconds, its token
+    count, seed and stop reason, the number of generations, and the queue now."""
+    st = get_state(request)
+    requests = st.status().requests
+    return {
+        **dataclasses.asdict(st.kobold_jobs.perf),
+        "queue": requests.get("waiting", 0),
+        "idle": 0 if requests.get("running", 0) or requests.get("waiting", 0) else 1,
+        "uptime": time.time() - st.created,
+    }
 
 
 @router.get("/api/extra/version")
@@ -256,13 +311,16 @@ async def extra_version(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/v1/generate")
-async def generate(body: KoboldGenerateRequest, request: Request) -> dict[str, Any]:
+@router.post("/api/latest/generate")
+async def generate(request: Request) -> dict[str, Any]:
     st = get_state(request)
+    body = await read_body(request, KoboldGenerateRequest)
     stream, job = await _start(st, body)
     try:
         (final,) = await collect(request, [(0, stream)], lambda _, out: job.update(out.outputs[0].text))
     finally:
         job.done = True
+    st.kobold_jobs.finish(job, final)
     c = final.outputs[0]
     return {
         "results": [
@@ -279,8 +337,9 @@ async def generate(body: KoboldGenerateRequest, request: Request) -> dict[str, A
 
 
 @router.post("/api/extra/generate/stream")
-async def generate_stream(body: KoboldGenerateRequest, request: Request) -> StreamingResponse:
+async def generate_stream(request: Request) -> StreamingResponse:
     st = get_state(request)
+    body = await read_body(request, KoboldGenerateRequest)
     stream, job = await _start(st, body)
 
     def event(token: str, finish_reason: str | None) -> str:
@@ -294,7 +353,7 @@ async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Stre
                 if c.delta_text:
                     yield event(c.delta_text, None)
                 if out.finished:
-                    job.done = True
+                    st.kobold_jobs.finish(job, out)
                     yield event("", _finish_reason(out))
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -303,22 +362,20 @@ async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Stre
 
 @router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
 async def check(request: Request) -> dict[str, Any]:
-    jobs = get_state(request).kobold_jobs
-    job = jobs.last
+    """The text so far of the job the genkey names (POST), or of the latest job if it has no genkey."""
+    genkey = ""
     if request.method == "POST":
-        try:
-            body = GenkeyRequest(**(await request.json()))
-        except Exception as exc:
-            raise bad_request("the body must be a JSON object with a genkey") from exc
-        job = jobs.by_genkey.get(body.genkey)
+        genkey = (await read_body(request, GenkeyRequest, lenient=True)).genkey
+    job = get_state(request).kobold_jobs.find(genkey)
     return {"results": [{"text": job.text if job else ""}]}
 
 
 @router.post("/api/extra/abort")
-async def abort(body: GenkeyRequest, request: Request) -> dict[str, str]:
+async def abort(request: Request) -> dict[str, str]:
+    """Abort the job the genkey names, or the latest job if it has no genkey (an empty body included)."""
     st = get_state(request)
-    jobs = st.kobold_jobs
-    job = jobs.by_genkey.get(body.genkey) if body.genkey else jobs.last
+    body = await read_body(request, GenkeyRequest, lenient=True)
+    job = st.kobold_jobs.find(body.genkey)
     if job is None or job.done:
         return {"success": "false", "done": "false"}
     st.engine.abort(job.request_id)
@@ -326,6 +383,18 @@ async def abort(body: GenkeyRequest, request: Request) -> dict[str, str]:
 
 
 @router.post("/api/extra/tokencount")
-async def tokencount(body: TokenCountRequest, request: Request) -> dict[str, Any]:
+@router.post("/api/extra/tokenize")
+async def tokencount(request: Request) -> dict[str, Any]:
+    body = await read_body(request, TokenCountRequest)
     ids = get_state(request).tokenizer.encode(body.prompt, add_special_tokens=body.special)
     return {"value": len(ids), "ids": ids}
+
+
+@router.post("/api/extra/detokenize")
+async def detokenize(request: Request) -> dict[str, Any]:
+    body = await read_body(request, DetokenizeRequest)
+    st = get_state(request)
+    bad = [t for t in body.ids if not 0 <= t < st.vocab_size]
+    if bad:
+        raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {st.vocab_size})", "ids")
+    return {"result": st.tokenizer.decode(body.ids, skip_special_tokens=False), "success": True}

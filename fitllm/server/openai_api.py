@@ -58,6 +58,32 @@ async def _start(
     return streams
 
 
+def token_prompts(
+    st: ServerState, prompts: list[str | list[int]], max_tokens: int | None, param: str
+) -> list[list[int]]:
+    """The prompts as token ids, each checked against the context as vLLM's server does: a prompt that
+    fills it, or a max_tokens it cannot hold after the prompt, is a 400 rather than a reply cut short."""
+    out = []
+    limit = st.max_model_len
+    for prompt in prompts:
+        ids = st.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= limit:
+            raise bad_request(
+                f"this model's maximum context length is {limit} tokens and the prompt has {len(ids)}; "
+                f"shorten the prompt",
+                param,
+            )
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise bad_request(
+                f"this model's maximum context length is {limit} tokens, but {len(ids) + max_tokens} were "
+                f"requested ({len(ids)} in the prompt, {max_tokens} in the completion); lower max_tokens to "
+                f"{limit - len(ids)} or less, or shorten the prompt",
+                "max_tokens",
+            )
+        out.append(ids)
+    return out
+
+
 def _envelope(obj: str, cid: str, created: int, model: str, choices: list, **extra: Any) -> dict[str, Any]:
     """A response or stream chunk: {"id", "object", "created", "model", "choices", ...extra}."""
     return {"id": cid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
@@ -143,14 +169,17 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         raise bad_request("best_of other than n is not supported", "best_of")
     if body.echo and body.logprobs is not None and body.stream:
         raise bad_request("echo with logprobs is not supported while streaming", "echo")
+    if body.echo and body.max_tokens == 0:
+        return await _echo_only(st, body)
     params = body.sampling_params(body.max_tokens, body.logprobs)
     prompts = body.prompts()
+    ids = token_prompts(st, prompts, body.max_tokens, "prompt")
     prompt_scores = None
     if body.echo and body.logprobs is not None:
-        prompt_scores = [await st.score_prompt(p, body.logprobs) for p in prompts]
+        prompt_scores = [await st.score_prompt(p, body.logprobs) for p in ids]
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = await st.start_streams(_start(st, prompts, params, body, cid))
+    streams = await st.start_streams(_start(st, ids, params, body, cid))
     model = body.model or st.model_name
 
     def echo_text(i: int, out: RequestOutput) -> str:
@@ -228,6 +257,36 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
 
 
+async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse | StreamingResponse:
+    """`echo` with `max_tokens: 0`: each prompt back, with its logprobs if asked, and nothing generated."""
+    body.refuse_unsupported()
+    prompts = body.prompts()
+    ids = token_prompts(st, prompts, 0, "prompt")
+    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or st.model_name
+    choices = []
+    for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
+        text = prompt if isinstance(prompt, str) else st.tokenizer.decode(prompt_ids)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _legacy_logprobs(st, *await st.score_prompt(prompt_ids, body.logprobs), 0)
+        for j in range(body.n):
+            choices.append(
+                {"index": i * body.n + j, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+            )
+    usage = _usage(sum(len(p) for p in ids), 0)
+    if body.stream:
+
+        async def events() -> AsyncIterator[str]:
+            for choice in choices:
+                yield _sse(_envelope("text_completion", cid, created, model, [choice]))
+            if body.include_usage:
+                yield _sse(_envelope("text_completion", cid, created, model, [], usage=usage))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     st = get_state(request)
@@ -240,9 +299,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     prompt = st.render_chat(
         [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
     )
+    ids = token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = await st.start_streams(_start(st, [prompt], params, body, cid))
+    streams = await st.start_streams(_start(st, ids, params, body, cid))
     model = body.model or st.model_name
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:

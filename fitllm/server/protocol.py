@@ -1,11 +1,13 @@
 """Request bodies of the OpenAI-compatible routes, and their translation into SamplingParams.
 
-Unknown fields are accepted and ignored (front ends send several backends' fields in one body); known
-fields are type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
+Unknown fields are accepted and ignored (front ends send several backends' fields in one body), except the
+ones other servers honour that would change the answer (UNSUPPORTED_FIELDS: a 400); known fields are
+type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +16,36 @@ from fitllm.engine.request import SamplingParams
 from fitllm.server.errors import bad_request
 
 MAX_N = 16  # choices per request
+
+
+def _set(value: Any) -> bool:
+    return value not in (None, False, "", [], {})
+
+
+# Fields other OpenAI-compatible servers honour and fitllm does not. Ignoring one would answer a different
+# question than the client asked (free text instead of JSON, no tool call, beams, a truncated prompt), so
+# each is a 400 unless it is at its neutral value.
+UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (
+        lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") == "text"),
+        "structured output (response_format other than text) is not supported",
+    ),
+    "functions": (_set, "function calling is not supported"),
+    "guided_json": (_set, "guided decoding is not supported"),
+    "guided_regex": (_set, "guided decoding is not supported"),
+    "guided_choice": (_set, "guided decoding is not supported"),
+    "guided_grammar": (_set, "guided decoding is not supported"),
+    "structured_outputs": (_set, "guided decoding is not supported"),
+    "allowed_token_ids": (_set, "allowed_token_ids is not supported (use logit_bias)"),
+    "bad_words": (_set, "bad_words is not supported (use logit_bias)"),
+    "prompt_logprobs": (
+        lambda v: v is not None,
+        "prompt_logprobs is not supported; use /v1/completions with echo and logprobs",
+    ),
+    "use_beam_search": (_set, "beam search is not supported"),
+    "truncate_prompt_tokens": (lambda v: v is not None, "truncate_prompt_tokens is not supported"),
+    "continue_final_message": (_set, "continue_final_message is not supported"),
+}
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +79,22 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
+    def refuse_unsupported(self) -> None:
+        """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
+        tools the client wants called), or stream_options without stream (as vLLM)."""
+        extra = self.model_extra or {}
+        for name, (used, why) in UNSUPPORTED_FIELDS.items():
+            if name in extra and used(extra[name]):
+                raise bad_request(f"{name}: {why} by fitllm", name)
+        if _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
+            raise bad_request(
+                'tools: tool calling is not supported by fitllm; send tool_choice "none" or no tools', "tools"
+            )
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        self.refuse_unsupported()
         if not 1 <= self.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}]; got {self.n}", "n")
         bias = None

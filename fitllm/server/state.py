@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from fitllm.engine.async_engine import AsyncEngine, EngineDead, QueueFull
-from fitllm.engine.request import Logprob
+from fitllm.engine.report import EngineStatus
+from fitllm.engine.request import Logprob, RequestOutput
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
 from fitllm.server.errors import APIError, bad_request
@@ -29,6 +30,8 @@ class KoboldJob:
     """A Kobold generation: its text so far (for /api/extra/generate/check) and request (for abort)."""
 
     request_id: str
+    genkey: str = ""
+    seed: int = -1
     text: str = ""
     done: bool = False
 
@@ -37,15 +40,53 @@ class KoboldJob:
 
 
 @dataclass
+class KoboldPerf:
+    """The last finished Kobold generation's figures, as KoboldCpp's /api/extra/perf reports them."""
+
+    last_process: float = 0.0  # seconds from arrival to the first token (prompt processing)
+    last_eval: float = 0.0  # seconds from the first token to the last
+    last_token_count: int = 0
+    last_seed: int = -1
+    stop_reason: int = -1  # KoboldCpp's codes: -1 none yet, 0 out of tokens, 1 EOS, 2 a stop sequence
+    total_gens: int = 0
+
+
+@dataclass
 class KoboldJobs:
-    """Generations by genkey, and the latest (what a check without a genkey reports)."""
+    """Generations by genkey, and the latest (what a check or abort without a genkey refers to, if it was
+    itself started without one: a genkey keeps a job's text from other users, as in KoboldCpp)."""
 
     by_genkey: dict[str, KoboldJob] = field(default_factory=dict)
     last: KoboldJob | None = None
+    perf: KoboldPerf = field(default_factory=KoboldPerf)
     max_kept: int = 1024  # finished jobs are forgotten oldest first beyond this
 
-    def start(self, request_id: str, genkey: str) -> KoboldJob:
-        job = KoboldJob(request_id)
+    def find(self, genkey: str) -> KoboldJob | None:
+        """The job `genkey` names; without one, the latest job if it has no genkey of its own."""
+        if genkey:
+            return self.by_genkey.get(genkey)
+        return self.last if self.last is not None and not self.last.genkey else None
+
+    def finish(self, job: KoboldJob, out: RequestOutput) -> None:
+        """Mark `job` done and record its figures for /api/extra/perf."""
+        job.done = True
+        m, c = out.metrics, out.outputs[0]
+        process = evaluate = 0.0
+        if m is not None:
+            first = m.first_token_time or m.finished_time or m.arrival_time
+            process, evaluate = max(0.0, first - m.arrival_time), max(0.0, (m.finished_time or first) - first)
+        stop = 0 if c.finish_reason == "length" else 2 if isinstance(c.stop_reason, str) else 1
+        self.perf = KoboldPerf(
+            process,
+            evaluate,
+            len(c.token_ids),
+            job.seed,
+            stop,
+            self.perf.total_gens + 1,
+        )
+
+    def start(self, request_id: str, genkey: str, seed: int = -1) -> KoboldJob:
+        job = KoboldJob(request_id, genkey, seed)
         self.last = job
         if genkey:
             self.by_genkey.pop(genkey, None)
@@ -80,6 +121,9 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         return self._ready_engine().max_model_len
+
+    def status(self) -> EngineStatus:
+        return self._ready_engine().status()
 
     @property
     def vocab_size(self) -> int:
