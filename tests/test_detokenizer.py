@@ -148,3 +148,28 @@ def test_detokenizer_skips_special_tokens(tok):
         keep.add_token(t)
     assert skip.text == " hello"
     assert keep.text == " hello" + tok.decode([eos], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("text", ["日本語の文章：東京は", "emoji 🙂🚀 mixed ñ", "plain ascii"])
+def test_token_bytes_rebuild_text_split_inside_characters(tok, text):
+    """Each token's own bytes (the OpenAI logprobs' `bytes`) concatenate to the text's UTF-8, also where
+    a token holds part of a character and decodes alone to U+FFFD."""
+    ids = tok.encode(text, add_special_tokens=False)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+    if not text.isascii():
+        assert any(tok.decode([i]) == "\ufffd" for i in ids)  # the case this is for
+    eos = tok.eos_token_ids[0]
+    assert tok.token_bytes(eos) == tok.eos_token.encode()  # special tokens are their text
+
+
+def test_token_bytes_of_sentencepiece_pieces():
+    """SentencePiece vocabularies: <0xNN> byte pieces are that byte, U+2581 is a space."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import models
+
+    from fitllm.loader.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "\u2581the": 1, "<0xE6>": 2, "cat": 3}
+    backend = FastTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    sp = Tokenizer(backend=backend, eos_token_ids=[], bos_token_id=None, chat_template=None)
+    assert [sp.token_bytes(i) for i in (1, 2, 3)] == [b" the", b"\xe6", b"cat"]

@@ -188,6 +188,20 @@ def test_chat_logprobs(server, client, offline):
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
 
 
+def test_chat_logprob_bytes_rebuild_multibyte_text(server, client):
+    messages = [{"role": "user", "content": "東京について日本語で一文書いてください。"}]
+    resp = client.chat.completions.create(
+        model=server.name, messages=messages, max_tokens=12, temperature=0, logprobs=True
+    )
+    c = resp.choices[0]
+    entries = [
+        e for e in c.logprobs.content if c.finish_reason == "length" or e is not c.logprobs.content[-1]
+    ]
+    data = b"".join(bytes(e.bytes) for e in entries)
+    assert data.decode("utf-8", "ignore") == c.message.content  # the content holds back a cut character
+    assert not data.isascii()
+
+
 def test_echo_logprobs_as_lm_eval_sends_them(server, http, offline):
     prompts = [PROMPT + " the middle of a field", "Paris is the capital of"]
     r = http.post(

@@ -6,7 +6,9 @@ to prepend BOS, and the chat template (rendered with a sandboxed Jinja environme
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,28 @@ class Tokenizer:
         """Token ids -> text."""
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when they are part of a UTF-8 character (decoded alone,
+        such a token is U+FFFD): what the OpenAI logprobs' `bytes` carry so a client can rebuild the text.
+        Byte-level BPE pieces map back through GPT-2's byte alphabet, SentencePiece's <0xNN> pieces are
+        that byte and its U+2581 a space; added (special) tokens are their text."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id in self._added_ids:
+            return piece.encode()
+        if isinstance(self.backend.decoder, decoders.ByteLevel):
+            table = _byte_level_decoder()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
+
     def decode_stream(self, prompt_ids: list[int], skip_special_tokens: bool = True) -> DecodeStream:
         """An incremental decoder primed with the prompt's tail, so word-initial spaces come out right."""
         return DecodeStream(ids=list(prompt_ids[-4:]), skip_special_tokens=skip_special_tokens)
@@ -73,6 +97,24 @@ class Tokenizer:
             bos_token=self.bos_token,
             eos_token=self.eos_token,
         )
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte alphabet inverted: the printable character each byte is written as -> the byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _token_text(value: Any) -> str | None:

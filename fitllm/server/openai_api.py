@@ -125,6 +125,9 @@ def _legacy_logprobs(
 
 
 def _chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int):
+    """The chat API's logprobs. `token` is the token decoded alone (U+FFFD where it holds part of a UTF-8
+    character); `bytes` are the token's own bytes, from which a client can rebuild the text exactly."""
+    token_bytes = st.tokenizer.token_bytes
     content = []
     for tok, entry in zip(token_ids, entries, strict=False):
         text = _token_text(st, tok, entry.get(tok))
@@ -133,9 +136,9 @@ def _chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int
             {
                 "token": text,
                 "logprob": entry[tok].logprob if tok in entry else None,
-                "bytes": list(text.encode()),
+                "bytes": list(token_bytes(tok)),
                 "top_logprobs": [
-                    {"token": (t := _token_text(st, i, lp)), "logprob": lp.logprob, "bytes": list(t.encode())}
+                    {"token": _token_text(st, i, lp), "logprob": lp.logprob, "bytes": list(token_bytes(i))}
                     for i, lp in ranked
                 ],
             }
