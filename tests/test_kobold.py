@@ -316,3 +316,23 @@ def test_perf_tokenize_detokenize_and_latest_aliases(server, offline):
     assert httpx.post(f"{server.url}/api/extra/detokenize", json={"ids": [10**9]}).status_code == 400
     assert httpx.get(f"{server.url}/api/latest/model").json() == {"result": server.name}
     assert httpx.get(f"{server.url}/api/v1/config/soft_prompts_list").json() == {"values": []}
+
+
+def test_logprobs_in_koboldcpps_shape(server, offline):
+    """KoboldAI Lite's token-probability view: logprobs: true gives the chat API's `content` and the
+    completions API's lists, five alternatives per token, matching the offline engine's."""
+    body = {"prompt": "The Martians", "max_length": 4, "temperature": 0, "logprobs": True}
+    result = httpx.post(f"{server.url}/api/v1/generate", json=body, timeout=60).json()["results"][0]
+    lp = result["logprobs"]
+    assert len(lp["content"]) == len(lp["tokens"]) == result["completion_tokens"] == 4
+    assert "".join(lp["tokens"]) == result["text"]
+    state = SimpleNamespace(tokenizer=offline.tokenizer, max_model_len=256)
+    ids, max_length = build_context(state, KoboldGenerateRequest(**body))
+    want = list(offline.stream(ids, sampling_params(KoboldGenerateRequest(**body), max_length, [])))[-1]
+    for entry, own, wanted_id, alternatives in zip(
+        lp["content"], lp["token_logprobs"], want.outputs[0].token_ids, want.outputs[0].logprobs, strict=True
+    ):
+        assert entry["logprob"] == own == pytest.approx(alternatives[wanted_id].logprob, abs=1e-4)
+        assert len(entry["top_logprobs"]) == 5
+    plain = httpx.post(f"{server.url}/api/v1/generate", json=body | {"logprobs": False}, timeout=60).json()
+    assert plain["results"][0]["logprobs"] is None

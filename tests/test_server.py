@@ -296,7 +296,7 @@ def test_legacy_logprobs_keep_the_tokens_own_logprob_when_texts_collide():
     from types import SimpleNamespace
 
     from fitllm.engine.request import Logprob
-    from fitllm.server.openai_api import _legacy_logprobs
+    from fitllm.server.openai_api import legacy_logprobs
 
     class Tok:
         def decode(self, ids, skip_special_tokens=False):
@@ -304,7 +304,7 @@ def test_legacy_logprobs_keep_the_tokens_own_logprob_when_texts_collide():
 
     st = SimpleNamespace(tokenizer=Tok())
     entries = [None, {9: Logprob(-2.104, None), 17: Logprob(-2.121, None), 4: Logprob(-3.0, None)}]
-    out = _legacy_logprobs(st, [5, 9], entries, 0)
+    out = legacy_logprobs(st, [5, 9], entries, 0)
     assert out["tokens"] == ["w5", "\ufffd"] and out["token_logprobs"] == [None, -2.104]
     assert out["top_logprobs"] == [None, {"\ufffd": -2.104, "w4": -3.0}]
     assert out["text_offset"] == [0, 2]

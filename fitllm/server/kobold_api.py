@@ -12,6 +12,10 @@ Behaviour follows KoboldCpp (koboldcpp.py, gpttype_adapter.cpp), including its d
   sampler_order (repetition penalties, truncations, then temperature). Samplers fitllm does not implement
   (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, banned
   strings, images) are accepted only at their neutral values; anything else is a 400 naming the field.
+- `logprobs: true` returns, as KoboldCpp does, each generated token's logprob and its top 5 alternatives in
+  the chat API's `content` list beside the completions API's `tokens` / `token_logprobs` / `top_logprobs`.
+- Bodies are read as JSON whatever their content type; a genkey keeps its job's text and abort to whoever
+  holds it (check and abort without one refer to the latest job only if it has none).
 - `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
   which KoboldAI Lite sends `memory` separately and streams over SSE, and every feature Lite enables below
   it is one fitllm serves or rejects clearly.
@@ -33,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.errors import bad_request
+from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect
 
@@ -43,6 +48,7 @@ KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp report
 KOBOLDCPP_VERSION = "1.49"
 DEFAULT_MAX_LENGTH = 100
 DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
+KOBOLD_LOGPROBS = 5  # alternatives per token KoboldCpp reports (its logprobs_max)
 REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
 
 
@@ -86,6 +92,7 @@ class KoboldGenerateRequest(BaseModel):
     ban_eos_token: bool | None = None
     bypass_eos: bool = False
     images: list[Any] | None = None
+    logprobs: bool = False  # KoboldAI Lite's token-probability view: the top KOBOLD_LOGPROBS per token
 
 
 class GenkeyRequest(BaseModel):
@@ -201,6 +208,7 @@ def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: list[
             include_stop_str_in_output=not body.trim_stop,
             ignore_eos=bool(ban_eos or body.bypass_eos),
             logit_bias=bias or None,
+            logprobs=KOBOLD_LOGPROBS if body.logprobs else None,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
@@ -322,6 +330,10 @@ async def generate(request: Request) -> dict[str, Any]:
         job.done = True
     st.kobold_jobs.finish(job, final)
     c = final.outputs[0]
+    logprobs = None
+    if body.logprobs:  # KoboldCpp's shape: the chat API's `content` beside the completions API's lists
+        ids, entries = c.token_ids, c.logprobs or []
+        logprobs = chat_logprobs(st, ids, entries, KOBOLD_LOGPROBS) | legacy_logprobs(st, ids, entries, 0)
     return {
         "results": [
             {
@@ -329,7 +341,7 @@ async def generate(request: Request) -> dict[str, Any]:
                 "finish_reason": _finish_reason(final),
                 "prompt_tokens": len(final.prompt_token_ids),
                 "completion_tokens": len(c.token_ids),
-                "logprobs": None,
+                "logprobs": logprobs,
                 "tool_calls": [],
             }
         ]

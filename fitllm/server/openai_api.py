@@ -103,7 +103,7 @@ def _token_text(st: ServerState, token_id: int, entry: Logprob | None = None) ->
     return st.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _legacy_logprobs(
+def legacy_logprobs(
     st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob] | None], offset: int
 ) -> dict[str, Any]:
     """The completions API's logprobs object for `token_ids` (text offsets start at `offset`); a None entry
@@ -124,7 +124,7 @@ def _legacy_logprobs(
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-def _chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int):
+def chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int):
     """The chat API's logprobs. `token` is the token decoded alone (U+FFFD where it holds part of a UTF-8
     character); `bytes` are the token's own bytes, from which a client can rebuild the text exactly."""
     token_bytes = st.tokenizer.token_bytes
@@ -211,7 +211,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                 if body.logprobs is not None and c.delta_token_ids and c.logprobs is not None:
                     n = len(c.delta_token_ids)
                     offset = next_offset.get(k, 0)
-                    logprobs = _legacy_logprobs(st, c.delta_token_ids, c.logprobs[-n:], offset)
+                    logprobs = legacy_logprobs(st, c.delta_token_ids, c.logprobs[-n:], offset)
                     next_offset[k] = offset + sum(len(t) for t in logprobs["tokens"])
                 if not text and not out.finished and logprobs is None:
                     continue
@@ -237,11 +237,11 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         text = c.text
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _legacy_logprobs(st, c.token_ids, c.logprobs or [], 0)
+            logprobs = legacy_logprobs(st, c.token_ids, c.logprobs or [], 0)
         if body.echo:
             prefix = echo_text(i, out)
             if logprobs is not None and prompt_scores is not None:
-                head = _legacy_logprobs(st, *prompt_scores[i], 0)
+                head = legacy_logprobs(st, *prompt_scores[i], 0)
                 logprobs = {
                     "tokens": head["tokens"] + logprobs["tokens"],
                     "token_logprobs": head["token_logprobs"] + logprobs["token_logprobs"],
@@ -271,7 +271,7 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
         text = prompt if isinstance(prompt, str) else st.tokenizer.decode(prompt_ids)
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _legacy_logprobs(st, *await st.score_prompt(prompt_ids, body.logprobs), 0)
+            logprobs = legacy_logprobs(st, *await st.score_prompt(prompt_ids, body.logprobs), 0)
         for j in range(body.n):
             choices.append(
                 {"index": i * body.n + j, "text": text, "logprobs": logprobs, "finish_reason": "length"}
@@ -335,7 +335,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 logprobs = None
                 if body.logprobs and c.delta_token_ids and c.logprobs is not None:
                     n = len(c.delta_token_ids)
-                    logprobs = _chat_logprobs(st, c.delta_token_ids, c.logprobs[-n:], top_n)
+                    logprobs = chat_logprobs(st, c.delta_token_ids, c.logprobs[-n:], top_n)
                 if not c.delta_text and not out.finished and logprobs is None:
                     continue
                 delta = {"content": c.delta_text} if c.delta_text else {}
@@ -365,7 +365,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             {
                 "index": k,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(st, c.token_ids, c.logprobs or [], top_n)
+                "logprobs": chat_logprobs(st, c.token_ids, c.logprobs or [], top_n)
                 if body.logprobs
                 else None,
                 "finish_reason": out.outputs[0].finish_reason,
