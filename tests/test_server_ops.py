@@ -143,6 +143,7 @@ BAD = [
     ("unknown_model", C, {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
     ("chat_no_messages", CHAT, {"max_tokens": 1}, 400, ANY),
     ("chat_empty_messages", CHAT, {"messages": []}, 400, ANY),
+    ("chat_user_without_content", CHAT, {"messages": [{"role": "user"}]}, 400, "messages"),
     ("chat_bad_role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, ANY),
     (
         "chat_image_part",

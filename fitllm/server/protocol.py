@@ -160,6 +160,8 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
+        if self.content is None and self.role != "assistant":  # an assistant turn may be a tool call
+            raise bad_request(f"a {self.role} message needs content", "messages")
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
