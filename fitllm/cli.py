@@ -96,6 +96,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             estimate=estimate,
             # As the engine decides (fitllm/engine/engine.py): Triton attention on CUDA captures decode.
             cuda_graphs=device.type == "cuda" and triton_available() and not args.enforce_eager,
+            reference_attention=device.type != "cuda" or not triton_available(),
         )
 
     plan = plan_with()

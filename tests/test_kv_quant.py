@@ -140,11 +140,11 @@ def test_decode_folds_scales_exactly_like_dequantizing(tiny, kv_dtype, monkeypat
     prompt = list(range(3, 30))
     folded_tokens, folded = run_engine(_engine(tiny, kv_dtype), prompt, 10)
 
-    def dequantizing(self, meta, dtype):
-        shape = (self.num_kv_heads * meta.num_decodes, meta.decode_context, self.head_dim)
+    def dequantizing(self, group, dtype):
+        shape = (self.num_kv_heads * group.num, group.context, self.head_dim)
         return (
-            self._gather(0, meta.decode_rows).view(shape),
-            self._gather(1, meta.decode_rows).view(shape),
+            self._gather(0, group.rows).view(shape),
+            self._gather(1, group.rows).view(shape),
             None,
             None,
         )

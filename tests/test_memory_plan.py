@@ -217,3 +217,42 @@ def test_plan_cli_plans_the_graph_pool_on_cuda_unless_eager(capsys):
     assert json.loads(capsys.readouterr().out)["graph_pool"] == 0
     assert cli_main(["plan", "--device", "cpu", "--memory-budget", "2GiB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["graph_pool"] == 0
+
+
+def test_decode_groups_bound_the_padded_gather():
+    from fitllm.engine.runner import decode_groups
+
+    assert decode_groups([5, 9, 3], None) == [(0, 3)]
+    assert decode_groups([10, 10, 10, 10], 40) == [(0, 4)]
+    assert decode_groups([10, 10, 30, 10], 40) == [(0, 2), (2, 3), (3, 4)]
+    assert decode_groups([100, 5, 5], 40) == [(0, 1), (1, 3)]  # a long context alone is still one group
+    for contexts in ([7, 3, 12, 40, 1, 1, 9], [1] * 50, [33, 33, 1, 33]):
+        groups = decode_groups(contexts, 36)
+        assert [i for a, b in groups for i in range(a, b)] == list(range(len(contexts)))
+        assert all(b - a == 1 or (b - a) * max(contexts[a:b]) <= 36 for a, b in groups)
+
+
+@pytest.mark.parametrize("shape", ["several_prompts", "many_decodes"])
+def test_a_full_step_stays_within_the_measured_workspace(tmp_path, shape):
+    """The profile step measures the largest step as it really comes: --max-num-batched-tokens tokens over
+    several prompts when the context is shorter (it measured one prompt of the context, 8x too little), and
+    decodes gather their K/V in groups of at most that many context tokens (32 long decodes gathered 3x)."""
+    from conftest import make_random_checkpoint
+
+    from fitllm.memory.profile import measure_peak_bytes
+
+    folder = make_random_checkpoint(tmp_path, family="llama")
+    if shape == "several_prompts":
+        cfg = dict(max_model_len=64, max_num_batched_tokens=512, max_num_seqs=16)
+        prompts, max_tokens = [[5 + (i * 7 + j) % 200 for j in range(63)] for i in range(8)], 1
+    else:
+        cfg = dict(max_model_len=256, max_num_batched_tokens=256, max_num_seqs=32)
+        prompts, max_tokens = [[5 + (i * 7 + j) % 200 for j in range(200)] for i in range(32)], 24
+    engine = Engine(EngineConfig(model=str(folder), dtype="float32", memory_budget=1 << 30, **cfg))
+    for p in prompts:
+        engine.add_request(p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    workspace = engine.ledger.current("workspace")
+    peaks = []
+    while engine.has_unfinished_requests():
+        peaks.append(measure_peak_bytes(engine.step, engine.device))
+    assert max(peaks) <= workspace

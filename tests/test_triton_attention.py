@@ -31,6 +31,7 @@ from fitllm.memory.ledger import MemoryLedger
 from fitllm.model import triton_attention as ta
 from fitllm.model.attention import (
     AttentionMetadata,
+    DecodeGroup,
     PagedAttention,
     PagedKVLayout,
     PrefillSpan,
@@ -149,9 +150,8 @@ def reference_metadata(case: Case, b: Built) -> AttentionMetadata:
         for i, t in enumerate(b.tables[:decodes]):
             padded[i, : len(t)] = torch.tensor(t)
         slots = (padded.unsqueeze(-1) * bs + torch.arange(bs)).reshape(decodes, -1)[:, :max_ctx]
-        meta.decode_context = max_ctx
-        meta.decode_rows = split_by_slab(head_rows(slots, kvh), slot_rows)
-        meta.decode_mask = _mask(ctx - 1, max_ctx, window)
+        rows = split_by_slab(head_rows(slots, kvh), slot_rows)
+        meta.decode_groups.append(DecodeGroup(0, decodes, max_ctx, rows, _mask(ctx - 1, max_ctx, window)))
     start = decodes
     for q_len, end, table in list(zip(case.q_lens, case.ctx_lens, b.tables))[decodes:]:
         pos = torch.arange(end)

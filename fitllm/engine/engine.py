@@ -126,7 +126,14 @@ class Engine:
         )
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
         self.runner = ModelRunner(
-            self.model, mc, self.kv, self.storage, self.sampler, self.device, self.attention_backend
+            self.model,
+            mc,
+            self.kv,
+            self.storage,
+            self.sampler,
+            self.device,
+            self.attention_backend,
+            decode_gather_tokens=self.decode_gather_tokens,
         )
         if graph_reserve is not None:
             # Sets runner.graphs, or leaves it None when the budget has no room for the pool.
@@ -163,11 +170,16 @@ class Engine:
             config.max_num_batched_tokens,
             config.max_num_seqs,
             scratch_elements(self.model),
+            self.max_model_len if self.attention_backend == "torch" else None,
         )
         self.workspace_measured: int | None = None
+        # The reference backend gathers a decode group's K/V padded to its longest context; groups hold at
+        # most this many context tokens (as a prefill step's), so the profile step can measure the largest.
+        self.decode_gather_tokens = max(config.max_num_batched_tokens, self.max_model_len)
         if config.profile_workspace:
-            # Measured before the KV pool is sized, so the pool gets what the real workspace leaves.
-            tokens = min(config.max_num_batched_tokens, self.max_model_len)
+            # Measured before the KV pool is sized, so the pool gets what the real workspace leaves: a full
+            # step of --max-num-batched-tokens, decodes and prefills at the full context.
+            tokens = config.max_num_batched_tokens
             self.workspace_measured = profile_workspace(
                 self.model,
                 mc,
@@ -175,6 +187,8 @@ class Engine:
                 tokens,
                 min(config.max_num_seqs, tokens),
                 backend=self.attention_backend,
+                max_model_len=self.max_model_len,
+                decode_cap=self.decode_gather_tokens,
             )
             log.info(
                 "workspace: measured %s for a %d-token step (planned %s)",

@@ -20,6 +20,7 @@ from fitllm.memory.planner import capture_sizes
 from fitllm.memory.transfer import move, to_device_packed
 from fitllm.model.attention import (
     AttentionMetadata,
+    DecodeGroup,
     KernelMetadata,
     PagedKVLayout,
     PrefillSpan,
@@ -71,6 +72,22 @@ def append_input_ids(
         ids.append(0)
 
 
+def decode_groups(contexts: list[int], cap: int | None) -> list[tuple[int, int]]:
+    """Split decodes (by their context lengths, in batch order) into contiguous [start, end) groups whose
+    padded gather, count x longest context, stays within `cap` tokens (None: one group). A decode whose
+    context alone passes the cap is a group of its own: a sequence is never split."""
+    if cap is None:
+        return [(0, len(contexts))]
+    groups, start, longest = [], 0, 0
+    for i, c in enumerate(contexts):
+        if i > start and (i - start + 1) * max(longest, c) > cap:
+            groups.append((start, i))
+            start, longest = i, 0
+        longest = max(longest, c)
+    groups.append((start, len(contexts)))
+    return groups
+
+
 @contextlib.contextmanager
 def scratch_prefill(
     model: nn.Module,
@@ -80,12 +97,20 @@ def scratch_prefill(
     num_tokens: int,
     kv_format: KVCacheFormat | None = None,
     backend: str = "torch",
+    spans: list[tuple[int, int]] | None = None,
+    decodes: list[int] | None = None,
+    decode_cap: int | None = None,
 ) -> Iterator[AttentionMetadata]:
-    """Metadata for one causal prefill of `num_tokens` over a zeroed scratch KV cache of `num_slots` slots
-    (slot ids wrap around it; 16 for the Triton backend) stored as `kv_format` (default: the model dtype), bound to
-    every attention layer inside the block; the layers' own KV bindings come back after. Used where there is
-    no KV pool to ask: the start-up profile step and perplexity scoring. `backend` is the attention backend
-    the metadata is for."""
+    """Metadata for a prefill over a zeroed scratch KV cache of `num_slots` slots (slot ids wrap around it;
+    16 for the Triton backend) stored as `kv_format` (default: the model dtype), bound to every attention
+    layer inside the block; the layers' own KV bindings come back after. By default one causal prefill of
+    `num_tokens`; `spans` gives several sequences instead, as (new tokens, context) pairs, a context longer
+    than its new tokens being a later chunk of a long prompt, and `decodes` the contexts of single-token
+    decodes placed before them (grouped as the runner groups them, by `decode_cap`). Used where there is no KV pool to ask: the
+    start-up profile step and perplexity scoring. `backend` is the attention backend the metadata is for."""
+    decodes = decodes or []
+    spans = spans or [(num_tokens - len(decodes), num_tokens - len(decodes))]
+    assert len(decodes) + sum(q for q, _ in spans) == num_tokens and all(0 < q <= c for q, c in spans)
     kvh = config.num_key_value_heads
     if kv_format is None:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
@@ -99,22 +124,41 @@ def scratch_prefill(
     if backend == "triton":
         # Every position maps to block 0 of a 16-slot block size: slot = position % 16 wraps the same way.
         assert num_slots == 16, "the Triton scratch prefill wraps its slots around one 16-slot block"
-        width = -(-num_tokens // 16)
+        spans = [(1, c) for c in decodes] + spans  # the kernels take decodes as one-token sequences
+        width = -(-max(c for _, c in spans) // 16)
+        starts = [0]
+        for q, _ in spans:
+            starts.append(starts[-1] + q)
         meta = AttentionMetadata(
             kernel=KernelMetadata(
                 slot_mapping=slots.to(device),
-                block_tables=torch.zeros(1, width, dtype=torch.int32, device=device),
-                seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-                query_start=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-                max_query_len=num_tokens,
+                block_tables=torch.zeros(len(spans), width, dtype=torch.int32, device=device),
+                seq_lens=torch.tensor([c for _, c in spans], dtype=torch.int32, device=device),
+                query_start=torch.tensor(starts, dtype=torch.int32, device=device),
+                max_query_len=max(q for q, _ in spans),
                 block_size=16,
                 sliding_window=config.sliding_window or 0,
             )
         )
     else:
-        meta = AttentionMetadata(slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=0)
-        rows = split_by_slab(head_rows(slots, kvh), num_slots * kvh).to(device)
-        meta.prefills.append(PrefillSpan(0, num_tokens, num_tokens, rows, None))
+        meta = AttentionMetadata(
+            slot_mapping=split_by_slab(slots, num_slots).to(device), num_decodes=len(decodes)
+        )
+        for a, b in decode_groups(decodes, decode_cap) if decodes else []:
+            ctx = max(decodes[a:b])
+            group_slots = (torch.arange(ctx) % num_slots).expand(b - a, ctx)
+            rows = split_by_slab(head_rows(group_slots, kvh), num_slots * kvh).to(device)
+            mask = (torch.arange(ctx).unsqueeze(0) < torch.tensor(decodes[a:b]).unsqueeze(1)).to(device)
+            meta.decode_groups.append(DecodeGroup(a, b - a, ctx, rows, mask))
+        start = len(decodes)
+        for q, c in spans:
+            rows = split_by_slab(head_rows(torch.arange(c) % num_slots, kvh), num_slots * kvh).to(device)
+            mask = None
+            if c > q:  # a later chunk: its queries are the last q positions of the context
+                k_pos = torch.arange(c)
+                mask = (k_pos.unsqueeze(0) <= torch.arange(c - q, c).unsqueeze(1)).to(device)
+            meta.prefills.append(PrefillSpan(start, q, c, rows, mask))
+            start += q
     layout = PagedKVLayout(
         scratch, torch.zeros(1, dtype=torch.int64, device=device), num_slots, kvh, kv_format.entry_width
     )
@@ -129,6 +173,19 @@ def scratch_prefill(
             attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = kv, fmt, lay, index
 
 
+def profile_spans(num_tokens: int, max_model_len: int) -> list[tuple[int, int]]:
+    """Prefill sequences as (new tokens, context) filling `num_tokens` batched tokens: the first a chunk
+    that ends a prompt of the whole context (it gathers the most K/V, under the largest mask), the rest
+    whole prompts of at most the context each."""
+    first = min(num_tokens, max_model_len)
+    spans = [(first, max_model_len)]
+    left = num_tokens - first
+    while left > 0:
+        spans.append((min(left, max_model_len), min(left, max_model_len)))
+        left -= spans[-1][0]
+    return spans
+
+
 @torch.inference_mode()
 def profile_workspace(
     model: nn.Module,
@@ -138,29 +195,46 @@ def profile_workspace(
     num_rows: int,
     kv_format: KVCacheFormat | None = None,
     backend: str = "torch",
+    max_model_len: int | None = None,
+    decode_cap: int | None = None,
 ) -> int:
-    """Measured workspace of the largest step, before the KV pool exists: one prefill of `num_tokens`
-    tokens, logits for `num_rows` rows and the sampler's float32 working set.
+    """Measured workspace of the largest step, before the KV pool exists: `num_tokens` batched tokens
+    made of `num_rows - 1` decodes at the full context (each holds gather rows and a mask for all of it,
+    gathered in groups of `decode_cap` tokens as the runner does) and prefills shaped as `profile_spans`
+    (the first a last chunk of a full context, with its mask), then logits for `num_rows` rows and the
+    sampler's float32 working set.
 
-    K/V go to a one-block scratch cache (slot ids wrap around it); the gathered context is still
-    `num_tokens` long, so the attention workspace measured is the real one.
+    K/V go to a one-block scratch cache (slot ids wrap around it); the gathered contexts are still as long
+    as they would be, so the attention workspace measured is the real one.
     """
     from fitllm.memory.profile import measure_peak_bytes
 
+    context = max_model_len or num_tokens
+    num_decodes = min(num_rows - 1, num_tokens - 1) if context > 1 else 0
+    decodes = [context] * num_decodes
+    spans = profile_spans(num_tokens - num_decodes, context)
     ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
-    positions = torch.arange(num_tokens, device=device)
+    positions = torch.cat(
+        [torch.tensor(decodes, dtype=torch.long) - 1, *(torch.arange(c - q, c) for q, c in spans)]
+    ).to(device)
     probe = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=1)  # tempered, then a nucleus cut
-    with scratch_prefill(model, config, device, 16, num_tokens, kv_format, backend) as meta:
 
-        def step() -> None:
+    def step() -> None:
+        # The step's metadata (masks, gather rows) is built inside the measurement, as a real step builds
+        # its own, and dies before the sampler runs, as in ModelRunner.execute; so is the small scratch
+        # cache, which makes the figure a little high, never low.
+        with scratch_prefill(
+            model, config, device, 16, num_tokens, kv_format, backend, spans, decodes, decode_cap
+        ) as meta:
             hidden = model(ids, positions, meta)
-            logits = model.compute_logits(hidden[:num_rows]).float()
-            # The sampler's largest working sets: probabilities and their running sum per row, and a
-            # top-p cut as this device makes it (on CUDA one pass over the sorted vocabulary).
-            logits.softmax(dim=-1).cumsum(dim=-1)
-            Sampler([]).sample(logits, [Request(f"profile-{i}", None, [0], probe) for i in range(num_rows)])
+        del meta  # as in ModelRunner.execute, the metadata dies before the sampler runs
+        logits = model.compute_logits(hidden[:num_rows]).float()
+        # The sampler's largest working sets: probabilities and their running sum per row, and a
+        # top-p cut as this device makes it (on CUDA one pass over the sorted vocabulary).
+        logits.softmax(dim=-1).cumsum(dim=-1)
+        Sampler([]).sample(logits, [Request(f"profile-{i}", None, [0], probe) for i in range(num_rows)])
 
-        return measure_peak_bytes(step, device)
+    return measure_peak_bytes(step, device)
 
 
 class ModelRunner:
@@ -175,9 +249,13 @@ class ModelRunner:
         sampler: Sampler,
         device: torch.device,
         attention_backend: str = "torch",
+        decode_gather_tokens: int | None = None,
     ) -> None:
         self.model = model
         self.attention_backend = attention_backend
+        # The reference backend's cap on a decode group's padded context tokens (decode_groups); the engine
+        # sets it so that no decode step gathers more than the profile step measured.
+        self.decode_gather_tokens = decode_gather_tokens
         self.config = config
         self.kv = kv
         self.block_size = kv.block_size
@@ -249,28 +327,32 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=None, num_decodes=len(decodes))
 
         if decodes:
-            tables = [self._block_table(s.request) for s in decodes]
-            ctx = torch.tensor([s.request.num_computed_tokens + 1 for s in decodes])
-            max_ctx = int(ctx.max())
-            width = -(-max_ctx // self.block_size)
-            padded = torch.zeros(len(decodes), width, dtype=torch.long)
-            for i, t in enumerate(tables):
-                padded[i, : min(len(t), width)] = t[:width]
-            offsets = torch.arange(self.block_size)
-            slots = (padded.unsqueeze(-1) * self.block_size + offsets).reshape(len(decodes), -1)[:, :max_ctx]
-            q_pos = ctx - 1
-            mask = self._mask(q_pos, max_ctx)
-            meta.decode_context = max_ctx
-            rows = head_rows(slots, self.config.num_key_value_heads)
-            meta.decode_rows = split_by_slab(rows, self._slab_rows).to(self.device)
-            meta.decode_mask = move(mask, self.device)
+            contexts = [s.request.num_computed_tokens + 1 for s in decodes]
+            for start, end in decode_groups(contexts, self.decode_gather_tokens):
+                ctx = torch.tensor(contexts[start:end])
+                max_ctx = int(ctx.max())
+                width = -(-max_ctx // self.block_size)
+                padded = torch.zeros(end - start, width, dtype=torch.long)
+                for i, s in enumerate(decodes[start:end]):
+                    t = self._block_table(s.request)
+                    padded[i, : min(len(t), width)] = t[:width]
+                offsets = torch.arange(self.block_size)
+                slots = (padded.unsqueeze(-1) * self.block_size + offsets).reshape(end - start, -1)[
+                    :, :max_ctx
+                ]
+                q_pos = ctx - 1
+                rows = split_by_slab(head_rows(slots, self.config.num_key_value_heads), self._slab_rows)
+                mask = move(self._mask(q_pos, max_ctx), self.device)
+                meta.decode_groups.append(
+                    DecodeGroup(start, end - start, max_ctx, rows.to(self.device), mask)
+                )
+                pos_chunks.append(q_pos)
+                slot_chunks.append(slots.gather(1, q_pos.unsqueeze(1)).squeeze(1))
             for i, s in enumerate(decodes):
                 r = s.request
                 append_input_ids(r, r.num_computed_tokens, r.num_computed_tokens + 1, ids, placeholders)
                 if s.samples:
                     sample_rows.append(i)
-            pos_chunks.append(q_pos)
-            slot_chunks.append(slots.gather(1, q_pos.unsqueeze(1)).squeeze(1))
 
         for s in prefills:
             r = s.request
@@ -393,10 +475,14 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, kernel)
         else:
             hidden = self.model(input_ids, positions, meta)
+        sample_index = step.sample_index
+        # The attention metadata (masks, gather rows) dies here, not after sampling, so the two peaks (the
+        # forward's and the sampler's) never add up.
+        del step, meta, kernel, input_ids, positions
         sampling = [s.request for s in ordered if s.samples]
         if not sampling:
             return [], None
-        logits = self.model.compute_logits(hidden.index_select(0, step.sample_index))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_index))
         captured = None
         if self.capture_logits:  # before sampling, which edits float32 logits in place
             captured = {

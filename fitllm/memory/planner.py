@@ -93,10 +93,13 @@ def workspace_bytes(
     max_num_batched_tokens: int,
     max_num_seqs: int,
     scratch: int = 0,
+    reference_context: int | None = None,
 ) -> int:
     """Planned workspace of the largest step: the larger of its two peaks.
 
-    - The MLP of a layer over the step's batched tokens (`layer_activation_bytes`), in the model dtype.
+    - The MLP of a layer over the step's batched tokens (`layer_activation_bytes`), in the model dtype, and
+      with the torch reference backend (`reference_context`: the context it runs at) its attention
+      metadata and one decode group's gather (`reference_attention_bytes`).
     - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
     - int8 weights: batches of 16 rows or more multiply through one shared model-dtype copy of the
@@ -105,9 +108,28 @@ def workspace_bytes(
     """
     elem = torch.empty((), dtype=dtype).element_size()
     mlp = layer_activation_bytes(config, max_num_batched_tokens, elem)
+    if reference_context is not None:
+        mlp += reference_attention_bytes(
+            config, elem, max_num_batched_tokens, max_num_seqs, reference_context
+        )
     rows = min(max_num_seqs, max_num_batched_tokens)
     sampling = rows * config.vocab_size * 3 * 4
     return max(mlp, sampling) + scratch * elem
+
+
+def reference_attention_bytes(
+    config: ModelConfig, elem: int, num_tokens: int, max_num_seqs: int, context: int
+) -> int:
+    """What the torch reference attention backend holds through a forward beyond the layer's activations,
+    in its largest step (max_num_seqs - 1 decodes at the full `context` beside a last prefill chunk of it):
+    each decode's gather rows (int64 per KV head) and mask over the whole context, the chunk's
+    [chunk, context] mask, and one decode group's gathered K and V (`max(num_tokens, context)` tokens,
+    fitllm/engine/runner.py's decode_groups). The Triton kernels read through block tables instead."""
+    decodes = min(max_num_seqs - 1, num_tokens - 1)
+    decode_meta = decodes * context * (config.num_key_value_heads * 8 + 1)
+    chunk_mask = min(num_tokens - decodes, context) * context
+    group = 2 * config.num_key_value_heads * max(num_tokens, context) * config.head_dim * elem
+    return decode_meta + chunk_mask + group
 
 
 def layer_activation_bytes(config: ModelConfig, num_tokens: int, elem: int) -> int:
@@ -301,6 +323,7 @@ def make_plan(
     offload_prefetch: int = 2,
     estimate: OffloadEstimate | None = None,
     cuda_graphs: bool = False,
+    reference_attention: bool = False,
 ) -> Plan:
     """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
 
@@ -313,7 +336,13 @@ def make_plan(
     weights = weight_breakdown(config, dtype, quant)
     per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
     workspace = workspace_bytes(
-        config, dtype, max_num_batched_tokens, max_num_seqs, weights.largest_quantized_linear
+        config,
+        dtype,
+        max_num_batched_tokens,
+        max_num_seqs,
+        weights.largest_quantized_linear,
+        # The context the engine profiles at: --max-model-len, or the model's own under auto.
+        (max_model_len or config.max_position_embeddings) if reference_attention else None,
     )
     layers = config.num_hidden_layers
     try:

@@ -80,6 +80,19 @@ class PrefillSpan:
     mask: torch.Tensor | None  # [query_len, context_len] bool, True = attend; None = plain causal
 
 
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decode rows [start, start + num) attended together, their K/V gathered padded to `context`. The
+    runner splits a step's decodes into groups of at most its gather cap of padded context tokens, so the
+    gathered K/V (the reference backend's largest decode temporary) stays bounded whatever the batch."""
+
+    start: int
+    num: int
+    context: int
+    rows: SlabSplit  # head_rows() of [num, context] slots (padding: 0)
+    mask: torch.Tensor  # [num, context] bool, True = attend
+
+
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
@@ -161,9 +174,7 @@ class AttentionMetadata:
 
     slot_mapping: SlabSplit | None = None  # where each new token's K/V is written
     num_decodes: int = 0  # the first num_decodes tokens are single-token decodes, one per request
-    decode_context: int = 0  # longest decode context (gathers are padded to it)
-    decode_rows: SlabSplit | None = None  # head_rows() of [num_decodes, decode_context] slots (padding: 0)
-    decode_mask: torch.Tensor | None = None  # [num_decodes, decode_context] bool, True = attend
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # the decodes, attended group by group
     prefills: list[PrefillSpan] = field(default_factory=list)
     kernel: KernelMetadata | None = None
 
@@ -197,8 +208,9 @@ class PagedAttention(nn.Module):
             cache[0].index_copy_(0, local, self.kv_format.encode(kk))
             cache[1].index_copy_(0, local, self.kv_format.encode(vv))
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], meta)
+        for group in meta.decode_groups:
+            rows = slice(group.start, group.start + group.num)
+            out[rows] = self._decode(q[rows], group)
         for span in meta.prefills:
             qs = slice(span.query_start, span.query_start + span.query_len)
             out[qs] = self._prefill(q[qs], span)
@@ -245,25 +257,25 @@ class PagedAttention(nn.Module):
         """_gather_raw decoded to [len(rows), head_dim] in the compute dtype."""
         return self.kv_format.decode(self._gather_raw(which, rows))
 
-    def _decode_kv(self, meta: AttentionMetadata, dtype: torch.dtype):
-        """Decode-step keys and values [kvh * n, ctx, d] in `dtype`, and for a quantized cache their
+    def _decode_kv(self, dg: DecodeGroup, dtype: torch.dtype):
+        """A decode group's keys and values [kvh * n, ctx, d] in `dtype`, and for a quantized cache their
         per-vector scales [kvh * n, 1, ctx] float32 (None otherwise): the scales are folded into the
         scores and the probabilities instead of multiplying every element of K and V."""
-        n, ctx, d = meta.num_decodes, meta.decode_context, self.head_dim
+        n, ctx, d = dg.num, dg.context, self.head_dim
         shape = (self.num_kv_heads * n, ctx, d)
         if not self.kv_format.quantized:
-            keys = self._gather(0, meta.decode_rows).view(shape)
-            return keys, self._gather(1, meta.decode_rows).view(shape), None, None
+            keys = self._gather(0, dg.rows).view(shape)
+            return keys, self._gather(1, dg.rows).view(shape), None, None
         out = []
         for which in (0, 1):
-            codes, scale = self.kv_format.split(self._gather_raw(which, meta.decode_rows))
+            codes, scale = self.kv_format.split(self._gather_raw(which, dg.rows))
             out += [codes.to(dtype).view(shape), scale.view(shape[0], 1, ctx)]
         return out[0], out[2], out[1], out[3]
 
-    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        n, ctx = meta.num_decodes, meta.decode_context
+    def _decode(self, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
+        n, ctx = dg.num, dg.context
         kvh, group, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        keys, vals, k_scale, v_scale = self._decode_kv(meta, q.dtype)
+        keys, vals, k_scale, v_scale = self._decode_kv(dg, q.dtype)
         # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
         qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
         # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
@@ -271,7 +283,7 @@ class PagedAttention(nn.Module):
         scores = torch.bmm(qg, keys.transpose(1, 2))
         # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
         scores = (scores * self.scale).float() if k_scale is None else scores.float() * (k_scale * self.scale)
-        mask = meta.decode_mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
+        mask = dg.mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
         probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
         if v_scale is not None:
             probs *= v_scale  # sum p (s v) = sum (p s) v: the same for V
