@@ -306,9 +306,9 @@ def test_abort_mid_generation_frees_blocks(engine, prompts):
     assert engine.abort(b)
     engine.check_integrity()
     assert engine.pool.num_used_blocks == 0
+    assert engine.has_unfinished_requests()  # b's final output is still to be returned
+    assert [(o.request_id, o.finished) for o in engine.step()] == [(b, True)]
     assert not engine.has_unfinished_requests()
-    for o in engine.step():
-        assert o.request_id == b and o.finished
 
 
 def test_abort_waiting_request(tiny_engine, prompts):
@@ -420,3 +420,16 @@ def test_min_tokens_never_runs_past_max_model_len(engine, book_ids):
             engine.abort(rid)
             engine.step()
         assert engine.pool.num_used_blocks == 0
+
+
+def test_aborting_the_last_request_still_yields_its_final_output(engine):
+    """`while has_unfinished_requests(): step()` sees every request finish, an aborted last one included."""
+    from fitllm.engine.request import SamplingParams
+
+    rid = engine.add_request("The Martians", SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.abort(rid)
+    finals = []
+    while engine.has_unfinished_requests():
+        finals += [o for o in engine.step() if o.finished]
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in finals] == [(rid, "abort")]

@@ -351,7 +351,10 @@ class Engine:
         return self.pool.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether step() has more to give: requests to run, or outputs not yet returned (an aborted last
+        request's final output comes from the next step, so `while has_unfinished_requests(): step()`
+        sees every request finish)."""
+        return self.scheduler.has_unfinished() or bool(self._finished_outputs)
 
     # ---- the step ---------------------------------------------------------------------------------
     def release_idle_memory(self) -> int:
