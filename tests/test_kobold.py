@@ -264,6 +264,9 @@ def test_tokencount_and_bad_input(server, offline):
     assert r == {"value": len(r["ids"]), "ids": offline.tokenizer.encode("The Martians landed.")}
     bad = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "tfs": 0.9})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tfs"
+    pen = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "rep_pen": 0})
+    assert pen.status_code == 400 and pen.json()["error"]["param"] == "rep_pen"
+    assert pen.json()["error"]["message"].startswith("rep_pen must be")
     wrong = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "max_length": "long"})
     assert wrong.status_code == 400 and "max_length" in wrong.json()["error"]["message"]
     ok = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "max_length": 2}, timeout=60)

@@ -48,6 +48,14 @@ KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp report
 KOBOLDCPP_VERSION = "1.49"
 DEFAULT_MAX_LENGTH = 100
 DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
+# SamplingParams fields -> the Kobold fields they come from, so an error names what the client sent.
+KOBOLD_NAMES = {
+    "repetition_penalty": "rep_pen",
+    "repetition_penalty_range": "rep_pen_range",
+    "repetition_penalty_slope": "rep_pen_slope",
+    "max_tokens": "max_length",
+    "seed": "sampler_seed",
+}
 KOBOLD_LOGPROBS = 5  # alternatives per token KoboldCpp reports (its logprobs_max)
 REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
 
@@ -211,7 +219,10 @@ def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: list[
             logprobs=KOBOLD_LOGPROBS if body.logprobs else None,
         )
     except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        kobold = KOBOLD_NAMES.get(name)
+        raise bad_request(message.replace(name, kobold, 1) if kobold else message, kobold) from exc
 
 
 def build_context(st: ServerState, body: KoboldGenerateRequest) -> tuple[list[int], int]:
