@@ -58,8 +58,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.memory.budget import resolve_budget
     from fitllm.memory.offload import OffloadEstimate
     from fitllm.memory.planner import Plan, make_plan
+    from fitllm.model.attention import resolve_attention_backend
     from fitllm.quant import default_group_size
-    from fitllm.triton_flags import triton_available
 
     path = Path(args.model) if args.model else None
     group_size = args.quant_group_size
@@ -77,6 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         else args.device
     )
     dtype = resolve_dtype(args.dtype, device)
+    backend = resolve_attention_backend("auto", device)  # the engine's default choice on this device
 
     def plan_with(estimate: OffloadEstimate | None = None) -> Plan:
         return make_plan(
@@ -95,8 +96,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             offload_prefetch=args.offload_prefetch,
             estimate=estimate,
             # As the engine decides (fitllm/engine/engine.py): Triton attention on CUDA captures decode.
-            cuda_graphs=device.type == "cuda" and triton_available() and not args.enforce_eager,
-            reference_attention=device.type != "cuda" or not triton_available(),
+            cuda_graphs=backend == "triton" and device.type == "cuda" and not args.enforce_eager,
+            reference_attention=backend == "torch",
         )
 
     plan = plan_with()

@@ -72,6 +72,16 @@ def append_input_ids(
         ids.append(0)
 
 
+def attention_mask(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tensor:
+    """[len(q_pos), k_len] bool, True = attend: causal from each query's position, within the sliding
+    window if the model has one."""
+    k_pos = torch.arange(k_len)
+    mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+    if window is not None:
+        mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
+    return mask
+
+
 def decode_groups(contexts: list[int], cap: int | None) -> list[tuple[int, int]]:
     """Split decodes (by their context lengths, in batch order) into contiguous [start, end) groups whose
     padded gather, count x longest context, stays within `cap` tokens (None: one group). A decode whose
@@ -148,15 +158,16 @@ def scratch_prefill(
             ctx = max(decodes[a:b])
             group_slots = (torch.arange(ctx) % num_slots).expand(b - a, ctx)
             rows = split_by_slab(head_rows(group_slots, kvh), num_slots * kvh).to(device)
-            mask = (torch.arange(ctx).unsqueeze(0) < torch.tensor(decodes[a:b]).unsqueeze(1)).to(device)
+            q_pos = torch.tensor(decodes[a:b]) - 1
+            mask = attention_mask(q_pos, ctx, config.sliding_window).to(device)
             meta.decode_groups.append(DecodeGroup(a, b - a, ctx, rows, mask))
         start = len(decodes)
         for q, c in spans:
             rows = split_by_slab(head_rows(torch.arange(c) % num_slots, kvh), num_slots * kvh).to(device)
             mask = None
-            if c > q:  # a later chunk: its queries are the last q positions of the context
-                k_pos = torch.arange(c)
-                mask = (k_pos.unsqueeze(0) <= torch.arange(c - q, c).unsqueeze(1)).to(device)
+            window = config.sliding_window
+            if c > q or (window is not None and c > window):  # when ModelRunner.prepare builds one
+                mask = attention_mask(torch.arange(c - q, c), c, window).to(device)
             meta.prefills.append(PrefillSpan(start, q, c, rows, mask))
             start += q
     layout = PagedKVLayout(
@@ -304,14 +315,6 @@ class ModelRunner:
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return block_table[positions // self.block_size] * self.block_size + positions % self.block_size
 
-    def _mask(self, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
-        k_pos = torch.arange(k_len)
-        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-        window = self.config.sliding_window
-        if window is not None:
-            mask &= k_pos.unsqueeze(0) > q_pos.unsqueeze(1) - window
-        return mask
-
     def prepare(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None = None) -> StepInputs:
         """Flat input ids, positions, attention metadata and the row index of each sampled request. The ids,
         positions and row indices go to the device in one copy."""
@@ -328,6 +331,7 @@ class ModelRunner:
 
         if decodes:
             contexts = [s.request.num_computed_tokens + 1 for s in decodes]
+            offsets = torch.arange(self.block_size)
             for start, end in decode_groups(contexts, self.decode_gather_tokens):
                 ctx = torch.tensor(contexts[start:end])
                 max_ctx = int(ctx.max())
@@ -336,13 +340,12 @@ class ModelRunner:
                 for i, s in enumerate(decodes[start:end]):
                     t = self._block_table(s.request)
                     padded[i, : min(len(t), width)] = t[:width]
-                offsets = torch.arange(self.block_size)
                 slots = (padded.unsqueeze(-1) * self.block_size + offsets).reshape(end - start, -1)[
                     :, :max_ctx
                 ]
                 q_pos = ctx - 1
                 rows = split_by_slab(head_rows(slots, self.config.num_key_value_heads), self._slab_rows)
-                mask = move(self._mask(q_pos, max_ctx), self.device)
+                mask = move(attention_mask(q_pos, max_ctx, self.config.sliding_window), self.device)
                 meta.decode_groups.append(
                     DecodeGroup(start, end - start, max_ctx, rows.to(self.device), mask)
                 )
@@ -362,7 +365,7 @@ class ModelRunner:
             context_slots = self._slots(table, torch.arange(end))
             mask = None
             if start > 0 or (self.config.sliding_window is not None and end > self.config.sliding_window):
-                mask = move(self._mask(q_pos, end), self.device)
+                mask = move(attention_mask(q_pos, end, self.config.sliding_window), self.device)
             rows = split_by_slab(
                 head_rows(context_slots, self.config.num_key_value_heads), self._slab_rows
             ).to(self.device)

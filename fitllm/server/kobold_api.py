@@ -417,7 +417,5 @@ async def tokencount(request: Request) -> dict[str, Any]:
 async def detokenize(request: Request) -> dict[str, Any]:
     body = await read_body(request, DetokenizeRequest)
     st = get_state(request)
-    bad = [t for t in body.ids if not 0 <= t < st.vocab_size]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {st.vocab_size})", "ids")
+    st.check_token_ids(body.ids, "ids")
     return {"result": st.tokenizer.decode(body.ids, skip_special_tokens=False), "success": True}

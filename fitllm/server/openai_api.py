@@ -394,10 +394,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     st = get_state(request)
     st.check_model(body.model)
-    vocab = st.vocab_size
-    bad = [t for t in body.tokens if not 0 <= t < vocab]
-    if bad:
-        raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+    st.check_token_ids(body.tokens, "tokens")
     return {"prompt": st.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 

@@ -129,6 +129,13 @@ class ServerState:
     def vocab_size(self) -> int:
         return self._ready_engine().model_config.vocab_size
 
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 naming `param` for a token id outside the vocabulary."""
+        vocab = self.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+
     def check_model(self, name: str | None) -> None:
         """404 for a model name this server does not serve (no name: the served model)."""
         if name and name != self.model_name:
