@@ -53,6 +53,17 @@ def random_checkpoint(size: str, folder: Path, dtype: torch.dtype) -> Path:
     return save_random_checkpoint(config, folder / f"llama-{size}-{str(dtype).removeprefix('torch.')}", dtype)
 
 
+def decode_bytes_per_token(
+    weight_bytes: int, embedding_bytes: int, tied: bool, context: float, kv_bytes_per_token: int
+) -> float:
+    """Bytes one batch-1 decode step must read: every resident weight once, except an untied input embedding
+    (a step gathers one row of it; the LM head reads a tied one whole), plus the context's K and V. This is
+    the roofline's denominator: counting the untied embedding (1.05 GB of the 8B's 16 GB) would make
+    every fraction of the roofline about 7% too high."""
+    read = weight_bytes - (0 if tied else embedding_bytes)
+    return read + context * kv_bytes_per_token
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,8 +101,14 @@ def fitllm_decode(
             engine.step()
         _sync(engine.device)
         seconds = time.perf_counter() - start
-    weights = engine.ledger.current("weights")
-    kv_read = (args.prompt_tokens + n / 2) * engine.kv_bytes_per_token  # mean context over the run
+    embedding = engine.model.embed_tokens.weight
+    bytes_per_token = decode_bytes_per_token(
+        engine.ledger.current("weights"),
+        embedding.numel() * embedding.element_size(),
+        engine.model_config.tie_word_embeddings,
+        args.prompt_tokens + n / 2,  # the mean context over the run
+        engine.kv_bytes_per_token,
+    )
     result = dict(
         system="fitllm",
         quantization=quantization,
@@ -99,7 +116,7 @@ def fitllm_decode(
         async_scheduling=engine.async_scheduling,
         attention_backend=engine.attention_backend,
         tokens_per_s=args.decode_tokens / seconds,
-        bytes_per_token=weights + kv_read,
+        bytes_per_token=bytes_per_token,
     )
     del engine
     if args.device.startswith("cuda"):
@@ -124,9 +141,21 @@ def hf_decode(folder: Path, args: argparse.Namespace) -> dict:
 
     timed(2)  # warm-up
     one, full = timed(1), timed(args.decode_tokens + 1)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = (
+        2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * embedding.element_size()
+    )
+    bytes_per_token = decode_bytes_per_token(
+        sum(p.numel() * p.element_size() for p in model.parameters()),  # a tied head is one parameter
+        embedding.numel() * embedding.element_size(),
+        bool(config.tie_word_embeddings),
+        args.prompt_tokens + (args.decode_tokens + 1) / 2,
+        kv_per_token,
+    )
     return dict(system="transformers", quantization="none", tokens_per_s=args.decode_tokens / (full - one),
-                bytes_per_token=weights)  # fmt: skip
+                bytes_per_token=bytes_per_token)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,6 +189,18 @@ def run(args: argparse.Namespace) -> int:
               f"{r['fraction_of_roofline']:8.1%}")  # fmt: skip
     if args.json:
         args.json.write_text(
-            json.dumps(dict(size=args.size, device=name, bandwidth=bandwidth, rows=rows), indent=2)
+            json.dumps(
+                dict(
+                    size=args.size,
+                    dtype=args.dtype,
+                    device=name,
+                    date=time.strftime("%Y-%m-%d"),
+                    bandwidth=bandwidth,
+                    prompt_tokens=args.prompt_tokens,
+                    decode_tokens=args.decode_tokens,
+                    rows=rows,
+                ),
+                indent=2,
+            )
         )
     return 0

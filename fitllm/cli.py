@@ -53,6 +53,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from fitllm.config import ModelConfig, resolve_dtype
+    from fitllm.engine.cuda_graphs import eager_reason
     from fitllm.loader import open_model
     from fitllm.memory.bandwidth import measure_offload_estimate
     from fitllm.memory.budget import resolve_budget
@@ -95,8 +96,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             cpu_offload_gb=args.cpu_offload_gb,
             offload_prefetch=args.offload_prefetch,
             estimate=estimate,
-            # As the engine decides (fitllm/engine/engine.py): Triton attention on CUDA captures decode.
-            cuda_graphs=backend == "triton" and device.type == "cuda" and not args.enforce_eager,
+            # As the engine decides; the planner itself drops the pool when it streams layers.
+            cuda_graphs=eager_reason(backend, device, args.enforce_eager, False, args.quantization) is None,
             reference_attention=backend == "torch",
         )
 

@@ -10,10 +10,10 @@ import torch
 from conftest import make_random_checkpoint, run_all
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs
+from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs, eager_reason
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.memory.planner import capture_sizes
+from fitllm.memory.planner import capture_sizes, graph_pool_bytes
 from fitllm.model.attention import KernelMetadata
 
 
@@ -120,12 +120,57 @@ def test_graphs_need_the_triton_backend(tiny_llama):
         engine.runner.capture_graphs(4, 64, ReplayCapturer())
 
 
-def test_cpu_engine_captures_no_graphs(tiny_llama):
-    """Graphs are a CUDA feature: a CPU engine (even on the Triton backend) runs decode eagerly."""
+def test_eager_reason_names_what_keeps_decode_out_of_graphs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert eager_reason("triton", cuda, False, False, None) is None
+    assert eager_reason("triton", cuda, False, False, "int8") is None
+    assert eager_reason("triton", cuda, False, False, "bnb-nf4") is None
+    assert eager_reason("triton", cpu, False, False, None) == "not on CUDA"
+    assert eager_reason("triton", cuda, True, False, None) == "--enforce-eager"
+    assert "torch attention" in eager_reason("torch", cuda, False, False, None)
+    assert "streamed" in eager_reason("triton", cuda, False, True, None)
+    # LLM.int8() decomposes outlier columns found on the host every call: not capturable.
+    assert "bnb-int8" in eager_reason("triton", cuda, False, False, "bnb-int8")
+
+
+def test_the_engine_reserves_the_planned_pool_only_where_graphs_can_run(tiny_llama, monkeypatch):
+    """On this CPU engine `eager_reason` says no; made to say yes, the engine reserves the planner's pool as
+    workspace, and with no room for it in the budget it stays eager and reserves nothing."""
     engine = Engine(
-        EngineConfig(model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64)
+        EngineConfig(
+            model=str(tiny_llama), device="cpu", dtype="float32", attention_backend="triton", max_model_len=64
+        )
     )
-    assert engine.graphs is None and engine.runner.graphs is None
+    assert engine.graphs is None and engine._reserve_graph_pool() is None
+    monkeypatch.setattr("fitllm.engine.engine.eager_reason", lambda *args: None)
+    before = engine.ledger.current("workspace")
+    planned = engine._reserve_graph_pool()
+    assert planned == graph_pool_bytes(engine.model_config, engine.dtype, engine.config.max_num_seqs, 64, 16)
+    assert planned > 0 and engine.ledger.current("workspace") == before + planned
+    engine.ledger.release("workspace", planned)
+    engine.ledger.budget = engine.ledger.total + planned - 1
+    assert engine._reserve_graph_pool() is None and engine.ledger.current("workspace") == before
+
+
+def test_a_failed_capture_leaves_decode_eager_and_gives_the_planned_bytes_back(tiny_llama):
+    class Refuses(ReplayCapturer):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = Engine(
+        EngineConfig(
+            model=str(tiny_llama), device="cpu", dtype="float32", attention_backend="triton", max_model_len=64
+        )
+    )
+    before = engine.ledger.current("workspace")
+    engine.ledger.reserve("workspace", 5 << 20)
+    assert (
+        capture_decode_graphs(engine.runner, engine.ledger, 4, 64, planned=5 << 20, capturer=Refuses())
+        is None
+    )
+    assert engine.runner.graphs is None and engine.ledger.current("workspace") == before
+    out = run_all(engine, PROMPTS[:2], params=PARAMS[:2])  # and decode still runs
+    assert [len(o) for o in out] == MAX_TOKENS[:2]
 
 
 def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):

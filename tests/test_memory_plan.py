@@ -209,11 +209,12 @@ def test_plan_holds_the_cuda_graph_pool_before_kv_and_says_what_eager_frees():
 
 
 def test_plan_cli_plans_the_graph_pool_on_cuda_unless_eager(capsys):
-    pytest.importorskip("triton")
     args = ["plan", "--device", "cuda", "--memory-budget", "2GiB", "--dtype", "bfloat16", "--json"]
     assert cli_main(args) == 0
     assert json.loads(capsys.readouterr().out)["graph_pool"] > 0
     assert cli_main([*args, "--enforce-eager"]) == 0
+    assert json.loads(capsys.readouterr().out)["graph_pool"] == 0
+    assert cli_main([*args, "--quantization", "bnb-int8"]) == 0  # LLM.int8() is not capturable
     assert json.loads(capsys.readouterr().out)["graph_pool"] == 0
     assert cli_main(["plan", "--device", "cpu", "--memory-budget", "2GiB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["graph_pool"] == 0

@@ -531,9 +531,12 @@ def test_resolve_attention_backend(monkeypatch):
         resolve_attention_backend("triton", cpu)
     with pytest.raises(ValueError, match="--attention-backend"):
         resolve_attention_backend("flash", cpu)
+    assert resolve_attention_backend("auto", torch.device("cuda")) == "triton"
     no_triton = mock.patch("importlib.util.find_spec", lambda name: None)
     with no_triton, pytest.raises(ValueError, match="--attention-backend torch"):
         resolve_attention_backend("triton", cpu)
+    with no_triton:
+        assert resolve_attention_backend("auto", torch.device("cuda")) == "torch"
 
 
 # ---- fp8 decoded from its bits (GPUs before sm_89) -------------------------------------------------------

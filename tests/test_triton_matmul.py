@@ -1,5 +1,6 @@
 """The fused int8 and int4 weight-only matmuls for CUDA (fitllm.quant.triton_matmul.py), run in Triton's interpreter on
-CPU (conftest sets TRITON_INTERPRET=1 without CUDA), against the layer's own dequantized weight."""
+CPU (conftest sets TRITON_INTERPRET=1 without CUDA) or on the GPU where there is one, against the layer's own
+dequantized weight; and which calls the int8 and int4 layers route to them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,21 @@ import pytest
 import torch
 from test_quant_layers import BF16_TOL, QUANT_TOL, _build, _randn, _rel
 
-from fitllm.quant.int4 import Int4Method
-from fitllm.quant.int8 import Int8Method, quantize_int8
-from fitllm.quant.triton_matmul import int4_matmul, int8_matmul
+from fitllm.quant import int4, int8
+from fitllm.quant.int4 import Int4Method, int4_path
+from fitllm.quant.int8 import TRITON_ROWS, Int8Method, int8_path, kernel_rows, quantize_int8
+from fitllm.quant.triton_matmul import int4_matmul as _int4_matmul
+from fitllm.quant.triton_matmul import int8_matmul as _int8_matmul
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def int8_matmul(x, q, scale):
+    return _int8_matmul(x.to(DEVICE), q.to(DEVICE), scale.to(DEVICE)).cpu()
+
+
+def int4_matmul(x, q, scale_zeros, group_size):
+    return _int4_matmul(x.to(DEVICE), q.to(DEVICE), scale_zeros.to(DEVICE), group_size).cpu()
 
 
 @pytest.mark.parametrize(
@@ -56,3 +69,23 @@ def test_int4_matmul_on_a_loaded_layer(kind, dtype):
         assert out.dtype == dtype and out.shape == (rows, w.shape[0])
         assert _rel(out, x.float() @ deq.T) < tol
         assert _rel(out, x.float() @ w.T) < QUANT_TOL["int4"]
+
+
+def test_decode_sized_calls_on_cuda_take_the_triton_kernels(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    small = 576 * 576
+    assert int8_path(cpu, 1, small, True) == "aten"
+    assert int8_path(cpu, 1, small, False) == "scratch"  # the aten kernel wants the scale's dtype
+    assert int8_path(cpu, kernel_rows(small), small, True) == "scratch"
+    assert int8_path(cuda, 1, small, True) == "triton"
+    assert int8_path(cuda, TRITON_ROWS, small, True) == "triton"
+    assert int8_path(cuda, TRITON_ROWS + 1, small, True) == "scratch"  # prefill: the dense GEMM wins
+    assert int4_path(cpu, True, torch.bfloat16) == "aten"
+    assert int4_path(cpu, False, torch.float32) == "dequantize"
+    assert int4_path(cuda, False, torch.bfloat16) == "triton"
+    assert int4_path(cuda, False, torch.float16) == "triton"
+    # Without Triton, CUDA falls back to the dense paths rather than failing.
+    monkeypatch.setattr(int8, "HAS_TRITON", False)
+    monkeypatch.setattr(int4, "HAS_TRITON", False)
+    assert int8_path(cuda, 1, small, True) == "scratch"
+    assert int4_path(cuda, False, torch.bfloat16) == "dequantize"

@@ -30,12 +30,35 @@ from torch import nn
 
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.model.attention import AttentionMetadata, KernelMetadata
+from fitllm.quant import graph_safe
 from fitllm.units import format_bytes
 
 if TYPE_CHECKING:
     from fitllm.engine.runner import ModelRunner
 
 log = logging.getLogger("fitllm")
+
+
+def eager_reason(
+    attention_backend: str,
+    device: torch.device,
+    enforce_eager: bool,
+    streamed: bool,
+    quantization: str | None,
+) -> str | None:
+    """Why decode must run eagerly, or None when its steps can be captured as CUDA graphs. The engine and
+    `fitllm plan` both ask this, so the plan holds the graph pool exactly when the engine will capture."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if enforce_eager:
+        return "--enforce-eager"
+    if attention_backend != "triton":
+        return f"the {attention_backend} attention backend (graphs need --attention-backend triton)"
+    if streamed:
+        return "layers are streamed (offload waits on host events between kernels)"
+    if not graph_safe(quantization):
+        return f"--quantization {quantization} syncs with the host in its matmul"
+    return None
 
 
 class GraphCapturer(Protocol):
@@ -188,9 +211,22 @@ def capture_decode_graphs(
 ) -> DecodeGraphs | None:
     """Capture decode graphs (on CUDA unless a capturer is given) and ledger their pool as workspace, in
     place of the `planned` bytes reserved for it before the KV pool was sized; None (decode stays eager)
-    if the budget has no room for the measured pool, which is then given back."""
+    if capture fails or the budget has no room for the measured pool, which is then given back."""
     capturer = capturer or CudaGraphCapturer(runner.device)
-    graphs = runner.capture_graphs(max_num_seqs, max_model_len, capturer)
+    try:
+        graphs = runner.capture_graphs(max_num_seqs, max_model_len, capturer)
+    except RuntimeError as exc:
+        # A kernel that cannot be captured (a host sync, an allocation outside the pool) must not stop the
+        # server from starting: decode runs eagerly, and the planned bytes go back to the budget.
+        log.warning(
+            "CUDA graph capture failed (%s); decode runs eagerly (--enforce-eager skips capture)", exc
+        )
+        runner.graphs = None
+        ledger.release("workspace", planned)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return None
     ledger.release("workspace", planned)
     try:
         ledger.reserve("workspace", graphs.pool_bytes)

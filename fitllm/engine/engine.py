@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
-from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
+from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.kv_setup import build_kv_pool
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
@@ -206,15 +206,18 @@ class Engine:
 
     def _reserve_graph_pool(self) -> int | None:
         """Reserve the decode CUDA graphs' planned bytes before the KV pool is sized (so --static-kv does not
-        take them); None when decode runs eagerly: not CUDA, torch attention, --enforce-eager, streamed
-        layers (they wait on host events between kernels), or no room in the budget."""
+        take them); None when decode runs eagerly (see `eager_reason`) or the budget has no room."""
         config = self.config
-        if (
-            self.attention_backend != "triton"
-            or self.device.type != "cuda"
-            or config.enforce_eager
-            or self.streamer is not None
-        ):
+        reason = eager_reason(
+            self.attention_backend,
+            self.device,
+            config.enforce_eager,
+            self.streamer is not None,
+            config.quantization,
+        )
+        if reason is not None:
+            if self.device.type == "cuda":
+                log.info("CUDA graphs off: %s; decode runs eagerly", reason)
             return None
         # Under --max-model-len auto, max_model_len is still the model's own here: the widest block table.
         planned = graph_pool_bytes(

@@ -46,4 +46,11 @@ def get_quant_method(
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {name!r}")
 
 
-__all__ = ["QUANTIZATIONS", "QuantMethod", "UnquantizedMethod", "get_quant_method"]
+def graph_safe(name: str | None) -> bool:
+    """Whether `--quantization NAME`'s matmul can be captured in a CUDA graph. bnb-int8 cannot: LLM.int8()
+    looks for outlier activation columns on every call (`outliers.any()`, `argwhere`), a host sync and a
+    data-dependent shape, so with it decode runs eagerly (vLLM does the same for bitsandbytes 8-bit)."""
+    return name != "bnb-int8"
+
+
+__all__ = ["QUANTIZATIONS", "QuantMethod", "UnquantizedMethod", "get_quant_method", "graph_safe"]

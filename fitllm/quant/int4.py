@@ -106,6 +106,19 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
 
 
 HAS_TRITON = triton_available()  # CUDA: fused Triton matmul (triton_matmul.py)
+
+
+def int4_path(device: torch.device, kernel_layout: bool, dtype: torch.dtype) -> str:
+    """Which matmul an int4 layer uses: "aten" (PyTorch's CPU int4 kernel, bfloat16 activations on a layer
+    repacked into its layout), "triton" (CUDA: the fused dequantize-matmul, every call size) or "dequantize"
+    (the pure-torch fallback: unpack to the activation dtype, then a dense GEMM)."""
+    if kernel_layout and dtype == torch.bfloat16:
+        return "aten"
+    if device.type == "cuda" and HAS_TRITON:
+        return "triton"
+    return "dequantize"
+
+
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
 
 
@@ -188,11 +201,12 @@ class Int4Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if layer.int4_kernel_layout and x2.dtype == torch.bfloat16:
+        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype)
+        if path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros
             )
-        elif x2.device.type == "cuda" and HAS_TRITON:
+        elif path == "triton":
             from fitllm.quant.triton_matmul import int4_matmul
 
             out = int4_matmul(x2, layer.weight, layer.weight_scale_zeros, self.group_size)

@@ -37,6 +37,17 @@ def kernel_rows(weight_numel: int) -> int:
     return KERNEL_ROWS_SMALL if weight_numel <= SMALL_LAYER else KERNEL_ROWS_LARGE
 
 
+def int8_path(device: torch.device, rows: int, weight_numel: int, same_dtype: bool) -> str:
+    """Which matmul an int8 layer uses for a call of `rows` rows: "aten" (PyTorch's CPU int8 kernel, for
+    small calls in the scale's dtype), "triton" (CUDA, decode-sized calls: the fused dequantize-matmul) or
+    "scratch" (dequantize into a shared model-dtype copy and run the dense GEMM: prefill-sized calls)."""
+    if device.type == "cpu" and rows < kernel_rows(weight_numel) and same_dtype:
+        return "aten"
+    if device.type == "cuda" and HAS_TRITON and rows <= TRITON_ROWS:
+        return "triton"
+    return "scratch"
+
+
 ROW_CHUNK = 1024  # rows of a prequantized tensor rescaled at once (bounds the float temporary)
 
 
@@ -106,9 +117,10 @@ class Int8Method(QuantMethod):
         w, scale = layer.weight, layer.weight_scale
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.device.type == "cpu" and x2.shape[0] < kernel_rows(w.numel()) and x2.dtype == scale.dtype:
+        path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype)
+        if path == "aten":
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
-        elif x2.device.type == "cuda" and HAS_TRITON and x2.shape[0] <= TRITON_ROWS:
+        elif path == "triton":
             from fitllm.quant.triton_matmul import int8_matmul
 
             out = int8_matmul(x2, w, scale)
