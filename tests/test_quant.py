@@ -141,13 +141,14 @@ def test_quantized_engine_equals_unquantized_engine_on_dequantized_weights(tmp_p
 # ---- planned bytes equal the ledger ---------------------------------------------------------------------
 
 
-def _linear_bytes(method: str, out_features: int, in_features: int, elem: int) -> int:
-    """Bytes of one decoder linear's weight as stored (no bias)."""
+def _linear_bytes(method: str, out_features: int, in_features: int, elem: int, group: int) -> int:
+    """Bytes of one decoder linear's weight as stored (no bias); `group`: int4's group size."""
     if method == "none":
         return out_features * in_features * elem
     if method == "int8":
         return out_features * in_features + out_features * elem  # int8 + one scale per row
-    return out_features * in_features // 2 + (in_features // 32) * out_features * 2 * elem  # 4 bits + s, z
+    # 4 bits per weight + a scale and a zero per group of each row
+    return out_features * in_features // 2 + (in_features // group) * out_features * 2 * elem
 
 
 def _check_ledger_and_plan(engines: dict[str, Engine]) -> None:
@@ -160,13 +161,16 @@ def _check_ledger_and_plan(engines: dict[str, Engine]) -> None:
     assert weights["int4"] < weights["int8"] < weights["none"], weights
 
 
+@pytest.mark.parametrize("group", [32, None])  # None: int4's default for float checkpoints, 64
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype):
+def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype, group):
     engines = {
         "none": _engine(e2e_folder, dtype),
         "int8": _engine(e2e_folder, dtype, "int8"),
-        "int4": _engine(e2e_folder, dtype, "int4", 32),
+        "int4": _engine(e2e_folder, dtype, "int4", group),
     }
+    group = group or 64
+    assert engines["int4"].quant.group_size == group
     _check_ledger_and_plan(engines)
     # And the planner's figures are the storage formats' own, worked out by hand.
     mc = engines["none"].model_config
@@ -175,10 +179,10 @@ def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype):
     qkv_out = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * hd
     for method, eng in engines.items():
         wb = weight_breakdown(mc, eng.dtype, eng.quant)
-        attn = _linear_bytes(method, qkv_out, h, elem) + _linear_bytes(
-            method, h, mc.num_attention_heads * hd, elem
+        attn = _linear_bytes(method, qkv_out, h, elem, group) + _linear_bytes(
+            method, h, mc.num_attention_heads * hd, elem, group
         )
-        mlp = _linear_bytes(method, 2 * inter, h, elem) + _linear_bytes(method, h, inter, elem)
+        mlp = _linear_bytes(method, 2 * inter, h, elem, group) + _linear_bytes(method, h, inter, elem, group)
         assert wb.attention == mc.num_hidden_layers * attn, method
         assert wb.mlp == mc.num_hidden_layers * mlp, method
         assert wb.embedding == wb.lm_head == mc.vocab_size * h * elem, method  # never quantized
