@@ -110,5 +110,7 @@ def test_bnb_nf4_refuses_rows_that_do_not_divide_into_blocks():
 def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     for name in ("bnb-int8", "bnb-nf4"):
-        with pytest.raises(ValueError, match="pip install --no-deps bitsandbytes"):
+        with pytest.raises(ValueError, match="pip install --no-deps bitsandbytes") as exc:
             get_quant_method(name)
+        assert f"--quantization {name} needs bitsandbytes" in str(exc.value)
+        assert "--quantization int8 / int4" in str(exc.value)  # the alternatives that need nothing
