@@ -8,6 +8,8 @@ loading never holds more than one tensor in float on top of the final weights), 
 
 from __future__ import annotations
 
+import torch
+
 from fitllm.config import ModelConfig
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import BLOCK
@@ -35,10 +37,13 @@ def get_quant_method(
     group_size: int | None = None,
     source_block_type: str | None = None,
     config: ModelConfig | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> QuantMethod:
     """The method for `--quantization NAME` (None or 'none': the model dtype); `source_block_type` (see
     ModelSource.linear_block_type) picks int4's default group size; `config`, if given, lets an invalid
-    group size's error suggest sizes that fit the model."""
+    group size's error suggest sizes that fit the model; `device` (and the model `dtype`), if given, are
+    where bitsandbytes must run (checked now, see fitllm/quant/bnb.py)."""
     if name in (None, "none"):
         return UnquantizedMethod()
     if name == "int8":
@@ -46,14 +51,13 @@ def get_quant_method(
     if name == "int4":
         dims = linear_in_features(config) if config is not None else ()
         return Int4Method(group_size or default_group_size(source_block_type), dims)
-    if name == "bnb-int8":
-        from fitllm.quant.bnb import BnbInt8Method
+    if name in ("bnb-int8", "bnb-nf4"):
+        from fitllm.quant.bnb import BnbInt8Method, BnbNF4Method
 
-        return BnbInt8Method()
-    if name == "bnb-nf4":
-        from fitllm.quant.bnb import BnbNF4Method
-
-        return BnbNF4Method()
+        method = BnbInt8Method() if name == "bnb-int8" else BnbNF4Method()
+        if device is not None:
+            method.check_device(device, dtype)
+        return method
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {name!r}")
 
 
