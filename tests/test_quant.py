@@ -190,6 +190,77 @@ def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype, group):
         assert wb.largest_quantized_linear == (2 * inter * h if method == "int8" else 0)
 
 
+# ---- quantize while loading: the float the method is handed ----------------------------------------------
+
+
+def _record_loading(source, method) -> list[tuple[tuple[int, ...], object, tuple[int, ...]]]:
+    """Wrap `source.weights` and `method.load_rows`: for each load_rows call, (shape of the rows handed, the
+    checkpoint tensor being loaded then, its shape)."""
+    seen: list = []
+    current: list = [None]
+    weights, load_rows = source.weights, method.load_rows
+
+    def tracked_weights(as_blocks: bool = False):
+        for name, tensor in weights(as_blocks):
+            current[0] = tensor
+            yield name, tensor
+
+    def tracked_rows(layer, offset, rows):
+        assert rows.is_floating_point()
+        seen.append((tuple(rows.shape), current[0], tuple(current[0].shape)))
+        return load_rows(layer, offset, rows)
+
+    source.weights, method.load_rows = tracked_weights, tracked_rows
+    return seen
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_while_loading_holds_at_most_one_checkpoint_tensor_in_float(e2e_folder, method):
+    """The load-peak bound (final size plus one tensor in float) rests on the method being handed the rows
+    of one checkpoint tensor at a time, never a fused q/k/v or gate/up assembled in float."""
+    from fitllm.loader import build_model, open_model
+    from fitllm.quant import get_quant_method
+
+    source, quant = open_model(str(e2e_folder)), get_quant_method(method, 32)
+    linears = {
+        n: t.shape for n, t in open_model(str(e2e_folder)).weights() if t.dim() == 2 and ".layers." in n
+    }
+    seen = _record_loading(source, quant)
+    build_model(source, torch.bfloat16, torch.device("cpu"), 128, quant=quant)
+    assert len(seen) == len(linears) == 7 * 2  # one call per checkpoint tensor: q, k, v apart, gate, up apart
+    for rows, _, shape in seen:
+        assert rows[0] <= shape[0] and rows[1] == shape[1], (rows, shape)
+        assert torch.Size(shape) in linears.values()
+    # And the bound is attained: each tensor whole (they are far below the GGUF chunk, see below).
+    assert max(r[0] * r[1] for r, _, _ in seen) == max(a * b for a, b in linears.values())
+
+
+def test_gguf_blocks_reach_the_method_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    """A GGUF whose linears the method cannot hold as codes (Q4_1 under int8) is dequantized DEQUANT_ROWS
+    rows at a time: the method never sees even one whole tensor in float."""
+    from conftest import write_random_gguf
+
+    from fitllm.loader import build_model, open_model
+    from fitllm.quant import get_quant_method, gguf_blocks
+
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_random_gguf(path, "Q4_1")
+    monkeypatch.setattr(gguf_blocks, "DEQUANT_ROWS", 24)  # the tiny model's tensors have 32 to 128 rows
+    source, quant = open_model(str(path)), get_quant_method("int8")
+    assert quant.block_types() == ("Q8_0",) and source.linear_block_type() == "Q4_1"
+    seen = _record_loading(source, quant)
+    build_model(source, torch.bfloat16, torch.device("cpu"), 128, quant=quant)
+    assert all(isinstance(t, gguf_blocks.GGUFBlocks) and t.qtype == "Q4_1" for _, t, _ in seen)
+    assert max(rows[0] for rows, _, _ in seen) == 24
+    # Every row of every tensor arrives exactly once, in chunks of at most 24 rows.
+    per_tensor: dict[int, int] = {}
+    for rows, tensor, shape in seen:
+        assert rows[1] == shape[1]
+        per_tensor[id(tensor)] = per_tensor.get(id(tensor), 0) + rows[0]
+    shapes = {id(t): s for _, t, s in seen}
+    assert len(per_tensor) == 7 * 2 and all(n == shapes[k][0] for k, n in per_tensor.items())
+
+
 @pytest.fixture(scope="module")
 def default_engines():
     """The default model (SmolLM2-135M GGUF) in bfloat16, one engine per method, built on first use."""
