@@ -352,6 +352,28 @@ def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tm
         assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]
 
 
+def test_bench_quant_configs_name_int4_group_sizes(e2e_folder):
+    from benchmarks.quant_decode import _config
+    from fitllm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "quant", "--model", str(e2e_folder)])
+    for name, want in [
+        ("none", (None, None, "auto")),
+        ("int8+kv-int8", ("int8", None, "int8")),
+        ("int4", ("int4", None, "auto")),  # the engine's default group (64 here, 32 on a Q4 GGUF)
+        ("int4:32", ("int4", 32, "auto")),
+        ("int4:128+kv-fp8", ("int4", 128, "fp8")),
+    ]:
+        c = _config(args, name)
+        assert (c.quantization, c.quant_group_size, c.kv_cache_dtype) == want, name
+    grouped = build_parser().parse_args(["bench", "quant", "--quant-group-size", "32"])
+    assert _config(grouped, "int4").quant_group_size == 32  # the flag still serves entries without a group
+    assert _config(grouped, "int4:64").quant_group_size == 64  # the entry's own group wins
+    for bad in ("int8:32", "int4:", "int4:x", "none:64+kv-int8"):
+        with pytest.raises(ValueError, match="int4:GROUP_SIZE"):
+            _config(args, bad)
+
+
 def test_bench_int8_linear_paths_compute_the_same_product(tmp_path):
     """Every path the int8-linear bench times computes x @ dequantized(w).T (to bfloat16 rounding), and the
     bench reports each path's ratio to bfloat16 per row count."""
