@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
-        help="comma-separated: a --quantization value, optionally +kv-int8 / +kv-fp8 (--kv-cache-dtype)",
+        help="comma-separated: a --quantization value, int4 optionally with :GROUP_SIZE (int4:64), "
+        "then optionally +kv-int8 / +kv-fp8 (--kv-cache-dtype)",
     )
     g.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     g.add_argument("--prompt-tokens", type=int, default=200, help="prompt length of each request (roughly)")
@@ -37,13 +38,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, name: str):
+    """The engine config of one --configs entry, METHOD[:GROUP_SIZE][+kv-DTYPE] (as `bench load` names
+    int4's group: int4:32); without a group, --quant-group-size or int4's default applies."""
     from fitllm.args import engine_config_from_args
 
-    method, _, kv = name.partition("+kv-")
+    spec, _, kv = name.partition("+kv-")
+    method, colon, group = spec.partition(":")
+    config = engine_config_from_args(args)
+    if colon:
+        if method != "int4" or not group.isdigit():
+            raise ValueError(
+                f"--configs {name!r}: only int4 takes a group size, as int4:GROUP_SIZE (e.g. int4:32)"
+            )
+        config = dataclasses.replace(config, quant_group_size=int(group))
     return dataclasses.replace(
-        engine_config_from_args(args),
-        quantization=None if method == "none" else method,
-        kv_cache_dtype=kv or "auto",
+        config, quantization=None if method == "none" else method, kv_cache_dtype=kv or "auto"
     )
 
 

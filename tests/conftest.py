@@ -127,6 +127,69 @@ def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
 
 
+def write_random_gguf(path: Path, linear_type: str = "Q8_0", seed: int = 0, **overrides):
+    """A random Llama (build_random_model) written as a GGUF file the way llama.cpp's converter writes one:
+    q/k rows permuted for interleaved rope, decoder linears in `linear_type` (quantized by the `gguf`
+    package), everything else float32, and a small byte-level BPE vocabulary. Returns the HF model."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+
+    model = build_random_model("llama", seed=seed, **overrides)
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(cfg.vocab_size)
+    tokens = ["<s>", "</s>", "a", "b", "ab"] + [f"x{i}" for i in range(cfg.vocab_size - 5)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3] + [1] * (len(tokens) - 2))  # 3: control
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(cfg.bos_token_id)
+    writer.add_eos_token_id(cfg.eos_token_id)
+    gguf_names = {v: k for k, v in _GGUF_LAYER_NAMES.items()}
+    qtype = gguf.GGMLQuantizationType[linear_type]
+    for name, p in model.state_dict().items():
+        w = p.float().numpy()
+        if name.startswith("model.layers."):
+            _, _, layer, *rest = name.split(".")
+            module, suffix = ".".join(rest[:-1]), rest[-1]
+            gname = f"blk.{layer}.{gguf_names[module]}.{suffix}"
+            if module in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's permutation
+                heads = cfg.num_attention_heads if module == "self_attn.q_proj" else cfg.num_key_value_heads
+                w = (
+                    w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:])
+                    .swapaxes(1, 2)
+                    .reshape(w.shape)
+                )
+            if w.ndim == 2:
+                writer.add_tensor(gname, quantize(np.ascontiguousarray(w), qtype), raw_dtype=qtype)
+                continue
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]  # fmt: skip
+        writer.add_tensor(gname, np.ascontiguousarray(w))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+
+
 @torch.inference_mode()
 def hf_last_logits(model, ids: list[int]) -> torch.Tensor:
     """Float32 logits of the last position of a full-sequence forward (no KV cache)."""

@@ -110,5 +110,36 @@ def test_bnb_nf4_refuses_rows_that_do_not_divide_into_blocks():
 def test_missing_bitsandbytes_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     for name in ("bnb-int8", "bnb-nf4"):
-        with pytest.raises(ValueError, match="pip install --no-deps bitsandbytes"):
+        with pytest.raises(ValueError, match="pip install --no-deps bitsandbytes") as exc:
             get_quant_method(name)
+        assert f"--quantization {name} needs bitsandbytes" in str(exc.value)
+        assert "--quantization int8 / int4" in str(exc.value)  # the alternatives that need nothing
+
+
+def _fail(*args, **kwargs):
+    raise NotImplementedError("no kernel for this device")
+
+
+@pytest.mark.parametrize(("name", "where"), [("bnb-int8", "matmul"), ("bnb-nf4", "functional.quantize_4bit")])
+def test_bitsandbytes_that_cannot_run_on_the_device_fails_at_start(folder, monkeypatch, name, where):
+    """Installed but without this device's backend: a ValueError when the method is created, naming
+    int8 / int4, not an error midway through loading. The matmul (bnb-int8) and the quantize op (bnb-nf4)
+    are the probed steps made to fail here."""
+    import bitsandbytes
+
+    cpu = torch.device("cpu")
+    assert get_quant_method(name, device=cpu).name == name  # the real bitsandbytes runs on CPU
+    owner, attr = (
+        (bitsandbytes, where) if "." not in where else (bitsandbytes.functional, where.split(".")[1])
+    )
+    monkeypatch.setattr(owner, attr, _fail)
+    with pytest.raises(
+        ValueError, match=f"--quantization {name}: bitsandbytes .* does not run on cpu"
+    ) as exc:
+        get_quant_method(name, device=cpu)
+    assert "no kernel for this device" in str(exc.value) and "--quantization int8 / int4" in str(exc.value)
+    assert isinstance(exc.value.__cause__, NotImplementedError)
+    # The engine checks on its own device before loading anything.
+    with pytest.raises(ValueError, match="--quantization int8 / int4"):
+        Engine(EngineConfig(model=str(folder), dtype="bfloat16", quantization=name, max_model_len=64))
+    assert get_quant_method(name).name == name  # no device given (the planner): nothing is probed

@@ -57,7 +57,7 @@ def test_row_layout_is_codes_then_float32_scale():
 def test_bad_kv_cache_dtypes_name_the_flag(monkeypatch):
     with pytest.raises(ValueError, match="--kv-cache-dtype must be one of"):
         KVCacheFormat("int4", torch.float32, 32)
-    with pytest.raises(ValueError, match="head_dim divisible by 4"):
+    with pytest.raises(ValueError, match="head_dim divisible by 4; got 30: use --kv-cache-dtype auto"):
         KVCacheFormat("int8", torch.float32, 30)
     monkeypatch.setitem(kv_module._CODE_DTYPES, "fp8", None)  # a torch without float8
     with pytest.raises(ValueError, match="--kv-cache-dtype int8"):

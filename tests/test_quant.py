@@ -141,13 +141,14 @@ def test_quantized_engine_equals_unquantized_engine_on_dequantized_weights(tmp_p
 # ---- planned bytes equal the ledger ---------------------------------------------------------------------
 
 
-def _linear_bytes(method: str, out_features: int, in_features: int, elem: int) -> int:
-    """Bytes of one decoder linear's weight as stored (no bias)."""
+def _linear_bytes(method: str, out_features: int, in_features: int, elem: int, group: int) -> int:
+    """Bytes of one decoder linear's weight as stored (no bias); `group`: int4's group size."""
     if method == "none":
         return out_features * in_features * elem
     if method == "int8":
         return out_features * in_features + out_features * elem  # int8 + one scale per row
-    return out_features * in_features // 2 + (in_features // 32) * out_features * 2 * elem  # 4 bits + s, z
+    # 4 bits per weight + a scale and a zero per group of each row
+    return out_features * in_features // 2 + (in_features // group) * out_features * 2 * elem
 
 
 def _check_ledger_and_plan(engines: dict[str, Engine]) -> None:
@@ -160,13 +161,16 @@ def _check_ledger_and_plan(engines: dict[str, Engine]) -> None:
     assert weights["int4"] < weights["int8"] < weights["none"], weights
 
 
+@pytest.mark.parametrize("group", [32, None])  # None: int4's default for float checkpoints, 64
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype):
+def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype, group):
     engines = {
         "none": _engine(e2e_folder, dtype),
         "int8": _engine(e2e_folder, dtype, "int8"),
-        "int4": _engine(e2e_folder, dtype, "int4", 32),
+        "int4": _engine(e2e_folder, dtype, "int4", group),
     }
+    group = group or 64
+    assert engines["int4"].quant.group_size == group
     _check_ledger_and_plan(engines)
     # And the planner's figures are the storage formats' own, worked out by hand.
     mc = engines["none"].model_config
@@ -175,15 +179,86 @@ def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype):
     qkv_out = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * hd
     for method, eng in engines.items():
         wb = weight_breakdown(mc, eng.dtype, eng.quant)
-        attn = _linear_bytes(method, qkv_out, h, elem) + _linear_bytes(
-            method, h, mc.num_attention_heads * hd, elem
+        attn = _linear_bytes(method, qkv_out, h, elem, group) + _linear_bytes(
+            method, h, mc.num_attention_heads * hd, elem, group
         )
-        mlp = _linear_bytes(method, 2 * inter, h, elem) + _linear_bytes(method, h, inter, elem)
+        mlp = _linear_bytes(method, 2 * inter, h, elem, group) + _linear_bytes(method, h, inter, elem, group)
         assert wb.attention == mc.num_hidden_layers * attn, method
         assert wb.mlp == mc.num_hidden_layers * mlp, method
         assert wb.embedding == wb.lm_head == mc.vocab_size * h * elem, method  # never quantized
         # int8's shared scratch is one model-dtype copy of the largest quantized weight (gate_up).
         assert wb.largest_quantized_linear == (2 * inter * h if method == "int8" else 0)
+
+
+# ---- quantize while loading: the float the method is handed ----------------------------------------------
+
+
+def _record_loading(source, method) -> list[tuple[tuple[int, ...], object, tuple[int, ...]]]:
+    """Wrap `source.weights` and `method.load_rows`: for each load_rows call, (shape of the rows handed, the
+    checkpoint tensor being loaded then, its shape)."""
+    seen: list = []
+    current: list = [None]
+    weights, load_rows = source.weights, method.load_rows
+
+    def tracked_weights(as_blocks: bool = False):
+        for name, tensor in weights(as_blocks):
+            current[0] = tensor
+            yield name, tensor
+
+    def tracked_rows(layer, offset, rows):
+        assert rows.is_floating_point()
+        seen.append((tuple(rows.shape), current[0], tuple(current[0].shape)))
+        return load_rows(layer, offset, rows)
+
+    source.weights, method.load_rows = tracked_weights, tracked_rows
+    return seen
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantize_while_loading_holds_at_most_one_checkpoint_tensor_in_float(e2e_folder, method):
+    """The load-peak bound (final size plus one tensor in float) rests on the method being handed the rows
+    of one checkpoint tensor at a time, never a fused q/k/v or gate/up assembled in float."""
+    from fitllm.loader import build_model, open_model
+    from fitllm.quant import get_quant_method
+
+    source, quant = open_model(str(e2e_folder)), get_quant_method(method, 32)
+    linears = {
+        n: t.shape for n, t in open_model(str(e2e_folder)).weights() if t.dim() == 2 and ".layers." in n
+    }
+    seen = _record_loading(source, quant)
+    build_model(source, torch.bfloat16, torch.device("cpu"), 128, quant=quant)
+    assert len(seen) == len(linears) == 7 * 2  # one call per checkpoint tensor: q, k, v apart, gate, up apart
+    for rows, _, shape in seen:
+        assert rows[0] <= shape[0] and rows[1] == shape[1], (rows, shape)
+        assert torch.Size(shape) in linears.values()
+    # And the bound is attained: each tensor whole (they are far below the GGUF chunk, see below).
+    assert max(r[0] * r[1] for r, _, _ in seen) == max(a * b for a, b in linears.values())
+
+
+def test_gguf_blocks_reach_the_method_a_chunk_of_rows_at_a_time(tmp_path, monkeypatch):
+    """A GGUF whose linears the method cannot hold as codes (Q4_1 under int8) is dequantized DEQUANT_ROWS
+    rows at a time: the method never sees even one whole tensor in float."""
+    from conftest import write_random_gguf
+
+    from fitllm.loader import build_model, open_model
+    from fitllm.quant import get_quant_method, gguf_blocks
+
+    path = tmp_path / "tiny-q4_1.gguf"
+    write_random_gguf(path, "Q4_1")
+    monkeypatch.setattr(gguf_blocks, "DEQUANT_ROWS", 24)  # the tiny model's tensors have 32 to 128 rows
+    source, quant = open_model(str(path)), get_quant_method("int8")
+    assert quant.block_types() == ("Q8_0",) and source.linear_block_type() == "Q4_1"
+    seen = _record_loading(source, quant)
+    build_model(source, torch.bfloat16, torch.device("cpu"), 128, quant=quant)
+    assert all(isinstance(t, gguf_blocks.GGUFBlocks) and t.qtype == "Q4_1" for _, t, _ in seen)
+    assert max(rows[0] for rows, _, _ in seen) == 24
+    # Every row of every tensor arrives exactly once, in chunks of at most 24 rows.
+    per_tensor: dict[int, int] = {}
+    for rows, tensor, shape in seen:
+        assert rows[1] == shape[1]
+        per_tensor[id(tensor)] = per_tensor.get(id(tensor), 0) + rows[0]
+    shapes = {id(t): s for _, t, s in seen}
+    assert len(per_tensor) == 7 * 2 and all(n == shapes[k][0] for k, n in per_tensor.items())
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +321,12 @@ def test_plan_refuses_bad_group_size_naming_the_flag(e2e_folder, capsys):
     assert plans["int4"].dtype == "bfloat16, int4 (group 32) weights"
     argv = ["plan", "--model", str(config_json), "--memory-budget", "1GiB", "--quantization", "int4"]
     assert cli_main([*argv, "--quant-group-size", "48"]) == 2
-    assert "--quant-group-size" in capsys.readouterr().err
+    # The model's linears take 64 and 128 input features: the suggested sizes divide them.
+    assert "--quant-group-size must be a power of two >= 2; got 48: use e.g. 32 or 64 (dividing" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(ValueError, match=r"got 48: use e\.g\. 32 or 64 \(dividing"):  # the engine alike
+        _engine(e2e_folder, "float32", "int4", 48)
     assert cli_main([*argv, "--quant-group-size", "32", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["weights"]["total"] == plans["int4"].weights.total
@@ -270,6 +350,28 @@ def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tm
         )
         assert data["int8"][batch]["weight_bytes"] < data["none"][batch]["weight_bytes"]
         assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]
+
+
+def test_bench_quant_configs_name_int4_group_sizes(e2e_folder):
+    from benchmarks.quant_decode import _config
+    from fitllm.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "quant", "--model", str(e2e_folder)])
+    for name, want in [
+        ("none", (None, None, "auto")),
+        ("int8+kv-int8", ("int8", None, "int8")),
+        ("int4", ("int4", None, "auto")),  # the engine's default group (64 here, 32 on a Q4 GGUF)
+        ("int4:32", ("int4", 32, "auto")),
+        ("int4:128+kv-fp8", ("int4", 128, "fp8")),
+    ]:
+        c = _config(args, name)
+        assert (c.quantization, c.quant_group_size, c.kv_cache_dtype) == want, name
+    grouped = build_parser().parse_args(["bench", "quant", "--quant-group-size", "32"])
+    assert _config(grouped, "int4").quant_group_size == 32  # the flag still serves entries without a group
+    assert _config(grouped, "int4:64").quant_group_size == 64  # the entry's own group wins
+    for bad in ("int8:32", "int4:", "int4:x", "none:64+kv-int8"):
+        with pytest.raises(ValueError, match="int4:GROUP_SIZE"):
+            _config(args, bad)
 
 
 def test_bench_int8_linear_paths_compute_the_same_product(tmp_path):

@@ -24,6 +24,7 @@ from fitllm.quant.int4 import (
     dequantize_int4,
     pack_plain,
     quantize_int4,
+    suggest_group_sizes,
     unpack_plain,
 )
 from fitllm.quant.int8 import KERNEL_ROWS_SMALL, Int8Method, kernel_rows, quantize_int8
@@ -115,8 +116,20 @@ def test_int4_group_size_errors_name_the_flag():
         ColumnParallelLinear(96, 64, quant=Int4Method(64))
     assert "96" in str(exc.value) and "e.g. 32" in str(exc.value)  # suggests a size that divides 96
     for bad in (48, 0, 1, 3, 96):
-        with pytest.raises(ValueError, match="--quant-group-size"):
+        with pytest.raises(ValueError, match="--quant-group-size") as exc:
             Int4Method(bad)
+        assert "--quantization int8" in str(exc.value)
+    # Not a power of two: the error names the valid sizes nearest the one asked for...
+    with pytest.raises(ValueError, match=r"got 48: use e\.g\. 32 or 64, or --quantization int8"):
+        Int4Method(48)
+    with pytest.raises(ValueError, match=r"got 1000: use e\.g\. 128 or 256"):
+        Int4Method(1000)
+    # ... and, when the model's widths are known, sizes that divide them (96 = 32 * 3: not 64).
+    with pytest.raises(ValueError, match=r"got 48: use e\.g\. 16 or 32 \(dividing every linear"):
+        Int4Method(48, (96, 96, 288))
+    with pytest.raises(ValueError, match="no power of two divides"):
+        Int4Method(48, (96, 31))
+    assert suggest_group_sizes(100, (576, 576, 1536)) == (32, 64)  # the default model's widths
     with pytest.raises(ValueError, match="--quant-group-size"):
         get_quant_method("int4", 48)
     with pytest.raises(ValueError, match="--quantization"):

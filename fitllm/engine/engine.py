@@ -64,7 +64,12 @@ class Engine:
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.quant = get_quant_method(
-            config.quantization, config.quant_group_size, self.source.linear_block_type()
+            config.quantization,
+            config.quant_group_size,
+            self.source.linear_block_type(),
+            mc,
+            device=self.device,
+            dtype=self.dtype,
         )
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         self.kv_bytes_per_token = kv_bytes_per_token(mc, self.dtype, config.kv_cache_dtype)

@@ -332,7 +332,7 @@ def make_plan(
     bandwidths) turns the placement into predicted tokens/s. `cuda_graphs`: decode will be captured (CUDA,
     Triton attention, no --enforce-eager), which holds `graph_pool_bytes` unless layers are streamed.
     """
-    quant = get_quant_method(quantization, quant_group_size)
+    quant = get_quant_method(quantization, quant_group_size, config=config)
     weights = weight_breakdown(config, dtype, quant)
     per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
     workspace = workspace_bytes(

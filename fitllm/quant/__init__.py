@@ -8,6 +8,9 @@ loading never holds more than one tensor in float on top of the final weights), 
 
 from __future__ import annotations
 
+import torch
+
+from fitllm.config import ModelConfig
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
@@ -24,25 +27,37 @@ def default_group_size(source_block_type: str | None) -> int:
     return BLOCK if source_block_type in Int4Method(BLOCK).block_types() else DEFAULT_INT4_GROUP_SIZE
 
 
+def linear_in_features(config: ModelConfig) -> tuple[int, ...]:
+    """The input widths of a decoder's quantized linears (q/k/v and gate/up, o, down)."""
+    return (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size)
+
+
 def get_quant_method(
-    name: str | None, group_size: int | None = None, source_block_type: str | None = None
+    name: str | None,
+    group_size: int | None = None,
+    source_block_type: str | None = None,
+    config: ModelConfig | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> QuantMethod:
     """The method for `--quantization NAME` (None or 'none': the model dtype); `source_block_type` (see
-    ModelSource.linear_block_type) picks int4's default group size."""
+    ModelSource.linear_block_type) picks int4's default group size; `config`, if given, lets an invalid
+    group size's error suggest sizes that fit the model; `device` (and the model `dtype`), if given, are
+    where bitsandbytes must run (checked now, see fitllm/quant/bnb.py)."""
     if name in (None, "none"):
         return UnquantizedMethod()
     if name == "int8":
         return Int8Method()
     if name == "int4":
-        return Int4Method(group_size or default_group_size(source_block_type))
-    if name == "bnb-int8":
-        from fitllm.quant.bnb import BnbInt8Method
+        dims = linear_in_features(config) if config is not None else ()
+        return Int4Method(group_size or default_group_size(source_block_type), dims)
+    if name in ("bnb-int8", "bnb-nf4"):
+        from fitllm.quant.bnb import BnbInt8Method, BnbNF4Method
 
-        return BnbInt8Method()
-    if name == "bnb-nf4":
-        from fitllm.quant.bnb import BnbNF4Method
-
-        return BnbNF4Method()
+        method = BnbInt8Method() if name == "bnb-int8" else BnbNF4Method()
+        if device is not None:
+            method.check_device(device, dtype)
+        return method
     raise ValueError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}; got {name!r}")
 
 

@@ -5,6 +5,9 @@ bitsandbytes 0.50 runs both on CPU as well as CUDA, through its functional API, 
 methods call: fitllm owns the parameters (so the planner counts them on the meta device and the ledger
 holds them) and hands bitsandbytes the codes at matmul time.
 
+Both check, when created for a device, that bitsandbytes really runs there (`check_device`): a tiny layer is
+quantized and multiplied through the same calls, so an unsupported device fails at start, naming int8/int4.
+
 - `bnb-int8`: per-row absmax int8 (`int8_vectorwise_quant`, from float16 as bitsandbytes does), multiplied
   by `bnb.matmul` with the outlier threshold (6.0, LLM.int8()'s): activation columns above it go through
   a float16 matmul against the dequantized weight columns, the rest through int8.
@@ -27,6 +30,7 @@ from fitllm.quant.base import QuantMethod
 BNB_VERSION = "0.50.2"
 INT8_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold
 NF4_BLOCK = 64
+PROBE_FEATURES = NF4_BLOCK  # the start-up check's layer: one NF4 block per row
 
 
 def import_bitsandbytes(method: str) -> ModuleType:
@@ -44,7 +48,36 @@ def import_bitsandbytes(method: str) -> ModuleType:
     return bitsandbytes
 
 
-class BnbInt8Method(QuantMethod):
+class _BnbMethod(QuantMethod):
+    """What both bitsandbytes methods share: the import, and the check that it runs on the device."""
+
+    bnb: ModuleType
+
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Quantize and multiply one tiny layer on `device` through this method's own calls; a failure (a
+        bitsandbytes build without this device's backend, or too old for it) becomes a ValueError at start
+        naming the alternatives, instead of an error midway through loading the model."""
+        if device.type == "meta":
+            return
+        try:
+            with torch.device(device):
+                layer = nn.Module()
+                self.create_weights(layer, PROBE_FEATURES, PROBE_FEATURES)
+                self.load_rows(layer, 0, torch.ones(PROBE_FEATURES, PROBE_FEATURES))
+                self.finish_loading(layer)
+                out = self.apply(layer, torch.ones(1, PROBE_FEATURES, dtype=dtype))
+            if not bool(torch.isfinite(out).all()):
+                raise RuntimeError("its matmul returned non-finite values")
+        except Exception as exc:  # whatever bitsandbytes raises (RuntimeError, NotImplementedError, ...)
+            version = getattr(self.bnb, "__version__", "?")
+            raise ValueError(
+                f"--quantization {self.name}: bitsandbytes {version} does not run on {device} in {dtype} "
+                f"({type(exc).__name__}: {exc}); fitllm is tested with bitsandbytes {BNB_VERSION}, "
+                "or use --quantization int8 / int4"
+            ) from exc
+
+
+class BnbInt8Method(_BnbMethod):
     """`weight` int8 [out, in] (bitsandbytes' CB) and `weight_scale` float32 [out] (its SCB: row absmax)."""
 
     name = "bnb-int8"
@@ -84,7 +117,7 @@ class BnbInt8Method(QuantMethod):
         return f"bnb-int8 (threshold {self.threshold})"
 
 
-class BnbNF4Method(QuantMethod):
+class BnbNF4Method(_BnbMethod):
     """`weight` uint8 [out, in / 2] (two NF4 codes per byte) and `weight_absmax` float32 [out, in / 64]."""
 
     name = "bnb-nf4"

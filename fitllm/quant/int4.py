@@ -134,9 +134,20 @@ class Int4Method(QuantMethod):
     name = "int4"
     derived_params = ("weight_scale_zeros",)
 
-    def __init__(self, group_size: int) -> None:
+    def __init__(self, group_size: int, in_features: tuple[int, ...] = ()) -> None:
+        """`in_features`: the model's linear input widths, if known, so that an error can suggest group
+        sizes that divide them."""
         if group_size < 2 or group_size & (group_size - 1):
-            raise ValueError(f"--quant-group-size must be a power of two >= 2; got {group_size}")
+            sizes = suggest_group_sizes(group_size, in_features)
+            fits = " (dividing every linear's input features)" if in_features else ""
+            hint = (
+                f"use e.g. {' or '.join(map(str, sizes))}{fits}, or"
+                if sizes
+                else "no power of two divides every linear's input features; use"
+            )
+            raise ValueError(
+                f"--quant-group-size must be a power of two >= 2; got {group_size}: {hint} --quantization int8"
+            )
         self.group_size = group_size
 
     def check_shape(self, out_features: int, in_features: int) -> None:
@@ -228,6 +239,16 @@ class Int4Method(QuantMethod):
             )
         q = unpack_plain(layer.weight.data)
         return dequantize_int4(q, layer.weight_scale_zeros.data, self.group_size)
+
+
+def suggest_group_sizes(group_size: int, in_features: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Up to two valid group sizes nearest `group_size` (by ratio), smaller first: powers of two that
+    divide every width in `in_features`, preferring the CPU kernel's sizes (32-256)."""
+    valid = [2**i for i in range(1, 13) if all(n % 2**i == 0 for n in in_features)]
+    preferred = [g for g in valid if g in KERNEL_GROUP_SIZES]
+    pool = preferred if len(preferred) >= 2 else valid
+    target = max(group_size, 1).bit_length()
+    return tuple(sorted(sorted(pool, key=lambda g: (abs(g.bit_length() - target), g))[:2]))
 
 
 def _largest_pow2_divisor(n: int, cap: int) -> int:

@@ -57,7 +57,8 @@ class KVCacheFormat:
         if self.quantized and self.head_dim % SCALE_BYTES:
             # The scale is read as a float32 view of each row's tail: rows must stay 4-byte aligned.
             raise ValueError(
-                f"--kv-cache-dtype {self.name} needs a head_dim divisible by 4; got {self.head_dim}"
+                f"--kv-cache-dtype {self.name} needs a head_dim divisible by 4; got {self.head_dim}: "
+                "use --kv-cache-dtype auto"
             )
 
     @property
