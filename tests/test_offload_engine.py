@@ -143,6 +143,34 @@ def test_random_llama_greedy_identical_when_offloaded(request, checkpoint, quant
         eng.streamer.close()
 
 
+def _bytes_per_decode_step(folder, batch: int) -> tuple[set[int], int]:
+    """The bytes streamed by each decode step of `batch` rows with every layer offloaded at prefetch 1 (no
+    staging buffer keeps a layer from one pass to the next), and the packed layer size."""
+    eng = _engine(folder, cpu_offload_gb=1.0, offload_prefetch=1)
+    assert len(eng.placement.offloaded) == eng.model_config.num_hidden_layers
+    deltas: set[int] = set()
+    last = eng.streamer.stats.bytes_streamed
+
+    def record(e: Engine) -> None:
+        nonlocal last
+        now = e.streamer.stats.bytes_streamed
+        if e.last_step.num_tokens == e.last_step.num_running == batch:  # a decode step of every row
+            deltas.add(now - last)
+        last = now
+
+    run_all(eng, RANDOM_PROMPTS[:batch], on_step=record)
+    eng.streamer.close()
+    return deltas, eng.placement.layer_bytes
+
+
+def test_one_pass_over_the_layers_serves_the_whole_batch(gqa_llama):
+    """A decode step streams each offloaded layer once, whatever the batch: the bytes streamed per decode
+    step are the same at batch 1 and batch 3 (so throughput grows with the batch)."""
+    one, layer_bytes = _bytes_per_decode_step(gqa_llama, 1)
+    three, _ = _bytes_per_decode_step(gqa_llama, 3)
+    assert one == three == {GQA["num_hidden_layers"] * layer_bytes}
+
+
 def _engine_config_model(folder):
     from fitllm.loader import open_model
 
