@@ -234,3 +234,31 @@ def test_budget_too_small_even_for_staging_names_the_flags(big_llama):
 def test_bnb_with_offload_is_refused_naming_the_alternative(big_llama):
     with pytest.raises(ValueError, match="int8 or int4"):
         _engine(big_llama, quantization="bnb-int8", cpu_offload_gb=0.01)
+
+
+def test_bench_offload_writes_its_table_as_json(gqa_llama, tmp_path):
+    import json
+
+    from fitllm.cli import main as cli_main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{3 + i % 500}" for i in range(8000)))
+    out = tmp_path / "offload.json"
+    argv = ["bench", "offload", "--model", str(gqa_llama), "--dtype", "float32", "--text", str(text)]
+    argv += ["--fractions", "0.5,1", "--batches", "2", "--rounds", "2", "--steps", "2"]
+    argv += ["--prompt-tokens", "20", "--max-model-len", "128", "--offload-prefetch", "2", "--json", str(out)]
+    assert cli_main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["tier"] == "file" and data["transfer_bytes_per_s"] > 0 and not data["copies_overlap_compute"]
+    assert set(data["runs"]) == {"batch_2"}
+    for runs in data["runs"].values():
+        assert set(runs) == {"0", "0.5", "1"}
+        assert [runs[f]["offloaded_layers"] for f in ("0", "0.5", "1")] == [0, 2, 4]
+        assert runs["0"]["ratio_vs_resident"] == 1.0 and runs["0"]["staging_bytes"] == 0
+        assert runs["0.5"]["staging_bytes"] == runs["1"]["staging_bytes"] > 0
+        for row in runs.values():
+            assert len(row["tokens_per_s_rounds"]) == 2 and row["tokens_per_s_median"] > 0
+            assert row["predicted_tokens_per_s"] > 0
+        # Two buffers for two offloaded layers keep them: nothing moves after the first pass. Four layers
+        # through two buffers stream every step.
+        assert runs["0.5"]["bytes_streamed_per_s"] == 0 < runs["1"]["bytes_streamed_per_s"]
