@@ -173,7 +173,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--offload-dir",
         default=None,
-        help="CPU: folder for the offload file that streamed layers are read from (default: the temp folder)",
+        help="CPU: folder for the offload file that streamed layers are read from (default: the temp folder, "
+        "as TMPDIR sets it); a folder on disk, not tmpfs, which would keep the file in RAM",
     )
 
 

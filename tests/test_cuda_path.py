@@ -1,6 +1,8 @@
 """The engine's GPU path on a real CUDA device: Triton kernels compiled for the GPU, CUDA graphs captured and
-replayed, compared with the torch reference backend. CPU machines (CI) check the same logic through the
-interpreter and ReplayCapturer (test_triton_attention.py, test_cuda_graphs.py); this file needs a GPU."""
+replayed, compared with the torch reference backend; offloaded layers streamed from pinned host memory on a
+side stream, compared with resident ones. CPU machines (CI) check the same logic through the
+interpreter, ReplayCapturer and simulated stream events (test_triton_attention.py, test_cuda_graphs.py,
+test_offload_streamer.py); this file needs a GPU."""
 
 from __future__ import annotations
 
@@ -126,3 +128,72 @@ def test_gpu_steps_queue_without_host_syncs(llama, backend, eager):
         done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
     assert [done[r] for r in rids] == ref
     assert len(calls) > 30
+
+
+# ---- weight offload: the CUDA tier (pinned host memory, side stream, events) -----------------------------
+
+OFFLOAD_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("cuda-offload"), num_hidden_layers=OFFLOAD_LAYERS)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_gpu_offload_greedy_matches_resident_within_the_budget(llama4, prefetch):
+    """0, 50 and 100% of the decoder layers streamed from pinned host memory give the resident greedy
+    tokens; staging is prefetch x one packed layer and the ledger stays within the budget every step."""
+    from fitllm.loader import open_model
+    from fitllm.memory.copy_engine import StreamCopyEngine
+    from fitllm.memory.planner import weight_breakdown
+
+    weights = weight_breakdown(open_model(str(llama4)).config, torch.float32)
+    layer_bytes = weights.layer_stream_bytes
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=256, offload_prefetch=prefetch)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    resident_engine = Engine(EngineConfig(model=str(llama4), **kw))
+    assert resident_engine.placement.offloaded == () and resident_engine.streamer is None
+    ref = run_all(resident_engine, PROMPTS, params=params)
+    assert len({t for out in ref for t in out}) > 5
+    resident_weights = resident_engine.ledger.current("weights")
+    assert resident_engine.ledger.snapshot().peak.get("staging", 0) == 0
+    del resident_engine
+    torch.cuda.empty_cache()
+
+    cap = prefetch * layer_bytes
+    for streamed in (OFFLOAD_LAYERS // 2, OFFLOAD_LAYERS):
+        # Half a layer short of `streamed` layers: --cpu-offload-gb rounds up to whole layers.
+        gib = (streamed - 0.5) * layer_bytes / (1 << 30)
+        engine = Engine(EngineConfig(model=str(llama4), cpu_offload_gb=gib, **kw))
+        assert len(engine.placement.offloaded) == streamed
+        streamer = engine.streamer
+        assert isinstance(streamer.engine, StreamCopyEngine)
+        assert all(t.is_pinned() for t in streamer.engine.host.values())
+        assert all(buf.data.device.type == "cuda" for buf in streamer.buffers)
+        assert engine.graphs is None  # streamed layers wait on events between kernels: eager decode
+        steps = 0
+
+        def within_budget(e: Engine) -> None:
+            nonlocal steps
+            steps += 1
+            snap = e.ledger.snapshot()
+            assert snap.total <= snap.budget and snap.current["staging"] == cap
+
+        got = run_all(engine, PROMPTS, params=params, on_step=within_budget)
+        assert got == ref, f"{streamed} of {OFFLOAD_LAYERS} layers streamed at prefetch {prefetch}"
+        snap = engine.ledger.snapshot()
+        assert snap.peak["staging"] == cap and snap.peak_total <= snap.budget
+        assert engine.ledger.current("weights") == resident_weights - streamed * weights.per_layer
+        # Between uses an offloaded layer holds no device memory of its own.
+        for i in engine.placement.offloaded:
+            assert all(p.numel() == 0 for p in engine.model.layers[i].parameters())
+        if prefetch < streamed:  # every pass streams every offloaded layer again
+            assert streamer.stats.copies >= streamed * (steps - 1)
+        else:  # a buffer per offloaded layer: copied once, then kept
+            assert streamer.stats.copies == streamed
+        assert streamer.stats.resyncs == 0
+        streamer.close()
+        assert engine.ledger.current("staging") == 0
+        del engine, streamer
+        torch.cuda.empty_cache()

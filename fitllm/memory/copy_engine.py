@@ -5,7 +5,9 @@ moves bytes and says when they have arrived. Two tiers:
 
 - `FileCopyEngine` (CPU): offloaded layers are kept in a file on disk and read into staging by one
   background thread with `os.preadv`, which releases the GIL and maps nothing, so the file's pages stay in
-  the kernel's page cache (reclaimable) and never in the process's resident memory.
+  the kernel's page cache (reclaimable) and never in the process's resident memory. The file is in
+  `--offload-dir` (default: the temp folder, which TMPDIR chooses); a folder on tmpfs or ramfs would keep
+  its bytes in RAM, so that is warned about.
 - `StreamCopyEngine` (CUDA): offloaded layers are kept in pinned host memory and copied into staging on a
   side stream; an event recorded after each copy is what compute waits on (only when the copy is late),
   and an event recorded after the layer has run is what the next copy into that buffer waits on. The
@@ -14,7 +16,9 @@ moves bytes and says when they have arrived. Two tiers:
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +28,11 @@ from typing import Any, Protocol
 import torch
 
 from fitllm.memory.layer_layout import LayerLayout
+
+log = logging.getLogger("fitllm")
+
+# Filesystems whose files live in RAM: an offload file there takes the memory it was meant to free.
+RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 class CopyEngine(Protocol):
@@ -196,9 +205,50 @@ def make_sink(
     folder = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
     if not folder.is_dir():
         raise ValueError(f"--offload-dir {folder}: no such folder")
+    fs_type = mount_fs_type(folder, _read_mounts())
+    if fs_type in RAM_FILESYSTEMS:
+        log.warning(
+            "the offload file goes to %s, which is on %s: its bytes stay in RAM, so offloading saves no "
+            "memory; choose a folder on disk with --offload-dir%s",
+            folder,
+            fs_type,
+            "" if offload_dir else " (or the TMPDIR environment variable)",
+        )
     fd, name = tempfile.mkstemp(prefix="fitllm-offload-", suffix=".bin", dir=folder)
     os.close(fd)
     return OffloadFile(Path(name), layout)
+
+
+def _read_mounts() -> str | None:
+    """The mount table (Linux); None where there is none to read."""
+    try:
+        return Path("/proc/mounts").read_text()
+    except OSError:
+        return None
+
+
+def _unescape_mount_path(field: str) -> str:
+    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_fs_type(folder: str | os.PathLike, mounts: str | None) -> str | None:
+    """The filesystem type of the mount that holds `folder` (symlinks resolved), from the text of a
+    /proc/mounts table: the longest mount point containing it, the last mounted where several share
+    one. None without a table or a match."""
+    if not mounts:
+        return None
+    path = os.path.realpath(folder)
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape_mount_path(fields[1])
+        inside = point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):
+            best = (len(point), fields[2])
+    return None if best is None else best[1]
 
 
 def make_copy_engine(sink: OffloadFile | PinnedHostStore, device: torch.device) -> CopyEngine:
