@@ -13,7 +13,8 @@ import torch
 
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.memory.planner import make_plan
+from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.quant import get_quant_method
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GiB = 1 << 30
@@ -216,8 +217,10 @@ def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
 )  # fmt: skip
 def test_bench_fullsize_builds_plans_and_measures_the_published_config(tmp_path, fixture, shrink):
     """`fitllm bench fullsize` (issue 7's GPU measurement) on the published config with its sizes shrunk, on
-    CPU: it saves the random checkpoint in the family's layout, plans it, loads it with int8 weights and
-    reports the ledger beside the plan; the weights it holds are the planned bytes."""
+    CPU: it saves the random checkpoint in transformers' native layout (the ChatGLM config as GlmForCausalLM),
+    plans it as the engine runs it (here the reference attention's scratch at the context), loads it with
+    int8 weights and reports the ledger beside the plan; the weights it holds are the planned bytes, and
+    the planned workspace is the engine's."""
     config = json.loads((FIXTURES / fixture / "config.json").read_text())
     config.update(shrink)
     folder = tmp_path / fixture
@@ -246,6 +249,10 @@ def test_bench_fullsize_builds_plans_and_measures_the_published_config(tmp_path,
     result = json.loads(out.read_text())
     assert result["model"] == fixture and result["tokens"] == 43 and result["planned"]["fits"]
     assert result["ledger"]["peak_by_tag"]["weights"] == result["planned"]["weights"]
+    mc = ModelConfig.from_hf_config(config)
+    scratch = weight_breakdown(mc, torch.float32, get_quant_method("int8")).largest_quantized_linear
+    reference = workspace_bytes(mc, torch.float32, 2048, 64, scratch, 256)  # at --max-model-len 256
+    assert result["planned"]["workspace"] == reference and result["planned"]["graph_pool"] == 0
     assert result["ledger"]["peak_by_tag"]["kv"] >= result["planned"]["kv_for_this_request"]
     assert result["ledger"]["peak_total"] <= result["budget"]
 
