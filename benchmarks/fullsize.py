@@ -1,7 +1,9 @@
 """`fitllm bench fullsize`: a model at its published size, in random weights, planned and then measured.
 
 No checkpoint can be downloaded, so the published `config.json` (the fixtures in tests/fixtures, e.g. the
-13B fairseq-dense and the 9B GLM-4) is built in transformers with random weights and saved once; fitllm
+13B fairseq-dense and the 9B GLM-4) is built in transformers with random weights and saved once, in
+transformers' native safetensors layout (a ChatGLM config is saved as `GlmForCausalLM`; loading the ChatGLM
+layout itself is checked bitwise against the native one in tests/test_chatglm.py); fitllm
 then loads it under `--memory-budget` (quantizing while loading), runs one request of `--prompt-tokens`
 plus `--decode-tokens`, and reports what `fitllm plan` predicted beside what was held: the ledger's
 weights and peak, and on CUDA the allocator's peak (`torch.cuda.max_memory_allocated`). On CPU it runs
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from fitllm.loader import open_model
     from fitllm.memory.budget import resolve_budget
     from fitllm.memory.planner import make_plan
+    from fitllm.model.attention import resolve_attention_backend
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -76,8 +79,18 @@ def run(args: argparse.Namespace) -> int:
     quantization = None if args.quantization == "none" else args.quantization
     budget = resolve_budget(args.memory_budget, device)
     source = open_model(str(folder))
+    # As the engine below decides and `fitllm plan` plans it (fitllm/cli.py): Triton attention with decode
+    # CUDA graphs on CUDA, the torch reference attention's scratch elsewhere.
+    backend = resolve_attention_backend("auto", device)
     plan = make_plan(
-        source.config, args.config.parent.name, dtype, budget, args.max_model_len, quantization=quantization
+        source.config,
+        args.config.parent.name,
+        dtype,
+        budget,
+        args.max_model_len,
+        quantization=quantization,
+        cuda_graphs=backend == "triton" and device.type == "cuda",
+        reference_attention=backend == "torch",
     )
     source.release()
     if device.type == "cuda":
@@ -110,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         run_peak = torch.cuda.max_memory_allocated(device) - base
     ledger = engine.ledger.snapshot()
     kv_run = engine.kv_bytes_per_token * (args.prompt_tokens + args.decode_tokens)
-    planned = plan.resident_weight_bytes + plan.workspace + kv_run
+    planned = plan.resident_weight_bytes + plan.staging_bytes + plan.workspace + plan.graph_pool + kv_run
     result = {
         "model": args.config.parent.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -121,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         "planned": {
             "weights": plan.resident_weight_bytes,
             "workspace": plan.workspace,
+            "graph_pool": plan.graph_pool,
+            "staging": plan.staging_bytes,
             "kv_for_this_request": kv_run,
             "total": planned,
             "fits": plan.fits,
@@ -135,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
     gib = 1 << 30
     print(f"{result['model']} ({args.dtype}, {args.quantization}) on {result['device']}, "
           f"budget {budget / gib:.2f} GiB, one request of {result['tokens']} tokens")  # fmt: skip
-    print(f"  planned: weights {plan.resident_weight_bytes / gib:.2f} GiB + workspace {plan.workspace / gib:.2f} "
+    print(f"  planned: weights {plan.resident_weight_bytes / gib:.2f} GiB + staging {plan.staging_bytes / gib:.2f} "
+          f"+ workspace {plan.workspace / gib:.2f} + CUDA graph pool {plan.graph_pool / gib:.3f} "
           f"+ KV {kv_run / gib:.3f} = {planned / gib:.2f} GiB; fits: {plan.fits}")  # fmt: skip
     print(
         f"  ledger peak: {ledger.peak_total / gib:.2f} GiB ("

@@ -16,7 +16,7 @@ from fitllm.engine.request import SamplingParams
 from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import make_plan, weight_breakdown
+from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
 
 
 def test_ledger_reserve_release_and_peak():
@@ -168,6 +168,31 @@ def test_engine_max_model_len_auto_is_what_the_budget_holds():
     eng.add_request([5] * (eng.max_model_len - 1), SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="--max-model-len"):
         eng.add_request([5] * eng.max_model_len, SamplingParams(max_tokens=1))
+
+
+def test_engine_max_model_len_auto_is_the_planners_answer():
+    """The engine's --max-model-len auto asks the planner's search with the workspace sized at each
+    candidate length (the reference attention's scratch grows with it): with the planned workspace and one
+    static slab, it is exactly the plan's auto length (the plan without its framework overhead)."""
+    cfg = open_model(None).config
+    budget = weight_breakdown(cfg, torch.bfloat16).total + (60 << 20)
+    eng = Engine(
+        EngineConfig(
+            dtype="bfloat16",
+            memory_budget=budget,
+            max_model_len="auto",
+            static_kv=True,
+            profile_workspace=False,
+        )
+    )
+    plan = make_plan(cfg, "m", torch.bfloat16, budget, None, overhead=0, reference_attention=True)
+    assert eng.attention_backend == "torch"
+    assert eng.max_model_len == plan.max_model_len < cfg.max_position_embeddings
+    assert eng.workspace_planned == plan.workspace
+    # Sized at the model's own context, the workspace would have left fewer tokens (the old answer).
+    at_full = workspace_bytes(cfg, torch.bfloat16, 2048, 64, 0, cfg.max_position_embeddings)
+    per_token = cfg.kv_bytes_per_token(torch.bfloat16)
+    assert (budget - plan.resident_weight_bytes - at_full) // per_token < eng.max_model_len - 16
 
 
 @pytest.mark.parametrize(("dtype", "tokens"), [("bfloat16", 2048), ("float32", 512)])

@@ -28,7 +28,12 @@ from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
 from fitllm.memory.kv_cache_manager import KVCacheManager
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import graph_pool_bytes, scratch_elements, workspace_bytes
+from fitllm.memory.planner import (
+    graph_pool_bytes,
+    largest_context_that_fits,
+    scratch_elements,
+    workspace_bytes,
+)
 from fitllm.memory.streamer import WeightStreamer
 from fitllm.memory.swap import KVSwapper
 from fitllm.model.attention import resolve_attention_backend
@@ -51,7 +56,8 @@ class Engine:
         self.model_config = mc = self.source.config
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        auto_len = config.max_model_len == "auto"
+        self._auto_len = auto_len = config.max_model_len == "auto"
+        # Under auto, the model's own until the weights are in: then `_auto_max_model_len` picks it.
         self.max_model_len = (
             mc.max_position_embeddings if auto_len else config.max_model_len or mc.max_position_embeddings
         )
@@ -113,14 +119,11 @@ class Engine:
         )
         self.kv = KVCacheManager(self.pool, self.block_size)
         if auto_len:
-            # The longest context one request can have: what the pool can ever hold, in whole slabs,
-            # once weights and workspace are in.
-            self.max_model_len = min(mc.max_position_embeddings, self.pool.capacity_blocks * self.block_size)
+            # What the pool can ever hold is in whole slabs, after the measured workspace (the length was
+            # chosen with the planned one): the longest context one request can have is the lesser.
+            self.max_model_len = min(self.max_model_len, self.pool.capacity_blocks * self.block_size)
             if self.max_model_len < 2:
-                raise ValueError(
-                    f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
-                    f"after weights and workspace; raise the budget (see `fitllm plan`)"
-                )
+                raise ValueError(self._no_room_for_kv())
             log.info("--max-model-len auto: %d tokens", self.max_model_len)
         self.swapper = KVSwapper(
             self.storage,
@@ -169,12 +172,15 @@ class Engine:
             )
         except BudgetExceeded as exc:
             raise ValueError(f"{exc}; raise --memory-budget or quantize (see `fitllm plan`)") from exc
+        scratch = scratch_elements(self.model)
+        if self._auto_len:
+            self.max_model_len = self._auto_max_model_len(scratch)
         self.workspace_planned = workspace_bytes(
             mc,
             self.dtype,
             config.max_num_batched_tokens,
             config.max_num_seqs,
-            scratch_elements(self.model),
+            scratch,
             self.max_model_len if self.attention_backend == "torch" else None,
         )
         self.workspace_measured: int | None = None
@@ -209,22 +215,61 @@ class Engine:
                 f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
             ) from exc
 
+    def _auto_max_model_len(self, scratch: int) -> int:
+        """--max-model-len auto, once the weights (and any staging) are in the ledger: the planner's
+        `largest_context_that_fits` over what is free, with the planned workspace and graph pool sized at
+        each candidate length, as `fitllm plan` sizes them (the plan also sets aside its overhead)."""
+        config, mc = self.config, self.model_config
+        graphs = self._eager_reason() is None
+
+        def room(length: int) -> int:
+            workspace = workspace_bytes(
+                mc,
+                self.dtype,
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+                scratch,
+                length if self.attention_backend == "torch" else None,
+            )
+            pool = (
+                graph_pool_bytes(mc, self.dtype, config.max_num_seqs, length, config.block_size)
+                if graphs
+                else 0
+            )
+            return self.ledger.free_bytes() - workspace - pool
+
+        length = largest_context_that_fits(
+            room, self.kv_bytes_per_token, config.block_size, mc.max_position_embeddings
+        )
+        if length < 2:
+            raise ValueError(self._no_room_for_kv())
+        return length
+
+    def _no_room_for_kv(self) -> str:
+        return (
+            f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
+            f"after weights and workspace; raise the budget (see `fitllm plan`)"
+        )
+
+    def _eager_reason(self) -> str | None:
+        """Why decode runs eagerly, or None when it is captured as CUDA graphs (`eager_reason`)."""
+        return eager_reason(
+            self.attention_backend,
+            self.device,
+            self.config.enforce_eager,
+            self.streamer is not None,
+            self.config.quantization,
+        )
+
     def _reserve_graph_pool(self) -> int | None:
         """Reserve the decode CUDA graphs' planned bytes before the KV pool is sized (so --static-kv does not
         take them); None when decode runs eagerly (see `eager_reason`) or the budget has no room."""
         config = self.config
-        reason = eager_reason(
-            self.attention_backend,
-            self.device,
-            config.enforce_eager,
-            self.streamer is not None,
-            config.quantization,
-        )
+        reason = self._eager_reason()
         if reason is not None:
             if self.device.type == "cuda":
                 log.info("CUDA graphs off: %s; decode runs eagerly", reason)
             return None
-        # Under --max-model-len auto, max_model_len is still the model's own here: the widest block table.
         planned = graph_pool_bytes(
             self.model_config, self.dtype, config.max_num_seqs, self.max_model_len, config.block_size
         )

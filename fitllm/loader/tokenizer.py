@@ -123,24 +123,57 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+def is_tiktoken_file(path: Path) -> bool:
+    """Whether `path` is a tiktoken BPE file (lines of base64 token and rank; GLM-4's tokenizer.model), not
+    a SentencePiece model (protobuf)."""
+    with open(path, "rb") as f:
+        first = f.readline(4096).strip()
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", first) is not None
+
+
+def _missing_tokenizer_json(folder: Path) -> str:
+    """What to do when a folder has no tokenizer.json: advice that works for what it does have."""
+    custom = sorted(p.name for p in folder.glob("tokenization_*.py"))
+    model = folder / "tokenizer.model"
+    code = (
+        f" (its {', '.join(custom)} is code from the checkpoint, and fitllm never executes it)"
+        if custom
+        else ""
+    )
+    if model.is_file() and is_tiktoken_file(model):
+        # ChatGLM / GLM-4: the slow tokenizer is tiktoken-based, and its save_pretrained writes no
+        # tokenizer.json; transformers' TikTokenConverter builds one from the file without running code.
+        return (
+            f"{folder} has no tokenizer.json, only tokenizer.model, a tiktoken BPE file{code}. Either pass "
+            f"--tokenizer DIR, a folder with a tokenizer.json of the same vocabulary (the GLM-4 '-hf' "
+            f"repositories, e.g. THUDM/glm-4-9b-chat-hf, ship one), or convert it once where transformers "
+            f'and tiktoken are installed, in {folder}: python -c "import json; from '
+            f"transformers.convert_slow_tokenizer import TikTokenConverter; "
+            f"d = json.load(open('tokenizer_config.json'))['added_tokens_decoder']; "
+            f"TikTokenConverter('tokenizer.model', extra_special_tokens=[d[k]['content'] for k in "
+            f"sorted(d, key=int)]).converted().save('OUT/tokenizer.json')\" (the special tokens in id "
+            f"order follow the BPE ranks), copy tokenizer_config.json into OUT and pass --tokenizer OUT"
+        )
+    if custom:
+        return (
+            f"{folder} has no tokenizer.json, only a custom tokenizer{code}. Convert it once, on a machine "
+            f"where you trust that code: tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True); "
+            f"a fast tokenizer's tok.save_pretrained(out) writes tokenizer.json, a slow one's does not: "
+            f"PreTrainedTokenizerFast(tokenizer_object=transformers.convert_slow_tokenizer."
+            f"convert_slow_tokenizer(tok)).save_pretrained(out); then pass --tokenizer out"
+        )
+    extra = " (only tokenizer.model is present)" if model.is_file() else ""
+    return (
+        f"{folder} has no tokenizer.json{extra}; fitllm needs the fast-tokenizer file. Create it once with "
+        f"transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+    )
+
+
 def load_hf_tokenizer(folder: Path, eos_from_config: list[int]) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json, generation_config.json) from a Hugging Face folder."""
     path = folder / "tokenizer.json"
-    custom = sorted(p.name for p in folder.glob("tokenization_*.py"))
-    if not path.is_file() and custom:
-        # ChatGLM and others ship their tokenizer as Python code next to the weights; fitllm never runs it.
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.json, only a custom tokenizer ({', '.join(custom)}), which is code from the "
-            f"checkpoint and fitllm never executes it. Convert it once, on a machine where you trust that code: "
-            f"transformers' AutoTokenizer.from_pretrained(folder, trust_remote_code=True).save_pretrained(out) "
-            f"writes tokenizer.json to out; then pass --tokenizer out"
-        )
     if not path.is_file():
-        extra = " (only tokenizer.model is present)" if (folder / "tokenizer.model").is_file() else ""
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.json{extra}; fitllm needs the fast-tokenizer file. Create it once with "
-            f"transformers: AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
-        )
+        raise FileNotFoundError(_missing_tokenizer_json(folder))
     backend = FastTokenizer.from_file(str(path))
     tcfg: dict[str, Any] = {}
     if (folder / "tokenizer_config.json").is_file():

@@ -155,6 +155,7 @@ class OffloadEstimate:
     transfer: float  # bytes/s from where offloaded layers are kept into staging
     memory: float  # bytes/s the device reads its own memory at
     tier: str  # "file" (CPU) or "pinned host" (CUDA)
+    basis: str = "measured"  # or "assumed (...)": a plan for a device this machine does not have
 
     @property
     def overlap(self) -> bool:
@@ -175,7 +176,7 @@ class OffloadEstimate:
 
     def describe(self) -> str:
         return (
-            f"{self.tier} -> device measured at {self.transfer / 1e9:.1f} GB/s, device memory at "
+            f"{self.tier} -> device {self.basis} at {self.transfer / 1e9:.1f} GB/s, device memory at "
             f"{self.memory / 1e9:.1f} GB/s; weights-bandwidth-bound estimate, copies "
             f"{'overlapped with' if self.overlap else 'added to'} compute"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from fitllm.config import ModelConfig, cdiv
 from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
-from fitllm.model.linear import LinearBase
+from fitllm.model.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
 from fitllm.quant.base import QuantMethod
@@ -57,6 +58,9 @@ def weight_breakdown(
         largest_quantized_linear=scratch_elements(model),
         layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
     )
+    attention = {
+        f"layers.{i}.{name}" for i, layer in enumerate(model.layers) for name in attention_parameters(layer)
+    }
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
         if "embed_tokens" in name:
@@ -65,13 +69,31 @@ def weight_breakdown(
             out.lm_head += nbytes
         elif "norm" in name:
             out.norms += nbytes
-        elif "self_attn" in name:
+        elif name in attention:
             out.attention += nbytes
         else:
             out.mlp += nbytes
         if re.match(r"layers\.0\.", name):
             out.per_layer += nbytes
     return out
+
+
+def attention_parameters(layer: nn.Module) -> set[str]:
+    """Names (within `layer`) of a decoder layer's attention parameters: its QKV projection and the
+    row-parallel linear that takes the attention's output back to the residual, i.e. the first one
+    registered after the QKV projection. By module type and order, not by name, so it holds whether the
+    projections sit in an attention submodule (Llama's `self_attn.o_proj`) or on the layer (XGLM's
+    `out_proj`)."""
+    names: set[str] = set()
+    in_attention = False
+    for prefix, module in layer.named_modules():
+        if isinstance(module, QKVParallelLinear):
+            in_attention = True
+        if in_attention and isinstance(module, LinearBase):
+            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)}
+            if isinstance(module, RowParallelLinear):
+                break
+    return names
 
 
 def scratch_elements(model: nn.Module) -> int:
@@ -306,6 +328,28 @@ def place_decoder_layers(
     return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
+def largest_context_that_fits(
+    room: Callable[[int], int], kv_bytes_per_token: int, block_size: int, max_position: int
+) -> int:
+    """The longest context, in whole KV blocks and at most `max_position`, whose KV fits in `room(length)`:
+    the bytes a budget leaves at that context once what grows with the context is taken (the reference
+    attention's scratch, the decode graphs' block table). `room` never grows with the length, so a binary
+    search over whole blocks finds it. 0 when not one block fits. `fitllm plan` and the engine's
+    `--max-model-len auto` both ask this."""
+
+    def fits(blocks: int) -> bool:
+        return blocks * block_size * kv_bytes_per_token <= room(min(blocks * block_size, max_position))
+
+    lo, hi = 0, cdiv(max_position, block_size)  # fits(lo) is taken as true; find the largest such
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return min(lo * block_size, max_position)
+
+
 def make_plan(
     config: ModelConfig,
     model_name: str,
@@ -335,21 +379,27 @@ def make_plan(
     quant = get_quant_method(quantization, quant_group_size, config=config)
     weights = weight_breakdown(config, dtype, quant)
     per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
-    workspace = workspace_bytes(
-        config,
-        dtype,
-        max_num_batched_tokens,
-        max_num_seqs,
-        weights.largest_quantized_linear,
-        # The context the engine profiles at: --max-model-len, or the model's own under auto.
-        (max_model_len or config.max_position_embeddings) if reference_attention else None,
-    )
+
+    def workspace_at(length: int) -> int:
+        # The engine profiles the reference backend at its context; the Triton kernels' is length-free.
+        return workspace_bytes(
+            config,
+            dtype,
+            max_num_batched_tokens,
+            max_num_seqs,
+            weights.largest_quantized_linear,
+            length if reference_attention else None,
+        )
+
     layers = config.num_hidden_layers
+    max_position = config.max_position_embeddings
     try:
         placement = place_decoder_layers(
             config,
             weights,
-            workspace + overhead,
+            # Under auto, placement keeps room for a short context (kv_reserve_tokens), so its workspace.
+            workspace_at(kv_reserve_tokens("auto", max_position) if max_model_len is None else max_model_len)
+            + overhead,
             per_token,
             budget,
             "auto" if max_model_len is None else max_model_len,
@@ -361,15 +411,20 @@ def make_plan(
         placement = None
     resident = weights.total - (len(placement.offloaded) if placement else 0) * weights.per_layer
     staging = placement.staging_bytes if placement else 0
-    graph_pool = 0
-    if cuda_graphs and placement is not None and not placement.offloaded:
-        graph_len = config.max_position_embeddings if max_model_len is None else max_model_len
-        graph_pool = graph_pool_bytes(config, dtype, max_num_seqs, graph_len, block_size)
-    room = budget - resident - staging - workspace - graph_pool - overhead
+    graphs = cuda_graphs and placement is not None and not placement.offloaded
+
+    def graph_pool_at(length: int) -> int:
+        return graph_pool_bytes(config, dtype, max_num_seqs, length, block_size) if graphs else 0
+
+    def room_at(length: int) -> int:
+        return budget - resident - staging - workspace_at(length) - graph_pool_at(length) - overhead
+
+    # The longest context whose KV fits beside a workspace and graph pool sized for that context.
+    max_ctx = largest_context_that_fits(room_at, per_token, block_size, max_position)
+    length = max_ctx if max_model_len is None else max_model_len
+    workspace, graph_pool, room = workspace_at(length), graph_pool_at(length), room_at(length)
     # KV is allocated in whole blocks.
     capacity = max(0, room // (per_token * block_size)) * block_size
-    max_ctx = min(capacity, config.max_position_embeddings)
-    length = max_ctx if max_model_len is None else max_model_len
     per_request = per_token * cdiv(max(length, 1), block_size) * block_size
     fits = room > 0 and capacity >= length and length >= 2
     plan = Plan(
