@@ -59,6 +59,7 @@ def random_checkpoint(config_path: Path, folder: Path, dtype: torch.dtype) -> Pa
 
 def run(args: argparse.Namespace) -> int:
     from fitllm.config import EngineConfig
+    from fitllm.engine.cuda_graphs import eager_reason
     from fitllm.engine.engine import Engine
     from fitllm.engine.request import SamplingParams
     from fitllm.loader import open_model
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     budget = resolve_budget(args.memory_budget, device)
     source = open_model(str(folder))
     # As the engine below decides and `fitllm plan` plans it (fitllm/cli.py): Triton attention with decode
-    # CUDA graphs on CUDA, the torch reference attention's scratch elsewhere.
+    # CUDA graphs on CUDA (unless `eager_reason` says otherwise), the torch reference attention's scratch
+    # elsewhere.
     backend = resolve_attention_backend("auto", device)
     plan = make_plan(
         source.config,
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         budget,
         args.max_model_len,
         quantization=quantization,
-        cuda_graphs=backend == "triton" and device.type == "cuda",
+        cuda_graphs=eager_reason(backend, device, False, False, quantization) is None,
         reference_attention=backend == "torch",
     )
     source.release()

@@ -175,14 +175,7 @@ class Engine:
         scratch = scratch_elements(self.model)
         if self._auto_len:
             self.max_model_len = self._auto_max_model_len(scratch)
-        self.workspace_planned = workspace_bytes(
-            mc,
-            self.dtype,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            scratch,
-            self.max_model_len if self.attention_backend == "torch" else None,
-        )
+        self.workspace_planned = self._planned_workspace(scratch, self.max_model_len)
         self.workspace_measured: int | None = None
         # The reference backend gathers a decode group's K/V padded to its longest context; groups hold at
         # most this many context tokens (as a prefill step's), so the profile step can measure the largest.
@@ -223,14 +216,7 @@ class Engine:
         graphs = self._eager_reason() is None
 
         def room(length: int) -> int:
-            workspace = workspace_bytes(
-                mc,
-                self.dtype,
-                config.max_num_batched_tokens,
-                config.max_num_seqs,
-                scratch,
-                length if self.attention_backend == "torch" else None,
-            )
+            workspace = self._planned_workspace(scratch, length)
             pool = (
                 graph_pool_bytes(mc, self.dtype, config.max_num_seqs, length, config.block_size)
                 if graphs
@@ -244,6 +230,19 @@ class Engine:
         if length < 2:
             raise ValueError(self._no_room_for_kv())
         return length
+
+    def _planned_workspace(self, scratch: int, max_model_len: int) -> int:
+        """The planner's workspace for this engine at a context of `max_model_len` (only the torch
+        reference backend's grows with the context)."""
+        config = self.config
+        return workspace_bytes(
+            self.model_config,
+            self.dtype,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            scratch,
+            max_model_len if self.attention_backend == "torch" else None,
+        )
 
     def _no_room_for_kv(self) -> str:
         return (
