@@ -160,12 +160,19 @@ def test_a_simple_cross_origin_post_is_refused_before_it_runs(default, opened):
     foreign origin it must not run at all (not only have its answer hidden), and from an allowed one it
     works (KoboldAI Lite from a file)."""
     body = json.dumps({"prompt": "t5 t6 t7", "max_length": 3, "temperature": 0})
-    headers = {"content-type": "text/plain", "origin": "http://evil.example"}
     for server in (default, opened):
+        rebound = f"evil.example:{_port(server)}"  # a page whose name now resolves to 127.0.0.1
+        foreign = [
+            ({"origin": "http://evil.example"}, "origin_not_allowed"),
+            ({"origin": f"http://{rebound}", "host": rebound}, "host_not_allowed"),
+        ]
         before = sample(scrape(server.url), "fitllm_prompt_tokens_total")
-        for path in ("/api/v1/generate", "/api/extra/generate/stream"):
-            r = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
-            assert_error(r, 403)
+        for headers, code in foreign:
+            for path in ("/api/v1/generate", "/api/extra/generate/stream"):
+                r = httpx.post(
+                    f"{server.url}{path}", content=body, headers={"content-type": "text/plain"} | headers
+                )
+                assert assert_error(r, 403)["code"] == code
         assert sample(scrape(server.url), "fitllm_prompt_tokens_total") == before  # nothing was admitted
     lite = httpx.post(
         f"{opened.url}/api/v1/generate",
