@@ -21,6 +21,14 @@ async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tupl
 
     Each stream is read one output at a time, only when the previous one was taken: nothing is buffered
     here, so a client that does not read leaves its outputs to be merged in its streams (bounded)."""
+    if len(streams) == 1:  # the common case, without a task per output
+        stream = streams[0][1]
+        try:
+            async for out in stream:
+                yield 0, out
+        finally:
+            stream.close()
+        return
     reading = {asyncio.ensure_future(anext(s)): k for k, (_, s) in enumerate(streams)}
     try:
         while reading:
