@@ -113,12 +113,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.server.access import AccessPolicy
     from fitllm.server.app import build_app, default_model_name
 
     config = engine_config_from_args(args)
     engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
     name = args.served_model_name or default_model_name(args.model)
-    app = build_app(engine, name, args.api_key)
+    access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, bound_host=args.host)
+    app = build_app(engine, name, args.api_key, access=access, scheduling_policy=args.scheduling_policy)
     print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
     uvicorn.run(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30
@@ -155,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="queued requests beyond which the server answers 503",
+    )
+    srv.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="Host names the server answers besides localhost, IP addresses and the --host name "
+        "(.example.com: every subdomain; *: any, which turns off the DNS-rebinding guard)",
+    )
+    srv.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGIN[,ORIGIN...]",
+        help="web page origins that may call the API from a browser besides the server's own pages, e.g. "
+        "null (a page opened from a file, as KoboldAI Lite's) or http://localhost:5001 (*: any)",
+    )
+    srv.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="fcfs: first come, first served, and a request's priority field is refused; priority: "
+        "requests' priority (lower first) orders admission and preemption",
     )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -24,14 +24,15 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True):
-    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race)."""
+def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True, **app_options):
+    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race);
+    `app_options`: build_app's keyword options (access, scheduling_policy)."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(build_app(engine, name, api_key), log_level="warning")
+    config = uvicorn.Config(build_app(engine, name, api_key, **app_options), log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
