@@ -10,6 +10,9 @@ anything is unfinished, and hand each RequestOutput to the asyncio queue of its 
 - `--max-waiting-requests` bounds the scheduler's waiting queue: beyond it `QueueFull` (HTTP 503).
 - A stream that is closed early (a client that disconnects) aborts its request: its KV blocks are free
   after the engine's next loop turn.
+- A request whose rows make a step raise is failed alone by the Engine; its stream raises `RequestFailed`
+  and the others go on. An error the Engine cannot pin on requests fails every stream in flight, and the
+  thread keeps serving.
 - `shutdown()` aborts what is in flight, ends every stream, and joins the thread.
 """
 
@@ -39,6 +42,17 @@ class QueueFull(Exception):
 
 class EngineDead(Exception):
     """The engine failed to start or stopped; no request can be served."""
+
+
+class RequestFailed(Exception):
+    """A step failed while running this request (its own rows broke it, or, when the engine itself
+    failed, every request in flight); raised from its stream, with the cause chained."""
+
+
+def _failed(message: str, cause: BaseException) -> RequestFailed:
+    failure = RequestFailed(message)
+    failure.__cause__ = cause
+    return failure
 
 
 @dataclass(slots=True)
@@ -203,12 +217,11 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as exc:  # a bug or an impossible request: fail what is in flight, keep serving
+            except Exception as exc:
+                # Not one request's fault (the engine isolates those inside the step): fail what is in
+                # flight, keep serving.
                 log.exception("engine step failed")
-                for rid in list(self._streams):
-                    engine.abort(rid)
-                    self._send(rid, exc)
-                engine.step()  # flush the aborted outputs
+                self._fail_all(exc)
                 continue
             self.counters.steps += 1
             for out in outputs:
@@ -219,6 +232,18 @@ class AsyncEngine:
             self._deliver(out)
         for rid in list(self._streams):
             self._send(rid, EngineDead("the server is shutting down"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request with a stream and end each stream with the engine's error."""
+        engine = self.engine
+        assert engine is not None
+        for rid in list(self._streams):
+            engine.abort(rid)
+            self._send(rid, _failed(f"the engine failed while running this request: {exc}", exc))
+        try:
+            engine.step()  # flush the aborted outputs
+        except Exception:
+            log.exception("engine step failed again after aborting every request")
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -280,6 +305,11 @@ class AsyncEngine:
         if out.finished:
             reason = out.outputs[0].finish_reason or "unknown"
             self.counters.requests_finished[reason] = self.counters.requests_finished.get(reason, 0) + 1
+        if out.error is not None:  # its own rows broke a step: only its stream ends, with the error
+            self._send(
+                out.request_id, _failed(f"this request failed during generation: {out.error}", out.error)
+            )
+            return
         self._send(out.request_id, out)
         if out.finished:
             self._streams.pop(out.request_id, None)
