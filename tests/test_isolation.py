@@ -270,13 +270,17 @@ def test_overflowing_top_k_is_a_400_and_hurts_no_one(server, alone):
 def test_a_request_that_breaks_its_step_fails_alone_in_the_apis_shape(server, alone):
     poisoned = {"prompt": "t250 t9 t8", "max_tokens": 8, "temperature": 0}
     kobold = {"prompt": "t250 t9 t8", "max_length": 8, "temperature": 0}
+    studio = {"story": "t250 t9 t8", "settings": {"temperature": 0, "max_new_tokens": 8}}
     calls = [
         lambda url: sse_lines(url, C, poisoned | {"stream": True}),
         lambda url: httpx.post(url + C, json=poisoned, timeout=60),
         lambda url: httpx.post(url + "/api/v1/generate", json=kobold, timeout=60),
         lambda url: sse_lines(url, "/api/extra/generate/stream", kobold),
+        lambda url: sse_lines(url, "/studio/api/generate", studio),
     ]
-    texts, (stream, plain, kobold_plain, kobold_stream) = with_others_running(server.url, calls)
+    texts, (stream, plain, kobold_plain, kobold_stream, studio_stream) = with_others_running(
+        server.url, calls
+    )
     assert texts == alone
     # OpenAI stream: its first token, then an error event and [DONE] (as vLLM ends a failed stream).
     assert stream[-1] == "data: [DONE]"
@@ -287,6 +291,7 @@ def test_a_request_that_breaks_its_step_fails_alone_in_the_apis_shape(server, al
     assert kobold_plain.status_code == 500 and "injected failure" in kobold_plain.json()["detail"]["msg"]
     assert kobold_stream[-2] == "event: error"
     assert "injected failure" in json.loads(kobold_stream[-1].removeprefix("data: "))["detail"]["msg"]
+    assert "injected failure" in json.loads(studio_stream[-1].removeprefix("data: "))["error"]["message"]
     # The official client raises on the error event.
     import openai
 

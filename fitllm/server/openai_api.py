@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
-from fitllm.server.errors import APIError, bad_request, error_body
+from fitllm.server.errors import APIError, bad_request
 from fitllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,7 +29,7 @@ from fitllm.server.protocol import (
     TokenizeRequest,
 )
 from fitllm.server.state import ServerState, get_state
-from fitllm.server.streaming import collect, events_or_error, merged
+from fitllm.server.streaming import collect, events_or_error, merged, sse_error
 
 router = APIRouter()
 
@@ -40,7 +40,7 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 def _sse_error(err: APIError) -> str:
     """A stream's last events when it fails, as vLLM sends them: the error object, then [DONE]."""
-    return _sse(error_body(err.message, err.type, err.param, err.code)) + _sse("[DONE]")
+    return sse_error(err) + _sse("[DONE]")
 
 
 def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:

@@ -9,6 +9,7 @@ one ends with an error event (`events_or_error`) instead of a cut connection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -16,7 +17,7 @@ from fastapi import Request
 
 from fitllm.engine.async_engine import EngineDead, RequestFailed, RequestStream
 from fitllm.engine.request import RequestOutput
-from fitllm.server.errors import APIError
+from fitllm.server.errors import APIError, error_body
 from fitllm.server.state import unavailable
 
 log = logging.getLogger("fitllm")
@@ -101,6 +102,11 @@ def stream_error(exc: Exception) -> APIError:
         return unavailable(str(exc))
     log.error("a stream failed: %r", exc, exc_info=exc)
     return APIError(500, f"internal error: {exc}", "server_error")
+
+
+def sse_error(err: APIError) -> str:
+    """The event an OpenAI-style stream ends with when it fails: `data: {"error": {...}}`."""
+    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
 
 
 async def events_or_error(
