@@ -12,6 +12,7 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
+from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.kv_setup import build_kv_pool
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.outputs import check_stop, error_output, make_output
@@ -19,7 +20,7 @@ from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler, SampleResult
-from fitllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.loader import build_model, open_model
@@ -482,7 +483,7 @@ class Engine:
         streams it drew from are rewound.) A failure no part of the batch reproduces alone is retried once,
         then raised as the engine's own. Returns the launched step (None if nothing is left to launch) and
         the failed requests' outputs."""
-        rng = self._random_streams(sched)
+        streams = RandomStreams(self.sampler, sched)
         try:
             return self._launch(sched, prev), []
         except Exception as exc:
@@ -490,12 +491,13 @@ class Engine:
         failed: list[RequestOutput] = []
         rest = list(sched.scheduled)
         while True:
-            culprits = self._culprits(rest, prev, rng, error)
+            pending = None if prev is None else prev.pending_tokens()
+            culprits = find_culprits(self.runner, rest, pending, streams, error)
             failed += [self._fail(req, exc) for req, exc in culprits.items()]
             rest = [s for s in rest if s.request not in culprits]
             if not rest:
                 return None, failed
-            _rewind(rng)
+            streams.rewind()
             if not culprits:
                 # No part fails alone: a passing fault (retried once), or the engine's own, which no
                 # request is to blame for: it is raised (the step in flight stays in flight).
@@ -504,46 +506,6 @@ class Engine:
                 return self._launch(SchedulerOutput(rest, sched.preempted), prev), failed
             except Exception as exc:  # another request's rows fail too: search the rest again
                 error = exc
-
-    def _culprits(
-        self, part: list[ScheduledRequest], prev: InFlightStep | None, rng: list, error: Exception
-    ) -> dict[Request, Exception]:
-        """Given that running `part` raised `error`: the requests whose rows make it raise, each with its
-        error. A request that fails alone is at fault; halves are tried apart (bisection, so one bad
-        request among n costs about 2 log2(n) trial runs); none when no half fails alone."""
-        if len(part) == 1:
-            return {part[0].request: error}
-        half = len(part) // 2
-        found: dict[Request, Exception] = {}
-        for sub in (part[:half], part[half:]):
-            if (exc := self._trial(sub, prev, rng)) is not None:
-                found |= self._culprits(sub, prev, rng, exc)
-        return found
-
-    def _trial(self, part: list[ScheduledRequest], prev: InFlightStep | None, rng: list) -> Exception | None:
-        """Run the model and sampling for `part` alone and read the samples, changing nothing the real
-        step depends on (its K/V writes are redone by the real step; the random streams are rewound);
-        returns what it raised, or None."""
-        _rewind(rng)
-        try:
-            _, samples = self.runner.execute(
-                SchedulerOutput(part), None if prev is None else prev.pending_tokens()
-            )
-            if samples is not None:
-                samples.result()
-        except Exception as exc:
-            return exc
-        finally:
-            _rewind(rng)
-        return None
-
-    def _random_streams(self, sched: SchedulerOutput) -> list[tuple[torch.Generator, torch.Tensor]]:
-        """The states of the random streams the step draws from (the sampler's, each seeded request's), so
-        that a step retried after a failure samples exactly as the first attempt would have."""
-        gens = [self.sampler.generator] + [
-            s.request.generator for s in sched.scheduled if s.request.generator is not None
-        ]
-        return [(g, g.get_state()) for g in gens]
 
     def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
@@ -651,9 +613,3 @@ class Engine:
         self.pool.check_integrity()
         for req in self.scheduler.running:
             assert len(self.kv.block_ids(req.request_id)) * self.block_size >= req.num_computed_tokens
-
-
-def _rewind(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
-    """Put random streams back to the states `Engine._random_streams` took."""
-    for gen, state in states:
-        gen.set_state(state)
