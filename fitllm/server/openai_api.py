@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -43,7 +43,7 @@ def _sse_error(err: APIError) -> str:
     return sse_error(err) + _sse("[DONE]")
 
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def _event_stream(events: AsyncGenerator[str, None]) -> StreamingResponse:
     return StreamingResponse(events_or_error(events, _sse_error), media_type="text/event-stream")
 
 

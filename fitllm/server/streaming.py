@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -110,12 +110,15 @@ def sse_error(err: APIError) -> str:
 
 
 async def events_or_error(
-    events: AsyncIterator[str], error_event: Callable[[APIError], str]
+    events: AsyncGenerator[str, None], error_event: Callable[[APIError], str]
 ) -> AsyncIterator[str]:
     """`events`, ending with `error_event(the error)` if they fail, so a client always learns why a stream
-    ended (a connection cut short says nothing)."""
+    ended (a connection cut short says nothing). Closed early (a client that went away), it closes
+    `events` at once, which aborts their requests."""
     try:
         async for event in events:
             yield event
     except Exception as exc:
         yield error_event(stream_error(exc))
+    finally:
+        await events.aclose()
