@@ -185,6 +185,44 @@ def test_async_engine_ends_only_the_failing_stream(folder, reference):
         async_engine.shutdown()
 
 
+def test_an_engine_fault_fails_what_is_in_flight_and_the_engine_serves_on(folder, reference):
+    """A failure no request causes (here: scheduling itself) ends every stream in flight with an error,
+    never silently, and the next requests are served."""
+
+    def factory(cfg: EngineConfig) -> Engine:
+        engine = Engine(cfg)
+        schedule, calls = engine.scheduler.schedule, []
+
+        def broken_once():
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("scheduler bug")
+            return schedule()
+
+        engine.scheduler.schedule = broken_once
+        return engine
+
+    async_engine = AsyncEngine(config(folder), engine_factory=factory).start()
+    try:
+        async_engine.wait_ready(60)
+
+        async def run(prompt):
+            tokens = []
+            async for out in async_engine.generate(prompt, GREEDY):
+                tokens = out.outputs[0].token_ids
+            return tokens
+
+        async def main(prompts):
+            return await asyncio.gather(*(run(p) for p in prompts), return_exceptions=True)
+
+        failures = asyncio.run(main(PROMPTS[:2]))
+        assert all(isinstance(f, RequestFailed) and "scheduler bug" in str(f) for f in failures), failures
+        assert asyncio.run(main(PROMPTS)) == reference
+        async_engine.engine.check_integrity()
+    finally:
+        async_engine.shutdown()
+
+
 # ---- through real HTTP -----------------------------------------------------------------------------------
 
 OTHERS = ["t5 t17 t33 t9 t41", "t7 t7 t7 t7 t7 t7 t7", "t60 t61 t62 t63 t64 t65"]

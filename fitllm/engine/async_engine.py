@@ -215,23 +215,26 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 engine.release_idle_memory()
                 continue
-            try:
-                outputs = engine.step()
-            except Exception as exc:
-                # Not one request's fault (the engine isolates those inside the step): fail what is in
-                # flight, keep serving.
-                log.exception("engine step failed")
-                self._fail_all(exc)
-                continue
-            self.counters.steps += 1
-            for out in outputs:
-                self._deliver(out)
+            self._step()
         for rid in list(self._streams):
             engine.abort(rid)
         for out in engine.step() if engine.has_unfinished_requests() else []:
             self._deliver(out)
         for rid in list(self._streams):
             self._send(rid, EngineDead("the server is shutting down"))
+
+    def _step(self) -> None:
+        """One engine step, its outputs delivered. An exception out of it is not one request's fault (the
+        engine isolates those inside the step): every request in flight fails, and the thread serves on."""
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_all(exc)
+            return
+        self.counters.steps += 1
+        for out in outputs:
+            self._deliver(out)
 
     def _fail_all(self, exc: Exception) -> None:
         """Abort every request with a stream and end each stream with the engine's error."""
@@ -286,8 +289,7 @@ class AsyncEngine:
                 future.set_exception(exc)
         elif kind == "abort" and engine.abort(payload) and not engine.has_unfinished_requests():
             # The aborted output is flushed by the next step(); with nothing else running, step now.
-            for out in engine.step():
-                self._deliver(out)
+            self._step()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
