@@ -10,6 +10,7 @@ is in the batch it samples, after a given number of its tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -152,45 +153,55 @@ def test_an_error_reading_one_sample_fails_that_request_alone(folder, reference)
 # ---- AsyncEngine -----------------------------------------------------------------------------------------
 
 
-def test_async_engine_ends_only_the_failing_stream(folder, reference):
+@contextlib.contextmanager
+def started(folder, hook) -> Iterator[AsyncEngine]:
+    """An AsyncEngine whose Engine gets `hook(engine)` once built."""
+
     def factory(cfg: EngineConfig) -> Engine:
         engine = Engine(cfg)
-        poison(engine, after_tokens=2)
+        hook(engine)
         return engine
 
     async_engine = AsyncEngine(config(folder), engine_factory=factory).start()
     try:
         async_engine.wait_ready(60)
+        yield async_engine
+    finally:
+        async_engine.shutdown()
 
-        async def run(prompt):
-            tokens = []
-            async for out in async_engine.generate(prompt, GREEDY):
-                tokens = out.outputs[0].token_ids
-            return tokens
 
-        async def main():
-            return await asyncio.gather(
-                *(run(p) for p in [*PROMPTS, [POISON_TOKEN, 5, 6]]), return_exceptions=True
-            )
+def generate_all(async_engine: AsyncEngine, prompts) -> list:
+    """Each prompt's greedy token ids, or the exception its stream raised (all run concurrently)."""
 
-        *texts, failure = asyncio.run(main())
+    async def run(prompt):
+        tokens = []
+        async for out in async_engine.generate(prompt, GREEDY):
+            tokens = out.outputs[0].token_ids
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(run(p) for p in prompts), return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_async_engine_ends_only_the_failing_stream(folder, reference):
+    with started(folder, lambda engine: poison(engine, after_tokens=2)) as async_engine:
+        *texts, failure = generate_all(async_engine, [*PROMPTS, [POISON_TOKEN, 5, 6]])
         assert isinstance(failure, RequestFailed) and isinstance(failure.__cause__, Poison)
         assert texts == reference
-        assert asyncio.run(run(PROMPTS[0])) == reference[0]  # still serving
+        assert generate_all(async_engine, PROMPTS[:1]) == reference[:1]  # still serving
         assert async_engine.counters.requests_finished.get("error") == 1
         engine = async_engine.engine
         assert not engine.has_unfinished_requests() and engine.pool.num_used_blocks == 0
         engine.check_integrity()
-    finally:
-        async_engine.shutdown()
 
 
 def test_an_engine_fault_fails_what_is_in_flight_and_the_engine_serves_on(folder, reference):
     """A failure no request causes (here: scheduling itself) ends every stream in flight with an error,
     never silently, and the next requests are served."""
 
-    def factory(cfg: EngineConfig) -> Engine:
-        engine = Engine(cfg)
+    def break_third_schedule(engine: Engine) -> None:
         schedule, calls = engine.scheduler.schedule, []
 
         def broken_once():
@@ -200,27 +211,12 @@ def test_an_engine_fault_fails_what_is_in_flight_and_the_engine_serves_on(folder
             return schedule()
 
         engine.scheduler.schedule = broken_once
-        return engine
 
-    async_engine = AsyncEngine(config(folder), engine_factory=factory).start()
-    try:
-        async_engine.wait_ready(60)
-
-        async def run(prompt):
-            tokens = []
-            async for out in async_engine.generate(prompt, GREEDY):
-                tokens = out.outputs[0].token_ids
-            return tokens
-
-        async def main(prompts):
-            return await asyncio.gather(*(run(p) for p in prompts), return_exceptions=True)
-
-        failures = asyncio.run(main(PROMPTS[:2]))
+    with started(folder, break_third_schedule) as async_engine:
+        failures = generate_all(async_engine, PROMPTS[:2])
         assert all(isinstance(f, RequestFailed) and "scheduler bug" in str(f) for f in failures), failures
-        assert asyncio.run(main(PROMPTS)) == reference
+        assert generate_all(async_engine, PROMPTS) == reference
         async_engine.engine.check_integrity()
-    finally:
-        async_engine.shutdown()
 
 
 # ---- through real HTTP -----------------------------------------------------------------------------------
