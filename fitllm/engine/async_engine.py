@@ -12,6 +12,9 @@ anything is unfinished, and hand each RequestOutput to the asyncio queue of its 
   after the engine's next loop turn.
 - A reader that falls behind (a client that does not read) finds one output waiting, into which later ones
   were merged: what the server holds for it stays bounded by the request's own output.
+- A request whose rows make a step raise is failed alone by the Engine; its stream raises `RequestFailed`
+  and the others go on. An error the Engine cannot pin on requests fails every stream in flight, and the
+  thread keeps serving.
 - `shutdown()` aborts what is in flight, ends every stream, and joins the thread.
 """
 
@@ -41,6 +44,17 @@ class QueueFull(Exception):
 
 class EngineDead(Exception):
     """The engine failed to start or stopped; no request can be served."""
+
+
+class RequestFailed(Exception):
+    """A step failed while running this request (its own rows broke it, or, when the engine itself
+    failed, every request in flight); raised from its stream, with the cause chained."""
+
+
+def _failed(message: str, cause: BaseException) -> RequestFailed:
+    failure = RequestFailed(message)
+    failure.__cause__ = cause
+    return failure
 
 
 @dataclass(slots=True)
@@ -246,24 +260,38 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 engine.release_idle_memory()
                 continue
-            try:
-                outputs = engine.step()
-            except Exception as exc:  # a bug or an impossible request: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                for rid in list(self._streams):
-                    engine.abort(rid)
-                    self._send(rid, exc)
-                engine.step()  # flush the aborted outputs
-                continue
-            self.counters.steps += 1
-            for out in outputs:
-                self._deliver(out)
+            self._step()
         for rid in list(self._streams):
             engine.abort(rid)
         for out in engine.step() if engine.has_unfinished_requests() else []:
             self._deliver(out)
         for rid in list(self._streams):
             self._send(rid, EngineDead("the server is shutting down"))
+
+    def _step(self) -> None:
+        """One engine step, its outputs delivered. An exception out of it is not one request's fault (the
+        engine isolates those inside the step): every request in flight fails, and the thread serves on."""
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_all(exc)
+            return
+        self.counters.steps += 1
+        for out in outputs:
+            self._deliver(out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Abort every request with a stream and end each stream with the engine's error."""
+        engine = self.engine
+        assert engine is not None
+        for rid in list(self._streams):
+            engine.abort(rid)
+            self._send(rid, _failed(f"the engine failed while running this request: {exc}", exc))
+        try:
+            engine.step()  # flush the aborted outputs
+        except Exception:
+            log.exception("engine step failed again after aborting every request")
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -306,8 +334,7 @@ class AsyncEngine:
                 future.set_exception(exc)
         elif kind == "abort" and engine.abort(payload) and not engine.has_unfinished_requests():
             # The aborted output is flushed by the next step(); with nothing else running, step now.
-            for out in engine.step():
-                self._deliver(out)
+            self._step()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -325,6 +352,11 @@ class AsyncEngine:
         if out.finished:
             reason = out.outputs[0].finish_reason or "unknown"
             self.counters.requests_finished[reason] = self.counters.requests_finished.get(reason, 0) + 1
+        if out.error is not None:  # its own rows broke a step: only its stream ends, with the error
+            self._send(
+                out.request_id, _failed(f"this request failed during generation: {out.error}", out.error)
+            )
+            return
         self._send(out.request_id, out)
         if out.finished:
             self._streams.pop(out.request_id, None)

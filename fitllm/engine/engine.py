@@ -12,13 +12,14 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
+from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.kv_setup import build_kv_pool
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
-from fitllm.engine.outputs import check_stop, make_output
+from fitllm.engine.outputs import check_stop, error_output, make_output
 from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
-from fitllm.engine.sampler import Sampler
+from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
@@ -330,6 +331,13 @@ class Engine:
                 f"the prompt has {len(ids)} tokens but --max-model-len is {self.max_model_len}; "
                 f"shorten the prompt or raise --max-model-len"
             )
+        if params.max_tokens is None and len(ids) + params.min_tokens > self.max_model_len:
+            # Nothing else bounds it (max_tokens does otherwise, and the server checks that against the
+            # context): EOS would be banned to the end of the context, whatever the client meant.
+            raise ValueError(
+                f"min_tokens must be at most {self.max_model_len - len(ids)} (--max-model-len "
+                f"{self.max_model_len} minus the prompt's {len(ids)} tokens); got {params.min_tokens}"
+            )
         limit = (
             self.max_model_len
             if params.max_tokens is None
@@ -440,11 +448,15 @@ class Engine:
                     "scheduler made no progress; the KV pool is too small for the waiting request"
                 )
             return outputs
-        # If queueing raises, the step in flight stays in flight (its tokens are still to be read).
-        step = self._launch(sched, self._in_flight)
+        # If queueing raises, the step in flight stays in flight (its tokens are still to be read); the
+        # requests whose rows made it raise are failed alone and the rest of the batch is launched.
+        step, failed = self._launch_isolating(sched, self._in_flight)
+        outputs += failed
         if self._in_flight is not None:
             outputs += self._resolve(self._take_in_flight())
-        if self.async_scheduling:
+        if step is None:
+            pass  # every scheduled request failed
+        elif self.async_scheduling:
             self._in_flight = step
         else:
             outputs += self._resolve(step)
@@ -460,6 +472,40 @@ class Engine:
         tokens: then the step in flight is read before scheduling, and the next step does not overlap it
         (reading it first also lets requests that stopped there give up their seats and blocks)."""
         return any(r.num_output_placeholders and r.params.uses_token_history for r in self.scheduler.running)
+
+    def _launch_isolating(
+        self, sched: SchedulerOutput, prev: InFlightStep | None
+    ) -> tuple[InFlightStep | None, list[RequestOutput]]:
+        """`_launch`, and where it raises: the requests whose rows make it raise (found by trial runs of
+        parts of the batch) fail alone, and the others are launched as if those had never been scheduled,
+        so their output is what it would have been. (A failed queueing changes no scheduler state: the
+        counts advance after it; K/V it wrote for the new tokens is rewritten by the retry, and the random
+        streams it drew from are rewound.) A failure no part of the batch reproduces alone is retried once,
+        then raised as the engine's own. Returns the launched step (None if nothing is left to launch) and
+        the failed requests' outputs."""
+        streams = RandomStreams(self.sampler, sched)
+        try:
+            return self._launch(sched, prev), []
+        except Exception as exc:
+            error = exc
+        failed: list[RequestOutput] = []
+        rest = list(sched.scheduled)
+        while True:
+            pending = None if prev is None else prev.pending_tokens()
+            culprits = find_culprits(self.runner, rest, pending, streams, error)
+            failed += [self._fail(req, exc) for req, exc in culprits.items()]
+            rest = [s for s in rest if s.request not in culprits]
+            if not rest:
+                return None, failed
+            streams.rewind()
+            if not culprits:
+                # No part fails alone: a passing fault (retried once), or the engine's own, which no
+                # request is to blame for: it is raised (the step in flight stays in flight).
+                return self._launch(SchedulerOutput(rest, sched.preempted), prev), failed
+            try:
+                return self._launch(SchedulerOutput(rest, sched.preempted), prev), failed
+            except Exception as exc:  # another request's rows fail too: search the rest again
+                error = exc
 
     def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
@@ -504,19 +550,26 @@ class Engine:
             req.num_output_placeholders -= 1
             if req.status.finished:
                 continue
-            token = result.token_ids[i]
-            req.token_ids.append(token)
-            self.scheduler.cache_known(req)
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            if req.logprobs is not None:
-                req.logprobs.append(result.logprobs[i])
-                req.cumulative_logprob += result.sampled_logprob[i]
-            status = check_stop(req, token, self.tokenizer.eos_token_ids, self.max_model_len)
-            if status is not None:
-                self._finish(req, status)
-            outputs.append(make_output(req))
+            try:
+                outputs.append(self._take_sample(req, result, i, now))
+            except Exception as exc:  # its token's text or stop check broke: it fails alone
+                outputs.append(self._fail(req, exc))
         return outputs
+
+    def _take_sample(self, req: Request, result: SampleResult, i: int, now: float) -> RequestOutput:
+        """Row `i` of a read step becomes the request's next token: logprobs, stop checks, its output."""
+        token = result.token_ids[i]
+        req.token_ids.append(token)
+        self.scheduler.cache_known(req)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        if req.logprobs is not None:
+            req.logprobs.append(result.logprobs[i])
+            req.cumulative_logprob += result.sampled_logprob[i]
+        status = check_stop(req, token, self.tokenizer.eos_token_ids, self.max_model_len)
+        if status is not None:
+            self._finish(req, status)
+        return make_output(req)
 
     def _drop_samples(self, step: InFlightStep) -> None:
         """A step whose samples cannot be read: its requests lose the placeholder, and the running ones
@@ -525,6 +578,14 @@ class Engine:
             req.num_output_placeholders -= 1
             if req.status is RequestStatus.RUNNING:
                 req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        """Stop a request whose rows broke a step (it alone); its last output carries the error."""
+        log.error(
+            "request %s failed in a step and alone is stopped: %r", req.request_id, error, exc_info=error
+        )
+        self._finish(req, RequestStatus.FINISHED_ERROR)
+        return error_output(req, error)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
@@ -541,6 +602,8 @@ class Engine:
         while True:
             for out in self.step():
                 if out.request_id == rid:
+                    if out.error is not None:
+                        raise out.error
                     yield out
                     if out.finished:
                         return

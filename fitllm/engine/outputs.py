@@ -52,3 +52,15 @@ def make_output(req: Request) -> RequestOutput:
         num_cached_tokens=req.num_cached_tokens,
         metrics=req.metrics,
     )
+
+
+def error_output(req: Request, error: BaseException) -> RequestOutput:
+    """The last output of a request that failed (`error`); its text state may be what broke, so a
+    detokenizer that raises again leaves the text empty rather than hiding the first error."""
+    try:
+        out = make_output(req)
+    except Exception:
+        completion = CompletionOutput(0, "", req.output_token_ids, None, None, req.finish_reason)
+        out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], True)
+    out.error = error
+    return out

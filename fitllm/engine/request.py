@@ -11,6 +11,10 @@ from typing import Any
 import torch
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-38 overflow to inf and NaN)
+# Every integer field fits a signed 64-bit integer: the sampler builds int64 tensors from them, so a larger
+# one would overflow there, inside the step of every request in the batch, instead of being refused here.
+INT64_MAX = 2**63 - 1
+MAX_LOGPROBS = 20
 
 
 @dataclass(slots=True)
@@ -60,6 +64,11 @@ class SamplingParams:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, value, "a finite number")
 
+        def integer(name: str, lo: int, hi: int, rule: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise bad(name, value, rule)
+
         for name in (
             "temperature",
             "top_p",
@@ -75,29 +84,25 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "in (0, 1]")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", self.min_p, "in [0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", self.top_k, "a non-negative integer (0 or -1: off)")
+        # vLLM's rule: a top_k past the vocabulary keeps every token (the sampler treats it as off).
+        integer("top_k", 0, INT64_MAX, "an integer in [-1, 2**63) (0 or -1: off; past the vocabulary: off)")
         finite("repetition_penalty_slope", self.repetition_penalty_slope)
-        if not isinstance(self.repetition_penalty_range, int) or self.repetition_penalty_range < 0:
-            raise bad(
-                "repetition_penalty_range", self.repetition_penalty_range, "a non-negative integer (0: all)"
-            )
+        integer("repetition_penalty_range", 0, INT64_MAX, "an integer in [0, 2**63) (0: all)")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 (1 means off)")
         if not -2 <= self.presence_penalty <= 2:
             raise bad("presence_penalty", self.presence_penalty, "in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", self.max_tokens, "a positive integer")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", self.min_tokens, "a non-negative integer")
+        if self.max_tokens is not None:
+            integer("max_tokens", 1, INT64_MAX, "a positive integer below 2**63")
+        integer("min_tokens", 0, INT64_MAX, "an integer in [0, 2**63)")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", self.logprobs, "an integer in [0, 20]")
-        if self.seed is not None and (not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63):
-            raise bad("seed", self.seed, "a 64-bit signed integer")
+        if self.logprobs is not None:
+            integer("logprobs", 0, MAX_LOGPROBS, f"an integer in [0, {MAX_LOGPROBS}]")
+        if self.seed is not None:
+            integer("seed", -(2**63), INT64_MAX, "a 64-bit signed integer")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 finite(f"logit_bias[{tok}]", bias)
@@ -122,6 +127,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # its rows made a step raise: it alone was stopped (RequestOutput.error)
 
     @property
     def finished(self) -> bool:
@@ -129,6 +135,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_ERROR,
         )
 
 
@@ -177,6 +184,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: BaseException | None = None  # set when the request failed (finish reason "error"): why
 
 
 class Request:

@@ -303,8 +303,12 @@ class Sampler:
         return u
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        device = logits.device
-        cuts = [r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for r in requests]
+        device, vocab = logits.device, logits.shape[-1]
+        # A top_k past the vocabulary keeps every token: off, as in vLLM (validation bounds it to int64).
+        top_ks = [k if (k := r.params.top_k) < vocab else 0 for r in requests]
+        cuts = [
+            k > 0 or r.params.top_p < 1 or r.params.min_p > 0 for k, r in zip(top_ks, requests, strict=True)
+        ]
         trunc = [i for i, cut in enumerate(cuts) if cut]
         plain = [i for i, cut in enumerate(cuts) if not cut]
         temps = to_device([r.params.temperature for r in requests], logits.dtype, device)
@@ -326,7 +330,7 @@ class Sampler:
         rows = to_device(trunc, torch.long, device)
         out[rows] = sample_truncated(
             logits if len(trunc) == len(requests) else logits.index_select(0, rows),
-            to_device([r.params.top_k for r in sub], torch.long, device),
+            to_device([top_ks[i] for i in trunc], torch.long, device),
             to_device([r.params.top_p for r in sub], logits.dtype, device),
             to_device([r.params.min_p for r in sub], logits.dtype, device),
             u[rows].to(logits.dtype),

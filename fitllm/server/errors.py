@@ -1,4 +1,5 @@
-"""OpenAI-style errors: every failure is `{"error": {"message", "type", "param", "code"}}` with its status.
+"""OpenAI-style errors: every failure is `{"error": {"message", "type", "param", "code"}}` with its status
+(on the Kobold routes, `/api/...`, with KoboldCpp's `{"detail": {"msg", "type"}}` beside it).
 
 FastAPI's own validation failures (a bare 422) and malformed JSON become 400s in that shape too, so any
 client written for the OpenAI API can show the message; /openapi.json documents those 400s in that shape.
@@ -38,6 +39,20 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def kobold_error_body(err: APIError) -> dict[str, Any]:
+    """The error for a Kobold route: KoboldCpp's `{"detail": {"msg", "type"}}` beside the OpenAI-style
+    `error` object (KoboldAI Lite and SillyTavern read the first; other clients of fitllm the second)."""
+    return error_body(err.message, err.type, err.param, err.code) | {
+        "detail": {"msg": err.message, "type": err.type}
+    }
+
+
+def _response(request: Request, err: APIError) -> JSONResponse:
+    kobold = request.url.path.startswith("/api/")
+    body = kobold_error_body(err) if kobold else error_body(err.message, err.type, err.param, err.code)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+
 _PARAM = re.compile(r"^([a-z_]+)(?::| must )")
 
 
@@ -63,23 +78,23 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.type, exc.param, exc.code),
-            status_code=exc.status,
-            headers=exc.headers,
-        )
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _response(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return _response(request, APIError(400, message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        # exc.headers: a 405's Allow, which HTTP requires (RFC 9110 15.5.6)
-        return JSONResponse(error_body(str(exc.detail), type_), exc.status_code, headers=exc.headers)
+        return _response(request, APIError(exc.status_code, str(exc.detail), type_, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback; the client gets the error in the API's shape, not plain text.
+        return _response(request, APIError(500, f"internal error: {exc}", "server_error"))
 
 
 ERROR_SCHEMA = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -40,10 +41,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.body import Body
-from fitllm.server.errors import bad_request
+from fitllm.server.errors import APIError, bad_request, kobold_error_body
 from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
 from fitllm.server.state import MAX_GENKEY_CHARS, ServerState, get_state
-from fitllm.server.streaming import collect
+from fitllm.server.streaming import collect, events_or_error
 
 router = APIRouter()
 B = TypeVar("B", bound=BaseModel)
@@ -187,7 +188,18 @@ def _temperature_last(body: KoboldGenerateRequest) -> bool:
     return bool(before)
 
 
+def _reject_non_finite(body: KoboldGenerateRequest) -> None:
+    """400 for a NaN or infinite number: the clamps below (max, min) would silently turn NaN into a
+    neutral value (a NaN temperature into greedy, a NaN top_p into off), answering another question."""
+    numbers = [(n, v) for n in type(body).model_fields if isinstance(v := getattr(body, n), float)]
+    numbers += [(f"logit_bias[{k}]", v) for k, v in (body.logit_bias or {}).items()]
+    for name, value in numbers:
+        if not math.isfinite(value):
+            raise bad_request(f"{name} must be a finite number; got {value}", name.split("[")[0])
+
+
 def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: list[int]) -> SamplingParams:
+    _reject_non_finite(body)
     _reject_unsupported(body)
     bias: dict[int, float] = {}
     for k, v in (body.logit_bias or {}).items():
@@ -230,7 +242,9 @@ def build_context(st: ServerState, body: KoboldGenerateRequest) -> tuple[list[in
     """(prompt token ids, max_length): memory whole at the front, then the newest prompt tokens that fit
     max_context_length - max_length (KoboldCpp's trimming)."""
     tok = st.tokenizer
-    ctx = min(body.max_context_length or st.max_model_len, st.max_model_len)
+    # 0 is a length, not "unset" (KoboldCpp takes it as given), so it is refused below like any short one.
+    asked = st.max_model_len if body.max_context_length is None else body.max_context_length
+    ctx = min(asked, st.max_model_len)
     if ctx < 8:
         raise bad_request(f"max_context_length must be at least 8; got {ctx}", "max_context_length")
     if body.max_length < 1:
@@ -390,8 +404,13 @@ async def generate_stream(request: Request) -> StreamingResponse:
         finally:
             job.done = True  # its client left: the genkey is free again
 
+    def error_event(err: APIError) -> str:
+        return f"event: error\ndata: {json.dumps(kobold_error_body(err))}\n\n"
+
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(
+        events_or_error(events(), error_event), media_type="text/event-stream", headers=headers
+    )
 
 
 @router.api_route("/api/extra/generate/check", methods=["GET", "POST"])

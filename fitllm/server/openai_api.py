@@ -12,7 +12,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
-from fitllm.server.errors import bad_request
+from fitllm.server.errors import APIError, bad_request
 from fitllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,13 +29,22 @@ from fitllm.server.protocol import (
     TokenizeRequest,
 )
 from fitllm.server.state import ServerState, get_state
-from fitllm.server.streaming import collect, merged
+from fitllm.server.streaming import collect, events_or_error, merged, sse_error
 
 router = APIRouter()
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def _sse_error(err: APIError) -> str:
+    """A stream's last events when it fails, as vLLM sends them: the error object, then [DONE]."""
+    return sse_error(err) + _sse("[DONE]")
+
+
+def _event_stream(events: AsyncGenerator[str, None]) -> StreamingResponse:
+    return StreamingResponse(events_or_error(events, _sse_error), media_type="text/event-stream")
 
 
 async def _start(
@@ -228,7 +237,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                 yield _sse(_envelope("text_completion", cid, created, model, [], usage=usage))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _event_stream(events())
 
     finals = await collect(request, streams)
     choices = []
@@ -287,7 +296,7 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
                 yield _sse(_envelope("text_completion", cid, created, model, [], usage=usage))
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _event_stream(events())
     return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
 
 
@@ -357,7 +366,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 yield _sse(chunk([]) | {"usage": _usage(prompt_tokens, completion_tokens)})
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _event_stream(events())
 
     finals = await collect(request, streams)
     choices = []

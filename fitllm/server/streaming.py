@@ -1,17 +1,26 @@
 """Consuming engine streams in a route: several requests' outputs merged, and a non-streamed response
 that aborts its requests when the client disconnects (Starlette only notices a disconnect while sending,
-so the route polls for it)."""
+so the route polls for it).
+
+A stream that fails after it started (its request broke a step, or the engine stopped) ends in the API's
+own shape: a non-streamed response becomes a JSON error (`collect` raises an APIError), and a streamed
+one ends with an error event (`events_or_error`) instead of a cut connection."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Request
 
-from fitllm.engine.async_engine import RequestStream
+from fitllm.engine.async_engine import EngineDead, RequestFailed, RequestStream
 from fitllm.engine.request import RequestOutput
-from fitllm.server.errors import APIError
+from fitllm.server.errors import APIError, error_body
+from fitllm.server.state import unavailable
+
+log = logging.getLogger("fitllm")
 
 DISCONNECT_POLL_S = 0.25
 
@@ -71,10 +80,46 @@ async def collect(
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 raise APIError(499, "client disconnected")
-        task.result()
+        try:
+            task.result()
+        except Exception as exc:
+            raise stream_error(exc) from exc
     finally:
         if not task.done():
             task.cancel()
         for _, s in streams:
             s.close()
     return [f for f in finals if f is not None]
+
+
+def stream_error(exc: Exception) -> APIError:
+    """What a stream that failed after it started answers: its request's own failure is a 500 naming it,
+    an engine that stopped a 503 to retry; any other exception a 500 (logged, never a bare traceback)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), "server_error", code="request_failed")
+    if isinstance(exc, EngineDead):
+        return unavailable(str(exc))
+    log.error("a stream failed: %r", exc, exc_info=exc)
+    return APIError(500, f"internal error: {exc}", "server_error")
+
+
+def sse_error(err: APIError) -> str:
+    """The event an OpenAI-style stream ends with when it fails: `data: {"error": {...}}`."""
+    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
+
+
+async def events_or_error(
+    events: AsyncGenerator[str, None], error_event: Callable[[APIError], str]
+) -> AsyncIterator[str]:
+    """`events`, ending with `error_event(the error)` if they fail, so a client always learns why a stream
+    ended (a connection cut short says nothing). Closed early (a client that went away), it closes
+    `events` at once, which aborts their requests."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        yield error_event(stream_error(exc))
+    finally:
+        await events.aclose()

@@ -25,6 +25,7 @@ from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.state import get_state
+from fitllm.server.streaming import events_or_error, sse_error
 from fitllm.studio.context import build_story_context
 
 router = APIRouter()
@@ -88,7 +89,8 @@ async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
 
 @router.post("/studio/api/generate")
 async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
-    """SSE: {"text": delta} events, then {"done": true, "finish_reason", "tokens", "tokens_per_s", ...}."""
+    """SSE: {"text": delta} events, then {"done": true, "finish_reason", "tokens", "tokens_per_s", ...}, or
+    {"error": {...}} if the request fails on the way."""
     st, ctx = _context(request, body)
     s = body.settings
     try:
@@ -129,7 +131,11 @@ async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
                     }
                     yield f"data: {json.dumps(done)}\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        events_or_error(events(), sse_error),  # the page shows the error's message
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 @router.get("/studio/api/memory")
