@@ -13,6 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.app import build_app
+from fitllm.server.heavy import ServerLimits
+from fitllm.server.shutdown import draining_server
 
 
 @dataclass
@@ -24,15 +26,19 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True):
-    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race)."""
-    import uvicorn
-
+def serve(
+    engine: AsyncEngine,
+    name: str,
+    api_key: str | None = None,
+    wait_ready: bool = True,
+    limits: ServerLimits | None = None,
+):
+    """build_app on uvicorn (as `fitllm serve` runs it: draining at shutdown) in a thread, on a socket bound
+    before the thread starts (no port race)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(build_app(engine, name, api_key), log_level="warning")
-    server = uvicorn.Server(config)
+    server = draining_server(build_app(engine, name, api_key, limits), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

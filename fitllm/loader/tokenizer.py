@@ -48,8 +48,10 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Text -> token ids (BOS added when the model expects it)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Text -> token ids (BOS added when the model expects it). Through the batch call without offsets:
+        `Tokenizer.encode` holds the GIL for the whole encoding (an 8 MiB prompt stalled every other thread
+        8 s), the batch call releases it, and skipping character offsets halves the time."""
+        return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text."""

@@ -20,9 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.errors import install_error_handlers
 from fitllm.server.guard import RequestGuard
+from fitllm.server.heavy import HeavyWork, ServerLimits
 from fitllm.server.kobold_api import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai_api import router as openai_router
+from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
 from fitllm.studio.routes import router as studio_router
 
@@ -37,8 +39,14 @@ def default_model_name(model: str | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down."""
+def build_app(
+    engine: AsyncEngine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None
+) -> FastAPI:
+    """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down. Serve it
+    with `shutdown.draining_server` so a shutdown drains its requests."""
+    limits = limits or ServerLimits()
+    heavy = HeavyWork(limits.heavy_workers, limits.heavy_max_waiting)
+    drain = Drain(limits.shutdown_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -48,17 +56,21 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
             yield
         finally:
             engine.shutdown()
+            heavy.close()
 
     app = FastAPI(title="fitllm", lifespan=lifespan)
-    app.state.fitllm = ServerState(engine, model_name, api_key)
+    app.state.fitllm = ServerState(engine, model_name, api_key, limits=limits, heavy=heavy, drain=drain)
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
 
     app.add_middleware(RequestGuard, api_key=api_key)
     app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(DrainGuard, drain=drain)  # outermost: during a shutdown nothing new gets further
 
     @app.get("/health")
     async def health() -> Response:
+        if drain.active:
+            return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
         if engine.ready:
             return JSONResponse({"status": "ok"})
         status = "loading" if engine.error is None else f"failed: {engine.error}"

@@ -37,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.errors import bad_request
+from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
 from fitllm.server.state import ServerState, get_state
-from fitllm.server.streaming import collect
+from fitllm.server.streaming import collect, ending_in_error_event
 
-router = APIRouter()
+router = APIRouter(route_class=OffloadedJSONRoute)
 B = TypeVar("B", bound=BaseModel)
 
 KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp reports
@@ -125,7 +126,7 @@ async def read_body(request: Request, model: type[B], lenient: bool = False) -> 
     KoboldCpp's check and abort take it. Field errors are 400s naming the field, as for any route."""
     raw = await request.body()
     try:
-        data = json.loads(raw) if raw.strip() else {}
+        data = await get_state(request).heavy.run(json.loads, raw, size=len(raw)) if raw.strip() else {}
     except ValueError as exc:
         if not lenient:
             raise bad_request(f"the body is not valid JSON: {exc}") from exc
@@ -250,7 +251,9 @@ def build_context(st: ServerState, body: KoboldGenerateRequest) -> tuple[list[in
 
 
 async def _start(st: ServerState, body: KoboldGenerateRequest):
-    ids, max_length = build_context(st, body)
+    chars = len(body.memory) + len(body.prompt)
+    st.check_prompt_chars(chars, "prompt")
+    ids, max_length = await st.heavy.run(build_context, st, body, size=chars)
     params = sampling_params(body, max_length, st.tokenizer.eos_token_ids)
     rid = f"kobold-{uuid.uuid4().hex}"
     stream = await st.start_streams(st.engine.add(ids, params, rid))
@@ -379,8 +382,17 @@ async def generate_stream(request: Request) -> StreamingResponse:
                     st.kobold_jobs.finish(job, out)
                     yield event("", _finish_reason(out))
 
+    def error_events(error: dict) -> list[str]:
+        """KoboldCpp's stream has no error event: its last message event, finish_reason "error", with
+        the error beside it (a front end that knows no error still sees the stream end)."""
+        job.done = True
+        data = {"token": "", "finish_reason": "error", **error}
+        return [f"event: message\ndata: {json.dumps(data)}\n\n"]
+
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(
+        ending_in_error_event(events(), error_events), media_type="text/event-stream", headers=headers
+    )
 
 
 @router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
@@ -409,13 +421,11 @@ async def abort(request: Request) -> dict[str, str]:
 @router.post("/api/extra/tokenize")
 async def tokencount(request: Request) -> dict[str, Any]:
     body = await read_body(request, TokenCountRequest)
-    ids = get_state(request).tokenizer.encode(body.prompt, add_special_tokens=body.special)
+    ids = await get_state(request).encode(body.prompt, "prompt", body.special)
     return {"value": len(ids), "ids": ids}
 
 
 @router.post("/api/extra/detokenize")
 async def detokenize(request: Request) -> dict[str, Any]:
     body = await read_body(request, DetokenizeRequest)
-    st = get_state(request)
-    st.check_token_ids(body.ids, "ids")
-    return {"result": st.tokenizer.decode(body.ids, skip_special_tokens=False), "success": True}
+    return {"result": await get_state(request).detokenize(body.ids, "ids"), "success": True}

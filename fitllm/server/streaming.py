@@ -5,15 +5,19 @@ so the route polls for it)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 
 from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import RequestOutput
-from fitllm.server.errors import APIError
+from fitllm.server.errors import APIError, error_body
+from fitllm.server.state import api_error
 
 DISCONNECT_POLL_S = 0.25
+log = logging.getLogger("fitllm")
 
 
 async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -70,10 +74,34 @@ async def collect(
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 raise APIError(499, "client disconnected")
-        task.result()
+        try:
+            task.result()
+        except Exception as exc:  # a request failed (or the server is shutting down): the API's own error
+            raise api_error(exc) from exc
     finally:
         if not task.done():
             task.cancel()
         for _, s in streams:
             s.close()
     return [f for f in finals if f is not None]
+
+
+def openai_error_events(body: dict) -> list[str]:
+    """An OpenAI stream's ending after a failure: its error object, then [DONE]."""
+    return [f"data: {json.dumps(body)}\n\n", "data: [DONE]\n\n"]
+
+
+async def ending_in_error_event(
+    events: AsyncIterator[str], error_events: Callable[[dict], list[str]] = openai_error_events
+) -> AsyncIterator[str]:
+    """`events`, and if they fail (a request's failure, a shutdown), the stream's own error ending rather
+    than a connection cut short: `error_events` gets the OpenAI-shaped error body."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        err = api_error(exc)
+        if err.status >= 500 and err.status != 503:
+            log.error("a stream failed: %s", err.message)
+        for event in error_events(error_body(err.message, err.type, err.param, err.code)):
+            yield event
