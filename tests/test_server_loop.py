@@ -255,7 +255,7 @@ def _run(url: str, body: dict, out: Outcome, path: str = C) -> None:
     try:
         with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}{path}", json=body) as r:
             out.status, out.headers = r.status_code, dict(r.headers)
-            if body.get("stream") and r.status_code == 200:
+            if r.headers.get("content-type", "").startswith("text/event-stream"):
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         out.events.append(line[6:])
@@ -300,11 +300,17 @@ def test_sigterm_under_load_ends_every_accepted_request_properly(tmp_path):
         while sample(scrape(url), "fitllm_requests", state="running") < 3:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        queued = [("queued_stream", long | {"stream": True}), ("queued_plain", long)]
-        threads += [threading.Thread(target=_run, args=(url, b, outs[k])) for k, b in queued]
+        queued = [
+            ("queued_stream", long | {"stream": True}, C),
+            ("queued_plain", long, C),
+            ("queued_kobold", {"prompt": "t5 t6", "max_length": 2000}, "/api/extra/generate/stream"),
+            ("queued_studio", {"story": "t5", "settings": {"max_new_tokens": 2000}}, "/studio/api/generate"),
+        ]
+        outs |= {k: Outcome() for k, _, _ in queued}
+        threads += [threading.Thread(target=_run, args=(url, b, outs[k], p)) for k, b, p in queued]
         for t in threads[3:]:
             t.start()
-        while sample(scrape(url), "fitllm_requests", state="waiting") < 2:
+        while sample(scrape(url), "fitllm_requests", state="waiting") < len(queued):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert outs["short_stream"].first.wait(30)
@@ -328,6 +334,12 @@ def test_sigterm_under_load_ends_every_accepted_request_properly(tmp_path):
     plain = outs["queued_plain"]
     assert plain.ended_at - signalled < 2 and plain.status == 503 and plain.headers["retry-after"]
     assert set(plain.body["error"]) == {"message", "type", "param", "code"}
+    for name in ("queued_kobold", "queued_studio"):  # their own stream shapes, with the error in them
+        out = outs[name]
+        assert out.failure is None and out.status == 200 and out.ended_at - signalled < 2, name
+        last = json.loads(out.events[-1])
+        assert last["error"]["type"] == "service_unavailable" and "shutting down" in last["error"]["message"]
+        assert last.get("finish_reason") == "error" if name == "queued_kobold" else last["done"] is True
     # The short one finishes; the long ones finish or end at the deadline with an error, never cut.
     assert _assert_stream_ended_properly(outs["short_stream"]) == "done"
     long_stream, long_plain = outs["long_stream"], outs["long_plain"]
