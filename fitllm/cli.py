@@ -111,6 +111,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.server.access import AccessPolicy
     from fitllm.server.app import build_app, default_model_name
     from fitllm.server.heavy import ServerLimits
     from fitllm.server.shutdown import draining_server
@@ -118,8 +119,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
     name = args.served_model_name or default_model_name(args.model)
+    access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, bound_host=args.host)
     limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, shutdown_timeout_s=args.shutdown_timeout)
-    app = build_app(engine, name, args.api_key, limits)
+    app = build_app(
+        engine, name, args.api_key, access=access, scheduling_policy=args.scheduling_policy, limits=limits
+    )
     print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
     draining_server(app, host=args.host, port=args.port, log_level=args.log_level.lower()).run()
     return 0 if engine.error is None else 1
@@ -169,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="longest prompt in characters, refused (400) before tokenizing "
         "(default: the context length x 32)",
+    )
+    srv.add_argument(
+        "--allowed-hosts",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="Host names the server answers besides localhost, IP addresses and the --host name "
+        "(.example.com: every subdomain; *: any, which turns off the DNS-rebinding guard)",
+    )
+    srv.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGIN[,ORIGIN...]",
+        help="web page origins that may call the API from a browser besides the server's own pages, e.g. "
+        "null (a page opened from a file, as KoboldAI Lite's) or http://localhost:5001 (*: any)",
+    )
+    srv.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="fcfs: first come, first served, and a request's priority field is refused; priority: "
+        "requests' priority (lower first) orders admission and preemption",
     )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)

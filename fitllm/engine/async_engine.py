@@ -10,6 +10,8 @@ anything is unfinished, and hand each RequestOutput to the asyncio queue of its 
 - `--max-waiting-requests` bounds the scheduler's waiting queue: beyond it `QueueFull` (HTTP 503).
 - A stream that is closed early (a client that disconnects) aborts its request: its KV blocks are free
   after the engine's next loop turn.
+- A reader that falls behind (a client that does not read) finds one output waiting, into which later ones
+  were merged: what the server holds for it stays bounded by the request's own output.
 - `drain(timeout)` begins a graceful shutdown: new requests are refused, requests not started yet fail at
   once and those still running when the timeout ends fail then, all with `ShuttingDown` (the server
   answers 503 + Retry-After, or an error event on a stream).
@@ -60,16 +62,55 @@ class EngineCounters:
 
 @dataclass(slots=True)
 class _Stream:
+    """One request's outputs on their way to its event loop: `put` runs there (call_soon_threadsafe).
+
+    Outputs are cumulative but for their deltas, so an output the reader has not taken yet is replaced by
+    the next one, whose deltas are joined onto the ones it replaces: at most one output (and a final error)
+    waits, however slowly the reader reads."""
+
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: RequestOutput | None = None
+    merged_texts: list[str] = field(default_factory=list)  # deltas of the outputs merged into `pending`
+    merged_ids: list[int] = field(default_factory=list)
+    error: BaseException | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            if self.pending is not None:
+                if not self.merged_texts:
+                    old = self.pending.outputs[0]
+                    self.merged_texts.append(old.delta_text)
+                    self.merged_ids.extend(old.delta_token_ids)
+                new = item.outputs[0]
+                self.merged_texts.append(new.delta_text)
+                self.merged_ids.extend(new.delta_token_ids)
+            self.pending = item
+        self.ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        while True:
+            if self.pending is not None:
+                out, self.pending = self.pending, None
+                if self.merged_texts:
+                    c = out.outputs[0]
+                    c.delta_text, c.delta_token_ids = "".join(self.merged_texts), self.merged_ids
+                    self.merged_texts, self.merged_ids = [], []
+                return out
+            if self.error is not None:
+                return self.error
+            self.ready.clear()
+            await self.ready.wait()
 
 
 class RequestStream:
     """The outputs of one request as they arrive; aborts the request if closed before it finished."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: _Stream) -> None:
         self.engine = engine
         self.request_id = request_id
         self._outputs = outputs
@@ -167,9 +208,9 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises ValueError (bad input), QueueFull or EngineDead. Iterate the returned
         stream for its outputs; close it early (or let it be garbage) to abort the request."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         rid = await self._call("add", (prompt, params, request_id, priority, stream))
-        return RequestStream(self, rid, stream.queue)
+        return RequestStream(self, rid, stream)
 
     async def score(self, prompt: str | list[int], top_n: int):
         """Engine.score_prompt on the engine thread, between steps."""
@@ -198,6 +239,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
+
+    def is_running(self, request_id: str) -> bool:
+        """Whether `request_id` was added and has not yet finished, failed or been aborted."""
+        return request_id in self._streams
 
     # ---- the engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -344,7 +389,7 @@ class AsyncEngine:
         if stream is None:
             return
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)
         except RuntimeError:  # its event loop is closed: nobody is listening any more
             self._streams.pop(request_id, None)
         if isinstance(item, BaseException):

@@ -20,7 +20,7 @@ class EngineStatus:
     """What the engine holds now, for front ends that show it (metrics, the studio's memory panel)."""
 
     ledger: LedgerSnapshot
-    kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs
+    kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs (disjoint: they sum to all)
     block_size: int
     slabs: int
     slab_bytes: int
@@ -39,7 +39,9 @@ def engine_status(engine: Engine) -> EngineStatus:
         kv_blocks={
             "used": pool.num_used_blocks,
             "cached": pool.num_cached_blocks,
-            "free": pool.num_free_blocks,
+            # The pool's num_free_blocks counts cached blocks too (both can be handed out); here they are
+            # apart, so used + cached + free is the pool (the studio's KV bar draws them side by side).
+            "free": pool.num_free_blocks - pool.num_cached_blocks,
         },
         block_size=engine.block_size,
         slabs=pool.num_slabs,

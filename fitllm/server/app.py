@@ -3,8 +3,10 @@
 Routes: OpenAI-compatible (fitllm/server/openai_api.py), KoboldAI / KoboldCpp-compatible
 (fitllm/server/kobold_api.py), `/health` (503 while loading), `/metrics`
 (Prometheus). With an API key every API route needs `Authorization: Bearer KEY`; `/health` and
-`/metrics` stay open for probes and scrapers. CORS allows any origin, since browser front ends call the
-API directly.
+`/metrics` stay open for probes and scrapers. Browsers are held to the Host and Origin allow-lists of
+fitllm/server/access.py (the server's own pages, plus the origins `--allowed-origins` names), so a web page
+the user visits cannot drive the server. A client's `priority` is honoured only with
+`--scheduling-policy priority` (as vLLM).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from fitllm.engine.async_engine import AsyncEngine
-from fitllm.server.errors import install_error_handlers
+from fitllm.server.access import AccessPolicy
+from fitllm.server.errors import install_error_handlers, install_openapi
 from fitllm.server.guard import RequestGuard
 from fitllm.server.heavy import HeavyWork, ServerLimits
 from fitllm.server.kobold_api import router as kobold_router
@@ -27,6 +30,11 @@ from fitllm.server.openai_api import router as openai_router
 from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
 from fitllm.studio.routes import router as studio_router
+
+METRICS_RESPONSE = {
+    "description": "Prometheus text exposition format (version 0.0.4)",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}
 
 
 def default_model_name(model: str | None) -> str:
@@ -40,10 +48,17 @@ def default_model_name(model: str | None) -> str:
 
 
 def build_app(
-    engine: AsyncEngine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    *,
+    access: AccessPolicy | None = None,
+    scheduling_policy: str = "fcfs",
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down. Serve it
     with `shutdown.draining_server` so a shutdown drains its requests."""
+    access = access or AccessPolicy()
     limits = limits or ServerLimits()
     heavy = HeavyWork(limits.heavy_workers, limits.heavy_max_waiting)
     drain = Drain(limits.shutdown_timeout_s)
@@ -59,12 +74,23 @@ def build_app(
             heavy.close()
 
     app = FastAPI(title="fitllm", lifespan=lifespan)
-    app.state.fitllm = ServerState(engine, model_name, api_key, limits=limits, heavy=heavy, drain=drain)
+    app.state.fitllm = ServerState(
+        engine,
+        model_name,
+        api_key,
+        scheduling_policy=scheduling_policy,
+        limits=limits,
+        heavy=heavy,
+        drain=drain,
+    )
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
+    install_openapi(app)
 
-    app.add_middleware(RequestGuard, api_key=api_key)
-    app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    # The last added runs first: the guard refuses foreign hosts and origins before CORS answers anything.
+    cors = access.cors_origins()
+    app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestGuard, api_key=api_key, access=access)
     app.add_middleware(DrainGuard, drain=drain)  # outermost: during a shutdown nothing new gets further
 
     @app.get("/health")
@@ -76,7 +102,7 @@ def build_app(
         status = "loading" if engine.error is None else f"failed: {engine.error}"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: METRICS_RESPONSE})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

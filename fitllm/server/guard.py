@@ -1,4 +1,5 @@
-"""The request guard: API key and body size, as plain ASGI middleware.
+"""The request guard: Host and Origin (fitllm/server/access.py), API key and body size, as plain ASGI
+middleware, outermost, so that a refused request runs nothing.
 
 Plain ASGI rather than Starlette's `@app.middleware("http")` (BaseHTTPMiddleware): through that wrapper a
 route's `request.is_disconnected()` never sees the client go away (Starlette discussion #2094), and a
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import error_body
 
 MAX_BODY_BYTES = 32 << 20  # a request body larger than this is refused (413)
@@ -42,9 +45,20 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, api_key: str | None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Refuses, before the app sees them: a foreign Host or Origin (403), a body over the limit (413), a
+    missing or wrong API key (401). Its own refusals carry CORS headers for an allowed origin, so a front
+    end there can read them."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        access: AccessPolicy | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
         self.app = app
         self.api_key = api_key
+        self.access = access or AccessPolicy()
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -52,11 +66,26 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin = headers.get("host"), headers.get("origin")
+        if not self.access.host_allowed(host):
+            message = (
+                f"the Host {host!r} is not allowed (a DNS-rebinding guard); reach the server as localhost "
+                f"or by IP address, or start it with --allowed-hosts NAME"
+            )
+            await _reply(send, 403, error_body(message, "permission_error", code="host_not_allowed"))
+            return
+        if origin is not None and not self.access.origin_allowed(origin, host):
+            message = (
+                f"requests from the web page origin {origin!r} are not allowed; start the server with "
+                f"--allowed-origins {origin} to allow it"
+            )
+            await _reply(send, 403, error_body(message, "permission_error", code="origin_not_allowed"))
+            return
+        cors = [] if origin is None else _cors_headers(self.access, origin)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await _reply(
-                send, 413, error_body(BodyTooLarge(self.max_body_bytes).detail, "invalid_request_error")
-            )
+            body = error_body(BodyTooLarge(self.max_body_bytes).detail, "invalid_request_error")
+            await _reply(send, 413, body, cors)
             return
         guarded = (
             self.api_key is not None
@@ -71,7 +100,7 @@ class RequestGuard:
                 "authentication_error",
                 code="invalid_api_key",
             )
-            await _reply(send, 401, body)
+            await _reply(send, 401, body, cors)
             return
         received = 0
 
@@ -97,7 +126,17 @@ def _bearer_matches(authorization: str, key: str | None) -> bool:
     )
 
 
-async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
+def _cors_headers(access: AccessPolicy, origin: str) -> list[tuple[bytes, bytes]]:
+    """What the CORS middleware would add for `origin` (the guard answers before it runs)."""
+    if not access.any_origin and origin.strip().lower().rstrip("/") not in access.origins:
+        return []  # same origin: no CORS headers needed
+    allowed = b"*" if access.any_origin else origin.encode("latin-1")
+    return [(b"access-control-allow-origin", allowed), (b"vary", b"Origin")]
+
+
+async def _reply(
+    send: Send, status: int, body: dict[str, Any], extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
     payload = json.dumps(body).encode()
     await send(
         {
@@ -106,6 +145,7 @@ async def _reply(send: Send, status: int, body: dict[str, Any]) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
+                *extra,
             ],
         }
     )

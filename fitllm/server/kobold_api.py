@@ -14,8 +14,11 @@ Behaviour follows KoboldCpp (koboldcpp.py, gpttype_adapter.cpp), including its d
   strings, images) are accepted only at their neutral values; anything else is a 400 naming the field.
 - `logprobs: true` returns, as KoboldCpp does, each generated token's logprob and its top 5 alternatives in
   the chat API's `content` list beside the completions API's `tokens` / `token_logprobs` / `top_logprobs`.
-- Bodies are read as JSON whatever their content type; a genkey keeps its job's text and abort to whoever
-  holds it (check and abort without one refer to the latest job only if it has none).
+- Bodies are read as JSON whatever their content type (a cross-origin page cannot use that to skip the
+  CORS preflight: the request guard refuses origins not allowed before anything runs); a genkey keeps its
+  job's text and abort to whoever holds it (check and abort without one refer to the latest job only if
+  it has none), and a genkey whose job still runs is refused for a new job (409), so nobody can take
+  another's over. Genkeys are at most MAX_GENKEY_CHARS long.
 - `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
   which KoboldAI Lite sends `memory` separately and streams over SSE, and every feature Lite enables below
   it is one fitllm serves or rejects clearly.
@@ -33,13 +36,14 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
-from fitllm.server.state import ServerState, get_state
+from fitllm.server.state import MAX_GENKEY_CHARS, ServerState, get_state
 from fitllm.server.streaming import collect, ending_in_error_event
 
 router = APIRouter(route_class=OffloadedJSONRoute)
@@ -61,10 +65,8 @@ KOBOLD_LOGPROBS = 5  # alternatives per token KoboldCpp reports (its logprobs_ma
 REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
 
 
-class KoboldGenerateRequest(BaseModel):
+class KoboldGenerateRequest(Body):
     """POST /api/v1/generate and /api/extra/generate/stream, with KoboldCpp's defaults."""
-
-    model_config = ConfigDict(extra="allow")
 
     prompt: str = ""
     memory: str = ""
@@ -86,7 +88,7 @@ class KoboldGenerateRequest(BaseModel):
     sampler_seed: int = -1
     stop_sequence: list[str] | None = None
     trim_stop: bool = True
-    genkey: str = ""
+    genkey: str = Field(default="", max_length=MAX_GENKEY_CHARS)
     mirostat: int = 0
     dynatemp_range: float = 0.0
     smoothing_factor: float = 0.0
@@ -104,19 +106,16 @@ class KoboldGenerateRequest(BaseModel):
     logprobs: bool = False  # KoboldAI Lite's token-probability view: the top KOBOLD_LOGPROBS per token
 
 
-class GenkeyRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    genkey: str = ""
+class GenkeyRequest(Body):
+    genkey: str = Field(default="", max_length=MAX_GENKEY_CHARS)
 
 
-class TokenCountRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenCountRequest(Body):
     prompt: str = ""
     special: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeRequest(Body):
     ids: list[int]
 
 
@@ -127,6 +126,8 @@ async def read_body(request: Request, model: type[B], lenient: bool = False) -> 
     raw = await request.body()
     try:
         data = await get_state(request).heavy.run(json.loads, raw, size=len(raw)) if raw.strip() else {}
+    except RecursionError as exc:  # nested deeper than the parser goes: no clumsy client sends that
+        raise bad_request("the body is not valid JSON: it is nested too deeply") from exc
     except ValueError as exc:
         if not lenient:
             raise bad_request(f"the body is not valid JSON: {exc}") from exc
@@ -256,8 +257,15 @@ async def _start(st: ServerState, body: KoboldGenerateRequest):
     ids, max_length = await st.heavy.run(build_context, st, body, size=chars)
     params = sampling_params(body, max_length, st.tokenizer.eos_token_ids)
     rid = f"kobold-{uuid.uuid4().hex}"
-    stream = await st.start_streams(st.engine.add(ids, params, rid))
-    return stream, st.kobold_jobs.start(rid, body.genkey, params.seed if params.seed is not None else -1)
+    # The genkey is taken before the request is added, so two requests with one genkey cannot both pass.
+    job = st.kobold_jobs.start(rid, body.genkey, params.seed if params.seed is not None else -1)
+    try:
+        stream = await st.start_streams(st.engine.add(ids, params, rid))
+    except BaseException:
+        st.kobold_jobs.drop(job)
+        raise
+    job.admitted = True
+    return stream, job
 
 
 def _finish_reason(out: RequestOutput) -> str:
@@ -372,20 +380,22 @@ async def generate_stream(request: Request) -> StreamingResponse:
         return f"event: message\ndata: {json.dumps({'token': token, 'finish_reason': finish_reason})}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        async with stream:
-            async for out in stream:
-                c = out.outputs[0]
-                job.update(c.text)
-                if c.delta_text:
-                    yield event(c.delta_text, None)
-                if out.finished:
-                    st.kobold_jobs.finish(job, out)
-                    yield event("", _finish_reason(out))
+        try:
+            async with stream:
+                async for out in stream:
+                    c = out.outputs[0]
+                    job.update(c.text)
+                    if c.delta_text:
+                        yield event(c.delta_text, None)
+                    if out.finished:
+                        st.kobold_jobs.finish(job, out)
+                        yield event("", _finish_reason(out))
+        finally:
+            job.done = True  # its client left: the genkey is free again
 
     def error_events(error: dict) -> list[str]:
         """KoboldCpp's stream has no error event: its last message event, finish_reason "error", with
         the error beside it (a front end that knows no error still sees the stream end)."""
-        job.done = True
         data = {"token": "", "finish_reason": "error", **error}
         return [f"event: message\ndata: {json.dumps(data)}\n\n"]
 

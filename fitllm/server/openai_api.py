@@ -168,6 +168,7 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     st = get_state(request)
     st.check_model(body.model)
+    st.check_priority(body.priority)
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -296,6 +297,7 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
     st = get_state(request)
     st.check_model(body.model)
+    st.check_priority(body.priority)
     top_n = body.top_logprobs or 0
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")

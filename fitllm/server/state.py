@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,6 +25,10 @@ RETRY_AFTER_S = 1
 def unavailable(message: str) -> APIError:
     """A 503 a client should retry shortly (loading, busy, out of memory for now)."""
     return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+MAX_GENKEY_CHARS = 64  # KoboldAI Lite's genkeys are "KCPP" + 4 digits
+MAX_FINISHED_JOBS = 256  # finished jobs whose text a check can still read, oldest forgotten first
 
 
 def api_error(exc: BaseException) -> APIError:
@@ -52,6 +56,7 @@ class KoboldJob:
     seed: int = -1
     text: str = ""
     done: bool = False
+    admitted: bool = False  # the engine took the request (until then it cannot be asked whether it runs)
 
     def update(self, text: str) -> None:
         self.text = text
@@ -72,12 +77,22 @@ class KoboldPerf:
 @dataclass
 class KoboldJobs:
     """Generations by genkey, and the latest (what a check or abort without a genkey refers to, if it was
-    itself started without one: a genkey keeps a job's text from other users, as in KoboldCpp)."""
+    itself started without one: a genkey keeps a job's text from other users, as in KoboldCpp).
+
+    A genkey belongs to its job while the job runs: a new job with that genkey is refused (409), so nobody
+    can take over another's check and abort. Running jobs are bounded by the engine's queue; finished ones
+    are kept up to `max_finished` (and genkeys are at most MAX_GENKEY_CHARS, checked with the body)."""
 
     by_genkey: dict[str, KoboldJob] = field(default_factory=dict)
     last: KoboldJob | None = None
     perf: KoboldPerf = field(default_factory=KoboldPerf)
-    max_kept: int = 1024  # finished jobs are forgotten oldest first beyond this
+    max_finished: int = MAX_FINISHED_JOBS
+    # Whether the engine still runs a request: a job whose stream nobody read to the end (its client left
+    # before the response started) is over once the engine is done with it.
+    alive: Callable[[str], bool] = lambda _: True
+
+    def running(self, job: KoboldJob) -> bool:
+        return not job.done and (not job.admitted or self.alive(job.request_id))
 
     def find(self, genkey: str) -> KoboldJob | None:
         """The job `genkey` names; without one, the latest job if it has no genkey of its own."""
@@ -104,14 +119,31 @@ class KoboldJobs:
         )
 
     def start(self, request_id: str, genkey: str, seed: int = -1) -> KoboldJob:
+        """A new job, before its request is added; 409 if `genkey` names a job that still runs."""
+        old = self.by_genkey.get(genkey) if genkey else None
+        if old is not None and self.running(old):
+            raise APIError(
+                409,
+                f"the genkey {genkey!r} belongs to a generation that is still running; use another genkey "
+                f"or wait for it to end",
+                param="genkey",
+                code="genkey_in_use",
+            )
         job = KoboldJob(request_id, genkey, seed)
         self.last = job
         if genkey:
             self.by_genkey.pop(genkey, None)
-            self.by_genkey[genkey] = job
-            while len(self.by_genkey) > self.max_kept:
-                self.by_genkey.pop(next(iter(self.by_genkey)))
+            self.by_genkey[genkey] = job  # newest last: finished jobs are forgotten oldest first
+            finished = [k for k, j in self.by_genkey.items() if not self.running(j)]
+            for k in finished[: max(0, len(finished) - self.max_finished)]:
+                del self.by_genkey[k]
         return job
+
+    def drop(self, job: KoboldJob) -> None:
+        """Forget a job whose request was never added (refused, or its client left)."""
+        job.done = True
+        if self.by_genkey.get(job.genkey) is job:
+            del self.by_genkey[job.genkey]
 
 
 @dataclass
@@ -124,6 +156,19 @@ class ServerState:
     limits: ServerLimits = field(default_factory=ServerLimits)
     heavy: HeavyWork = field(default_factory=HeavyWork)
     drain: Drain = field(default_factory=Drain)
+    scheduling_policy: str = "fcfs"  # "priority": a request's `priority` orders admission and preemption
+
+    def __post_init__(self) -> None:
+        self.kobold_jobs.alive = self.engine.is_running
+
+    def check_priority(self, priority: int) -> None:
+        """400 for a client-chosen priority unless the operator enabled priority scheduling (as vLLM)."""
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise bad_request(
+                f"priority: got {priority}, but priority scheduling is not enabled on this server (start it "
+                f"with --scheduling-policy priority); send priority 0 or leave it out",
+                "priority",
+            )
 
     def _ready_engine(self):
         if not self.engine.ready:

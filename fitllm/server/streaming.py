@@ -21,32 +21,33 @@ log = logging.getLogger("fitllm")
 
 
 async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of all streams as they arrive, as (choice index, output); closing it aborts the rest."""
-    queue: asyncio.Queue = asyncio.Queue()
+    """Outputs of all streams as they arrive, as (choice index, output); closing it aborts the rest.
 
-    async def pump(index: int, stream: RequestStream) -> None:
+    Each stream is read one output at a time, only when the previous one was taken: nothing is buffered
+    here, so a client that does not read leaves its outputs to be merged in its streams (bounded)."""
+    if len(streams) == 1:  # the common case, without a task per output
+        stream = streams[0][1]
         try:
             async for out in stream:
-                await queue.put((index, out))
-        except BaseException as exc:
-            await queue.put((index, exc))
-            raise
-        await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(k, s)) for k, (_, s) in enumerate(streams)]
-    remaining = len(tasks)
+                yield 0, out
+        finally:
+            stream.close()
+        return
+    reading = {asyncio.ensure_future(anext(s)): k for k, (_, s) in enumerate(streams)}
     try:
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
+        while reading:
+            done, _ = await asyncio.wait(reading, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=reading.__getitem__):
+                k = reading.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield k, out
+                reading[asyncio.ensure_future(anext(streams[k][1]))] = k
     finally:
-        for t in tasks:
-            t.cancel()
+        for task in reading:
+            task.cancel()
         for _, s in streams:
             s.close()
 

@@ -22,6 +22,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from fitllm.engine.request import SamplingParams
+from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.state import get_state
@@ -44,8 +45,7 @@ class Settings(BaseModel):
     stop: list[str] = Field(default_factory=list)
 
 
-class StoryRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class StoryRequest(Body):
     memory: str = ""
     story: str = ""
     note: str = ""
