@@ -49,15 +49,25 @@ def _checkpoint(tmp_path: Path, **overrides) -> Path:
 
 
 @pytest.fixture(scope="module")
-def big_limit(tmp_path_factory) -> Iterator[Served]:
-    """A server whose character limit is raised (--max-prompt-chars), so large prompts are tokenized."""
+def tiny(tmp_path_factory) -> Iterator[Served]:
+    """The tiny checkpoint with the cue-driven template, served with the default prompt limit."""
     folder = _checkpoint(tmp_path_factory.mktemp("loop"))
     config = EngineConfig(
         model=str(folder), dtype="float32", max_model_len=MAX_MODEL_LEN, profile_workspace=False
     )
-    limits = ServerLimits(max_prompt_chars=64 << 20, template_timeout_s=1.0)
-    with serve(AsyncEngine(config), "tiny", limits=limits) as s:
+    with serve(AsyncEngine(config), "tiny", limits=ServerLimits(template_timeout_s=1.0)) as s:
         yield s
+
+
+@contextlib.contextmanager
+def raised_limit(served: Served, chars: int) -> Iterator[None]:
+    """--max-prompt-chars raised for the block, so large prompts are tokenized."""
+    limits = served.server.config.app.state.fitllm.limits
+    limits.max_prompt_chars = chars
+    try:
+        yield
+    finally:
+        limits.max_prompt_chars = None
 
 
 @contextlib.contextmanager
@@ -83,11 +93,15 @@ def health_latency(url: str) -> Iterator[list[float]]:
         thread.join(30)
 
 
-def test_health_answers_while_a_large_prompt_is_tokenized_and_a_hostile_template_renders(big_limit):
-    url = big_limit.url
+def test_health_answers_while_a_large_prompt_is_tokenized_and_a_hostile_template_renders(tiny):
+    url = tiny.url
     text = " ".join(f"t{i % 200}" for i in range((8 << 20) // 5))[: 8 << 20]  # 8 MiB, ~1.6M tokens
     rss_before = host_memory().rss
-    with health_latency(url) as latencies, httpx.Client(base_url=url, timeout=120) as c:
+    with (
+        raised_limit(tiny, 64 << 20),
+        health_latency(url) as latencies,
+        httpx.Client(base_url=url, timeout=120) as c,
+    ):
         time.sleep(0.1)
         t = time.perf_counter()
         big = c.post(C, json={"prompt": text, "max_tokens": 1})
@@ -127,24 +141,14 @@ LIMIT_ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def default_limit(tmp_path_factory) -> Iterator[Served]:
-    folder = _checkpoint(tmp_path_factory.mktemp("limit"))
-    config = EngineConfig(
-        model=str(folder), dtype="float32", max_model_len=MAX_MODEL_LEN, profile_workspace=False
-    )
-    with serve(AsyncEngine(config), "tiny") as s:
-        yield s
-
-
 @pytest.mark.parametrize("name,path,body,param", LIMIT_ROWS, ids=[r[0] for r in LIMIT_ROWS])
-def test_prompt_over_the_character_limit_is_refused_before_tokenizing(default_limit, name, path, body, param):
-    tok = default_limit.engine.engine.tokenizer
+def test_prompt_over_the_character_limit_is_refused_before_tokenizing(tiny, name, path, body, param):
+    tok = tiny.engine.engine.tokenizer
     calls = []
     encode = tok.encode
     tok.encode = lambda *a, **k: calls.append(a) or encode(*a, **k)
     try:
-        r = httpx.post(f"{default_limit.url}{path}", json=body, timeout=60)
+        r = httpx.post(f"{tiny.url}{path}", json=body, timeout=60)
     finally:
         del tok.encode
     err = assert_error(r, 400)
@@ -152,7 +156,7 @@ def test_prompt_over_the_character_limit_is_refused_before_tokenizing(default_li
     assert str(LIMIT) in err["message"] and "--max-prompt-chars" in err["message"], err
     assert not any(len(a[0]) > LIMIT for a in calls), "the long prompt was tokenized"
     # Just under the limit is served (a 400 for tokens past the context at most, never for characters).
-    r = httpx.post(f"{default_limit.url}/tokenize", json={"prompt": "t5 " * (LIMIT // 3 - 1)}, timeout=60)
+    r = httpx.post(f"{tiny.url}/tokenize", json={"prompt": "t5 " * (LIMIT // 3 - 1)}, timeout=60)
     assert r.status_code == 200 and r.json()["count"] == LIMIT // 3 - 1
 
 
