@@ -110,21 +110,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from fitllm.engine.async_engine import AsyncEngine
     from fitllm.server.access import AccessPolicy
     from fitllm.server.app import build_app, default_model_name
+    from fitllm.server.heavy import ServerLimits
+    from fitllm.server.shutdown import draining_server
 
     config = engine_config_from_args(args)
     engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
     name = args.served_model_name or default_model_name(args.model)
     access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, bound_host=args.host)
-    app = build_app(engine, name, args.api_key, access=access, scheduling_policy=args.scheduling_policy)
-    print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=30
+    limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, shutdown_timeout_s=args.shutdown_timeout)
+    app = build_app(
+        engine, name, args.api_key, access=access, scheduling_policy=args.scheduling_policy, limits=limits
     )
+    print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
+    draining_server(app, host=args.host, port=args.port, log_level=args.log_level.lower()).run()
     return 0 if engine.error is None else 1
 
 
@@ -157,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="queued requests beyond which the server answers 503",
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="after SIGTERM/SIGINT, how long running requests may finish before they end with an error "
+        "(requests not started are refused at once, new ones get 503)",
+    )
+    srv.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="longest prompt in characters, refused (400) before tokenizing "
+        "(default: the context length x 32)",
     )
     srv.add_argument(
         "--allowed-hosts",

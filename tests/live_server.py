@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.app import build_app
+from fitllm.server.shutdown import draining_server
 
 
 @dataclass
@@ -25,15 +26,13 @@ class Served:
 
 @contextlib.contextmanager
 def serve(engine: AsyncEngine, name: str, api_key: str | None = None, wait_ready: bool = True, **app_options):
-    """build_app on uvicorn in a thread, on a socket bound before the thread starts (no port race);
-    `app_options`: build_app's keyword options (access, scheduling_policy)."""
-    import uvicorn
-
+    """build_app on uvicorn (as `fitllm serve` runs it: draining at shutdown) in a thread, on a socket bound
+    before the thread starts (no port race); `app_options`: build_app's keyword options (access,
+    scheduling_policy, limits)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(build_app(engine, name, api_key, **app_options), log_level="warning")
-    server = uvicorn.Server(config)
+    server = draining_server(build_app(engine, name, api_key, **app_options), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -15,6 +15,9 @@ anything is unfinished, and hand each RequestOutput to the asyncio queue of its 
 - A request whose rows make a step raise is failed alone by the Engine; its stream raises `RequestFailed`
   and the others go on. An error the Engine cannot pin on requests fails every stream in flight, and the
   thread keeps serving.
+- `drain(timeout)` begins a graceful shutdown: new requests are refused, requests not started yet fail at
+  once and those still running when the timeout ends fail then, all with `ShuttingDown` (the server
+  answers 503 + Retry-After, or an error event on a stream).
 - `shutdown()` aborts what is in flight, ends every stream, and joins the thread.
 """
 
@@ -55,6 +58,10 @@ def _failed(message: str, cause: BaseException) -> RequestFailed:
     failure = RequestFailed(message)
     failure.__cause__ = cause
     return failure
+
+
+class ShuttingDown(EngineDead):
+    """The server is draining for shutdown: the request was not started, or did not finish in time."""
 
 
 @dataclass(slots=True)
@@ -170,6 +177,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._ready = threading.Event()
         self._stopping = threading.Event()
+        self._drain_deadline: float | None = None  # monotonic; set on the engine thread by drain()
         self._thread = threading.Thread(target=self._run, name="fitllm-engine", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -194,6 +202,15 @@ class AsyncEngine:
         self._commands.put(("wake", None, None))
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def drain(self, timeout: float) -> None:
+        """Begin a graceful shutdown (see the module docstring); `in_flight` tells when it is over."""
+        self._commands.put(("drain", time.monotonic() + max(0.0, timeout), None))
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose streams have not ended yet."""
+        return len(self._streams)
 
     # ---- front-end API (any thread / event loop) --------------------------------------------------
     async def add(
@@ -255,6 +272,7 @@ class AsyncEngine:
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
             self._drain_commands(block=not busy)
+            self._enforce_drain_deadline()
             if self._stopping.is_set():
                 break
             if not engine.has_unfinished_requests():
@@ -283,13 +301,9 @@ class AsyncEngine:
 
     def _fail_all(self, exc: Exception) -> None:
         """Abort every request with a stream and end each stream with the engine's error."""
-        engine = self.engine
-        assert engine is not None
-        for rid in list(self._streams):
-            engine.abort(rid)
-            self._send(rid, _failed(f"the engine failed while running this request: {exc}", exc))
+        self._fail(list(self._streams), _failed(f"the engine failed while running this request: {exc}", exc))
         try:
-            engine.step()  # flush the aborted outputs
+            self.engine.step()  # flush the aborted outputs
         except Exception:
             log.exception("engine step failed again after aborting every request")
 
@@ -311,8 +325,10 @@ class AsyncEngine:
         assert engine is not None
         if kind == "add":
             prompt, params, request_id, priority, stream = payload
-            if self._stopping.is_set():
-                future.set_exception(EngineDead("the server is shutting down"))
+            if self._stopping.is_set() or self._drain_deadline is not None:
+                future.set_exception(
+                    ShuttingDown("the server is shutting down; retry on another replica or later")
+                )
                 return
             if engine.scheduler.num_waiting >= self.max_waiting_requests:
                 future.set_exception(
@@ -332,9 +348,44 @@ class AsyncEngine:
                 future.set_result(engine.score_prompt(*payload))
             except Exception as exc:
                 future.set_exception(exc)
+        elif kind == "drain":
+            self._begin_drain(payload)
         elif kind == "abort" and engine.abort(payload) and not engine.has_unfinished_requests():
             # The aborted output is flushed by the next step(); with nothing else running, step now.
             self._step()
+
+    def _begin_drain(self, deadline: float) -> None:
+        """Fail every request that has not started (nothing computed, nothing generated) now: it could only
+        wait for the deadline and fail then."""
+        engine = self.engine
+        assert engine is not None
+        self._drain_deadline = deadline
+        idle = [
+            r.request_id
+            for r in engine.scheduler.waiting
+            if r.num_computed_tokens == 0 and r.num_output_tokens == 0
+        ]
+        self._fail(
+            idle, ShuttingDown("the server is shutting down and this request was not started; retry it")
+        )
+
+    def _enforce_drain_deadline(self) -> None:
+        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self._streams:
+            self._fail(
+                list(self._streams),
+                ShuttingDown(
+                    "the server is shutting down and this request did not finish within --shutdown-timeout"
+                ),
+            )
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        """End these requests with `exc` on their streams and free them (the loop's next step flushes their
+        aborted outputs, which find no stream)."""
+        engine = self.engine
+        assert engine is not None
+        for rid in request_ids:
+            engine.abort(rid)
+            self._send(rid, exc)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)

@@ -23,9 +23,11 @@ from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
 from fitllm.server.guard import RequestGuard
+from fitllm.server.heavy import HeavyWork, ServerLimits
 from fitllm.server.kobold_api import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai_api import router as openai_router
+from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
 from fitllm.studio.routes import router as studio_router
 
@@ -52,9 +54,14 @@ def build_app(
     *,
     access: AccessPolicy | None = None,
     scheduling_policy: str = "fcfs",
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
-    """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down."""
+    """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down. Serve it
+    with `shutdown.draining_server` so a shutdown drains its requests."""
     access = access or AccessPolicy()
+    limits = limits or ServerLimits()
+    heavy = HeavyWork(limits.heavy_workers, limits.heavy_max_waiting)
+    drain = Drain(limits.shutdown_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,9 +71,18 @@ def build_app(
             yield
         finally:
             engine.shutdown()
+            heavy.close()
 
     app = FastAPI(title="fitllm", lifespan=lifespan)
-    app.state.fitllm = ServerState(engine, model_name, api_key, scheduling_policy=scheduling_policy)
+    app.state.fitllm = ServerState(
+        engine,
+        model_name,
+        api_key,
+        scheduling_policy=scheduling_policy,
+        limits=limits,
+        heavy=heavy,
+        drain=drain,
+    )
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
     install_openapi(app)
@@ -75,9 +91,12 @@ def build_app(
     cors = access.cors_origins()
     app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestGuard, api_key=api_key, access=access)
+    app.add_middleware(DrainGuard, drain=drain)  # outermost: during a shutdown nothing new gets further
 
     @app.get("/health")
     async def health() -> Response:
+        if drain.active:
+            return JSONResponse({"status": "shutting down"}, status_code=503, headers={"Retry-After": "1"})
         if engine.ready:
             return JSONResponse({"status": "ok"})
         status = "loading" if engine.error is None else f"failed: {engine.error}"

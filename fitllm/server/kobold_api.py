@@ -42,11 +42,12 @@ from pydantic import BaseModel, Field, ValidationError
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import APIError, bad_request, kobold_error_body
+from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
 from fitllm.server.state import MAX_GENKEY_CHARS, ServerState, get_state
 from fitllm.server.streaming import collect, events_or_error
 
-router = APIRouter()
+router = APIRouter(route_class=OffloadedJSONRoute)
 B = TypeVar("B", bound=BaseModel)
 
 KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp reports
@@ -125,7 +126,7 @@ async def read_body(request: Request, model: type[B], lenient: bool = False) -> 
     KoboldCpp's check and abort take it. Field errors are 400s naming the field, as for any route."""
     raw = await request.body()
     try:
-        data = json.loads(raw) if raw.strip() else {}
+        data = await get_state(request).heavy.run(json.loads, raw, size=len(raw)) if raw.strip() else {}
     except RecursionError as exc:  # nested deeper than the parser goes: no clumsy client sends that
         raise bad_request("the body is not valid JSON: it is nested too deeply") from exc
     except ValueError as exc:
@@ -265,7 +266,9 @@ def build_context(st: ServerState, body: KoboldGenerateRequest) -> tuple[list[in
 
 
 async def _start(st: ServerState, body: KoboldGenerateRequest):
-    ids, max_length = build_context(st, body)
+    chars = len(body.memory) + len(body.prompt)
+    st.check_prompt_chars(chars, "prompt")
+    ids, max_length = await st.heavy.run(build_context, st, body, size=chars)
     params = sampling_params(body, max_length, st.tokenizer.eos_token_ids)
     rid = f"kobold-{uuid.uuid4().hex}"
     # The genkey is taken before the request is added, so two requests with one genkey cannot both pass.
@@ -405,7 +408,10 @@ async def generate_stream(request: Request) -> StreamingResponse:
             job.done = True  # its client left: the genkey is free again
 
     def error_event(err: APIError) -> str:
-        return f"event: error\ndata: {json.dumps(kobold_error_body(err))}\n\n"
+        """KoboldCpp's stream has no error event: its last message event, finish_reason "error", with the
+        error beside it in both shapes (a front end that knows no error still sees the stream end)."""
+        data = {"token": "", "finish_reason": "error", **kobold_error_body(err)}
+        return f"event: message\ndata: {json.dumps(data)}\n\n"
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(
@@ -439,13 +445,11 @@ async def abort(request: Request) -> dict[str, str]:
 @router.post("/api/extra/tokenize")
 async def tokencount(request: Request) -> dict[str, Any]:
     body = await read_body(request, TokenCountRequest)
-    ids = get_state(request).tokenizer.encode(body.prompt, add_special_tokens=body.special)
+    ids = await get_state(request).encode(body.prompt, "prompt", body.special)
     return {"value": len(ids), "ids": ids}
 
 
 @router.post("/api/extra/detokenize")
 async def detokenize(request: Request) -> dict[str, Any]:
     body = await read_body(request, DetokenizeRequest)
-    st = get_state(request)
-    st.check_token_ids(body.ids, "ids")
-    return {"result": st.tokenizer.decode(body.ids, skip_special_tokens=False), "success": True}
+    return {"result": await get_state(request).detokenize(body.ids, "ids"), "success": True}

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
 from fitllm.server.errors import APIError, bad_request
+from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,7 +32,7 @@ from fitllm.server.protocol import (
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, events_or_error, merged, sse_error
 
-router = APIRouter()
+router = APIRouter(route_class=OffloadedJSONRoute)
 
 
 def _sse(data: dict[str, Any] | str) -> str:
@@ -67,15 +68,16 @@ async def _start(
     return streams
 
 
-def token_prompts(
+async def token_prompts(
     st: ServerState, prompts: list[str | list[int]], max_tokens: int | None, param: str
 ) -> list[list[int]]:
-    """The prompts as token ids, each checked against the context as vLLM's server does: a prompt that
-    fills it, or a max_tokens it cannot hold after the prompt, is a 400 rather than a reply cut short."""
+    """The prompts as token ids (each text checked against the character limit, then tokenized off the
+    event loop), each checked against the context as vLLM's server does: a prompt that fills it, or a
+    max_tokens it cannot hold after the prompt, is a 400 rather than a reply cut short."""
     out = []
     limit = st.max_model_len
     for prompt in prompts:
-        ids = st.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = await st.encode(prompt, param) if isinstance(prompt, str) else list(prompt)
         if len(ids) >= limit:
             raise bad_request(
                 f"this model's maximum context length is {limit} tokens and the prompt has {len(ids)}; "
@@ -186,7 +188,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return await _echo_only(st, body)
     params = body.sampling_params(body.max_tokens, body.logprobs)
     prompts = body.prompts()
-    ids = token_prompts(st, prompts, body.max_tokens, "prompt")
+    ids = await token_prompts(st, prompts, body.max_tokens, "prompt")
     prompt_scores = None
     if body.echo and body.logprobs is not None:
         prompt_scores = [await st.score_prompt(p, body.logprobs) for p in ids]
@@ -274,7 +276,7 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
     """`echo` with `max_tokens: 0`: each prompt back, with its logprobs if asked, and nothing generated."""
     body.refuse_unsupported()
     prompts = body.prompts()
-    ids = token_prompts(st, prompts, 0, "prompt")
+    ids = await token_prompts(st, prompts, 0, "prompt")
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or st.model_name
     choices = []
     for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
@@ -310,10 +312,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(max_tokens, top_n if body.logprobs else None)
-    prompt = st.render_chat(
+    prompt = await st.render_chat(
         [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
     )
-    ids = token_prompts(st, [prompt], max_tokens, "messages")
+    ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = await st.start_streams(_start(st, ids, params, body, cid))
@@ -394,10 +396,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give either prompt or messages", "prompt")
     if body.messages is not None:
-        text = st.render_chat([{"role": m.role, "content": m.text()} for m in body.messages], True)
+        text = await st.render_chat([{"role": m.role, "content": m.text()} for m in body.messages], True)
     else:
         text = body.prompt or ""
-    ids = st.tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    ids = await st.encode(text, "prompt", body.add_special_tokens)
     return {"tokens": ids, "count": len(ids), "max_model_len": st.max_model_len}
 
 
@@ -405,8 +407,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     st = get_state(request)
     st.check_model(body.model)
-    st.check_token_ids(body.tokens, "tokens")
-    return {"prompt": st.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+    return {"prompt": await st.detokenize(body.tokens, "tokens")}
 
 
 @router.get("/tokenizer_info")

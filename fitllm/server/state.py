@@ -15,6 +15,8 @@ from fitllm.engine.request import Logprob, RequestOutput
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
 from fitllm.server.errors import APIError, bad_request
+from fitllm.server.heavy import INLINE_SIZE, HeavyWork, ServerLimits, check_prompt_chars
+from fitllm.server.shutdown import Drain
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
@@ -27,6 +29,22 @@ def unavailable(message: str) -> APIError:
 
 MAX_GENKEY_CHARS = 64  # KoboldAI Lite's genkeys are "KCPP" + 4 digits
 MAX_FINISHED_JOBS = 256  # finished jobs whose text a check can still read, oldest forgotten first
+
+
+def api_error(exc: BaseException) -> APIError:
+    """What a failure of admission or of a running request answers: a 400 for bad input, a 503 for what a
+    retry can get past (a full queue, no memory now, a shutdown), a 500 naming the failure otherwise."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, BudgetExceeded):
+        return unavailable(f"not enough free memory right now: {exc}")
+    if isinstance(exc, QueueFull):
+        return unavailable(f"server busy: {exc}")
+    if isinstance(exc, EngineDead):
+        return unavailable(str(exc))
+    return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", "server_error")
 
 
 @dataclass
@@ -135,6 +153,9 @@ class ServerState:
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     kobold_jobs: KoboldJobs = field(default_factory=KoboldJobs)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    heavy: HeavyWork = field(default_factory=HeavyWork)
+    drain: Drain = field(default_factory=Drain)
     scheduling_policy: str = "fcfs"  # "priority": a request's `priority` orders admission and preemption
 
     def __post_init__(self) -> None:
@@ -201,10 +222,49 @@ class ServerState:
             "max_model_len": self.max_model_len,
         }
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    # ---- prompts: limited in size, prepared off the event loop (heavy.py) ---------------------------
+    @property
+    def prompt_char_limit(self) -> int:
+        return self.limits.prompt_chars(self.max_model_len)
+
+    def check_prompt_chars(self, chars: int, param: str | None) -> None:
+        """400 naming the limit for a prompt of more than `prompt_char_limit` characters."""
+        flag_set = self.limits.max_prompt_chars is not None
+        check_prompt_chars(chars, self.prompt_char_limit, param, self.max_model_len, flag_set)
+
+    async def encode(self, text: str, param: str | None, add_special_tokens: bool = True) -> list[int]:
+        """`text` as token ids, its size checked first and the work done on the heavy-work pool."""
+        self.check_prompt_chars(len(text), param)
+        return await self.heavy.run(self.tokenizer.encode, text, add_special_tokens, size=len(text))
+
+    async def detokenize(self, ids: list[int], param: str) -> str:
+        """Token ids (checked against the vocabulary) as text, both off the event loop when many."""
+        tok = self.tokenizer
+
+        def decode() -> str:
+            self.check_token_ids(ids, param)
+            return tok.decode(ids, skip_special_tokens=False)
+
+        return await self.heavy.run(decode, size=len(ids))
+
+    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """The chat template applied to `messages`, always on the pool (the template is the checkpoint's
+        code), bounded in output by the prompt limit and in time by `limits.template_timeout_s`."""
+        chars = sum(len(str(m.get("content") or "")) for m in messages)
+        self.check_prompt_chars(chars, "messages")
+        tok, limit, timeout = self.tokenizer, self.prompt_char_limit, self.limits.template_timeout_s
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-        except Exception as exc:  # the template's own raise_exception, or no template
+            return await self.heavy.run(
+                tok.apply_chat_template,
+                messages,
+                add_generation_prompt,
+                limit,
+                timeout,
+                size=INLINE_SIZE + chars,
+            )
+        except APIError:
+            raise
+        except Exception as exc:  # the template's own raise_exception, no template, or a bound it broke
             raise bad_request(f"the chat template refused the messages: {exc}", "messages") from exc
 
     async def start_streams(self, starting: Awaitable[T]) -> T:
@@ -217,14 +277,8 @@ class ServerState:
             raise
         try:
             return await starting
-        except ValueError as exc:
-            raise bad_request(str(exc)) from exc
-        except BudgetExceeded as exc:
-            raise unavailable(f"not enough free memory right now: {exc}") from exc
-        except QueueFull as exc:
-            raise unavailable(f"server busy: {exc}") from exc
-        except EngineDead as exc:
-            raise unavailable(str(exc)) from exc
+        except (ValueError, BudgetExceeded, QueueFull, EngineDead) as exc:
+            raise api_error(exc) from exc
 
     async def score_prompt(self, prompt: str | list[int], top_n: int) -> tuple[list[int], list]:
         """Every prompt token's id and logprob entry (the token and its `top_n` alternatives; None for the

@@ -15,14 +15,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import Request
 
-from fitllm.engine.async_engine import EngineDead, RequestFailed, RequestStream
+from fitllm.engine.async_engine import RequestFailed, RequestStream
 from fitllm.engine.request import RequestOutput
 from fitllm.server.errors import APIError, error_body
-from fitllm.server.state import unavailable
-
-log = logging.getLogger("fitllm")
+from fitllm.server.state import api_error
 
 DISCONNECT_POLL_S = 0.25
+log = logging.getLogger("fitllm")
 
 
 async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -82,7 +81,7 @@ async def collect(
                 raise APIError(499, "client disconnected")
         try:
             task.result()
-        except Exception as exc:
+        except Exception as exc:  # a request failed (or the server is shutting down): the API's own error
             raise stream_error(exc) from exc
     finally:
         if not task.done():
@@ -93,16 +92,14 @@ async def collect(
 
 
 def stream_error(exc: Exception) -> APIError:
-    """What a stream that failed after it started answers: its request's own failure is a 500 naming it,
-    an engine that stopped a 503 to retry; any other exception a 500 (logged, never a bare traceback)."""
-    if isinstance(exc, APIError):
-        return exc
+    """What a request that failed after it was admitted answers: its own failure a 500 naming it, a shutdown
+    or a stopped engine a 503 to retry, bad input a 400; anything else a 500 (logged, never a traceback)."""
     if isinstance(exc, RequestFailed):
         return APIError(500, str(exc), "server_error", code="request_failed")
-    if isinstance(exc, EngineDead):
-        return unavailable(str(exc))
-    log.error("a stream failed: %r", exc, exc_info=exc)
-    return APIError(500, f"internal error: {exc}", "server_error")
+    err = api_error(exc)
+    if err.status >= 500 and err.status != 503:
+        log.error("a stream failed: %r", exc, exc_info=exc)
+    return err
 
 
 def sse_error(err: APIError) -> str:
@@ -113,9 +110,9 @@ def sse_error(err: APIError) -> str:
 async def events_or_error(
     events: AsyncGenerator[str, None], error_event: Callable[[APIError], str]
 ) -> AsyncIterator[str]:
-    """`events`, ending with `error_event(the error)` if they fail, so a client always learns why a stream
-    ended (a connection cut short says nothing). Closed early (a client that went away), it closes
-    `events` at once, which aborts their requests."""
+    """`events`, ending with `error_event(the error)` if they fail (a request's failure, a shutdown), so a
+    client always learns why a stream ended (a connection cut short says nothing). Closed early (a client
+    that went away), it closes `events` at once, which aborts their requests."""
     try:
         async for event in events:
             yield event

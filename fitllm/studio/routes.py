@@ -23,12 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
-from fitllm.server.errors import bad_request
+from fitllm.server.errors import APIError, bad_request, error_body
+from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.state import get_state
-from fitllm.server.streaming import events_or_error, sse_error
+from fitllm.server.streaming import events_or_error
 from fitllm.studio.context import build_story_context
 
-router = APIRouter()
+router = APIRouter(route_class=OffloadedJSONRoute)
 PAGE = Path(__file__).parent / "static" / "studio.html"
 
 
@@ -52,10 +53,14 @@ class StoryRequest(Body):
     settings: Settings = Field(default_factory=Settings)
 
 
-def _context(request: Request, body: StoryRequest):
+async def _context(request: Request, body: StoryRequest):
+    """The story's context, its size checked first and built off the event loop (server/heavy.py)."""
     st = get_state(request)
+    chars = len(body.memory) + len(body.story) + len(body.note)
+    st.check_prompt_chars(chars, "story")
     try:
-        ctx = build_story_context(
+        ctx = await st.heavy.run(
+            build_story_context,
             st.tokenizer,
             body.memory,
             body.story,
@@ -63,6 +68,7 @@ def _context(request: Request, body: StoryRequest):
             body.note_depth,
             st.max_model_len,
             min(body.settings.max_new_tokens, st.max_model_len - 1),
+            size=chars,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
@@ -76,7 +82,7 @@ async def page() -> HTMLResponse:
 
 @router.post("/studio/api/context")
 async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
-    st, ctx = _context(request, body)
+    st, ctx = await _context(request, body)
     return {
         "total_tokens": ctx.total_tokens,
         "prompt_tokens": len(ctx.ids),
@@ -91,7 +97,7 @@ async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
 async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
     """SSE: {"text": delta} events, then {"done": true, "finish_reason", "tokens", "tokens_per_s", ...}, or
     {"error": {...}} if the request fails on the way."""
-    st, ctx = _context(request, body)
+    st, ctx = await _context(request, body)
     s = body.settings
     try:
         params = SamplingParams(
@@ -132,10 +138,15 @@ async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
                     yield f"data: {json.dumps(done)}\n\n"
 
     return StreamingResponse(
-        events_or_error(events(), sse_error),  # the page shows the error's message
+        events_or_error(events(), _error_event),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
     )
+
+
+def _error_event(err: APIError) -> str:
+    """A failed story stream's last event: the error (the page shows its message) and done."""
+    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code) | {'done': True})}\n\n"
 
 
 @router.get("/studio/api/memory")
