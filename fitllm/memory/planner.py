@@ -7,9 +7,8 @@ architecture the registry knows, and equal what the loader later allocates.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -52,17 +51,21 @@ def weight_breakdown(
     config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None
 ) -> WeightBreakdown:
     """Exact parameter bytes by component, from the model class built on the meta device with the same
-    quantization the loader would use (so quantized weights and their scales are counted as stored)."""
-    model = build_on_meta(config, dtype, quant)
+    quantization the loader would use (so quantized weights and their scales are counted as stored).
+    Decoder layers are all alike, so one is built and counted num_hidden_layers times: the count costs
+    nothing whatever a config claims."""
+    layers = config.num_hidden_layers
+    model = build_on_meta(replace(config, num_hidden_layers=1), dtype, quant)
     out = WeightBreakdown(
         largest_quantized_linear=scratch_elements(model),
         layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
     )
-    attention = {
-        f"layers.{i}.{name}" for i, layer in enumerate(model.layers) for name in attention_parameters(layer)
-    }
+    attention = {f"layers.0.{name}" for name in attention_parameters(model.layers[0])}
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
+        if name.startswith("layers.0."):
+            out.per_layer += nbytes
+            nbytes *= layers
         if "embed_tokens" in name:
             out.embedding += nbytes
         elif name.startswith("lm_head"):
@@ -73,8 +76,6 @@ def weight_breakdown(
             out.attention += nbytes
         else:
             out.mlp += nbytes
-        if re.match(r"layers\.0\.", name):
-            out.per_layer += nbytes
     return out
 
 
