@@ -162,9 +162,10 @@ def test_corrupt_safetensors_header_names_the_file(tmp_path):
         open_model(str(folder))
 
 
-def test_generate_refuses_a_lying_gguf_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["generate", "a b", "--max-tokens", "2"], ["serve", "--port", "0"]])
+def test_generate_and_serve_refuse_a_lying_gguf_in_one_line(tmp_path, capsys, command):
     path = write_gguf(tmp_path / "m.gguf", {"block_count": 2**31})
-    assert main(["generate", "a b", "--model", str(path), "--device", "cpu", "--max-tokens", "2"]) == 2
+    assert main([*command, "--model", str(path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"fitllm: error: {path}: llama.block_count is 2147483648; fitllm accepts at most 16384\n"
 
