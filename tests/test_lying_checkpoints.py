@@ -204,3 +204,11 @@ def test_good_tiny_checkpoints_pass_the_checks(tmp_path):
     """The control: the same writers with honest headers open, in both formats."""
     assert open_model(str(write_gguf(tmp_path / "m.gguf"))).config.num_hidden_layers == 2
     assert open_model(str(write_hf(tmp_path / "m"))).config.intermediate_size == 128
+
+
+def test_weights_past_the_budget_are_refused_with_the_planners_numbers(tmp_path):
+    """What the (checked) config implies is compared with the budget before the model is allocated."""
+    folder = write_hf(tmp_path / "m", vocab=4096)  # embedding and head: 1 MiB each in float32
+    config = EngineConfig(model=str(folder), device="cpu", dtype="float32", memory_budget="1MiB")
+    with pytest.raises(ValueError, match=r"outside the decoder layers \(embedding, head, norms: 2\.00 MiB\)"):
+        Engine(config)

@@ -230,12 +230,12 @@ class Engine:
                 return mc.max_position_embeddings, False
             log.warning(
                 "the model's context (%d tokens) needs %s of KV for one request, more than --memory-budget "
-                "%s holds; using the longest context that fits, up to %d tokens (--max-model-len auto); pass "
-                "--max-model-len to choose",
+                "%s holds; using the longest context that fits, at most %d tokens (--max-model-len auto); "
+                "pass --max-model-len to choose",
                 mc.max_position_embeddings,
                 format_bytes(mc.max_position_embeddings * self.kv_bytes_per_token),
                 format_bytes(budget),
-                FALLBACK_CONTEXT_CAP,
+                min(ceiling, FALLBACK_CONTEXT_CAP),
             )
             return min(ceiling, FALLBACK_CONTEXT_CAP), True
         if asked > ceiling:

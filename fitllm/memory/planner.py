@@ -326,6 +326,15 @@ def place_decoder_layers(
     forced = int(cpu_offload_gb * (1 << 30)) or None
     if not forced and layers * weights.per_layer <= room:
         return Placement(layers, weights.layer_stream_bytes, (), prefetch)
+    if room <= 0:  # not even with every layer streamed: say what is too big before anything is allocated
+        other = weights.total - layers * weights.per_layer
+        raise ValueError(
+            f"the weights outside the decoder layers (embedding, head, norms: {format_bytes(other)}), "
+            f"{format_bytes(fixed)} of workspace and one KV block need {format_bytes(other + fixed + block_bytes)}, "
+            f"more than the budget of {format_bytes(budget)} before any of the {layers} decoder layers "
+            f"({format_bytes(weights.per_layer)} each); raise --memory-budget, quantize "
+            f"(--quantization int8/int4) or lower --max-num-batched-tokens (see `fitllm plan`)"
+        )
     return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
