@@ -22,7 +22,9 @@ from fitllm.loader import open_model
 SIZES = dict(layers=2, hidden=64, heads=4, kv=2, inter=128, vocab=64)
 
 
-def write_gguf(path: Path, meta: dict | None = None, extra_array: int | None = None, **sizes) -> Path:
+def write_gguf(
+    path: Path, meta: dict | None = None, extra_array: int | None = None, rope_freqs: int = 0, **sizes
+) -> Path:
     """A tiny float32 Llama GGUF whose tensors have `sizes`; `meta` overrides what its header claims."""
     s = dict(SIZES, **sizes)
     claims = {"block_count": s["layers"], "embedding_length": s["hidden"], "feed_forward_length": s["inter"],
@@ -49,6 +51,8 @@ def write_gguf(path: Path, meta: dict | None = None, extra_array: int | None = N
                    f"blk.{i}.attn_output": (hidden, q), f"blk.{i}.ffn_gate": (inter, hidden),
                    f"blk.{i}.ffn_up": (inter, hidden), f"blk.{i}.ffn_down": (hidden, inter),
                    f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,)}  # fmt: skip
+    if rope_freqs:
+        shapes["rope_freqs"] = (rope_freqs,)
     for name, shape in shapes.items():
         w.add_tensor(f"{name}.weight", (0.2 * rng.standard_normal(shape)).astype(np.float32))
     w.write_header_to_file()
@@ -122,6 +126,8 @@ ROWS = [
      "'token_embd.weight' has shape (64, 64), but the config implies (64, 128) (llama.embedding_length is 128"),
     ("gguf-ffn-vs-file", lambda t: write_gguf(t / "m.gguf", {"feed_forward_length": 256}),
      "(llama.feed_forward_length is 256)"),
+    ("gguf-rope-freqs-vs-head-dim", lambda t: write_gguf(t / "m.gguf", rope_freqs=5),
+     "llama.rope.scaling has 5 rope_freqs factors, but llama.attention.key_length 16 rotates 16 channels and needs 8"),
     ("gguf-truncated-header", lambda t: _truncated(t / "m.gguf", 200), "is not a usable GGUF file"),
     ("gguf-truncated-data", lambda t: _truncated(t / "m.gguf", -1000), "is not a usable GGUF file"),
     ("gguf-array-count-2^40", lambda t: write_gguf(t / "m.gguf", extra_array=2**40),

@@ -74,7 +74,14 @@ class ModelSource:
         if tokenizer_path is not None:
             return load_hf_tokenizer(Path(tokenizer_path), self.config.eos_token_id)
         if self.format == "gguf":
-            return load_gguf_tokenizer(self._reader)
+            try:
+                return load_gguf_tokenizer(self._reader)
+            except ValueError:
+                raise
+            except Exception as exc:  # missing or ill-typed tokenizer.ggml.* entries
+                raise CheckpointError(
+                    f"{self.path}: its tokenizer metadata cannot be used ({type(exc).__name__}: {exc})"
+                ) from None
         return load_hf_tokenizer(self.path, self.config.eos_token_id)
 
     def release(self) -> None:

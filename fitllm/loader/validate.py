@@ -102,6 +102,13 @@ def check_model_config(config: ModelConfig) -> None:
         raise ConfigError(f"{{head_dim}} is {c.head_dim}: rotary needs an even number of channels per head")
     if c.sliding_window is not None:
         positive_int({"sliding_window": c.sliding_window}, "sliding_window")
+    if c.rope_scaling and c.rope_scaling.get("rope_type") == "freq_factors":
+        count = len(c.rope_scaling.get("factors") or ())
+        if count != rotary // 2:
+            raise ConfigError(
+                f"{{rope_scaling}} has {count} rope_freqs factors, but {{head_dim}} {c.head_dim} rotates "
+                f"{rotary} channels and needs {rotary // 2}"
+            )
     if c.rope_scaling and c.rope_scaling.get("rope_type") in ("linear", "llama3"):
         factor = c.rope_scaling.get("factor")
         if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
