@@ -113,13 +113,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.engine.engine import Engine
     from fitllm.loader import open_model
     from fitllm.server.app import build_app, default_model_name
 
     config = engine_config_from_args(args)
-    # A checkpoint that cannot load (missing, corrupt, lying sizes) is one error here, before the port opens.
-    open_model(config.model).release()
-    engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+    # A checkpoint that cannot load (missing, corrupt, lying sizes) is one error here, before the port
+    # opens; the engine then builds from the same opened source.
+    source = open_model(config.model)
+    engine = AsyncEngine(
+        config,
+        max_waiting_requests=args.max_waiting_requests,
+        engine_factory=lambda cfg: Engine(cfg, source=source),
+    )
     name = args.served_model_name or default_model_name(args.model)
     app = build_app(engine, name, args.api_key)
     print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)

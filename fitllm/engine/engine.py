@@ -22,7 +22,7 @@ from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
-from fitllm.loader import build_model, open_model
+from fitllm.loader import ModelSource, build_model, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
@@ -52,12 +52,15 @@ FALLBACK_CONTEXT_CAP = 1 << 17
 class Engine:
     """Owns the model and all its memory; a single thread calls add_request, step and abort."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
+    def __init__(
+        self, config: EngineConfig, show_progress: bool = False, source: ModelSource | None = None
+    ) -> None:
+        """`source`: config.model already opened (and checked), e.g. by `fitllm serve` before it binds."""
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolve_device()
-        self.source = open_model(config.model)
+        self.source = source if source is not None else open_model(config.model)
         self.model_config = mc = self.source.config
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
