@@ -23,7 +23,12 @@ SIZES = dict(layers=2, hidden=64, heads=4, kv=2, inter=128, vocab=64)
 
 
 def write_gguf(
-    path: Path, meta: dict | None = None, extra_array: int | None = None, rope_freqs: int = 0, **sizes
+    path: Path,
+    meta: dict | None = None,
+    extra_array: int | None = None,
+    rope_freqs: int = 0,
+    merges: bool = True,
+    **sizes,
 ) -> Path:
     """A tiny float32 Llama GGUF whose tensors have `sizes`; `meta` overrides what its header claims."""
     s = dict(SIZES, **sizes)
@@ -38,7 +43,8 @@ def write_gguf(
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types([3, 3] + [1] * (len(tokens) - 2))
-    w.add_token_merges(["a b"])
+    if merges:
+        w.add_token_merges(["a b"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     if extra_array is not None:
@@ -158,6 +164,12 @@ def test_truncated_header_names_the_file(tmp_path):
     path = _truncated(tmp_path / "cut.gguf", 200)
     with pytest.raises(ValueError, match="cut.gguf is not a usable GGUF file: .*200 bytes"):
         open_model(str(path))
+
+
+def test_unusable_gguf_tokenizer_metadata_names_the_file(tmp_path):
+    path = write_gguf(tmp_path / "nomerges.gguf", merges=False)
+    with pytest.raises(ValueError, match="nomerges.gguf: its tokenizer metadata cannot be used"):
+        open_model(str(path)).tokenizer()
 
 
 def test_corrupt_safetensors_header_names_the_file(tmp_path):
