@@ -508,7 +508,7 @@ def _suggestions(
             f"weights + workspace + overhead need {format_bytes(plan.fixed_bytes)}, {format_bytes(-room)} over "
             f"the budget: raise --memory-budget, lower --max-num-batched-tokens, or offload layers"
         )
-    elif plan.max_context_that_fits >= 2:
+    if 2 <= plan.max_context_that_fits < plan.max_model_len:  # a context's workspace may be what is over
         out.append(f"--max-model-len {plan.max_context_that_fits} fits now (or --max-model-len auto)")
     if plan.graph_pool and room + plan.graph_pool > 0:
         out.append(
