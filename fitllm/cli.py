@@ -111,13 +111,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from fitllm.engine.async_engine import AsyncEngine
+    from fitllm.engine.engine import Engine
+    from fitllm.loader import open_model
     from fitllm.server.access import AccessPolicy
     from fitllm.server.app import build_app, default_model_name
     from fitllm.server.heavy import ServerLimits
     from fitllm.server.shutdown import draining_server
 
     config = engine_config_from_args(args)
-    engine = AsyncEngine(config, max_waiting_requests=args.max_waiting_requests)
+    # A checkpoint that cannot load (missing, corrupt, lying sizes) is one error here, before the port
+    # opens; the engine then builds from the same opened source.
+    source = open_model(config.model)
+    engine = AsyncEngine(
+        config,
+        max_waiting_requests=args.max_waiting_requests,
+        engine_factory=lambda cfg: Engine(cfg, source=source),
+    )
     name = args.served_model_name or default_model_name(args.model)
     access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, bound_host=args.host)
     limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, shutdown_timeout_s=args.shutdown_timeout)

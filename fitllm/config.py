@@ -45,20 +45,38 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4)."""
+        """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4, ChatGLM, XGLM), every
+        size checked (fitllm/loader/validate.py); errors name the fields as the config spells them."""
         from fitllm.loader.chatglm import chatglm_to_glm_config, is_chatglm
-        from fitllm.model.registry import resolve_architecture
+        from fitllm.loader.validate import ConfigError
 
+        names = config_field_names(cfg)
         if is_chatglm(cfg):
             cfg = chatglm_to_glm_config(cfg)
-        if cfg.get("model_type") == "xglm":
+        elif cfg.get("model_type") == "xglm":
             cfg = _xglm_config(cfg)
+        try:
+            return cls._from_checked(cfg)
+        except ConfigError as exc:
+            raise exc.renamed(names) from None
+
+    @classmethod
+    def _from_checked(cls, cfg: dict[str, Any]) -> ModelConfig:
+        from fitllm.loader.validate import ConfigError, check_model_config, finite_number, positive_int
+        from fitllm.model.registry import resolve_architecture
+
         architecture = resolve_architecture(cfg)
         model_type = cfg.get("model_type", "llama")
-        hidden = cfg["hidden_size"]
-        heads = cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        head_dim = cfg.get("head_dim") or hidden // heads
+        hidden = positive_int(cfg, "hidden_size")
+        layers = positive_int(cfg, "num_hidden_layers")
+        heads = positive_int(cfg, "num_attention_heads")
+        kv_heads = positive_int(cfg, "num_key_value_heads", heads)
+        if cfg.get("head_dim") is None and hidden % heads:
+            raise ConfigError(
+                f"{{hidden_size}} ({hidden}) is not divisible by {{num_attention_heads}} ({heads}), and no "
+                f"{{head_dim}} is given"
+            )
+        head_dim = positive_int(cfg, "head_dim", hidden // heads)
         eos = cfg.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         # Qwen2 always has q/k/v bias and its config does not say so.
@@ -70,7 +88,7 @@ class ModelConfig:
             first = cfg.get("max_window_layers", 0) if cfg.get("use_sliding_window", False) else None
             layer_types = [
                 "sliding_attention" if first is not None and i >= first else "full_attention"
-                for i in range(cfg["num_hidden_layers"])
+                for i in range(layers)
             ]
         if layer_types is not None:
             if "sliding_attention" not in layer_types:
@@ -89,31 +107,56 @@ class ModelConfig:
         if isinstance(rope_scaling, dict):
             kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
             rope_scaling = None if kind == "default" else dict(rope_scaling, rope_type=kind)
-        return cls(
+        config = cls(
             architecture=architecture,
             model_type=model_type,
             hidden_size=hidden,
-            num_hidden_layers=cfg["num_hidden_layers"],
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            intermediate_size=positive_int(cfg, "intermediate_size"),
+            vocab_size=positive_int(cfg, "vocab_size"),
+            rms_norm_eps=finite_number(cfg, "rms_norm_eps", 1e-6),
+            rope_theta=finite_number({"rope_theta": rope_theta}, "rope_theta", 10000.0, minimum=1e-9),
             rope_scaling=rope_scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            # No upper bound: the engine never sizes anything by it unchecked (see Engine: --max-model-len).
+            max_position_embeddings=positive_int(cfg, "max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=sliding_window,
             hidden_act=cfg.get("hidden_act", "silu"),
-            partial_rotary_factor=float(partial_rotary if partial_rotary is not None else 1.0),
+            partial_rotary_factor=finite_number(
+                {"partial_rotary_factor": partial_rotary}, "partial_rotary_factor", 1.0
+            ),
             rope_interleaved=model_type == "glm",
             scale_embedding=bool(cfg.get("scale_embedding", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos_ids,
         )
+        check_model_config(config)
+        return config
+
+
+def config_field_names(cfg: dict[str, Any]) -> dict[str, str]:
+    """How a config.json spells ModelConfig's fields where it differs (ChatGLM, XGLM), for errors."""
+    from fitllm.loader.chatglm import CHATGLM_FIELD_NAMES, is_chatglm
+
+    if is_chatglm(cfg):
+        return CHATGLM_FIELD_NAMES
+    return XGLM_FIELD_NAMES if cfg.get("model_type") == "xglm" else {}
+
+
+# How XGLM's config.json names the common fields (for errors).
+XGLM_FIELD_NAMES = {
+    "hidden_size": "d_model",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "attention_heads",
+    "num_key_value_heads": "attention_heads",
+    "head_dim": "d_model / attention_heads",
+    "intermediate_size": "ffn_dim",
+}
 
 
 def _xglm_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +169,6 @@ def _xglm_config(cfg: dict[str, Any]) -> dict[str, Any]:
         num_hidden_layers=cfg.get("num_layers", 24),
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        head_dim=d // heads,
         intermediate_size=cfg.get("ffn_dim", 4096),
         hidden_act=cfg.get("activation_function", "gelu"),
         rms_norm_eps=1e-5,  # nn.LayerNorm's default, which XGLM uses

@@ -263,7 +263,8 @@ class AsyncEngine:
         try:
             self.engine = self._factory(self.config)
         except BaseException as exc:  # reported by /health and every request
-            log.exception("engine failed to start")
+            # A refusal (bad checkpoint, budget too small) is its message; anything else keeps its traceback.
+            log.error("engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
             self.error = exc
             self._ready.set()
             return

@@ -23,7 +23,7 @@ from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
-from fitllm.loader import build_model, open_model
+from fitllm.loader import ModelSource, build_model, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
@@ -44,30 +44,27 @@ from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
 
+# Without --max-model-len, a model whose own context could never be served by the budget runs at the
+# longest that fits up to this (the longest context of the common families): a context_length the file
+# lies about must not size the start-up profile step of a small model by the whole budget.
+FALLBACK_CONTEXT_CAP = 1 << 17
+
 
 class Engine:
     """Owns the model and all its memory; a single thread calls add_request, step and abort."""
 
-    def __init__(self, config: EngineConfig, show_progress: bool = False) -> None:
+    def __init__(
+        self, config: EngineConfig, show_progress: bool = False, source: ModelSource | None = None
+    ) -> None:
+        """`source`: config.model already opened (and checked), e.g. by `fitllm serve` before it binds."""
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolve_device()
-        self.source = open_model(config.model)
+        self.source = source if source is not None else open_model(config.model)
         self.model_config = mc = self.source.config
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
-        self._auto_len = auto_len = config.max_model_len == "auto"
-        # Under auto, the model's own until the weights are in: then `_auto_max_model_len` picks it.
-        self.max_model_len = (
-            mc.max_position_embeddings if auto_len else config.max_model_len or mc.max_position_embeddings
-        )
-        if self.max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
-            log.warning(
-                "--max-model-len %d exceeds the model's trained context %d",
-                self.max_model_len,
-                mc.max_position_embeddings,
-            )
         self.tokenizer = self.source.tokenizer(config.tokenizer)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
         self.quant = get_quant_method(
@@ -80,6 +77,16 @@ class Engine:
         )
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         self.kv_bytes_per_token = kv_bytes_per_token(mc, self.dtype, config.kv_cache_dtype)
+        # Under auto, chosen once the weights are in (`_auto_max_model_len`); the model is built without
+        # position tables until then.
+        self.max_model_len, self._auto_len = self._initial_max_model_len()
+        auto_len = self._auto_len
+        if self.max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
+            log.warning(
+                "--max-model-len %d exceeds the model's trained context %d",
+                self.max_model_len,
+                mc.max_position_embeddings,
+            )
         self.placement = engine_placement(
             config,
             mc,
@@ -102,7 +109,7 @@ class Engine:
             self.source,
             self.dtype,
             self.device,
-            self.max_model_len,
+            1 if auto_len else self.max_model_len,
             show_progress,
             self.quant,
             frozenset(self.placement.offloaded),
@@ -176,6 +183,7 @@ class Engine:
         scratch = scratch_elements(self.model)
         if self._auto_len:
             self.max_model_len = self._auto_max_model_len(scratch)
+            self.model.prepare(self.device, self.dtype, self.max_model_len)
         self.workspace_planned = self._planned_workspace(scratch, self.max_model_len)
         self.workspace_measured: int | None = None
         # The reference backend gathers a decode group's K/V padded to its longest context; groups hold at
@@ -209,6 +217,39 @@ class Engine:
                 f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
             ) from exc
 
+    def _initial_max_model_len(self) -> tuple[int, bool]:
+        """(the context to build for, whether --max-model-len auto picks it once the weights are in).
+
+        A context whose KV for one request is more than the whole budget could never be served, and
+        rotary tables, workspace and the profile step would still be sized by it: a context_length of
+        2^32 - 1 would allocate 16 GiB of rotary table at load. The model's own such context (a file that
+        lies, or a budget far below it) falls back to auto with a warning; one asked for is refused."""
+        asked, mc = self.config.max_model_len, self.model_config
+        budget = self.ledger.budget
+        ceiling = max(2, budget // self.kv_bytes_per_token)  # tokens of KV the whole budget holds
+        if asked == "auto":
+            return min(mc.max_position_embeddings, ceiling), True
+        if asked is None:
+            if mc.max_position_embeddings <= ceiling:
+                return mc.max_position_embeddings, False
+            log.warning(
+                "the model's context (%d tokens) needs %s of KV for one request, more than --memory-budget "
+                "%s holds; using the longest context that fits, at most %d tokens (--max-model-len auto); "
+                "pass --max-model-len to choose",
+                mc.max_position_embeddings,
+                format_bytes(mc.max_position_embeddings * self.kv_bytes_per_token),
+                format_bytes(budget),
+                min(ceiling, FALLBACK_CONTEXT_CAP),
+            )
+            return min(ceiling, FALLBACK_CONTEXT_CAP), True
+        if asked > ceiling:
+            raise ValueError(
+                f"--max-model-len {asked} needs {format_bytes(asked * self.kv_bytes_per_token)} of KV for one "
+                f"request, more than --memory-budget {format_bytes(budget)}; lower --max-model-len (at most "
+                f"{ceiling} before weights), use --max-model-len auto, or raise --memory-budget"
+            )
+        return asked, False
+
     def _auto_max_model_len(self, scratch: int) -> int:
         """--max-model-len auto, once the weights (and any staging) are in the ledger: the planner's
         `largest_context_that_fits` over what is free, with the planned workspace and graph pool sized at
@@ -226,7 +267,10 @@ class Engine:
             return self.ledger.free_bytes() - workspace - pool
 
         length = largest_context_that_fits(
-            room, self.kv_bytes_per_token, config.block_size, mc.max_position_embeddings
+            room,
+            self.kv_bytes_per_token,
+            config.block_size,
+            self.max_model_len,  # the cap it was given
         )
         if length < 2:
             raise ValueError(self._no_room_for_kv())

@@ -13,11 +13,24 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from fitllm.config import ModelConfig
-from fitllm.loader.chatglm import is_chatglm, rename_chatglm
-from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
-from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
+from fitllm.config import ModelConfig, config_field_names
+from fitllm.loader.chatglm import chatglm_weight_name, is_chatglm, rename_chatglm
+from fitllm.loader.checkpoint import (
+    CheckpointError,
+    iter_weights,
+    read_hf_config,
+    safetensors_shapes,
+    weight_files,
+)
+from fitllm.loader.gguf_file import (
+    gguf_field_names,
+    gguf_tensor_shapes,
+    gguf_to_hf_config,
+    iter_gguf_weights,
+    read_gguf,
+)
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+from fitllm.loader.validate import ConfigError, check_tensor_shapes
 from fitllm.memory.layer_layout import LayerLayout
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
@@ -61,7 +74,14 @@ class ModelSource:
         if tokenizer_path is not None:
             return load_hf_tokenizer(Path(tokenizer_path), self.config.eos_token_id)
         if self.format == "gguf":
-            return load_gguf_tokenizer(self._reader)
+            try:
+                return load_gguf_tokenizer(self._reader)
+            except ValueError:
+                raise
+            except Exception as exc:  # missing or ill-typed tokenizer.ggml.* entries
+                raise CheckpointError(
+                    f"{self.path}: its tokenizer metadata cannot be used ({type(exc).__name__}: {exc})"
+                ) from None
         return load_hf_tokenizer(self.path, self.config.eos_token_id)
 
     def release(self) -> None:
@@ -94,18 +114,42 @@ class ModelSource:
 
 
 def open_model(model: str | None) -> ModelSource:
-    """Resolve a --model value (None: the default model) into a ModelSource; reads metadata only."""
+    """Resolve a --model value (None: the default model) into a ModelSource; reads metadata only. Every
+    size the config states is checked, and against the tensors the file holds (fitllm/loader/validate.py),
+    so nothing is built or allocated from a config the checkpoint contradicts."""
     path = default_model_path() if model is None else Path(model).expanduser()
     if not path.exists():
         raise CheckpointError(f"--model {model}: no such file or folder")
     if path.is_file() and path.suffix == ".gguf":
         reader = read_gguf(path)
         cfg = gguf_to_hf_config(reader)
-        return ModelSource(path, "gguf", cfg, ModelConfig.from_hf_config(cfg), reader)
+        with _config_errors(path, gguf_field_names(cfg["model_type"])):
+            source = ModelSource(path, "gguf", cfg, ModelConfig.from_hf_config(cfg), reader)
+            check_tensor_shapes(source.config, gguf_tensor_shapes(reader))
+        return source
     if path.is_dir():
         cfg = read_hf_config(path)
-        return ModelSource(path, "hf", cfg, ModelConfig.from_hf_config(cfg))
+        where = path / "config.json"
+        with _config_errors(where, config_field_names(cfg)):
+            source = ModelSource(path, "hf", cfg, ModelConfig.from_hf_config(cfg))
+            shapes = safetensors_shapes(weight_files(path))
+            if shapes is not None:
+                if is_chatglm(cfg):
+                    shapes = {
+                        new: entry for name, entry in shapes.items() if (new := chatglm_weight_name(name))
+                    }
+                check_tensor_shapes(source.config, shapes)
+        return source
     raise CheckpointError(f"--model {model}: expected a .gguf file or a Hugging Face model folder")
+
+
+@contextlib.contextmanager
+def _config_errors(where: Path, names: dict[str, str]) -> Iterator[None]:
+    """A ConfigError as one CheckpointError naming the file and the field as the file spells it."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: {exc if exc.names else exc.renamed(names)}") from None
 
 
 def _progress(total: int, show: bool):

@@ -52,18 +52,19 @@ def chatglm_to_glm_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for bad, what in unsupported:
         if bad:
             raise ValueError(f"this ChatGLM checkpoint uses {what}, which fitllm does not implement")
-    heads = cfg["num_attention_heads"]
+    # Missing or bad sizes pass through as they are: ModelConfig checks them and names them as here.
+    heads = cfg.get("num_attention_heads")
     kv_heads = cfg.get("multi_query_group_num", heads) if cfg.get("multi_query_attention", False) else heads
     return {
         "architectures": ["GlmForCausalLM"],
         "model_type": "glm",
-        "hidden_size": cfg["hidden_size"],
-        "num_hidden_layers": cfg["num_layers"],
+        "hidden_size": cfg.get("hidden_size"),
+        "num_hidden_layers": cfg.get("num_layers"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": cfg.get("kv_channels", cfg["hidden_size"] // heads),
-        "intermediate_size": cfg["ffn_hidden_size"],
-        "vocab_size": cfg["padded_vocab_size"],
+        "head_dim": cfg.get("kv_channels"),  # None: hidden_size / num_attention_heads
+        "intermediate_size": cfg.get("ffn_hidden_size"),
+        "vocab_size": cfg.get("padded_vocab_size"),
         "rms_norm_eps": cfg.get("layernorm_epsilon", 1e-5),
         "rope_theta": 10000.0 * float(cfg.get("rope_ratio", 1.0)),
         "partial_rotary_factor": 0.5,
@@ -73,6 +74,18 @@ def chatglm_to_glm_config(cfg: dict[str, Any]) -> dict[str, Any]:
         "eos_token_id": cfg.get("eos_token_id"),
         "bos_token_id": cfg.get("bos_token_id"),
     }
+
+
+# How ChatGLM's config.json names the fields ModelConfig checks (for errors).
+CHATGLM_FIELD_NAMES = {
+    "num_hidden_layers": "num_layers",
+    "num_key_value_heads": "multi_query_group_num",
+    "head_dim": "kv_channels",
+    "intermediate_size": "ffn_hidden_size",
+    "vocab_size": "padded_vocab_size",
+    "max_position_embeddings": "seq_length",
+    "rms_norm_eps": "layernorm_epsilon",
+}
 
 
 def chatglm_weight_name(name: str) -> str | None:

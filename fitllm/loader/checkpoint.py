@@ -50,6 +50,24 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """name -> (name, shape) of every tensor, read from the safetensors headers alone (no tensor data);
+    None when a shard is a pickle, whose shapes cannot be read without unpickling it."""
+    if any(path.suffix != ".safetensors" for path in files):
+        return None
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    out[name] = (name, tuple(f.get_slice(name).get_shape()))
+        except Exception as exc:  # SafetensorError and friends: a header that cannot be read
+            raise CheckpointError(f"{path} is not a usable safetensors file: {exc}") from None
+    return out
+
+
 def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one tensor at a time; the caller copies each into its parameter and drops it."""
     for path in files:

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitllm.loader.checkpoint import CheckpointError
+from fitllm.loader.gguf_header import check_gguf_header
 from fitllm.quant.gguf_blocks import BLOCK_TYPES, GGUFBlocks, read_blocks
 
 # GGUF tensor name (after blk.N.) -> Hugging Face name within model.layers.N.
@@ -42,10 +44,59 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def read_gguf(path: Path) -> Any:
-    """Open a GGUF file (memory-mapped)."""
+    """Open a GGUF file (memory-mapped); a truncated or corrupt one is one CheckpointError naming it."""
     import gguf
 
-    return gguf.GGUFReader(str(path))
+    check_gguf_header(path)
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the library raises whatever its parsing hits (ValueError, IndexError, ...)
+        raise CheckpointError(
+            f"{path} is not a usable GGUF file (truncated or corrupt): {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def gguf_field_names(arch: str) -> dict[str, str]:
+    """How a GGUF file of `arch` names the config fields (for errors)."""
+    keys = {
+        "hidden_size": "embedding_length",
+        "num_hidden_layers": "block_count",
+        "num_attention_heads": "attention.head_count",
+        "num_key_value_heads": "attention.head_count_kv",
+        "head_dim": "attention.key_length",
+        "intermediate_size": "feed_forward_length",
+        "vocab_size": "vocab_size",
+        "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+        "rope_theta": "rope.freq_base",
+        "max_position_embeddings": "context_length",
+        "rope_scaling": "rope.scaling",
+    }
+    return {field: f"{arch}.{key}" for field, key in keys.items()}
+
+
+def gguf_tensor_shapes(reader: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Hugging Face name -> (GGUF name, shape in PyTorch order) of every tensor, from the tensor infos."""
+    out = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is not None:
+            out[name] = (t.name, tuple(int(d) for d in reversed(t.shape)))
+    return out
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (None: not a weight); ValueError if unknown."""
+    m = _BLOCK_RE.match(gguf_name)
+    if m:
+        layer, kind, suffix = m.groups()
+        if kind not in _LAYER_NAMES:
+            raise ValueError(f"GGUF tensor {gguf_name!r} is not part of a Llama-family layer")
+        return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("rope_freqs"):
+        return None  # read into the config's rope_scaling by gguf_to_hf_config
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
 def gguf_to_hf_config(reader: Any) -> dict[str, Any]:
@@ -61,17 +112,18 @@ def gguf_to_hf_config(reader: Any) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
 
-    hidden = get("embedding_length")
+    # Sizes pass through unchecked: ModelConfig checks them, named by gguf_field_names.
     heads = get("attention.head_count")
     names = {t.name for t in reader.tensors}
-    vocab = get("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    vocab = get("vocab_size") or len(_field(reader, "tokenizer.ggml.tokens") or ()) or None
     cfg: dict[str, Any] = {
         "model_type": "mistral" if arch == "mistral" else arch,
-        "hidden_size": hidden,
+        "hidden_size": get("embedding_length"),
         "num_hidden_layers": get("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length") or get("rope.dimension_count") or hidden // heads,
+        # None: hidden_size / num_attention_heads
+        "head_dim": get("attention.key_length") or get("rope.dimension_count"),
         "intermediate_size": get("feed_forward_length"),
         "vocab_size": vocab,
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
@@ -111,18 +163,10 @@ def iter_gguf_weights(
 
     arch = _field(reader, "general.architecture")
     for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            continue
         m = _BLOCK_RE.match(t.name)
-        if m:
-            layer, kind, suffix = m.groups()
-            if kind not in _LAYER_NAMES:
-                raise ValueError(f"GGUF tensor {t.name!r} is not part of a Llama-family layer")
-            name = f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
-        elif t.name in _GLOBAL_NAMES:
-            name = _GLOBAL_NAMES[t.name]
-        elif t.name.startswith("rope_freqs"):
-            continue  # read into the config's rope_scaling by gguf_to_hf_config
-        else:
-            raise ValueError(f"unexpected GGUF tensor {t.name!r}")
         shape = tuple(int(d) for d in reversed(t.shape))
         permuted = arch in _PERMUTED_ARCHS and m and m.group(2) in ("attn_q", "attn_k")
         heads = cfg["num_attention_heads"] if m and m.group(2) == "attn_q" else cfg["num_key_value_heads"]

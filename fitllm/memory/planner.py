@@ -7,9 +7,8 @@ architecture the registry knows, and equal what the loader later allocates.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -52,17 +51,21 @@ def weight_breakdown(
     config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None
 ) -> WeightBreakdown:
     """Exact parameter bytes by component, from the model class built on the meta device with the same
-    quantization the loader would use (so quantized weights and their scales are counted as stored)."""
-    model = build_on_meta(config, dtype, quant)
+    quantization the loader would use (so quantized weights and their scales are counted as stored).
+    Decoder layers are all alike, so one is built and counted num_hidden_layers times: the count costs
+    nothing whatever a config claims."""
+    layers = config.num_hidden_layers
+    model = build_on_meta(replace(config, num_hidden_layers=1), dtype, quant)
     out = WeightBreakdown(
         largest_quantized_linear=scratch_elements(model),
         layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
     )
-    attention = {
-        f"layers.{i}.{name}" for i, layer in enumerate(model.layers) for name in attention_parameters(layer)
-    }
+    attention = {f"layers.0.{name}" for name in attention_parameters(model.layers[0])}
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
+        if name.startswith("layers.0."):
+            out.per_layer += nbytes
+            nbytes *= layers
         if "embed_tokens" in name:
             out.embedding += nbytes
         elif name.startswith("lm_head"):
@@ -73,8 +76,6 @@ def weight_breakdown(
             out.attention += nbytes
         else:
             out.mlp += nbytes
-        if re.match(r"layers\.0\.", name):
-            out.per_layer += nbytes
     return out
 
 
@@ -325,6 +326,15 @@ def place_decoder_layers(
     forced = int(cpu_offload_gb * (1 << 30)) or None
     if not forced and layers * weights.per_layer <= room:
         return Placement(layers, weights.layer_stream_bytes, (), prefetch)
+    if room <= 0:  # not even with every layer streamed: say what is too big before anything is allocated
+        other = weights.total - layers * weights.per_layer
+        raise ValueError(
+            f"the weights outside the decoder layers (embedding, head, norms: {format_bytes(other)}), "
+            f"{format_bytes(fixed)} of workspace and one KV block need {format_bytes(other + fixed + block_bytes)}, "
+            f"more than the budget of {format_bytes(budget)} before any of the {layers} decoder layers "
+            f"({format_bytes(weights.per_layer)} each); raise --memory-budget, quantize "
+            f"(--quantization int8/int4) or lower --max-num-batched-tokens (see `fitllm plan`)"
+        )
     return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
@@ -498,7 +508,7 @@ def _suggestions(
             f"weights + workspace + overhead need {format_bytes(plan.fixed_bytes)}, {format_bytes(-room)} over "
             f"the budget: raise --memory-budget, lower --max-num-batched-tokens, or offload layers"
         )
-    elif plan.max_context_that_fits >= 2:
+    if 2 <= plan.max_context_that_fits < plan.max_model_len:  # a context's workspace may be what is over
         out.append(f"--max-model-len {plan.max_context_that_fits} fits now (or --max-model-len auto)")
     if plan.graph_pool and room + plan.graph_pool > 0:
         out.append(

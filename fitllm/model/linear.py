@@ -14,6 +14,22 @@ from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor whose shape is not the one the model (its config) expects."""
+
+    def __init__(self, got: tuple[int, ...], expected: tuple[int, ...], name: str | None = None) -> None:
+        which = "" if name is None else f" for {name!r}"
+        super().__init__(f"checkpoint tensor{which} has shape {got}, the model expects {expected}")
+        self.got, self.expected = got, expected
+
+
+def _expect_rows(loaded: torch.Tensor | GGUFBlocks, rows: int) -> None:
+    """The checkpoint holds exactly `rows` output rows (a narrow would silently take the first ones)."""
+    shape = tuple(loaded.shape)
+    if not shape or shape[0] != rows:
+        raise ShapeMismatch(shape, (rows, *shape[1:]))
+
+
 def _divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by the tensor-parallel size {denominator}")
@@ -43,9 +59,7 @@ class LinearBase(nn.Module):
         """Checkpoint rows for output rows [offset, offset + size), quantized as they are stored (or, for
         prequantized GGUF blocks the method takes, stored as they are)."""
         if tuple(src.shape) != (size, self.in_features):
-            raise ValueError(
-                f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {(size, self.in_features)}"
-            )
+            raise ShapeMismatch(tuple(src.shape), (size, self.in_features))
         if not isinstance(src, GGUFBlocks):
             self.quant.load_rows(self, offset, src)
         elif src.qtype in self.quant.block_types():
@@ -65,6 +79,7 @@ class LinearBase(nn.Module):
     ) -> None:
         """A checkpoint tensor holding several shards one after another: each (shard id, full rows) part
         goes through weight_loader as if it had come alone."""
+        _expect_rows(loaded, sum(rows for _, rows in parts))
         offset = 0
         for shard_id, rows in parts:
             self.weight_loader(param, loaded.narrow(0, offset, rows), shard_id)
@@ -77,9 +92,7 @@ class LinearBase(nn.Module):
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(
-            f"checkpoint tensor has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}"
-        )
+        raise ShapeMismatch(tuple(src.shape), tuple(dst.shape))
     dst.copy_(src)
 
 
@@ -97,6 +110,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         n = self.out_features
+        _expect_rows(loaded, n * self.tp_size)
         if param is self.bias:
             _copy_checked(param.data, loaded.narrow(0, self.tp_rank * n, n))
         else:
@@ -119,6 +133,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int)
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        _expect_rows(loaded, size * self.tp_size)
         shard = loaded.narrow(0, self.tp_rank * size, size)
         if param is self.bias:
             _copy_checked(param.data.narrow(0, offset, size), shard)
@@ -155,6 +170,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
+        _expect_rows(loaded, size * self.tp_size)
         shard = loaded.narrow(0, self.tp_rank * size, size)
         if param is self.bias:
             _copy_checked(param.data.narrow(0, offset, size), shard)
@@ -175,11 +191,8 @@ class RowParallelLinear(LinearBase):
             _copy_checked(param.data, loaded)
             return
         n = self.in_features
-        if loaded.dim() != 2 or loaded.shape[1] != n * self.tp_size:
-            raise ValueError(
-                f"checkpoint tensor has shape {tuple(loaded.shape)}, the model expects "
-                f"{(self.out_features, n * self.tp_size)}"
-            )
+        if tuple(loaded.shape) != (self.out_features, n * self.tp_size):
+            raise ShapeMismatch(tuple(loaded.shape), (self.out_features, n * self.tp_size))
         self._load_rows(0, self.out_features, loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fitllm.model.linear import ShapeMismatch
 from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
 
@@ -23,10 +24,7 @@ def load_parameter(
     if loader is not None:
         loader(params[name], tensor, shard)
     elif tuple(params[name].shape) != tuple(tensor.shape):
-        raise ValueError(
-            f"checkpoint tensor for {name!r} has shape {tuple(tensor.shape)}, "
-            f"the model expects {tuple(params[name].shape)}"
-        )
+        raise ShapeMismatch(tuple(tensor.shape), tuple(params[name].shape), name)
     elif isinstance(tensor, GGUFBlocks):
         for start, rows in row_chunks(tensor):
             params[name].data.narrow(0, start, rows.shape[0]).copy_(rows)
