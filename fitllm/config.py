@@ -173,7 +173,7 @@ class EngineConfig:
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
     quantization: str | None = None  # None / "none", "int8", "int4", "bnb-int8", "bnb-nf4" (fitllm/quant)
     quant_group_size: int | None = None  # int4 group size (default 64; 32 for GGUF Q4_0/Q4_1 linears)
-    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/quant/kv.py)
+    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/memory/kv/format.py)
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
     cpu_offload_gb: float = 0.0  # GiB of decoder layers to offload even when they fit (0: only if they must)
@@ -203,7 +203,7 @@ class EngineConfig:
             raise ValueError(
                 f"--preemption-mode must be auto, swap or recompute; got {self.preemption_mode!r}"
             )
-        from fitllm.quant.kv import check_kv_cache_dtype
+        from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.swap_space is not None and self.swap_space < 0:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.memory.block_pool import BlockHash, BlockPool
+from fitllm.memory.kv.block_pool import BlockHash, BlockPool
 
 
 class FakeSlabs:
@@ -240,7 +240,7 @@ def test_tight_budget_random_workloads_match_unconstrained_runs(tiny, w):
 
     reference = [_reference(tiny, prompt)[:n] for prompt, n, _, _ in w["requests"]]
     patch = (
-        mock.patch("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+        mock.patch("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
         if w["storage"] == "slabs"
         else contextlib.nullcontext()
     )

@@ -16,7 +16,7 @@ from fitllm.engine.request import SamplingParams
 from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.plan.planner import make_plan, weight_breakdown, workspace_bytes
 
 
 def test_ledger_reserve_release_and_peak():
@@ -205,7 +205,7 @@ def test_measured_workspace_is_reserved_and_within_10_percent_of_the_plan(dtype,
 
 
 def test_plan_holds_the_cuda_graph_pool_before_kv_and_says_what_eager_frees():
-    from fitllm.memory.planner import capture_sizes, graph_pool_bytes, layer_activation_bytes
+    from fitllm.plan.planner import capture_sizes, graph_pool_bytes, layer_activation_bytes
 
     cfg = open_model(None).config
     eager = make_plan(cfg, "m", torch.bfloat16, 2 << 30, 4096, max_num_seqs=64)

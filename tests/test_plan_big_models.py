@@ -13,7 +13,7 @@ import torch
 
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.plan.planner import make_plan, weight_breakdown, workspace_bytes
 from fitllm.quant import get_quant_method
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -8,10 +8,10 @@ from conftest import GREEDY, fixed_and_block_bytes, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.storage import KVSlabStorage
+from fitllm.memory.kv.swap import PreemptionCosts, choose_preemption
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.swap import PreemptionCosts, choose_preemption
-from fitllm.quant.kv import KVCacheFormat
 
 # ---- the cost choice -------------------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def test_costs_follow_observations():
 @pytest.mark.parametrize("mode", ["reserved", "slabs"])
 def test_read_and_write_slots_round_trip_across_slabs(mode, monkeypatch):
     if mode == "slabs":
-        monkeypatch.setattr("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+        monkeypatch.setattr("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
     ledger = MemoryLedger(1 << 30)
     fmt = KVCacheFormat("auto", torch.float32, 8)
     s = KVSlabStorage(3, 2, fmt, 4, 2, 3, torch.device("cpu"), ledger)  # 8 slots per slab

@@ -12,8 +12,6 @@ import torch
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
-from fitllm.engine.kv_setup import build_kv_pool
-from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.outputs import check_stop, make_output
 from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -24,21 +22,23 @@ from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
-from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
-from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.setup import build_kv_pool
+from fitllm.memory.kv.swap import KVSwapper
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import (
+from fitllm.memory.offload.copy_engine import OffloadFile, PinnedHostStore, make_sink
+from fitllm.memory.offload.streamer import WeightStreamer
+from fitllm.model.attention import resolve_attention_backend
+from fitllm.plan.planner import (
     graph_pool_bytes,
     largest_context_that_fits,
     scratch_elements,
     workspace_bytes,
 )
-from fitllm.memory.streamer import WeightStreamer
-from fitllm.memory.swap import KVSwapper
-from fitllm.model.attention import resolve_attention_backend
+from fitllm.plan.weight_placement import engine_placement, layer_layout, start_streamer
 from fitllm.quant import get_quant_method
-from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")

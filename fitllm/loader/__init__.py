@@ -18,7 +18,7 @@ from fitllm.loader.chatglm import is_chatglm, rename_chatglm
 from fitllm.loader.checkpoint import CheckpointError, iter_weights, read_hf_config, weight_files
 from fitllm.loader.gguf_file import gguf_to_hf_config, iter_gguf_weights, read_gguf
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
-from fitllm.memory.layer_layout import LayerLayout
+from fitllm.memory.offload.layer_layout import LayerLayout
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
@@ -125,7 +125,7 @@ def _progress(total: int, show: bool):
 
 
 class LayerSink(Protocol):
-    """Where offloaded decoder layers go once loaded (fitllm/memory/copy_engine.py: a file or pinned
+    """Where offloaded decoder layers go once loaded (fitllm/memory/offload/copy_engine.py: a file or pinned
     host memory)."""
 
     layout: LayerLayout

@@ -12,7 +12,7 @@ tables and padded to the longest context; each prefill chunk is attended on its 
 offset by the tokens it already has in the cache. Gather indices and masks are built once per step and
 shared by all layers.
 
-The cache lives in slabs (see fitllm/memory/kv_pool.py); each layer sees a list of per-slab tensors
+The cache lives in slabs (see fitllm/memory/kv/storage.py); each layer sees a list of per-slab tensors
 [2, slab_slots, kv_heads, head_dim]. Slot and row ids are global; the runner splits them by slab once per
 step (`SlabSplit`), and with a single slab every read and write is one call. Slot-major means a new
 token's K/V is one contiguous write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitllm.quant.kv import KVCacheFormat
+from fitllm.memory.kv.format import KVCacheFormat
 
 
 @dataclass(slots=True)

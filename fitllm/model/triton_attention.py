@@ -16,7 +16,7 @@ one fixed anchor tensor plus a per-slab element offset (`PagedKVLayout` in atten
 CUDA graph stays valid as the pool grows and shrinks.
 
 Quantized caches (int8, fp8 e4m3) keep each head vector's float32 scale in the last 4 bytes of its row
-(fitllm/quant/kv.py); the kernel reads codes and scale from the same row and folds the scales into the
+(fitllm/memory/kv/format.py); the kernel reads codes and scale from the same row and folds the scales into the
 scores and probabilities, as the reference backend does. Kernels run on CPU tensors under TRITON_INTERPRET=1,
 which is how CI checks them against the reference backend.
 """

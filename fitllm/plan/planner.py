@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
-from fitllm.memory.layer_layout import LayerLayout
-from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
+from fitllm.memory.kv.format import kv_bytes_per_token
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.offload.placement import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
 from fitllm.model.linear import LinearBase, QKVParallelLinear, RowParallelLinear
 from fitllm.model.registry import build_on_meta
 from fitllm.quant import get_quant_method
 from fitllm.quant.base import QuantMethod
-from fitllm.quant.kv import kv_bytes_per_token
 from fitllm.units import format_bytes
 
 # Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
@@ -40,7 +40,7 @@ class WeightBreakdown:
     per_layer: int = 0
     largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
     layer_stream_bytes: int = (
-        0  # one decoder layer packed for streaming (aligned; fitllm/memory/layer_layout.py)
+        0  # one decoder layer packed for streaming (aligned; fitllm/memory/offload/layer_layout.py)
     )
 
     @property
@@ -309,7 +309,7 @@ def place_decoder_layers(
     prefetch: int,
     cpu_offload_gb: float,
 ) -> Placement:
-    """The one placement rule, used by the engine (fitllm/engine/offloading.py) and by the plan.
+    """The one placement rule, used by the engine (fitllm/plan/weight_placement.py) and by the plan.
 
     All layers stay resident when they fit beside the rest of the weights, `fixed` bytes (workspace,
     and the plan's overhead) and one KV block, and --cpu-offload-gb asks for nothing: offload is for

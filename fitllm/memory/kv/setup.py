@@ -7,10 +7,10 @@ import logging
 import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv
-from fitllm.memory.block_pool import BlockPool
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.block_pool import BlockPool
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.quant.kv import KVCacheFormat
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")

@@ -6,13 +6,13 @@ import torch
 from torch import nn
 
 from fitllm.config import EngineConfig, ModelConfig
-from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_copy_engine
-from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.offload import Placement
-from fitllm.memory.planner import place_decoder_layers, weight_breakdown, workspace_bytes
-from fitllm.memory.streamer import WeightStreamer
+from fitllm.memory.offload.copy_engine import OffloadFile, PinnedHostStore, make_copy_engine
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.offload.placement import Placement
+from fitllm.memory.offload.streamer import WeightStreamer
 from fitllm.model.registry import build_on_meta
+from fitllm.plan.planner import place_decoder_layers, weight_breakdown, workspace_bytes
 from fitllm.quant.base import QuantMethod
 
 

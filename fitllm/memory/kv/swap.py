@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 
 PreemptionMode = Literal["auto", "swap", "recompute"]

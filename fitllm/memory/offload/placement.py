@@ -4,7 +4,7 @@ Given the bytes one decoder layer takes as stored and the bytes the budget leave
 as many layers resident as fit next to the staging buffers the streamed ones need (`prefetch` layers in
 flight), and spread the streamed ones evenly through the stack, so every copy has resident layers' compute
 to hide behind instead of a run of streamed layers stalling back to back. The streaming itself is
-fitllm/memory/streamer.py's.
+fitllm/memory/offload/streamer.py's.
 
 The cost model is the one a pipeline of copies and compute has: a step takes the longer of all compute
 and all copies, plus one copy to fill the pipeline; one pass over the layers serves the whole batch, so
@@ -146,7 +146,7 @@ def predicted_tokens_per_s(
 
 @dataclass(slots=True, frozen=True)
 class OffloadEstimate:
-    """Measured bandwidths (fitllm/memory/bandwidth.py) that turn a placement into predicted tokens/s.
+    """Measured bandwidths (fitllm/memory/offload/bandwidth.py) that turn a placement into predicted tokens/s.
 
     Decode compute is taken as bandwidth-bound: a layer's step costs its bytes at the device's memory
     bandwidth, whatever the batch (one pass over the weights serves every request in it). `fitllm bench

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
+from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.model.attention import PagedKVLayout, split_by_slab
-from fitllm.quant.kv import KVCacheFormat
 
 log = logging.getLogger("fitllm")
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from fitllm.memory.copy_engine import CopyEngine
-from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.ledger import MemoryLedger
+from fitllm.memory.offload.copy_engine import CopyEngine
+from fitllm.memory.offload.layer_layout import LayerLayout
 
 
 @dataclass(slots=True)
