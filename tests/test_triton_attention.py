@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.model import triton_attention as ta
@@ -34,11 +35,9 @@ from fitllm.model.attention import (
     AttentionMetadata,
     DecodeGroup,
     PagedAttention,
-    PagedKVLayout,
     PrefillSpan,
     head_rows,
     resolve_attention_backend,
-    split_by_slab,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

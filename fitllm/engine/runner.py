@@ -15,6 +15,7 @@ from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.transfer import move, to_device_packed
@@ -22,10 +23,8 @@ from fitllm.model.attention import (
     AttentionMetadata,
     DecodeGroup,
     KernelMetadata,
-    PagedKVLayout,
     PrefillSpan,
     head_rows,
-    split_by_slab,
 )
 from fitllm.plan.planner import capture_sizes
 

@@ -25,8 +25,8 @@ import sys
 import torch
 
 from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model.attention import PagedKVLayout, split_by_slab
 
 log = logging.getLogger("fitllm")
 
