@@ -40,7 +40,7 @@ def _layers_bytes(cfg) -> int:
     """Resident bytes of all decoder layers for this configuration (from the planner)."""
     from fitllm.config import resolve_dtype
     from fitllm.loader import open_model
-    from fitllm.plan.planner import weight_breakdown
+    from fitllm.plan.weights import weight_breakdown
     from fitllm.quant import get_quant_method
 
     source = open_model(cfg.model)

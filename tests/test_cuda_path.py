@@ -164,7 +164,7 @@ def test_gpu_offload_greedy_matches_resident_within_the_budget(llama4, prefetch)
     tokens; staging is prefetch x one packed layer and the ledger stays within the budget every step."""
     from fitllm.loader import open_model
     from fitllm.memory.offload.copy_engine import StreamCopyEngine
-    from fitllm.plan.planner import weight_breakdown
+    from fitllm.plan.weights import weight_breakdown
 
     weights = weight_breakdown(open_model(str(llama4)).config, torch.float32)
     layer_bytes = weights.layer_stream_bytes

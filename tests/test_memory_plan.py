@@ -16,7 +16,8 @@ from fitllm.engine.request import SamplingParams
 from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
-from fitllm.plan.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.weights import weight_breakdown
 
 
 def test_ledger_reserve_release_and_peak():

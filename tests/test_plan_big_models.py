@@ -13,7 +13,8 @@ import torch
 
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.plan.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.weights import weight_breakdown
 from fitllm.quant import get_quant_method
 
 FIXTURES = Path(__file__).parent / "fixtures"

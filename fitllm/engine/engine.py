@@ -29,15 +29,11 @@ from fitllm.memory.kv.setup import build_kv_pool
 from fitllm.memory.kv.swap import KVSwapper
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.memory.offload.copy_engine import OffloadFile, PinnedHostStore, make_sink
-from fitllm.memory.offload.streamer import WeightStreamer
+from fitllm.memory.offload.streamer import WeightStreamer, start_streamer
 from fitllm.model.attention import resolve_attention_backend
-from fitllm.plan.planner import (
-    graph_pool_bytes,
-    largest_context_that_fits,
-    scratch_elements,
-    workspace_bytes,
-)
-from fitllm.plan.weight_placement import engine_placement, layer_layout, start_streamer
+from fitllm.plan.planner import graph_pool_bytes, largest_context_that_fits, workspace_bytes
+from fitllm.plan.weight_placement import engine_placement, layer_layout
+from fitllm.plan.weights import scratch_elements
 from fitllm.quant import get_quant_method
 from fitllm.units import format_bytes
 

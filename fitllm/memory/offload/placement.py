@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
+from fitllm.config import ModelConfig, cdiv
 from fitllm.units import format_bytes
 
 
@@ -111,6 +113,47 @@ def kv_reserve_tokens(max_model_len: int | str | None, max_position: int) -> int
         return min(max_position, AUTO_KV_RESERVE_TOKENS)
     length = max_model_len if isinstance(max_model_len, int) else max_position
     return min(length, KV_RESERVE_TOKENS)
+
+
+class WeightSizes(Protocol):
+    """What placement needs to know of a model's weights (the plan's `WeightBreakdown`)."""
+
+    per_layer: int  # one decoder layer's parameters as held resident
+    layer_stream_bytes: int  # one decoder layer packed for streaming (aligned)
+
+    @property
+    def total(self) -> int:
+        """Every parameter's bytes."""
+
+
+def place_decoder_layers(
+    config: ModelConfig,
+    weights: WeightSizes,
+    fixed: int,
+    kv_bytes_per_token: int,
+    budget: int,
+    max_model_len: int | str | None,
+    block_size: int,
+    prefetch: int,
+    cpu_offload_gb: float,
+) -> Placement:
+    """The one placement rule, used by the engine (fitllm/plan/weight_placement.py) and by the plan.
+
+    All layers stay resident when they fit beside the rest of the weights, `fixed` bytes (workspace,
+    and the plan's overhead) and one KV block, and --cpu-offload-gb asks for nothing: offload is for
+    weights that do not fit, and a budget they do fit leaves whatever context it can (the elastic
+    pool's business). Otherwise `place_layers` over the layers as streamed (their aligned packed size),
+    keeping room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a number, None or
+    "auto"), so streaming buys a usable context and not just a started engine. Raises ValueError when
+    not even streaming every layer fits."""
+    layers = config.num_hidden_layers
+    block_bytes = kv_bytes_per_token * block_size
+    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, config.max_position_embeddings), block_size)
+    room = budget - (weights.total - layers * weights.per_layer) - fixed - block_bytes
+    forced = int(cpu_offload_gb * (1 << 30)) or None
+    if not forced and layers * weights.per_layer <= room:
+        return Placement(layers, weights.layer_stream_bytes, (), prefetch)
+    return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
 def predicted_step_seconds(
