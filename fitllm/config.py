@@ -38,11 +38,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of KV cache one token occupies across all layers (K and V, every KV head)."""
-        elements = self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
-        return elements * torch.empty((), dtype=dtype).element_size()
-
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4)."""

@@ -167,7 +167,7 @@ def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
         assert eng.ledger.total <= eng.ledger.budget
     assert peak_slabs >= 2 and high_blocks > 0
     # Only written KV pages are resident: RSS grows by the blocks used beyond slab 0 (and activations).
-    written_high = high_blocks * eng._per_block
+    written_high = high_blocks * eng.storage.block_bytes
     rss_peak = _rss()
     assert rss_peak - rss_before >= written_high * 0.8
     eng.release_idle_memory()

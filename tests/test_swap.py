@@ -8,7 +8,7 @@ from conftest import GREEDY, fixed_and_block_bytes, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
-from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.kv.swap import PreemptionCosts, choose_preemption
 from fitllm.memory.ledger import MemoryLedger
@@ -174,7 +174,7 @@ def test_swap_space_too_small_falls_back_to_recompute(tiny, prompts, reference):
 def eng_bytes_per_token(tiny) -> int:
     from fitllm.loader import open_model
 
-    return open_model(str(tiny)).config.kv_bytes_per_token(torch.float32)
+    return kv_bytes_per_token(open_model(str(tiny)).config, torch.float32)
 
 
 def test_aborting_a_swapped_request_frees_its_host_bytes(tiny, prompts):

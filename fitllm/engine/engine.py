@@ -108,10 +108,9 @@ class Engine:
         self._reserve_weights_and_workspace(sink)
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
-        self._per_block = self.kv_bytes_per_token * self.block_size
         graph_reserve = self._reserve_graph_pool()
         self.storage, self.pool = build_kv_pool(
-            config, mc, self.kv_format, self._per_block, self.max_model_len, self.device, self.ledger
+            config, mc, self.kv_format, self.max_model_len, self.device, self.ledger
         )
         self.kv = KVCacheManager(self.pool, self.block_size)
         if auto_len:
@@ -408,12 +407,7 @@ class Engine:
     def release_idle_memory(self) -> int:
         """Give back KV slabs idle for --kv-idle-release-s and re-tag cached-block bytes; returns slabs freed."""
         released = self.pool.release_idle_slabs()
-        cached = self.pool.num_cached_blocks * self._per_block
-        delta = cached - self.ledger.current("kv_cached")
-        if delta > 0:
-            self.ledger.move("kv", "kv_cached", delta)
-        elif delta < 0:
-            self.ledger.move("kv_cached", "kv", -delta)
+        self.storage.tag_cached(self.pool.num_cached_blocks)
         return released
 
     def step(self) -> list[RequestOutput]:

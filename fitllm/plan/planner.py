@@ -410,7 +410,10 @@ def _suggestions(
             tokens = (room + freed) // per_token
             out.append(f"--quantization {method} frees {format_bytes(freed)}: room for ~{tokens} KV tokens")
     if kv_cache_dtype == "auto" and room > 0:
-        small = kv_bytes_per_token(config, dtype, "int8")
+        try:
+            small = kv_bytes_per_token(config, dtype, "int8")
+        except ValueError:  # the codes' float32 scales need a head_dim divisible by 4
+            small = per_token
         if small < per_token:
             out.append(
                 f"--kv-cache-dtype int8 (or fp8) takes {format_bytes(small)} per token instead of "

@@ -20,7 +20,6 @@ def build_kv_pool(
     config: EngineConfig,
     mc: ModelConfig,
     kv_format: KVCacheFormat,
-    per_block: int,
     max_model_len: int,
     device: torch.device,
     ledger: MemoryLedger,
@@ -28,6 +27,7 @@ def build_kv_pool(
     """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
     default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
     block_size = config.block_size
+    per_block = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads) * block_size
     # Blocks beyond max_num_seqs full contexts could never be used at once.
     wanted = config.max_num_seqs * cdiv(max_model_len, block_size)
     if config.static_kv or config.kv_cache_memory is not None:
