@@ -124,7 +124,6 @@ class Engine:
             self.storage,
             self.kv,
             config.resolve_swap_space(self.device),
-            self.kv_bytes_per_token,
             config.preemption_mode,  # type: ignore[arg-type]
         )
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)

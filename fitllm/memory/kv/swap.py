@@ -86,7 +86,6 @@ class KVSwapper:
         storage: KVSlabStorage,
         kv: KVCacheManager,
         space_bytes: int,
-        kv_bytes_per_token: int,
         mode: PreemptionMode = "auto",
         costs: PreemptionCosts | None = None,
     ) -> None:
@@ -94,7 +93,7 @@ class KVSwapper:
             raise ValueError(f"--preemption-mode must be one of {', '.join(PREEMPTION_MODES)}; got {mode!r}")
         self.storage = storage
         self.kv = kv
-        self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_bytes_per_token = storage.bytes_per_token
         self.mode = mode
         self.costs = costs or PreemptionCosts.initial(storage.device)
         self.ledger = MemoryLedger(space_bytes, tags=("kv_swapped",)) if space_bytes > 0 else None
