@@ -38,11 +38,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of KV cache one token occupies across all layers (K and V, every KV head)."""
-        elements = self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
-        return elements * torch.empty((), dtype=dtype).element_size()
-
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4, ChatGLM, XGLM), every
@@ -215,7 +210,7 @@ class EngineConfig:
     kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
     quantization: str | None = None  # None / "none", "int8", "int4", "bnb-int8", "bnb-nf4" (fitllm/quant)
     quant_group_size: int | None = None  # int4 group size (default 64; 32 for GGUF Q4_0/Q4_1 linears)
-    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/quant/kv.py)
+    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/memory/kv/format.py)
     swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
     preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
     cpu_offload_gb: float = 0.0  # GiB of decoder layers to offload even when they fit (0: only if they must)
@@ -245,7 +240,7 @@ class EngineConfig:
             raise ValueError(
                 f"--preemption-mode must be auto, swap or recompute; got {self.preemption_mode!r}"
             )
-        from fitllm.quant.kv import check_kv_cache_dtype
+        from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.swap_space is not None and self.swap_space < 0:
