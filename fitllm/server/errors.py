@@ -56,6 +56,14 @@ def _response(request: Request, err: APIError) -> JSONResponse:
 _PARAM = re.compile(r"^([a-z_]+)(?::| must )")
 
 
+RETRY_AFTER_S = 1
+
+
+def unavailable(message: str) -> APIError:
+    """A 503 a client should retry shortly (loading, busy, out of memory for now)."""
+    return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     """A 400; without `param`, one is read from messages of the form "name: ..." or "name must ..."."""
     if param is None and (m := _PARAM.match(message)):

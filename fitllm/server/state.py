@@ -14,19 +14,11 @@ from fitllm.engine.report import EngineStatus
 from fitllm.engine.request import Logprob, RequestOutput
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
-from fitllm.server.errors import APIError, bad_request
+from fitllm.server.errors import APIError, bad_request, unavailable
 from fitllm.server.heavy import INLINE_SIZE, HeavyWork, ServerLimits, check_prompt_chars
 from fitllm.server.shutdown import Drain
 
 T = TypeVar("T")
-RETRY_AFTER_S = 1
-
-
-def unavailable(message: str) -> APIError:
-    """A 503 a client should retry shortly (loading, busy, out of memory for now)."""
-    return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
 MAX_GENKEY_CHARS = 64  # KoboldAI Lite's genkeys are "KCPP" + 4 digits
 MAX_FINISHED_JOBS = 256  # finished jobs whose text a check can still read, oldest forgotten first
 
