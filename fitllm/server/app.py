@@ -65,8 +65,7 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not engine._thread.is_alive() and engine.engine is None and engine.error is None:
-            engine.start()
+        engine.start()  # unless it was started before (a test may start it to wait for the model)
         try:
             yield
         finally:

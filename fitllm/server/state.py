@@ -1,4 +1,5 @@
-"""What every route needs: the AsyncEngine, the served model's name and facts, and error translation."""
+"""What every route needs: the AsyncEngine (its commands, and what it publishes: the served model and status
+snapshots; never the engine thread's objects), the served model's name, and error translation."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi import Request
 from fitllm.engine.async_engine import AsyncEngine, EngineDead, QueueFull
 from fitllm.engine.report import EngineStatus
 from fitllm.engine.request import Logprob, RequestOutput
+from fitllm.engine.view import ServedModel
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
 from fitllm.server.errors import APIError, bad_request
@@ -170,37 +172,37 @@ class ServerState:
                 "priority",
             )
 
-    def _ready_engine(self):
-        if not self.engine.ready:
+    @property
+    def model(self) -> ServedModel:
+        """The served model, as the engine published it; 503 while it loads or if it failed."""
+        return self.require_ready()
+
+    def require_ready(self) -> ServedModel:
+        """The served model; 503 unless the engine is serving."""
+        served = self.engine.served_model
+        if served is None or not self.engine.ready:
             detail = (
                 "the model is still loading"
                 if self.engine.error is None
                 else f"the engine failed: {self.engine.error}"
             )
             raise unavailable(detail)
-        return self.engine.engine
+        return served
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self._ready_engine().tokenizer
+        return self.model.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self._ready_engine().max_model_len
+        return self.model.max_model_len
 
     def status(self) -> EngineStatus:
-        return self._ready_engine().status()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._ready_engine().model_config.vocab_size
-
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        """400 naming `param` for a token id outside the vocabulary."""
-        vocab = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+        """The engine's latest status snapshot (taken on its thread); 503 while it loads."""
+        self.require_ready()
+        snapshot = self.engine.status()
+        assert snapshot is not None  # published before the engine is ready
+        return snapshot.engine
 
     def check_model(self, name: str | None) -> None:
         """404 for a model name this server does not serve (no name: the served model)."""
@@ -239,11 +241,14 @@ class ServerState:
 
     async def detokenize(self, ids: list[int], param: str) -> str:
         """Token ids (checked against the vocabulary) as text, both off the event loop when many."""
-        tok = self.tokenizer
+        model = self.model
 
         def decode() -> str:
-            self.check_token_ids(ids, param)
-            return tok.decode(ids, skip_special_tokens=False)
+            try:
+                model.check_token_ids(ids, param)
+            except ValueError as exc:
+                raise bad_request(str(exc), param) from exc
+            return model.tokenizer.decode(ids, skip_special_tokens=False)
 
         return await self.heavy.run(decode, size=len(ids))
 
@@ -270,7 +275,7 @@ class ServerState:
     async def start_streams(self, starting: Awaitable[T]) -> T:
         """Await engine admission, translating refusals into HTTP errors."""
         try:
-            self._ready_engine()
+            self.require_ready()
         except APIError:
             if hasattr(starting, "close"):
                 starting.close()  # never started: close it so it is not reported as never awaited

@@ -153,10 +153,10 @@ def _error_event(err: APIError) -> str:
 async def memory(request: Request) -> dict[str, Any]:
     """What the device memory holds now: the memory panel polls this."""
     st = get_state(request)
-    engine = st.engine.engine
-    if engine is None or not st.engine.ready:
+    model, snapshot = st.engine.served_model, st.engine.status()
+    if model is None or snapshot is None or not st.engine.ready:
         return {"ready": False, "time": time.time()}
-    status = engine.status()
+    status = snapshot.engine
     snap = status.ledger
     return {
         "ready": True,
@@ -171,7 +171,7 @@ async def memory(request: Request) -> dict[str, Any]:
         "slab_bytes": status.slab_bytes,
         "requests": status.requests,
         "model": st.model_name,
-        "context_length": engine.max_model_len,
-        "quantization": engine.quant.describe(),
-        "kv_cache_dtype": engine.kv_format.name,
+        "context_length": model.max_model_len,
+        "quantization": model.quantization,
+        "kv_cache_dtype": model.kv_cache_dtype,
     }
