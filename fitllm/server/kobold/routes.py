@@ -43,7 +43,7 @@ from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import APIError, bad_request, kobold_error_body
 from fitllm.server.heavy import OffloadedJSONRoute
-from fitllm.server.openai_api import chat_logprobs, legacy_logprobs
+from fitllm.server.openai.routes import chat_logprobs, legacy_logprobs
 from fitllm.server.state import MAX_GENKEY_CHARS, ServerState, get_state
 from fitllm.server.streaming import collect, events_or_error
 

@@ -22,7 +22,7 @@ from fitllm.engine.async_engine import RequestStream
 from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
 from fitllm.server.errors import APIError, bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
-from fitllm.server.protocol import (
+from fitllm.server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
