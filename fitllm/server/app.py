@@ -24,6 +24,7 @@ from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
 from fitllm.server.guard import RequestGuard
 from fitllm.server.heavy import HeavyWork, ServerLimits
+from fitllm.server.kobold.jobs import KoboldJobs
 from fitllm.server.kobold.routes import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai.routes import router as openai_router
@@ -82,6 +83,7 @@ def build_app(
         heavy=heavy,
         drain=drain,
     )
+    app.state.kobold_jobs = KoboldJobs(alive=engine.is_running)
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
     install_openapi(app)

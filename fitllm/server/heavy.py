@@ -28,7 +28,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from fitllm.memory.host import trim_host_heap
-from fitllm.server.errors import bad_request
+from fitllm.server.errors import bad_request, unavailable
 
 T = TypeVar("T")
 CHARS_PER_TOKEN_BOUND = 32  # English averages ~4 characters per token; 32 leaves room for any real text
@@ -66,8 +66,6 @@ class HeavyWork:
         if size < INLINE_SIZE:
             return fn(*args)
         if self._outstanding >= self.workers + self.max_waiting:
-            from fitllm.server.state import unavailable
-
             raise unavailable(f"server busy: {self._outstanding} large requests are being prepared")
         self._outstanding += 1
         try:

@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from fitllm.server.errors import error_body
+from fitllm.server.errors import RETRY_AFTER_S, error_body
 
 DRAIN_POLL_S = 0.05
 FLUSH_S = 5.0  # uvicorn's timeout_graceful_shutdown after the drain: the last error events reach clients
-RETRY_AFTER_S = 1
 
 
 @dataclass(slots=True)
