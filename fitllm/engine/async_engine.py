@@ -222,6 +222,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine = self._factory(self.config)
+            served = ServedModel.of(self.engine)
+            self._publish()
         except BaseException as exc:  # reported by /health and every request
             # A refusal (bad checkpoint, budget too small) is its message; anything else keeps its traceback.
             log.error("engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
@@ -229,8 +231,7 @@ class AsyncEngine:
             self._ready.set()
             return
         engine = self.engine
-        self._served = ServedModel.of(engine)
-        self._publish()
+        self._served = served  # ready from here on (the first snapshot is already published)
         self._ready.set()
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
