@@ -1,4 +1,4 @@
-"""KoboldAI / KoboldCpp compatibility (fitllm/server/kobold_api.py): the context (memory kept at the
+"""KoboldAI / KoboldCpp compatibility (fitllm/server/kobold/): the context (memory kept at the
 front, the prompt trimmed from its oldest tokens, max_length capped as KoboldCpp does), the translation of
 Kobold sampler fields with the unsupported ones refused by name, and the routes through real HTTP against
 the offline engine."""
@@ -21,7 +21,7 @@ from fitllm.engine.engine import Engine
 from fitllm.loader import open_model
 from fitllm.server.app import default_model_name
 from fitllm.server.errors import APIError
-from fitllm.server.kobold_api import KoboldGenerateRequest, build_context, sampling_params
+from fitllm.server.kobold.routes import KoboldGenerateRequest, build_context, sampling_params
 
 
 @pytest.fixture(scope="module")

@@ -296,7 +296,7 @@ def test_legacy_logprobs_keep_the_tokens_own_logprob_when_texts_collide():
     from types import SimpleNamespace
 
     from fitllm.engine.request import Logprob
-    from fitllm.server.openai_api import legacy_logprobs
+    from fitllm.server.logprobs import legacy_logprobs
 
     class Tok:
         def decode(self, ids, skip_special_tokens=False):

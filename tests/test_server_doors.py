@@ -26,7 +26,7 @@ from fitllm.engine.async_engine import AsyncEngine
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.server.access import AccessPolicy
-from fitllm.server.state import MAX_GENKEY_CHARS, KoboldJobs
+from fitllm.server.kobold.jobs import MAX_GENKEY_CHARS, KoboldJobs
 from fitllm.server.streaming import merged
 
 STEP_DELAY_S = 0.01

@@ -431,7 +431,7 @@ def test_shutdown_lets_in_flight_streams_finish_then_stops_the_engine(tmp_path):
         assert finals[-1]["choices"][0]["finish_reason"] == "length"  # it ran to the end
         assert sum(1 for f in finals if f["choices"][0]["text"]) >= 2
         deadline = time.monotonic() + 30
-        while engine._thread.is_alive():  # the lifespan stops the engine thread after the last request
+        while engine.alive:  # the lifespan stops the engine thread after the last request
             assert time.monotonic() < deadline, "the engine thread did not stop"
             time.sleep(0.05)
         assert not engine.ready

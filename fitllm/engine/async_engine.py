@@ -3,7 +3,10 @@
 One thread owns the model and every byte of device memory (the Engine is not thread-safe and needs none of
 it): it builds the Engine, then loops: take the commands front ends sent (add, abort), run one step when
 anything is unfinished, and hand each RequestOutput to the asyncio queue of its request's stream. Front ends
-(the HTTP server, the studio) only await `generate()` and call `abort()`.
+(the HTTP server, the studio) only await `generate()` and call `abort()`, and read what the engine thread
+publishes (fitllm/engine/view.py): the served model (`served_model`), fixed once the engine is built, and
+status snapshots (`status()`) taken after each step and on idle turns. Nothing outside this thread reads the
+Engine itself: its pool and scheduler change while a step runs.
 
 - Adding validates on the engine thread (prompt length against the model and the pool, sampling
   parameters) and answers through a future, so a bad request fails before its stream starts.
@@ -35,6 +38,8 @@ from dataclasses import dataclass, field
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.engine.request_stream import OutputHandoff, RequestStream
+from fitllm.engine.view import EngineCounters, ServedModel, StatusSnapshot
 
 log = logging.getLogger("fitllm")
 
@@ -65,95 +70,24 @@ class ShuttingDown(EngineDead):
 
 
 @dataclass(slots=True)
-class EngineCounters:
-    """Totals the engine thread keeps for metrics (read from other threads; ints only, so no lock)."""
+class _Tally:
+    """The totals as the engine thread counts them; published frozen (EngineCounters) with each snapshot."""
 
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     steps: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
 
+    def count(self, out: RequestOutput) -> None:
+        self.generation_tokens += len(out.outputs[0].delta_token_ids)
+        if out.finished:
+            reason = out.outputs[0].finish_reason or "unknown"
+            self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
 
-@dataclass(slots=True)
-class _Stream:
-    """One request's outputs on their way to its event loop: `put` runs there (call_soon_threadsafe).
-
-    Outputs are cumulative but for their deltas, so an output the reader has not taken yet is replaced by
-    the next one, whose deltas are joined onto the ones it replaces: at most one output (and a final error)
-    waits, however slowly the reader reads."""
-
-    loop: asyncio.AbstractEventLoop
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: RequestOutput | None = None
-    merged_texts: list[str] = field(default_factory=list)  # deltas of the outputs merged into `pending`
-    merged_ids: list[int] = field(default_factory=list)
-    error: BaseException | None = None
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        if isinstance(item, BaseException):
-            self.error = item
-        else:
-            if self.pending is not None:
-                if not self.merged_texts:
-                    old = self.pending.outputs[0]
-                    self.merged_texts.append(old.delta_text)
-                    self.merged_ids.extend(old.delta_token_ids)
-                new = item.outputs[0]
-                self.merged_texts.append(new.delta_text)
-                self.merged_ids.extend(new.delta_token_ids)
-            self.pending = item
-        self.ready.set()
-
-    async def get(self) -> RequestOutput | BaseException:
-        while True:
-            if self.pending is not None:
-                out, self.pending = self.pending, None
-                if self.merged_texts:
-                    c = out.outputs[0]
-                    c.delta_text, c.delta_token_ids = "".join(self.merged_texts), self.merged_ids
-                    self.merged_texts, self.merged_ids = [], []
-                return out
-            if self.error is not None:
-                return self.error
-            self.ready.clear()
-            await self.ready.wait()
-
-
-class RequestStream:
-    """The outputs of one request as they arrive; aborts the request if closed before it finished."""
-
-    def __init__(self, engine: AsyncEngine, request_id: str, outputs: _Stream) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self._outputs = outputs
-        self.finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._outputs.get()
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
-
-    def close(self) -> None:
-        """Abort the request unless it finished (a client that went away frees its memory at once)."""
-        if not self.finished:
-            self.finished = True
-            self.engine.abort(self.request_id)
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+    def frozen(self) -> EngineCounters:
+        return EngineCounters(
+            self.prompt_tokens, self.generation_tokens, self.steps, dict(self.requests_finished)
+        )
 
 
 class AsyncEngine:
@@ -170,11 +104,14 @@ class AsyncEngine:
         self.max_waiting_requests = max_waiting_requests
         self._factory = engine_factory
         self.on_token_timing = on_token_timing  # ("ttft" | "tpot", seconds), called on the engine thread
-        self.engine: Engine | None = None
+        self.engine: Engine | None = None  # the engine thread's own (tests inspect it; front ends never do)
         self.error: BaseException | None = None
-        self.counters = EngineCounters()
+        self._served: ServedModel | None = None  # published once the engine is built
+        self._status: StatusSnapshot | None = None  # replaced by the engine thread, never changed
+        self._tally = _Tally()
+        self._started = False
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputHandoff] = {}
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._drain_deadline: float | None = None  # monotonic; set on the engine thread by drain()
@@ -182,19 +119,42 @@ class AsyncEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> AsyncEngine:
-        self._thread.start()
+        """Start the engine thread (which builds the Engine); does nothing if it was started before."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
         return self
 
     @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.error is None and not self._stopping.is_set()
+    def alive(self) -> bool:
+        """Whether the engine thread runs (loading, serving or stopping)."""
+        return self._thread.is_alive()
 
-    def wait_ready(self, timeout: float | None = None) -> Engine:
+    @property
+    def ready(self) -> bool:
+        return self._served is not None and self.error is None and not self._stopping.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> ServedModel:
         """Block until the engine is built; raises EngineDead if building failed."""
         self._ready.wait(timeout)
-        if self.engine is None or self.error is not None:
+        if self._served is None or self.error is not None:
             raise EngineDead(f"the engine failed to start: {self.error}")
-        return self.engine
+        return self._served
+
+    # ---- what the engine thread publishes (any thread) -----------------------------------------------
+    @property
+    def served_model(self) -> ServedModel | None:
+        """The served model (None until the engine is built)."""
+        return self._served
+
+    def status(self) -> StatusSnapshot | None:
+        """The latest status snapshot (None until the engine is built)."""
+        return self._status
+
+    @property
+    def counters(self) -> EngineCounters:
+        """The totals as of the latest snapshot."""
+        return EngineCounters() if self._status is None else self._status.counters
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort in-flight requests, end their streams, stop the thread."""
@@ -222,7 +182,7 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises ValueError (bad input), QueueFull or EngineDead. Iterate the returned
         stream for its outputs; close it early (or let it be garbage) to abort the request."""
-        stream = _Stream(asyncio.get_running_loop())
+        stream = OutputHandoff(asyncio.get_running_loop())
         rid = await self._call("add", (prompt, params, request_id, priority, stream))
         return RequestStream(self, rid, stream)
 
@@ -262,14 +222,17 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             self.engine = self._factory(self.config)
+            served = ServedModel.of(self.engine)
+            self._publish()
         except BaseException as exc:  # reported by /health and every request
             # A refusal (bad checkpoint, budget too small) is its message; anything else keeps its traceback.
             log.error("engine failed to start: %s", exc, exc_info=not isinstance(exc, ValueError))
             self.error = exc
             self._ready.set()
             return
-        self._ready.set()
         engine = self.engine
+        self._served = served  # ready from here on (the first snapshot is already published)
+        self._ready.set()
         while not self._stopping.is_set():
             busy = engine.has_unfinished_requests()
             self._drain_commands(block=not busy)
@@ -278,12 +241,12 @@ class AsyncEngine:
                 break
             if not engine.has_unfinished_requests():
                 engine.release_idle_memory()
+                self._publish()
                 continue
             self._step()
         for rid in list(self._streams):
             engine.abort(rid)
-        for out in engine.step() if engine.has_unfinished_requests() else []:
-            self._deliver(out)
+        self._deliver_all(engine.step() if engine.has_unfinished_requests() else [])
         for rid in list(self._streams):
             self._send(rid, EngineDead("the server is shutting down"))
 
@@ -296,7 +259,19 @@ class AsyncEngine:
             log.exception("engine step failed")
             self._fail_all(exc)
             return
-        self.counters.steps += 1
+        self._tally.steps += 1
+        self._deliver_all(outputs)
+
+    def _publish(self) -> None:
+        """Replace the status snapshot with one of the engine as it is now (this thread only)."""
+        self._status = StatusSnapshot.of(self.engine, self._tally.frozen(), time.time())
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Count the outputs, publish a snapshot, then hand them over: a client that has its output finds
+        the snapshot up to date with it."""
+        for out in outputs:
+            self._tally.count(out)
+        self._publish()
         for out in outputs:
             self._deliver(out)
 
@@ -342,7 +317,7 @@ class AsyncEngine:
                 future.set_exception(exc)
                 return
             self._streams[rid] = stream
-            self.counters.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
+            self._tally.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
             future.set_result(rid)
         elif kind == "score":
             try:
@@ -391,7 +366,6 @@ class AsyncEngine:
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
         new = len(out.outputs[0].delta_token_ids)
-        self.counters.generation_tokens += new
         if stream is not None and new and self.on_token_timing is not None:
             now = time.monotonic()
             if stream.first_token_time is None:
@@ -401,9 +375,6 @@ class AsyncEngine:
             elif stream.last_token_time is not None:
                 self.on_token_timing("tpot", (now - stream.last_token_time) / new)
             stream.last_token_time = now
-        if out.finished:
-            reason = out.outputs[0].finish_reason or "unknown"
-            self.counters.requests_finished[reason] = self.counters.requests_finished.get(reason, 0) + 1
         if out.error is not None:  # its own rows broke a step: only its stream ends, with the error
             self._send(
                 out.request_id, _failed(f"this request failed during generation: {out.error}", out.error)

@@ -21,6 +21,7 @@ from fitllm.engine.sampler import Sampler, SampleResult
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
+from fitllm.engine.view import check_token_ids
 from fitllm.loader import ModelSource, build_model, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.host import trim_host_heap
@@ -349,21 +350,12 @@ class Engine:
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})"
-                )
         if not ids:
             raise ValueError("the prompt is empty; give at least one token")
         vocab = self.model_config.vocab_size
-        for name, tokens in (
-            ("logit_bias", params.logit_bias or {}),
-            ("stop_token_ids", params.stop_token_ids),
-        ):
-            bad = [t for t in tokens if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        check_token_ids(ids, vocab, "prompt")
+        check_token_ids(params.logit_bias or {}, vocab, "logit_bias")
+        check_token_ids(params.stop_token_ids, vocab, "stop_token_ids")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens but --max-model-len is {self.max_model_len}; "
@@ -413,8 +405,9 @@ class Engine:
         measured workspace covers steps of at most that many tokens."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         vocab = self.model_config.vocab_size
-        if not ids or any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"the prompt must be non-empty token ids in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        check_token_ids(ids, vocab, "prompt")
         if len(ids) > self.config.max_num_batched_tokens:
             raise ValueError(
                 f"prompt logprobs are computed for prompts of up to --max-num-batched-tokens "

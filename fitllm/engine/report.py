@@ -15,12 +15,14 @@ if TYPE_CHECKING:
     from fitllm.engine.engine import Engine
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class EngineStatus:
-    """What the engine holds now, for front ends that show it (metrics, the studio's memory panel)."""
+    """What the engine holds now, for front ends that show it (metrics, the studio's memory panel); built
+    on the engine thread (fitllm/engine/view.py publishes it), its dicts fresh, never shared."""
 
     ledger: LedgerSnapshot
     kv_blocks: dict[str, int]  # used / cached / free blocks of the live slabs (disjoint: they sum to all)
+    num_blocks: int  # blocks of the live slabs
     block_size: int
     slabs: int
     slab_bytes: int
@@ -43,6 +45,7 @@ def engine_status(engine: Engine) -> EngineStatus:
             # apart, so used + cached + free is the pool (the studio's KV bar draws them side by side).
             "free": pool.num_free_blocks - pool.num_cached_blocks,
         },
+        num_blocks=pool.num_blocks,
         block_size=engine.block_size,
         slabs=pool.num_slabs,
         slab_bytes=engine.storage.slab_bytes,

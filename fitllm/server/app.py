@@ -1,7 +1,7 @@
 """The HTTP server: one FastAPI app, one port, the engine on its own thread (`fitllm serve`).
 
-Routes: OpenAI-compatible (fitllm/server/openai_api.py), KoboldAI / KoboldCpp-compatible
-(fitllm/server/kobold_api.py), `/health` (503 while loading), `/metrics`
+Routes: OpenAI-compatible (fitllm/server/openai/), KoboldAI / KoboldCpp-compatible
+(fitllm/server/kobold/), `/health` (503 while loading), `/metrics`
 (Prometheus). With an API key every API route needs `Authorization: Bearer KEY`; `/health` and
 `/metrics` stay open for probes and scrapers. Browsers are held to the Host and Origin allow-lists of
 fitllm/server/access.py (the server's own pages, plus the origins `--allowed-origins` names), so a web page
@@ -24,9 +24,10 @@ from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
 from fitllm.server.guard import RequestGuard
 from fitllm.server.heavy import HeavyWork, ServerLimits
-from fitllm.server.kobold_api import router as kobold_router
+from fitllm.server.kobold.jobs import KoboldJobs
+from fitllm.server.kobold.routes import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
-from fitllm.server.openai_api import router as openai_router
+from fitllm.server.openai.routes import router as openai_router
 from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
 from fitllm.studio.routes import router as studio_router
@@ -65,8 +66,7 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if not engine._thread.is_alive() and engine.engine is None and engine.error is None:
-            engine.start()
+        engine.start()  # unless it was started before (a test may start it to wait for the model)
         try:
             yield
         finally:
@@ -83,6 +83,7 @@ def build_app(
         heavy=heavy,
         drain=drain,
     )
+    app.state.kobold_jobs = KoboldJobs(alive=engine.is_running)
     metrics = ServerMetrics(engine)
     install_error_handlers(app)
     install_openapi(app)

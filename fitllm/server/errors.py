@@ -1,12 +1,17 @@
 """OpenAI-style errors: every failure is `{"error": {"message", "type", "param", "code"}}` with its status
 (on the Kobold routes, `/api/...`, with KoboldCpp's `{"detail": {"msg", "type"}}` beside it).
 
+Which error a failure answers: `api_error` for admission (bad input a 400, what a retry gets past a 503),
+`stream_error` for a request that failed after it was admitted (answered as JSON, or as a stream's last
+event: sse.py).
+
 FastAPI's own validation failures (a bare 422) and malformed JSON become 400s in that shape too, so any
 client written for the OpenAI API can show the message; /openapi.json documents those 400s in that shape.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from typing import Any
@@ -16,6 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fitllm.engine.async_engine import EngineDead, QueueFull, RequestFailed
+from fitllm.memory.ledger import BudgetExceeded
+
+RETRY_AFTER_S = 1
+log = logging.getLogger("fitllm")
 
 
 class APIError(Exception):
@@ -56,7 +67,11 @@ def _response(request: Request, err: APIError) -> JSONResponse:
 _PARAM = re.compile(r"^([a-z_]+)(?::| must )")
 
 
-RETRY_AFTER_S = 1
+def bad_request(message: str, param: str | None = None) -> APIError:
+    """A 400; without `param`, one is read from messages of the form "name: ..." or "name must ..."."""
+    if param is None and (m := _PARAM.match(message)):
+        param = m.group(1)
+    return APIError(400, message, param=param)
 
 
 def unavailable(message: str) -> APIError:
@@ -64,11 +79,31 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    """A 400; without `param`, one is read from messages of the form "name: ..." or "name must ..."."""
-    if param is None and (m := _PARAM.match(message)):
-        param = m.group(1)
-    return APIError(400, message, param=param)
+def api_error(exc: BaseException) -> APIError:
+    """What a failure of admission or of a running request answers: a 400 for bad input, a 503 for what a
+    retry can get past (a full queue, no memory now, a shutdown), a 500 naming the failure otherwise."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, BudgetExceeded):
+        return unavailable(f"not enough free memory right now: {exc}")
+    if isinstance(exc, QueueFull):
+        return unavailable(f"server busy: {exc}")
+    if isinstance(exc, EngineDead):
+        return unavailable(str(exc))
+    return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", "server_error")
+
+
+def stream_error(exc: Exception) -> APIError:
+    """What a request that failed after it was admitted answers: its own failure a 500 naming it, a shutdown
+    or a stopped engine a 503 to retry, bad input a 400; anything else a 500 (logged, never a traceback)."""
+    if isinstance(exc, RequestFailed):
+        return APIError(500, str(exc), "server_error", code="request_failed")
+    err = api_error(exc)
+    if err.status >= 500 and err.status != 503:
+        log.error("a stream failed: %r", exc, exc_info=exc)
+    return err
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -9,7 +9,7 @@ that a request is answered 503 + Retry-After at once rather than holding its bod
 Prompt limits, before any of that work (a 400 that names the limit and the flag):
 - characters: `--max-prompt-chars`, by default the context length x CHARS_PER_TOKEN_BOUND (far above what
   any tokenizer averages, so only text that could never fit is refused without tokenizing it);
-- tokens: after tokenizing, the context length (checked where the prompt is used: openai_api.token_prompts).
+- tokens: after tokenizing, the context length (checked where the prompt is used: openai.routes.token_prompts).
 After a large job the heap is handed back to the OS (glibc keeps freed chunks otherwise).
 """
 

@@ -1,7 +1,8 @@
 """`GET /metrics`: Prometheus text format through prometheus-client.
 
-Gauges are read from the engine at scrape time by a custom collector (the ledger, the block pool and the
-scheduler, as they are now), so nothing is copied on the engine's hot path; the time-to-first-token and
+Gauges are read at scrape time by a custom collector from the async engine's latest status snapshot (the
+ledger, the block pool, the scheduler and the totals, taken together on the engine thread after its last
+step, so one scrape is consistent and never races a step); the time-to-first-token and
 time-per-output-token histograms are observed by the engine thread as tokens are delivered. Each server
 has its own registry (tests run several in one process).
 """
@@ -30,12 +31,11 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "fitllm_ready", "1 once the model is loaded and serving", value=1.0 if ae.ready else 0.0
         )
-        engine = ae.engine
-        if engine is None:
+        snapshot = ae.status()
+        if snapshot is None:
             return
-        status = engine.status()
+        status, c = snapshot.engine, snapshot.counters
         snap = status.ledger
-        c = ae.counters
         for name, doc, value in (
             ("fitllm_memory_budget_bytes", "the --memory-budget in bytes", snap.budget),
             ("fitllm_memory_total_bytes", "bytes held on the compute device, all tags", snap.total),

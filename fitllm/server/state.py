@@ -1,9 +1,10 @@
-"""What every route needs: the AsyncEngine, the served model's name and facts, and error translation."""
+"""What every route needs: the AsyncEngine (its commands, and what it publishes: the served model and status
+snapshots; never the engine thread's objects), the served model's name, and error translation."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -11,131 +12,15 @@ from fastapi import Request
 
 from fitllm.engine.async_engine import AsyncEngine, EngineDead, QueueFull
 from fitllm.engine.report import EngineStatus
-from fitllm.engine.request import Logprob, RequestOutput
+from fitllm.engine.request import Logprob
+from fitllm.engine.view import ServedModel
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.memory.ledger import BudgetExceeded
-from fitllm.server.errors import APIError, bad_request, unavailable
+from fitllm.server.errors import APIError, api_error, bad_request, unavailable
 from fitllm.server.heavy import INLINE_SIZE, HeavyWork, ServerLimits, check_prompt_chars
 from fitllm.server.shutdown import Drain
 
 T = TypeVar("T")
-MAX_GENKEY_CHARS = 64  # KoboldAI Lite's genkeys are "KCPP" + 4 digits
-MAX_FINISHED_JOBS = 256  # finished jobs whose text a check can still read, oldest forgotten first
-
-
-def api_error(exc: BaseException) -> APIError:
-    """What a failure of admission or of a running request answers: a 400 for bad input, a 503 for what a
-    retry can get past (a full queue, no memory now, a shutdown), a 500 naming the failure otherwise."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
-    if isinstance(exc, BudgetExceeded):
-        return unavailable(f"not enough free memory right now: {exc}")
-    if isinstance(exc, QueueFull):
-        return unavailable(f"server busy: {exc}")
-    if isinstance(exc, EngineDead):
-        return unavailable(str(exc))
-    return APIError(500, f"the request failed: {type(exc).__name__}: {exc}", "server_error")
-
-
-@dataclass
-class KoboldJob:
-    """A Kobold generation: its text so far (for /api/extra/generate/check) and request (for abort)."""
-
-    request_id: str
-    genkey: str = ""
-    seed: int = -1
-    text: str = ""
-    done: bool = False
-    admitted: bool = False  # the engine took the request (until then it cannot be asked whether it runs)
-
-    def update(self, text: str) -> None:
-        self.text = text
-
-
-@dataclass
-class KoboldPerf:
-    """The last finished Kobold generation's figures, as KoboldCpp's /api/extra/perf reports them."""
-
-    last_process: float = 0.0  # seconds from arrival to the first token (prompt processing)
-    last_eval: float = 0.0  # seconds from the first token to the last
-    last_token_count: int = 0
-    last_seed: int = -1
-    stop_reason: int = -1  # KoboldCpp's codes: -1 none yet, 0 out of tokens, 1 EOS, 2 a stop sequence
-    total_gens: int = 0
-
-
-@dataclass
-class KoboldJobs:
-    """Generations by genkey, and the latest (what a check or abort without a genkey refers to, if it was
-    itself started without one: a genkey keeps a job's text from other users, as in KoboldCpp).
-
-    A genkey belongs to its job while the job runs: a new job with that genkey is refused (409), so nobody
-    can take over another's check and abort. Running jobs are bounded by the engine's queue; finished ones
-    are kept up to `max_finished` (and genkeys are at most MAX_GENKEY_CHARS, checked with the body)."""
-
-    by_genkey: dict[str, KoboldJob] = field(default_factory=dict)
-    last: KoboldJob | None = None
-    perf: KoboldPerf = field(default_factory=KoboldPerf)
-    max_finished: int = MAX_FINISHED_JOBS
-    # Whether the engine still runs a request: a job whose stream nobody read to the end (its client left
-    # before the response started) is over once the engine is done with it.
-    alive: Callable[[str], bool] = lambda _: True
-
-    def running(self, job: KoboldJob) -> bool:
-        return not job.done and (not job.admitted or self.alive(job.request_id))
-
-    def find(self, genkey: str) -> KoboldJob | None:
-        """The job `genkey` names; without one, the latest job if it has no genkey of its own."""
-        if genkey:
-            return self.by_genkey.get(genkey)
-        return self.last if self.last is not None and not self.last.genkey else None
-
-    def finish(self, job: KoboldJob, out: RequestOutput) -> None:
-        """Mark `job` done and record its figures for /api/extra/perf."""
-        job.done = True
-        m, c = out.metrics, out.outputs[0]
-        process = evaluate = 0.0
-        if m is not None:
-            first = m.first_token_time or m.finished_time or m.arrival_time
-            process, evaluate = max(0.0, first - m.arrival_time), max(0.0, (m.finished_time or first) - first)
-        stop = 0 if c.finish_reason == "length" else 2 if isinstance(c.stop_reason, str) else 1
-        self.perf = KoboldPerf(
-            process,
-            evaluate,
-            len(c.token_ids),
-            job.seed,
-            stop,
-            self.perf.total_gens + 1,
-        )
-
-    def start(self, request_id: str, genkey: str, seed: int = -1) -> KoboldJob:
-        """A new job, before its request is added; 409 if `genkey` names a job that still runs."""
-        old = self.by_genkey.get(genkey) if genkey else None
-        if old is not None and self.running(old):
-            raise APIError(
-                409,
-                f"the genkey {genkey!r} belongs to a generation that is still running; use another genkey "
-                f"or wait for it to end",
-                param="genkey",
-                code="genkey_in_use",
-            )
-        job = KoboldJob(request_id, genkey, seed)
-        self.last = job
-        if genkey:
-            self.by_genkey.pop(genkey, None)
-            self.by_genkey[genkey] = job  # newest last: finished jobs are forgotten oldest first
-            finished = [k for k, j in self.by_genkey.items() if not self.running(j)]
-            for k in finished[: max(0, len(finished) - self.max_finished)]:
-                del self.by_genkey[k]
-        return job
-
-    def drop(self, job: KoboldJob) -> None:
-        """Forget a job whose request was never added (refused, or its client left)."""
-        job.done = True
-        if self.by_genkey.get(job.genkey) is job:
-            del self.by_genkey[job.genkey]
 
 
 @dataclass
@@ -144,14 +29,10 @@ class ServerState:
     model_name: str
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
-    kobold_jobs: KoboldJobs = field(default_factory=KoboldJobs)
     limits: ServerLimits = field(default_factory=ServerLimits)
     heavy: HeavyWork = field(default_factory=HeavyWork)
     drain: Drain = field(default_factory=Drain)
     scheduling_policy: str = "fcfs"  # "priority": a request's `priority` orders admission and preemption
-
-    def __post_init__(self) -> None:
-        self.kobold_jobs.alive = self.engine.is_running
 
     def check_priority(self, priority: int) -> None:
         """400 for a client-chosen priority unless the operator enabled priority scheduling (as vLLM)."""
@@ -162,37 +43,37 @@ class ServerState:
                 "priority",
             )
 
-    def _ready_engine(self):
-        if not self.engine.ready:
+    @property
+    def model(self) -> ServedModel:
+        """The served model, as the engine published it; 503 while it loads or if it failed."""
+        return self.require_ready()
+
+    def require_ready(self) -> ServedModel:
+        """The served model; 503 unless the engine is serving."""
+        served = self.engine.served_model
+        if served is None or not self.engine.ready:
             detail = (
                 "the model is still loading"
                 if self.engine.error is None
                 else f"the engine failed: {self.engine.error}"
             )
             raise unavailable(detail)
-        return self.engine.engine
+        return served
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self._ready_engine().tokenizer
+        return self.model.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self._ready_engine().max_model_len
+        return self.model.max_model_len
 
     def status(self) -> EngineStatus:
-        return self._ready_engine().status()
-
-    @property
-    def vocab_size(self) -> int:
-        return self._ready_engine().model_config.vocab_size
-
-    def check_token_ids(self, ids: list[int], param: str) -> None:
-        """400 naming `param` for a token id outside the vocabulary."""
-        vocab = self.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param)
+        """The engine's latest status snapshot (taken on its thread); 503 while it loads."""
+        self.require_ready()
+        snapshot = self.engine.status()
+        assert snapshot is not None  # published before the engine is ready
+        return snapshot.engine
 
     def check_model(self, name: str | None) -> None:
         """404 for a model name this server does not serve (no name: the served model)."""
@@ -231,11 +112,14 @@ class ServerState:
 
     async def detokenize(self, ids: list[int], param: str) -> str:
         """Token ids (checked against the vocabulary) as text, both off the event loop when many."""
-        tok = self.tokenizer
+        model = self.model
 
         def decode() -> str:
-            self.check_token_ids(ids, param)
-            return tok.decode(ids, skip_special_tokens=False)
+            try:
+                model.check_token_ids(ids, param)
+            except ValueError as exc:
+                raise bad_request(str(exc), param) from exc
+            return model.tokenizer.decode(ids, skip_special_tokens=False)
 
         return await self.heavy.run(decode, size=len(ids))
 
@@ -262,7 +146,7 @@ class ServerState:
     async def start_streams(self, starting: Awaitable[T]) -> T:
         """Await engine admission, translating refusals into HTTP errors."""
         try:
-            self._ready_engine()
+            self.require_ready()
         except APIError:
             if hasattr(starting, "close"):
                 starting.close()  # never started: close it so it is not reported as never awaited

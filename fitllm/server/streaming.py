@@ -4,24 +4,20 @@ so the route polls for it).
 
 A stream that fails after it started (its request broke a step, or the engine stopped) ends in the API's
 own shape: a non-streamed response becomes a JSON error (`collect` raises an APIError), and a streamed
-one ends with an error event (`events_or_error`) instead of a cut connection."""
+one ends with an error event (sse.py) instead of a cut connection; errors.stream_error says which."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 
-from fitllm.engine.async_engine import RequestFailed, RequestStream
 from fitllm.engine.request import RequestOutput
-from fitllm.server.errors import APIError, error_body
-from fitllm.server.state import api_error
+from fitllm.engine.request_stream import RequestStream
+from fitllm.server.errors import APIError, stream_error
 
 DISCONNECT_POLL_S = 0.25
-log = logging.getLogger("fitllm")
 
 
 async def merged(streams: list[tuple[int, RequestStream]]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -89,34 +85,3 @@ async def collect(
         for _, s in streams:
             s.close()
     return [f for f in finals if f is not None]
-
-
-def stream_error(exc: Exception) -> APIError:
-    """What a request that failed after it was admitted answers: its own failure a 500 naming it, a shutdown
-    or a stopped engine a 503 to retry, bad input a 400; anything else a 500 (logged, never a traceback)."""
-    if isinstance(exc, RequestFailed):
-        return APIError(500, str(exc), "server_error", code="request_failed")
-    err = api_error(exc)
-    if err.status >= 500 and err.status != 503:
-        log.error("a stream failed: %r", exc, exc_info=exc)
-    return err
-
-
-def sse_error(err: APIError) -> str:
-    """The event an OpenAI-style stream ends with when it fails: `data: {"error": {...}}`."""
-    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code))}\n\n"
-
-
-async def events_or_error(
-    events: AsyncGenerator[str, None], error_event: Callable[[APIError], str]
-) -> AsyncIterator[str]:
-    """`events`, ending with `error_event(the error)` if they fail (a request's failure, a shutdown), so a
-    client always learns why a stream ended (a connection cut short says nothing). Closed early (a client
-    that went away), it closes `events` at once, which aborts their requests."""
-    try:
-        async for event in events:
-            yield event
-    except Exception as exc:
-        yield error_event(stream_error(exc))
-    finally:
-        await events.aclose()

@@ -10,10 +10,8 @@ Several tabs are several clients: their generations batch together in the engine
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from fitllm.engine.request import SamplingParams
+from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.server import sse
 from fitllm.server.body import Body
-from fitllm.server.errors import APIError, bad_request, error_body
+from fitllm.server.errors import APIError, bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.state import get_state
-from fitllm.server.streaming import events_or_error
 from fitllm.studio.context import build_story_context
 
 router = APIRouter(route_class=OffloadedJSONRoute)
@@ -113,50 +111,45 @@ async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
     stream = await st.start_streams(st.engine.add(ctx.ids, params, f"studio-{uuid.uuid4().hex}"))
+    start = time.perf_counter()
+    first: float | None = None
 
-    async def events() -> AsyncIterator[str]:
-        start = time.perf_counter()
-        first = None
-        async with stream:
-            async for out in stream:
-                c = out.outputs[0]
-                if c.delta_text:
-                    first = first or time.perf_counter()
-                    yield f"data: {json.dumps({'text': c.delta_text})}\n\n"
-                if out.finished:
-                    n = len(c.token_ids)
-                    span = time.perf_counter() - (first or start)
-                    done = {
-                        "done": True,
-                        "finish_reason": c.finish_reason,
-                        "tokens": n,
-                        "prompt_tokens": len(ctx.ids),
-                        "dropped_tokens": ctx.story_tokens_dropped,
-                        "seconds": time.perf_counter() - start,
-                        "tokens_per_s": (n - 1) / span if n > 1 and span > 0 else None,
-                    }
-                    yield f"data: {json.dumps(done)}\n\n"
+    def delta(out: RequestOutput) -> str:
+        nonlocal first
+        first = first or time.perf_counter()
+        return sse.event({"text": out.outputs[0].delta_text})
 
-    return StreamingResponse(
-        events_or_error(events(), _error_event),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+    def final(out: RequestOutput) -> str:
+        n = len(out.outputs[0].token_ids)
+        span = time.perf_counter() - (first or start)
+        return sse.event(
+            {
+                "done": True,
+                "finish_reason": out.outputs[0].finish_reason,
+                "tokens": n,
+                "prompt_tokens": len(ctx.ids),
+                "dropped_tokens": ctx.story_tokens_dropped,
+                "seconds": time.perf_counter() - start,
+                "tokens_per_s": (n - 1) / span if n > 1 and span > 0 else None,
+            }
+        )
+
+    return sse.response(sse.request_events(stream, delta, final), _error_event, {"Cache-Control": "no-cache"})
 
 
 def _error_event(err: APIError) -> str:
     """A failed story stream's last event: the error (the page shows its message) and done."""
-    return f"data: {json.dumps(error_body(err.message, err.type, err.param, err.code) | {'done': True})}\n\n"
+    return sse.event(sse.error_data(err) | {"done": True})
 
 
 @router.get("/studio/api/memory")
 async def memory(request: Request) -> dict[str, Any]:
     """What the device memory holds now: the memory panel polls this."""
     st = get_state(request)
-    engine = st.engine.engine
-    if engine is None or not st.engine.ready:
+    model, snapshot = st.engine.served_model, st.engine.status()
+    if model is None or snapshot is None or not st.engine.ready:
         return {"ready": False, "time": time.time()}
-    status = engine.status()
+    status = snapshot.engine
     snap = status.ledger
     return {
         "ready": True,
@@ -171,7 +164,7 @@ async def memory(request: Request) -> dict[str, Any]:
         "slab_bytes": status.slab_bytes,
         "requests": status.requests,
         "model": st.model_name,
-        "context_length": engine.max_model_len,
-        "quantization": engine.quant.describe(),
-        "kv_cache_dtype": engine.kv_format.name,
+        "context_length": model.max_model_len,
+        "quantization": model.quantization,
+        "kv_cache_dtype": model.kv_cache_dtype,
     }

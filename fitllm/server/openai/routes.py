@@ -2,27 +2,31 @@
 /tokenizer_info.
 
 Each prompt x choice is one engine request (`n` choices of one prompt share its KV blocks through the
-prefix cache). Streams are server-sent events; a client that disconnects closes its streams, which aborts
-their requests and frees their blocks.
+prefix cache). Streams are server-sent events, every one of the same shape (`_chunks`: a chunk per choice
+update, the usage chunk if asked, then [DONE]; an error event then [DONE] if it fails); a client that
+disconnects closes its streams, which aborts their requests and frees their blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from fitllm.engine.async_engine import RequestStream
-from fitllm.engine.request import Logprob, RequestOutput, SamplingParams
+from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.engine.request_stream import RequestStream
+from fitllm.server import sse
 from fitllm.server.errors import APIError, bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
-from fitllm.server.protocol import (
+from fitllm.server.logprobs import chat_logprobs, legacy_logprobs
+from fitllm.server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -30,22 +34,51 @@ from fitllm.server.protocol import (
     TokenizeRequest,
 )
 from fitllm.server.state import ServerState, get_state
-from fitllm.server.streaming import collect, events_or_error, merged, sse_error
+from fitllm.server.streaming import collect, merged
 
 router = APIRouter(route_class=OffloadedJSONRoute)
 
 
-def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
 def _sse_error(err: APIError) -> str:
     """A stream's last events when it fails, as vLLM sends them: the error object, then [DONE]."""
-    return sse_error(err) + _sse("[DONE]")
+    return sse.event(sse.error_data(err)) + sse.event("[DONE]")
 
 
-def _event_stream(events: AsyncGenerator[str, None]) -> StreamingResponse:
-    return StreamingResponse(events_or_error(events, _sse_error), media_type="text/event-stream")
+@dataclass(slots=True)
+class _Usage:
+    """Tokens counted as a stream's outputs arrive, for its usage chunk."""
+
+    prompt: dict[int, int] = field(default_factory=dict)  # by prompt index
+    completion: int = 0
+
+    def see(self, prompt_index: int, out: RequestOutput) -> None:
+        self.prompt[prompt_index] = len(out.prompt_token_ids)
+        self.completion += len(out.outputs[0].delta_token_ids)
+
+    def as_dict(self) -> dict[str, int]:
+        return _usage(sum(self.prompt.values()), self.completion)
+
+
+async def _chunks(
+    choices: AsyncGenerator[dict[str, Any], None],
+    chunk: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    usage: Callable[[], dict[str, int]] | None,
+) -> AsyncIterator[str]:
+    """Every OpenAI stream: one chunk per choice update, the usage chunk if asked, then [DONE]."""
+    async with contextlib.aclosing(choices):
+        async for choice in choices:
+            yield sse.event(chunk([choice]))
+    if usage is not None:
+        yield sse.event(chunk([]) | {"usage": usage()})
+    yield sse.event("[DONE]")
+
+
+def _event_stream(
+    choices: AsyncGenerator[dict[str, Any], None],
+    chunk: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    usage: Callable[[], dict[str, int]] | None,
+) -> StreamingResponse:
+    return sse.response(_chunks(choices, chunk, usage), _sse_error)
 
 
 async def _start(
@@ -108,55 +141,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _token_text(st: ServerState, token_id: int, entry: Logprob | None = None) -> str:
-    if entry is not None and entry.decoded_token is not None:
-        return entry.decoded_token
-    return st.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def legacy_logprobs(
-    st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob] | None], offset: int
-) -> dict[str, Any]:
-    """The completions API's logprobs object for `token_ids` (text offsets start at `offset`); a None entry
-    (an echoed prompt's first token) has no logprob and no alternatives."""
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for tok, entry in zip(token_ids, entries, strict=False):
-        own = None if entry is None else entry.get(tok)
-        text = _token_text(st, tok, own)
-        tokens.append(text)
-        token_logprobs.append(None if own is None else own.logprob)
-        if entry is None:
-            top.append(None)
-        else:  # the token's own logprob wins where an alternative decodes to the same text
-            others = {_token_text(st, t, lp): lp.logprob for t, lp in entry.items() if t != tok}
-            top.append(others if own is None else others | {text: own.logprob})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int, Logprob]], top_n: int):
-    """The chat API's logprobs. `token` is the token decoded alone (U+FFFD where it holds part of a UTF-8
-    character); `bytes` are the token's own bytes, from which a client can rebuild the text exactly."""
-    token_bytes = st.tokenizer.token_bytes
-    content = []
-    for tok, entry in zip(token_ids, entries, strict=False):
-        text = _token_text(st, tok, entry.get(tok))
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:top_n]
-        content.append(
-            {
-                "token": text,
-                "logprob": entry[tok].logprob if tok in entry else None,
-                "bytes": list(token_bytes(tok)),
-                "top_logprobs": [
-                    {"token": _token_text(st, i, lp), "logprob": lp.logprob, "bytes": list(token_bytes(i))}
-                    for i, lp in ranked
-                ],
-            }
-        )
-    return {"content": content}
-
-
 # ---- routes --------------------------------------------------------------------------------------------
 
 
@@ -195,24 +179,25 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = await st.start_streams(_start(st, ids, params, body, cid))
-    model = body.model or st.model_name
+    model, served = body.model or st.model_name, st.model
 
     def echo_text(i: int, out: RequestOutput) -> str:
         p = prompts[i]
-        return p if isinstance(p, str) else st.tokenizer.decode(out.prompt_token_ids)
+        return p if isinstance(p, str) else served.tokenizer.decode(out.prompt_token_ids)
+
+    def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return _envelope("text_completion", cid, created, model, choices)
 
     if body.stream:
+        usage = _Usage()
 
-        async def events() -> AsyncIterator[str]:
+        async def choices() -> AsyncGenerator[dict[str, Any], None]:
             sent_echo: set[int] = set()
             next_offset: dict[int, int] = {}  # per choice: text offset of its next logprob token
-            prompt_tokens: dict[int, int] = {}
-            completion_tokens = 0
             async for k, out in merged(streams):
                 i = streams[k][0]
-                prompt_tokens[i] = len(out.prompt_token_ids)
+                usage.see(i, out)
                 c = out.outputs[0]
-                completion_tokens += len(c.delta_token_ids)
                 text = c.delta_text
                 if body.echo and k not in sent_echo:
                     sent_echo.add(k)
@@ -223,23 +208,18 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                 if body.logprobs is not None and c.delta_token_ids and c.logprobs is not None:
                     n = len(c.delta_token_ids)
                     offset = next_offset.get(k, 0)
-                    logprobs = legacy_logprobs(st, c.delta_token_ids, c.logprobs[-n:], offset)
+                    logprobs = legacy_logprobs(served, c.delta_token_ids, c.logprobs[-n:], offset)
                     next_offset[k] = offset + sum(len(t) for t in logprobs["tokens"])
                 if not text and not out.finished and logprobs is None:
                     continue
-                choice = {
+                yield {
                     "index": k,
                     "text": text,
                     "logprobs": logprobs,
                     "finish_reason": out.outputs[0].finish_reason if out.finished else None,
                 }
-                yield _sse(_envelope("text_completion", cid, created, model, [choice]))
-            if body.include_usage:
-                usage = _usage(sum(prompt_tokens.values()), completion_tokens)
-                yield _sse(_envelope("text_completion", cid, created, model, [], usage=usage))
-            yield _sse("[DONE]")
 
-        return _event_stream(events())
+        return _event_stream(choices(), chunk, usage.as_dict if body.include_usage else None)
 
     finals = await collect(request, streams)
     choices = []
@@ -249,11 +229,11 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         text = c.text
         logprobs = None
         if body.logprobs is not None:
-            logprobs = legacy_logprobs(st, c.token_ids, c.logprobs or [], 0)
+            logprobs = legacy_logprobs(served, c.token_ids, c.logprobs or [], 0)
         if body.echo:
             prefix = echo_text(i, out)
             if logprobs is not None and prompt_scores is not None:
-                head = legacy_logprobs(st, *prompt_scores[i], 0)
+                head = legacy_logprobs(served, *prompt_scores[i], 0)
                 logprobs = {
                     "tokens": head["tokens"] + logprobs["tokens"],
                     "token_logprobs": head["token_logprobs"] + logprobs["token_logprobs"],
@@ -278,12 +258,13 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
     prompts = body.prompts()
     ids = await token_prompts(st, prompts, 0, "prompt")
     cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), body.model or st.model_name
+    served = st.model
     choices = []
     for i, (prompt, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
-        text = prompt if isinstance(prompt, str) else st.tokenizer.decode(prompt_ids)
+        text = prompt if isinstance(prompt, str) else served.tokenizer.decode(prompt_ids)
         logprobs = None
         if body.logprobs is not None:
-            logprobs = legacy_logprobs(st, *await st.score_prompt(prompt_ids, body.logprobs), 0)
+            logprobs = legacy_logprobs(served, *await st.score_prompt(prompt_ids, body.logprobs), 0)
         for j in range(body.n):
             choices.append(
                 {"index": i * body.n + j, "text": text, "logprobs": logprobs, "finish_reason": "length"}
@@ -291,14 +272,14 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
     usage = _usage(sum(len(p) for p in ids), 0)
     if body.stream:
 
-        async def events() -> AsyncIterator[str]:
+        async def each() -> AsyncGenerator[dict[str, Any], None]:
             for choice in choices:
-                yield _sse(_envelope("text_completion", cid, created, model, [choice]))
-            if body.include_usage:
-                yield _sse(_envelope("text_completion", cid, created, model, [], usage=usage))
-            yield _sse("[DONE]")
+                yield choice
 
-        return _event_stream(events())
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            return _envelope("text_completion", cid, created, model, choices)
+
+        return _event_stream(each(), chunk, (lambda: usage) if body.include_usage else None)
     return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
 
 
@@ -319,56 +300,39 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = await st.start_streams(_start(st, ids, params, body, cid))
-    model = body.model or st.model_name
+    model, served = body.model or st.model_name, st.model
 
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
     if body.stream:
+        usage = _Usage()
 
-        async def events() -> AsyncIterator[str]:
+        async def choices() -> AsyncGenerator[dict[str, Any], None]:
             for k in range(len(streams)):
-                yield _sse(
-                    chunk(
-                        [
-                            {
-                                "index": k,
-                                "delta": {"role": "assistant", "content": ""},
-                                "logprobs": None,
-                                "finish_reason": None,
-                            }
-                        ]
-                    )
-                )
-            prompt_tokens, completion_tokens = 0, 0
+                yield {
+                    "index": k,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
             async for k, out in merged(streams):
-                prompt_tokens = len(out.prompt_token_ids)
+                usage.see(streams[k][0], out)
                 c = out.outputs[0]
-                completion_tokens += len(c.delta_token_ids)
                 logprobs = None
                 if body.logprobs and c.delta_token_ids and c.logprobs is not None:
                     n = len(c.delta_token_ids)
-                    logprobs = chat_logprobs(st, c.delta_token_ids, c.logprobs[-n:], top_n)
+                    logprobs = chat_logprobs(served, c.delta_token_ids, c.logprobs[-n:], top_n)
                 if not c.delta_text and not out.finished and logprobs is None:
                     continue
-                delta = {"content": c.delta_text} if c.delta_text else {}
-                yield _sse(
-                    chunk(
-                        [
-                            {
-                                "index": k,
-                                "delta": delta,
-                                "logprobs": logprobs,
-                                "finish_reason": out.outputs[0].finish_reason if out.finished else None,
-                            }
-                        ]
-                    )
-                )
-            if body.include_usage:
-                yield _sse(chunk([]) | {"usage": _usage(prompt_tokens, completion_tokens)})
-            yield _sse("[DONE]")
+                yield {
+                    "index": k,
+                    "delta": {"content": c.delta_text} if c.delta_text else {},
+                    "logprobs": logprobs,
+                    "finish_reason": out.outputs[0].finish_reason if out.finished else None,
+                }
 
-        return _event_stream(events())
+        return _event_stream(choices(), chunk, usage.as_dict if body.include_usage else None)
 
     finals = await collect(request, streams)
     choices = []
@@ -378,7 +342,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             {
                 "index": k,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(st, c.token_ids, c.logprobs or [], top_n)
+                "logprobs": chat_logprobs(served, c.token_ids, c.logprobs or [], top_n)
                 if body.logprobs
                 else None,
                 "finish_reason": out.outputs[0].finish_reason,

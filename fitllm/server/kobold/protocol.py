@@ -1,0 +1,220 @@
+"""KoboldAI / KoboldCpp request bodies, with KoboldCpp's defaults, and their translation: the context
+(memory and prompt trimmed as KoboldCpp trims them) and SamplingParams (its samplers and sampler order).
+
+- `memory` is kept whole at the front; the prompt is trimmed from its oldest tokens so that memory +
+  prompt + max_length fit max_context_length (itself capped by --max-model-len), and max_length is capped
+  so some context always remains.
+- Samplers: temperature (<= 0: greedy), top_k (< 1: off), top_p, min_p, rep_pen over the last
+  rep_pen_range tokens with rep_pen_slope, presence_penalty over the same window, logit_bias, sampler_seed,
+  stop_sequence with trim_stop (default on: the stop string is cut from the text), the default
+  sampler_order (repetition penalties, truncations, then temperature). Samplers fitllm does not implement
+  (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, banned
+  strings, images) are accepted only at their neutral values; anything else is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydantic import Field
+
+from fitllm.engine.request import SamplingParams
+from fitllm.loader.tokenizer import Tokenizer
+from fitllm.server.body import Body
+from fitllm.server.errors import bad_request
+from fitllm.server.kobold.jobs import MAX_GENKEY_CHARS
+
+DEFAULT_MAX_LENGTH = 100
+DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
+# SamplingParams fields -> the Kobold fields they come from, so an error names what the client sent.
+KOBOLD_NAMES = {
+    "repetition_penalty": "rep_pen",
+    "repetition_penalty_range": "rep_pen_range",
+    "repetition_penalty_slope": "rep_pen_slope",
+    "max_tokens": "max_length",
+    "seed": "sampler_seed",
+}
+KOBOLD_LOGPROBS = 5  # alternatives per token KoboldCpp reports (its logprobs_max)
+REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
+
+
+class ContextModel(Protocol):
+    """What trimming needs of the served model (fitllm/engine/view.py ServedModel)."""
+
+    tokenizer: Tokenizer
+    max_model_len: int
+
+
+class KoboldGenerateRequest(Body):
+    """POST /api/v1/generate and /api/extra/generate/stream, with KoboldCpp's defaults."""
+
+    prompt: str = ""
+    memory: str = ""
+    max_length: int = DEFAULT_MAX_LENGTH
+    max_context_length: int | None = None
+    temperature: float = 0.75
+    top_k: int = 100
+    top_p: float = 0.92
+    min_p: float = 0.0
+    top_a: float = 0.0
+    typical: float = 1.0
+    tfs: float = 1.0
+    nsigma: float = 0.0
+    rep_pen: float = 1.0
+    rep_pen_range: int = 320
+    rep_pen_slope: float = 1.0
+    presence_penalty: float = 0.0
+    sampler_order: list[int] | None = None
+    sampler_seed: int = -1
+    stop_sequence: list[str] | None = None
+    trim_stop: bool = True
+    genkey: str = Field(default="", max_length=MAX_GENKEY_CHARS)
+    mirostat: int = 0
+    dynatemp_range: float = 0.0
+    smoothing_factor: float = 0.0
+    dry_multiplier: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.2
+    grammar: str = ""
+    banned_tokens: list[str] | None = None
+    banned_strings: list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    use_default_badwordsids: bool = False
+    ban_eos_token: bool | None = None
+    bypass_eos: bool = False
+    images: list[Any] | None = None
+    logprobs: bool = False  # KoboldAI Lite's token-probability view: the top KOBOLD_LOGPROBS per token
+
+
+class GenkeyRequest(Body):
+    genkey: str = Field(default="", max_length=MAX_GENKEY_CHARS)
+
+
+class TokenCountRequest(Body):
+    prompt: str = ""
+    special: bool = True
+
+
+class DetokenizeRequest(Body):
+    ids: list[int]
+
+
+def _reject_unsupported(body: KoboldGenerateRequest) -> None:
+    """400 for a sampler fitllm does not implement set to a non-neutral value (never silently ignored)."""
+    unsupported = [
+        ("top_a", body.top_a > 0, "0"),
+        ("typical", body.typical < 1, "1"),
+        ("tfs", body.tfs < 1, "1"),
+        ("nsigma", body.nsigma > 0, "0"),
+        ("mirostat", body.mirostat in (1, 2), "0"),
+        ("dynatemp_range", body.dynatemp_range > 0, "0"),
+        ("smoothing_factor", body.smoothing_factor > 0, "0"),
+        ("dry_multiplier", body.dry_multiplier > 0, "0"),
+        ("xtc_probability", body.xtc_probability > 0 and body.xtc_threshold <= 0.5, "0"),
+        ("grammar", bool(body.grammar), "empty"),
+        ("banned_tokens", bool(body.banned_tokens or body.banned_strings), "empty"),
+        ("images", bool(body.images), "empty"),
+    ]
+    for name, used, neutral in unsupported:
+        if used:
+            raise bad_request(f"{name} is not supported by fitllm; set it to {neutral} (off)", name)
+
+
+def _temperature_last(body: KoboldGenerateRequest) -> bool:
+    """Map sampler_order onto the orders fitllm's sampler has: repetition penalties first, top-k before
+    top-p / min-p, temperature either before every active cut or after all of them."""
+    order = body.sampler_order or DEFAULT_SAMPLER_ORDER
+    if sorted(set(order)) != sorted(order) or any(not 0 <= s <= 6 for s in order):
+        raise bad_request(f"sampler_order must list distinct sampler ids 0-6; got {order}", "sampler_order")
+    pos = {s: i for i, s in enumerate(order)}
+    active = [s for s, on in ((TOP_K, body.top_k >= 1), (TOP_P, body.top_p < 1 or body.min_p > 0)) if on]
+    if REP_PEN in pos and any(pos.get(s, -1) < pos[REP_PEN] for s in (*active, TEMPERATURE) if s in pos):
+        raise bad_request("sampler_order: fitllm applies repetition penalties (6) first", "sampler_order")
+    if TOP_K in active and TOP_P in active and pos.get(TOP_P, 99) < pos.get(TOP_K, 99):
+        raise bad_request("sampler_order: fitllm applies top_k (0) before top_p (2)", "sampler_order")
+    t = pos.get(TEMPERATURE, len(order))
+    before = [s for s in active if pos.get(s, 99) < t]
+    if before and len(before) != len(active):
+        raise bad_request(
+            "sampler_order: temperature (5) must come before or after all active truncation samplers",
+            "sampler_order",
+        )
+    return bool(before)
+
+
+def _reject_non_finite(body: KoboldGenerateRequest) -> None:
+    """400 for a NaN or infinite number: the clamps below (max, min) would silently turn NaN into a
+    neutral value (a NaN temperature into greedy, a NaN top_p into off), answering another question."""
+    numbers = [(n, v) for n in type(body).model_fields if isinstance(v := getattr(body, n), float)]
+    numbers += [(f"logit_bias[{k}]", v) for k, v in (body.logit_bias or {}).items()]
+    for name, value in numbers:
+        if not math.isfinite(value):
+            raise bad_request(f"{name} must be a finite number; got {value}", name.split("[")[0])
+
+
+def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: Sequence[int]) -> SamplingParams:
+    _reject_non_finite(body)
+    _reject_unsupported(body)
+    bias: dict[int, float] = {}
+    for k, v in (body.logit_bias or {}).items():
+        try:
+            bias[int(k)] = max(-100.0, min(100.0, float(v)))
+        except ValueError as exc:
+            raise bad_request("logit_bias keys must be token ids", "logit_bias") from exc
+    ban_eos = body.ban_eos_token if body.ban_eos_token is not None else body.use_default_badwordsids
+    if ban_eos:
+        bias.update(dict.fromkeys(eos_ids, -100.0))
+    stops = [s for s in (body.stop_sequence or []) if s]
+    try:
+        return SamplingParams(
+            temperature=max(0.0, body.temperature),
+            # KoboldCpp: top_p 0 keeps only the most likely token; above 1, off.
+            top_k=1 if body.top_p <= 0 else max(0, body.top_k),
+            top_p=min(1.0, body.top_p) if body.top_p > 0 else 1.0,
+            min_p=max(0.0, body.min_p),
+            repetition_penalty=body.rep_pen,
+            repetition_penalty_range=max(1, body.rep_pen_range),
+            repetition_penalty_slope=body.rep_pen_slope,
+            presence_penalty=body.presence_penalty,
+            temperature_last=_temperature_last(body),
+            seed=body.sampler_seed if body.sampler_seed > 0 else None,
+            max_tokens=max_length,
+            stop=stops,
+            include_stop_str_in_output=not body.trim_stop,
+            ignore_eos=bool(ban_eos or body.bypass_eos),
+            logit_bias=bias or None,
+            logprobs=KOBOLD_LOGPROBS if body.logprobs else None,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        name = message.split(" ", 1)[0]
+        kobold = KOBOLD_NAMES.get(name)
+        raise bad_request(message.replace(name, kobold, 1) if kobold else message, kobold) from exc
+
+
+def build_context(model: ContextModel, body: KoboldGenerateRequest) -> tuple[list[int], int]:
+    """(prompt token ids, max_length): memory whole at the front, then the newest prompt tokens that fit
+    max_context_length - max_length (KoboldCpp's trimming)."""
+    tok = model.tokenizer
+    # 0 is a length, not "unset" (KoboldCpp takes it as given), so it is refused below like any short one.
+    asked = model.max_model_len if body.max_context_length is None else body.max_context_length
+    ctx = min(asked, model.max_model_len)
+    if ctx < 8:
+        raise bad_request(f"max_context_length must be at least 8; got {ctx}", "max_context_length")
+    if body.max_length < 1:
+        raise bad_request(f"max_length must be at least 1; got {body.max_length}", "max_length")
+    max_length = min(body.max_length, ctx - max(min(ctx - 4, 16), int(0.2 * ctx)))
+    bos = tok.encode("", add_special_tokens=True)  # [BOS] for models that start with it, else []
+    memory = tok.encode(body.memory, add_special_tokens=False) if body.memory else []
+    prompt = tok.encode(body.prompt, add_special_tokens=False)
+    room = ctx - max_length - len(bos)
+    if len(memory) > room - 1:
+        memory = memory[len(memory) - (room - 1) :]  # memory alone overflows: its oldest tokens go
+    keep = room - len(memory)
+    prompt = prompt[len(prompt) - keep :] if len(prompt) > keep else prompt
+    ids = bos + memory + prompt
+    if len(ids) == len(bos):
+        raise bad_request("the prompt is empty", "prompt")
+    return ids, max_length

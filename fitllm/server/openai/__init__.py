@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: request bodies (protocol.py) and routes (routes.py)."""
