@@ -1,9 +1,10 @@
 """Scheduler over a real KVCacheManager with fake requests and a fake model.
 
-A simulated step: schedule(), "run" the scheduled tokens (write them into a shadow KV cache), append a
-fake sampled token for every item that samples, update_after_step(), finish requests that reached
-max_tokens. The fake token at each position is a fixed function of (request, position), so recomputation
-after preemption must reproduce exactly the same sequence.
+A simulated step, as the engine drives it: schedule(), "run" the scheduled tokens (write them into a shadow
+KV cache), update_after_launch(), then update_from_output() with a fake sampled token for every request that
+samples (the scheduler appends it, publishes blocks, stops the request at max_tokens and frees it). The fake
+token at each position is a fixed function of (request, position), so recomputation after preemption must
+reproduce exactly the same sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus, SamplingParams
+from fitllm.engine.sampler import SampleResult
 from fitllm.engine.scheduler import Scheduler
 from fitllm.memory.kv.block_pool import BlockPool
 from fitllm.memory.kv.manager import KVCacheManager
@@ -50,7 +52,7 @@ class Sim:
         self.max_num_seqs = max_num_seqs
         self.pool = BlockPool(num_blocks, enable_caching=caching)
         self.kv = KVCacheManager(self.pool, block_size)
-        self.sched = Scheduler(self.kv, max_num_seqs, budget)
+        self.sched = Scheduler(self.kv, max_num_seqs, budget, max_model_len=1 << 20)
         self.all: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
         self.content: dict[int, list[int | None]] = {}  # shadow KV: token held by each slot
@@ -171,15 +173,22 @@ class Sim:
                 self.content.setdefault(blk, [None] * self.bs)[p % self.bs] = r.token_ids[p]
             if s.samples:
                 sampling.append(r)
-        self.sched.update_after_step(out)
+        self.sched.update_after_launch(out)
+        tokens = []
         for r in sampling:
-            assert r.num_computed_tokens == r.num_tokens
-            r.token_ids.append(fake_token(r, r.num_tokens))
+            assert r.num_computed_tokens == r.num_tokens and r.num_output_placeholders == 1
+            tokens.append(fake_token(r, r.num_tokens))
             self.num_samples[r.request_id] += 1
-            if r.num_output_tokens >= r.params.max_tokens:
-                r.status = RequestStatus.FINISHED_LENGTH
-                self.sched.remove(r)
-                self.finished[r.request_id] = r
+        update = self.sched.update_from_output(
+            sampling, SampleResult(tokens, [None] * len(tokens), [None] * len(tokens))
+        )
+        assert update.new_tokens == sampling
+        for r in sampling:
+            assert r.num_output_placeholders == 0
+            assert (r.num_output_tokens >= r.params.max_tokens) == (r in update.finished)
+        for r in update.finished:
+            assert r.status is RequestStatus.FINISHED_LENGTH and r.request_id not in self.sched.requests
+            self.finished[r.request_id] = r
         self.check_pool()
         self.check_queues()
         return out
@@ -415,13 +424,12 @@ def test_remove_waiting_request_frees_it():
     b = sim.add("r1", [2] * 5, 3, arrival=1.0)
     sim.step()
     assert sim.sched.waiting == [b]
-    sim.sched.remove(b)
-    b.status = RequestStatus.FINISHED_ABORTED
+    assert sim.sched.finish_requests(["r1"], RequestStatus.FINISHED_ABORTED) == [b]
+    assert b.status is RequestStatus.FINISHED_ABORTED
     sim.finished["r1"] = b
     assert sim.sched.num_waiting == 0
     sim.check_queues()
-    sim.sched.remove(a)
-    a.status = RequestStatus.FINISHED_ABORTED
+    assert sim.sched.finish_requests(["r0", "r0", "nobody"], RequestStatus.FINISHED_ABORTED) == [a]
     sim.finished["r0"] = a
     assert not sim.sched.has_unfinished()
     assert sim.pool.num_used_blocks == 0

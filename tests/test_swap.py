@@ -150,14 +150,16 @@ def test_swapped_request_resumes_without_recomputing(tiny, prompts, reference):
     """A swapped request is re-admitted with its computed tokens; it never prefills its prompt twice."""
     eng = tight_engine(tiny, "swap", swap_space=64 << 20)
     computed_at_resume = []
-    orig = eng.swapper.swap_in
+    orig = eng.runner.swap
 
-    def swap_in(request_id):
-        n = orig(request_id)
-        computed_at_resume.append((n, eng.requests[request_id]))
-        return n
+    def swap(swap_out, swap_in):
+        for copy in swap_in:
+            req = eng.requests[copy.request_id]
+            assert req.num_computed_tokens == len(copy.slots)  # resumed with what came back
+            computed_at_resume.append((len(copy.slots), req))
+        return orig(swap_out, swap_in)
 
-    eng.swapper.swap_in = swap_in
+    eng.runner.swap = swap
     assert run_all(eng, prompts) == reference
     assert computed_at_resume
     for n, req in computed_at_resume:
