@@ -217,3 +217,42 @@ def test_high_priority_arrival_preempts_running_low_priority_requests(tiny, prom
         eng.check_integrity()
     assert [done[r] for r in low] == reference[:3]
     assert done[high] == reference[3]
+
+
+def test_the_scheduler_records_swaps_and_the_runner_copies_them(tiny, prompts, reference):
+    """No K/V byte moves while scheduling: each swap is a copy in the SchedulerOutput (outs before ins),
+    made by the runner before the step's forward, one read per swap-out and one write per swap-in."""
+    eng = tight_engine(tiny, "swap", swap_space=64 << 20)
+    scheduling, copies = [False], []
+    schedule, swap = eng.scheduler.schedule, eng.runner.swap
+
+    def spy_schedule():
+        scheduling[0] = True
+        try:
+            return schedule()
+        finally:
+            scheduling[0] = False
+
+    def spy_swap(swap_out, swap_in):
+        ids = [c.request_id for c in swap_out]
+        assert all(eng.requests[r].num_preemptions > 0 for r in ids)
+        return swap(swap_out, swap_in)
+
+    def spying(name):
+        orig = getattr(eng.storage, name)
+
+        def spy(slots, tensor):
+            assert not scheduling[0], f"{name} while scheduling"
+            copies.append(name)
+            return orig(slots, tensor)
+
+        return spy
+
+    for name in ("read_slots", "write_slots"):
+        setattr(eng.storage, name, spying(name))
+    eng.scheduler.schedule, eng.runner.swap = spy_schedule, spy_swap
+    assert run_all(eng, prompts) == reference
+    sw = eng.swapper
+    assert copies.count("read_slots") == sw.num_swap_outs > 0
+    assert copies.count("write_slots") == sw.num_swap_ins == sw.num_swap_outs
+    assert sw.ledger.current("kv_swapped") == 0

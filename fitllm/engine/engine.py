@@ -601,8 +601,9 @@ class Engine:
         return error_output(req, error)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        """End a request for a reason the output stage found; one its token already ended (by length or
-        EOS) keeps ended and takes this reason, which outranks those."""
+        """End a request for a reason only the engine sees (a stop string, an error). One that its new token
+        already ended (by length, EOS or a stop token id) stays ended and takes this reason, which outranks
+        those, as it did when one function made every check."""
         if not self.scheduler.finish_requests([req.request_id], status):
             req.mark_finished(status)
 

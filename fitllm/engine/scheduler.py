@@ -73,7 +73,7 @@ def check_stop(
     req: Request, token: int, eos_token_ids: Iterable[int], max_model_len: int
 ) -> RequestStatus | None:
     """The request's status after `token` (already appended) if it stops here, else None. Stop strings are
-    the output stage's (they need the text): one found there outranks these (`finish_requests`)."""
+    the engine's output stage's (they need the text); one the same token completes is the reason given."""
     p = req.params
     if req.num_output_tokens < p.min_tokens:
         # min_tokens defers stop conditions, never the context limit.
