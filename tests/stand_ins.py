@@ -28,3 +28,44 @@ class ReplayCapturer:
 
     def pool_bytes(self) -> int:
         return 0
+
+
+class LogitsTap:
+    """The model's float32 logits of each request that sampled in the last step the engine read, before the
+    sampler's in-place edits (penalties, bias, temperature): `tap.last[request_id]`, for parity checks.
+
+    It wraps this engine's `Sampler.sample` (to copy the logits it is given) and the engine's step reader
+    (so that, with async scheduling too, `last` is the step whose tokens the engine just returned); leaving
+    the `with` block (or `close`) puts both back."""
+
+    def __init__(self, engine) -> None:
+        self.last: dict[str, torch.Tensor] = {}
+        self._engine, self._sampler = engine, engine.runner.sampler
+        pending: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}  # id(SampledBatch): (it, its logits)
+        sample, resolve = self._sampler.sample, engine._resolve
+
+        def tapped_sample(logits: torch.Tensor, requests: list) -> object:
+            kept = {
+                r.request_id: logits[i].to("cpu", torch.float32, copy=True) for i, r in enumerate(requests)
+            }
+            batch = sample(logits, requests)
+            pending[id(batch)] = (batch, kept)
+            return batch
+
+        def tapped_resolve(step) -> list:
+            entry = None if step.samples is None else pending.pop(id(step.samples), None)
+            outputs = resolve(step)
+            if entry is not None:
+                self.last = entry[1]
+            return outputs
+
+        self._sampler.sample, engine._resolve = tapped_sample, tapped_resolve
+
+    def close(self) -> None:
+        del self._sampler.sample, self._engine._resolve
+
+    def __enter__(self) -> LogitsTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
