@@ -267,10 +267,10 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from benchmarks.measure import PhaseMemoryProbe
     from fitllm.engine.engine import Engine
     from fitllm.engine.scorer import SequenceScorer
     from fitllm.eval.perplexity import perplexity, read_text
+    from fitllm.memory.host import PhaseMemoryProbe
     from fitllm.units import format_bytes
 
     if not args.text.is_file():
