@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from fitllm.engine.request import SamplingParams
     from fitllm.loader import open_model
     from fitllm.memory.budget import resolve_budget
-    from fitllm.memory.planner import make_plan
     from fitllm.model.attention import resolve_attention_backend
+    from fitllm.plan.planner import make_plan
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -36,7 +36,7 @@ def measure_one(model: str | None, dtype: str, method: str) -> dict:
     from fitllm.config import resolve_dtype
     from fitllm.loader import build_model, open_model
     from fitllm.memory.host import PhaseMemoryProbe, host_memory
-    from fitllm.memory.planner import weight_breakdown
+    from fitllm.plan.weights import weight_breakdown
     from fitllm.quant import get_quant_method
 
     name, _, group = method.partition(":")

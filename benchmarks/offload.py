@@ -3,7 +3,7 @@ the cost model's prediction.
 
 One engine per offloaded fraction (--cpu-offload-gb set to that share of the layers), all built in one
 process and timed in alternating rounds, so the ratios against the resident engine are what to read on
-a shared machine. The prediction (fitllm/memory/offload.py) takes two measured inputs: the transfer
+a shared machine. The prediction (fitllm/memory/offload/placement.py) takes two measured inputs: the transfer
 bandwidth of the tier (a file read on CPU, pinned host -> device on CUDA), measured here, and the compute
 of one layer, which is the fully resident engine's measured step time over its layer count at the same
 batch. Each step decodes one token for every request of the batch.
@@ -40,7 +40,7 @@ def _layers_bytes(cfg) -> int:
     """Resident bytes of all decoder layers for this configuration (from the planner)."""
     from fitllm.config import resolve_dtype
     from fitllm.loader import open_model
-    from fitllm.memory.planner import weight_breakdown
+    from fitllm.plan.weights import weight_breakdown
     from fitllm.quant import get_quant_method
 
     source = open_model(cfg.model)
@@ -51,8 +51,8 @@ def _layers_bytes(cfg) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from fitllm.args import engine_config_from_args
-    from fitllm.memory.bandwidth import measure_offload_estimate
-    from fitllm.memory.offload import predicted_tokens_per_s
+    from fitllm.memory.offload.bandwidth import measure_offload_estimate
+    from fitllm.memory.offload.placement import predicted_tokens_per_s
 
     base = engine_config_from_args(args)
     # The resident engine comes first: its step time is the compute the prediction needs.

@@ -161,7 +161,7 @@ def hf_decode(folder: Path, args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     folder = random_checkpoint(args.size, args.checkpoint_dir, getattr(torch, args.dtype))
-    from fitllm.memory.bandwidth import memory_bandwidth
+    from fitllm.memory.offload.bandwidth import memory_bandwidth
 
     bandwidth = memory_bandwidth(device, nbytes=1 << 30)  # a device-to-device copy, read + write
     rows = []

@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         for w in workload
     ]
     kv_bytes = (  # the live slabs at load: one, for the elastic pool
-        engine.pool.num_blocks * engine.block_size * engine.model_config.kv_bytes_per_token(engine.dtype)
+        engine.pool.num_blocks * engine.block_size * engine.kv_bytes_per_token
     )
     load = {
         "fitllm": {"seconds": fitllm_load_s, "memory": load_mem.result.as_dict(), "kv_pool_bytes": kv_bytes},

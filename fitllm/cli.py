@@ -45,11 +45,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.config import ModelConfig, resolve_dtype
     from fitllm.engine.cuda_graphs import eager_reason
     from fitllm.loader import open_model
-    from fitllm.memory.bandwidth import measure_offload_estimate
     from fitllm.memory.budget import resolve_budget
-    from fitllm.memory.offload import OffloadEstimate
-    from fitllm.memory.planner import Plan, make_plan
+    from fitllm.memory.offload.bandwidth import measure_offload_estimate
+    from fitllm.memory.offload.placement import OffloadEstimate
     from fitllm.model.attention import resolve_attention_backend
+    from fitllm.plan.planner import Plan, make_plan
     from fitllm.quant import default_group_size
 
     engine_config = engine_config_from_args(args)

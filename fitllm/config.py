@@ -42,11 +42,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """Bytes of KV cache one token occupies across all layers (K and V, every KV head)."""
-        elements = self.num_hidden_layers * 2 * self.num_key_value_heads * self.head_dim
-        return elements * torch.empty((), dtype=dtype).element_size()
-
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
         """Normalise a Hugging Face config.json (Llama, Mistral, Qwen2, SmolLM, GLM-4, ChatGLM, XGLM), every
@@ -217,7 +212,7 @@ def _quantizations() -> tuple[str, ...]:
 
 
 def _kv_cache_dtypes() -> tuple[str, ...]:
-    from fitllm.quant.kv import KV_CACHE_DTYPES
+    from fitllm.memory.kv.format import KV_CACHE_DTYPES
 
     return KV_CACHE_DTYPES
 
@@ -342,7 +337,7 @@ class EngineConfig:
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
         check_choices(self, "async_scheduling", "preemption_mode")
-        from fitllm.quant.kv import check_kv_cache_dtype
+        from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.swap_space is not None and self.swap_space < 0:

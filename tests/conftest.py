@@ -259,7 +259,7 @@ def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
     probe = Engine(
         EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
     )
-    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe._per_block
+    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
 
 
 # ---- a live fitllm server on the default model (tests/test_server*.py) -------------------------------------

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import fitllm.memory.block_pool as block_pool_module
+import fitllm.memory.kv.block_pool as block_pool_module
 from fitllm.config import cdiv
-from fitllm.memory.block_pool import BlockHash, BlockPool
-from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.kv.block_pool import BlockHash, BlockPool
+from fitllm.memory.kv.manager import KVCacheManager
 
 BS = 4  # small blocks so short token lists span several
 

@@ -12,9 +12,9 @@ from conftest import make_random_checkpoint
 from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
-from fitllm.memory.planner import weight_breakdown
 from fitllm.model.linear import ColumnParallelLinear, QKVParallelLinear
 from fitllm.model.registry import default_dtype
+from fitllm.plan.weights import weight_breakdown
 from fitllm.quant import get_quant_method
 from fitllm.quant.bnb import BnbInt8Method
 

@@ -14,8 +14,8 @@ from fitllm.config import EngineConfig
 from fitllm.engine.cuda_graphs import capture_decode_graphs, eager_reason
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.memory.planner import capture_sizes, graph_pool_bytes
 from fitllm.model.attention import KernelMetadata
+from fitllm.plan.planner import capture_sizes, graph_pool_bytes
 
 
 def test_capture_sizes_cover_every_batch_up_to_max_num_seqs():

@@ -82,7 +82,7 @@ def test_gpu_graph_pool_is_in_the_workspace(llama):
 
 @pytest.mark.parametrize("max_num_seqs", [8, 64])
 def test_gpu_static_kv_leaves_the_planned_graph_pool_which_covers_the_measured_one(llama, max_num_seqs):
-    from fitllm.memory.planner import graph_pool_bytes
+    from fitllm.plan.planner import graph_pool_bytes
 
     engine = Engine(
         EngineConfig(
@@ -163,8 +163,8 @@ def test_gpu_offload_greedy_matches_resident_within_the_budget(llama4, prefetch)
     """0, 50 and 100% of the decoder layers streamed from pinned host memory give the resident greedy
     tokens; staging is prefetch x one packed layer and the ledger stays within the budget every step."""
     from fitllm.loader import open_model
-    from fitllm.memory.copy_engine import StreamCopyEngine
-    from fitllm.memory.planner import weight_breakdown
+    from fitllm.memory.offload.copy_engine import StreamCopyEngine
+    from fitllm.plan.weights import weight_breakdown
 
     weights = weight_breakdown(open_model(str(llama4)).config, torch.float32)
     layer_bytes = weights.layer_stream_bytes

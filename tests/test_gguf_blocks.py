@@ -107,7 +107,7 @@ def test_q8_0_gguf_loads_into_int8_end_to_end(tmp_path, monkeypatch):
     from conftest import run_engine, write_random_gguf
 
     from fitllm import Engine, EngineConfig
-    from fitllm.memory.planner import weight_breakdown
+    from fitllm.plan.weights import weight_breakdown
     from fitllm.quant.int8 import Int8Method
 
     path = tmp_path / "tiny-q8_0.gguf"

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.memory.block_pool import BlockHash, BlockPool
+from fitllm.memory.kv.block_pool import BlockHash, BlockPool
 
 
 class FakeSlabs:
@@ -167,7 +167,7 @@ def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
         assert eng.ledger.total <= eng.ledger.budget
     assert peak_slabs >= 2 and high_blocks > 0
     # Only written KV pages are resident: RSS grows by the blocks used beyond slab 0 (and activations).
-    written_high = high_blocks * eng._per_block
+    written_high = high_blocks * eng.storage.block_bytes
     rss_peak = _rss()
     assert rss_peak - rss_before >= written_high * 0.8
     eng.release_idle_memory()
@@ -240,7 +240,7 @@ def test_tight_budget_random_workloads_match_unconstrained_runs(tiny, w):
 
     reference = [_reference(tiny, prompt)[:n] for prompt, n, _, _ in w["requests"]]
     patch = (
-        mock.patch("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+        mock.patch("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
         if w["storage"] == "slabs"
         else contextlib.nullcontext()
     )

@@ -1,4 +1,4 @@
-"""Quantized KV cache (`--kv-cache-dtype int8|fp8`, fitllm/quant/kv.py): the codec's error bounds and row
+"""Quantized KV cache (`--kv-cache-dtype int8|fp8`, fitllm/memory/kv/format.py): the codec's error bounds and row
 layout, and the engine end to end (logits against the model-dtype cache, bytes against the planner,
 swapping quantized blocks)."""
 
@@ -10,9 +10,9 @@ from conftest import fixed_and_block_bytes, make_random_checkpoint, run_all, run
 from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
-from fitllm.memory.planner import make_plan
-from fitllm.quant import kv as kv_module
-from fitllm.quant.kv import SCALE_BYTES, KVCacheFormat, kv_bytes_per_token
+from fitllm.memory.kv import format as kv_module
+from fitllm.memory.kv.format import SCALE_BYTES, KVCacheFormat, kv_bytes_per_token
+from fitllm.plan.planner import make_plan
 
 
 def _vectors(seed: int = 0) -> torch.Tensor:

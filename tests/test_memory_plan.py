@@ -15,8 +15,10 @@ from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
+from fitllm.memory.kv.format import kv_bytes_per_token
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.weights import weight_breakdown
 
 
 def test_ledger_reserve_release_and_peak():
@@ -83,7 +85,7 @@ def test_planned_weights_and_kv_equal_what_the_engine_allocates(engine):
     assert planned.total == actual_weights
     kv_bytes = engine.storage.bytes_allocated
     tokens = engine.pool.num_blocks * engine.block_size
-    assert engine.model_config.kv_bytes_per_token(torch.bfloat16) * tokens == kv_bytes
+    assert kv_bytes_per_token(engine.model_config, torch.bfloat16) * tokens == kv_bytes
 
 
 def test_plan_fits_and_auto_context():
@@ -150,8 +152,8 @@ def test_engine_sizes_kv_pool_within_budget():
     budget = weights + (100 << 20)
     eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=budget, max_model_len=512, max_num_seqs=64))
     assert eng.ledger.total <= budget
-    assert eng.ledger.current("kv") == eng.pool.num_blocks * eng.block_size * cfg.kv_bytes_per_token(
-        torch.bfloat16
+    assert eng.ledger.current("kv") == eng.pool.num_blocks * eng.block_size * kv_bytes_per_token(
+        cfg, torch.bfloat16
     )
 
 
@@ -159,7 +161,7 @@ def test_engine_max_model_len_auto_is_what_the_budget_holds():
     cfg = open_model(None).config
     weights = weight_breakdown(cfg, torch.bfloat16).total
     eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=weights + (100 << 20), max_model_len="auto"))
-    per_token = cfg.kv_bytes_per_token(torch.bfloat16)
+    per_token = kv_bytes_per_token(cfg, torch.bfloat16)
     room = eng.ledger.budget - eng.ledger.current("weights") - eng.ledger.current("workspace")
     slab = eng.storage.slab_bytes
     # Whole slabs only: what the budget leaves after weights and workspace, rounded down to slabs.
@@ -191,7 +193,7 @@ def test_engine_max_model_len_auto_is_the_planners_answer():
     assert eng.workspace_planned == plan.workspace
     # Sized at the model's own context, the workspace would have left fewer tokens (the old answer).
     at_full = workspace_bytes(cfg, torch.bfloat16, 2048, 64, 0, cfg.max_position_embeddings)
-    per_token = cfg.kv_bytes_per_token(torch.bfloat16)
+    per_token = kv_bytes_per_token(cfg, torch.bfloat16)
     assert (budget - plan.resident_weight_bytes - at_full) // per_token < eng.max_model_len - 16
 
 
@@ -205,7 +207,7 @@ def test_measured_workspace_is_reserved_and_within_10_percent_of_the_plan(dtype,
 
 
 def test_plan_holds_the_cuda_graph_pool_before_kv_and_says_what_eager_frees():
-    from fitllm.memory.planner import capture_sizes, graph_pool_bytes, layer_activation_bytes
+    from fitllm.plan.planner import capture_sizes, graph_pool_bytes, layer_activation_bytes
 
     cfg = open_model(None).config
     eager = make_plan(cfg, "m", torch.bfloat16, 2 << 30, 4096, max_num_seqs=64)

@@ -11,8 +11,9 @@ from conftest import make_random_checkpoint, run_all
 from fitllm import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.memory.layer_layout import LayerLayout
-from fitllm.memory.planner import make_plan, weight_breakdown
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.plan.planner import make_plan
+from fitllm.plan.weights import weight_breakdown
 
 GiB = 1 << 30
 

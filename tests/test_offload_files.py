@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from fitllm.memory import copy_engine
-from fitllm.memory.copy_engine import OffloadFile, make_sink, mount_fs_type
-from fitllm.memory.layer_layout import LayerLayout
+from fitllm.memory.offload import copy_engine
+from fitllm.memory.offload.copy_engine import OffloadFile, make_sink, mount_fs_type
+from fitllm.memory.offload.layer_layout import LayerLayout
 
 # Invented mount points under a root that does not exist here, so resolving symlinks changes nothing.
 MOUNTS = """\
@@ -79,11 +79,15 @@ def test_the_real_mount_table_names_the_temp_folders_filesystem():
     assert isinstance(fs_type, str) and fs_type
 
 
-# ---- bandwidth probes (fitllm/memory/bandwidth.py) ------------------------------------------------------
+# ---- bandwidth probes (fitllm/memory/offload/bandwidth.py) ------------------------------------------------------
 
 
 def test_file_read_and_memory_bandwidth_probes_are_finite_and_positive(tmp_path):
-    from fitllm.memory.bandwidth import file_read_bandwidth, measure_offload_estimate, memory_bandwidth
+    from fitllm.memory.offload.bandwidth import (
+        file_read_bandwidth,
+        measure_offload_estimate,
+        memory_bandwidth,
+    )
 
     small = 1 << 20
     for rate in (

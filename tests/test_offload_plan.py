@@ -1,4 +1,4 @@
-"""Offload placement (fitllm/memory/offload.py): which layers stream, the bytes each side holds, and the
+"""Offload placement (fitllm/memory/offload/placement.py): which layers stream, the bytes each side holds, and the
 predicted cost; checked against brute force and against the pipeline's definition."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitllm.memory.offload import (
+from fitllm.memory.offload.placement import (
     OffloadEstimate,
     Placement,
     place_layers,
@@ -119,7 +119,7 @@ def glm9b():
 def test_plan_offloads_weights_that_do_not_fit_and_says_so(glm9b):
     import torch
 
-    from fitllm.memory.planner import make_plan
+    from fitllm.plan.planner import make_plan
 
     GiB = 1 << 30
     estimate = OffloadEstimate(20e9, 3000e9, "pinned host")
@@ -150,7 +150,7 @@ def test_plan_suggests_the_offload_that_fits_a_full_context(glm9b):
 
     import torch
 
-    from fitllm.memory.planner import make_plan
+    from fitllm.plan.planner import make_plan
 
     GiB = 1 << 30
     plan = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072)

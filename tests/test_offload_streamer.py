@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from fitllm.memory.copy_engine import FileCopyEngine, OffloadFile, PinnedHostStore, StreamCopyEngine
-from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.streamer import WeightStreamer
+from fitllm.memory.offload.copy_engine import FileCopyEngine, OffloadFile, PinnedHostStore, StreamCopyEngine
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.offload.streamer import WeightStreamer
 
 CPU = torch.device("cpu")
 K = 6

@@ -13,7 +13,9 @@ import torch
 
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.memory.planner import make_plan, weight_breakdown, workspace_bytes
+from fitllm.memory.kv.format import kv_bytes_per_token
+from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.weights import weight_breakdown
 from fitllm.quant import get_quant_method
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -33,7 +35,7 @@ def test_glm9b_facts(glm9b):
         128,
     )
     assert glm9b.rope_theta == 5_000_000.0 and glm9b.partial_rotary_factor == 0.5
-    assert glm9b.kv_bytes_per_token(torch.bfloat16) == 40 * 1024  # 40 KiB per token in 16-bit
+    assert kv_bytes_per_token(glm9b, torch.bfloat16) == 40 * 1024  # 40 KiB per token in 16-bit
 
 
 def test_glm9b_full_context_does_not_fit_20gib_and_the_planner_says_what_would(glm9b):

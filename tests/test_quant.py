@@ -16,7 +16,8 @@ from conftest import build_random_model, make_random_checkpoint, run_engine, wri
 from fitllm import Engine, EngineConfig, SamplingParams
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.memory.planner import make_plan, weight_breakdown
+from fitllm.plan.planner import make_plan
+from fitllm.plan.weights import weight_breakdown
 from fitllm.quant.int4 import (
     cpu_kernel_available,
     dequantize_int4,
@@ -290,18 +291,34 @@ def test_ledger_equals_plan_on_default_model(default_engines):
     assert engines["int4"].model.layers[0].mlp.down_proj.int4_kernel_layout is cpu_kernel_available()
 
 
+NEAR_TIE_NATS = 0.25  # two bfloat16 ulps of a logit near 16: below this, which token wins is rounding
+
+
 @pytest.mark.slow
 def test_default_model_int8_greedy_matches_unquantized(default_engines):
-    # Measured: the first 20 tokens identical (" there was a kingdom called Eridus. Eridus was ruled by a
-    # king named Aeth..."), then a near-tie splits them; int4 already differs at the 4th token.
+    # Free-running greedy paths split at the first near-tie, and where that is depends on the CPU's bf16
+    # kernels (measured: token 20 on one machine, token 4 on an AMX one, where the unquantized top two
+    # differ by 0.125 nats). So: identical tokens up to the unquantized run's first near-tie, and then,
+    # teacher-forced on the unquantized tokens, every one is int8's argmax or within a near-tie of it.
     prompt = "Once upon a time, in a land far away,"
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outs = {}
     for method in ("none", "int8"):
         eng = default_engines(method)
         outs[method] = list(eng.stream(prompt, params))[-1].outputs[0].token_ids
-    assert len(outs["none"]) == 16 and len(set(outs["none"])) >= 8
-    assert outs["int8"] == outs["none"], [default_engines("none").tokenizer.decode(t) for t in outs.values()]
+    ref = outs["none"]
+    assert len(ref) == 16 and len(set(ref)) >= 8
+    ids = default_engines("none").tokenizer.encode(prompt)
+    _, ref_scores = default_engines("none").score_prompt(ids + ref, top_n=2)
+    margins = [top[0][1] - top[1][1] for _, top in ref_scores[len(ids) - 1 :]]
+    first_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE_NATS), len(ref))
+    assert first_tie >= 3, margins  # the comparison below must cover some tokens
+    assert outs["int8"][:first_tie] == ref[:first_tie]
+    _, scores = default_engines("int8").score_prompt(ids + ref, top_n=1)
+    for step, (logprob, top) in enumerate(scores[len(ids) - 1 :]):
+        assert top[0][1] - logprob <= NEAR_TIE_NATS, (
+            f"token {step}: {top[0][1] - logprob:.3f} below int8's argmax"
+        )
 
 
 # ---- fitllm plan ----------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus, SamplingParams
 from fitllm.engine.scheduler import Scheduler
-from fitllm.memory.block_pool import BlockPool
-from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.kv.block_pool import BlockPool
+from fitllm.memory.kv.manager import KVCacheManager
 
 VOCAB = 3
 

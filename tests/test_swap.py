@@ -8,10 +8,10 @@ from conftest import GREEDY, fixed_and_block_bytes, run_all
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
+from fitllm.memory.kv.storage import KVSlabStorage
+from fitllm.memory.kv.swap import PreemptionCosts, choose_preemption
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.swap import PreemptionCosts, choose_preemption
-from fitllm.quant.kv import KVCacheFormat
 
 # ---- the cost choice -------------------------------------------------------------------------------------
 
@@ -69,7 +69,7 @@ def test_costs_follow_observations():
 @pytest.mark.parametrize("mode", ["reserved", "slabs"])
 def test_read_and_write_slots_round_trip_across_slabs(mode, monkeypatch):
     if mode == "slabs":
-        monkeypatch.setattr("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+        monkeypatch.setattr("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
     ledger = MemoryLedger(1 << 30)
     fmt = KVCacheFormat("auto", torch.float32, 8)
     s = KVSlabStorage(3, 2, fmt, 4, 2, 3, torch.device("cpu"), ledger)  # 8 slots per slab
@@ -174,7 +174,7 @@ def test_swap_space_too_small_falls_back_to_recompute(tiny, prompts, reference):
 def eng_bytes_per_token(tiny) -> int:
     from fitllm.loader import open_model
 
-    return open_model(str(tiny)).config.kv_bytes_per_token(torch.float32)
+    return kv_bytes_per_token(open_model(str(tiny)).config, torch.float32)
 
 
 def test_aborting_a_swapped_request_frees_its_host_bytes(tiny, prompts):

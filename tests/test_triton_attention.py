@@ -26,20 +26,19 @@ import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.model import triton_attention as ta
 from fitllm.model.attention import (
     AttentionMetadata,
     DecodeGroup,
     PagedAttention,
-    PagedKVLayout,
     PrefillSpan,
     head_rows,
     resolve_attention_backend,
-    split_by_slab,
 )
-from fitllm.quant.kv import KVCacheFormat
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2
@@ -471,7 +470,7 @@ def test_write_kv_through_the_storage_layout(mode):
     """KVSlabStorage's own layout (one region, or separate slabs bound as they are added) puts every row
     where the storage's slab views say it is."""
     fmt = KVCacheFormat("int8", torch.float32, 8)
-    patch = mock.patch("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+    patch = mock.patch("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
     with patch if mode == "slabs" else contextlib.nullcontext():
         storage = KVSlabStorage(3, 2, fmt, 4, 2, 3, DEVICE, MemoryLedger(1 << 30))  # 8 slots per slab
     if DEVICE.type == "cpu":

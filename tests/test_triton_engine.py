@@ -15,7 +15,7 @@ from conftest import make_random_checkpoint, run_all
 from fitllm.config import EngineConfig, ModelConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
-from fitllm.quant.kv import kv_bytes_per_token
+from fitllm.memory.kv.format import kv_bytes_per_token
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -89,7 +89,7 @@ def test_engine_triton_matches_torch_greedy(llama, kv_cache_dtype, storage):
     ref_eng = _engine(llama, "torch", kv_cache_dtype=kv_cache_dtype, kv_slab_size=slab)
     ref, ref_stats = _scenario(ref_eng, prompts, shared)
     _assert_varied(ref)
-    patch = mock.patch("fitllm.memory.kv_pool.reserve_region", lambda *a: None)
+    patch = mock.patch("fitllm.memory.kv.storage.reserve_region", lambda *a: None)
     with patch if storage == "slabs" else contextlib.nullcontext():
         eng = _engine(llama, "triton", kv_cache_dtype=kv_cache_dtype, kv_slab_size=slab)
     assert eng.runner.attention_backend == "triton"

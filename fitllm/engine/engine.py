@@ -13,8 +13,6 @@ from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
-from fitllm.engine.kv_setup import build_kv_pool
-from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.outputs import check_stop, error_output, make_output
 from fitllm.engine.report import EngineStatus, engine_status, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -25,21 +23,19 @@ from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.loader import ModelSource, build_model, open_model
 from fitllm.memory.budget import resolve_budget
-from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_sink
 from fitllm.memory.host import trim_host_heap
-from fitllm.memory.kv_cache_manager import KVCacheManager
+from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.setup import build_kv_pool
+from fitllm.memory.kv.swap import KVSwapper
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.planner import (
-    graph_pool_bytes,
-    largest_context_that_fits,
-    scratch_elements,
-    workspace_bytes,
-)
-from fitllm.memory.streamer import WeightStreamer
-from fitllm.memory.swap import KVSwapper
+from fitllm.memory.offload.copy_engine import OffloadFile, PinnedHostStore, make_sink
+from fitllm.memory.offload.streamer import WeightStreamer, start_streamer
 from fitllm.model.attention import resolve_attention_backend
+from fitllm.plan.planner import graph_pool_bytes, largest_context_that_fits, workspace_bytes
+from fitllm.plan.weight_placement import engine_placement, layer_layout
+from fitllm.plan.weights import scratch_elements
 from fitllm.quant import get_quant_method
-from fitllm.quant.kv import KVCacheFormat, kv_bytes_per_token
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -120,10 +116,9 @@ class Engine:
         self._reserve_weights_and_workspace(sink)
         trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
         self.block_size = config.block_size
-        self._per_block = self.kv_bytes_per_token * self.block_size
         graph_reserve = self._reserve_graph_pool()
         self.storage, self.pool = build_kv_pool(
-            config, mc, self.kv_format, self._per_block, self.max_model_len, self.device, self.ledger
+            config, mc, self.kv_format, self.max_model_len, self.device, self.ledger
         )
         self.kv = KVCacheManager(self.pool, self.block_size)
         if auto_len:
@@ -137,7 +132,6 @@ class Engine:
             self.storage,
             self.kv,
             config.resolve_swap_space(self.device),
-            self.kv_bytes_per_token,
             config.preemption_mode,  # type: ignore[arg-type]
         )
         self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
@@ -464,12 +458,7 @@ class Engine:
     def release_idle_memory(self) -> int:
         """Give back KV slabs idle for --kv-idle-release-s and re-tag cached-block bytes; returns slabs freed."""
         released = self.pool.release_idle_slabs()
-        cached = self.pool.num_cached_blocks * self._per_block
-        delta = cached - self.ledger.current("kv_cached")
-        if delta > 0:
-            self.ledger.move("kv", "kv_cached", delta)
-        elif delta < 0:
-            self.ledger.move("kv_cached", "kv", -delta)
+        self.storage.tag_cached(self.pool.num_cached_blocks)
         return released
 
     def step(self) -> list[RequestOutput]:

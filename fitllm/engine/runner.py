@@ -14,20 +14,19 @@ from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.memory.kv_pool import KVSlabStorage
-from fitllm.memory.planner import capture_sizes
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.transfer import move, to_device_packed
 from fitllm.model.attention import (
     AttentionMetadata,
     DecodeGroup,
     KernelMetadata,
-    PagedKVLayout,
     PrefillSpan,
     head_rows,
-    split_by_slab,
 )
-from fitllm.quant.kv import KVCacheFormat
+from fitllm.plan.planner import capture_sizes
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ in priority order while blocks and seats (`max_num_seqs`) last. When the pool ca
 a running request (cached prefixes already given up by the pool), the lowest-priority, newest running
 request is preempted; a waiting request that outranks running ones may preempt them to be admitted.
 A preempted request's K/V is either swapped to host memory and copied back when it resumes, or dropped
-and recomputed from its prompt and the tokens it had generated (fitllm/memory/swap.py chooses); both
+and recomputed from its prompt and the tokens it had generated (fitllm/memory/kv/swap.py chooses); both
 leave its output unchanged.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus
-from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.memory.swap import KVSwapper
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.swap import KVSwapper
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.runner import scratch_prefill
-from fitllm.quant.kv import KVCacheFormat
+from fitllm.memory.kv.format import KVCacheFormat
 
 LOGIT_ROWS = 256  # rows of logits formed at once
 

@@ -31,7 +31,7 @@ from fitllm.loader.gguf_file import (
 )
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 from fitllm.loader.validate import ConfigError, check_tensor_shapes
-from fitllm.memory.layer_layout import LayerLayout
+from fitllm.memory.offload.layer_layout import LayerLayout
 from fitllm.model.linear import LinearBase
 from fitllm.model.registry import build_on_meta
 from fitllm.quant.base import QuantMethod
@@ -169,7 +169,7 @@ def _progress(total: int, show: bool):
 
 
 class LayerSink(Protocol):
-    """Where offloaded decoder layers go once loaded (fitllm/memory/copy_engine.py: a file or pinned
+    """Where offloaded decoder layers go once loaded (fitllm/memory/offload/copy_engine.py: a file or pinned
     host memory)."""
 
     layout: LayerLayout

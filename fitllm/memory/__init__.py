@@ -1,1 +1,2 @@
-"""Memory: the ledger and budget, the planner, the paged KV pool and its manager, KV swap, and weight offload."""
+"""Memory: accounting at this level (ledger, budget, host RSS, measured peaks, host-to-device transfers), the
+paged KV cache in `kv/`, weight offload in `offload/`. Knows no model class, scheduler or HTTP."""

@@ -12,7 +12,7 @@ tables and padded to the longest context; each prefill chunk is attended on its 
 offset by the tokens it already has in the cache. Gather indices and masks are built once per step and
 shared by all layers.
 
-The cache lives in slabs (see fitllm/memory/kv_pool.py); each layer sees a list of per-slab tensors
+The cache lives in slabs (see fitllm/memory/kv/storage.py); each layer sees a list of per-slab tensors
 [2, slab_slots, kv_heads, head_dim]. Slot and row ids are global; the runner splits them by slab once per
 step (`SlabSplit`), and with a single slab every read and write is one call. Slot-major means a new
 token's K/V is one contiguous write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
@@ -28,39 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitllm.quant.kv import KVCacheFormat
-
-
-@dataclass(slots=True)
-class SlabSplit:
-    """Global ids split by slab: (slab, positions in the original order or None for all, local ids)."""
-
-    size: int
-    parts: list[tuple[int, torch.Tensor | None, torch.Tensor]]
-
-    def to(self, device: torch.device) -> SlabSplit:
-        """The same split with its index tensors on `device` (itself on CPU)."""
-        if device.type == "cpu":
-            return self
-        from fitllm.memory.transfer import move
-
-        return SlabSplit(
-            self.size,
-            [(s, None if p is None else move(p, device), move(local, device)) for s, p, local in self.parts],
-        )
-
-
-def split_by_slab(ids: torch.Tensor, per_slab: int) -> SlabSplit:
-    """Split global slot or row ids (per_slab ids per slab) into per-slab local ids."""
-    slab = ids // per_slab
-    lo, hi = int(slab.min()), int(slab.max())
-    if lo == hi:
-        return SlabSplit(len(ids), [(lo, None, ids - lo * per_slab)])
-    parts = []
-    for s in torch.unique(slab).tolist():
-        pos = (slab == s).nonzero().squeeze(1)
-        parts.append((s, pos, ids.index_select(0, pos) - s * per_slab))
-    return SlabSplit(len(ids), parts)
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, SlabSplit
 
 
 def head_rows(slots: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -119,37 +88,6 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
                 "use --attention-backend torch"
             )
     return name
-
-
-@dataclass(slots=True)
-class PagedKVLayout:
-    """Where the Triton kernels find every layer's K/V: slab s of layer l starts at
-    anchor + slab_offsets[s] + l * layer_stride elements, K then V, each [slab_slots, kv_heads, width].
-
-    Slabs are separate allocations on CUDA; addressing them from one fixed anchor through an offset table
-    that is rewritten in place lets a captured CUDA graph outlive slabs coming and going."""
-
-    anchor: torch.Tensor  # a fixed tensor of the storage dtype, alive as long as the pool
-    slab_offsets: torch.Tensor  # [max_slabs] int64: element offset of each live slab from `anchor`
-    slab_slots: int
-    num_kv_heads: int
-    width: int  # elements per head vector (KVCacheFormat.entry_width)
-
-    @property
-    def kv_stride(self) -> int:
-        """Elements from a slab's K plane to its V plane within one layer."""
-        return self.slab_slots * self.num_kv_heads * self.width
-
-    def layer_offset(self, layer: int) -> int:
-        return layer * 2 * self.kv_stride
-
-    def bind(self, slab: int, tensor: torch.Tensor) -> None:
-        """Point slab `slab` at `tensor` (its [num_layers, 2, slab_slots, kv_heads, width] memory)."""
-        delta = tensor.data_ptr() - self.anchor.data_ptr()
-        size = self.anchor.element_size()
-        if delta % size:
-            raise ValueError(f"KV slab at byte offset {delta} is not aligned to its {size}-byte elements")
-        self.slab_offsets[slab] = delta // size
 
 
 @dataclass(slots=True)

@@ -12,11 +12,11 @@ Two kernels, one launch each per layer and step:
   fill the GPU; `_combine_splits_kernel` merges the splits' partial results.
 
 Slabs are separate allocations on CUDA, so a kernel cannot index them as one tensor. It addresses them from
-one fixed anchor tensor plus a per-slab element offset (`PagedKVLayout` in attention.py), so a captured
+one fixed anchor tensor plus a per-slab element offset (`PagedKVLayout` in fitllm/memory/kv/layout.py), so a captured
 CUDA graph stays valid as the pool grows and shrinks.
 
 Quantized caches (int8, fp8 e4m3) keep each head vector's float32 scale in the last 4 bytes of its row
-(fitllm/quant/kv.py); the kernel reads codes and scale from the same row and folds the scales into the
+(fitllm/memory/kv/format.py); the kernel reads codes and scale from the same row and folds the scales into the
 scores and probabilities, as the reference backend does. Kernels run on CPU tensors under TRITON_INTERPRET=1,
 which is how CI checks them against the reference backend.
 """
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fitllm.model.attention import PagedKVLayout
+from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.triton_flags import dot_flags
 
 _QUANT_CODES = {"auto": 0, "int8": 1, "fp8": 2, "fp8-bits": 3}

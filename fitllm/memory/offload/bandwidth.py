@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from fitllm.memory.offload import OffloadEstimate
+from fitllm.memory.offload.placement import OffloadEstimate
 
 PROBE_BYTES = 64 << 20
 

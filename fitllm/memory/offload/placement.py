@@ -4,7 +4,7 @@ Given the bytes one decoder layer takes as stored and the bytes the budget leave
 as many layers resident as fit next to the staging buffers the streamed ones need (`prefetch` layers in
 flight), and spread the streamed ones evenly through the stack, so every copy has resident layers' compute
 to hide behind instead of a run of streamed layers stalling back to back. The streaming itself is
-fitllm/memory/streamer.py's.
+fitllm/memory/offload/streamer.py's.
 
 The cost model is the one a pipeline of copies and compute has: a step takes the longer of all compute
 and all copies, plus one copy to fill the pipeline; one pass over the layers serves the whole batch, so
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
+from fitllm.config import ModelConfig, cdiv
 from fitllm.units import format_bytes
 
 
@@ -113,6 +115,56 @@ def kv_reserve_tokens(max_model_len: int | str | None, max_position: int) -> int
     return min(length, KV_RESERVE_TOKENS)
 
 
+class WeightSizes(Protocol):
+    """What placement needs to know of a model's weights (the plan's `WeightBreakdown`)."""
+
+    per_layer: int  # one decoder layer's parameters as held resident
+    layer_stream_bytes: int  # one decoder layer packed for streaming (aligned)
+
+    @property
+    def total(self) -> int:
+        """Every parameter's bytes."""
+
+
+def place_decoder_layers(
+    config: ModelConfig,
+    weights: WeightSizes,
+    fixed: int,
+    kv_bytes_per_token: int,
+    budget: int,
+    max_model_len: int | str | None,
+    block_size: int,
+    prefetch: int,
+    cpu_offload_gb: float,
+) -> Placement:
+    """The one placement rule, used by the engine (fitllm/plan/weight_placement.py) and by the plan.
+
+    All layers stay resident when they fit beside the rest of the weights, `fixed` bytes (workspace,
+    and the plan's overhead) and one KV block, and --cpu-offload-gb asks for nothing: offload is for
+    weights that do not fit, and a budget they do fit leaves whatever context it can (the elastic
+    pool's business). Otherwise `place_layers` over the layers as streamed (their aligned packed size),
+    keeping room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a number, None or
+    "auto"), so streaming buys a usable context and not just a started engine. Raises ValueError when
+    not even streaming every layer fits."""
+    layers = config.num_hidden_layers
+    block_bytes = kv_bytes_per_token * block_size
+    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, config.max_position_embeddings), block_size)
+    room = budget - (weights.total - layers * weights.per_layer) - fixed - block_bytes
+    forced = int(cpu_offload_gb * (1 << 30)) or None
+    if not forced and layers * weights.per_layer <= room:
+        return Placement(layers, weights.layer_stream_bytes, (), prefetch)
+    if room <= 0:  # not even with every layer streamed: say what is too big before anything is allocated
+        other = weights.total - layers * weights.per_layer
+        raise ValueError(
+            f"the weights outside the decoder layers (embedding, head, norms: {format_bytes(other)}), "
+            f"{format_bytes(fixed)} of workspace and one KV block need {format_bytes(other + fixed + block_bytes)}, "
+            f"more than the budget of {format_bytes(budget)} before any of the {layers} decoder layers "
+            f"({format_bytes(weights.per_layer)} each); raise --memory-budget, quantize "
+            f"(--quantization int8/int4) or lower --max-num-batched-tokens (see `fitllm plan`)"
+        )
+    return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
+
+
 def predicted_step_seconds(
     placement: Placement, bandwidth: float, compute_seconds_per_layer: float, overlap: bool = True
 ) -> float:
@@ -146,7 +198,7 @@ def predicted_tokens_per_s(
 
 @dataclass(slots=True, frozen=True)
 class OffloadEstimate:
-    """Measured bandwidths (fitllm/memory/bandwidth.py) that turn a placement into predicted tokens/s.
+    """Measured bandwidths (fitllm/memory/offload/bandwidth.py) that turn a placement into predicted tokens/s.
 
     Decode compute is taken as bandwidth-bound: a layer's step costs its bytes at the device's memory
     bandwidth, whatever the batch (one pass over the weights serves every request in it). `fitllm bench

@@ -24,9 +24,9 @@ import sys
 
 import torch
 
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model.attention import PagedKVLayout, split_by_slab
-from fitllm.quant.kv import KVCacheFormat
 
 log = logging.getLogger("fitllm")
 
@@ -64,7 +64,9 @@ def reserve_region(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
 
 
 class KVSlabStorage:
-    """Allocates and frees KV slabs through the ledger (tag `kv`)."""
+    """Allocates and frees KV slabs through the ledger. The one owner of which slabs are live (`live`, which
+    the block pool reads) and of the ledger's `kv` and `kv_cached` tags: `kv` holds the live slabs, and
+    `kv_cached` the part of them that blocks kept only for prefix reuse take (`tag_cached`)."""
 
     def __init__(
         self,
@@ -81,13 +83,14 @@ class KVSlabStorage:
         dtype, width = kv_format.storage_dtype, kv_format.entry_width
         self.slab_slots = slab_blocks * block_size
         self.slab_shape = (num_layers, 2, self.slab_slots, num_kv_heads, width)
-        self.slab_bytes = math.prod(self.slab_shape) * torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = kv_format.bytes_per_token(num_layers, num_kv_heads)
+        self.block_bytes = block_size * self.bytes_per_token
+        self.slab_bytes = slab_blocks * self.block_bytes
         self.max_slabs = max_slabs
         self.dtype = dtype
         self.device = device
         self.ledger = ledger
-        self.live = [False] * max_slabs
-        self.num_live = 0
+        self.live: set[int] = set()
         self.slabs: list[torch.Tensor | None] = [None] * max_slabs  # `slabs` mode only
         self.region: torch.Tensor | None = None
         self._reserved: ReservedRegion | None = None
@@ -111,6 +114,10 @@ class KVSlabStorage:
     @property
     def mode(self) -> str:
         return "reserved" if self.region is not None else "slabs"
+
+    @property
+    def num_live(self) -> int:
+        return len(self.live)
 
     @property
     def bytes_allocated(self) -> int:
@@ -152,27 +159,25 @@ class KVSlabStorage:
 
     def add(self, slab: int) -> bool:
         """Reserve and back slab `slab`; False (nothing changed) if the budget refuses."""
-        assert not self.live[slab], f"slab {slab} is already live"
+        assert slab not in self.live, f"slab {slab} is already live"
         if not self.ledger.can_reserve(self.slab_bytes):
             return False
         self.ledger.reserve("kv", self.slab_bytes)
         if self.region is not None:
             # Fresh or released pages read as zeros: padded gathers (slot 0) see finite numbers.
-            self.live[slab] = True
-            self.num_live += 1
+            self.live.add(slab)
             return True
         tensor = torch.zeros(self.slab_shape, dtype=self.dtype, device=self.device)
         self.slabs[slab] = tensor
         self.layout.bind(slab, tensor)
         for layer, views in enumerate(self.layer_slabs):
             views[slab] = tensor[layer]
-        self.live[slab] = True
-        self.num_live += 1
+        self.live.add(slab)
         return True
 
     def remove(self, slab: int) -> None:
         """Free slab `slab` and give its bytes back to the ledger."""
-        assert self.live[slab], f"slab {slab} is not live"
+        assert slab in self.live, f"slab {slab} is not live"
         if self.region is not None:
             view = self.slab_view(slab)
             for layer in range(view.shape[0]):
@@ -182,8 +187,16 @@ class KVSlabStorage:
             for views in self.layer_slabs:
                 views[slab] = None
             self.slabs[slab] = None
-        self.live[slab] = False
-        self.num_live -= 1
-        # Cached-block bytes are re-tagged lazily by the engine; fold them back before releasing.
-        self.ledger.move("kv_cached", "kv", self.ledger.current("kv_cached"))
+        self.live.discard(slab)
+        # The slab's cached blocks were evicted with it; the rest are re-tagged at the next `tag_cached`.
+        self.tag_cached(0)
         self.ledger.release("kv", self.slab_bytes)
+
+    def tag_cached(self, num_cached_blocks: int) -> None:
+        """Re-tag the bytes of `num_cached_blocks` blocks (unreferenced, kept for prefix reuse) as
+        `kv_cached`, the rest of the live slabs as `kv`; the total does not change."""
+        delta = num_cached_blocks * self.block_bytes - self.ledger.current("kv_cached")
+        if delta > 0:
+            self.ledger.move("kv", "kv_cached", delta)
+        elif delta < 0:
+            self.ledger.move("kv_cached", "kv", -delta)

@@ -14,10 +14,12 @@ each vector fills the format's range whatever the layer's magnitude.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from fitllm.config import ModelConfig
+if TYPE_CHECKING:  # a type only: config.py asks this module to check --kv-cache-dtype
+    from fitllm.config import ModelConfig
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 SCALE_BYTES = 4  # one float32 scale per (token, layer, K/V, kv head)
@@ -36,12 +38,10 @@ def check_kv_cache_dtype(name: str) -> None:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    """Bytes one token's K and V take across all layers."""
-    check_kv_cache_dtype(kv_cache_dtype)
-    if kv_cache_dtype == "auto":
-        return config.kv_bytes_per_token(dtype)
-    vectors = config.num_hidden_layers * 2 * config.num_key_value_heads
-    return vectors * (config.head_dim + SCALE_BYTES)
+    """Bytes one token's K and V take across all layers: the one figure the planner, the engine, the slab
+    storage and the swapper use (`KVCacheFormat.bytes_per_token`)."""
+    fmt = KVCacheFormat(kv_cache_dtype, dtype, config.head_dim)
+    return fmt.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads)
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,15 @@ class KVCacheFormat:
     def entry_width(self) -> int:
         """Elements of storage_dtype per head vector."""
         return self.head_dim + SCALE_BYTES if self.quantized else self.head_dim
+
+    @property
+    def vector_bytes(self) -> int:
+        """Bytes of one head vector (one token, layer, K or V, KV head) as stored."""
+        return self.entry_width * self.storage_dtype.itemsize
+
+    def bytes_per_token(self, num_layers: int, num_kv_heads: int) -> int:
+        """Bytes one token's K and V take across `num_layers` layers of `num_kv_heads` KV heads."""
+        return num_layers * 2 * num_kv_heads * self.vector_bytes
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """[..., head_dim] in any float dtype -> [..., entry_width] of storage_dtype."""

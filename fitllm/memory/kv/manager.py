@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fitllm.config import cdiv
-from fitllm.memory.block_pool import BlockHash, BlockPool, KVBlock
+from fitllm.memory.kv.block_pool import BlockHash, BlockPool, KVBlock
 
 
 class KVCacheManager:

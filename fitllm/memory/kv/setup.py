@@ -7,10 +7,10 @@ import logging
 import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv
-from fitllm.memory.block_pool import BlockPool
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.block_pool import BlockPool
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.quant.kv import KVCacheFormat
 from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
@@ -20,7 +20,6 @@ def build_kv_pool(
     config: EngineConfig,
     mc: ModelConfig,
     kv_format: KVCacheFormat,
-    per_block: int,
     max_model_len: int,
     device: torch.device,
     ledger: MemoryLedger,
@@ -28,6 +27,7 @@ def build_kv_pool(
     """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
     default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
     block_size = config.block_size
+    per_block = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads) * block_size
     # Blocks beyond max_num_seqs full contexts could never be used at once.
     wanted = config.max_num_seqs * cdiv(max_model_len, block_size)
     if config.static_kv or config.kv_cache_memory is not None:

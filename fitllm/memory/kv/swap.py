@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from fitllm.memory.kv_cache_manager import KVCacheManager
-from fitllm.memory.kv_pool import KVSlabStorage
+from fitllm.memory.kv.manager import KVCacheManager
+from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 
 PreemptionMode = Literal["auto", "swap", "recompute"]
@@ -86,7 +86,6 @@ class KVSwapper:
         storage: KVSlabStorage,
         kv: KVCacheManager,
         space_bytes: int,
-        kv_bytes_per_token: int,
         mode: PreemptionMode = "auto",
         costs: PreemptionCosts | None = None,
     ) -> None:
@@ -94,7 +93,7 @@ class KVSwapper:
             raise ValueError(f"--preemption-mode must be one of {', '.join(PREEMPTION_MODES)}; got {mode!r}")
         self.storage = storage
         self.kv = kv
-        self.kv_bytes_per_token = kv_bytes_per_token
+        self.kv_bytes_per_token = storage.bytes_per_token
         self.mode = mode
         self.costs = costs or PreemptionCosts.initial(storage.device)
         self.ledger = MemoryLedger(space_bytes, tags=("kv_swapped",)) if space_bytes > 0 else None

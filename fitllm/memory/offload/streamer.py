@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from fitllm.memory.copy_engine import CopyEngine
-from fitllm.memory.layer_layout import LayerLayout
 from fitllm.memory.ledger import MemoryLedger
+from fitllm.memory.offload.copy_engine import CopyEngine, OffloadFile, PinnedHostStore, make_copy_engine
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.offload.placement import Placement
 
 
 @dataclass(slots=True)
@@ -180,3 +181,18 @@ class WeightStreamer:
         if self.ledger is not None and self.staging_bytes:
             self.ledger.release("staging", self.staging_bytes)
             self.staging_bytes = 0
+
+
+def start_streamer(
+    model: nn.Module,
+    placement: Placement,
+    sink: OffloadFile | PinnedHostStore,
+    device: torch.device,
+    ledger: MemoryLedger,
+) -> WeightStreamer:
+    """Streams the offloaded layers that `build_model` handed to `sink`."""
+    sink.finish()
+    layers = {i: model.layers[i] for i in placement.offloaded}
+    return WeightStreamer(
+        layers, sink.layout, make_copy_engine(sink, device), placement.prefetch, device, ledger
+    )

@@ -8,106 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 
 from fitllm.config import ModelConfig, cdiv
-from fitllm.memory.layer_layout import LayerLayout
-from fitllm.memory.offload import OffloadEstimate, Placement, kv_reserve_tokens, place_layers
-from fitllm.model.linear import LinearBase, QKVParallelLinear, RowParallelLinear
-from fitllm.model.registry import build_on_meta
+from fitllm.memory.kv.format import kv_bytes_per_token
+from fitllm.memory.offload.placement import (
+    OffloadEstimate,
+    Placement,
+    kv_reserve_tokens,
+    place_decoder_layers,
+)
+from fitllm.plan.weights import WeightBreakdown, weight_breakdown
 from fitllm.quant import get_quant_method
-from fitllm.quant.base import QuantMethod
-from fitllm.quant.kv import kv_bytes_per_token
 from fitllm.units import format_bytes
 
 # Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
 DEFAULT_OVERHEAD = 256 << 20
-
-
-@dataclass(slots=True)
-class WeightBreakdown:
-    """Resident weight bytes per component."""
-
-    embedding: int = 0
-    attention: int = 0
-    mlp: int = 0
-    norms: int = 0
-    lm_head: int = 0
-    per_layer: int = 0
-    largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
-    layer_stream_bytes: int = (
-        0  # one decoder layer packed for streaming (aligned; fitllm/memory/layer_layout.py)
-    )
-
-    @property
-    def total(self) -> int:
-        return self.embedding + self.attention + self.mlp + self.norms + self.lm_head
-
-
-def weight_breakdown(
-    config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None
-) -> WeightBreakdown:
-    """Exact parameter bytes by component, from the model class built on the meta device with the same
-    quantization the loader would use (so quantized weights and their scales are counted as stored).
-    Decoder layers are all alike, so one is built and counted num_hidden_layers times: the count costs
-    nothing whatever a config claims."""
-    layers = config.num_hidden_layers
-    model = build_on_meta(replace(config, num_hidden_layers=1), dtype, quant)
-    out = WeightBreakdown(
-        largest_quantized_linear=scratch_elements(model),
-        layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
-    )
-    attention = {f"layers.0.{name}" for name in attention_parameters(model.layers[0])}
-    for name, p in model.named_parameters():
-        nbytes = p.numel() * p.element_size()
-        if name.startswith("layers.0."):
-            out.per_layer += nbytes
-            nbytes *= layers
-        if "embed_tokens" in name:
-            out.embedding += nbytes
-        elif name.startswith("lm_head"):
-            out.lm_head += nbytes
-        elif "norm" in name:
-            out.norms += nbytes
-        elif name in attention:
-            out.attention += nbytes
-        else:
-            out.mlp += nbytes
-    return out
-
-
-def attention_parameters(layer: nn.Module) -> set[str]:
-    """Names (within `layer`) of a decoder layer's attention parameters: its QKV projection and the
-    row-parallel linear that takes the attention's output back to the residual, i.e. the first one
-    registered after the QKV projection. By module type and order, not by name, so it holds whether the
-    projections sit in an attention submodule (Llama's `self_attn.o_proj`) or on the layer (XGLM's
-    `out_proj`)."""
-    names: set[str] = set()
-    in_attention = False
-    for prefix, module in layer.named_modules():
-        if isinstance(module, QKVParallelLinear):
-            in_attention = True
-        if in_attention and isinstance(module, LinearBase):
-            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)}
-            if isinstance(module, RowParallelLinear):
-                break
-    return names
-
-
-def scratch_elements(model: nn.Module) -> int:
-    """Elements of the shared model-dtype scratch the model's quantized linears multiply through (the
-    largest such weight; 0 when no method uses one). Works on a meta-built or a loaded model."""
-    return max(
-        (
-            m.out_features * m.in_features
-            for m in model.modules()
-            if isinstance(m, LinearBase) and m.quant.uses_scratch
-        ),
-        default=0,
-    )
 
 
 def workspace_bytes(
@@ -297,45 +215,6 @@ class Plan:
         lines = [f"{self.model} ({self.dtype})"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  -> {s}" for s in self.suggestions]
         return "\n".join(lines)
-
-
-def place_decoder_layers(
-    config: ModelConfig,
-    weights: WeightBreakdown,
-    fixed: int,
-    kv_bytes_per_token: int,
-    budget: int,
-    max_model_len: int | str | None,
-    block_size: int,
-    prefetch: int,
-    cpu_offload_gb: float,
-) -> Placement:
-    """The one placement rule, used by the engine (fitllm/engine/offloading.py) and by the plan.
-
-    All layers stay resident when they fit beside the rest of the weights, `fixed` bytes (workspace,
-    and the plan's overhead) and one KV block, and --cpu-offload-gb asks for nothing: offload is for
-    weights that do not fit, and a budget they do fit leaves whatever context it can (the elastic
-    pool's business). Otherwise `place_layers` over the layers as streamed (their aligned packed size),
-    keeping room for the KV that `kv_reserve_tokens` keeps (--max-model-len as given: a number, None or
-    "auto"), so streaming buys a usable context and not just a started engine. Raises ValueError when
-    not even streaming every layer fits."""
-    layers = config.num_hidden_layers
-    block_bytes = kv_bytes_per_token * block_size
-    reserve = block_bytes * cdiv(kv_reserve_tokens(max_model_len, config.max_position_embeddings), block_size)
-    room = budget - (weights.total - layers * weights.per_layer) - fixed - block_bytes
-    forced = int(cpu_offload_gb * (1 << 30)) or None
-    if not forced and layers * weights.per_layer <= room:
-        return Placement(layers, weights.layer_stream_bytes, (), prefetch)
-    if room <= 0:  # not even with every layer streamed: say what is too big before anything is allocated
-        other = weights.total - layers * weights.per_layer
-        raise ValueError(
-            f"the weights outside the decoder layers (embedding, head, norms: {format_bytes(other)}), "
-            f"{format_bytes(fixed)} of workspace and one KV block need {format_bytes(other + fixed + block_bytes)}, "
-            f"more than the budget of {format_bytes(budget)} before any of the {layers} decoder layers "
-            f"({format_bytes(weights.per_layer)} each); raise --memory-budget, quantize "
-            f"(--quantization int8/int4) or lower --max-num-batched-tokens (see `fitllm plan`)"
-        )
-    return place_layers(layers, weights.layer_stream_bytes, room - (reserve - block_bytes), prefetch, forced)
 
 
 def largest_context_that_fits(
@@ -531,7 +410,10 @@ def _suggestions(
             tokens = (room + freed) // per_token
             out.append(f"--quantization {method} frees {format_bytes(freed)}: room for ~{tokens} KV tokens")
     if kv_cache_dtype == "auto" and room > 0:
-        small = kv_bytes_per_token(config, dtype, "int8")
+        try:
+            small = kv_bytes_per_token(config, dtype, "int8")
+        except ValueError:  # the codes' float32 scales need a head_dim divisible by 4
+            small = per_token
         if small < per_token:
             out.append(
                 f"--kv-cache-dtype int8 (or fp8) takes {format_bytes(small)} per token instead of "

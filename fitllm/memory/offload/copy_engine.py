@@ -1,6 +1,6 @@
 """Copy engines: how a streamed layer's bytes get from where they are kept into a staging buffer.
 
-The WeightStreamer (fitllm/memory/streamer.py) decides what to copy where and when; a copy engine only
+The WeightStreamer (fitllm/memory/offload/streamer.py) decides what to copy where and when; a copy engine only
 moves bytes and says when they have arrived. Two tiers:
 
 - `FileCopyEngine` (CPU): offloaded layers are kept in a file on disk and read into staging by one
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fitllm.memory.layer_layout import LayerLayout
+from fitllm.memory.offload.layer_layout import LayerLayout
 
 log = logging.getLogger("fitllm")
 

@@ -1,18 +1,16 @@
-"""Weight offload for the engine: where each decoder layer lives, and the streamer for those that move."""
+"""The engine's weight placement: where each decoder layer lives (the planner's rule with the engine's
+workspace), and how one layer is packed for streaming; the streaming itself is memory/offload/streamer.py's."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from fitllm.config import EngineConfig, ModelConfig
-from fitllm.memory.copy_engine import OffloadFile, PinnedHostStore, make_copy_engine
-from fitllm.memory.layer_layout import LayerLayout
-from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.offload import Placement
-from fitllm.memory.planner import place_decoder_layers, weight_breakdown, workspace_bytes
-from fitllm.memory.streamer import WeightStreamer
+from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.offload.placement import Placement, place_decoder_layers
 from fitllm.model.registry import build_on_meta
+from fitllm.plan.planner import workspace_bytes
+from fitllm.plan.weights import weight_breakdown
 from fitllm.quant.base import QuantMethod
 
 
@@ -53,18 +51,3 @@ def engine_placement(
 def layer_layout(model_config: ModelConfig, dtype: torch.dtype, quant: QuantMethod) -> LayerLayout:
     """How one decoder layer of this model is packed for streaming (read off a meta-built model)."""
     return LayerLayout.of(build_on_meta(model_config, dtype, quant).layers[0])
-
-
-def start_streamer(
-    model: nn.Module,
-    placement: Placement,
-    sink: OffloadFile | PinnedHostStore,
-    device: torch.device,
-    ledger: MemoryLedger,
-) -> WeightStreamer:
-    """Streams the offloaded layers that `build_model` handed to `sink`."""
-    sink.finish()
-    layers = {i: model.layers[i] for i in placement.offloaded}
-    return WeightStreamer(
-        layers, sink.layout, make_copy_engine(sink, device), placement.prefetch, device, ledger
-    )

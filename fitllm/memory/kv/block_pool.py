@@ -8,7 +8,8 @@ Three disjoint states, always summing to the blocks of the live slabs (checked b
 
 Blocks live in slabs of `slab_blocks` consecutive ids (slab s holds ids [s * slab_blocks, (s+1) *
 slab_blocks)). The pool starts with one slab; when neither a clean nor a cached block is left it asks its
-SlabAllocator for another (the allocator checks the memory budget). A slab none of
+SlabAllocator for another (the allocator checks the memory budget, and is the one record of which slabs are
+live: the slab storage in the engine). A slab none of
 whose blocks has been used for `idle_release_s` is given back (its cached blocks evicted first); slab 0
 always stays. Blocks never move: growth adds ids, it never copies.
 """
@@ -47,7 +48,10 @@ class KVBlock:
 
 
 class SlabAllocator(Protocol):
-    """What backs the pool's slabs with memory (KVSlabStorage; tests use fakes)."""
+    """What backs the pool's slabs with memory (KVSlabStorage; tests use fakes), and the one record of
+    which slabs are live: the pool asks it rather than keeping a copy that could drift."""
+
+    live: set[int]  # slabs backed by memory now; slab 0 from before the pool is built until it is gone
 
     def num_addable(self) -> int:
         """How many more slabs the budget allows now."""
@@ -57,6 +61,22 @@ class SlabAllocator(Protocol):
 
     def remove(self, slab: int) -> None:
         """Free slab `slab`'s memory."""
+
+
+class OneSlab:
+    """The allocator of a pool that never grows: slab 0, always live."""
+
+    def __init__(self) -> None:
+        self.live = {0}
+
+    def num_addable(self) -> int:
+        return 0
+
+    def add(self, slab: int) -> bool:
+        return False
+
+    def remove(self, slab: int) -> None:
+        raise AssertionError("slab 0 of a one-slab pool is never released")
 
 
 class BlockPool:
@@ -78,12 +98,11 @@ class BlockPool:
             raise ValueError("a pool that grows needs a slab allocator")
         self.slab_blocks = num_blocks
         self.max_slabs = max_slabs
-        self.allocator = allocator
+        self.allocator: SlabAllocator = OneSlab() if allocator is None else allocator
+        assert 0 in self.allocator.live, "slab 0 must be backed before the pool is built"
         self.idle_release_s = idle_release_s
         self.blocks = [KVBlock(i) for i in range(num_blocks * max_slabs)]
         self.enable_caching = enable_caching
-        self._live = [False] * max_slabs
-        self._live_high: set[int] = set()  # live slabs other than slab 0 (the only ones ever released)
         self._slab_used = [0] * max_slabs  # blocks with ref_cnt > 0, per slab
         self._idle_since = [0.0] * max_slabs
         self._free: list[int] = []  # heap of clean free block ids of live slabs
@@ -97,7 +116,7 @@ class BlockPool:
     # ---- sizes --------------------------------------------------------------------------------------
     @property
     def num_slabs(self) -> int:
-        return 1 + len(self._live_high)
+        return len(self.allocator.live)
 
     @property
     def num_blocks(self) -> int:
@@ -112,9 +131,7 @@ class BlockPool:
     @property
     def num_available_blocks(self) -> int:
         """Blocks obtainable now: free, cached, and those of slabs the budget still allows."""
-        addable = 0
-        if self.allocator is not None:
-            addable = min(self.allocator.num_addable(), self.max_slabs - self.num_slabs)
+        addable = min(self.allocator.num_addable(), self.max_slabs - self.num_slabs)
         return self.num_free_blocks + addable * self.slab_blocks
 
     @property
@@ -139,18 +156,17 @@ class BlockPool:
         return range(slab * self.slab_blocks, (slab + 1) * self.slab_blocks)
 
     def _open_slab(self, slab: int) -> None:
-        self._live[slab] = True
-        if slab:
-            self._live_high.add(slab)
+        """Put a slab the allocator has just backed into the free heap."""
         self._idle_since[slab] = time.monotonic()
         for i in self._slab_ids(slab):
             heapq.heappush(self._free, i)
 
     def _grow(self) -> bool:
         """Add the lowest slab not live, if the budget allows."""
-        if self.allocator is None or self.num_slabs >= self.max_slabs:
+        if self.num_slabs >= self.max_slabs:
             return False
-        slab = self._live.index(False)
+        live = self.allocator.live
+        slab = next(s for s in range(self.max_slabs) if s not in live)
         if not self.allocator.add(slab):
             return False
         self._open_slab(slab)
@@ -159,11 +175,11 @@ class BlockPool:
 
     def release_idle_slabs(self, now: float | None = None) -> int:
         """Give back every slab (but slab 0) that no request has used for idle_release_s; returns how many."""
-        if self.allocator is None or self.num_slabs == 1:
+        if self.num_slabs == 1:
             return 0
         now = time.monotonic() if now is None else now
         released = 0
-        for slab in sorted(self._live_high, reverse=True):
+        for slab in sorted(self.allocator.live - {0}, reverse=True):
             if self._slab_used[slab] or now - self._idle_since[slab] < self.idle_release_s:
                 continue
             ids = self._slab_ids(slab)
@@ -174,8 +190,6 @@ class BlockPool:
                     self._forget_hash(block)
             self._free = [i for i in self._free if i not in ids]
             heapq.heapify(self._free)
-            self._live[slab] = False
-            self._live_high.discard(slab)
             self.allocator.remove(slab)
             self.num_releases += 1
             released += 1
@@ -275,12 +289,13 @@ class BlockPool:
         assert len(free) == len(self._free), "a block is in the free heap twice"
         assert not free & cached, "a block is both free and cached"
         used = 0
+        live = self.allocator.live
         for slab in range(self.max_slabs):
             slab_used = 0
             for i in self._slab_ids(slab):
                 block = self.blocks[i]
                 in_free, in_cached = i in free, i in cached
-                if not self._live[slab]:
+                if slab not in live:
                     assert (
                         block.ref_cnt == 0 and block.block_hash is None and not in_free and not in_cached
                     ), f"block {i} of released slab {slab} is still in use"
@@ -296,6 +311,6 @@ class BlockPool:
             assert slab_used == self._slab_used[slab], f"slab {slab} use count is off"
             used += slab_used
         assert all(b.block_hash is not None and self._by_hash[h] is b for h, b in self._by_hash.items())
-        assert self._live[0], "slab 0 must stay live"
-        assert self._live_high == {s for s in range(1, self.max_slabs) if self._live[s]}, "live set is off"
+        assert 0 in live, "slab 0 must stay live"
+        assert live <= set(range(self.max_slabs)), "a live slab is beyond max_slabs"
         assert len(free) + len(cached) + used == self.num_blocks, "free + cached + used != live blocks"
