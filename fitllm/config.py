@@ -205,12 +205,12 @@ def parse_model_len(text: str) -> int | str:
     return value
 
 
-def _quantizations() -> tuple[str, ...]:
-    from fitllm.quant import QUANTIZATIONS
-
-    return QUANTIZATIONS
+# `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
+QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
 
 
+# Choice lists that live with what implements them, read when the flags are built (this base module imports
+# nothing above it at import time).
 def _kv_cache_dtypes() -> tuple[str, ...]:
     from fitllm.memory.kv.format import KV_CACHE_DTYPES
 
@@ -270,7 +270,7 @@ class EngineConfig:
         "none",
         "decoder weights: model dtype (none), int8 per output channel, int4 in groups, or bitsandbytes' "
         "LLM.int8() / NF4 (all quantized while loading)",
-        choices=_quantizations,
+        choices=QUANTIZATIONS,
     )
     quant_group_size: int | None = flag(
         None,
