@@ -18,6 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from stand_ins import LogitsTap  # noqa: E402
+
 from fitllm.engine.request import SamplingParams  # noqa: E402
 
 # Tiny models on a shared 2-core machine: more than one intra-op thread only adds contention (measured
@@ -212,17 +214,17 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
     """Greedy-generate with a fitllm Engine, capturing the float32 logits of every step that sampled."""
     from fitllm import SamplingParams
 
-    engine.runner.capture_logits = True
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     logits: list[torch.Tensor] = []
     tokens: list[int] = []
-    while engine.has_unfinished_requests():
-        engine.runner.last_logits = {}
-        for out in engine.step():
-            if out.request_id == rid and out.outputs[0].delta_token_ids:
-                assert len(out.outputs[0].delta_token_ids) == 1
-                logits.append(engine.runner.last_logits[rid])
-                tokens = list(out.outputs[0].token_ids)
+    with LogitsTap(engine) as tap:
+        while engine.has_unfinished_requests():
+            tap.last = {}
+            for out in engine.step():
+                if out.request_id == rid and out.outputs[0].delta_token_ids:
+                    assert len(out.outputs[0].delta_token_ids) == 1
+                    logits.append(tap.last[rid])
+                    tokens = list(out.outputs[0].token_ids)
     return tokens, logits
 
 

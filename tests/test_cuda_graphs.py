@@ -1,5 +1,5 @@
 """CUDA-graph decode logic on CPU: static buffers, padding rows and size choice, replayed by ReplayCapturer
-(which re-runs the captured function on the static buffers only, as a graph replay would).
+(tests/stand_ins.py, which re-runs the captured function on the static buffers only, as a graph replay would).
 
 The Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
 
@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_random_checkpoint, run_all
+from stand_ins import ReplayCapturer
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs, eager_reason
+from fitllm.engine.cuda_graphs import capture_decode_graphs, eager_reason
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.model.attention import KernelMetadata

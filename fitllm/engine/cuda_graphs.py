@@ -15,7 +15,7 @@ Graphs serve only the Triton backend, without weight offload (its hooks wait on 
 skipped with `--enforce-eager`. The planner's estimate of the pool (`graph_pool_bytes`) is reserved as
 workspace before the KV pool is sized; after capture the measured bytes replace it.
 
-The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; tests use `ReplayCapturer`, which
+The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; the tests bring a CPU stand-in that
 re-runs the captured function on the static buffers, to check the buffer and padding logic on CPU.
 """
 
@@ -100,28 +100,6 @@ class CudaGraphCapturer:
     def pool_bytes(self) -> int:
         torch.cuda.synchronize(self.device)
         return max(0, torch.cuda.memory_reserved(self.device) - self._reserved_before)
-
-
-class ReplayCapturer:
-    """CPU stand-in for tests: replay re-runs `fn` and copies its result into the captured output, so what a
-    replay sees is exactly what a CUDA graph would: the static buffers, nothing passed at run time."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        output = fn()
-        self.captures += 1
-
-        def replay() -> None:
-            self.replays += 1
-            output.copy_(fn())
-
-        return replay, output
-
-    def pool_bytes(self) -> int:
-        return 0
 
 
 class DecodeGraphs:

@@ -568,8 +568,6 @@ class Engine:
         self.last_step = step.stats
         if result is None:
             return []
-        if step.samples.logits is not None:
-            self.runner.last_logits = step.samples.logits
         outputs = []
         now = time.monotonic()
         for i, req in enumerate(step.sampled):
