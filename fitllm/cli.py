@@ -77,6 +77,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.device == "auto"
         else args.device
     )
+    if args.device == "auto":
+        from fitllm.cuda_check import warn_if_gpu_unusable
+
+        warn_if_gpu_unusable()
     dtype = resolve_dtype(args.dtype, device)
     backend = resolve_attention_backend("auto", device)  # the engine's default choice on this device
 
