@@ -15,7 +15,7 @@ from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.kv_setup import build_kv_pool
 from fitllm.engine.offloading import engine_placement, layer_layout, start_streamer
 from fitllm.engine.outputs import check_stop, make_output
-from fitllm.engine.report import EngineStatus, engine_status, memory_report
+from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler
@@ -412,6 +412,8 @@ class Engine:
     def release_idle_memory(self) -> int:
         """Give back KV slabs idle for --kv-idle-release-s and re-tag cached-block bytes; returns slabs freed."""
         released = self.pool.release_idle_slabs()
+        if released:
+            give_back_to_device(self.device)
         cached = self.pool.num_cached_blocks * self._per_block
         delta = cached - self.ledger.current("kv_cached")
         if delta > 0:
