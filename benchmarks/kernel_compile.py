@@ -157,11 +157,13 @@ class MatmulCase:
     k: int = 2048
     group: int = 0
     dtype: str = "bf16"
+    split_k: int | None = None  # None: the wrapper's rule (no split for a CPU tensor)
 
     @property
     def label(self) -> str:
         g = f" g{self.group}" if self.bits == 4 else ""
-        return f"int{self.bits}{g} {self.dtype} m{self.m} {self.n}x{self.k}"
+        split = f" split{self.split_k}" if self.split_k else ""
+        return f"int{self.bits}{g} {self.dtype} m{self.m} {self.n}x{self.k}{split}"
 
     def launch(self) -> None:
         from fitllm.quant import triton_matmul as tm
@@ -169,10 +171,12 @@ class MatmulCase:
         dtype = DTYPES[self.dtype]
         x = torch.empty(self.m, self.k, dtype=dtype)
         if self.bits == 8:
-            tm.int8_matmul(x, torch.empty(self.n, self.k, dtype=torch.int8), torch.empty(self.n, dtype=dtype))
+            w = torch.empty(self.n, self.k, dtype=torch.int8)
+            tm.int8_matmul(x, w, torch.empty(self.n, dtype=dtype), split_k=self.split_k)
         else:
             packed = torch.empty(self.n, self.k // 2, dtype=torch.uint8)
-            tm.int4_matmul(x, packed, torch.empty(self.k // self.group, self.n, 2, dtype=dtype), self.group)
+            sz = torch.empty(self.k // self.group, self.n, 2, dtype=dtype)
+            tm.int4_matmul(x, packed, sz, self.group, split_k=self.split_k)
 
 
 Case = AttentionCase | MatmulCase
@@ -192,6 +196,7 @@ def ci_cases() -> list[Case]:
         AttentionCase(query_len=512, num_seqs=2),  # prefill
         AttentionCase(head_dim=256, heads=(8, 4), query_len=512, kv="int8"),
         MatmulCase(bits=8, m=1),
+        MatmulCase(bits=8, m=1, split_k=4),  # split-K, as a 2048-wide layer at batch 1 on an H100
         MatmulCase(bits=8, m=32, n=4096, k=4096),
         MatmulCase(bits=8, m=64, n=14336, k=4096),
         MatmulCase(bits=4, m=1, group=128),
@@ -213,7 +218,7 @@ def full_cases() -> list[Case]:
             cases.append(AttentionCase(dtype, d, heads, bs, kv, q_len, splits, 2 if q_len > 1 else 1))
     cases += [AttentionCase(dtype="fp32", head_dim=d, kv=kv) for d in (64, 128) for kv in ("auto", "int8")]
     for dtype, m in itertools.product(("bf16", "fp16"), (1, 8, 16, 32, 64)):
-        cases.append(MatmulCase(8, m, 4096, 4096, 0, dtype))
+        cases += [MatmulCase(8, m, 4096, 4096, 0, dtype, split) for split in (None, 4)]
         cases += [MatmulCase(4, m, 4096, 4096, g, dtype) for g in (32, 64, 128, 256)]
     return cases
 

@@ -231,7 +231,8 @@ for name, (n, k) in shapes.items():
     for m in (1,) if A.smoke else (1, 64):
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         t_bf = bench(lambda: torch.nn.functional.linear(x, w))
-        t_i8 = bench(lambda: tm.int8_matmul(x, q, sc))
+        t_i8 = bench(lambda: tm.int8_matmul(x, q, sc))  # split-K by the rule
+        t_i8_whole = bench(lambda: tm.int8_matmul(x, q, sc, split_k=1))
         emit(
             kind="gemm",
             layer=name,
@@ -243,6 +244,7 @@ for name, (n, k) in shapes.items():
             bf16_GBps=round(n * k * 2 / (t_bf * 1e-3) / 1e9),
             int8_GBps=round(n * k / (t_i8 * 1e-3) / 1e9),
             int8_speedup=round(t_bf / t_i8, 2),
+            int8_nosplit_us=round(t_i8_whole * 1e3, 2),
         )
     if name.startswith("8b") and not A.smoke:
         from fitllm.quant.int4 import pack_plain, quantize_int4

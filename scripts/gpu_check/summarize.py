@@ -49,7 +49,7 @@ for r in rows:
         )
     elif k == "gemm":
         P(
-            f"gemm {r['layer']:11} m={r['m']:<3} bf16 {r['bf16_us']:>8} us ({r['bf16_GBps']} GB/s)  int8 {r['int8_us']:>8} us ({r['int8_GBps']} GB/s)  x{r['int8_speedup']}"
+            f"gemm {r['layer']:11} m={r['m']:<3} bf16 {r['bf16_us']:>8} us ({r['bf16_GBps']} GB/s)  int8 {r['int8_us']:>8} us ({r['int8_GBps']} GB/s)  x{r['int8_speedup']} (no split-K {r.get('int8_nosplit_us')} us)"
         )
     elif k == "gemm_int4":
         P(
