@@ -179,7 +179,28 @@ class MatmulCase:
             tm.int4_matmul(x, packed, sz, self.group, split_k=self.split_k)
 
 
-Case = AttentionCase | MatmulCase
+@dataclass(frozen=True)
+class FusedCase:
+    """The fused elementwise kernels of fitllm/model/triton_fused.py at a model's hidden / MLP width."""
+
+    hidden: int = 4096
+    inter: int = 14336
+    dtype: str = "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"fused add+rmsnorm {self.hidden}, silu*mul {self.inter} {self.dtype}"
+
+    def launch(self) -> None:
+        from fitllm.model import triton_fused as tf
+
+        dtype = DTYPES[self.dtype]
+        x = torch.empty(1, self.hidden, dtype=dtype)
+        tf.add_rmsnorm(x, torch.empty_like(x), torch.empty(self.hidden, dtype=dtype), 1e-5)
+        tf.silu_mul(torch.empty(1, 2 * self.inter, dtype=dtype))
+
+
+Case = AttentionCase | MatmulCase | FusedCase
 
 
 def ci_cases() -> list[Case]:
@@ -201,6 +222,8 @@ def ci_cases() -> list[Case]:
         MatmulCase(bits=8, m=64, n=14336, k=4096),
         MatmulCase(bits=4, m=1, group=128),
         MatmulCase(bits=4, m=64, group=32),
+        FusedCase(),  # Llama 3 8B
+        FusedCase(hidden=2048, inter=8192, dtype="fp16"),
     ]
 
 
@@ -217,6 +240,9 @@ def full_cases() -> list[Case]:
         for q_len, splits in ((1, 1), (1, 8), (512, 1)):
             cases.append(AttentionCase(dtype, d, heads, bs, kv, q_len, splits, 2 if q_len > 1 else 1))
     cases += [AttentionCase(dtype="fp32", head_dim=d, kv=kv) for d in (64, 128) for kv in ("auto", "int8")]
+    cases += [
+        FusedCase(h, i, dtype) for h, i in ((2048, 8192), (4096, 14336), (8192, 28672)) for dtype in DTYPES
+    ]
     for dtype, m in itertools.product(("bf16", "fp16"), (1, 8, 16, 32, 64)):
         cases += [MatmulCase(8, m, 4096, 4096, 0, dtype, split) for split in (None, 4)]
         cases += [MatmulCase(4, m, 4096, 4096, g, dtype) for g in (32, 64, 128, 256)]
@@ -349,7 +375,7 @@ def compile_cases(cases: list[Case], cap: int) -> list[dict]:
     for case in cases:
         compiled.clear()
         t0 = time.perf_counter()
-        kind = "attention" if isinstance(case, AttentionCase) else "matmul"
+        kind = {AttentionCase: "attention", MatmulCase: "matmul", FusedCase: "fused"}[type(case)]
         base = dict(case=case.label, kind=kind, params=asdict(case))
         try:
             case.launch()
