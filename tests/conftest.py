@@ -247,7 +247,8 @@ def run_all(
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
         for rid, row in engine.runner.last_logits.items():
-            rows[rid].append(row)
+            if rid in rows:  # (requests added before this call may sample too)
+                rows[rid].append(row)
         engine.check_integrity()
         assert engine.ledger.total <= engine.ledger.budget
         if on_step is not None:
