@@ -68,6 +68,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     graphs = (
         eager_reason(backend, device, engine_config.enforce_eager, False, engine_config.quantization) is None
     )
+    if engine_config.device == "auto":
+        from fitllm.cuda_check import warn_if_gpu_unusable
+
+        warn_if_gpu_unusable()
 
     def plan_with(estimate: OffloadEstimate | None = None) -> Plan:
         return make_plan(

@@ -370,10 +370,16 @@ class EngineConfig:
         return 4 << 30 if device.type == "cuda" else 0
 
     def resolve_device(self) -> torch.device:
-        """'auto' -> CUDA when present, else CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """'auto' -> CUDA when present, else CPU (warning loudly when an NVIDIA GPU is here that this torch
+        cannot use: fitllm/cuda_check.py)."""
+        from fitllm.cuda_check import warn_if_gpu_unusable
+
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        )
+        if device.type == "cuda" or self.device == "auto":
+            warn_if_gpu_unusable()
+        return device
 
 
 def resolve_async_scheduling(name: str, device: torch.device) -> bool:
