@@ -33,10 +33,9 @@ def measure_one(model: str | None, dtype: str, method: str) -> dict:
     """Load once in this process and report bytes (run in a fresh process by `run`)."""
     import torch
 
-    from benchmarks.measure import PhaseMemoryProbe
     from fitllm.config import resolve_dtype
     from fitllm.loader import build_model, open_model
-    from fitllm.memory.host import host_memory
+    from fitllm.memory.host import PhaseMemoryProbe, host_memory
     from fitllm.plan.weights import weight_breakdown
     from fitllm.quant import get_quant_method
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from benchmarks.closed_loop import ClosedLoop, run_alternating
 from benchmarks.hf_baseline import PreparedRequest
-from benchmarks.measure import MiB, PhaseMemoryProbe, percentile
+from benchmarks.measure import MiB, percentile
 from benchmarks.throughput import run_fitllm
 from benchmarks.workload import add_workload_arguments, load_workload
+from fitllm.memory.host import PhaseMemoryProbe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

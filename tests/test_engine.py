@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stand_ins import LogitsTap
 
 from benchmarks.workload import DEFAULT_TEXT
 from fitllm import SamplingParams
@@ -287,9 +288,8 @@ def test_logprobs_through_engine(engine, prompts, alone):
 
 
 def test_captured_logits_are_raw(engine, prompts):
-    """capture_logits keeps the model's logits, untouched by the request's penalties and biases."""
-    engine.runner.capture_logits = True
-    try:
+    """The logits tap keeps the model's logits, untouched by the request's penalties and biases."""
+    with LogitsTap(engine) as tap:
         captured = []
         for params in (
             SamplingParams(temperature=0, max_tokens=1),
@@ -299,12 +299,9 @@ def test_captured_logits_are_raw(engine, prompts):
             rid = engine.add_request(prompts[1], params)
             while engine.has_unfinished_requests():
                 engine.step()
-            captured.append(engine.runner.last_logits[rid])
+            captured.append(tap.last[rid])
         raw, biased_run = captured
         assert torch.equal(raw, biased_run)
-    finally:
-        engine.runner.capture_logits = False
-        engine.runner.last_logits = {}
 
 
 def test_abort_mid_generation_frees_blocks(engine, prompts):

@@ -198,8 +198,7 @@ def test_only_the_bench_registry_imports_benchmarks():
     bad = imports_where(in_fitllm(), lambda dep: dep.startswith("benchmarks") and dep != BENCH_REGISTRY)
     if bad:
         print("\nfitllm/ files importing benchmarks/ beyond the registry:", *bad, sep="\n  ")
-    allowed = {("fitllm.cli", "benchmarks.measure")}  # issue 19 item 7: cli.py imports benchmarks.measure
-    assert set(bad) <= allowed, f"beyond {BENCH_REGISTRY}: {sorted(set(bad) - allowed)}"
+    assert not bad, f"beyond {BENCH_REGISTRY}: {bad}"
 
 
 def test_imports_point_down():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import fixed_and_block_bytes, make_random_checkpoint, run_all, run_engine
+from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
 from fitllm.memory.kv import format as kv_module
@@ -80,12 +81,12 @@ def test_engine_logits_follow_the_model_dtype_cache(tiny, kv_dtype, tol):
     ref_tokens, ref_logits = run_engine(_engine(tiny, "auto"), prompt, 12)
     # Teacher-forced comparison: feed the reference's tokens so one early flip cannot derail the rest.
     eng = _engine(tiny, kv_dtype)
-    eng.runner.capture_logits = True
+    tap = LogitsTap(eng)
     for i, ref in enumerate(ref_logits):
         rid = eng.add_request(prompt + ref_tokens[:i], SamplingParams(temperature=0, max_tokens=1))
         while eng.has_unfinished_requests():
             eng.step()
-        got = eng.runner.last_logits[rid]
+        got = tap.last[rid]
         err = (got - ref).abs().max() / ref.abs().max()
         # Measured max relative logit error over the 12 steps: int8 0.058, fp8 0.27 (this random model's
         # wide weights make attention very peaked; on the default model int8 KV keeps greedy text).

@@ -20,6 +20,7 @@ from conftest import (
     run_engine,
     write_tokenizer,
 )
+from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
 
@@ -300,15 +301,15 @@ def test_llama_attention_bias_includes_o_proj(tmp_path):
     ids=["min_tokens", "repetition_penalty", "logit_bias"],
 )
 def test_captured_logits_are_the_models_not_the_samplers(tmp_path, params):
-    """capture_logits keeps the model's raw float32 logits, before the sampler's in-place edits."""
+    """The logits tap keeps the model's raw float32 logits, before the sampler's in-place edits."""
     folder = make_random_checkpoint(tmp_path, "llama", seed=37)
     hf = load_hf(folder)
     engine = _engine(folder)
-    engine.runner.capture_logits = True
+    tap = LogitsTap(engine)
     prompt = _prompt(17)
     rid = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, **params))
     engine.step()  # the prefill: samples the first token
-    got = engine.runner.last_logits[rid]
+    got = tap.last[rid]
     want = hf_last_logits(hf, prompt)
     assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), (got - want).abs().max()
 
@@ -463,7 +464,7 @@ def test_new_architectures_batched_with_chunked_prefill_and_prefix_hits(tmp_path
     folder = make_random_checkpoint(tmp_path, family, seed=41, **overrides)
     hf = load_hf(folder)
     engine = _engine(folder, max_num_batched_tokens=16)
-    engine.runner.capture_logits = True
+    tap = LogitsTap(engine)
     first = _prompt(40, seed=1)
     prompts = [first, _prompt(23, seed=2), first[:32] + _prompt(9, seed=3)]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -474,11 +475,11 @@ def test_new_architectures_batched_with_chunked_prefill_and_prefix_hits(tmp_path
     logits = {r: [] for r in rids}
     cached = {}
     while engine.has_unfinished_requests():
-        engine.runner.last_logits = {}
+        tap.last = {}
         for out in engine.step():
             if out.outputs[0].delta_token_ids:
                 tokens[out.request_id] = list(out.outputs[0].token_ids)
-                logits[out.request_id].append(engine.runner.last_logits[out.request_id])
+                logits[out.request_id].append(tap.last[out.request_id])
             cached[out.request_id] = out.num_cached_tokens
     assert cached[rids[2]] == 32
     for rid, prompt in zip(rids, prompts, strict=True):

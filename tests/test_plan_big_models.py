@@ -118,16 +118,16 @@ DOCUMENTED_PLANS = {
         816, 816, 1, "yes"  # by streaming 4 of 40 layers
     ),
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
-    "--quantization int8": (14336, 2048, 7, "yes"),
+    "--quantization int8": (14288, 2048, 6, "yes"),
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
-    "--quantization int4": (21312, 2048, 10, "yes"),
-    f"{G9_FULL} --device cuda": (51120, 51152, 0, "NO"),
-    f"{G9_FULL.replace('131072', 'auto')} --device cuda": (51152, 51152, 1, "yes"),
-    f"{G9_FULL} --device cuda --quantization int8": (244720, 131072, 1, "yes"),
-    f"{G9_FULL} --device cuda --quantization int4": (337424, 131072, 2, "yes"),
-    f"{G9_FULL} --device cuda --kv-cache-dtype int8": (99136, 99168, 0, "NO"),
-    f"{G9_FULL} --device cuda --kv-cache-dtype fp8": (99136, 99168, 0, "NO"),
-    f"{G9_FULL} --device cuda --quantization int8 --kv-cache-dtype int8": (474624, 131072, 3, "yes"),
+    "--quantization int4": (21264, 2048, 10, "yes"),
+    f"{G9_FULL} --device cuda": (50304, 50320, 0, "NO"),
+    f"{G9_FULL.replace('131072', 'auto')} --device cuda": (50320, 50320, 1, "yes"),
+    f"{G9_FULL} --device cuda --quantization int8": (243904, 131072, 1, "yes"),
+    f"{G9_FULL} --device cuda --quantization int4": (336608, 131072, 2, "yes"),
+    f"{G9_FULL} --device cuda --kv-cache-dtype int8": (97552, 97584, 0, "NO"),
+    f"{G9_FULL} --device cuda --kv-cache-dtype fp8": (97552, 97584, 0, "NO"),
+    f"{G9_FULL} --device cuda --quantization int8 --kv-cache-dtype int8": (473040, 131072, 3, "yes"),
 }  # fmt: skip
 
 

@@ -500,21 +500,30 @@ def test_write_kv_through_the_storage_layout(mode):
 
 
 def test_choose_num_splits():
+    """The rule: powers of two up to 64, at least MIN_KEYS_PER_SPLIT keys each, about two programs per SM,
+    never more splits for more sequences; every split then has keys to read."""
+    assert ta.MIN_KEYS_PER_SPLIT < 256
     for sms in (1, 8, 80, 132):
-        for ctx in (1, 100, 511, 512, 4096, 1 << 17):
+        for ctx in (1, 100, 127, 128, 657, 4096, 1 << 17):
             for kvh in (1, 2, 8):
                 prev = None
                 for seqs in (1, 2, 3, 8, 64, 256):
                     s = ta.choose_num_splits(seqs, kvh, ctx, sms)
                     assert 1 <= s <= 64 and s & (s - 1) == 0
-                    assert s == 1 or ctx >= 256 * s  # at least 256 keys per split
+                    assert s == 1 or ctx >= ta.MIN_KEYS_PER_SPLIT * s
+                    programs = seqs * kvh * s
+                    # Fewer than two waves only where a cap stops it: 64 splits, or too few keys to split more.
+                    assert programs >= 2 * sms or s == 64 or ctx < 2 * ta.MIN_KEYS_PER_SPLIT * s
+                    assert s == 1 or seqs * kvh * (s // 2) < 2 * sms  # no split past the target
                     if prev is not None:
                         assert s <= prev, "more sequences must not mean more splits"
                     prev = s
-    assert ta.choose_num_splits(1, 1, 511, 132) == 1  # short contexts are never split
-    assert ta.choose_num_splits(1, 1, 100, 132) == 1
+    assert ta.choose_num_splits(1, 1, 127, 132) == 1  # too short to split
+    assert ta.choose_num_splits(1, 1, 128, 132) == 2
     assert ta.choose_num_splits(1, 1, 1 << 20, 132) == 64  # capped
-    assert ta.choose_num_splits(1, 8, 8192, 132) > 1  # a lone long sequence fills the GPU
+    # Issue 23: batch 1 at 657 tokens, 8 KV heads, an H100's 132 SMs ran 16 programs; now 64.
+    assert ta.choose_num_splits(1, 8, 657, 132) == 8
+    assert ta.choose_num_splits(1, 8, 8192, 132) * 8 >= 2 * 132  # a lone long sequence fills the GPU twice
     assert ta.choose_num_splits(4096, 8, 8192, 132) == 1  # a big batch fills it already
     assert ta.choose_num_splits(1, 8, 8192, 1) == 1  # the interpreter counts as one SM
 

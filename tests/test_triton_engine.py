@@ -1,6 +1,10 @@
 """The whole engine on the Triton attention backend against the torch reference backend, greedy, on a tiny
 random checkpoint: chunked prefill, prefix hits, K/V across many slabs, int8 KV, a sliding window. Without a
-GPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1)."""
+GPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1).
+
+Runs are compared by `assert_greedy_parity`: logits within LOGIT_REL of the largest |logit| and identical
+tokens up to the reference's first near-tie, so that a GPU's different rounding cannot fail a correct kernel
+(the interpreter computes in float32 and agrees to ~1e-6)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import make_random_checkpoint, run_all
+from conftest import assert_greedy_parity, make_random_checkpoint, run_all
 
 from fitllm.config import EngineConfig, ModelConfig
 from fitllm.engine.engine import Engine
@@ -20,6 +24,7 @@ from fitllm.memory.kv.format import kv_bytes_per_token
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 E2E_PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+LOGIT_REL = 1e-3  # float32 model; both backends read the same (quantized) cache
 
 
 def _engine(folder, backend: str, **kw) -> Engine:
@@ -39,11 +44,13 @@ def _generate(eng: Engine, prompts: list[list[int]], stats: dict) -> list[list[i
     def track(e: Engine) -> None:
         stats["peak_slabs"] = max(stats.get("peak_slabs", 0), e.pool.num_slabs)
 
-    return [list(t) for t in run_all(eng, prompts, on_step=track, params=E2E_PARAMS)]
+    logits = stats.setdefault("logits", [])
+    return [list(t) for t in run_all(eng, prompts, on_step=track, params=E2E_PARAMS, logits=logits)]
 
 
 def _scenario(eng: Engine, prompts: list[list[int]], shared: list[list[int]]) -> tuple[list, dict]:
-    """One batch of `prompts`, then the `shared`-prefix prompts one after the other (prefix-cache hits)."""
+    """One batch of `prompts`, then the `shared`-prefix prompts one after the other (prefix-cache hits);
+    stats["logits"] holds each request's logits per sampled token."""
     stats: dict = {}
     tokens = _generate(eng, prompts, stats)
     hits = eng.kv.prefix_hits
@@ -98,19 +105,21 @@ def test_engine_triton_matches_torch_greedy(llama, kv_cache_dtype, storage):
     got, stats = _scenario(eng, prompts, shared)
     assert stats["peak_slabs"] >= 3, "the pool never spread over several slabs"
     assert stats["prefix_hits"] > 0 and stats["prefix_hits"] == ref_stats["prefix_hits"]
-    assert got == ref
+    compared = assert_greedy_parity(got, ref, stats["logits"], ref_stats["logits"], LOGIT_REL)
+    assert compared >= 0.5 * sum(map(len, ref)), "near-ties left too little to compare"
 
 
 def test_engine_triton_matches_torch_with_a_sliding_window(tmp_path):
     """A Mistral model with an 8-token window over prompts several windows long, block size 8."""
     folder = make_random_checkpoint(tmp_path, family="mistral", sliding_window=8, seed=3)
     prompts = _prompts(3, [6, 21, 37])
-    ref, _ = _scenario(_engine(folder, "torch", block_size=8), prompts, [])
+    ref, ref_stats = _scenario(_engine(folder, "torch", block_size=8), prompts, [])
     _assert_varied(ref)
     eng = _engine(folder, "triton", block_size=8)
     assert eng.model_config.sliding_window == 8
-    got, _ = _scenario(eng, prompts, [])
-    assert got == ref
+    got, stats = _scenario(eng, prompts, [])
+    compared = assert_greedy_parity(got, ref, stats["logits"], ref_stats["logits"], LOGIT_REL)
+    assert compared >= 0.5 * sum(map(len, ref)), "near-ties left too little to compare"
     # The window matters: the same model without it continues differently.
     nowin = make_random_checkpoint(tmp_path, family="mistral", sliding_window=None, seed=3, name="nowin")
     full, _ = _scenario(_engine(nowin, "torch", block_size=8), prompts, [])

@@ -89,3 +89,44 @@ def test_decode_sized_calls_on_cuda_take_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(int4, "HAS_TRITON", False)
     assert int8_path(cuda, 1, small, True) == "scratch"
     assert int4_path(cuda, False, torch.bfloat16) == "dequantize"
+
+
+@pytest.mark.parametrize("split_k", [2, 4])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_split_k_sums_to_the_unsplit_product(split_k, bits):
+    """Split-K (decode-sized calls on a big GPU): each split's float32 partials over its share of K, summed;
+    the same product as one program over all of K, also when K does not divide evenly into the splits."""
+    from fitllm.quant.int4 import pack_plain, quantize_int4
+    from fitllm.quant.triton_matmul import _weight_only_matmul
+
+    m, n, k = 3, 40, 640 if bits == 8 else 576
+    w = _randn(n, k, seed=5)
+    x = _randn(m, k, seed=6)
+    if bits == 8:
+        q, scale = quantize_int8(w)
+        args = (q.to(DEVICE), scale.float().to(DEVICE))
+        kw = dict(bits=8, group=0, block_k=128)
+    else:
+        codes, sz = quantize_int4(w, 32)
+        args = (pack_plain(codes).to(DEVICE), sz.to(DEVICE))
+        kw = dict(bits=4, group=32, block_k=64)
+    whole = _weight_only_matmul(x.to(DEVICE), *args, split_k=1, **kw).cpu()
+    split = _weight_only_matmul(x.to(DEVICE), *args, split_k=split_k, **kw).cpu()
+    assert split.shape == whole.shape == (m, n) and split.dtype == torch.float32
+    assert _rel(split, whole) < 1e-6
+
+
+def test_choose_split_k():
+    """The rule: a 2048-wide layer at batch 1 on an H100 (64 tiles of 32 columns, 132 SMs) splits K in 4, for
+    256 programs; big outputs, short K and the interpreter (one SM) do not split."""
+    from fitllm.quant.triton_matmul import MAX_SPLIT_K, MIN_K_BLOCKS_PER_SPLIT, choose_split_k
+
+    assert choose_split_k(64, 2048, 128, 132) == 4
+    assert choose_split_k(448, 4096, 128, 132) == 1  # 14336 columns: 448 programs already
+    assert choose_split_k(64, 256, 128, 132) == 1  # two K blocks: nothing to split
+    assert choose_split_k(64, 2048, 128, 1) == 1
+    for tiles in (1, 8, 64, 128, 256):
+        for k in (128, 1024, 4096, 14336):
+            s = choose_split_k(tiles, k, 128, 132)
+            assert 1 <= s <= MAX_SPLIT_K and s & (s - 1) == 0
+            assert s == 1 or (tiles * s <= 2 * 132 and -(-k // 128) >= s * MIN_K_BLOCKS_PER_SPLIT)

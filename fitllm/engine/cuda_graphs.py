@@ -15,7 +15,7 @@ Graphs serve only the Triton backend, without weight offload (its hooks wait on 
 skipped with `--enforce-eager`. The planner's estimate of the pool (`graph_pool_bytes`) is reserved as
 workspace before the KV pool is sized; after capture the measured bytes replace it.
 
-The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; tests use `ReplayCapturer`, which
+The capture mechanism is a `GraphCapturer`: `CudaGraphCapturer` on CUDA; the tests bring a CPU stand-in that
 re-runs the captured function on the static buffers, to check the buffer and padding logic on CPU.
 """
 
@@ -74,11 +74,17 @@ class GraphCapturer(Protocol):
 
 
 class CudaGraphCapturer:
-    """torch.cuda.CUDAGraph capture into one shared pool (largest batch first, so smaller ones reuse it)."""
+    """torch.cuda.CUDAGraph capture into one shared pool (largest batch first, so smaller ones reuse it), every
+    size warmed up and captured on one side stream.
+
+    One stream, because PyTorch gives each stream that runs a matmul its own cuBLAS workspace (32 MiB on
+    sm_90) and never frees it: a new stream per size held ~128 MiB at --max-num-seqs 8. The one workspace
+    is in the measured pool and in the plan's (`graph_pool_bytes`)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
         # Each capture starts by emptying the allocator's cache (torch.cuda.graph), so the baseline must
         # not include cached blocks, or what they held would be subtracted from the pool.
         torch.cuda.synchronize(device)
@@ -86,42 +92,21 @@ class CudaGraphCapturer:
         self._reserved_before = torch.cuda.memory_reserved(device)
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        # Warm up on a side stream first (Triton compiles and autotunes outside the capture).
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
+        # Warm up first (Triton compiles and autotunes outside the capture; the stream's cuBLAS workspace
+        # is allocated here, outside the graphs' pool).
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        current.wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             output = fn()
         return graph.replay, output
 
     def pool_bytes(self) -> int:
         torch.cuda.synchronize(self.device)
         return max(0, torch.cuda.memory_reserved(self.device) - self._reserved_before)
-
-
-class ReplayCapturer:
-    """CPU stand-in for tests: replay re-runs `fn` and copies its result into the captured output, so what a
-    replay sees is exactly what a CUDA graph would: the static buffers, nothing passed at run time."""
-
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        output = fn()
-        self.captures += 1
-
-        def replay() -> None:
-            self.replays += 1
-            output.copy_(fn())
-
-        return replay, output
-
-    def pool_bytes(self) -> int:
-        return 0
 
 
 class DecodeGraphs:

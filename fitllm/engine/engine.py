@@ -13,7 +13,7 @@ from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.outputs import error_output, make_output
-from fitllm.engine.report import EngineStatus, engine_status, memory_report
+from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
 from fitllm.engine.sampler import Sampler
@@ -452,6 +452,8 @@ class Engine:
     def release_idle_memory(self) -> int:
         """Give back KV slabs idle for --kv-idle-release-s and re-tag cached-block bytes; returns slabs freed."""
         released = self.pool.release_idle_slabs()
+        if released:
+            give_back_to_device(self.device)
         self.storage.tag_cached(self.pool.num_cached_blocks)
         return released
 
@@ -572,8 +574,6 @@ class Engine:
         self.last_step = step.stats
         if result is None:
             return []
-        if step.samples.logits is not None:
-            self.runner.last_logits = step.samples.logits
         outputs = []
         for req in self.scheduler.update_from_output(step.sampled, result).new_tokens:
             try:

@@ -61,6 +61,13 @@ def engine_status(engine: Engine) -> EngineStatus:
     )
 
 
+def give_back_to_device(device: torch.device) -> None:
+    """After KV slabs are released: on CUDA their blocks stay in PyTorch's caching allocator, where the
+    device (nvidia-smi, other processes) still counts them, so empty the cache; elsewhere nothing to do."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def memory_report(engine: Engine) -> str:
     """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
     lines = [engine.ledger.report()]
@@ -93,8 +100,12 @@ def memory_report(engine: Engine) -> str:
             f"{engine.swapper.num_swap_outs} swapped out, {engine.swapper.num_recomputes} recomputed"
         )
     if engine.device.type == "cuda":
+        allocated = torch.cuda.memory_allocated(engine.device)
+        reserved = torch.cuda.memory_reserved(engine.device)
         lines.append(
-            f"torch.cuda.memory_allocated: {format_bytes(torch.cuda.memory_allocated(engine.device))}"
+            f"CUDA allocator: {format_bytes(allocated)} allocated, {format_bytes(reserved)} reserved "
+            f"(the ledger holds {format_bytes(engine.ledger.total)}; reserved beyond it is the caching "
+            f"allocator's fragmentation and cache: {format_bytes(max(0, reserved - engine.ledger.total))})"
         )
     else:
         host = host_memory()

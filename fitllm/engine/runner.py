@@ -275,9 +275,6 @@ class ModelRunner:
         self.device = device
         self.storage = storage
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
-        # Tests set this to keep each sampled request's float32 logits of the last step read (parity checks).
-        self.capture_logits = False
-        self.last_logits: dict[str, torch.Tensor] = {}
         for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
             attn.kv_format = storage.kv_format
@@ -499,11 +496,4 @@ class ModelRunner:
         if not sampling:
             return [], None
         logits = self.model.compute_logits(hidden.index_select(0, sample_index))
-        captured = None
-        if self.capture_logits:  # before sampling, which edits float32 logits in place
-            captured = {
-                r.request_id: logits[i].to("cpu", torch.float32, copy=True) for i, r in enumerate(sampling)
-            }
-        samples = self.sampler.sample(logits, sampling)
-        samples.logits = captured  # read with the samples (Engine sets last_logits when it reads them)
-        return sampling, samples
+        return sampling, self.sampler.sample(logits, sampling)

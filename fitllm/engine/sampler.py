@@ -207,7 +207,6 @@ class SampledBatch:
     rank: torch.Tensor | None = None
     top_values: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
-    logits: dict[str, torch.Tensor] | None = None  # float32 logits by request id, when the runner keeps them
     _host: tuple[torch.Tensor | None, ...] | None = None
     _event: torch.cuda.Event | None = None
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitllm.triton_flags import triton_available
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, with an optional fused residual add (as Hugging Face rounds it)."""
@@ -21,6 +23,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if _fused(x) and self.weight.dtype == x.dtype and (residual is None or residual.shape == x.shape):
+            from fitllm.model.triton_fused import add_rmsnorm
+
+            return add_rmsnorm(x, residual, self.weight, self.eps)  # one kernel on CUDA, same rounding
         if residual is not None:
             x = x + residual
         residual = x
@@ -33,8 +39,18 @@ class SiluAndMul(nn.Module):
     """SwiGLU activation over a fused [gate | up] projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(x):
+            from fitllm.model.triton_fused import silu_mul
+
+            return silu_mul(x)  # one kernel on CUDA, same rounding
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether `x` takes the fused Triton kernels (fitllm/model/triton_fused.py): contiguous, on CUDA, with
+    Triton installed."""
+    return x.is_cuda and x.is_contiguous() and triton_available()
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

@@ -7,6 +7,8 @@ architecture the registry knows, and equal what the loader later allocates.
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -85,6 +87,19 @@ def layer_activation_bytes(config: ModelConfig, num_tokens: int, elem: int) -> i
 _SMALL_SEGMENT, _LARGE_SEGMENT = 2 << 20, 20 << 20
 
 
+def cublas_workspace_bytes(capability: tuple[int, int] | None = None) -> int:
+    """The workspace PyTorch gives cuBLAS (and cuBLASLt, which shares it) on each CUDA stream that runs a
+    matmul, allocated from the caching allocator and never freed (ATen's CublasHandlePool.cpp):
+    CUBLAS_WORKSPACE_CONFIG's `:SIZE_KiB:COUNT` terms summed if set, else 32 MiB on sm_90 / sm_100 and
+    8 MiB + 128 KiB before. `capability` None: the current GPU's, or sm_90 (H100/H200) without one."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config and (terms := re.findall(r":(\d+):(\d+)", config)):
+        return sum(int(size) * 1024 * int(count) for size, count in terms)
+    if capability is None:
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    return 32 << 20 if capability in ((9, 0), (10, 0)) else (4096 << 10) * 2 + (16 << 10) * 8
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """Decode batch sizes captured as CUDA graphs (fitllm/engine/cuda_graphs.py): 1, 2, 4 and multiples of 8
     below max_num_seqs, and max_num_seqs itself. Here because the plan sizes their pool."""
@@ -105,6 +120,8 @@ def graph_pool_bytes(
       largest first, so the smaller ones reuse its blocks. Its peak is the layer peak of the workspace.
     - The allocator's segments: the above rounded up to 2 MiB, plus one segment of each smaller kind (the
       flash-decoding partials, under 1 MiB, and the mid-sized blocks come from those).
+    - One cuBLAS workspace (`cublas_workspace_bytes`): every size is warmed up and captured on one stream
+      of its own (CudaGraphCapturer), and PyTorch gives each stream that runs a matmul a workspace for good.
     """
     sizes = capture_sizes(max_num_seqs)
     top = sizes[-1]
@@ -112,7 +129,8 @@ def graph_pool_bytes(
     static = top * (3 * 8 + 4) + (top + 1) * 4 + top * cdiv(max_model_len, block_size) * 4
     outputs = sum(sizes) * config.hidden_size * elem
     pool = outputs + layer_activation_bytes(config, top, elem)
-    return static + cdiv(pool, _SMALL_SEGMENT) * _SMALL_SEGMENT + _LARGE_SEGMENT + _SMALL_SEGMENT
+    segments = cdiv(pool, _SMALL_SEGMENT) * _SMALL_SEGMENT + _LARGE_SEGMENT + _SMALL_SEGMENT
+    return static + segments + cublas_workspace_bytes()
 
 
 @dataclass(slots=True)

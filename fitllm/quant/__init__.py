@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from fitllm.config import ModelConfig
+from fitllm.config import QUANTIZATIONS, ModelConfig
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method
 
-QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
 DEFAULT_INT4_GROUP_SIZE = 64  # for float checkpoints
 
 

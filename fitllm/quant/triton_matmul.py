@@ -37,25 +37,32 @@ def _weight_only_matmul_kernel(
     stride_xm,
     stride_wn,
     stride_om,
+    k_per_split,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """out = x @ W^T for W int8 with a scale per row (BITS 8, `s_ptr` [N]) or plain-layout int4 with a scale
-    and zero per group of GROUP input channels (BITS 4, `s_ptr` [K / GROUP, N, 2])."""
+    and zero per group of GROUP input channels (BITS 4, `s_ptr` [K / GROUP, N, 2]). With SPLIT_K > 1, program
+    (m, n, s) sums input channels [s * k_per_split, (s + 1) * k_per_split) into float32 partials
+    `out_ptr` [SPLIT_K, M, N] (stride_om is N), which the caller adds up."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     COMPUTE: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     n_ok = rn[None, :] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + rk
         w_mask = (k[:, None] < K) & n_ok
         x = tl.load(
@@ -74,32 +81,79 @@ def _weight_only_matmul_kernel(
     if BITS == 8:
         acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & n_ok
+    out_ptr += pid_k * M * stride_om  # this split's partials (0 without a split)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, split_k: int | None = None
+) -> torch.Tensor:
     """x [M, K] (float) times int8 `weight` [N, K] with per-row `scale` [N] -> [M, N] in x's dtype."""
-    return _weight_only_matmul(x, weight, scale, bits=8, group=0, block_k=128)
+    return _weight_only_matmul(x, weight, scale, bits=8, group=0, block_k=128, split_k=split_k)
 
 
 def int4_matmul(
-    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_zeros: torch.Tensor,
+    group_size: int,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] times the plain-layout int4 weight (`packed` [N, K / 2] uint8, `scale_zeros` [K / group, N, 2])
     -> [M, N] in x's dtype."""
-    return _weight_only_matmul(x, packed, scale_zeros, bits=4, group=group_size, block_k=64)
+    return _weight_only_matmul(x, packed, scale_zeros, bits=4, group=group_size, block_k=64, split_k=split_k)
+
+
+MAX_SPLIT_K = 8
+MIN_K_BLOCKS_PER_SPLIT = 4  # each split walks at least 4 K blocks, so its loop still pipelines
+
+
+def choose_split_k(tiles: int, k: int, block_k: int, num_sms: int) -> int:
+    """Split-K for a weight-only matmul whose output has `tiles` blocks: decode-sized calls of a 2048-wide
+    layer give 64 programs on an H100's 132 SMs, half of it idle while it streams the weights. Double the
+    splits while the programs stay under two per SM and each split keeps MIN_K_BLOCKS_PER_SPLIT blocks of
+    K, at most MAX_SPLIT_K. Partials are float32 and summed in a fixed order (deterministic, unlike atomics).
+    Unmeasured on a GPU so far: scripts/gpu_check.sh's micro step times it against bf16 cuBLAS."""
+    splits = 1
+    blocks = triton.cdiv(k, block_k)
+    while (
+        splits < MAX_SPLIT_K
+        and tiles * splits * 2 <= 2 * num_sms
+        and blocks >= 2 * splits * MIN_K_BLOCKS_PER_SPLIT
+    ):
+        splits *= 2
+    return splits
+
+
+def _num_sms(device: torch.device) -> int:
+    """The device's SMs; 1 off CUDA (the interpreter: no split unless asked)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _weight_only_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, bits: int, group: int, block_k: int
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    bits: int,
+    group: int,
+    block_k: int,
+    split_k: int | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # Small batches get narrow column blocks, so that even a 4096-wide layer spreads over the SMs.
     block_m, block_n = (16 if m <= 16 else 32 if m <= 32 else 64), (32 if m <= 16 else 64)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if split_k is None:
+        split_k = choose_split_k(tiles, k, block_k, _num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+    if split_k > 1:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _weight_only_matmul_kernel[grid](
         x,
         weight,
@@ -110,12 +164,14 @@ def _weight_only_matmul(
         k,
         x.stride(0),
         weight.stride(0),
-        out.stride(0),
+        n,
+        k_per_split,
         BITS=bits,
         GROUP=group,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        SPLIT_K=split_k,
         **dot_flags(x.dtype),
     )
-    return out
+    return out.sum(0).to(x.dtype) if split_k > 1 else out

@@ -64,10 +64,20 @@ class PagedKVLayout:
     def layer_offset(self, layer: int) -> int:
         return layer * 2 * self.kv_stride
 
+    @property
+    def align(self) -> int:
+        """Elements every row offset is a multiple of (a power of two, at most 16 bytes' worth): the kernels
+        tell Triton so (`tl.multiple_of`), which lets it load K/V rows 16 bytes at a time. Rows are `width`
+        apart, and `bind` refuses a slab whose offset is not a multiple (allocations are 512-byte aligned
+        on CUDA, 64-byte on CPU, so none is refused in practice)."""
+        return max(1, min(self.width & -self.width, 16 // self.anchor.element_size()))
+
     def bind(self, slab: int, tensor: torch.Tensor) -> None:
         """Point slab `slab` at `tensor` (its [num_layers, 2, slab_slots, kv_heads, width] memory)."""
         delta = tensor.data_ptr() - self.anchor.data_ptr()
         size = self.anchor.element_size()
-        if delta % size:
-            raise ValueError(f"KV slab at byte offset {delta} is not aligned to its {size}-byte elements")
+        if delta % (size * self.align):
+            raise ValueError(
+                f"KV slab at byte offset {delta} is not aligned to {self.align} elements of {size} bytes"
+            )
         self.slab_offsets[slab] = delta // size

@@ -1,0 +1,71 @@
+"""Test-only stand-ins and hooks, kept out of fitllm/: what a test needs to see inside the engine, or a CPU
+replacement for a GPU-only mechanism."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class ReplayCapturer:
+    """CPU stand-in for tests: replay re-runs `fn` and copies its result into the captured output, so what a
+    replay sees is exactly what a CUDA graph would: the static buffers, nothing passed at run time."""
+
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        output = fn()
+        self.captures += 1
+
+        def replay() -> None:
+            self.replays += 1
+            output.copy_(fn())
+
+        return replay, output
+
+    def pool_bytes(self) -> int:
+        return 0
+
+
+class LogitsTap:
+    """The model's float32 logits of each request that sampled in the last step the engine read, before the
+    sampler's in-place edits (penalties, bias, temperature): `tap.last[request_id]`, for parity checks.
+
+    It wraps this engine's `Sampler.sample` (to copy the logits it is given) and the engine's step reader
+    (so that, with async scheduling too, `last` is the step whose tokens the engine just returned); leaving
+    the `with` block (or `close`) puts both back."""
+
+    def __init__(self, engine) -> None:
+        self.last: dict[str, torch.Tensor] = {}
+        self._engine, self._sampler = engine, engine.runner.sampler
+        pending: dict[int, tuple[object, dict[str, torch.Tensor]]] = {}  # id(SampledBatch): (it, its logits)
+        sample, resolve = self._sampler.sample, engine._resolve
+
+        def tapped_sample(logits: torch.Tensor, requests: list) -> object:
+            kept = {
+                r.request_id: logits[i].to("cpu", torch.float32, copy=True) for i, r in enumerate(requests)
+            }
+            batch = sample(logits, requests)
+            pending[id(batch)] = (batch, kept)
+            return batch
+
+        def tapped_resolve(step) -> list:
+            entry = None if step.samples is None else pending.pop(id(step.samples), None)
+            outputs = resolve(step)
+            if entry is not None:
+                self.last = entry[1]
+            return outputs
+
+        self._sampler.sample, engine._resolve = tapped_sample, tapped_resolve
+
+    def close(self) -> None:
+        del self._sampler.sample, self._engine._resolve
+
+    def __enter__(self) -> LogitsTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
