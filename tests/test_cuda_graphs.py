@@ -11,10 +11,11 @@ from conftest import TINY_CONFIG, make_random_checkpoint, run_all
 from stand_ins import ReplayCapturer
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import capture_decode_graphs, eager_reason
+from fitllm.engine.cuda_graphs import capture_decode_graphs
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.model.attention import KernelMetadata
+from fitllm.plan.memory_plan import eager_reason
 from fitllm.plan.planner import capture_sizes, graph_pool_bytes
 
 
