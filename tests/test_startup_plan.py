@@ -104,3 +104,19 @@ def test_the_engine_ledger_holds_the_plans_figures(llama, name):
     assert engine.max_model_len == (min(length, capacity) if auto else length)
     if engine.streamer is not None:
         engine.streamer.close()
+
+
+def test_plan_reports_the_static_pool_it_sizes(llama):
+    """`fitllm plan --static-kv` / `--kv-cache-memory`: the KV capacity is the one slab the engine allocates
+    (whole blocks, at most max_num_seqs full contexts), not all the room after the fixed bytes."""
+    mc = open_model(str(llama)).config
+    budget = _budget(llama, 4096)
+
+    def report(**kw):
+        config = EngineConfig(model=str(llama), max_model_len=128, memory_budget=budget, **{**BASE, **kw})
+        return MemoryPlan.for_engine(config, mc, CPU).report("tiny")
+
+    elastic, static, sized = report(), report(static_kv=True), report(kv_cache_memory=1 << 18)
+    assert elastic.kv_capacity_tokens > static.kv_capacity_tokens == BASE["max_num_seqs"] * 128
+    assert sized.kv_capacity_tokens == (1 << 18) // elastic.kv_bytes_per_token
+    assert not report(kv_cache_memory=budget).fits  # a slab larger than the room never starts

@@ -258,10 +258,12 @@ class MemoryPlan:
         max_ctx = self.auto_length(free, mc.max_position_embeddings, streamed)
         length = min(max_ctx, cap) if auto else cap
         room = self.room_at(free, length, streamed)
-        if config.kv_cache_memory is not None:  # one slab of that size, whatever else is free
-            room = min(room, config.kv_cache_memory)
         # KV is allocated in whole blocks.
         capacity = max(0, room // (per_token * block_size)) * block_size
+        if config.static_kv or config.kv_cache_memory is not None:  # one slab, allocated up front
+            slab_blocks, _ = self.kv_pool_at(length, max(room, 0))
+            slab_tokens = slab_blocks * block_size
+            capacity = slab_tokens if slab_tokens * per_token <= room else 0
         per_request = per_token * cdiv(max(length, 1), block_size) * block_size
         fits = room > 0 and capacity >= length and length >= 2
         dtype = str(self.dtype).removeprefix("torch.")
