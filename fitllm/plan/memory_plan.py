@@ -123,14 +123,14 @@ class MemoryPlan:
 
     # --- the context ---------------------------------------------------------------------------------
 
-    def initial_length(self, strict: bool = True) -> tuple[int, bool]:
+    def initial_length(self, strict: bool = True, warn: bool = True) -> tuple[int, bool]:
         """(the context to build for, whether --max-model-len auto picks it once the weights are in).
 
         A context whose KV for one request is more than the whole budget could never be served, and
         rotary tables, workspace and the profile step would still be sized by it: a context_length of
         2^32 - 1 would allocate 16 GiB of rotary table at load. The model's own such context (a file that
         lies, or a budget far below it) falls back to auto with a warning; one asked for is refused
-        (`strict`; `fitllm plan` reports it as not fitting instead)."""
+        (`strict`; `fitllm plan` reports it as not fitting instead). `warn`: log the fallback."""
         asked, mc, budget = self.config.max_model_len, self.model_config, self.budget
         ceiling = max(2, budget // self.kv_bytes_per_token)  # tokens of KV the whole budget holds
         if asked == "auto":
@@ -138,15 +138,16 @@ class MemoryPlan:
         if asked is None:
             if mc.max_position_embeddings <= ceiling:
                 return mc.max_position_embeddings, False
-            log.warning(
-                "the model's context (%d tokens) needs %s of KV for one request, more than --memory-budget "
-                "%s holds; using the longest context that fits, at most %d tokens (--max-model-len auto); "
-                "pass --max-model-len to choose",
-                mc.max_position_embeddings,
-                format_bytes(mc.max_position_embeddings * self.kv_bytes_per_token),
-                format_bytes(budget),
-                min(ceiling, FALLBACK_CONTEXT_CAP),
-            )
+            if warn:
+                log.warning(
+                    "the model's context (%d tokens) needs %s of KV for one request, more than --memory-budget "
+                    "%s holds; using the longest context that fits, at most %d tokens (--max-model-len auto); "
+                    "pass --max-model-len to choose",
+                    mc.max_position_embeddings,
+                    format_bytes(mc.max_position_embeddings * self.kv_bytes_per_token),
+                    format_bytes(budget),
+                    min(ceiling, FALLBACK_CONTEXT_CAP),
+                )
             return min(ceiling, FALLBACK_CONTEXT_CAP), True
         if strict and asked > ceiling:
             raise ValueError(
@@ -161,7 +162,7 @@ class MemoryPlan:
     def placement(self) -> Placement:
         """Where the decoder layers live: `place_decoder_layers` (the one rule) with the workspace of the
         context placement keeps room for; bitsandbytes weights cannot be streamed."""
-        length, auto = self.initial_length(strict=False)
+        length, auto = self.initial_length(strict=False, warn=False)
         placement = place_decoder_layers(
             self.model_config,
             self.weights,
