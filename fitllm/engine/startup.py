@@ -169,7 +169,7 @@ def reserve_graph_pool(engine: Engine) -> int | None:
         if engine.device.type == "cuda":
             log.info("CUDA graphs off: %s; decode runs eagerly", reason)
         return None
-    planned = engine.plan.graph_pool_at(engine.max_model_len, streamed)
+    planned = engine.plan.graph_pool_bytes(engine.max_model_len)
     try:
         engine.ledger.reserve("workspace", planned)
     except BudgetExceeded:

@@ -209,8 +209,10 @@ class MemoryPlan:
 
     def graph_pool_at(self, length: int, streamed: bool) -> int:
         """The decode CUDA graphs' planned pool at a context of `length` (0: decode runs eagerly)."""
-        if not self.graphs(streamed):
-            return 0
+        return self.graph_pool_bytes(length) if self.graphs(streamed) else 0
+
+    def graph_pool_bytes(self, length: int) -> int:
+        """The planned pool of decode graphs captured for a context of `length` (`graph_pool_bytes`)."""
         c = self.config
         return graph_pool_bytes(self.model_config, self.dtype, c.max_num_seqs, length, c.block_size)
 
