@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from fitllm.engine.runner import profile_workspace
 from fitllm.loader import build_model
 from fitllm.memory.host import trim_host_heap
 from fitllm.memory.kv.manager import KVCacheManager
@@ -114,8 +115,6 @@ def auto_length(engine: Engine) -> int:
 
 def reserve_workspace(engine: Engine) -> None:
     """Ledger the workspace: the plan's, or the profile step's measured figure unless disabled."""
-    from fitllm.engine.runner import profile_workspace
-
     config = engine.config
     engine.workspace_planned = engine.plan.workspace_at(engine.max_model_len)
     engine.workspace_measured = None
