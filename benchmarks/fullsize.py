@@ -59,13 +59,12 @@ def random_checkpoint(config_path: Path, folder: Path, dtype: torch.dtype) -> Pa
 
 def run(args: argparse.Namespace) -> int:
     from fitllm.config import EngineConfig
-    from fitllm.engine.cuda_graphs import eager_reason
     from fitllm.engine.engine import Engine
     from fitllm.engine.request import SamplingParams
     from fitllm.loader import open_model
     from fitllm.memory.budget import resolve_budget
-    from fitllm.model.attention import resolve_attention_backend
-    from fitllm.plan.planner import make_plan
+    from fitllm.plan.memory_plan import MemoryPlan
+    from fitllm.plan.planner import DEFAULT_OVERHEAD
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -80,19 +79,17 @@ def run(args: argparse.Namespace) -> int:
     quantization = None if args.quantization == "none" else args.quantization
     budget = resolve_budget(args.memory_budget, device)
     source = open_model(str(folder))
-    # As the engine below decides and `fitllm plan` plans it (fitllm/cli.py): Triton attention with decode
-    # CUDA graphs on CUDA (unless `eager_reason` says otherwise), the torch reference attention's scratch
-    # elsewhere.
-    backend = resolve_attention_backend("auto", device)
-    plan = make_plan(
-        source.config,
-        args.config.parent.name,
-        dtype,
-        budget,
-        args.max_model_len,
+    engine_config = EngineConfig(
+        model=str(folder),
+        device=args.device,
+        dtype=args.dtype,
         quantization=quantization,
-        cuda_graphs=eager_reason(backend, device, False, False, quantization) is None,
-        reference_attention=backend == "torch",
+        memory_budget=budget,
+        max_model_len=args.max_model_len,
+    )
+    # The plan of the engine below, from its own config (as `fitllm plan` plans it).
+    plan = MemoryPlan.for_engine(engine_config, source.config, device, overhead=DEFAULT_OVERHEAD).report(
+        args.config.parent.name
     )
     source.release()
     if device.type == "cuda":
@@ -100,16 +97,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     start = time.perf_counter()
-    engine = Engine(
-        EngineConfig(
-            model=str(folder),
-            device=args.device,
-            dtype=args.dtype,
-            quantization=quantization,
-            memory_budget=budget,
-            max_model_len=args.max_model_len,
-        )
-    )
+    engine = Engine(engine_config)
     load_s = time.perf_counter() - start
     load_peak = run_peak = None
     if device.type == "cuda":

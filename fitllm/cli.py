@@ -42,14 +42,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from fitllm.config import ModelConfig, resolve_dtype
-    from fitllm.engine.cuda_graphs import eager_reason
+    from fitllm.config import ModelConfig
     from fitllm.loader import open_model
-    from fitllm.memory.budget import resolve_budget
     from fitllm.memory.offload.bandwidth import measure_offload_estimate
-    from fitllm.memory.offload.placement import OffloadEstimate
-    from fitllm.model.attention import resolve_attention_backend
-    from fitllm.plan.planner import Plan, make_plan
+    from fitllm.plan.memory_plan import MemoryPlan
+    from fitllm.plan.planner import DEFAULT_OVERHEAD
     from fitllm.quant import default_group_size
 
     engine_config = engine_config_from_args(args)
@@ -62,41 +59,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         config, name = source.config, source.path.name
         group_size = group_size or default_group_size(source.linear_block_type())
     device = engine_config.resolve_device()
-    dtype = resolve_dtype(engine_config.dtype, device)
-    backend = resolve_attention_backend(engine_config.attention_backend, device)
-    # As the engine decides; the planner itself drops the pool when it streams layers.
-    graphs = (
-        eager_reason(backend, device, engine_config.enforce_eager, False, engine_config.quantization) is None
+    # The engine's own plan for these flags (dtype, backend, CUDA graphs decided as it decides them).
+    memory = MemoryPlan.for_engine(
+        engine_config, config, device, group_size=group_size, overhead=DEFAULT_OVERHEAD
     )
-    if engine_config.device == "auto":
-        from fitllm.cuda_check import warn_if_gpu_unusable
-
-        warn_if_gpu_unusable()
-
-    def plan_with(estimate: OffloadEstimate | None = None) -> Plan:
-        return make_plan(
-            config,
-            name,
-            dtype,
-            resolve_budget(engine_config.memory_budget, device),
-            None if engine_config.max_model_len == "auto" else engine_config.max_model_len,
-            block_size=engine_config.block_size,
-            max_num_batched_tokens=engine_config.max_num_batched_tokens,
-            max_num_seqs=engine_config.max_num_seqs,
-            kv_cache_dtype=engine_config.kv_cache_dtype,
-            quantization=engine_config.quantization,
-            quant_group_size=group_size,
-            cpu_offload_gb=engine_config.cpu_offload_gb,
-            offload_prefetch=engine_config.offload_prefetch,
-            estimate=estimate,
-            cuda_graphs=graphs,
-            reference_attention=backend == "torch",
-        )
-
-    plan = plan_with()
+    plan = memory.report(name)
     if plan.placement is not None and plan.placement.offloaded:
         # Offloading: measure the links the prediction needs (a second or so).
-        plan = plan_with(measure_offload_estimate(device, engine_config.offload_dir))
+        plan = memory.report(name, measure_offload_estimate(device, engine_config.offload_dir))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
 

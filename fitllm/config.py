@@ -243,7 +243,7 @@ class EngineConfig:
     max_model_len: int | str | None = flag(
         None,
         "longest prompt + output in tokens, or 'auto': the largest the budget holds (default: the model's "
-        "context; fitllm plan: the largest that fits)",
+        "context, or the largest that fits when the budget could never hold it; fitllm plan plans the same)",
         type=parse_model_len,
     )
     block_size: int = flag(16, "tokens per KV block")

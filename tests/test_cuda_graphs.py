@@ -11,10 +11,12 @@ from conftest import TINY_CONFIG, make_random_checkpoint, run_all
 from stand_ins import ReplayCapturer
 
 from fitllm.config import EngineConfig
-from fitllm.engine.cuda_graphs import capture_decode_graphs, eager_reason
+from fitllm.engine.cuda_graphs import capture_decode_graphs
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
+from fitllm.engine.startup import reserve_graph_pool
 from fitllm.model.attention import KernelMetadata
+from fitllm.plan.memory_plan import eager_reason
 from fitllm.plan.planner import capture_sizes, graph_pool_bytes
 
 
@@ -142,15 +144,15 @@ def test_the_engine_reserves_the_planned_pool_only_where_graphs_can_run(tiny_lla
             model=str(tiny_llama), device="cpu", dtype="float32", attention_backend="triton", max_model_len=64
         )
     )
-    assert engine.graphs is None and engine._reserve_graph_pool() is None
-    monkeypatch.setattr("fitllm.engine.engine.eager_reason", lambda *args: None)
+    assert engine.graphs is None and reserve_graph_pool(engine) is None
+    monkeypatch.setattr("fitllm.engine.startup.eager_reason", lambda *args: None)
     before = engine.ledger.current("workspace")
-    planned = engine._reserve_graph_pool()
+    planned = reserve_graph_pool(engine)
     assert planned == graph_pool_bytes(engine.model_config, engine.dtype, engine.config.max_num_seqs, 64, 16)
     assert planned > 0 and engine.ledger.current("workspace") == before + planned
     engine.ledger.release("workspace", planned)
     engine.ledger.budget = engine.ledger.total + planned - 1
-    assert engine._reserve_graph_pool() is None and engine.ledger.current("workspace") == before
+    assert reserve_graph_pool(engine) is None and engine.ledger.current("workspace") == before
 
 
 def test_a_failed_capture_leaves_decode_eager_and_gives_the_planned_bytes_back(tiny_llama):
@@ -183,7 +185,7 @@ def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):
         EngineConfig(model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64)
     )
     before = engine.ledger.current("workspace")
-    engine.ledger.reserve("workspace", 5 << 20)  # as Engine._reserve_graph_pool does on CUDA
+    engine.ledger.reserve("workspace", 5 << 20)  # as startup.reserve_graph_pool does on CUDA
     assert (
         capture_decode_graphs(engine.runner, engine.ledger, 4, 64, planned=5 << 20, capturer=Pool())
         is not None

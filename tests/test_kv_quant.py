@@ -12,7 +12,7 @@ from stand_ins import LogitsTap
 from fitllm import Engine, EngineConfig, SamplingParams
 from fitllm.memory.kv import format as kv_module
 from fitllm.memory.kv.format import SCALE_BYTES, KVCacheFormat, kv_bytes_per_token
-from fitllm.plan.planner import make_plan
+from fitllm.plan.memory_plan import make_plan
 
 
 def _vectors(seed: int = 0) -> torch.Tensor:

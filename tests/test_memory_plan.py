@@ -17,7 +17,8 @@ from fitllm.loader import open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.kv.format import kv_bytes_per_token
 from fitllm.memory.ledger import TAGS, BudgetExceeded, MemoryLedger
-from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.memory_plan import make_plan
+from fitllm.plan.planner import workspace_bytes
 from fitllm.plan.weights import weight_breakdown
 
 

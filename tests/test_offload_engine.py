@@ -12,7 +12,7 @@ from fitllm import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.memory.offload.layer_layout import LayerLayout
-from fitllm.plan.planner import make_plan
+from fitllm.plan.memory_plan import make_plan
 from fitllm.plan.weights import weight_breakdown
 
 GiB = 1 << 30

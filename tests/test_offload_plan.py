@@ -119,7 +119,7 @@ def glm9b():
 def test_plan_offloads_weights_that_do_not_fit_and_says_so(glm9b):
     import torch
 
-    from fitllm.plan.planner import make_plan
+    from fitllm.plan.memory_plan import make_plan
 
     GiB = 1 << 30
     estimate = OffloadEstimate(20e9, 3000e9, "pinned host")
@@ -150,7 +150,7 @@ def test_plan_suggests_the_offload_that_fits_a_full_context(glm9b):
 
     import torch
 
-    from fitllm.plan.planner import make_plan
+    from fitllm.plan.memory_plan import make_plan
 
     GiB = 1 << 30
     plan = make_plan(glm9b, "glm", torch.bfloat16, 20 * GiB, 131072)

@@ -14,7 +14,8 @@ import torch
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
 from fitllm.memory.kv.format import kv_bytes_per_token
-from fitllm.plan.planner import make_plan, workspace_bytes
+from fitllm.plan.memory_plan import make_plan
+from fitllm.plan.planner import workspace_bytes
 from fitllm.plan.weights import weight_breakdown
 from fitllm.quant import get_quant_method
 
@@ -114,9 +115,8 @@ G9_FULL = (
 # The plan commands docs/benchmarks.md gives (after `fitllm plan`), and what each prints: KV room in tokens,
 # largest context for one request, full-length requests at once, whether it fits.
 DOCUMENTED_PLANS = {
-    f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda": (
-        816, 816, 1, "yes"  # by streaming 4 of 40 layers
-    ),
+    f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
+    "--max-model-len auto": (816, 816, 1, "yes"),  # by streaming 4 of 40 layers
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
     "--quantization int8": (14288, 2048, 6, "yes"),
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "

@@ -16,7 +16,7 @@ from conftest import build_random_model, make_random_checkpoint, run_engine, wri
 from fitllm import Engine, EngineConfig, SamplingParams
 from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
-from fitllm.plan.planner import make_plan
+from fitllm.plan.memory_plan import make_plan
 from fitllm.plan.weights import weight_breakdown
 from fitllm.quant.int4 import (
     cpu_kernel_available,

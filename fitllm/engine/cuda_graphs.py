@@ -30,35 +30,12 @@ from torch import nn
 
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
 from fitllm.model.attention import AttentionMetadata, KernelMetadata
-from fitllm.quant import graph_safe
 from fitllm.units import format_bytes
 
 if TYPE_CHECKING:
     from fitllm.engine.runner import ModelRunner
 
 log = logging.getLogger("fitllm")
-
-
-def eager_reason(
-    attention_backend: str,
-    device: torch.device,
-    enforce_eager: bool,
-    streamed: bool,
-    quantization: str | None,
-) -> str | None:
-    """Why decode must run eagerly, or None when its steps can be captured as CUDA graphs. The engine and
-    `fitllm plan` both ask this, so the plan holds the graph pool exactly when the engine will capture."""
-    if device.type != "cuda":
-        return "not on CUDA"
-    if enforce_eager:
-        return "--enforce-eager"
-    if attention_backend != "triton":
-        return f"the {attention_backend} attention backend (graphs need --attention-backend triton)"
-    if streamed:
-        return "layers are streamed (offload waits on host events between kernels)"
-    if not graph_safe(quantization):
-        return f"--quantization {quantization} syncs with the host in its matmul"
-    return None
 
 
 class GraphCapturer(Protocol):

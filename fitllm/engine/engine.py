@@ -9,41 +9,30 @@ from collections.abc import Iterator
 import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
-from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
+from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.outputs import error_output, make_output
 from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
-from fitllm.engine.runner import ModelRunner, profile_workspace
+from fitllm.engine.runner import ModelRunner
 from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
+from fitllm.engine.startup import start_memory
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.engine.view import check_token_ids
-from fitllm.loader import ModelSource, build_model, open_model
+from fitllm.loader import ModelSource, open_model
 from fitllm.memory.budget import resolve_budget
-from fitllm.memory.host import trim_host_heap
-from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
-from fitllm.memory.kv.manager import KVCacheManager
-from fitllm.memory.kv.setup import build_kv_pool
+from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.swap import KVSwapper
-from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.memory.offload.copy_engine import OffloadFile, PinnedHostStore, make_sink
-from fitllm.memory.offload.streamer import WeightStreamer, start_streamer
+from fitllm.memory.ledger import MemoryLedger
+from fitllm.memory.offload.streamer import WeightStreamer
 from fitllm.model.attention import resolve_attention_backend
-from fitllm.plan.planner import graph_pool_bytes, largest_context_that_fits, workspace_bytes
-from fitllm.plan.weight_placement import engine_placement, layer_layout
-from fitllm.plan.weights import scratch_elements
+from fitllm.plan.memory_plan import MemoryPlan
 from fitllm.quant import get_quant_method
-from fitllm.units import format_bytes
 
 log = logging.getLogger("fitllm")
-
-# Without --max-model-len, a model whose own context could never be served by the budget runs at the
-# longest that fits up to this (the longest context of the common families): a context_length the file
-# lies about must not size the start-up profile step of a small model by the whole budget.
-FALLBACK_CONTEXT_CAP = 1 << 17
 
 
 class Engine:
@@ -72,62 +61,14 @@ class Engine:
             dtype=self.dtype,
         )
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
-        self.kv_bytes_per_token = kv_bytes_per_token(mc, self.dtype, config.kv_cache_dtype)
-        # Under auto, chosen once the weights are in (`_auto_max_model_len`); the model is built without
-        # position tables until then.
-        self.max_model_len, self._auto_len = self._initial_max_model_len()
-        auto_len = self._auto_len
-        if self.max_model_len > mc.max_position_embeddings and mc.rope_scaling is None:
-            log.warning(
-                "--max-model-len %d exceeds the model's trained context %d",
-                self.max_model_len,
-                mc.max_position_embeddings,
-            )
-        self.placement = engine_placement(
-            config,
-            mc,
-            self.dtype,
-            self.quant,
-            self.ledger.budget,
-            self.kv_bytes_per_token,
+        # placement -> weights -> staging -> workspace -> graph pool -> KV, each figure the plan's until
+        # measured (fitllm/engine/startup.py)
+        self.plan = MemoryPlan.for_engine(
+            config, mc, self.device, budget=self.ledger.budget, quant=self.quant
         )
-        sink = None
-        if self.placement.offloaded:
-            sink = make_sink(layer_layout(mc, self.dtype, self.quant), self.device, config.offload_dir)
-            log.info(
-                "offload: %d of %d decoder layers streamed (%s each), prefetch %d",
-                len(self.placement.offloaded),
-                mc.num_hidden_layers,
-                format_bytes(self.placement.layer_bytes),
-                self.placement.prefetch,
-            )
-        self.model = build_model(
-            self.source,
-            self.dtype,
-            self.device,
-            1 if auto_len else self.max_model_len,
-            show_progress,
-            self.quant,
-            frozenset(self.placement.offloaded),
-            sink,
-        )
-        self.source.release()  # the weights are in; the file's mapped pages need not stay resident
-        self.streamer: WeightStreamer | None = None  # set with the staging it holds, below
-        self._reserve_weights_and_workspace(sink)
-        trim_host_heap()  # loading's and the profile step's transients are gone; give their heap back
-        self.block_size = config.block_size
-        graph_reserve = self._reserve_graph_pool()
-        self.storage, self.pool = build_kv_pool(
-            config, mc, self.kv_format, self.max_model_len, self.device, self.ledger
-        )
-        self.kv = KVCacheManager(self.pool, self.block_size)
-        if auto_len:
-            # What the pool can ever hold is in whole slabs, after the measured workspace (the length was
-            # chosen with the planned one): the longest context one request can have is the lesser.
-            self.max_model_len = min(self.max_model_len, self.pool.capacity_blocks * self.block_size)
-            if self.max_model_len < 2:
-                raise ValueError(self._no_room_for_kv())
-            log.info("--max-model-len auto: %d tokens", self.max_model_len)
+        self.kv_bytes_per_token = self.plan.kv_bytes_per_token
+        self.streamer: WeightStreamer | None = None  # set with the staging it holds
+        graph_reserve = start_memory(self, show_progress)
         self.swapper = KVSwapper(
             self.storage,
             self.kv,
@@ -164,168 +105,6 @@ class Engine:
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None
         log.info("memory:\n%s", self.memory_report())
-
-    def _reserve_weights_and_workspace(self, sink: OffloadFile | PinnedHostStore | None) -> None:
-        """Ledger the resident weights, start streaming the offloaded ones (their staging buffers are
-        ledgered too), then the workspace (measured by a profile step unless disabled)."""
-        config, mc = self.config, self.model_config
-        # Offloaded layers' parameters are empty between uses, so this counts resident weights only.
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        try:
-            self.ledger.reserve("weights", weight_bytes)
-            self.streamer = (
-                None
-                if sink is None
-                else start_streamer(self.model, self.placement, sink, self.device, self.ledger)
-            )
-        except BudgetExceeded as exc:
-            raise ValueError(f"{exc}; raise --memory-budget or quantize (see `fitllm plan`)") from exc
-        scratch = scratch_elements(self.model)
-        if self._auto_len:
-            self.max_model_len = self._auto_max_model_len(scratch)
-            self.model.prepare(self.device, self.dtype, self.max_model_len)
-        self.workspace_planned = self._planned_workspace(scratch, self.max_model_len)
-        self.workspace_measured: int | None = None
-        # The reference backend gathers a decode group's K/V padded to its longest context; groups hold at
-        # most this many context tokens (as a prefill step's), so the profile step can measure the largest.
-        self.decode_gather_tokens = max(config.max_num_batched_tokens, self.max_model_len)
-        if config.profile_workspace:
-            # Measured before the KV pool is sized, so the pool gets what the real workspace leaves: a full
-            # step of --max-num-batched-tokens, decodes and prefills at the full context.
-            tokens = config.max_num_batched_tokens
-            self.workspace_measured = profile_workspace(
-                self.model,
-                mc,
-                self.device,
-                tokens,
-                min(config.max_num_seqs, tokens),
-                backend=self.attention_backend,
-                max_model_len=self.max_model_len,
-                decode_cap=self.decode_gather_tokens,
-            )
-            log.info(
-                "workspace: measured %s for a %d-token step (planned %s)",
-                format_bytes(self.workspace_measured),
-                tokens,
-                format_bytes(self.workspace_planned),
-            )
-        workspace = self.workspace_planned if self.workspace_measured is None else self.workspace_measured
-        try:
-            self.ledger.reserve("workspace", workspace)
-        except BudgetExceeded as exc:
-            raise ValueError(
-                f"{exc}; raise --memory-budget or lower --max-num-batched-tokens (see `fitllm plan`)"
-            ) from exc
-
-    def _initial_max_model_len(self) -> tuple[int, bool]:
-        """(the context to build for, whether --max-model-len auto picks it once the weights are in).
-
-        A context whose KV for one request is more than the whole budget could never be served, and
-        rotary tables, workspace and the profile step would still be sized by it: a context_length of
-        2^32 - 1 would allocate 16 GiB of rotary table at load. The model's own such context (a file that
-        lies, or a budget far below it) falls back to auto with a warning; one asked for is refused."""
-        asked, mc = self.config.max_model_len, self.model_config
-        budget = self.ledger.budget
-        ceiling = max(2, budget // self.kv_bytes_per_token)  # tokens of KV the whole budget holds
-        if asked == "auto":
-            return min(mc.max_position_embeddings, ceiling), True
-        if asked is None:
-            if mc.max_position_embeddings <= ceiling:
-                return mc.max_position_embeddings, False
-            log.warning(
-                "the model's context (%d tokens) needs %s of KV for one request, more than --memory-budget "
-                "%s holds; using the longest context that fits, at most %d tokens (--max-model-len auto); "
-                "pass --max-model-len to choose",
-                mc.max_position_embeddings,
-                format_bytes(mc.max_position_embeddings * self.kv_bytes_per_token),
-                format_bytes(budget),
-                min(ceiling, FALLBACK_CONTEXT_CAP),
-            )
-            return min(ceiling, FALLBACK_CONTEXT_CAP), True
-        if asked > ceiling:
-            raise ValueError(
-                f"--max-model-len {asked} needs {format_bytes(asked * self.kv_bytes_per_token)} of KV for one "
-                f"request, more than --memory-budget {format_bytes(budget)}; lower --max-model-len (at most "
-                f"{ceiling} before weights), use --max-model-len auto, or raise --memory-budget"
-            )
-        return asked, False
-
-    def _auto_max_model_len(self, scratch: int) -> int:
-        """--max-model-len auto, once the weights (and any staging) are in the ledger: the planner's
-        `largest_context_that_fits` over what is free, with the planned workspace and graph pool sized at
-        each candidate length, as `fitllm plan` sizes them (the plan also sets aside its overhead)."""
-        config, mc = self.config, self.model_config
-        graphs = self._eager_reason() is None
-
-        def room(length: int) -> int:
-            workspace = self._planned_workspace(scratch, length)
-            pool = (
-                graph_pool_bytes(mc, self.dtype, config.max_num_seqs, length, config.block_size)
-                if graphs
-                else 0
-            )
-            return self.ledger.free_bytes() - workspace - pool
-
-        length = largest_context_that_fits(
-            room,
-            self.kv_bytes_per_token,
-            config.block_size,
-            self.max_model_len,  # the cap it was given
-        )
-        if length < 2:
-            raise ValueError(self._no_room_for_kv())
-        return length
-
-    def _planned_workspace(self, scratch: int, max_model_len: int) -> int:
-        """The planner's workspace for this engine at a context of `max_model_len` (only the torch
-        reference backend's grows with the context)."""
-        config = self.config
-        return workspace_bytes(
-            self.model_config,
-            self.dtype,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            scratch,
-            max_model_len if self.attention_backend == "torch" else None,
-        )
-
-    def _no_room_for_kv(self) -> str:
-        return (
-            f"--max-model-len auto: no room for KV in --memory-budget {format_bytes(self.ledger.budget)} "
-            f"after weights and workspace; raise the budget (see `fitllm plan`)"
-        )
-
-    def _eager_reason(self) -> str | None:
-        """Why decode runs eagerly, or None when it is captured as CUDA graphs (`eager_reason`)."""
-        return eager_reason(
-            self.attention_backend,
-            self.device,
-            self.config.enforce_eager,
-            self.streamer is not None,
-            self.config.quantization,
-        )
-
-    def _reserve_graph_pool(self) -> int | None:
-        """Reserve the decode CUDA graphs' planned bytes before the KV pool is sized (so --static-kv does not
-        take them); None when decode runs eagerly (see `eager_reason`) or the budget has no room."""
-        config = self.config
-        reason = self._eager_reason()
-        if reason is not None:
-            if self.device.type == "cuda":
-                log.info("CUDA graphs off: %s; decode runs eagerly", reason)
-            return None
-        planned = graph_pool_bytes(
-            self.model_config, self.dtype, config.max_num_seqs, self.max_model_len, config.block_size
-        )
-        try:
-            self.ledger.reserve("workspace", planned)
-        except BudgetExceeded:
-            log.warning(
-                "CUDA graphs need about %s that the budget does not have; decode runs eagerly",
-                format_bytes(planned),
-            )
-            return None
-        return planned
 
     def status(self) -> EngineStatus:
         """What the engine holds now (for metrics and the studio's memory panel)."""

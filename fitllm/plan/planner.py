@@ -16,12 +16,7 @@ import torch
 
 from fitllm.config import ModelConfig, cdiv
 from fitllm.memory.kv.format import kv_bytes_per_token
-from fitllm.memory.offload.placement import (
-    OffloadEstimate,
-    Placement,
-    kv_reserve_tokens,
-    place_decoder_layers,
-)
+from fitllm.memory.offload.placement import OffloadEstimate, Placement
 from fitllm.plan.weights import WeightBreakdown, weight_breakdown
 from fitllm.quant import get_quant_method
 from fitllm.units import format_bytes
@@ -257,112 +252,7 @@ def largest_context_that_fits(
     return min(lo * block_size, max_position)
 
 
-def make_plan(
-    config: ModelConfig,
-    model_name: str,
-    dtype: torch.dtype,
-    budget: int,
-    max_model_len: int | None,
-    block_size: int = 16,
-    max_num_batched_tokens: int = 2048,
-    max_num_seqs: int = 64,
-    kv_cache_dtype: str = "auto",
-    overhead: int = DEFAULT_OVERHEAD,
-    quantization: str | None = None,
-    quant_group_size: int | None = None,
-    cpu_offload_gb: float = 0.0,
-    offload_prefetch: int = 2,
-    estimate: OffloadEstimate | None = None,
-    cuda_graphs: bool = False,
-    reference_attention: bool = False,
-) -> Plan:
-    """Plan a deployment: does one full-length request fit, how many fit, what to change if not.
-
-    max_model_len None means 'auto': the largest context that fits, capped by the model's own.
-    Decoder layers are placed by the engine's own rule (`place_decoder_layers`); `estimate` (measured
-    bandwidths) turns the placement into predicted tokens/s. `cuda_graphs`: decode will be captured (CUDA,
-    Triton attention, no --enforce-eager), which holds `graph_pool_bytes` unless layers are streamed.
-    """
-    quant = get_quant_method(quantization, quant_group_size, config=config)
-    weights = weight_breakdown(config, dtype, quant)
-    per_token = kv_bytes_per_token(config, dtype, kv_cache_dtype)
-
-    def workspace_at(length: int) -> int:
-        # The engine profiles the reference backend at its context; the Triton kernels' is length-free.
-        return workspace_bytes(
-            config,
-            dtype,
-            max_num_batched_tokens,
-            max_num_seqs,
-            weights.largest_quantized_linear,
-            length if reference_attention else None,
-        )
-
-    layers = config.num_hidden_layers
-    max_position = config.max_position_embeddings
-    try:
-        placement = place_decoder_layers(
-            config,
-            weights,
-            # Under auto, placement keeps room for a short context (kv_reserve_tokens), so its workspace.
-            workspace_at(kv_reserve_tokens("auto", max_position) if max_model_len is None else max_model_len)
-            + overhead,
-            per_token,
-            budget,
-            "auto" if max_model_len is None else max_model_len,
-            block_size,
-            offload_prefetch,
-            cpu_offload_gb,
-        )
-    except ValueError:  # not even with every layer streamed: the suggestions say what would
-        placement = None
-    resident = weights.total - (len(placement.offloaded) if placement else 0) * weights.per_layer
-    staging = placement.staging_bytes if placement else 0
-    graphs = cuda_graphs and placement is not None and not placement.offloaded
-
-    def graph_pool_at(length: int) -> int:
-        return graph_pool_bytes(config, dtype, max_num_seqs, length, block_size) if graphs else 0
-
-    def room_at(length: int) -> int:
-        return budget - resident - staging - workspace_at(length) - graph_pool_at(length) - overhead
-
-    # The longest context whose KV fits beside a workspace and graph pool sized for that context.
-    max_ctx = largest_context_that_fits(room_at, per_token, block_size, max_position)
-    length = max_ctx if max_model_len is None else max_model_len
-    workspace, graph_pool, room = workspace_at(length), graph_pool_at(length), room_at(length)
-    # KV is allocated in whole blocks.
-    capacity = max(0, room // (per_token * block_size)) * block_size
-    per_request = per_token * cdiv(max(length, 1), block_size) * block_size
-    fits = room > 0 and capacity >= length and length >= 2
-    plan = Plan(
-        model=model_name,
-        dtype=str(dtype).removeprefix("torch.")
-        + ("" if quant.name == "none" else f", {quant.describe()} weights"),
-        kv_dtype=str(dtype).removeprefix("torch.") if kv_cache_dtype == "auto" else kv_cache_dtype,
-        budget=budget,
-        weights=weights,
-        kv_bytes_per_token=per_token,
-        max_model_len=length,
-        kv_bytes_per_request=per_request,
-        workspace=workspace,
-        overhead=overhead,
-        kv_capacity_tokens=capacity,
-        fits=fits,
-        max_context_that_fits=max_ctx,
-        max_full_length_requests=capacity // max(1, cdiv(length, block_size) * block_size),
-        placement=placement,
-        resident_weight_bytes=resident,
-        offload_estimate=estimate if placement is not None and placement.offloaded else None,
-        graph_pool=graph_pool,
-    )
-    if not fits:
-        plan.suggestions = _suggestions(plan, config, dtype, room, quant.name, kv_cache_dtype)
-        if placement is not None and layers * weights.per_layer > 0:
-            plan.suggestions += _offload_suggestion(plan, layers, weights, room, length, offload_prefetch)
-    return plan
-
-
-def _offload_suggestion(
+def offload_suggestion(
     plan: Plan, layers: int, weights: WeightBreakdown, room: int, length: int, prefetch: int
 ) -> list[str]:
     """How much --cpu-offload-gb would make one full-length request fit, if any amount does."""
@@ -394,7 +284,7 @@ def _ranges(indices: tuple[int, ...]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in out)
 
 
-def _suggestions(
+def suggestions(
     plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int, quantization: str, kv_cache_dtype: str
 ) -> list[str]:
     """Concrete changes that would make a non-fitting plan fit, each with its exact figure."""

@@ -16,6 +16,24 @@ from fitllm.units import format_bytes
 log = logging.getLogger("fitllm")
 
 
+def kv_pool_shape(
+    config: EngineConfig, per_block: int, max_model_len: int, free: int, device: torch.device
+) -> tuple[int, int]:
+    """(blocks per slab, slabs at most) of a KV pool over `free` bytes with blocks of `per_block` bytes:
+    elastic by default, one up-front slab with --static-kv or --kv-cache-memory. The plan sizes it the same."""
+    # Blocks beyond max_num_seqs full contexts could never be used at once.
+    wanted = config.max_num_seqs * cdiv(max_model_len, config.block_size)
+    if config.static_kv or config.kv_cache_memory is not None:
+        kv_bytes = config.kv_cache_memory
+        if kv_bytes is None:
+            kv_bytes = min(wanted * per_block, free)
+        return kv_bytes // per_block, 1
+    # A budget tighter than one slab gets a smaller slab rather than a refusal.
+    slab_bytes = min(config.resolve_kv_slab_size(device), free)
+    slab_blocks = min(max(1, slab_bytes // per_block), wanted)
+    return slab_blocks, cdiv(wanted, slab_blocks)
+
+
 def build_kv_pool(
     config: EngineConfig,
     mc: ModelConfig,
@@ -26,20 +44,8 @@ def build_kv_pool(
 ) -> tuple[KVSlabStorage, BlockPool]:
     """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
     default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
-    block_size = config.block_size
-    per_block = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads) * block_size
-    # Blocks beyond max_num_seqs full contexts could never be used at once.
-    wanted = config.max_num_seqs * cdiv(max_model_len, block_size)
-    if config.static_kv or config.kv_cache_memory is not None:
-        kv_bytes = config.kv_cache_memory
-        if kv_bytes is None:
-            kv_bytes = min(wanted * per_block, ledger.free_bytes())
-        slab_blocks, max_slabs = kv_bytes // per_block, 1
-    else:
-        # A budget tighter than one slab gets a smaller slab rather than a refusal.
-        slab_bytes = min(config.resolve_kv_slab_size(device), ledger.free_bytes())
-        slab_blocks = min(max(1, slab_bytes // per_block), wanted)
-        max_slabs = cdiv(wanted, slab_blocks)
+    per_block = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads) * config.block_size
+    slab_blocks, max_slabs = kv_pool_shape(config, per_block, max_model_len, ledger.free_bytes(), device)
     if slab_blocks < 1:
         raise ValueError(
             f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
@@ -49,7 +55,7 @@ def build_kv_pool(
         mc.num_hidden_layers,
         mc.num_key_value_heads,
         kv_format,
-        block_size,
+        config.block_size,
         slab_blocks,
         max_slabs,
         device,
@@ -71,7 +77,7 @@ def build_kv_pool(
     log.info(
         "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
         slab_blocks,
-        block_size,
+        config.block_size,
         format_bytes(storage.slab_bytes),
         max_slabs,
         "static" if max_slabs == 1 else "elastic",
