@@ -1,4 +1,4 @@
-"""The Triton paged-attention backend (fitllm/model/triton_attention.py) against the torch reference backend.
+"""The Triton paged-attention backend (fitllm/model/attention/triton_kernels.py) against the torch reference backend.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1
 before anything imports triton). Kernel cases build their K/V slabs as separate tensors addressed from an
@@ -30,7 +30,6 @@ from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model import triton_attention as ta
 from fitllm.model.attention import (
     AttentionMetadata,
     DecodeGroup,
@@ -39,6 +38,7 @@ from fitllm.model.attention import (
     head_rows,
     resolve_attention_backend,
 )
+from fitllm.model.attention import triton_kernels as ta
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2

@@ -289,7 +289,7 @@ class ModelRunner:
     def capture_graphs(self, max_num_seqs: int, max_model_len: int, capturer: GraphCapturer) -> DecodeGraphs:
         """Capture decode steps for batches up to `max_num_seqs` and contexts up to `max_model_len`; later
         decode-only steps replay them (Triton backend only)."""
-        from fitllm.model.triton_attention import choose_num_splits
+        from fitllm.model.attention.triton_kernels import choose_num_splits
 
         assert self.attention_backend == "triton", "CUDA graphs need the Triton attention backend"
         kvh = self.config.num_key_value_heads
@@ -418,7 +418,7 @@ class ModelRunner:
         max_query_len = max(s.num_new_tokens for s in scheduled)
         splits = 1
         if max_query_len == 1:
-            from fitllm.model.triton_attention import choose_num_splits
+            from fitllm.model.attention.triton_kernels import choose_num_splits
 
             splits = choose_num_splits(
                 len(scheduled), self.config.num_key_value_heads, max(seq_lens), self._num_sms

@@ -1,7 +1,7 @@
 """Paged attention: K/V are written and read only through slot ids or block tables.
 
 Two backends (`--attention-backend`, chosen by `resolve_attention_backend`): the torch reference backend
-below, and Triton kernels (fitllm/model/triton_attention.py) that read K/V through block tables straight
+below, and Triton kernels (fitllm/model/attention/triton_kernels.py) that read K/V through block tables straight
 from the slabs. The runner picks one per engine and fills the matching half of `AttentionMetadata`.
 
 Reference backend:
@@ -157,13 +157,13 @@ class PagedAttention(nn.Module):
     def _forward_kernels(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: KernelMetadata
     ) -> torch.Tensor:
-        from fitllm.model import triton_attention
+        from fitllm.model.attention import triton_kernels
 
         layout = self.kv_layout
         assert layout is not None, "KV layout not bound to this layer"
         fmt = self.kv_format
-        triton_attention.write_kv(fmt.encode(k), fmt.encode(v), meta.slot_mapping, layout, self.layer_index)
-        return triton_attention.paged_attention(
+        triton_kernels.write_kv(fmt.encode(k), fmt.encode(v), meta.slot_mapping, layout, self.layer_index)
+        return triton_kernels.paged_attention(
             q,
             layout,
             self.layer_index,
