@@ -30,15 +30,9 @@ from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model.attention import (
-    AttentionMetadata,
-    DecodeGroup,
-    PagedAttention,
-    PrefillSpan,
-    head_rows,
-    resolve_attention_backend,
-)
+from fitllm.model.attention import PagedAttention, resolve_attention_backend
 from fitllm.model.attention import triton_kernels as ta
+from fitllm.model.attention.torch_backend import DecodeGroup, PrefillSpan, TorchMetadata, head_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2
@@ -135,12 +129,12 @@ def _mask(q_pos: torch.Tensor, k_len: int, window: int) -> torch.Tensor:
     return mask
 
 
-def reference_metadata(case: Case, b: Built) -> AttentionMetadata:
+def reference_metadata(case: Case, b: Built) -> TorchMetadata:
     """What ModelRunner.prepare builds for the torch backend (decodes batched and padded, prefills alone)."""
     bs, kvh, window = case.block_size, case.num_kv_heads, case.window
     decodes = sum(q == 1 for q in case.q_lens)
     slot_rows = b.slab_slots * kvh
-    meta = AttentionMetadata(slot_mapping=split_by_slab(b.slot_mapping, b.slab_slots), num_decodes=decodes)
+    meta = TorchMetadata(slot_mapping=split_by_slab(b.slot_mapping, b.slab_slots), num_decodes=decodes)
     if decodes:
         ctx = torch.tensor(case.ctx_lens[:decodes])
         max_ctx = int(ctx.max())
