@@ -56,8 +56,9 @@ def scratch_prefill(
     layer inside the block; the layers' own KV bindings come back after. By default one causal prefill of
     `num_tokens`; `spans` gives several sequences instead, as (new tokens, context) pairs, a context longer
     than its new tokens being a later chunk of a long prompt, and `decodes` the contexts of single-token
-    decodes placed before them (grouped as the runner groups them, by `decode_cap`). Used where there is no KV pool to ask: the
-    start-up profile step and perplexity scoring. `backend` is the attention backend the metadata is for."""
+    decodes placed before them (grouped as the runner groups them, by `decode_cap`). Used where there is no
+    KV pool to ask: the start-up profile step and perplexity scoring. The metadata is `backend`'s, built
+    by its builder as for a real step, from the same kind of batch layout over a scratch block table."""
     decodes = decodes or []
     spans = spans or [(num_tokens - len(decodes), num_tokens - len(decodes))]
     assert len(decodes) + sum(q for q, _ in spans) == num_tokens and all(0 < q <= c for q, c in spans)
@@ -70,9 +71,8 @@ def scratch_prefill(
         dtype=kv_format.storage_dtype,
         device=device,
     )
-    if backend == "triton":  # the kernels' block size: slot = position % 16
+    if backend == "triton":
         assert num_slots == 16, "the Triton scratch prefill wraps its slots around one 16-slot block"
-    # Every sequence's table points at block 0 of a num_slots-slot block: slot = position % num_slots.
     batch = BatchLayout.scratch(num_slots, spans, decodes)
     meta = metadata_builder(backend, kvh, config.sliding_window, num_slots, decode_cap).build(batch, device)
     layout = PagedKVLayout(
