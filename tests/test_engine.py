@@ -233,6 +233,29 @@ def test_min_tokens_defers_stop_strings_without_cutting_text(engine, prompts, al
     assert c.text == full
 
 
+def test_a_stop_string_on_the_last_token_is_the_reason(engine, prompts, alone):
+    """The scheduler ends a request by max_tokens or a stop token id before the output stage reads its text;
+    a stop string that same token completes is still the reason given, and the text is cut there."""
+    ids = alone[4]
+    texts = [engine.tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    k = next(k for k in range(3, len(ids)) if texts[k].find(texts[k][-3:]) == len(texts[k]) - 3)
+    stop, first = texts[k][-3:], ids.index(ids[k - 1])
+    for params in (
+        SamplingParams(temperature=0, max_tokens=k, ignore_eos=True, stop=[stop]),
+        SamplingParams(
+            temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], stop_token_ids=[ids[k - 1]]
+        ),
+    ):
+        (out,) = run(engine, [prompts[4]], params)
+        c = out.outputs[0]
+        if params.stop_token_ids and first < k - 1:
+            continue  # the stop token came earlier: nothing to compare
+        assert c.token_ids == ids[:k]
+        assert (c.finish_reason, c.stop_reason) == ("stop", stop)
+        assert c.text == texts[k][:-3]
+    assert engine.pool.num_used_blocks == 0
+
+
 def test_stop_token_ids_and_eos(engine, prompts, alone):
     target = alone[2][5]
     first = alone[2].index(target)

@@ -1,9 +1,11 @@
 """Scheduler over a real KVCacheManager with fake requests and a fake model.
 
-A simulated step: schedule(), "run" the scheduled tokens (write them into a shadow KV cache), append a
-fake sampled token for every item that samples, update_after_step(), finish requests that reached
-max_tokens. The fake token at each position is a fixed function of (request, position), so recomputation
-after preemption must reproduce exactly the same sequence.
+A simulated step, as the engine drives it: schedule(), "run" the scheduled tokens (write them into a shadow
+KV cache), update_after_launch(), then update_from_output() with a fake sampled token for every request that
+samples (the scheduler appends it, publishes blocks, stops the request at max_tokens and frees it). The fake
+token at each position is a fixed function of (request, position), so recomputation after preemption must
+reproduce exactly the same sequence. With async scheduling, step N+1 is scheduled and launched before
+step N's samples are read, as the engine does: a request that samples holds an output placeholder meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus, SamplingParams
+from fitllm.engine.sampler import SampleResult
 from fitllm.engine.scheduler import Scheduler
 from fitllm.memory.kv.block_pool import BlockPool
 from fitllm.memory.kv.manager import KVCacheManager
@@ -24,6 +27,11 @@ VOCAB = 3
 
 def fake_token(req: Request, position: int) -> int:
     return (int(req.request_id[1:]) * 7 + position * 3 + position // 5) % VOCAB
+
+
+def token_at(req: Request, position: int) -> int:
+    """The request's token at `position`, a placeholder's included (the token it will be)."""
+    return req.token_ids[position] if position < req.num_tokens else fake_token(req, position)
 
 
 @dataclass
@@ -44,19 +52,24 @@ class Sim:
         max_num_seqs: int,
         budget: int,
         caching: bool = True,
+        async_scheduling: bool = False,
     ) -> None:
+        self.async_scheduling = async_scheduling
+        self.in_flight: tuple[list[Request], list[int]] | None = None  # a launched step's rows and tokens
         self.bs = block_size
         self.budget = budget
         self.max_num_seqs = max_num_seqs
         self.pool = BlockPool(num_blocks, enable_caching=caching)
         self.kv = KVCacheManager(self.pool, block_size)
-        self.sched = Scheduler(self.kv, max_num_seqs, budget)
+        self.sched = Scheduler(self.kv, max_num_seqs, budget, max_model_len=1 << 20)
         self.all: dict[str, Request] = {}
         self.finished: dict[str, Request] = {}
         self.content: dict[int, list[int | None]] = {}  # shadow KV: token held by each slot
         self.victims: list[Request] = []
         self.num_steps = 0
         self.num_samples: dict[str, int] = {}
+        self.num_placeholder_inputs = 0
+        self.num_preempted_in_flight = 0  # preempted while a token of theirs was in flight
 
     def add(self, rid: str, prompt: list[int], max_tokens: int, priority: int = 0, arrival: float = 0.0):
         req = Request(
@@ -95,7 +108,9 @@ class Sim:
         for r in self.sched.running:
             assert r.status is RequestStatus.RUNNING
             assert len(self.kv.block_ids(r.request_id)) * self.bs >= r.num_computed_tokens
-            assert r.num_computed_tokens < r.num_tokens  # always one token (at least) left to compute
+            # Always one token (at least) left to compute, or its last token is in flight.
+            assert r.num_computed_tokens < r.num_tokens_with_placeholders
+            assert r.num_output_placeholders <= 1
         for r in self.sched.waiting:
             assert r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert r.num_computed_tokens == 0 or r.status is RequestStatus.WAITING
@@ -128,6 +143,7 @@ class Sim:
             assert victim.num_computed_tokens == 0
             assert self.kv.block_ids(victim.request_id) == []
             assert victim not in self.sched.running
+            self.num_preempted_in_flight += victim.num_output_placeholders
             self.victims.append(victim)
         if out.preempted:
             # Admission in a step that preempts is only for requests that outrank a running one.
@@ -142,13 +158,26 @@ class Sim:
         if admitted and still_waiting:
             assert max(r.sort_key for r in admitted) < min(r.sort_key for r in still_waiting)
 
-        # Budget left over means nobody still running was skipped (freed budget of victims is reused).
+        # Budget left over means nobody still running was skipped (freed budget of victims is reused), but
+        # those whose last token is in flight.
         if out.num_tokens < self.budget:
-            assert set(ids) == {r.request_id for r in self.sched.running}
+            done = {
+                r.request_id
+                for r in self.sched.running
+                if r.num_tokens_with_placeholders >= r.max_total_tokens
+            }
+            assert set(ids) == {r.request_id for r in self.sched.running} - done
 
         # Progress: the engine raises when a step does nothing at all.
         if self.sched.has_unfinished():
-            assert out.scheduled or out.preempted, "scheduler made no progress"
+            assert out.scheduled or out.preempted or self.in_flight, "scheduler made no progress"
+        if not out.scheduled:
+            if self.in_flight is not None:
+                self.resolve(self.in_flight)
+                self.in_flight = None
+            self.check_pool()
+            self.check_queues()
+            return out
 
         sampling = []
         self.last_plan = [(s.request.request_id, s.num_new_tokens, s.samples) for s in out.scheduled]
@@ -157,32 +186,52 @@ class Sim:
             assert r.status is RequestStatus.RUNNING and r in self.sched.running
             assert s.num_new_tokens >= 1
             start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            assert end <= r.num_tokens
+            assert end <= r.num_tokens_with_placeholders
             table = self.kv.block_ids(r.request_id)
             assert len(table) * self.bs >= end, "blocks do not cover the scheduled tokens"
             # What the request attends to is exactly its own token prefix (prefix hits included).
             for p in range(start):
-                assert self.content[table[p // self.bs]][p % self.bs] == r.token_ids[p], (
+                assert self.content[table[p // self.bs]][p % self.bs] == token_at(r, p), (
                     f"{r.request_id} position {p} reads a wrong KV slot"
                 )
             for p in range(start, end):
                 blk = table[p // self.bs]
                 assert self.pool.blocks[blk].ref_cnt == 1, "writes into a shared block"
-                self.content.setdefault(blk, [None] * self.bs)[p % self.bs] = r.token_ids[p]
+                # A placeholder's K/V is its token's once the device has it (the runner fills the id).
+                self.num_placeholder_inputs += p >= r.num_tokens
+                self.content.setdefault(blk, [None] * self.bs)[p % self.bs] = token_at(r, p)
             if s.samples:
                 sampling.append(r)
-        self.sched.update_after_step(out)
+        self.sched.update_after_launch(out)
+        tokens = []
         for r in sampling:
-            assert r.num_computed_tokens == r.num_tokens
-            r.token_ids.append(fake_token(r, r.num_tokens))
-            self.num_samples[r.request_id] += 1
-            if r.num_output_tokens >= r.params.max_tokens:
-                r.status = RequestStatus.FINISHED_LENGTH
-                self.sched.remove(r)
-                self.finished[r.request_id] = r
+            assert r.num_output_placeholders >= 1
+            assert r.num_computed_tokens == r.num_tokens_with_placeholders - 1
+            tokens.append(fake_token(r, r.num_computed_tokens))
+        previous, self.in_flight = self.in_flight, (sampling, tokens)
+        if previous is not None:
+            self.resolve(previous)
+        if not self.async_scheduling:
+            self.resolve(self.in_flight)
+            self.in_flight = None
         self.check_pool()
         self.check_queues()
         return out
+
+    def resolve(self, step: tuple[list[Request], list[int]]) -> None:
+        """A launched step's samples are read: the scheduler appends them, stops and frees."""
+        sampling, tokens = step
+        update = self.sched.update_from_output(
+            sampling, SampleResult(tokens, [None] * len(tokens), [None] * len(tokens))
+        )
+        assert update.new_tokens == sampling  # nothing here finishes while its token is in flight
+        for r in sampling:
+            self.num_samples[r.request_id] += 1
+            assert (r.num_output_tokens >= r.params.max_tokens) == (r in update.finished)
+        for r in update.finished:
+            assert r.status is RequestStatus.FINISHED_LENGTH and r.request_id not in self.sched.requests
+            assert r.num_output_placeholders == 0
+            self.finished[r.request_id] = r
 
     def run(self, specs: list[Spec] | None = None, max_steps: int = 3000) -> None:
         pending = sorted(enumerate(specs or []), key=lambda t: t[1].arrival_step)
@@ -195,8 +244,9 @@ class Sim:
                 self.step()
             step += 1
             assert step < max_steps, "requests never finished"
-        assert set(self.finished) == set(self.all)
+        assert set(self.finished) == set(self.all) and self.in_flight is None
         for rid, r in self.all.items():
+            assert r.num_output_placeholders == 0
             assert r.num_output_tokens == r.params.max_tokens
             assert self.num_samples[rid] == r.params.max_tokens  # sampled once per output token
             for p in range(r.num_prompt_tokens, r.num_tokens):
@@ -415,13 +465,12 @@ def test_remove_waiting_request_frees_it():
     b = sim.add("r1", [2] * 5, 3, arrival=1.0)
     sim.step()
     assert sim.sched.waiting == [b]
-    sim.sched.remove(b)
-    b.status = RequestStatus.FINISHED_ABORTED
+    assert sim.sched.finish_requests(["r1"], RequestStatus.FINISHED_ABORTED) == [b]
+    assert b.status is RequestStatus.FINISHED_ABORTED
     sim.finished["r1"] = b
     assert sim.sched.num_waiting == 0
     sim.check_queues()
-    sim.sched.remove(a)
-    a.status = RequestStatus.FINISHED_ABORTED
+    assert sim.sched.finish_requests(["r0", "r0", "nobody"], RequestStatus.FINISHED_ABORTED) == [a]
     sim.finished["r0"] = a
     assert not sim.sched.has_unfinished()
     assert sim.pool.num_used_blocks == 0
@@ -462,9 +511,9 @@ def workloads(draw):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(w=workloads())
-def test_random_streams(w):
-    sim = Sim(w["num_blocks"], w["bs"], w["max_num_seqs"], w["budget"], w["caching"])
+@given(w=workloads(), async_scheduling=st.booleans())
+def test_random_streams(w, async_scheduling):
+    sim = Sim(w["num_blocks"], w["bs"], w["max_num_seqs"], w["budget"], w["caching"], async_scheduling)
     sim.run(w["specs"])
     assert sim.sched.num_preemptions == len(sim.victims)
 
@@ -472,7 +521,9 @@ def test_random_streams(w):
 def test_random_streams_do_preempt_and_chunk():
     """Guard for the property test above: its workloads must actually exercise preemption and chunking."""
     specs = [Spec([i % 3, 1, 2, 0] * 4 + [i], 10, priority=i % 3, arrival_step=i) for i in range(8)]
-    sim = Sim(num_blocks=8, block_size=4, max_num_seqs=6, budget=7)
-    sim.run(specs)
-    assert sim.sched.num_preemptions > 0
-    assert any(r.num_preemptions > 0 for r in sim.all.values())
+    for async_scheduling in (False, True):
+        sim = Sim(num_blocks=8, block_size=4, max_num_seqs=6, budget=7, async_scheduling=async_scheduling)
+        sim.run(specs)
+        assert sim.sched.num_preemptions > 0
+        assert any(r.num_preemptions > 0 for r in sim.all.values())
+        assert (sim.num_placeholder_inputs > 0) == (sim.num_preempted_in_flight > 0) == async_scheduling

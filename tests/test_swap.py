@@ -150,14 +150,16 @@ def test_swapped_request_resumes_without_recomputing(tiny, prompts, reference):
     """A swapped request is re-admitted with its computed tokens; it never prefills its prompt twice."""
     eng = tight_engine(tiny, "swap", swap_space=64 << 20)
     computed_at_resume = []
-    orig = eng.swapper.swap_in
+    orig = eng.runner.swap
 
-    def swap_in(request_id):
-        n = orig(request_id)
-        computed_at_resume.append((n, eng.requests[request_id]))
-        return n
+    def swap(swap_out, swap_in):
+        for copy in swap_in:
+            req = eng.requests[copy.request_id]
+            assert req.num_computed_tokens == len(copy.slots)  # resumed with what came back
+            computed_at_resume.append((len(copy.slots), req))
+        return orig(swap_out, swap_in)
 
-    eng.swapper.swap_in = swap_in
+    eng.runner.swap = swap
     assert run_all(eng, prompts) == reference
     assert computed_at_resume
     for n, req in computed_at_resume:
@@ -215,3 +217,42 @@ def test_high_priority_arrival_preempts_running_low_priority_requests(tiny, prom
         eng.check_integrity()
     assert [done[r] for r in low] == reference[:3]
     assert done[high] == reference[3]
+
+
+def test_the_scheduler_records_swaps_and_the_runner_copies_them(tiny, prompts, reference):
+    """No K/V byte moves while scheduling: each swap is a copy in the SchedulerOutput (outs before ins),
+    made by the runner before the step's forward, one read per swap-out and one write per swap-in."""
+    eng = tight_engine(tiny, "swap", swap_space=64 << 20)
+    scheduling, copies = [False], []
+    schedule, swap = eng.scheduler.schedule, eng.runner.swap
+
+    def spy_schedule():
+        scheduling[0] = True
+        try:
+            return schedule()
+        finally:
+            scheduling[0] = False
+
+    def spy_swap(swap_out, swap_in):
+        ids = [c.request_id for c in swap_out]
+        assert all(eng.requests[r].num_preemptions > 0 for r in ids)
+        return swap(swap_out, swap_in)
+
+    def spying(name):
+        orig = getattr(eng.storage, name)
+
+        def spy(slots, tensor):
+            assert not scheduling[0], f"{name} while scheduling"
+            copies.append(name)
+            return orig(slots, tensor)
+
+        return spy
+
+    for name in ("read_slots", "write_slots"):
+        setattr(eng.storage, name, spying(name))
+    eng.scheduler.schedule, eng.runner.swap = spy_schedule, spy_swap
+    assert run_all(eng, prompts) == reference
+    sw = eng.swapper
+    assert copies.count("read_slots") == sw.num_swap_outs > 0
+    assert copies.count("write_slots") == sw.num_swap_ins == sw.num_swap_outs
+    assert sw.ledger.current("kv_swapped") == 0

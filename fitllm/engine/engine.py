@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections.abc import Iterator
 
 import torch
@@ -13,11 +12,11 @@ from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs, eager_reason
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
-from fitllm.engine.outputs import check_stop, error_output, make_output
+from fitllm.engine.outputs import error_output, make_output
 from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner, profile_workspace
-from fitllm.engine.sampler import Sampler, SampleResult
+from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
@@ -151,8 +150,14 @@ class Engine:
             capture_decode_graphs(
                 self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
             )
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.swapper)
-        self.requests: dict[str, Request] = {}
+        self.scheduler = Scheduler(
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            self.tokenizer.eos_token_ids,
+            self.swapper,
+        )
         self._ids = itertools.count()
         self._finished_outputs: list[RequestOutput] = []
         self.async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
@@ -335,6 +340,11 @@ class Engine:
         """The captured decode steps the runner replays (None: decode runs eagerly)."""
         return self.runner.graphs
 
+    @property
+    def requests(self) -> dict[str, Request]:
+        """The requests not finished, by id (the scheduler's)."""
+        return self.scheduler.requests
+
     # ---- requests ---------------------------------------------------------------------------------
     def add_request(
         self,
@@ -368,11 +378,7 @@ class Engine:
                 f"min_tokens must be at most {self.max_model_len - len(ids)} (--max-model-len "
                 f"{self.max_model_len} minus the prompt's {len(ids)} tokens); got {params.min_tokens}"
             )
-        limit = (
-            self.max_model_len
-            if params.max_tokens is None
-            else min(self.max_model_len, len(ids) + params.max_tokens)
-        )
+        limit = params.token_limit(len(ids), self.max_model_len)
         needed = cdiv(limit, self.block_size)
         if needed > self.pool.capacity_blocks:
             # It could never run to completion even alone: refuse now rather than preempt it forever.
@@ -386,11 +392,9 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params, priority)
-        req.max_total_tokens = limit
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
         )
-        self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id
 
@@ -430,12 +434,9 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its memory; returns False if it is unknown or already done."""
-        req = self.requests.get(request_id)
-        if req is None:
-            return False
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
-        self._finished_outputs.append(make_output(req))
-        return True
+        ended = self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        self._finished_outputs += [make_output(req) for req in ended]
+        return bool(ended)
 
     def reset_prefix_cache(self) -> int:
         """Evict every cached (unreferenced) prefix block; returns how many were dropped."""
@@ -467,6 +468,11 @@ class Engine:
         if self._in_flight is not None and self._needs_known_tokens():
             outputs += self._resolve(self._take_in_flight())
         sched = self.scheduler.schedule()
+        if sched.swap_out or sched.swap_in:  # before anything reads or rewrites those blocks
+            self.swapper.costs.observe_swap(
+                sum(c.nbytes for c in sched.swap_out + sched.swap_in),
+                self.runner.swap(sched.swap_out, sched.swap_in),
+            )
         if not sched.scheduled:
             if self._in_flight is not None:
                 return outputs + self._resolve(self._take_in_flight())
@@ -542,9 +548,7 @@ class Engine:
         timer.stop()
         if samples is not None:
             samples.start_copy()
-        self.scheduler.update_after_step(sched)
-        for req in sampled:
-            req.num_output_placeholders += 1
+        self.scheduler.update_after_launch(sched)
         stats = StepStats(
             num_tokens=sched.num_tokens,
             num_running=len(self.scheduler.running),
@@ -557,12 +561,12 @@ class Engine:
         return InFlightStep(sampled, samples, stats, timer)
 
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
-        """Read a launched step's samples (waiting for them if need be): placeholders become tokens, then
-        logprobs, stop checks and outputs. A request that stopped, or was aborted, meanwhile drops its token."""
+        """Read a launched step's samples (waiting for them if need be), hand them to the scheduler (tokens,
+        stop checks, freeing), then the output stage: each new token's text, stop strings, the outputs."""
         try:
             result = step.samples.result() if step.samples is not None else None
         except BaseException:
-            self._drop_samples(step)
+            self.scheduler.samples_lost(step.sampled)
             raise
         step.stats.seconds = step.timer.seconds(wait=result is not None)
         if step.stats.seconds is not None:
@@ -571,39 +575,22 @@ class Engine:
         if result is None:
             return []
         outputs = []
-        now = time.monotonic()
-        for i, req in enumerate(step.sampled):
-            req.num_output_placeholders -= 1
-            if req.status.finished:
-                continue
+        for req in self.scheduler.update_from_output(step.sampled, result).new_tokens:
             try:
-                outputs.append(self._take_sample(req, result, i, now))
-            except Exception as exc:  # its token's text or stop check broke: it fails alone
+                outputs.append(self._output(req))
+            except Exception as exc:  # its token's text broke: it fails alone
                 outputs.append(self._fail(req, exc))
         return outputs
 
-    def _take_sample(self, req: Request, result: SampleResult, i: int, now: float) -> RequestOutput:
-        """Row `i` of a read step becomes the request's next token: logprobs, stop checks, its output."""
-        token = result.token_ids[i]
-        req.token_ids.append(token)
-        self.scheduler.cache_known(req)
-        if req.metrics.first_token_time is None:
-            req.metrics.first_token_time = now
-        if req.logprobs is not None:
-            req.logprobs.append(result.logprobs[i])
-            req.cumulative_logprob += result.sampled_logprob[i]
-        status = check_stop(req, token, self.tokenizer.eos_token_ids, self.max_model_len)
-        if status is not None:
-            self._finish(req, status)
+    def _output(self, req: Request) -> RequestOutput:
+        """The output stage for a request's new token: its text, where a stop string may end it."""
+        stop = req.detokenizer.add_token(
+            req.token_ids[-1], check_stop=req.num_output_tokens >= req.params.min_tokens
+        )
+        if stop is not None:
+            req.stop_reason = stop
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
         return make_output(req)
-
-    def _drop_samples(self, step: InFlightStep) -> None:
-        """A step whose samples cannot be read: its requests lose the placeholder, and the running ones
-        recompute their last position next step (whose K/V is rewritten, identically) to sample again."""
-        for req in step.sampled:
-            req.num_output_placeholders -= 1
-            if req.status is RequestStatus.RUNNING:
-                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
         """Stop a request whose rows broke a step (it alone); its last output carries the error."""
@@ -614,11 +601,11 @@ class Engine:
         return error_output(req, error)
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
-        req.status = status
-        req.finish_reason = status.value
-        req.metrics.finished_time = time.monotonic()
-        self.scheduler.remove(req)
-        self.requests.pop(req.request_id, None)
+        """End a request for a reason only the engine sees (a stop string, an error). One that its new token
+        already ended (by length, EOS or a stop token id) stays ended and takes this reason, which outranks
+        those, as it did when one function made every check."""
+        if not self.scheduler.finish_requests([req.request_id], status):
+            req.mark_finished(status)
 
     def stream(
         self, prompt: str | list[int], params: SamplingParams | None = None, priority: int = 0

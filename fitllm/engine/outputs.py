@@ -1,30 +1,8 @@
-"""What a sampled token means for its request: stop checks, and the RequestOutput handed back."""
+"""The RequestOutput handed back for a request after a step (the stop checks are the scheduler's)."""
 
 from __future__ import annotations
 
-from fitllm.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
-
-
-def check_stop(
-    req: Request, token: int, eos_token_ids: list[int], max_model_len: int
-) -> RequestStatus | None:
-    """The request's status after `token` (already appended) if it stops here, else None."""
-    p = req.params
-    stop_str = req.detokenizer.add_token(token, check_stop=req.num_output_tokens >= p.min_tokens)
-    if req.num_output_tokens < p.min_tokens:
-        # min_tokens defers stop conditions, never the context limit.
-        return RequestStatus.FINISHED_LENGTH if req.num_tokens >= max_model_len else None
-    if stop_str is not None:
-        req.stop_reason = stop_str
-        return RequestStatus.FINISHED_STOPPED
-    if not p.ignore_eos and token in eos_token_ids:
-        return RequestStatus.FINISHED_STOPPED
-    if token in p.stop_token_ids:
-        req.stop_reason = token
-        return RequestStatus.FINISHED_STOPPED
-    if req.num_tokens >= req.max_total_tokens:
-        return RequestStatus.FINISHED_LENGTH
-    return None
+from fitllm.engine.request import CompletionOutput, Request, RequestOutput
 
 
 def make_output(req: Request) -> RequestOutput:

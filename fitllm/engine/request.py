@@ -112,6 +112,13 @@ class SamplingParams:
         """Temperature 0, or one so small that dividing the logits by it would overflow them (vLLM's rule)."""
         return self.temperature < GREEDY_BELOW
 
+    def token_limit(self, num_prompt_tokens: int, max_model_len: int) -> int:
+        """The most tokens (prompt + output) a request with these params may reach: max_tokens past its
+        prompt, never past the context."""
+        if self.max_tokens is None:
+            return max_model_len
+        return min(max_model_len, num_prompt_tokens + self.max_tokens)
+
     @property
     def uses_token_history(self) -> bool:
         """Whether sampling reads the previous tokens (the penalties), not only their count."""
@@ -248,7 +255,7 @@ class Request:
         self.num_cached_tokens = 0
         self.num_preemptions = 0
         self.metrics = RequestMetrics(self.arrival_time)
-        self.max_total_tokens = 0  # set by the engine from max_tokens and max_model_len
+        self.max_total_tokens = 0  # set by Scheduler.add (SamplingParams.token_limit)
         self._sent_tokens = 0
 
     @property
@@ -276,6 +283,12 @@ class Request:
     def sort_key(self) -> tuple[int, float]:
         """Scheduling order: lower priority value first, then earlier arrival."""
         return (self.priority, self.arrival_time)
+
+    def mark_finished(self, status: RequestStatus) -> None:
+        """Record why the request ended (the scheduler also frees it; see Scheduler.finish_requests)."""
+        self.status = status
+        self.finish_reason = status.value
+        self.metrics.finished_time = time.monotonic()
 
     def take_new_token_ids(self) -> list[int]:
         """Output token ids not yet reported."""

@@ -8,7 +8,12 @@ a running request (cached prefixes already given up by the pool), the lowest-pri
 request is preempted; a waiting request that outranks running ones may preempt them to be admitted.
 A preempted request's K/V is either swapped to host memory and copied back when it resumes, or dropped
 and recomputed from its prompt and the tokens it had generated (fitllm/memory/kv/swap.py chooses); both
-leave its output unchanged.
+leave its output unchanged; the swap copies are recorded in the SchedulerOutput and made by the runner.
+
+The scheduler owns each request's lifecycle: `update_after_launch` counts a queued step's tokens as computed
+(and gives each request that samples an output placeholder), `update_from_output` turns the read samples
+into tokens, publishes newly full blocks to the prefix cache, runs the stop checks and frees what finished,
+and `finish_requests` ends requests for the reasons only the engine sees (aborts, stop strings, errors).
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus
+from fitllm.engine.sampler import SampleResult
 from fitllm.memory.kv.manager import KVCacheManager
-from fitllm.memory.kv.swap import KVSwapper
+from fitllm.memory.kv.swap import KVCopy, KVSwapper
 
 
 @dataclass(slots=True)
@@ -44,26 +51,62 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # K/V copies the runner makes before the forward, outs first: preempted requests' blocks to host memory,
+    # resumed requests' back into their new blocks.
+    swap_out: list[KVCopy] = field(default_factory=list)
+    swap_in: list[KVCopy] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+@dataclass(slots=True)
+class StepUpdate:
+    """What `update_from_output` did with a step's samples."""
+
+    new_tokens: list[Request] = field(default_factory=list)  # took a token (in row order), finished or not
+    finished: list[Request] = field(default_factory=list)  # of which those it finished (status: why)
+
+
+def check_stop(
+    req: Request, token: int, eos_token_ids: Iterable[int], max_model_len: int
+) -> RequestStatus | None:
+    """The request's status after `token` (already appended) if it stops here, else None. Stop strings are
+    the engine's output stage's (they need the text); one the same token completes is the reason given."""
+    p = req.params
+    if req.num_output_tokens < p.min_tokens:
+        # min_tokens defers stop conditions, never the context limit.
+        return RequestStatus.FINISHED_LENGTH if req.num_tokens >= max_model_len else None
+    if not p.ignore_eos and token in eos_token_ids:
+        return RequestStatus.FINISHED_STOPPED
+    if token in p.stop_token_ids:
+        req.stop_reason = token
+        return RequestStatus.FINISHED_STOPPED
+    if req.num_tokens >= req.max_total_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
 class Scheduler:
-    """Decides, each step, which requests run and how many tokens each computes."""
+    """Decides, each step, which requests run and how many tokens each computes; owns their lifecycle."""
 
     def __init__(
         self,
         kv: KVCacheManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
         swapper: KVSwapper | None = None,
     ) -> None:
         self.kv = kv
         self.swapper = swapper
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.requests: dict[str, Request] = {}  # every request not finished, by id
         self.running: list[Request] = []
         self._waiting: list[tuple[int, float, int, Request]] = []  # heap by (priority, arrival, seq)
         self._seq = itertools.count()
@@ -71,7 +114,10 @@ class Scheduler:
 
     # ---- queue management -------------------------------------------------------------------------
     def add(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"request id {request.request_id!r} is in use"
+        request.max_total_tokens = request.params.token_limit(request.num_prompt_tokens, self.max_model_len)
         request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
         heapq.heappush(self._waiting, (request.priority, request.arrival_time, next(self._seq), request))
 
     @property
@@ -85,8 +131,22 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.running or self._waiting)
 
-    def remove(self, request: Request) -> None:
-        """Take a request out of the queues and free its blocks (finish or abort)."""
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests for a reason the scheduler's own checks cannot see (an abort, a stop string the
+        output stage found, an error) and free them; returns those ended (unknown or finished ids are
+        skipped)."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None:
+                self._finish(req, status)
+                done.append(req)
+        return done
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues and free its blocks and any host copy."""
+        request.mark_finished(status)
+        del self.requests[request.request_id]
         if request in self.running:
             self.running.remove(request)
         else:
@@ -158,7 +218,7 @@ class Scheduler:
                 return None  # not reached: the room was counted exactly
         heapq.heappop(self._waiting)
         if swapped:
-            self.swapper.swap_in(req.request_id)
+            out.swap_in.append(self.swapper.swap_in(req.request_id))
         else:
             self.kv.record_prefix_lookup(req.num_tokens, num_hit)
             if req.num_preemptions == 0:
@@ -195,10 +255,12 @@ class Scheduler:
                 del out.scheduled[j]
                 break
         self.running.remove(req)
-        swapped = self.swapper is not None and self.swapper.preempt(req.request_id, req.num_computed_tokens)
+        copy = None if self.swapper is None else self.swapper.preempt(req.request_id, req.num_computed_tokens)
         self.kv.free(req.request_id)
-        if not swapped:
+        if copy is None:
             req.num_computed_tokens = 0
+        else:
+            out.swap_out.append(copy)
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         heapq.heappush(self._waiting, (req.priority, req.arrival_time, next(self._seq), req))
@@ -206,16 +268,54 @@ class Scheduler:
         self.num_preemptions += 1
         return refund
 
-    def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counts and publish newly full blocks to the prefix cache (the hash needs
-        the ids: a block holding a placeholder is published once its token is known, `cache_known`)."""
+    # ---- after the step -----------------------------------------------------------------------------
+    def update_after_launch(self, out: SchedulerOutput) -> None:
+        """The step `out` is queued: its tokens count as computed (the next step is scheduled on that, with
+        async scheduling before this one's samples are read); each request that samples holds an output
+        placeholder until `update_from_output`; newly full blocks whose ids are known are published."""
         for s in out.scheduled:
             r = s.request
+            if s.samples:
+                r.num_output_placeholders += 1
             r.num_computed_tokens += s.num_new_tokens
-            self.cache_known(r)
+            self._cache_blocks(r)
 
-    def cache_known(self, request: Request) -> None:
-        """Publish the request's full, computed blocks whose token ids are all known."""
+    def update_from_output(self, sampled: list[Request], result: SampleResult) -> StepUpdate:
+        """A launched step's samples are read (row i is `sampled[i]`'s): each placeholder becomes its token,
+        with its logprobs; blocks it fills are published; the stop checks run and what finished is freed.
+        A request that finished, or was aborted, while its token was in flight drops that token."""
+        update = StepUpdate()
+        now = time.monotonic()
+        for i, req in enumerate(sampled):
+            req.num_output_placeholders -= 1
+            if req.status.finished:
+                continue
+            token = result.token_ids[i]
+            req.token_ids.append(token)
+            self._cache_blocks(req)
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            if req.logprobs is not None:
+                req.logprobs.append(result.logprobs[i])
+                req.cumulative_logprob += result.sampled_logprob[i]
+            update.new_tokens.append(req)
+            status = check_stop(req, token, self.eos_token_ids, self.max_model_len)
+            if status is not None:
+                self._finish(req, status)
+                update.finished.append(req)
+        return update
+
+    def samples_lost(self, sampled: list[Request]) -> None:
+        """A launched step's samples cannot be read: its requests lose the placeholder, and the running ones
+        recompute their last position next step (whose K/V is rewritten, identically) to sample again."""
+        for req in sampled:
+            req.num_output_placeholders -= 1
+            if req.status is RequestStatus.RUNNING:
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+
+    def _cache_blocks(self, request: Request) -> None:
+        """Publish the request's full, computed blocks whose token ids are all known (a block holding a
+        placeholder waits for its token)."""
         if request.status is RequestStatus.RUNNING:
             num = min(request.num_computed_tokens, request.num_tokens)
             self.kv.cache_computed(request.request_id, request.token_ids, num)

@@ -11,13 +11,15 @@ The host side has its own budget (`--swap-space`) and its own ledger (tag `kv_sw
 device memory, so it never counts against `--memory-budget`. When a request's K/V does not fit there,
 it is recomputed; swapping never refuses a preemption.
 
-Copies are synchronous and happen inside scheduling, before the freed blocks can be handed to anyone
-else (swap out) and before the step that reads them runs (swap in).
+The swapper decides and keeps the books; it moves no bytes. Each swap is recorded as a `KVCopy` (the
+request's slots and its host buffer) in the step's SchedulerOutput, and the runner makes the copies before
+the step's forward: swap-outs first (the freed blocks may already be another request's this step), then
+swap-ins. A swapped request's bytes are in the `kv_swapped` ledger from its swap-out's record to its
+swap-in's.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,6 +60,20 @@ class PreemptionCosts:
         """A step's computed tokens and time; only prefill-heavy steps say how fast recompute is."""
         if num_tokens >= 32 and seconds > 0:
             self.recompute_tokens_per_s = self._mix(self.recompute_tokens_per_s, num_tokens / seconds)
+
+
+@dataclass(slots=True)
+class KVCopy:
+    """One request's K/V copy between its device slots and its host buffer (either way), recorded by the
+    scheduler and made by the runner before the step's forward."""
+
+    request_id: str
+    slots: torch.Tensor  # global slot ids of its tokens, in order (int64, CPU)
+    host: torch.Tensor  # [num_layers, 2, len(slots), kv_heads, entry_width]
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
 
 
 def choose_preemption(
@@ -116,11 +132,9 @@ class KVSwapper:
     def num_swapped_tokens(self, request_id: str) -> int:
         return self._held[request_id].shape[2]
 
-    def preempt(self, request_id: str, num_computed: int) -> bool:
-        """Before the request's blocks are freed: swap its computed K/V out if that is the better choice.
-
-        Returns True when swapped (the request keeps its computed tokens), False for recompute.
-        """
+    def preempt(self, request_id: str, num_computed: int) -> KVCopy | None:
+        """Before the request's blocks are freed: if swapping its computed K/V out is the better choice,
+        the copy to make (its host buffer reserved in the ledger); None for recompute."""
         nbytes = num_computed * self.kv_bytes_per_token
         choice = choose_preemption(
             self.mode,
@@ -131,36 +145,26 @@ class KVSwapper:
         )
         if choice == "recompute":
             self.num_recomputes += 1
-            return False
-        start = time.perf_counter()
+            return None
         s = self.storage
         host = torch.empty(
             (s.slab_shape[0], 2, num_computed, *s.slab_shape[3:]),
             dtype=s.dtype,
             pin_memory=s.device.type == "cuda",
         )
-        s.read_slots(self.kv.slots(request_id, num_computed), host)
-        if s.device.type == "cuda":
-            torch.cuda.synchronize(s.device)
         self.ledger.reserve("kv_swapped", nbytes)
         self._held[request_id] = host
-        self.costs.observe_swap(nbytes, time.perf_counter() - start)
         self.num_swap_outs += 1
-        return True
+        return KVCopy(request_id, self.kv.slots(request_id, num_computed), host)
 
-    def swap_in(self, request_id: str) -> int:
-        """After the resumed request's blocks are allocated again: copy its K/V back; returns the tokens."""
-        start = time.perf_counter()
+    def swap_in(self, request_id: str) -> KVCopy:
+        """After the resumed request's blocks are allocated again: the copy that brings its K/V back (its
+        host bytes leave the ledger now; the buffer lives until the runner has copied it)."""
         host = self._held.pop(request_id)
         num = host.shape[2]
-        self.storage.write_slots(self.kv.slots(request_id, num), host)
-        if self.storage.device.type == "cuda":
-            torch.cuda.synchronize(self.storage.device)
-        nbytes = num * self.kv_bytes_per_token
-        self.ledger.release("kv_swapped", nbytes)
-        self.costs.observe_swap(nbytes, time.perf_counter() - start)
+        self.ledger.release("kv_swapped", num * self.kv_bytes_per_token)
         self.num_swap_ins += 1
-        return num
+        return KVCopy(request_id, self.kv.slots(request_id, num), host)
 
     def discard(self, request_id: str) -> None:
         """Drop a swapped request's host copy (it finished or was aborted while waiting)."""
