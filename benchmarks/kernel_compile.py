@@ -115,7 +115,7 @@ class AttentionCase:
     def launch(self) -> None:
         from fitllm.memory.kv.format import KVCacheFormat
         from fitllm.memory.kv.layout import PagedKVLayout
-        from fitllm.model import triton_attention as ta
+        from fitllm.model.attention import triton_kernels as ta
 
         dtype = DTYPES[self.dtype]
         h, kvh = self.heads

@@ -103,7 +103,7 @@ p = torch.cuda.get_device_properties(0) if torch.cuda.is_available() else None
 print("python", sys.version.split()[0], sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__, "| transformers", transformers.__version__)
 print("gpu", p.name, "cc", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count, "mem GiB", round(p.total_memory / 2**30, 1)) if p else print("gpu none (CPU dry run)")
-for m in ("fitllm.engine.engine", "fitllm.model.triton_attention", "fitllm.quant.triton_matmul", "benchmarks.roofline",
+for m in ("fitllm.engine.engine", "fitllm.model.attention.triton_kernels", "fitllm.quant.triton_matmul", "benchmarks.roofline",
           "benchmarks.throughput", "benchmarks.memory", "xdist", "bitsandbytes", "gguf"):
     try:
         __import__(m); print("import ok:", m)

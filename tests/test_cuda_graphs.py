@@ -15,7 +15,7 @@ from fitllm.engine.cuda_graphs import capture_decode_graphs
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.engine.startup import reserve_graph_pool
-from fitllm.model.attention import KernelMetadata
+from fitllm.model.attention import TritonMetadata
 from fitllm.plan.memory_plan import eager_reason
 from fitllm.plan.planner import capture_sizes, graph_pool_bytes
 
@@ -85,7 +85,7 @@ def test_padding_rows_write_no_kv(tiny_llama):
     region = engine.storage.region if engine.storage.region is not None else engine.storage.slab_view(0)
     before = region.clone()
     slots = torch.tensor([2, 5, 13])
-    meta = KernelMetadata(
+    meta = TritonMetadata(
         slot_mapping=slots,
         block_tables=torch.zeros(3, 1, dtype=torch.int32),
         seq_lens=torch.ones(3, dtype=torch.int32),

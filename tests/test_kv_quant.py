@@ -136,21 +136,21 @@ def test_swapped_quantized_blocks_come_back_intact(tiny):
 def test_decode_folds_scales_exactly_like_dequantizing(tiny, kv_dtype, monkeypatch):
     """Decode steps multiply scores and probabilities by the per-vector scales instead of dequantizing
     K and V: the same numbers as attending over the dequantized cache."""
-    from fitllm.model.attention import PagedAttention
+    from fitllm.model.attention import torch_backend
 
     prompt = list(range(3, 30))
     folded_tokens, folded = run_engine(_engine(tiny, kv_dtype), prompt, 10)
 
-    def dequantizing(self, group, dtype):
-        shape = (self.num_kv_heads * group.num, group.context, self.head_dim)
+    def dequantizing(attn, group, dtype):
+        shape = (attn.num_kv_heads * group.num, group.context, attn.head_dim)
         return (
-            self._gather(0, group.rows).view(shape),
-            self._gather(1, group.rows).view(shape),
+            torch_backend._gather(attn, 0, group.rows).view(shape),
+            torch_backend._gather(attn, 1, group.rows).view(shape),
             None,
             None,
         )
 
-    monkeypatch.setattr(PagedAttention, "_decode_kv", dequantizing)
+    monkeypatch.setattr(torch_backend, "_decode_kv", dequantizing)
     plain_tokens, plain = run_engine(_engine(tiny, kv_dtype), prompt, 10)
     assert folded_tokens == plain_tokens
     for a, b in zip(folded, plain, strict=True):

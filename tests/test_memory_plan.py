@@ -249,7 +249,7 @@ def test_plan_cli_plans_the_graph_pool_on_cuda_unless_eager(capsys):
 
 
 def test_decode_groups_bound_the_padded_gather():
-    from fitllm.engine.runner import decode_groups
+    from fitllm.model.attention.torch_backend import decode_groups
 
     assert decode_groups([5, 9, 3], None) == [(0, 3)]
     assert decode_groups([10, 10, 10, 10], 40) == [(0, 4)]

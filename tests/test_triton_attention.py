@@ -1,9 +1,9 @@
-"""The Triton paged-attention backend (fitllm/model/triton_attention.py) against the torch reference backend.
+"""The Triton paged-attention backend (fitllm/model/attention/triton_kernels.py) against the torch reference backend.
 
 Without a GPU the kernels run on CPU tensors in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1
 before anything imports triton). Kernel cases build their K/V slabs as separate tensors addressed from an
 anchor through `PagedKVLayout`, the CUDA layout, with block ids shuffled across slabs so that sequences cross
-slabs. The reference side gets the metadata `ModelRunner.prepare` would build (mirrored by
+slabs. The reference side gets the metadata `TorchMetadataBuilder` would build (mirrored by
 `reference_metadata`, decodes first, then prefill chunks), and its own copy of the cache, written by the
 reference's `index_copy_` of `KVCacheFormat.encode`; the kernel side writes with `write_kv`. Afterwards the
 caches must be byte-identical and the outputs equal within tolerance.
@@ -15,6 +15,7 @@ for int8 and fp8), so a read out of bounds shows as NaN in the output.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from dataclasses import dataclass, replace
 from unittest import mock
@@ -30,15 +31,9 @@ from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.model import triton_attention as ta
-from fitllm.model.attention import (
-    AttentionMetadata,
-    DecodeGroup,
-    PagedAttention,
-    PrefillSpan,
-    head_rows,
-    resolve_attention_backend,
-)
+from fitllm.model.attention import PagedAttention, resolve_attention_backend
+from fitllm.model.attention import triton_kernels as ta
+from fitllm.model.attention.torch_backend import DecodeGroup, PrefillSpan, TorchMetadata, head_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 NUM_LAYERS = 2
@@ -135,12 +130,12 @@ def _mask(q_pos: torch.Tensor, k_len: int, window: int) -> torch.Tensor:
     return mask
 
 
-def reference_metadata(case: Case, b: Built) -> AttentionMetadata:
-    """What ModelRunner.prepare builds for the torch backend (decodes batched and padded, prefills alone)."""
+def reference_metadata(case: Case, b: Built) -> TorchMetadata:
+    """What TorchMetadataBuilder builds for the torch backend (decodes batched and padded, prefills alone)."""
     bs, kvh, window = case.block_size, case.num_kv_heads, case.window
     decodes = sum(q == 1 for q in case.q_lens)
     slot_rows = b.slab_slots * kvh
-    meta = AttentionMetadata(slot_mapping=split_by_slab(b.slot_mapping, b.slab_slots), num_decodes=decodes)
+    meta = TorchMetadata(slot_mapping=split_by_slab(b.slot_mapping, b.slab_slots), num_decodes=decodes)
     if decodes:
         ctx = torch.tensor(case.ctx_lens[:decodes])
         max_ctx = int(ctx.max())
@@ -584,3 +579,49 @@ def test_fp8_bit_decoder_matches_reference_attention(seed):
         seed=seed,
     )
     check_case(case)
+
+
+def _same_split(a, b) -> bool:
+    return a.size == b.size and [
+        (s, None if p is None else p.tolist(), x.tolist()) for s, p, x in a.parts
+    ] == [(s, None if p is None else p.tolist(), x.tolist()) for s, p, x in b.parts]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(q_lens=[1, 1, 1, 9, 20], ctx_lens=[5, 40, 17, 9, 64], block_size=8),
+        Case(q_lens=[1, 70], ctx_lens=[1, 100], num_heads=2, num_kv_heads=2, block_size=32),
+        Case(q_lens=[40, 33], ctx_lens=[40, 90], num_heads=8, num_kv_heads=2, window=20, block_size=4),
+    ],
+)
+def test_builders_turn_one_layout_into_each_backends_metadata(case):
+    """One BatchLayout of a case: the torch builder gives the reference metadata, the Triton builder the
+    kernels' block tables and lengths, and both write to the case's slots."""
+    from fitllm.model.attention import BatchLayout, metadata_builder
+
+    b = build(case)
+    layout = BatchLayout(case.block_size, num_decodes=sum(q == 1 for q in case.q_lens))
+    for q, c, table in zip(case.q_lens, case.ctx_lens, b.tables, strict=True):
+        layout.add_sequence(table, c - q, c)
+    assert layout.slot_mapping == b.slot_mapping.tolist()
+    window = case.window or None
+    cpu = torch.device("cpu")
+    got = metadata_builder("torch", case.num_kv_heads, window, b.slab_slots).build(layout, cpu)
+    ref = reference_metadata(case, b)
+    assert got.num_decodes == ref.num_decodes and _same_split(got.slot_mapping, ref.slot_mapping)
+    assert len(got.decode_groups) == len(ref.decode_groups)
+    for g, r in zip(got.decode_groups, ref.decode_groups, strict=True):
+        assert (g.start, g.num, g.context) == (r.start, r.num, r.context) and _same_split(g.rows, r.rows)
+        assert torch.equal(g.mask, r.mask)
+    for g, r in zip(got.prefills, ref.prefills, strict=True):
+        assert (g.query_start, g.query_len, g.context_len) == (r.query_start, r.query_len, r.context_len)
+        assert _same_split(g.context_rows, r.context_rows)
+        assert (g.mask is None) == (r.mask is None) and (g.mask is None or torch.equal(g.mask, r.mask))
+    kernel = metadata_builder("triton", case.num_kv_heads, window, b.slab_slots).build(layout, cpu)
+    assert kernel.slot_mapping.tolist() == b.slot_mapping.tolist()
+    assert kernel.seq_lens.tolist() == case.ctx_lens and kernel.max_query_len == max(case.q_lens)
+    assert kernel.query_start.tolist() == [0, *itertools.accumulate(case.q_lens)]
+    width = max(map(len, b.tables))
+    assert kernel.block_tables.tolist() == [t + [0] * (width - len(t)) for t in b.tables]
+    assert kernel.num_splits == 1 and kernel.sliding_window == case.window

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from fitllm.memory.ledger import BudgetExceeded, MemoryLedger
-from fitllm.model.attention import AttentionMetadata, KernelMetadata
+from fitllm.model.attention import TritonMetadata
 from fitllm.units import format_bytes
 
 if TYPE_CHECKING:
@@ -113,21 +113,18 @@ class DecodeGraphs:
         self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[Callable[[], None], torch.Tensor]] = {}
         for size in reversed(self.sizes):
-            meta = AttentionMetadata(
-                num_decodes=size,
-                kernel=KernelMetadata(
-                    slot_mapping=self.slot_mapping[:size],
-                    block_tables=self.block_tables[:size],
-                    seq_lens=self.seq_lens[:size],
-                    query_start=self.query_start[: size + 1],
-                    max_query_len=1,
-                    block_size=block_size,
-                    sliding_window=sliding_window,
-                    num_splits=num_splits(size),
-                ),
+            meta = TritonMetadata(
+                slot_mapping=self.slot_mapping[:size],
+                block_tables=self.block_tables[:size],
+                seq_lens=self.seq_lens[:size],
+                query_start=self.query_start[: size + 1],
+                max_query_len=1,
+                block_size=block_size,
+                sliding_window=sliding_window,
+                num_splits=num_splits(size),
             )
 
-            def forward(size: int = size, meta: AttentionMetadata = meta) -> torch.Tensor:
+            def forward(size: int = size, meta: TritonMetadata = meta) -> torch.Tensor:
                 return self.model(self.input_ids[:size], self.positions[:size], meta)
 
             self._graphs[size] = capturer.capture(forward)
@@ -137,7 +134,7 @@ class DecodeGraphs:
         """The smallest captured size holding `num_seqs` sequences, or None."""
         return next((s for s in self.sizes if s >= num_seqs), None)
 
-    def can_run(self, meta: KernelMetadata) -> bool:
+    def can_run(self, meta: TritonMetadata) -> bool:
         """Whether this step is a decode-only batch a captured graph holds."""
         return (
             meta.max_query_len == 1
@@ -145,7 +142,7 @@ class DecodeGraphs:
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: KernelMetadata) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: TritonMetadata) -> torch.Tensor:
         """Hidden states [n, hidden] of a decode batch of n sequences, by replaying the graph that holds it."""
         n = meta.seq_lens.shape[0]
         size = self.size_for(n)

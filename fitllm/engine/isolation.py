@@ -8,8 +8,9 @@ the run that follows samples exactly as the first attempt would have.
 
 from __future__ import annotations
 
+from fitllm.engine.batch_layout import PendingTokens
 from fitllm.engine.request import Request
-from fitllm.engine.runner import ModelRunner, PendingTokens
+from fitllm.engine.runner import ModelRunner
 from fitllm.engine.sampler import Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 

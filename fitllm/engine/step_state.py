@@ -7,8 +7,8 @@ from time import perf_counter
 
 import torch
 
+from fitllm.engine.batch_layout import PendingTokens
 from fitllm.engine.request import Request
-from fitllm.engine.runner import PendingTokens
 from fitllm.engine.sampler import SampledBatch
 
 

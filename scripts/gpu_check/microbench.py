@@ -30,7 +30,7 @@ def emit(**kw):
 
 import triton
 
-from fitllm.model import triton_attention as ta
+from fitllm.model.attention import triton_kernels as ta
 from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.quant import triton_matmul as tm
 from fitllm.quant.int8 import quantize_int8
