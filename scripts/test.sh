@@ -11,4 +11,5 @@ if [[ ! -x /usr/bin/chromium ]]; then
   }
 fi
 .venv/bin/ruff check fitllm benchmarks tests
-exec .venv/bin/python -m pytest "$@"
+# Test files spread over the cores (2 on CI); a file stays on one worker, so its module fixtures load once.
+exec .venv/bin/python -m pytest -n auto --dist loadfile "$@"
