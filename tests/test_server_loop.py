@@ -160,6 +160,41 @@ def test_prompt_over_the_character_limit_is_refused_before_tokenizing(tiny, name
     assert r.status_code == 200 and r.json()["count"] == LIMIT // 3 - 1
 
 
+def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
+    """The body limit follows the prompt limit (8 bytes a character + 1 MiB, at most 32 MiB): a 30 MiB body
+    to a small-context server is a 413 from its Content-Length, never parsed; raising --max-prompt-chars
+    raises it."""
+    from fitllm.server.app import BODY_BYTES_PER_PROMPT_CHAR
+    from fitllm.server.heavy import CHARS_PER_TOKEN_BOUND
+
+    chars = tiny.engine.served_model.max_model_len * CHARS_PER_TOKEN_BOUND
+    limit = BODY_BYTES_PER_PROMPT_CHAR * chars + (1 << 20)
+    assert limit < 30 << 20
+    # Headers announcing 30 MiB, and no body at all: the answer comes without one byte of it read.
+    host, port = tiny.url.removeprefix("http://").split(":")
+    with (
+        health_latency(tiny.url) as latencies,
+        socket.create_connection((host, int(port)), timeout=10) as conn,
+    ):
+        conn.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {30 << 20}\r\n\r\n".encode()
+        )
+        reply = conn.recv(65536).decode()
+    status, _, body = reply.partition("\r\n\r\n")
+    assert status.startswith("HTTP/1.1 413"), reply
+    message = json.loads(body)["error"]["message"]
+    assert str(limit) in message and "--max-prompt-chars" in message, message
+    assert max(latencies, default=0) < 0.25, latencies
+    just_over = b'{"prompt": "' + b"t5 " * (limit // 3) + b'", "max_tokens": 1}'
+    assert httpx.post(f"{tiny.url}/v1/completions", content=just_over).status_code == 413
+    with raised_limit(
+        tiny, limit
+    ):  # a body this size is now a prompt the server reads (and refuses by tokens)
+        r = httpx.post(f"{tiny.url}/tokenize", json={"prompt": "t5 " * (limit // 3 - 10)}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 # ---- hostile templates, directly ------------------------------------------------------------------------
 
 HOSTILE = [

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
-from fitllm.server.guard import RequestGuard
+from fitllm.server.guard import MAX_BODY_BYTES, RequestGuard
 from fitllm.server.heavy import HeavyWork, ServerLimits
 from fitllm.server.kobold.jobs import KoboldJobs
 from fitllm.server.kobold.routes import router as kobold_router
@@ -32,6 +32,7 @@ from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
 from fitllm.studio.routes import router as studio_router
 
+BODY_BYTES_PER_PROMPT_CHAR = 8  # bytes of body a prompt character may need (a JSON unicode escape takes 6)
 METRICS_RESPONSE = {
     "description": "Prometheus text exposition format (version 0.0.4)",
     "content": {"text/plain": {"schema": {"type": "string"}}},
@@ -91,7 +92,18 @@ def build_app(
     # The last added runs first: the guard refuses foreign hosts and origins before CORS answers anything.
     cors = access.cors_origins()
     app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(RequestGuard, api_key=api_key, access=access)
+
+    def max_body_bytes() -> int:
+        """A body never needs more than BODY_BYTES_PER_PROMPT_CHAR bytes per prompt character the server
+        accepts (JSON escapes, chat messages' other fields), plus 1 MiB; before the model is loaded, and never
+        more than, MAX_BODY_BYTES. So a 30 MiB body is refused before it is read or parsed."""
+        served = engine.served_model
+        if served is None:
+            return MAX_BODY_BYTES
+        chars = limits.prompt_chars(served.max_model_len)
+        return min(MAX_BODY_BYTES, BODY_BYTES_PER_PROMPT_CHAR * chars + (1 << 20))
+
+    app.add_middleware(RequestGuard, api_key=api_key, access=access, max_body_bytes=max_body_bytes)
     app.add_middleware(DrainGuard, drain=drain)  # outermost: during a shutdown nothing new gets further
 
     @app.get("/health")

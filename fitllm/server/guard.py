@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -41,7 +41,11 @@ class BodyTooLarge(HTTPException):
     HTTPException through its body parsing, and the app's handler answers it as a 413 error body."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes")
+        super().__init__(
+            413,
+            f"the request body is larger than {limit} bytes (the limit follows --max-prompt-chars: raise it "
+            f"for longer prompts)",
+        )
 
 
 class RequestGuard:
@@ -54,12 +58,19 @@ class RequestGuard:
         app: ASGIApp,
         api_key: str | None,
         access: AccessPolicy | None = None,
-        max_body_bytes: int = MAX_BODY_BYTES,
+        max_body_bytes: int | Callable[[], int] = MAX_BODY_BYTES,
     ) -> None:
         self.app = app
         self.api_key = api_key
         self.access = access or AccessPolicy()
-        self.max_body_bytes = max_body_bytes
+        self._max_body_bytes = max_body_bytes
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The body limit now: a number, or asked of a function (the server's follows the prompt limit, which
+        is known once the model is loaded), so a body too large for any prompt is refused before it is read."""
+        limit = self._max_body_bytes
+        return limit() if callable(limit) else limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,8 +94,9 @@ class RequestGuard:
             return
         cors = [] if origin is None else _cors_headers(self.access, origin)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            body = error_body(BodyTooLarge(self.max_body_bytes).detail, "invalid_request_error")
+        max_body = self.max_body_bytes
+        if length.isdigit() and int(length) > max_body:
+            body = error_body(BodyTooLarge(max_body).detail, "invalid_request_error")
             await _reply(send, 413, body, cors)
             return
         guarded = (
@@ -109,8 +121,8 @@ class RequestGuard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)
+                if received > max_body:
+                    raise BodyTooLarge(max_body)
             return message
 
         await self.app(scope, counted_receive, send)
