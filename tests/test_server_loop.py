@@ -172,10 +172,7 @@ def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
     assert limit < 30 << 20
     # Headers announcing 30 MiB, and no body at all: the answer comes without one byte of it read.
     host, port = tiny.url.removeprefix("http://").split(":")
-    with (
-        health_latency(tiny.url) as latencies,
-        socket.create_connection((host, int(port)), timeout=10) as conn,
-    ):
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
         conn.sendall(
             f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {30 << 20}\r\n\r\n".encode()
@@ -185,8 +182,6 @@ def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
     assert status.startswith("HTTP/1.1 413"), reply
     message = json.loads(body)["error"]["message"]
     assert str(limit) in message and "--max-prompt-chars" in message, message
-    just_over = b'{"prompt": "' + b"t5 " * (limit // 3) + b'", "max_tokens": 1}'
-    assert httpx.post(f"{tiny.url}/v1/completions", content=just_over).status_code == 413
     with raised_limit(
         tiny, limit
     ):  # a body this size is now a prompt the server reads (and refuses by tokens)
