@@ -160,6 +160,28 @@ def test_prompt_over_the_character_limit_is_refused_before_tokenizing(tiny, name
     assert r.status_code == 200 and r.json()["count"] == LIMIT // 3 - 1
 
 
+def read_http_reply(conn: socket.socket) -> str:
+    """One whole HTTP/1.1 reply: headers and body may come in separate TCP segments, so read until the
+    body has the Content-Length the headers announce."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
     """The body limit follows the prompt limit (8 bytes a character + 1 MiB, at most 32 MiB): a 30 MiB body
     to a small-context server is a 413 from its Content-Length, never parsed; raising --max-prompt-chars
@@ -177,7 +199,7 @@ def test_a_body_larger_than_any_prompt_needs_is_refused_before_it_is_read(tiny):
             f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {30 << 20}\r\n\r\n".encode()
         )
-        reply = conn.recv(65536).decode()
+        reply = read_http_reply(conn)
     status, _, body = reply.partition("\r\n\r\n")
     assert status.startswith("HTTP/1.1 413"), reply
     message = json.loads(body)["error"]["message"]
