@@ -250,6 +250,13 @@ class EngineConfig:
     max_num_seqs: int = flag(64, "most requests running at once")
     max_num_batched_tokens: int = flag(2048, "most tokens computed in one step (prefill chunk size)")
     enable_prefix_caching: bool = flag(True, "reuse KV blocks of identical prompt prefixes")
+    context_shift: str = flag(
+        "auto",
+        "reuse a cached story's K/V after its oldest text was cut, rotated to the new positions (KoboldCpp's "
+        "ContextShift; close to, not bit-identical with, recomputing): auto is on for the Kobold routes and "
+        "the studio, off for the OpenAI routes and the engine; a request's context_shift field overrides",
+        choices=("auto", "on", "off"),
+    )
     kv_cache_memory: int | None = flag(
         None,
         "a static KV pool of this size, e.g. 512MiB (with --static-kv and no size: enough for max-num-seqs "

@@ -27,7 +27,7 @@ def make_output(req: Request) -> RequestOutput:
         prompt_token_ids=req.prompt_token_ids,
         outputs=[completion],
         finished=finished,
-        num_cached_tokens=req.num_cached_tokens,
+        reuse=req.reuse,
         metrics=req.metrics,
     )
 

@@ -45,6 +45,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Reuse a cached sequence's KV after a span was cut from it, K rotated to the new positions (KoboldCpp's
+    # ContextShift). Not bit-identical to recomputing, so it is a choice: None follows the engine's
+    # --context-shift; the server's routes resolve their own default (Kobold and studio on, OpenAI off).
+    context_shift: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -171,6 +175,18 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class CacheReuse:
+    """Where a request's prompt K/V came from at its first admission, in tokens: found in the prefix cache,
+    reused by a context shift (rotated to new positions), copied back from the host-memory cache tier, or
+    computed (prefilled). cached + shifted + from_host + prefilled is the prompt length."""
+
+    cached: int = 0
+    shifted: int = 0
+    from_host: int = 0
+    prefilled: int = 0
+
+
+@dataclass(slots=True)
 class RequestMetrics:
     """Timestamps (time.monotonic) for latency figures."""
 
@@ -189,9 +205,14 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
-    num_cached_tokens: int = 0
+    reuse: CacheReuse = field(default_factory=CacheReuse)
     metrics: RequestMetrics | None = None
     error: BaseException | None = None  # set when the request failed (finish reason "error"): why
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
+        return self.reuse.cached
 
 
 class Request:
@@ -214,7 +235,7 @@ class Request:
         "cumulative_logprob",
         "finish_reason",
         "stop_reason",
-        "num_cached_tokens",
+        "reuse",
         "num_preemptions",
         "metrics",
         "max_total_tokens",
@@ -252,7 +273,7 @@ class Request:
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.num_cached_tokens = 0
+        self.reuse = CacheReuse()
         self.num_preemptions = 0
         self.metrics = RequestMetrics(self.arrival_time)
         self.max_total_tokens = 0  # set by Scheduler.add (SamplingParams.token_limit)
@@ -261,6 +282,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache at the first admission (see `reuse`)."""
+        return self.reuse.cached
 
     @property
     def num_tokens_with_placeholders(self) -> int:

@@ -222,7 +222,8 @@ class Scheduler:
         else:
             self.kv.record_prefix_lookup(req.num_tokens, num_hit)
             if req.num_preemptions == 0:
-                req.num_cached_tokens = num_hit
+                req.reuse.cached = num_hit
+                req.reuse.prefilled = req.num_prompt_tokens - num_hit
         req.num_computed_tokens = num_hit
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
