@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fitllm.engine.context_shift import context_shift_unsupported
 from fitllm.engine.report import EngineStatus, engine_status
 from fitllm.loader.tokenizer import Tokenizer
 
@@ -43,6 +44,9 @@ class ServedModel:
     block_size: int
     quantization: str  # how the weights are held (the QuantMethod's description)
     kv_cache_dtype: str
+    # Why a trimmed prompt cannot reuse its K/V by a context shift (None: it can; fitllm/engine/context_shift.py),
+    # so routes trim in large steps instead (SmartContext).
+    context_shift_unsupported: str | None = None
 
     @classmethod
     def of(cls, engine: Engine) -> ServedModel:
@@ -55,6 +59,7 @@ class ServedModel:
             block_size=engine.block_size,
             quantization=engine.quant.describe(),
             kv_cache_dtype=engine.kv_format.name,
+            context_shift_unsupported=context_shift_unsupported(engine.model_config),
         )
 
     def check_token_ids(self, ids: Iterable[int], what: str) -> None:
