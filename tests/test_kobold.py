@@ -206,9 +206,11 @@ def test_stream_is_what_lite_parses_and_equals_generate(server):
     assert (last["token"], last["finish_reason"]) == ("", "length")  # what Lite reads of the last event
     # fitllm's additions (Lite ignores them): the prompt's size and how its K/V was had.
     details = last.pop("prompt_tokens_details")
-    assert set(last) == {"token", "finish_reason", "prompt_tokens"}
-    assert sum(details[k] for k in ("prefix_cached_tokens", "shifted_tokens", "from_host_tokens")) == (
-        details["cached_tokens"]
+    assert set(last) == {"token", "finish_reason", "prompt_tokens", "completion_tokens"}
+    assert last["completion_tokens"] == 16
+    assert (
+        sum(details[k] for k in ("prefix_cached_tokens", "shifted_tokens", "from_host_tokens"))
+        == (details["cached_tokens"])
     )
     assert details["cached_tokens"] + details["prefilled_tokens"] == last["prompt_tokens"]
 

@@ -9,7 +9,8 @@ their translation are in protocol.py, its jobs (genkeys) in jobs.py.
   job's text and abort to whoever holds it (check and abort without one refer to the latest job only if
   it has none), and a genkey whose job still runs is refused for a new job (409), so nobody can take
   another's over. Genkeys are at most MAX_GENKEY_CHARS long.
-- The generate result and the stream's last event carry `prompt_tokens` and `prompt_tokens_details`
+- The generate result and the stream's last event carry `prompt_tokens`, `completion_tokens` and
+  `prompt_tokens_details`
   (server/reuse.py: prompt tokens reused from the prefix cache, shifted, from host, prefilled); front ends
   read only the fields they know.
 - `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
@@ -227,6 +228,7 @@ async def generate_stream(request: Request) -> StreamingResponse:
         job.update(out.outputs[0].text)
         jobs.finish(job, out)
         last = {"token": "", "finish_reason": _finish_reason(out), "prompt_tokens": len(out.prompt_token_ids)}
+        last |= {"completion_tokens": len(out.outputs[0].token_ids)}
         return sse.event(last | {"prompt_tokens_details": reuse_details(out.reuse)}, "message")
 
     def end() -> None:
