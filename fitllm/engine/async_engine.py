@@ -274,6 +274,9 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         """Replace the status snapshot with one of the engine as it is now (this thread only)."""
+        # The ledger's kv_cached tag follows the pool's cached blocks only at the next step; re-tag now so the
+        # snapshot's bytes and blocks agree (the studio shows both side by side).
+        self.engine.storage.tag_cached(self.engine.pool.num_cached_blocks)
         self._status = StatusSnapshot.of(self.engine, self._tally.frozen(), time.time())
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
