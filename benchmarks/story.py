@@ -162,7 +162,11 @@ async def run_session(http, url: str, text: str, session: int, context: int, opt
         wait = (pauses or {}).get(i, 0.0)
         if wait:
             await asyncio.sleep(wait)
-        out.append(await s.turn(i, wait))
+        t = await s.turn(i, wait)
+        out.append(t)
+        print(f"story {session} ctx {context} shift {context_shift}: turn {t.turn} ttft {_f(t.ttft_s)} s, "
+              f"{t.total_s:.2f} s, prompt {t.prompt_tokens} (reused {t.reused_tokens}, prefilled "
+              f"{t.prefilled_tokens}){' trimmed' if t.trimmed else ''}", file=sys.stderr, flush=True)  # fmt: skip
     return out
 
 
