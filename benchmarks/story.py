@@ -53,6 +53,7 @@ class StoryOptions:
     pause_s: float = 60.0
     pause_after: int = 4
     warm_turns: int = WARM_TURNS
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
 
 
 @dataclass(slots=True)
@@ -197,50 +198,70 @@ def session_summary(turns: list[Turn]) -> dict:
     }
 
 
+async def _sessions(http, url: str, text: str, opts: StoryOptions, report: dict, first: int) -> int:
+    """Each context with the route's default (shift on) and with `context_shift: false`."""
+    session = first
+    for context in opts.contexts:
+        for shift in (None, False):
+            session += 1
+            turns = await run_session(http, url, text, session, context, opts, opts.turns, shift)
+            report["sessions"].append(
+                {"context": context, "context_shift": "default (on)" if shift is None else "off",
+                 "summary": session_summary(turns), "turns": [asdict(t) for t in turns]}
+            )  # fmt: skip
+    return session
+
+
+async def _concurrency(http, url: str, text: str, opts: StoryOptions, report: dict, first: int) -> int:
+    """N stories one after another, then N new ones at once: turns per second of each."""
+    context, n, k = opts.contexts[0], opts.concurrent_stories, opts.concurrent_turns
+    walls, session = {}, first
+    for mode in ("sequential", "concurrent"):
+        ids = list(range(session + 1, session + n + 1))
+        session += n
+        t0 = time.perf_counter()
+        if mode == "sequential":
+            for i in ids:
+                await run_session(http, url, text, i, context, opts, k)
+        else:
+            await asyncio.gather(*(run_session(http, url, text, i, context, opts, k) for i in ids))
+        walls[mode] = time.perf_counter() - t0
+    report["concurrency"] = {
+        "stories": n, "turns_each": k, "context": context,
+        "sequential_turns_per_s": n * k / walls["sequential"],
+        "concurrent_turns_per_s": n * k / walls["concurrent"],
+        "speedup": walls["sequential"] / walls["concurrent"],
+    }  # fmt: skip
+    return session
+
+
+async def _pause(http, url: str, text: str, opts: StoryOptions, report: dict, first: int) -> int:
+    """A writer's pause before one turn, against the turns before it (the cold first one excluded)."""
+    context, p, session = opts.contexts[0], opts.pause_after, first + 1
+    turns = await run_session(http, url, text, session, context, opts, p + 2, pauses={p: opts.pause_s})
+    normal = _median([t.ttft_s for t in turns[1:p]])
+    report["pause"] = {
+        "context": context, "pause_s": opts.pause_s, "after_turn": p,
+        "normal_ttft_s": normal, "pause_ttft_s": turns[p].ttft_s,
+        "pause_over_normal": _ratio(turns[p].ttft_s, normal),
+        "trimmed": any(t.trimmed for t in turns[: p + 1]),
+        "turns": [asdict(t) for t in turns],
+    }  # fmt: skip
+    return session
+
+
+PHASES = {"sessions": _sessions, "concurrency": _concurrency, "pause": _pause}
+
+
 async def measure(url: str, text: str, opts: StoryOptions) -> dict:
-    """Every phase against the server at `url`; the report `table` prints."""
+    """The phases in `opts.phases` against the server at `url`; the report `table` prints."""
     import httpx
 
-    report: dict = {"options": asdict(opts), "sessions": [], "concurrency": {}, "pause": {}}
-    session = 0
+    report: dict = {"options": asdict(opts), "sessions": [], "concurrency": None, "pause": None}
+    session = 0  # each session's memory names it, so no session hits another's cached blocks
     async with httpx.AsyncClient(timeout=1800, limits=httpx.Limits(max_connections=64)) as http:
-        for context in opts.contexts:
-            for shift in (None, False):
-                session += 1
-                turns = await run_session(http, url, text, session, context, opts, opts.turns, shift)
-                report["sessions"].append(
-                    {"context": context, "context_shift": "default (on)" if shift is None else "off",
-                     "summary": session_summary(turns), "turns": [asdict(t) for t in turns]}
-                )  # fmt: skip
-        context, n, k = opts.contexts[0], opts.concurrent_stories, opts.concurrent_turns
-        walls = {}
-        for mode in ("sequential", "concurrent"):
-            ids = list(range(session + 1, session + n + 1))
-            session += n
-            t0 = time.perf_counter()
-            if mode == "sequential":
-                for i in ids:
-                    await run_session(http, url, text, i, context, opts, k)
-            else:
-                await asyncio.gather(*(run_session(http, url, text, i, context, opts, k) for i in ids))
-            walls[mode] = time.perf_counter() - t0
-        report["concurrency"] = {
-            "stories": n, "turns_each": k, "context": context,
-            "sequential_turns_per_s": n * k / walls["sequential"],
-            "concurrent_turns_per_s": n * k / walls["concurrent"],
-            "speedup": walls["sequential"] / walls["concurrent"],
-        }  # fmt: skip
-        session += 1
-        p = opts.pause_after
-        turns = await run_session(http, url, text, session, context, opts, p + 2, pauses={p: opts.pause_s})
-        normal = _median([t.ttft_s for t in turns[1:p]])
-        report["pause"] = {
-            "context": context, "pause_s": opts.pause_s, "after_turn": p,
-            "normal_ttft_s": normal, "pause_ttft_s": turns[p].ttft_s,
-            "pause_over_normal": _ratio(turns[p].ttft_s, normal),
-            "trimmed": any(t.trimmed for t in turns[: p + 1]),
-            "turns": [asdict(t) for t in turns],
-        }  # fmt: skip
+        for phase in opts.phases:
+            session = await PHASES[phase](http, url, text, opts, report, session)
     return report
 
 
@@ -273,14 +294,15 @@ def table(report: dict) -> str:
             f"{name + ': prefilled / reused after':<44} "
             f"{_f(m['prefilled_after'], '.0f'):>5}/{_f(m['reused_after'], '.0f')}"
         )
-    p, c = report["pause"], report["concurrency"]
-    lines.append(f"{'pause ' + _f(p['pause_s'], '.0f') + ' s: TTFT normal / after pause (s)':<44} "
-                 f"{_f(p['normal_ttft_s'])} / {_f(p['pause_ttft_s'])}")  # fmt: skip
-    lines.append(f"{'pause turn / normal turn':<44} {_f(p['pause_over_normal'], '.2f'):>9}x  <= 1.5x")
-    lines.append(f"{'sequential / concurrent turns per s':<44} "
-                 f"{_f(c['sequential_turns_per_s'], '.2f')} / {_f(c['concurrent_turns_per_s'], '.2f')}")  # fmt: skip
-    lines.append(f"{str(c['stories']) + ' concurrent / sequential per-turn speed':<44} "
-                 f"{_f(c['speedup'], '.2f'):>9}x  >= 2x")  # fmt: skip
+    if (p := report["pause"]) is not None:
+        lines.append(f"{'pause ' + _f(p['pause_s'], '.0f') + ' s: TTFT normal / after pause (s)':<44} "
+                     f"{_f(p['normal_ttft_s'])} / {_f(p['pause_ttft_s'])}")  # fmt: skip
+        lines.append(f"{'pause turn / normal turn':<44} {_f(p['pause_over_normal'], '.2f'):>9}x  <= 1.5x")
+    if (c := report["concurrency"]) is not None:
+        lines.append(f"{'sequential / concurrent turns per s':<44} "
+                     f"{_f(c['sequential_turns_per_s'], '.2f')} / {_f(c['concurrent_turns_per_s'], '.2f')}")  # fmt: skip
+        lines.append(f"{str(c['stories']) + ' concurrent / sequential per-turn speed':<44} "
+                     f"{_f(c['speedup'], '.2f'):>9}x  >= 2x")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -297,13 +319,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pause-s", type=float, default=60.0, help="the writer's pause before one turn")
     g.add_argument("--pause-after", type=int, default=4, help="turns before the pause")
     g.add_argument(
-        "--quick", action="store_true", help="a run of a few minutes: 1024 only, fewer turns, 10 s pause"
+        "--quick",
+        action="store_true",
+        help="a run of a few minutes: 1024 only, 12 turns, 3 concurrent turns, a 40 s pause (past the default "
+        "--kv-idle-release-s 30)",
     )
     g.add_argument(
         "--server-args",
         default="--max-model-len 2048 --max-num-seqs 8",
         help="flags for `fitllm serve` (e.g. --context-shift off, --smart-context-share 0.5)",
     )
+    g.add_argument("--phases", default=",".join(PHASES), help="which phases to run, comma-separated")
     g.add_argument("--url", default=None, help="drive a server already running here instead of starting one")
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the report as JSON")
 
@@ -317,9 +343,12 @@ def options(args: argparse.Namespace) -> StoryOptions:
         concurrent_turns=args.concurrent_turns,
         pause_s=args.pause_s,
         pause_after=args.pause_after,
+        phases=[x.strip() for x in args.phases.split(",") if x.strip()],
     )
+    if unknown := set(opts.phases) - set(PHASES):
+        raise SystemExit(f"--phases: unknown {sorted(unknown)}; choose from {', '.join(PHASES)}")
     if args.quick:
-        opts.contexts, opts.turns, opts.concurrent_turns, opts.pause_s = opts.contexts[:1], 12, 3, 10.0
+        opts.contexts, opts.turns, opts.concurrent_turns, opts.pause_s = opts.contexts[:1], 12, 3, 40.0
     return opts
 
 
