@@ -283,25 +283,25 @@ def table(report: dict) -> str:
                 f"{t['reused_tokens']:>6} {t['prefilled_tokens']:>7} {'yes' if t['trimmed'] else ''}"
             )
     lines.append("\nsummary")
-    lines.append(f"{'row':<44} {'value':>9}  target")
+    lines.append(f"{'row':<58} {'value':>9}  target")
     for s in report["sessions"]:
         m = s["summary"]
         name = f"ctx {s['context']} shift {s['context_shift']}"
-        lines.append(f"{name + ': TTFT before trimming (s)':<44} {_f(m['ttft_before_s']):>9}")
-        lines.append(f"{name + ': TTFT after trimming (s)':<44} {_f(m['ttft_after_s']):>9}")
-        lines.append(f"{name + ': after / before':<44} {_f(m['ttft_after_over_before'], '.2f'):>9}x  <= 1.5x")
+        lines.append(f"{name + ': TTFT before trimming (s)':<58} {_f(m['ttft_before_s']):>9}")
+        lines.append(f"{name + ': TTFT after trimming (s)':<58} {_f(m['ttft_after_s']):>9}")
+        lines.append(f"{name + ': after / before':<58} {_f(m['ttft_after_over_before'], '.2f'):>9}x  <= 1.5x")
         lines.append(
-            f"{name + ': prefilled / reused after':<44} "
+            f"{name + ': prefilled / reused after':<58} "
             f"{_f(m['prefilled_after'], '.0f'):>5}/{_f(m['reused_after'], '.0f')}"
         )
     if (p := report["pause"]) is not None:
-        lines.append(f"{'pause ' + _f(p['pause_s'], '.0f') + ' s: TTFT normal / after pause (s)':<44} "
+        lines.append(f"{'pause ' + _f(p['pause_s'], '.0f') + ' s: TTFT normal / after pause (s)':<58} "
                      f"{_f(p['normal_ttft_s'])} / {_f(p['pause_ttft_s'])}")  # fmt: skip
-        lines.append(f"{'pause turn / normal turn':<44} {_f(p['pause_over_normal'], '.2f'):>9}x  <= 1.5x")
+        lines.append(f"{'pause turn / normal turn':<58} {_f(p['pause_over_normal'], '.2f'):>9}x  <= 1.5x")
     if (c := report["concurrency"]) is not None:
-        lines.append(f"{'sequential / concurrent turns per s':<44} "
+        lines.append(f"{'sequential / concurrent turns per s':<58} "
                      f"{_f(c['sequential_turns_per_s'], '.2f')} / {_f(c['concurrent_turns_per_s'], '.2f')}")  # fmt: skip
-        lines.append(f"{str(c['stories']) + ' concurrent / sequential per-turn speed':<44} "
+        lines.append(f"{str(c['stories']) + ' concurrent / sequential per-turn speed':<58} "
                      f"{_f(c['speedup'], '.2f'):>9}x  >= 2x")  # fmt: skip
     return "\n".join(lines)
 
