@@ -55,6 +55,13 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         "load test: every trace request as a concurrent streaming client",
         False,
     ),
+    (
+        "story",
+        "benchmarks.story",
+        "long stories through the Kobold stream route as KoboldAI Lite drives it: TTFT after trimming, "
+        "shift off, concurrent stories, a pause",
+        False,
+    ),
 )
 
 

@@ -39,7 +39,7 @@ from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.engine.request_stream import OutputHandoff, RequestStream
-from fitllm.engine.view import EngineCounters, ServedModel, StatusSnapshot
+from fitllm.engine.view import REUSE_SOURCES, EngineCounters, ServedModel, StatusSnapshot
 
 log = logging.getLogger("fitllm")
 
@@ -77,16 +77,26 @@ class _Tally:
     generation_tokens: int = 0
     steps: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    # Prompt tokens of finished requests by where their K/V came from (RequestOutput.reuse's fields).
+    prompt_reuse: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REUSE_SOURCES, 0))
+    shift_unsupported: int = 0  # requests that wanted a context shift the model cannot do
 
     def count(self, out: RequestOutput) -> None:
         self.generation_tokens += len(out.outputs[0].delta_token_ids)
         if out.finished:
             reason = out.outputs[0].finish_reason or "unknown"
             self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
+            for source in REUSE_SOURCES:
+                self.prompt_reuse[source] += getattr(out.reuse, source)
 
     def frozen(self) -> EngineCounters:
         return EngineCounters(
-            self.prompt_tokens, self.generation_tokens, self.steps, dict(self.requests_finished)
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.steps,
+            dict(self.requests_finished),
+            dict(self.prompt_reuse),
+            self.shift_unsupported,
         )
 
 
@@ -264,6 +274,9 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         """Replace the status snapshot with one of the engine as it is now (this thread only)."""
+        # The ledger's kv_cached tag follows the pool's cached blocks only at the next step; re-tag now so the
+        # snapshot's bytes and blocks agree (the studio shows both side by side).
+        self.engine.storage.tag_cached(self.engine.pool.num_cached_blocks)
         self._status = StatusSnapshot.of(self.engine, self._tally.frozen(), time.time())
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
@@ -318,6 +331,13 @@ class AsyncEngine:
                 return
             self._streams[rid] = stream
             self._tally.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
+            wants_shift = (
+                params.context_shift
+                if params.context_shift is not None
+                else self.config.context_shift == "on"
+            )
+            if wants_shift and self._served is not None and self._served.context_shift_unsupported:
+                self._tally.shift_unsupported += 1
             future.set_result(rid)
         elif kind == "score":
             try:

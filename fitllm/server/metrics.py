@@ -81,6 +81,18 @@ class EngineCollector(Collector):
             "fitllm_requests_finished", "finished requests by reason", labels=["reason"]
         )
         yield _labelled(finished, dict(c.requests_finished))
+        reuse = CounterMetricFamily(
+            "fitllm_prompt_tokens_by_source",
+            "prompt tokens of finished requests by where their K/V came from: cached (prefix cache), shifted "
+            "(context shift), from_host (host cache tier), prefilled (computed)",
+            labels=["source"],
+        )
+        yield _labelled(reuse, dict(c.prompt_reuse))
+        yield CounterMetricFamily(
+            "fitllm_context_shift_unsupported_requests",
+            "requests that wanted a context shift the model cannot do (trimmed in large steps instead)",
+            value=c.context_shift_unsupported,
+        )
 
 
 def _labelled(family, values: dict):
