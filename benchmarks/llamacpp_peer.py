@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ def find_llama_server(path: Path | None) -> tuple[Path | None, str]:
     return Path(found[-1]), f"llama-server {found[-1]}"
 
 
+def peer_env() -> dict[str, str]:
+    """The environment as the user gave it: without what fitllm set for its own OpenMP threads (a llama.cpp
+    built with OpenMP would read it too), so each side runs with its own defaults."""
+    from fitllm.openmp import SET_BY_FITLLM
+
+    return {k: v for k, v in os.environ.items() if k not in SET_BY_FITLLM}
+
+
 class LlamaCppWorker:
     """llama-cpp-python's high-level API in its own process: `generate` is one greedy completion from an empty
     cache, timed inside the worker (first token, end) so the pipe's latency is not counted."""
@@ -74,6 +83,7 @@ class LlamaCppWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=peer_env(),
         )
         hello = self._read()
         self.version = hello.get("llama_cpp", "?")
@@ -128,6 +138,7 @@ class ServerProcess:
     name: str
     cmd: list[str]
     port: int
+    env: dict[str, str] | None = None
     proc: subprocess.Popen | None = None
     log: object = None
 
@@ -137,7 +148,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives until stop())
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_healthy(self.url, self.proc, name=self.name)
         except RuntimeError as exc:
@@ -167,4 +178,4 @@ def llama_server(binary: Path, model: Path, threads: int, slots: int, ctx_per_sl
     port = free_port()
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-np", str(slots)]
     cmd += ["-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port)]
-    return ServerProcess("llama-server", cmd, port).start()
+    return ServerProcess("llama-server", cmd, port, peer_env()).start()
