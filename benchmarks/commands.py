@@ -50,6 +50,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "cpu",
+        "benchmarks.cpu",
+        "CPU decode, prefill and serving vs llama.cpp on the same GGUF and threads (issue 24's targets)",
+        True,
+    ),
+    (
         "serve",
         "benchmarks.serve_load",
         "load test: every trace request as a concurrent streaming client",
