@@ -83,7 +83,9 @@ def apply_bans(logits: torch.Tensor, requests: list[Request]) -> None:
         logits.index_put_((index[0], index[1]), logits.new_full((len(rows),), float("-inf")))
 
 
-def single_char_bans(phrases: list[str], encode: Callable[[str], list[int]], vocab_text: list[str]) -> set[int]:
+def single_char_bans(
+    phrases: list[str], encode: Callable[[str], list[int]], vocab_text: list[str]
+) -> set[int]:
     """KoboldCpp's rule for one-character entries that tokenize to one token: every token whose (lower-case)
     text contains the character. `vocab_text[i]` is token i's text, lower-cased."""
     chars = {p.lower() for p in phrases if len(p) == 1 and len(encode(p)) == 1}

@@ -79,6 +79,7 @@ class SamplingFields(Body):
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    banned_strings: list[str] | None = None  # TabbyAPI's / KoboldCpp's anti-slop phrases
 
     def refuse_unsupported(self) -> None:
         """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
@@ -127,6 +128,7 @@ class SamplingFields(Body):
                 logit_bias=bias,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                banned_strings=list(self.banned_strings or []),
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
