@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fitllm.engine.async_engine import EngineDead, QueueFull, RequestFailed
 from fitllm.memory.ledger import BudgetExceeded
+from fitllm.server.refusals import REFUSALS
 
 RETRY_AFTER_S = 1
 log = logging.getLogger("fitllm")
@@ -59,6 +59,8 @@ def kobold_error_body(err: APIError) -> dict[str, Any]:
 
 
 def _response(request: Request, err: APIError) -> JSONResponse:
+    if 400 <= err.status < 500:
+        REFUSALS.refused(err.status, request.method, request.url.path, err.message)
     kobold = request.url.path.startswith("/api/")
     body = kobold_error_body(err) if kobold else error_body(err.message, err.type, err.param, err.code)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
@@ -169,19 +171,13 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            with warnings.catch_warnings():  # one route with two methods (Kobold's check): renamed below
-                warnings.filterwarnings("ignore", "Duplicate Operation ID")
-                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
             schemas["Error"] = ERROR_SCHEMA
             for path in schema.get("paths", {}).values():
                 for method, op in path.items():
-                    if op.get("operationId", "").endswith("_get") and method != "get":
-                        op["operationId"] = op["operationId"].removesuffix("_get") + f"_{method}"
-                    elif op.get("operationId", "").endswith("_post") and method != "post":
-                        op["operationId"] = op["operationId"].removesuffix("_post") + f"_{method}"
                     responses = op.setdefault("responses", {})
                     if responses.pop("422", None) is not None or method == "post":
                         responses["400"] = BAD_REQUEST

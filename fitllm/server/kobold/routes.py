@@ -234,7 +234,8 @@ def _error_event(err: APIError) -> str:
     return sse.event({"token": "", "finish_reason": "error", **kobold_error_body(err)}, "message")
 
 
-@router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
+@router.get("/api/extra/generate/check", operation_id="check_generation_get")
+@router.post("/api/extra/generate/check", operation_id="check_generation_post")
 async def check(request: Request) -> dict[str, Any]:
     """The text so far of the job the genkey names (POST), or of the latest job if it has no genkey."""
     genkey = ""
@@ -246,13 +247,28 @@ async def check(request: Request) -> dict[str, Any]:
 
 @router.post("/api/extra/abort")
 async def abort(request: Request) -> dict[str, str]:
-    """Abort the job the genkey names, or the latest job if it has no genkey (an empty body included)."""
+    """Abort the job the genkey names. Without a genkey (an empty body included), KoboldCpp's multiuser
+    rule: the latest job, if it was itself started without one, and only while it is the one request the
+    server runs (KoboldCpp: nobody queued), so an abort without a genkey never stops another user's work."""
+    st = get_state(request)
     body = await read_body(request, GenkeyRequest, lenient=True)
     job = get_jobs(request).find(body.genkey)
-    if job is None or job.done:
+    if job is None or job.done or (not body.genkey and st.engine.in_flight > 1):
         return {"success": "false", "done": "false"}
-    get_state(request).engine.abort(job.request_id)
+    st.engine.abort(job.request_id)
     return {"success": "true", "done": "true"}
+
+
+@router.get("/api/extra/preloadstory")
+async def preloadstory() -> dict[str, Any]:
+    """KoboldCpp's story preloaded with --preloadstory; fitllm has none (KoboldAI Lite asks on connect)."""
+    return {}
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models() -> list[Any]:
+    """KoboldCpp's image models (A1111's API); fitllm generates no images (KoboldAI Lite asks on connect)."""
+    return []
 
 
 @router.post("/api/extra/tokencount")
