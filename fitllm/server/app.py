@@ -116,8 +116,7 @@ def build_app(
         status = "loading" if engine.error is None else f"failed: {engine.error}"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/ping")
-    @app.post("/ping", operation_id="ping_post")
+    @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:
         """vLLM's liveness probe (SageMaker's name): what /health answers."""
         return await health()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -171,13 +172,21 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            # One route with two methods (Kobold's check: one route, so a 405's Allow names both) gets one
+            # operation id from FastAPI; each method's is made unique below (client generators need that).
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Duplicate Operation ID")
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})
             schemas.pop("HTTPValidationError", None)
             schemas.pop("ValidationError", None)
             schemas["Error"] = ERROR_SCHEMA
             for path in schema.get("paths", {}).values():
                 for method, op in path.items():
+                    if op.get("operationId", "").endswith("_get") and method != "get":
+                        op["operationId"] = op["operationId"].removesuffix("_get") + f"_{method}"
+                    elif op.get("operationId", "").endswith("_post") and method != "post":
+                        op["operationId"] = op["operationId"].removesuffix("_post") + f"_{method}"
                     responses = op.setdefault("responses", {})
                     if responses.pop("422", None) is not None or method == "post":
                         responses["400"] = BAD_REQUEST

@@ -234,8 +234,7 @@ def _error_event(err: APIError) -> str:
     return sse.event({"token": "", "finish_reason": "error", **kobold_error_body(err)}, "message")
 
 
-@router.get("/api/extra/generate/check", operation_id="check_generation_get")
-@router.post("/api/extra/generate/check", operation_id="check_generation_post")
+@router.api_route("/api/extra/generate/check", methods=["GET", "POST"])
 async def check(request: Request) -> dict[str, Any]:
     """The text so far of the job the genkey names (POST), or of the latest job if it has no genkey."""
     genkey = ""
