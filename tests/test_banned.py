@@ -17,7 +17,7 @@ from conftest import fixed_and_block_bytes, load_hf, make_random_checkpoint
 
 from fitllm import SamplingParams
 from fitllm.config import EngineConfig
-from fitllm.engine.banned import BannedStrings, apply_bans
+from fitllm.engine.banned import BannedStrings, apply_bans, single_char_bans
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import Request
@@ -248,3 +248,21 @@ def test_a_phrase_completed_by_the_last_token_is_rewound_too(tiny, hf):
     c = out.outputs[0]
     assert c.token_ids == want and c.finish_reason == "length" and len(c.logprobs) == 10
     assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids)))
+
+
+def test_one_character_entries_forbid_every_token_holding_them(tiny):
+    """KoboldCpp: an entry of one character that is one token bans, at every position, each token whose text
+    contains it (case-insensitive), so the phrase check never has to rewind for it."""
+    assert single_char_bans(["E", "ab", "x"], lambda p: [1] * len(p), ["the", "cat", "ex", "ab"]) == {0, 2}
+    engine = make_engine(tiny)
+    prompt = [5, 6, 7, 8]
+    free = run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)])[0][0]
+    assert "7" in free.outputs[0].text
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, banned_strings=["7"])
+    rid = engine.add_request(prompt, sp)
+    req = engine.requests[rid]
+    assert req.banned.always == {i for i in range(256) if "7" in f"t{i}"}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+    assert "7" not in text and req.banned.num_rewinds == 0
