@@ -29,9 +29,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
 
 
-def decoding_engine(cfg, text: Path, batch: int, prompt_tokens: int, decode_steps: int):
+def decoding_engine(
+    cfg,
+    text: Path,
+    batch: int,
+    prompt_tokens: int,
+    decode_steps: int,
+    banned_strings: list[str] | None = None,
+):
     """An Engine with `batch` requests (prompts of about `prompt_tokens` cut from `text`) prefilled and two
-    steps into decoding, with room for `decode_steps` more: every later step is a pure decode step."""
+    steps into decoding, with room for `decode_steps` more: every later step is a pure decode step. Every
+    request bans `banned_strings` (fitllm bench banned)."""
     from fitllm.engine.engine import Engine
     from fitllm.engine.request import SamplingParams
 
@@ -41,7 +49,14 @@ def decoding_engine(cfg, text: Path, batch: int, prompt_tokens: int, decode_step
         start = i * 50
         engine.add_request(
             ids[start : start + prompt_tokens + 7 * i],
-            SamplingParams(temperature=0.8, top_p=0.9, max_tokens=decode_steps + 8, ignore_eos=True, seed=i),
+            SamplingParams(
+                temperature=0.8,
+                top_p=0.9,
+                max_tokens=decode_steps + 8,
+                ignore_eos=True,
+                seed=i,
+                banned_strings=list(banned_strings or []),
+            ),
         )
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):
         engine.step()

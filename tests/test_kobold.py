@@ -83,7 +83,6 @@ def test_context_is_capped_by_max_model_len_and_max_length_leaves_room(state):
         ("dry_multiplier", 0.8),
         ("xtc_probability", 0.5),
         ("grammar", "root ::= 'a'"),
-        ("banned_tokens", ["foo"]),
     ],
 )
 def test_unsupported_samplers_are_refused_by_name(field, value):

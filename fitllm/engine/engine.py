@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
+from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
@@ -100,6 +101,7 @@ class Engine:
             self.swapper,
         )
         self._ids = itertools.count()
+        self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
         self.async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
@@ -171,11 +173,31 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, text, ids, params, priority)
+        if params.banned_strings:
+            req.banned = self._banned_strings(params.banned_strings)
         req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+            self.tokenizer,
+            ids,
+            params.stop,
+            params.skip_special_tokens,
+            params.include_stop_str_in_output,
+            req.banned,
         )
         self.scheduler.add(req)
         return request_id
+
+    def _banned_strings(self, phrases: list[str]) -> BannedStrings:
+        """A request's banned-strings state; one-character entries forbid the tokens holding them."""
+        always: set[int] = set()
+        if any(len(p) == 1 for p in phrases):
+            if self._vocab_text is None:  # decoded once, when a request first needs it
+                self._vocab_text = vocab_text(
+                    lambda ids: self.tokenizer.backend.decode_batch(ids, skip_special_tokens=False),
+                    self.model_config.vocab_size,
+                )
+            encode = lambda p: self.tokenizer.encode(p, add_special_tokens=False)  # noqa: E731
+            always = single_char_bans(phrases, encode, self._vocab_text)
+        return BannedStrings(list(phrases), frozenset(always))
 
     def score_prompt(
         self, prompt: str | list[int], top_n: int = 0
@@ -356,16 +378,22 @@ class Engine:
         outputs = []
         for req in self.scheduler.update_from_output(step.sampled, result).new_tokens:
             try:
-                outputs.append(self._output(req))
+                out = self._output(req)
             except Exception as exc:  # its token's text broke: it fails alone
-                outputs.append(self._fail(req, exc))
+                out = self._fail(req, exc)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _output(self, req: Request) -> RequestOutput:
-        """The output stage for a request's new token: its text, where a stop string may end it."""
+    def _output(self, req: Request) -> RequestOutput | None:
+        """The output stage for a request's new token: its text, where a stop string may end it, or a
+        banned phrase rewind it (then there is nothing new to report)."""
         stop = req.detokenizer.add_token(
             req.token_ids[-1], check_stop=req.num_output_tokens >= req.params.min_tokens
         )
+        if req.detokenizer.banned_at is not None:
+            rewind_to_banned(req, self.scheduler)
+            return None
         if stop is not None:
             req.stop_reason = stop
             self._finish(req, RequestStatus.FINISHED_STOPPED)

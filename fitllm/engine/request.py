@@ -45,6 +45,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Phrases the output may never contain (case-insensitive): the request is rewound to where one began and
+    # samples again there (fitllm/engine/banned.py; KoboldCpp's banned_tokens, TabbyAPI's banned_strings).
+    banned_strings: list[str] = field(default_factory=list)
     # Reuse a cached sequence's KV after a span was cut from it, K rotated to the new positions (KoboldCpp's
     # ContextShift). Not bit-identical to recomputing, so it is a choice: None follows the engine's
     # --context-shift; the server's routes resolve their own default (Kobold and studio on, OpenAI off).
@@ -54,6 +57,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+        if isinstance(self.banned_strings, str):
+            self.banned_strings = [self.banned_strings]
+        self.banned_strings = [s for s in self.banned_strings if s]
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -239,6 +245,8 @@ class Request:
         "num_preemptions",
         "metrics",
         "max_total_tokens",
+        "banned",
+        "num_stale_samples",
         "_sent_tokens",
     )
 
@@ -277,6 +285,9 @@ class Request:
         self.num_preemptions = 0
         self.metrics = RequestMetrics(self.arrival_time)
         self.max_total_tokens = 0  # set by Scheduler.add (SamplingParams.token_limit)
+        self.banned = None  # BannedStrings when params.banned_strings (set by the engine)
+        # Samples in flight when the request was rewound (a banned phrase): dropped when they are read.
+        self.num_stale_samples = 0
         self._sent_tokens = 0
 
     @property
@@ -316,8 +327,9 @@ class Request:
         self.finish_reason = status.value
         self.metrics.finished_time = time.monotonic()
 
-    def take_new_token_ids(self) -> list[int]:
-        """Output token ids not yet reported."""
-        new = self.token_ids[self.num_prompt_tokens + self._sent_tokens :]
+    def take_new_token_ids(self, released: int | None = None) -> list[int]:
+        """Output token ids not yet reported (of the first `released`: those whose text is out)."""
+        end = None if released is None else self.num_prompt_tokens + released
+        new = self.token_ids[self.num_prompt_tokens + self._sent_tokens : end]
         self._sent_tokens += len(new)
         return new

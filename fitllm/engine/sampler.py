@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fitllm.engine.banned import apply_bans
 from fitllm.engine.request import Logprob, Request
 from fitllm.memory.transfer import to_device
 
@@ -269,6 +270,7 @@ class Sampler:
 
         apply_penalties(logits, requests)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
+        apply_bans(logits, requests)  # banned strings: tokens that began a banned phrase at this position
 
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         rand = [i for i, r in enumerate(requests) if not r.params.greedy]

@@ -288,6 +288,9 @@ class Scheduler:
         update = StepUpdate()
         now = time.monotonic()
         for i, req in enumerate(sampled):
+            if req.num_stale_samples:  # sampled before the request was rewound (fitllm/engine/banned.py)
+                req.num_stale_samples -= 1
+                continue
             req.num_output_placeholders -= 1
             if req.status.finished:
                 continue
@@ -306,10 +309,41 @@ class Scheduler:
                 update.finished.append(req)
         return update
 
+    def rewind(self, req: Request, num_tokens: int) -> None:
+        """Cut a request back to its first `num_tokens` tokens (a banned phrase began after them) so that it
+        samples position `num_tokens` again: its tokens and logprobs, its K/V past what is kept (blocks given
+        back; the last one recomputed where it is shared or published, so no cached block is rewritten), and
+        the samples in flight, dropped when read. One that this step's token also finished (by length, EOS or
+        a stop token) is taken back and resumes as a preempted request would (its prefix mostly cached)."""
+        assert req.num_prompt_tokens <= num_tokens < req.num_tokens
+        del req.token_ids[num_tokens:]
+        if req.logprobs is not None:
+            del req.logprobs[num_tokens - req.num_prompt_tokens :]
+            req.cumulative_logprob = sum(e[t].logprob for e, t in zip(req.logprobs, req.output_token_ids))
+        req.num_stale_samples += req.num_output_placeholders
+        req.num_output_placeholders = 0
+        if req.status.finished:
+            req.status, req.finish_reason, req.stop_reason = RequestStatus.PREEMPTED, None, None
+            req.metrics.finished_time = None
+            req.num_computed_tokens = 0
+            self.requests[req.request_id] = req
+            heapq.heappush(self._waiting, (req.priority, req.arrival_time, next(self._seq), req))
+        elif req.status is RequestStatus.RUNNING:
+            # The last kept token is computed again: its logits choose the new token.
+            kept = self.kv.truncate(req.request_id, num_tokens - 1)
+            req.num_computed_tokens = min(req.num_computed_tokens, kept)
+        else:  # preempted: a host copy holds K/V past the cut, so it resumes by recomputing instead
+            if self.swapper is not None:
+                self.swapper.discard(req.request_id)
+            req.num_computed_tokens = 0
+
     def samples_lost(self, sampled: list[Request]) -> None:
         """A launched step's samples cannot be read: its requests lose the placeholder, and the running ones
         recompute their last position next step (whose K/V is rewritten, identically) to sample again."""
         for req in sampled:
+            if req.num_stale_samples:
+                req.num_stale_samples -= 1
+                continue
             req.num_output_placeholders -= 1
             if req.status is RequestStatus.RUNNING:
                 req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)

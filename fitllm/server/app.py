@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from fitllm import __version__
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
@@ -119,6 +120,16 @@ def build_app(
             return JSONResponse({"status": "ok"})
         status = "loading" if engine.error is None else f"failed: {engine.error}"
         return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:
+        """vLLM's liveness probe (SageMaker's name): what /health answers."""
+        return await health()
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """vLLM's /version: the server's version."""
+        return {"version": __version__}
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={200: METRICS_RESPONSE})
     async def prometheus() -> Response:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fitllm.engine.async_engine import EngineDead, QueueFull, RequestFailed
 from fitllm.memory.ledger import BudgetExceeded
+from fitllm.server.refusals import REFUSALS
 
 RETRY_AFTER_S = 1
 log = logging.getLogger("fitllm")
@@ -59,6 +60,8 @@ def kobold_error_body(err: APIError) -> dict[str, Any]:
 
 
 def _response(request: Request, err: APIError) -> JSONResponse:
+    if 400 <= err.status < 500:
+        REFUSALS.refused(err.status, request.method, request.url.path, err.message)
     kobold = request.url.path.startswith("/api/")
     body = kobold_error_body(err) if kobold else error_body(err.message, err.type, err.param, err.code)
     return JSONResponse(body, status_code=err.status, headers=err.headers)
@@ -169,7 +172,9 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            with warnings.catch_warnings():  # one route with two methods (Kobold's check): renamed below
+            # One route with two methods (Kobold's check: one route, so a 405's Allow names both) gets one
+            # operation id from FastAPI; each method's is made unique below (client generators need that).
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Duplicate Operation ID")
                 schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})

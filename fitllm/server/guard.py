@@ -18,9 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import error_body
+from fitllm.server.refusals import REFUSALS
 
 MAX_BODY_BYTES = 32 << 20  # a request body larger than this is refused (413)
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health", "/metrics", "/ping", "/version")  # the last two: vLLM's
 # What KoboldCpp answers without its password, so a front end can find the server and see that it is
 # protected (/api/extra/version's "protected") before asking the user for the key.
 OPEN_GET_PATHS = (
@@ -33,6 +34,8 @@ OPEN_GET_PATHS = (
     "/api/extra/version",
     "/api/extra/true_max_context_length",
     "/api/extra/perf",
+    "/api/extra/preloadstory",
+    "/sdapi/v1/sd-models",
 )
 
 
@@ -83,21 +86,23 @@ class RequestGuard:
                 f"the Host {host!r} is not allowed (a DNS-rebinding guard); reach the server as localhost "
                 f"or by IP address, or start it with --allowed-hosts NAME"
             )
-            await _reply(send, 403, error_body(message, "permission_error", code="host_not_allowed"))
+            await _refuse(scope, send, 403, error_body(message, "permission_error", code="host_not_allowed"))
             return
         if origin is not None and not self.access.origin_allowed(origin, host):
             message = (
                 f"requests from the web page origin {origin!r} are not allowed; start the server with "
                 f"--allowed-origins {origin} to allow it"
             )
-            await _reply(send, 403, error_body(message, "permission_error", code="origin_not_allowed"))
+            await _refuse(
+                scope, send, 403, error_body(message, "permission_error", code="origin_not_allowed")
+            )
             return
         cors = [] if origin is None else _cors_headers(self.access, origin)
         length = headers.get("content-length", "")
         max_body = self.max_body_bytes
         if length.isdigit() and int(length) > max_body:
             body = error_body(BodyTooLarge(max_body).detail, "invalid_request_error")
-            await _reply(send, 413, body, cors)
+            await _refuse(scope, send, 413, body, cors)
             return
         guarded = (
             self.api_key is not None
@@ -112,7 +117,7 @@ class RequestGuard:
                 "authentication_error",
                 code="invalid_api_key",
             )
-            await _reply(send, 401, body, cors)
+            await _refuse(scope, send, 401, body, cors)
             return
         received = 0
 
@@ -144,6 +149,14 @@ def _cors_headers(access: AccessPolicy, origin: str) -> list[tuple[bytes, bytes]
         return []  # same origin: no CORS headers needed
     allowed = b"*" if access.any_origin else origin.encode("latin-1")
     return [(b"access-control-allow-origin", allowed), (b"vary", b"Origin")]
+
+
+async def _refuse(
+    scope: Scope, send: Send, status: int, body: dict[str, Any], extra: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """Answer a refusal, and log it (rate-limited) with its reason."""
+    REFUSALS.refused(status, scope["method"], scope["path"], body["error"]["message"])
+    await _reply(send, status, body, extra)
 
 
 async def _reply(

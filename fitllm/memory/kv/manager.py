@@ -83,6 +83,26 @@ class KVCacheManager:
             self.pool.cache(blocks[i], hashes[i])
         self._num_cached[request_id] = full
 
+    def truncate(self, request_id: str, num_tokens: int) -> int:
+        """Keep K/V for the request's first `num_tokens` tokens (it was rewound): later blocks go back to the
+        pool, tail first, and the hashes of blocks no longer full are forgotten. A kept block that would be
+        partly rewritten but is shared or published in the prefix cache (its tokens are some sequence's)
+        goes too. Returns the tokens whose K/V is kept (at most `num_tokens`)."""
+        blocks = self._blocks.get(request_id, [])
+        bs = self.block_size
+        keep = cdiv(num_tokens, bs)
+        if num_tokens % bs and keep <= len(blocks):
+            last = blocks[keep - 1]
+            if last.ref_cnt > 1 or last.block_hash is not None:
+                keep -= 1
+        self.pool.release(list(reversed(blocks[keep:])))
+        del blocks[keep:]
+        if request_id in self._hashes:  # a hash names a full block's tokens, which are cut past here
+            del self._hashes[request_id][num_tokens // bs :]
+        if request_id in self._num_cached:
+            self._num_cached[request_id] = min(self._num_cached[request_id], keep)
+        return min(num_tokens, keep * bs)
+
     def free(self, request_id: str) -> None:
         """Give the request's blocks back (tail first, so shared heads stay cached longest)."""
         blocks = self._blocks.pop(request_id, [])

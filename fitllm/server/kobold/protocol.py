@@ -11,8 +11,10 @@
   rep_pen_range tokens with rep_pen_slope, presence_penalty over the same window, logit_bias, sampler_seed,
   stop_sequence with trim_stop (default on: the stop string is cut from the text), the default
   sampler_order (repetition penalties, truncations, then temperature). Samplers fitllm does not implement
-  (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, banned
-  strings, images) are accepted only at their neutral values; anything else is a 400 naming the field.
+  (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, images)
+  are accepted only at their neutral values; anything else is a 400 naming the field.
+- banned_tokens (KoboldCpp's anti-slop phrases; banned_strings, SillyTavern's name, when it is absent):
+  the output never contains them (fitllm/engine/banned.py).
 """
 
 from __future__ import annotations
@@ -119,7 +121,6 @@ def _reject_unsupported(body: KoboldGenerateRequest) -> None:
         ("dry_multiplier", body.dry_multiplier > 0, "0"),
         ("xtc_probability", body.xtc_probability > 0 and body.xtc_threshold <= 0.5, "0"),
         ("grammar", bool(body.grammar), "empty"),
-        ("banned_tokens", bool(body.banned_tokens or body.banned_strings), "empty"),
         ("images", bool(body.images), "empty"),
     ]
     for name, used, neutral in unsupported:
@@ -194,6 +195,10 @@ def sampling_params(
             logit_bias=bias or None,
             logprobs=KOBOLD_LOGPROBS if body.logprobs else None,
             context_shift=context_shift,
+            # KoboldCpp: banned_tokens, else SillyTavern's banned_strings.
+            banned_strings=list(
+                body.banned_tokens if body.banned_tokens is not None else body.banned_strings or []
+            ),
         )
     except ValueError as exc:
         message = str(exc)

@@ -255,13 +255,28 @@ async def check(request: Request) -> dict[str, Any]:
 
 @router.post("/api/extra/abort")
 async def abort(request: Request) -> dict[str, str]:
-    """Abort the job the genkey names, or the latest job if it has no genkey (an empty body included)."""
+    """Abort the job the genkey names. Without a genkey (an empty body included), KoboldCpp's multiuser
+    rule: the latest job, if it was itself started without one, and only while it is the one request the
+    server runs (KoboldCpp: nobody queued), so an abort without a genkey never stops another user's work."""
+    st = get_state(request)
     body = await read_body(request, GenkeyRequest, lenient=True)
     job = get_jobs(request).find(body.genkey)
-    if job is None or job.done:
+    if job is None or job.done or (not body.genkey and st.engine.in_flight > 1):
         return {"success": "false", "done": "false"}
-    get_state(request).engine.abort(job.request_id)
+    st.engine.abort(job.request_id)
     return {"success": "true", "done": "true"}
+
+
+@router.get("/api/extra/preloadstory")
+async def preloadstory() -> dict[str, Any]:
+    """KoboldCpp's story preloaded with --preloadstory; fitllm has none (KoboldAI Lite asks on connect)."""
+    return {}
+
+
+@router.get("/sdapi/v1/sd-models")
+async def sd_models() -> list[Any]:
+    """KoboldCpp's image models (A1111's API); fitllm generates no images (KoboldAI Lite asks on connect)."""
+    return []
 
 
 @router.post("/api/extra/tokencount")

@@ -56,6 +56,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: the usage so far on every chunk (with include_usage)
 
 
 class SamplingFields(Body):
@@ -84,6 +85,7 @@ class SamplingFields(Body):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     context_shift: StrictBool | None = None  # fitllm's extension (module docstring)
+    banned_strings: list[str] | None = None  # TabbyAPI's / KoboldCpp's anti-slop phrases
 
     def refuse_unsupported(self) -> None:
         """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
@@ -136,6 +138,7 @@ class SamplingFields(Body):
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 context_shift=context_shift,
+                banned_strings=list(self.banned_strings or []),
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
@@ -143,6 +146,11 @@ class SamplingFields(Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats: every chunk carries the usage so far (only with include_usage)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(SamplingFields):

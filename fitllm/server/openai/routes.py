@@ -79,11 +79,16 @@ async def _chunks(
     choices: AsyncGenerator[dict[str, Any], None],
     chunk: Callable[[list[dict[str, Any]]], dict[str, Any]],
     usage: Callable[[], dict[str, int]] | None,
+    continuous: bool = False,
 ) -> AsyncIterator[str]:
-    """Every OpenAI stream: one chunk per choice update, the usage chunk if asked, then [DONE]."""
+    """Every OpenAI stream: one chunk per choice update (each with the usage so far if `continuous`, as
+    vLLM's continuous_usage_stats), the usage chunk if asked, then [DONE]."""
     async with contextlib.aclosing(choices):
         async for choice in choices:
-            yield sse.event(chunk([choice]))
+            data = chunk([choice])
+            if continuous and usage is not None:
+                data["usage"] = usage()
+            yield sse.event(data)
     if usage is not None:
         yield sse.event(chunk([]) | {"usage": usage()})
     yield sse.event("[DONE]")
@@ -93,8 +98,9 @@ def _event_stream(
     choices: AsyncGenerator[dict[str, Any], None],
     chunk: Callable[[list[dict[str, Any]]], dict[str, Any]],
     usage: Callable[[], dict[str, int]] | None,
+    continuous: bool = False,
 ) -> StreamingResponse:
-    return sse.response(_chunks(choices, chunk, usage), _sse_error)
+    return sse.response(_chunks(choices, chunk, usage, continuous), _sse_error)
 
 
 async def _start(
@@ -208,7 +214,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return _envelope("text_completion", cid, created, model, choices)
 
     if body.stream:
-        usage = _Usage()
+        usage = _Usage({i: len(p) for i, p in enumerate(ids)})
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             sent_echo: set[int] = set()
@@ -238,7 +244,9 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
                     "finish_reason": out.outputs[0].finish_reason if out.finished else None,
                 }
 
-        return _event_stream(choices(), chunk, usage.as_dict if body.include_usage else None)
+        return _event_stream(
+            choices(), chunk, usage.as_dict if body.include_usage else None, body.continuous_usage
+        )
 
     finals = await collect(request, streams)
     choices = []
@@ -294,7 +302,9 @@ async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse |
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
             return _envelope("text_completion", cid, created, model, choices)
 
-        return _event_stream(each(), chunk, (lambda: usage) if body.include_usage else None)
+        return _event_stream(
+            each(), chunk, (lambda: usage) if body.include_usage else None, body.continuous_usage
+        )
     return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
 
 
@@ -322,7 +332,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
     if body.stream:
-        usage = _Usage()
+        usage = _Usage({0: len(ids[0])})
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             for k in range(len(streams)):
@@ -348,7 +358,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                     "finish_reason": out.outputs[0].finish_reason if out.finished else None,
                 }
 
-        return _event_stream(choices(), chunk, usage.as_dict if body.include_usage else None)
+        return _event_stream(
+            choices(), chunk, usage.as_dict if body.include_usage else None, body.continuous_usage
+        )
 
     finals = await collect(request, streams)
     choices = []
