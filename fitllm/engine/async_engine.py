@@ -84,9 +84,13 @@ class _Tally:
             reason = out.outputs[0].finish_reason or "unknown"
             self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
 
-    def frozen(self) -> EngineCounters:
+    def frozen(self, context_shift_fallbacks: int = 0) -> EngineCounters:
         return EngineCounters(
-            self.prompt_tokens, self.generation_tokens, self.steps, dict(self.requests_finished)
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.steps,
+            dict(self.requests_finished),
+            context_shift_fallbacks,
         )
 
 
@@ -264,7 +268,8 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         """Replace the status snapshot with one of the engine as it is now (this thread only)."""
-        self._status = StatusSnapshot.of(self.engine, self._tally.frozen(), time.time())
+        counters = self._tally.frozen(self.engine.shifter.num_fallbacks)
+        self._status = StatusSnapshot.of(self.engine, counters, time.time())
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """Count the outputs, publish a snapshot, then hand them over: a client that has its output finds

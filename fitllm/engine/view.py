@@ -75,6 +75,8 @@ class EngineCounters:
     generation_tokens: int = 0
     steps: int = 0
     requests_finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
+    # Requests that wanted a context shift on a model that cannot shift (XGLM, sliding windows): prefilled.
+    context_shift_fallbacks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,11 @@ class EngineCollector(Collector):
             ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
             ("fitllm_engine_steps", "engine steps run", c.steps),
             (
+                "fitllm_context_shift_fallbacks",
+                "requests that wanted a context shift the model cannot make (prefilled instead)",
+                c.context_shift_fallbacks,
+            ),
+            (
                 "fitllm_offload_streamed_bytes",
                 "weight bytes copied into staging (rate() gives bytes streamed per second)",
                 status.bytes_streamed,

@@ -1,0 +1,376 @@
+"""Context shift (fitllm/engine/context_shift.py): K rotated by the position change equals K computed at the
+new position for every rotary variant, the kept run is found token-exactly, and in the engine a shifted
+request's cache is exactly the reference (the original pass's K/V, K rotated), its logits those of a forward
+over that cache, with shared blocks untouched, batching, preemption and the prefix cache's separation."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_random_checkpoint, run_all
+from stand_ins import LogitsTap
+
+from fitllm import Engine, EngineConfig, SamplingParams
+from fitllm.engine.context_shift import MIN_SHIFT_BLOCKS, KeptRun, find_kept_run, shift_kv
+from fitllm.engine.runner import scratch_prefill
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.model.layers import RotaryEmbedding
+
+# ---- rotation -------------------------------------------------------------------------------------------
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,  # small, so the tiny head's frequencies fall in all three bands
+}
+VARIANTS = {
+    "plain": dict(rotary_dim=32, scaling=None, interleaved=False),
+    "llama3": dict(rotary_dim=32, scaling=LLAMA3, interleaved=False),
+    "linear": dict(rotary_dim=32, scaling={"rope_type": "linear", "factor": 4.0}, interleaved=False),
+    "glm-partial-interleaved": dict(rotary_dim=16, scaling=None, interleaved=True),
+}
+HEAD_DIM = 32
+
+
+def _rotary(variant: str) -> RotaryEmbedding:
+    rot = RotaryEmbedding(max_position=4096, base=10000.0, **VARIANTS[variant])
+    rot.build(torch.device("cpu"), torch.float32)
+    return rot
+
+
+def _keys(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 2, HEAD_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def _at(rot: RotaryEmbedding, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return rot(positions, torch.zeros_like(k), k)[1]
+
+
+def _exact_at(rot: RotaryEmbedding, k: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """k rotated to `positions` in float64, written out pair by pair as complex products (the reference:
+    rotate-half pairs channel i with i + rotary_dim / 2, interleaved pairs 2j with 2j + 1)."""
+    freqs = positions.double().unsqueeze(1) * rot.inv_freq().double().unsqueeze(0)  # [T, rotary_dim / 2]
+    turn = torch.polar(torch.ones_like(freqs), freqs).unsqueeze(1)  # [T, 1, rotary_dim / 2]
+    x, half = k.double(), rot.rotary_dim // 2
+    if rot.interleaved:
+        pairs = torch.complex(x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]) * turn
+        rotated = torch.stack((pairs.real, pairs.imag), dim=-1).flatten(-2)
+    else:
+        pairs = torch.complex(x[..., :half], x[..., half : 2 * half]) * turn
+        rotated = torch.cat((pairs.real, pairs.imag), dim=-1)
+    return torch.cat((rotated, x[..., 2 * half :]), dim=-1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("p", "d"), [(70, 37), (300, 299), (3000, 2500), (40, 1)])
+def test_rotating_by_minus_d_equals_computing_at_p_minus_d(variant, p, d):
+    rot = _rotary(variant)
+    k = _keys(24)
+    positions = torch.arange(p, p + 24)
+    shifted = rot.shift(_exact_at(rot, k, positions).float(), torch.full((24,), -d))
+    ref = _exact_at(rot, k, positions - d)
+    assert torch.allclose(shifted.double(), ref, atol=1e-5, rtol=0), (shifted - ref).abs().max()
+    assert not torch.allclose(_exact_at(rot, k, positions), ref, atol=1e-3)  # the shift really moved it
+    if variant == "glm-partial-interleaved":  # channels past the rotary part are never touched
+        assert torch.equal(shifted[..., 16:], k[..., 16:])
+    if p < 100:
+        # The model's own float32 tables agree (their angles p * f are rounded once, so only near 0).
+        model_shifted = rot.shift(_at(rot, k, positions), torch.full((24,), -d))
+        assert torch.allclose(model_shifted, _at(rot, k, positions - d), atol=1e-5, rtol=0)
+
+
+def test_the_scaled_frequencies_are_applied_once():
+    """A shift with scaling equals the unscaled shift by d / factor for linear scaling (scaling twice would
+    equal d / factor**2)."""
+    lin, plain = _rotary("linear"), _rotary("plain")
+    k = _keys(8, seed=3)
+    got = lin.shift(k, torch.full((8,), 40))
+    assert torch.allclose(got, plain.shift(k, torch.full((8,), 10)), atol=1e-6)
+    assert not torch.allclose(got, plain.shift(k, torch.full((8,), 40)), atol=1e-3)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_keys_are_decoded_rotated_and_encoded_again(variant, kv_dtype):
+    rot, fmt = _rotary(variant), KVCacheFormat(kv_dtype, torch.float32, HEAD_DIM)
+    k, v = _keys(20, seed=1), _keys(20, seed=2)
+    p, d = torch.arange(200, 220), 123
+    kv = torch.stack([fmt.encode(_exact_at(rot, k, p)), fmt.encode(v)]).unsqueeze(0)  # [1 layer, 2, T, H, W]
+    v_before = kv[0, 1].clone()
+    delta = torch.full((20,), -d)
+    delta[:3] = 0  # rows before the cut stay as they are
+    unmoved = kv[0, 0, :3].clone()
+    shift_kv(kv, delta, rot, fmt)
+    got = fmt.decode(kv[0, 0].reshape(-1, fmt.entry_width)).view(20, 2, HEAD_DIM)
+    ref = _exact_at(rot, k, p - d).float()
+    # Two roundings of the format (the cached K, the shifted K): each within half a step (int8) or one
+    # part in 16 (fp8) of the vector's largest value.
+    step = ref.abs().amax(-1, keepdim=True) * (1 / 127 if kv_dtype == "int8" else 1 / 16)
+    assert ((got - ref).abs()[3:] <= 2 * step[3:] + 1e-6).all()
+    assert torch.equal(kv[0, 1], v_before) and torch.equal(kv[0, 0, :3], unmoved)
+
+
+# ---- matching -------------------------------------------------------------------------------------------
+
+
+def test_the_kept_run_is_the_longest_token_exact_one_after_the_kept_prefix():
+    rng = np.random.default_rng(0)
+    memory, story, tail = rng.integers(3, 200, 21), rng.integers(3, 200, 120), rng.integers(3, 200, 7)
+    seq = np.concatenate([memory, story])
+    prompt = np.concatenate([memory, story[40:100], tail])
+    assert find_kept_run(prompt, seq, 32) == KeptRun(21, 40, 60)
+    assert find_kept_run(prompt, seq, 61) is None  # shorter than asked
+    assert find_kept_run(seq[:100], seq, 32) is None  # a prefix: the prefix cache's case
+    # Nothing kept before the cut, and the run ends where one token differs.
+    edited = np.concatenate([story[10:50], [250], story[51:]])
+    assert find_kept_run(edited, story, 32) == KeptRun(0, 10, 40)
+
+
+# ---- the engine -----------------------------------------------------------------------------------------
+
+BS = 16
+MEMORY = list(range(3, 23))  # 20 tokens: the kept prefix ends inside block 1
+STORY = [int(t) for t in np.random.default_rng(7).integers(23, 250, 150)]
+CUT = 40  # story tokens trimmed from the front in turn 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_random_checkpoint(tmp_path_factory.mktemp("shift"), family="llama", head_dim=32)
+
+
+def _engine(folder, **kw) -> Engine:
+    cfg = dict(model=str(folder), dtype="float32", max_model_len=256, block_size=BS, context_shift="on")
+    return Engine(EngineConfig(**(cfg | kw)))
+
+
+def _params(n: int = 8, shift: bool | None = None) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, context_shift=shift)
+
+
+def _turns(engine: Engine) -> tuple[list[int], list[int]]:
+    """Turn 1 (memory + story, 8 tokens generated) run to its end; returns (its whole sequence, turn 2's
+    prompt: memory + the story without its first CUT tokens + turn 1's output + 3 new tokens)."""
+    out = run_all(engine, [MEMORY + STORY], params=_params())[0]
+    seq = MEMORY + STORY + out
+    return seq, MEMORY + STORY[CUT:] + out + [5, 6, 7]
+
+
+def _slots_kv(engine: Engine, slots: list[int]) -> torch.Tensor:
+    s = engine.storage
+    out = torch.empty((s.slab_shape[0], 2, len(slots), *s.slab_shape[3:]), dtype=s.dtype)
+    s.read_slots(torch.tensor(slots, dtype=torch.int64), out)
+    return out
+
+
+def _cached_kv(engine: Engine, seq: list[int], num_blocks: int) -> torch.Tensor:
+    """K/V of seq's first full blocks, found in the prefix cache by their (plain) chain."""
+    kv = engine.kv
+    hashes = kv.block_hashes("probe", seq[: num_blocks * BS])
+    kv.free("probe")
+    blocks = [engine.pool.lookup(h) for h in hashes]
+    assert all(b is not None for b in blocks)
+    return _slots_kv(engine, [b.block_id * BS + i for b in blocks for i in range(BS)])
+
+
+def _reference(engine: Engine, seq: list[int], start: int, end: int, a: int, r: int) -> torch.Tensor:
+    """The shift's reference for positions [0, end): the original pass's K/V (seq's cached blocks) at
+    q (q < a) or q + r, K rotated by -r with the model's rotary."""
+    src_kv = _cached_kv(engine, seq, (end + r) // BS + 1)
+    src = torch.tensor([q if q < a else q + r for q in range(end)])
+    ref = src_kv.index_select(2, src).clone()
+    moved = torch.arange(end) >= a
+    rot = engine.model.rotary
+    for layer in range(ref.shape[0]):
+        k = ref[layer, 0, moved]
+        ref[layer, 0, moved] = rot.shift(k.float(), torch.full((len(k),), -r)).to(k.dtype)
+    return ref
+
+
+def _forward_over(engine: Engine, cache: torch.Tensor, prompt: list[int]) -> torch.Tensor:
+    """Last-token logits of the prompt's tokens past len(cache) computed over exactly `cache`."""
+    n, total = cache.shape[2], len(prompt)
+    model, cfg = engine.model, engine.model_config
+    with scratch_prefill(model, cfg, engine.device, 256, total - n, spans=[(total - n, total)]) as meta:
+        for i, attn in enumerate(model.attention_layers()):
+            attn.kv_slabs[0][:, :n] = cache[i]
+        hidden = model(torch.tensor(prompt[n:]), torch.arange(n, total), meta)
+        return model.compute_logits(hidden[-1:])[0].float()
+
+
+def test_a_shifted_cache_is_the_reference_and_so_are_its_logits(tiny):
+    eng = _engine(tiny)
+    seq, prompt = _turns(eng)
+    rid = eng.add_request(prompt, _params(4))
+    with LogitsTap(eng) as tap:
+        eng.step()
+        first_logits = tap.last[rid]
+    req = eng.requests[rid]
+    # Memory's first block is a prefix hit; [16, 20) moves by 0, the kept run by -CUT; the remembered
+    # sequence has K/V in its full blocks: (20 + 150 + 8 - 1) // 16 * 16 = 176 tokens, so 176 - 60 kept.
+    a, start, end = len(MEMORY), BS, 176 - CUT
+    assert (req.reuse.cached, req.reuse.shifted) == (start, end - start)
+    assert req.reuse.cached + req.reuse.shifted + req.reuse.prefilled == len(prompt)
+    ref = _reference(eng, seq, start, end, a, CUT)
+    slots = eng.kv.slots(rid, end).tolist()
+    got = _slots_kv(eng, slots)
+    assert torch.equal(got[:, :, :a], ref[:, :, :a])  # hits and the delta-0 rows: the same bytes
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+    assert torch.equal(got[:, 1], ref[:, 1])  # V is copied as is
+    expected = _forward_over(eng, ref, prompt)
+    assert torch.allclose(first_logits, expected, atol=1e-4, rtol=0), (first_logits - expected).abs().max()
+    # ... and they are not what a full recompute gives (the shift is a real approximation here).
+    fresh = _engine(tiny, context_shift="off")
+    with LogitsTap(fresh) as tap:
+        r2 = fresh.add_request(prompt, _params(1))
+        fresh.step()
+        assert not torch.allclose(tap.last[r2], expected, atol=1e-3)
+    eng.check_integrity()
+
+
+def test_a_shift_leaves_every_other_block_untouched(tiny):
+    eng = _engine(tiny)
+    seq, prompt = _turns(eng)
+    # Another request shares memory's first block and runs while the shift happens.
+    other = eng.add_request(MEMORY + [200] * 30, _params(30, shift=False))
+    eng.step()
+    live = {i for r in eng.scheduler.running for i in eng.kv.block_ids(r.request_id)}
+    before = {b: _slots_kv(eng, list(range(b * BS, b * BS + BS))) for b in range(eng.pool.num_blocks)}
+    rid = eng.add_request(prompt, _params(4))
+    eng.step()
+    assert eng.requests[rid].reuse.shifted > 0
+    own = set(eng.kv.block_ids(rid)[1:])  # its new blocks (block 0 is memory's, shared)
+    for b, kv in before.items():
+        if b in own:
+            continue
+        now = _slots_kv(eng, list(range(b * BS, b * BS + BS)))
+        if b in live:  # running blocks may only grow at their tail (the other request's decode)
+            continue
+        assert torch.equal(now, kv), f"block {b} changed"
+    shared = eng.kv.block_ids(other)[0]
+    assert shared == eng.kv.block_ids(rid)[0]
+    assert torch.equal(_slots_kv(eng, list(range(shared * BS, shared * BS + BS))), before[shared])
+    eng.check_integrity()
+
+
+def _greedy_turn2(folder, **kw) -> tuple[list[int], Engine]:
+    eng = _engine(folder, **kw)
+    _, prompt = _turns(eng)
+    return run_all(eng, [prompt], params=_params(16))[0], eng
+
+
+def test_shifted_and_unshifted_requests_batch_together(tiny):
+    alone, _ = _greedy_turn2(tiny)
+    eng = _engine(tiny)
+    _, prompt = _turns(eng)
+    unshifted_alone = run_all(_engine(tiny, context_shift="off"), [prompt], params=_params(16))[0]
+    outs = run_all(
+        eng,
+        [prompt, prompt, list(range(30, 90))],
+        params=[_params(16), _params(16, shift=False), _params(16, shift=False)],
+    )
+    assert outs[0] == alone
+    assert outs[1] == unshifted_alone
+    assert alone != unshifted_alone  # the shift changed the output, so the comparisons tell them apart
+
+
+def test_shifted_blocks_are_only_hit_by_requests_that_accept_a_shift(tiny):
+    eng = _engine(tiny)
+    _, prompt = _turns(eng)
+    out2 = run_all(eng, [prompt], params=_params(8))[0]
+    # The next turn (no further trim) hits every full block turn 2 computed, through the salted chain.
+    turn3 = prompt + out2 + [9, 9]
+    rid = eng.add_request(turn3, _params(2))
+    eng.step()
+    req = eng.requests[rid]
+    assert req.reuse.cached == (len(prompt) + len(out2) - 1) // BS * BS
+    assert req.reuse.shifted == 0
+    eng.check_integrity()
+
+
+def test_plain_requests_never_see_shifted_kv(tiny):
+    eng = _engine(tiny)
+    _, prompt = _turns(eng)
+    run_all(eng, [prompt], params=_params(8))
+    got = []
+    rid = eng.add_request(prompt, _params(8, shift=False))
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                got = o.outputs[0].token_ids
+                assert o.reuse.cached == BS and o.reuse.shifted == 0  # memory's block alone
+    ref = run_all(_engine(tiny, context_shift="off"), [prompt], params=_params(8))[0]
+    assert got == ref, rid
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preempting_a_shifted_request_keeps_its_output(tiny, mode):
+    alone, _ = _greedy_turn2(tiny)
+    fixed, per_block = _fixed_and_block_bytes(tiny)
+    eng = _engine(
+        tiny,
+        memory_budget=fixed + 20 * per_block,
+        kv_slab_size=2 * per_block,
+        profile_workspace=False,
+        swap_space=64 << 20,
+        preemption_mode=mode,
+    )
+    _, prompt = _turns(eng)
+    # A long, higher-priority request arrives while the shifted one runs and takes its blocks.
+    rid = eng.add_request(prompt, _params(16))
+    eng.step()
+    assert eng.requests[rid].reuse.shifted > 0
+    eng.add_request(list(range(30, 200)), _params(40, shift=False), priority=-1)
+    done = {o.request_id: o.outputs[0].token_ids for o in _drain(eng)}
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.swapper.num_swap_outs > 0  # a shifted request is swapped whatever the mode
+    assert done[rid] == alone
+
+
+def _drain(eng: Engine) -> list:
+    outs = []
+    while eng.has_unfinished_requests():
+        outs += [o for o in eng.step() if o.finished]
+        eng.check_integrity()
+    return outs
+
+
+@functools.cache
+def _fixed_and_block_bytes(folder) -> tuple[int, int]:
+    """conftest's fixed_and_block_bytes at this file's context and block size."""
+    probe = _engine(folder, profile_workspace=False)
+    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
+
+
+@pytest.mark.parametrize("family", ["xglm", "mistral-window"])
+def test_models_that_cannot_shift_prefill_and_count_it(tmp_path, family):
+    if family == "xglm":
+        folder = make_random_checkpoint(tmp_path, family="xglm")
+    else:
+        folder = make_random_checkpoint(tmp_path, family="mistral", sliding_window=64)
+    outs = {}
+    for setting in ("on", "off"):
+        eng = _engine(folder, context_shift=setting)
+        _, prompt = _turns(eng)
+        outs[setting] = run_all(eng, [prompt], params=_params(8))[0]
+        if setting == "on":
+            assert eng.shifter.num_fallbacks == 2  # both turns wanted a shift
+            assert eng.shifter.num_shifts == 0
+        else:
+            assert eng.shifter.num_fallbacks == 0
+    assert outs["on"] == outs["off"]
+
+
+def test_min_shift_blocks_is_enforced(tiny):
+    eng = _engine(tiny)
+    run_all(eng, [MEMORY + STORY], params=_params())
+    # Keep only a run shorter than the minimum after the cut: nothing is shifted.
+    short = MEMORY + STORY[CUT : CUT + MIN_SHIFT_BLOCKS * BS - 1] + [5, 6, 7]
+    rid = eng.add_request(short, _params(1))
+    eng.step()
+    assert eng.shifter.num_shifts == 0, rid
