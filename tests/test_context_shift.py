@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 import torch
 from conftest import make_random_checkpoint, run_all
@@ -332,6 +334,34 @@ def test_preempting_a_shifted_request_keeps_its_output(tiny, mode):
     assert done[rid] == alone
 
 
+def test_a_shifted_request_without_swap_space_is_recomputed_cleanly(tiny):
+    """Without host space a preempted shifted request is recomputed: its output may differ from the shifted
+    run (its K/V is the recomputation's from then on), but it finishes and the pool stays whole."""
+    fixed, per_block = _fixed_and_block_bytes(tiny)
+    eng = _engine(
+        tiny,
+        memory_budget=fixed + 20 * per_block,
+        kv_slab_size=2 * per_block,
+        profile_workspace=False,
+        swap_space=0,
+    )
+    _, prompt = _turns(eng)
+    rid = eng.add_request(prompt, _params(16))
+    eng.step()
+    assert eng.requests[rid].reuse.shifted > 0
+    eng.add_request(list(range(30, 200)), _params(40, shift=False), priority=-1)
+    done = {o.request_id: o for o in _drain(eng)}
+    assert eng.scheduler.num_preemptions > 0 and eng.swapper.num_swap_outs == 0
+    assert len(done[rid].outputs[0].token_ids) == 16 and done[rid].reuse.shifted > 0
+
+
+def test_async_scheduling_gives_the_same_shifted_output(tiny):
+    alone, _ = _greedy_turn2(tiny)
+    got, eng = _greedy_turn2(tiny, async_scheduling="on")
+    assert eng.async_scheduling and eng.shifter.num_shifts == 1
+    assert got == alone
+
+
 def _drain(eng: Engine) -> list:
     outs = []
     while eng.has_unfinished_requests():
@@ -374,3 +404,93 @@ def test_min_shift_blocks_is_enforced(tiny):
     rid = eng.add_request(short, _params(1))
     eng.step()
     assert eng.shifter.num_shifts == 0, rid
+
+
+# ---- randomised workloads with trimmed prompts ------------------------------------------------------------
+
+_PLAIN: dict[tuple[int, ...], list[int]] = {}
+HYP_BS = 8
+
+
+def _plain_reference(folder, prompt: list[int], n: int) -> list[int]:
+    """Greedy output of `prompt` alone, shift off, unconstrained."""
+    key = tuple(prompt)
+    if key not in _PLAIN:
+        eng = _engine(folder, max_model_len=128, block_size=HYP_BS, profile_workspace=False)
+        _PLAIN[key] = run_all(eng, [prompt], params=_params(16, shift=False))[0]
+    return _PLAIN[key][:n]
+
+
+_story = st.lists(st.integers(3, 249), min_size=70, max_size=90, unique=True)  # the cut is unambiguous
+_requests = st.lists(
+    st.tuples(
+        st.integers(0, 24),  # memory kept (tokens)
+        st.integers(1, 30),  # story tokens cut after it
+        st.lists(st.integers(3, 249), max_size=6),  # new text
+        st.integers(4, 16),  # max_tokens
+        st.sampled_from([True, False, None]),  # context_shift
+        st.integers(0, 1),  # priority
+        st.integers(0, 4),  # arrival step
+    ),
+    min_size=2,
+    max_size=6,
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    story=_story,
+    requests=_requests,
+    kv_blocks=st.integers(14, 24),
+    mode=st.sampled_from(["swap", "recompute"]),
+    swap_blocks=st.sampled_from([0, 64]),
+)
+def test_random_workloads_with_trimmed_prompts(tiny, story, requests, kv_blocks, mode, swap_blocks):
+    """A story run first, then trimmed versions of it (memory kept, a span cut, text added) under a tight
+    budget, shifting or not, with preemption: integrity and the budget hold after every step, every request
+    finishes with its tokens, each one's reuse adds up to its prompt, and the requests that refuse a shift
+    produce exactly their plain output (no shifted block ever reaches them)."""
+    probe = _engine(tiny, max_model_len=128, block_size=HYP_BS, profile_workspace=False)
+    fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
+    per_block = probe.storage.block_bytes
+    eng = _engine(
+        tiny,
+        max_model_len=128,
+        block_size=HYP_BS,
+        memory_budget=fixed + kv_blocks * per_block,
+        kv_slab_size=2 * per_block,
+        profile_workspace=False,
+        swap_space=swap_blocks * per_block,
+        preemption_mode=mode,
+    )
+    run_all(eng, [story], params=_params(8))
+    prompts = [story[:keep] + story[keep + cut :] + new for keep, cut, new, *_ in requests]
+    pending = sorted(range(len(requests)), key=lambda i: requests[i][6])
+    ids, done, step = {}, {}, 0
+    while pending or eng.has_unfinished_requests():
+        while pending and requests[pending[0]][6] <= step:
+            i = pending.pop(0)
+            _, _, _, n, shift, prio, _ = requests[i]
+            ids[i] = eng.add_request(prompts[i], _params(n, shift), priority=prio)
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+        eng.check_integrity()
+        assert eng.ledger.total <= eng.ledger.budget
+        step += 1
+        assert step < 2000, "requests never finished"
+    for i, (_, _, _, n, shift, _, _) in enumerate(requests):
+        out = done[ids[i]]
+        assert len(out.outputs[0].token_ids) == n
+        r = out.reuse
+        assert r.cached + r.shifted + r.from_host + r.prefilled == len(prompts[i])
+        if shift is False:
+            assert r.shifted == 0
+            assert out.outputs[0].token_ids == _plain_reference(tiny, prompts[i], n)
+    # The first request admitted finds the whole story cached: if it wants a shift and keeps a long enough
+    # run, it shifts (so the workloads really exercise shifts).
+    first = min(range(len(requests)), key=lambda i: (requests[i][6], requests[i][5], i))
+    keep, cut, new, _, shift, _, _ = requests[first]
+    run = min(len(story) - keep - cut, len(prompts[first]) - 1 - keep)
+    if shift is not False and run >= MIN_SHIFT_BLOCKS * HYP_BS:
+        assert done[ids[first]].reuse.shifted >= run

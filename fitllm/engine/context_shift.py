@@ -168,7 +168,9 @@ class ContextShifter:
         wanted = self.default_on if params.context_shift is None else params.context_shift
         if wanted and self.unsupported is not None:
             if self.num_fallbacks == 0:
-                log.warning("context shift requested but not possible (%s): prompts are prefilled", self.unsupported)
+                log.warning(
+                    "context shift requested but not possible (%s): prompts are prefilled", self.unsupported
+                )
             self.num_fallbacks += 1
 
     def remember(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
@@ -183,7 +185,8 @@ class ContextShifter:
         hashes = self.kv.block_hashes(request_id, token_ids[:full])[: full // bs]
         # A later turn of the same story extends an earlier one: keep only the longest.
         self._remembered = deque(
-            (s for s in self._remembered if not _is_prefix(s.token_ids, tokens)), maxlen=self._remembered.maxlen
+            (s for s in self._remembered if not _is_prefix(s.token_ids, tokens)),
+            maxlen=self._remembered.maxlen,
         )
         self._remembered.append(RememberedSequence(tokens, hashes))
 

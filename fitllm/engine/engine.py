@@ -93,9 +93,7 @@ class Engine:
                 self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
             )
         # --context-shift auto is the routes' business (on for Kobold and the studio): for the engine, off.
-        self.shifter = ContextShifter(
-            self.kv, config.context_shift == "on", context_shift_unsupported(mc)
-        )
+        self.shifter = ContextShifter(self.kv, config.context_shift == "on", context_shift_unsupported(mc))
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
@@ -256,7 +254,9 @@ class Engine:
         if sched.swap_out or sched.swap_in or sched.shifts:  # before anything reads or rewrites those blocks
             seconds = self.runner.swap(sched.swap_out, sched.swap_in, sched.shifts)
             if sched.swap_out or sched.swap_in:
-                self.swapper.costs.observe_swap(sum(c.nbytes for c in sched.swap_out + sched.swap_in), seconds)
+                self.swapper.costs.observe_swap(
+                    sum(c.nbytes for c in sched.swap_out + sched.swap_in), seconds
+                )
         if not sched.scheduled:
             if self._in_flight is not None:
                 return outputs + self._resolve(self._take_in_flight())
