@@ -8,11 +8,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import pytest
 import torch
 from conftest import make_random_checkpoint, run_all
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
