@@ -494,3 +494,19 @@ def test_random_workloads_with_trimmed_prompts(tiny, story, requests, kv_blocks,
     run = min(len(story) - keep - cut, len(prompts[first]) - 1 - keep)
     if shift is not False and run >= MIN_SHIFT_BLOCKS * HYP_BS:
         assert done[ids[first]].reuse.shifted >= run
+
+
+def test_eval_scores_turns_after_shifts_against_recomputation(tiny):
+    """`fitllm eval context-shift`'s core on the tiny model: every turn after the first trim is scored both
+    ways over the same tokens; the figures are close but not equal (the shift is an approximation)."""
+    from fitllm.eval.context_shift import evaluate_shift
+
+    eng = _engine(tiny, max_model_len=128, profile_workspace=False)
+    ids = [int(t) for t in np.random.default_rng(3).integers(3, 250, 400)]
+    res = evaluate_shift(eng.model, eng.model_config, eng.device, eng.kv_format, ids, 128, 16, 16, 32, 5)
+    assert len(res.turns) == 5 and res.num_scored == 80
+    assert [t.trims for t in res.turns] == [1, 1, 2, 2, 3]
+    assert res.perplexity_shifted != res.perplexity_recomputed
+    assert 0.5 < res.perplexity_shifted / res.perplexity_recomputed < 2
+    with pytest.raises(ValueError, match="--trim >= --turn"):
+        evaluate_shift(eng.model, eng.model_config, eng.device, eng.kv_format, ids, 128, 16, 32, 16, 5)
