@@ -180,33 +180,54 @@ def _cached_kv(engine: Engine, seq: list[int], num_blocks: int) -> torch.Tensor:
     return _slots_kv(engine, [b.block_id * BS + i for b in blocks for i in range(BS)])
 
 
-def _reference(engine: Engine, seq: list[int], start: int, end: int, a: int, r: int) -> torch.Tensor:
+def _reference(engine: Engine, seq: list[int], end: int, a: int, r: int) -> torch.Tensor:
     """The shift's reference for positions [0, end): the original pass's K/V (seq's cached blocks) at
-    q (q < a) or q + r, K rotated by -r with the model's rotary."""
+    q (q < a) or q + r, K decoded, rotated by -r with the model's rotary and encoded again."""
     src_kv = _cached_kv(engine, seq, (end + r) // BS + 1)
     src = torch.tensor([q if q < a else q + r for q in range(end)])
     ref = src_kv.index_select(2, src).clone()
     moved = torch.arange(end) >= a
-    rot = engine.model.rotary
+    rot, fmt = engine.model.rotary, engine.kv_format
     for layer in range(ref.shape[0]):
-        k = ref[layer, 0, moved]
-        ref[layer, 0, moved] = rot.shift(k.float(), torch.full((len(k),), -r)).to(k.dtype)
+        rows = ref[layer, 0, moved]  # [n, kv_heads, width]
+        k = fmt.decode(rows.reshape(-1, fmt.entry_width)).float().view(len(rows), -1, fmt.head_dim)
+        k = rot.shift(k, torch.full((len(k),), -r))
+        ref[layer, 0, moved] = fmt.encode(k).view_as(rows)
     return ref
+
+
+def _decoded(engine: Engine, kv: torch.Tensor) -> torch.Tensor:
+    fmt = engine.kv_format
+    return fmt.decode(kv.reshape(-1, fmt.entry_width)).float().view(*kv.shape[:-1], fmt.head_dim)
 
 
 def _forward_over(engine: Engine, cache: torch.Tensor, prompt: list[int]) -> torch.Tensor:
     """Last-token logits of the prompt's tokens past len(cache) computed over exactly `cache`."""
     n, total = cache.shape[2], len(prompt)
-    model, cfg = engine.model, engine.model_config
-    with scratch_prefill(model, cfg, engine.device, 256, total - n, spans=[(total - n, total)]) as meta:
+    model, cfg, fmt = engine.model, engine.model_config, engine.kv_format
+    with scratch_prefill(model, cfg, engine.device, 256, total - n, fmt, spans=[(total - n, total)]) as meta:
         for i, attn in enumerate(model.attention_layers()):
             attn.kv_slabs[0][:, :n] = cache[i]
         hidden = model(torch.tensor(prompt[n:]), torch.arange(n, total), meta)
         return model.compute_logits(hidden[-1:])[0].float()
 
 
-def test_a_shifted_cache_is_the_reference_and_so_are_its_logits(tiny):
-    eng = _engine(tiny)
+_CHECKPOINTS: dict[str, object] = {}
+
+
+def _checkpoint(tmp_path_factory, family: str):
+    if family not in _CHECKPOINTS:
+        extra = {} if family == "glm" else {"head_dim": 32}
+        _CHECKPOINTS[family] = make_random_checkpoint(tmp_path_factory.mktemp(family), family=family, **extra)
+    return _CHECKPOINTS[family]
+
+
+@pytest.mark.parametrize(
+    ("family", "kv_dtype"), [("llama", "auto"), ("glm", "auto"), ("qwen2", "auto"), ("llama", "int8")]
+)
+def test_a_shifted_cache_is_the_reference_and_so_are_its_logits(tmp_path_factory, family, kv_dtype):
+    folder = _checkpoint(tmp_path_factory, family)
+    eng = _engine(folder, kv_cache_dtype=kv_dtype)
     seq, prompt = _turns(eng)
     rid = eng.add_request(prompt, _params(4))
     with LogitsTap(eng) as tap:
@@ -218,16 +239,17 @@ def test_a_shifted_cache_is_the_reference_and_so_are_its_logits(tiny):
     a, start, end = len(MEMORY), BS, 176 - CUT
     assert (req.reuse.cached, req.reuse.shifted) == (start, end - start)
     assert req.reuse.cached + req.reuse.shifted + req.reuse.prefilled == len(prompt)
-    ref = _reference(eng, seq, start, end, a, CUT)
-    slots = eng.kv.slots(rid, end).tolist()
-    got = _slots_kv(eng, slots)
+    ref = _reference(eng, seq, end, a, CUT)
+    got = _slots_kv(eng, eng.kv.slots(rid, end).tolist())
     assert torch.equal(got[:, :, :a], ref[:, :, :a])  # hits and the delta-0 rows: the same bytes
-    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
     assert torch.equal(got[:, 1], ref[:, 1])  # V is copied as is
+    # K within float32 rounding (int8: within one step of each vector's scale).
+    tol = 1e-6 if kv_dtype == "auto" else _decoded(eng, ref[:, 0]).abs().amax(-1, keepdim=True) / 127 + 1e-6
+    assert ((_decoded(eng, got[:, 0]) - _decoded(eng, ref[:, 0])).abs() <= tol).all()
     expected = _forward_over(eng, ref, prompt)
     assert torch.allclose(first_logits, expected, atol=1e-4, rtol=0), (first_logits - expected).abs().max()
     # ... and they are not what a full recompute gives (the shift is a real approximation here).
-    fresh = _engine(tiny, context_shift="off")
+    fresh = _engine(folder, context_shift="off", kv_cache_dtype=kv_dtype)
     with LogitsTap(fresh) as tap:
         r2 = fresh.add_request(prompt, _params(1))
         fresh.step()
@@ -394,6 +416,30 @@ def test_models_that_cannot_shift_prefill_and_count_it(tmp_path, family):
         else:
             assert eng.shifter.num_fallbacks == 0
     assert outs["on"] == outs["off"]
+
+
+def test_the_fallback_count_reaches_the_published_counters(tmp_path):
+    """What /metrics reads: the AsyncEngine's snapshot counters carry the engine's fallback count."""
+    import asyncio
+
+    from fitllm.engine.async_engine import AsyncEngine
+
+    folder = make_random_checkpoint(tmp_path, family="xglm")
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=128, block_size=BS)
+    async_engine = AsyncEngine(config).start()
+    try:
+        async_engine.wait_ready(60)
+        assert async_engine.served_model.context_shift_unsupported is not None
+
+        async def run(shift):
+            async for _ in async_engine.generate(list(range(3, 40)), _params(2, shift)):
+                pass
+
+        for shift in (True, False, None):  # --context-shift auto: the engine's own default is off
+            asyncio.run(run(shift))
+        assert async_engine.counters.context_shift_fallbacks == 1
+    finally:
+        async_engine.shutdown()
 
 
 def test_min_shift_blocks_is_enforced(tiny):
