@@ -227,18 +227,20 @@ class ContextShifter:
         src = np.where(positions < a, positions, positions + r)
         bs = self.kv.block_size
         src_blocks = src // bs
-        block_ids = np.empty(len(positions), dtype=np.int64)
+        needed = np.unique(src_blocks)  # increasing, as src is
+        found = np.empty(len(needed), dtype=np.int64)  # physical id of each needed block of seq
         cut = len(positions)
-        for i in np.unique(src_blocks).tolist():  # increasing, as src is
+        for j, i in enumerate(needed.tolist()):
             block = self.kv.pool.lookup(seq.block_hashes[i]) if i < len(seq.block_hashes) else None
             if block is None:  # evicted: the usable run ends here
                 cut = int(np.searchsorted(src_blocks, i))
                 break
-            block_ids[src_blocks == i] = block.block_id
+            found[j] = block.block_id
         end = start + cut
         if end <= a or end - max(start, a) < self.min_run:
             return None
-        src_slots = block_ids[:cut] * bs + src[:cut] % bs
+        block_ids = found[np.searchsorted(needed, src_blocks[:cut])]
+        src_slots = block_ids * bs + src[:cut] % bs
         delta = np.where(positions[:cut] < a, 0, -r)
         return KVShift(
             request_id, start, end, torch.from_numpy(src_slots), torch.from_numpy(delta.astype(np.int64))
