@@ -556,3 +556,22 @@ def test_eval_scores_turns_after_shifts_against_recomputation(tiny):
     assert 0.5 < res.perplexity_shifted / res.perplexity_recomputed < 2
     with pytest.raises(ValueError, match="--trim >= --turn"):
         evaluate_shift(eng.model, eng.model_config, eng.device, eng.kv_format, ids, 128, 16, 32, 16, 5)
+
+
+def test_cli_eval_context_shift(tiny, tmp_path, capsys):
+    """`fitllm eval context-shift` end to end on the tiny model (its JSON and table), and its refusals."""
+    import json
+
+    from fitllm.cli import main as cli_main
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 250, 300).tolist()))
+    out = tmp_path / "shift.json"
+    argv = ["eval", "context-shift", "--model", str(tiny), "--text", str(text), "--dtype", "float32"]
+    argv += ["--context", "128", "--memory", "16", "--turn", "16", "--trim", "32", "--turns", "3"]
+    assert cli_main([*argv, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["turns"]) == 3 and r["perplexity_shifted"] != r["perplexity_recomputed"]
+    assert "perplexity over 48 tokens: shifted" in capsys.readouterr().out
+    assert cli_main([*argv[:-2], "--trim", "8"]) == 2  # a trim shorter than a turn
+    assert "--trim >= --turn" in capsys.readouterr().err
