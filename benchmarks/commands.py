@@ -50,9 +50,22 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "cpu",
+        "benchmarks.cpu",
+        "CPU decode, prefill and serving vs llama.cpp on the same GGUF and threads (issue 24's targets)",
+        True,
+    ),
+    (
         "serve",
         "benchmarks.serve_load",
         "load test: every trace request as a concurrent streaming client",
+        False,
+    ),
+    (
+        "story",
+        "benchmarks.story",
+        "long stories through the Kobold stream route as KoboldAI Lite drives it: TTFT after trimming, "
+        "shift off, concurrent stories, a pause",
         False,
     ),
 )

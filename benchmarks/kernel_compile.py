@@ -12,8 +12,9 @@ regions closed by a backward branch: the kernels' hot loops).
 Checks (a failure exits 1): every case compiles; no kernel spills registers; the attention kernel's loops
 hold no global load narrower than 4 bytes (a K/V row read one element at a time), and where a row offset is
 16-byte aligned (`PagedKVLayout.align`) the K/V tiles come in 16-byte loads (`cp.async` or `ld.global.v4`).
-What is only reported: the int4 matmul's byte loads of packed weights and its scalar scale loads (issue 23,
-item 4).
+What is only reported: the weight-only matmuls' load widths (the int4 kernel reads each packed byte once, in
+8-byte loads, and one scale/zero pair per group; before, 1-byte weight loads and 2-byte scale loads per
+element: issue 23, item 4).
 
 Runs as a process of its own (`main` drops TRITON_INTERPRET before triton is imported; the stand-in driver is
 process-wide). `tests/test_kernel_compile.py` runs the `ci`

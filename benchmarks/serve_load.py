@@ -53,11 +53,13 @@ class ClientResult:
     finish_reason: str | None = None
 
 
-async def _client(http, url: str, req: WorkloadRequest, timeout: float) -> ClientResult:
+async def _client(
+    http, url: str, req: WorkloadRequest, timeout: float, extra_body: dict | None = None
+) -> ClientResult:
     import httpx
 
     out = ClientResult(req.id)
-    body = {
+    body = (extra_body or {}) | {
         "prompt": req.prompt,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
@@ -104,7 +106,11 @@ async def _client(http, url: str, req: WorkloadRequest, timeout: float) -> Clien
 
 
 async def _load(
-    url: str, requests: list[WorkloadRequest], concurrency: int, timeout: float
+    url: str,
+    requests: list[WorkloadRequest],
+    concurrency: int,
+    timeout: float,
+    extra_body: dict | None = None,
 ) -> list[ClientResult]:
     import httpx
 
@@ -114,31 +120,49 @@ async def _load(
 
         async def one(req: WorkloadRequest) -> ClientResult:
             async with sem:
-                return await _client(http, url, req, timeout)
+                return await _client(http, url, req, timeout, extra_body)
 
         return await asyncio.gather(*(one(r) for r in requests))
 
 
-def _free_port() -> int:
+def drive_load(
+    url: str,
+    requests: list[WorkloadRequest],
+    concurrency: int,
+    timeout: float,
+    extra_body: dict | None = None,
+) -> tuple[list[ClientResult], float]:
+    """Every request as a streaming /v1/completions client, at most `concurrency` at once (any server that
+    speaks the OpenAI completions API; `extra_body` adds fields to every body); returns the clients' results
+    and the wall seconds of the whole load."""
+    t0 = time.perf_counter()
+    results = asyncio.run(_load(url, requests, concurrency, timeout, extra_body))
+    return results, time.perf_counter() - t0
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, deadline_s: float = 600) -> None:
+def wait_healthy(
+    url: str, proc: subprocess.Popen, deadline_s: float = 600, name: str = "fitllm serve"
+) -> None:
+    """Poll `url`/health until it answers 200 (llama-server answers 503 while it loads)."""
     import httpx
 
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"fitllm serve exited with code {proc.returncode}")
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise RuntimeError("fitllm serve did not become healthy")
+    raise RuntimeError(f"{name} did not become healthy")
 
 
 def _metric(url: str, name: str) -> float | None:
@@ -155,16 +179,14 @@ def _metric(url: str, name: str) -> float | None:
 def run(args: argparse.Namespace) -> int:
     requests = load_workload(args.workload, args.text)
     concurrency = args.concurrency or len(requests)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "fitllm.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
     cmd += shlex.split(args.server_args)
     proc = subprocess.Popen(cmd)
     try:
-        _wait_healthy(url, proc)
-        t0 = time.perf_counter()
-        results = asyncio.run(_load(url, requests, concurrency, args.timeout))
-        wall = time.perf_counter() - t0
+        wait_healthy(url, proc)
+        results, wall = drive_load(url, requests, concurrency, args.timeout)
         peak = _metric(url, "fitllm_memory_peak_total_bytes")
         budget = _metric(url, "fitllm_memory_budget_bytes")
     finally:

@@ -1,9 +1,13 @@
 """fitllm: an LLM inference engine that serves a model in whatever memory it is given."""
 
-from fitllm.config import EngineConfig
-from fitllm.engine.engine import Engine
-from fitllm.engine.llm import LLM
-from fitllm.engine.request import RequestOutput, SamplingParams
+from fitllm.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch: libgomp reads it once, when it loads
+
+from fitllm.config import EngineConfig  # noqa: E402
+from fitllm.engine.engine import Engine  # noqa: E402
+from fitllm.engine.llm import LLM  # noqa: E402
+from fitllm.engine.request import RequestOutput, SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

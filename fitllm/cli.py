@@ -94,11 +94,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     access = AccessPolicy.build(args.allowed_hosts, args.allowed_origins, bound_host=args.host)
     limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, shutdown_timeout_s=args.shutdown_timeout)
     app = build_app(
-        engine, name, args.api_key, access=access, scheduling_policy=args.scheduling_policy, limits=limits
+        engine,
+        name,
+        args.api_key,
+        access=access,
+        scheduling_policy=args.scheduling_policy,
+        limits=limits,
+        smart_context_share=args.smart_context_share,
     )
     print(f"fitllm: serving {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
     draining_server(app, host=args.host, port=args.port, log_level=args.log_level.lower()).run()
     return 0 if engine.error is None else 1
+
+
+def _smart_context_share(text: str) -> float:
+    """--smart-context-share's value, or argparse's error naming the flag."""
+    from fitllm.server.story_trim import check_share
+
+    try:
+        return check_share(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be a number at least 0 and below 1; got {text!r}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="fcfs",
         help="fcfs: first come, first served, and a request's priority field is refused; priority: "
         "requests' priority (lower first) orders admission and preemption",
+    )
+    srv.add_argument(
+        "--smart-context-share",
+        type=_smart_context_share,
+        default=0.5,
+        metavar="SHARE",
+        help="when a story outgrows the context and no context shift can reuse it (shift off, or a model "
+        "that cannot shift), the Kobold routes and the studio cut this share of the story's room at once, "
+        "so the next turns append to a cached prefix (KoboldCpp's SmartContext); 0: cut token-exact",
     )
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)

@@ -69,3 +69,32 @@ class LogitsTap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AddTap:
+    """What an AsyncEngine is asked to run: `tap.added` lists (prompt, SamplingParams) of each request the
+    routes hand it, in order. It wraps this engine's `add`; leaving the `with` block (or `close`) puts it back."""
+
+    def __init__(self, engine) -> None:
+        self.added: list[tuple[object, object]] = []
+        self._engine = engine
+        add = engine.add
+
+        async def tapped_add(prompt, params, *args, **kwargs):
+            self.added.append((prompt, params))
+            return await add(prompt, params, *args, **kwargs)
+
+        engine.add = tapped_add
+
+    @property
+    def last_params(self):
+        return self.added[-1][1]
+
+    def close(self) -> None:
+        del self._engine.add
+
+    def __enter__(self) -> AddTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

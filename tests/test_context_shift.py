@@ -437,7 +437,7 @@ def test_the_fallback_count_reaches_the_published_counters(tmp_path):
 
         for shift in (True, False, None):  # --context-shift auto: the engine's own default is off
             asyncio.run(run(shift))
-        assert async_engine.counters.context_shift_fallbacks == 1
+        assert async_engine.counters.context_shift_unsupported == 1
     finally:
         async_engine.shutdown()
 

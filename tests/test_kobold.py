@@ -202,7 +202,17 @@ def test_stream_is_what_lite_parses_and_equals_generate(server):
     assert "".join(m for m in LITE_SSE.split(raw)[::3]) == ""  # nothing outside the events
     assert all(name == "message" for name, _ in events)
     assert "".join(d["token"] for _, d in events) == full
-    assert events[-1][1] == {"token": "", "finish_reason": "length"}
+    last = events[-1][1]
+    assert (last["token"], last["finish_reason"]) == ("", "length")  # what Lite reads of the last event
+    # fitllm's additions (Lite ignores them): the prompt's size and how its K/V was had.
+    details = last.pop("prompt_tokens_details")
+    assert set(last) == {"token", "finish_reason", "prompt_tokens", "completion_tokens"}
+    assert last["completion_tokens"] == 16
+    assert (
+        sum(details[k] for k in ("prefix_cached_tokens", "shifted_tokens", "from_host_tokens"))
+        == (details["cached_tokens"])
+    )
+    assert details["cached_tokens"] + details["prefilled_tokens"] == last["prompt_tokens"]
 
 
 def test_stop_sequence_is_trimmed_unless_trim_stop_is_off(server, offline):

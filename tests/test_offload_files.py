@@ -57,7 +57,7 @@ def _sink_logs(monkeypatch, caplog, tmp_path, fs_type: str, offload_dir: str | N
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what TMPDIR would choose
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fitllm"):
-        sink = make_sink(LayerLayout.of(nn.Linear(4, 4)), torch.device("cpu"), offload_dir)
+        sink = make_sink(LayerLayout.of(nn.Linear(4, 4)), 1, torch.device("cpu"), offload_dir)
     assert isinstance(sink, OffloadFile)
     sink.close()
     return caplog.text

@@ -132,7 +132,8 @@ class SimOps:
 
 def sim_streamer(stack: nn.ModuleList, indices: Iterable[int], prefetch: int, **kw) -> tuple:
     layout = LayerLayout.of(stack[0])
-    store = PinnedHostStore(layout, pin=False)
+    indices = tuple(indices)
+    store = PinnedHostStore(layout, len(indices), registrar=None)
     layers = offload(stack, indices, store)
     ops = SimOps()
     for layer in layers.values():
@@ -226,7 +227,7 @@ def test_simulation_detects_a_bind_before_the_copy_lands():
     """Guards the guard: if compute did not wait for copies, outputs and the hazard log would show it."""
     stack, ref = make_stack(), make_stack()
     layout = LayerLayout.of(stack[0])
-    store = PinnedHostStore(layout, pin=False)
+    store = PinnedHostStore(layout, 2, registrar=None)
     layers = offload(stack, (1, 3), store)
     ops = LateBind()
     for layer in layers.values():
@@ -358,6 +359,6 @@ def test_first_copies_wait_for_compute_queued_before_the_streamer():
     streamer.close()  # nothing yet: re-run construction with the spy in place
     stack = make_stack()
     layout = LayerLayout.of(stack[0])
-    store = PinnedHostStore(layout, pin=False)
+    store = PinnedHostStore(layout, 3, registrar=None)
     WeightStreamer(offload(stack, (1, 3, 4), store), layout, StreamCopyEngine(store.layers, ops), 2, CPU)
     assert len(afters) == 2 and all(isinstance(a, Event) and a.copy < 0 for a in afters), afters

@@ -148,3 +148,42 @@ def test_two_tabs_generate_together(server, page):
     assert page.input_value("#story").startswith("The dragon spoke first:")
     assert other.input_value("#story").startswith("Far beyond the last star,")
     other.close()
+
+
+def test_memory_panel_shows_cached_story_kv_and_the_last_turns_reuse(server, page):
+    """Two turns of one story: the second finds the first's memory + story in the prefix cache, and the panel
+    shows it (cached / shifted / from host / prefilled) beside the cached story KV's bytes and blocks; the
+    context shift choice reaches the engine (server default: on for the studio; "off" sent as false)."""
+    from stand_ins import AddTap
+
+    page.fill(
+        "#memory", "The lighthouse keeper, Mara Quill, has kept the Skerry light for forty years alone."
+    )
+    page.fill("#note", "")
+    page.fill("#story", "On the night the lamp went dark, Mara climbed the stairs with a candle and")
+    page.select_option("#preset", "deterministic")
+    page.fill("#max_new_tokens", "8")
+    reuse = lambda: page.inner_text("#reuse")  # noqa: E731
+    seen = []
+    with AddTap(server.engine) as tap:
+        for choice in ("", "off"):
+            page.select_option("#context_shift", choice)
+            before = reuse()
+            page.click("#generate")
+            wait_for(
+                lambda before=before: reuse() != before and page.is_enabled("#generate"), what="the turn"
+            )
+            seen.append([int(x) for x in reuse().split(" / ")])
+        assert [p.context_shift for _, p in tap.added] == [True, False]
+    (c1, s1, h1, p1), (c2, s2, h2, p2) = seen
+    assert p1 > 0 and s1 == h1 == s2 == h2 == 0
+    assert c2 >= 16 and c2 + p2 > c1 + p1  # the story grew, and what it held was found cached
+    mem = httpx.get(server.url + "/studio/api/memory").json()
+    assert mem["cached_kv"]["blocks"] > 0 and mem["cached_kv"]["bytes"] == mem["tags"]["kv_cached"] > 0
+
+    def cached_line() -> tuple[str, int] | None:
+        size, _, blocks = page.inner_text("#cachedkv").partition(" · ")
+        return (size, int(blocks.split()[0])) if blocks.endswith(" blocks") else None
+
+    size, blocks = wait_for(lambda: (c := cached_line()) and c[1] > 0 and c, what="the cached story KV line")
+    assert size not in ("0 B", "–")

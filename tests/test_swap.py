@@ -10,8 +10,9 @@ from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.memory.kv.format import KVCacheFormat, kv_bytes_per_token
 from fitllm.memory.kv.storage import KVSlabStorage
-from fitllm.memory.kv.swap import PreemptionCosts, choose_preemption
+from fitllm.memory.kv.swap import KVSwapper, PreemptionCosts, choose_preemption
 from fitllm.memory.ledger import MemoryLedger
+from fitllm.memory.pinned import pinned_block_bytes
 
 # ---- the cost choice -------------------------------------------------------------------------------------
 
@@ -256,3 +257,19 @@ def test_the_scheduler_records_swaps_and_the_runner_copies_them(tiny, prompts, r
     assert copies.count("read_slots") == sw.num_swap_outs > 0
     assert copies.count("write_slots") == sw.num_swap_ins == sw.num_swap_outs
     assert sw.ledger.current("kv_swapped") == 0
+
+
+def test_swap_space_counts_the_pinned_allocators_power_of_two_rounding():
+    """On CUDA a swap buffer comes from PyTorch's caching host allocator, which holds the next power of two
+    of what it was asked: the space's books count that, so --swap-space is never exceeded in fact."""
+    assert [pinned_block_bytes(n) for n in (0, 1, 4096, 4097, 3 << 20)] == [0, 1, 4096, 8192, 4 << 20]
+
+    class Storage:  # only what the swapper's books read
+        bytes_per_token = 3000
+        device = torch.device("cuda")
+
+    swapper = KVSwapper(Storage(), kv=None, space_bytes=1 << 20)
+    assert swapper._held_bytes(300 * 3000) == 1 << 20  # 900 kB held as 1 MiB: the whole space
+    assert swapper._held_bytes(400 * 3000) == 2 << 20  # would not fit: recompute
+    Storage.device = torch.device("cpu")
+    assert KVSwapper(Storage(), kv=None, space_bytes=1 << 20)._held_bytes(400 * 3000) == 400 * 3000

@@ -84,6 +84,7 @@ def test_decode_sized_calls_on_cuda_take_the_triton_kernels(monkeypatch):
     assert int4_path(cpu, False, torch.float32) == "dequantize"
     assert int4_path(cuda, False, torch.bfloat16) == "triton"
     assert int4_path(cuda, False, torch.float16) == "triton"
+    assert int4_path(cuda, False, torch.bfloat16, group_size=16) == "dequantize"  # a K block is one group
     # Without Triton, CUDA falls back to the dense paths rather than failing.
     monkeypatch.setattr(int8, "HAS_TRITON", False)
     monkeypatch.setattr(int4, "HAS_TRITON", False)
@@ -130,3 +131,22 @@ def test_choose_split_k():
             s = choose_split_k(tiles, k, 128, 132)
             assert 1 <= s <= MAX_SPLIT_K and s & (s - 1) == 0
             assert s == 1 or (tiles * s <= 2 * 132 and -(-k // 128) >= s * MIN_K_BLOCKS_PER_SPLIT)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("m,n,split_k", [(1, 48, 1), (3, 40, 2), (17, 33, 1)])
+def test_int4_matmul_takes_scale_and_zero_out_of_the_dot_exactly(group, m, n, split_k):
+    """The kernel computes s * sum x (q - 8) + z * sum x per group (one K block per group, bytes read once,
+    nibbles paired with even and odd channels): equal to the product with the dequantized weight."""
+    from fitllm.quant.triton_matmul import int4_matmul as kernel
+
+    torch.manual_seed(group + m)
+    k = 2 * group if group < 256 else 256
+    x = torch.randn(m, k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    sz = torch.randn(k // group, n, 2)
+    scale, zero = (sz[..., i].T.repeat_interleave(group, 1) for i in (0, 1))
+    ref = x @ ((q.float() - 8) * scale + zero).T
+    out = kernel(x, packed, sz, group, split_k=split_k)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())

@@ -39,7 +39,7 @@ from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.engine.request_stream import OutputHandoff, RequestStream
-from fitllm.engine.view import EngineCounters, ServedModel, StatusSnapshot
+from fitllm.engine.view import REUSE_SOURCES, EngineCounters, ServedModel, StatusSnapshot
 
 log = logging.getLogger("fitllm")
 
@@ -77,20 +77,26 @@ class _Tally:
     generation_tokens: int = 0
     steps: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    # Prompt tokens of finished requests by where their K/V came from (RequestOutput.reuse's fields).
+    prompt_reuse: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REUSE_SOURCES, 0))
 
     def count(self, out: RequestOutput) -> None:
         self.generation_tokens += len(out.outputs[0].delta_token_ids)
         if out.finished:
             reason = out.outputs[0].finish_reason or "unknown"
             self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
+            for source in REUSE_SOURCES:
+                self.prompt_reuse[source] += getattr(out.reuse, source)
 
-    def frozen(self, context_shift_fallbacks: int = 0) -> EngineCounters:
+    def frozen(self, context_shift_unsupported: int = 0) -> EngineCounters:
+        """The totals, with the engine's count of requests that wanted a shift the model cannot do."""
         return EngineCounters(
             self.prompt_tokens,
             self.generation_tokens,
             self.steps,
             dict(self.requests_finished),
-            context_shift_fallbacks,
+            dict(self.prompt_reuse),
+            context_shift_unsupported,
         )
 
 
@@ -268,6 +274,9 @@ class AsyncEngine:
 
     def _publish(self) -> None:
         """Replace the status snapshot with one of the engine as it is now (this thread only)."""
+        # The ledger's kv_cached tag follows the pool's cached blocks only at the next step; re-tag now so the
+        # snapshot's bytes and blocks agree (the studio shows both side by side).
+        self.engine.storage.tag_cached(self.engine.pool.num_cached_blocks)
         counters = self._tally.frozen(self.engine.shifter.num_fallbacks)
         self._status = StatusSnapshot.of(self.engine, counters, time.time())
 

@@ -44,7 +44,12 @@ def start_memory(engine: Engine, show_progress: bool) -> int | None:
     engine.placement = plan.placement()
     sink = None
     if engine.placement.offloaded:
-        sink = make_sink(layer_layout(mc, engine.dtype, engine.quant), engine.device, config.offload_dir)
+        sink = make_sink(
+            layer_layout(mc, engine.dtype, engine.quant),
+            len(engine.placement.offloaded),
+            engine.device,
+            config.offload_dir,
+        )
         log.info(
             "offload: %d of %d decoder layers streamed (%s each), prefetch %d",
             len(engine.placement.offloaded),

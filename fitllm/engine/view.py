@@ -11,11 +11,12 @@ from the same moment between steps).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from fitllm.engine.context_shift import context_shift_unsupported
 from fitllm.engine.report import EngineStatus, engine_status
+from fitllm.engine.request import CacheReuse
 from fitllm.loader.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -67,6 +68,9 @@ class ServedModel:
         check_token_ids(ids, self.vocab_size, what)
 
 
+REUSE_SOURCES = tuple(f.name for f in fields(CacheReuse))  # cached, shifted, from_host, prefilled
+
+
 @dataclass(frozen=True, slots=True)
 class EngineCounters:
     """Totals since the engine started, for metrics."""
@@ -75,8 +79,10 @@ class EngineCounters:
     generation_tokens: int = 0
     steps: int = 0
     requests_finished: Mapping[str, int] = field(default_factory=dict)  # by finish reason
-    # Requests that wanted a context shift on a model that cannot shift (XGLM, sliding windows): prefilled.
-    context_shift_fallbacks: int = 0
+    # Prompt tokens of finished requests by where their K/V came from (REUSE_SOURCES).
+    prompt_reuse: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(REUSE_SOURCES, 0))
+    # Requests that wanted a context shift the model cannot do (ServedModel.context_shift_unsupported).
+    context_shift_unsupported: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,15 +108,21 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
 HAS_TRITON = triton_available()  # CUDA: fused Triton matmul (triton_matmul.py)
 
 
-def int4_path(device: torch.device, kernel_layout: bool, dtype: torch.dtype) -> str:
+def int4_path(device: torch.device, kernel_layout: bool, dtype: torch.dtype, group_size: int = 64) -> str:
     """Which matmul an int4 layer uses: "aten" (PyTorch's CPU int4 kernel, bfloat16 activations on a layer
-    repacked into its layout), "triton" (CUDA: the fused dequantize-matmul, every call size) or "dequantize"
-    (the pure-torch fallback: unpack to the activation dtype, then a dense GEMM)."""
+    repacked into its layout), "triton" (CUDA: the fused dequantize-matmul, every call size, for groups of
+    TRITON_GROUP_SIZES: its K block is one group) or "dequantize" (the pure-torch fallback: unpack to the
+    activation dtype, then a dense GEMM)."""
     if kernel_layout and dtype == torch.bfloat16:
         return "aten"
-    if device.type == "cuda" and HAS_TRITON:
+    if device.type == "cuda" and HAS_TRITON and group_size in TRITON_GROUP_SIZES:
         return "triton"
     return "dequantize"
+
+
+# The Triton kernel walks K one group at a time and takes a tensor-core dot over half a group (a byte's two
+# nibbles pair with the even and the odd channels): at least 16 deep, so groups of 32 and up.
+TRITON_GROUP_SIZES = (32, 64, 128, 256)
 
 
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what aten._weight_int4pack_mm_for_cpu accepts
@@ -212,7 +218,7 @@ class Int4Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype)
+        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size)
         if path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros

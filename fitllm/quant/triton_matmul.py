@@ -57,30 +57,51 @@ def _weight_only_matmul_kernel(
     COMPUTE: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm[:, None] < M
     n_ok = rn[None, :] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + rk
-        w_mask = (k[:, None] < K) & n_ok
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0
-        )
-        if BITS == 8:
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=w_mask, other=0)
-        else:
-            packed = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None] // 2, mask=w_mask, other=0)
-            q = (packed >> ((k[:, None] % 2) * 4)) & 15
-            sz = s_ptr + ((k[:, None] // GROUP) * N + rn[None, :]) * 2
-            scale = tl.load(sz, mask=w_mask, other=0.0).to(tl.float32)
-            zero = tl.load(sz + 1, mask=w_mask, other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) - 8.0) * scale + zero
-        acc += tl.dot(x.to(COMPUTE), w.to(COMPUTE), input_precision=PRECISION, out_dtype=tl.float32)
     if BITS == 8:
+        rk = tl.arange(0, BLOCK_K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + rk
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok & (k[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + k[:, None], mask=(k[:, None] < K) & n_ok, other=0)
+            acc += tl.dot(x.to(COMPUTE), w.to(COMPUTE), input_precision=PRECISION, out_dtype=tl.float32)
         acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & n_ok
+    else:
+        # One K block is one group (BLOCK_K == GROUP): each packed byte is loaded once (a [GROUP / 2, BLOCK_N]
+        # tile, bytes contiguous along K), its low nibbles pair with the even input channels and its high
+        # nibbles with the odd ones, and the group's scale and zero come out of the dot:
+        #   sum_k x_k ((q_k - 8) s + z) = s * sum_k x_k (q_k - 8) + z * sum_k x_k,
+        # so the tile is only converted to the compute dtype, and scale and zero are one [BLOCK_N] pair per
+        # group instead of a load per weight.
+        HALF: tl.constexpr = BLOCK_K // 2
+        rb = tl.arange(0, HALF)
+        rpair = tl.arange(0, 2)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            b = k0 // 2 + rb  # packed byte columns of this group
+            b_ok = b < K // 2
+            packed = tl.load(w_ptr + rn[None, :] * stride_wn + b[:, None], mask=b_ok[:, None] & n_ok, other=0)
+            lo = ((packed & 15).to(tl.int32) - 8).to(COMPUTE)
+            hi = ((packed >> 4).to(tl.int32) - 8).to(COMPUTE)
+            k = k0 + tl.arange(
+                0, BLOCK_K
+            )  # x's group as one contiguous tile, split into even and odd channels
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok & (k[None, :] < K), other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, HALF, 2)))
+            part = tl.dot(x_even.to(COMPUTE), lo, input_precision=PRECISION, out_dtype=tl.float32)
+            part += tl.dot(x_odd.to(COMPUTE), hi, input_precision=PRECISION, out_dtype=tl.float32)
+            x_sum = tl.sum(x_even.to(tl.float32) + x_odd.to(tl.float32), axis=1)
+            sz = tl.load(
+                s_ptr + ((k0 // GROUP) * N + rn[:, None]) * 2 + rpair[None, :],
+                mask=(rn[:, None] < N) & (rpair[None, :] < 2),
+                other=0.0,
+            ).to(tl.float32)
+            scale, zero = tl.split(sz)
+            acc += part * scale[None, :] + x_sum[:, None] * zero[None, :]
+    mask = m_ok & n_ok
     out_ptr += pid_k * M * stride_om  # this split's partials (0 without a split)
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -101,7 +122,10 @@ def int4_matmul(
 ) -> torch.Tensor:
     """x [M, K] times the plain-layout int4 weight (`packed` [N, K / 2] uint8, `scale_zeros` [K / group, N, 2])
     -> [M, N] in x's dtype."""
-    return _weight_only_matmul(x, packed, scale_zeros, bits=4, group=group_size, block_k=64, split_k=split_k)
+    # One K block per group: scale and zero are then one pair per output channel and block (see the kernel).
+    return _weight_only_matmul(
+        x, packed, scale_zeros, bits=4, group=group_size, block_k=group_size, split_k=split_k
+    )
 
 
 MAX_SPLIT_K = 8

@@ -30,6 +30,7 @@ from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
 from fitllm.server.openai.routes import router as openai_router
 from fitllm.server.shutdown import Drain, DrainGuard
 from fitllm.server.state import ServerState
+from fitllm.server.story_trim import DEFAULT_SMART_CONTEXT_SHARE, check_share
 from fitllm.studio.routes import router as studio_router
 
 BODY_BYTES_PER_PROMPT_CHAR = 8  # bytes of body a prompt character may need (a JSON unicode escape takes 6)
@@ -57,9 +58,11 @@ def build_app(
     access: AccessPolicy | None = None,
     scheduling_policy: str = "fcfs",
     limits: ServerLimits | None = None,
+    smart_context_share: float = DEFAULT_SMART_CONTEXT_SHARE,
 ) -> FastAPI:
     """The app over an AsyncEngine; the app's lifespan starts the engine thread and shuts it down. Serve it
-    with `shutdown.draining_server` so a shutdown drains its requests."""
+    with `shutdown.draining_server` so a shutdown drains its requests. The routes' context shift default is
+    the engine's --context-shift (server/story_trim.py)."""
     access = access or AccessPolicy()
     limits = limits or ServerLimits()
     heavy = HeavyWork(limits.heavy_workers, limits.heavy_max_waiting)
@@ -83,6 +86,8 @@ def build_app(
         limits=limits,
         heavy=heavy,
         drain=drain,
+        context_shift=engine.config.context_shift,
+        smart_context_share=check_share(smart_context_share),
     )
     app.state.kobold_jobs = KoboldJobs(alive=engine.is_running)
     metrics = ServerMetrics(engine)

@@ -71,11 +71,6 @@ class EngineCollector(Collector):
             ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
             ("fitllm_engine_steps", "engine steps run", c.steps),
             (
-                "fitllm_context_shift_fallbacks",
-                "requests that wanted a context shift the model cannot make (prefilled instead)",
-                c.context_shift_fallbacks,
-            ),
-            (
                 "fitllm_offload_streamed_bytes",
                 "weight bytes copied into staging (rate() gives bytes streamed per second)",
                 status.bytes_streamed,
@@ -86,6 +81,18 @@ class EngineCollector(Collector):
             "fitllm_requests_finished", "finished requests by reason", labels=["reason"]
         )
         yield _labelled(finished, dict(c.requests_finished))
+        reuse = CounterMetricFamily(
+            "fitllm_prompt_tokens_by_source",
+            "prompt tokens of finished requests by where their K/V came from: cached (prefix cache), shifted "
+            "(context shift), from_host (host cache tier), prefilled (computed)",
+            labels=["source"],
+        )
+        yield _labelled(reuse, dict(c.prompt_reuse))
+        yield CounterMetricFamily(
+            "fitllm_context_shift_unsupported_requests",
+            "requests that wanted a context shift the model cannot do (trimmed in large steps instead)",
+            value=c.context_shift_unsupported,
+        )
 
 
 def _labelled(family, values: dict):

@@ -1,5 +1,6 @@
 """What every route needs: the AsyncEngine (its commands, and what it publishes: the served model and status
-snapshots; never the engine thread's objects), the served model's name, and error translation."""
+snapshots; never the engine thread's objects), the served model's name, the server's settings, and error
+translation."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from fitllm.memory.ledger import BudgetExceeded
 from fitllm.server.errors import APIError, api_error, bad_request, unavailable
 from fitllm.server.heavy import INLINE_SIZE, HeavyWork, ServerLimits, check_prompt_chars
 from fitllm.server.shutdown import Drain
+from fitllm.server.story_trim import DEFAULT_SMART_CONTEXT_SHARE, resolve_context_shift
 
 T = TypeVar("T")
 
@@ -33,6 +35,19 @@ class ServerState:
     heavy: HeavyWork = field(default_factory=HeavyWork)
     drain: Drain = field(default_factory=Drain)
     scheduling_policy: str = "fcfs"  # "priority": a request's `priority` orders admission and preemption
+    context_shift: str = "auto"  # --context-shift: auto | on | off (server/story_trim.py)
+    smart_context_share: float = DEFAULT_SMART_CONTEXT_SHARE  # --smart-context-share
+
+    def context_shift_for(self, requested: bool | None, route: str) -> bool:
+        """A request's context shift choice on `route` ("kobold", "studio", "openai"): see story_trim.py."""
+        return resolve_context_shift(requested, self.context_shift, route)
+
+    def trim_share(self, shift: bool) -> float:
+        """The share of the story's room to cut at once when it overflows: 0 (token-exact) where a context
+        shift reuses the rest, --smart-context-share where it cannot (off, or the model cannot shift)."""
+        if shift and self.model.context_shift_unsupported is None:
+            return 0.0
+        return self.smart_context_share
 
     def check_priority(self, priority: int) -> None:
         """400 for a client-chosen priority unless the operator enabled priority scheduling (as vLLM)."""

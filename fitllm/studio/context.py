@@ -4,7 +4,9 @@
 - **Author's note** (style or direction for the next scene) is inserted `note_depth` lines before the end of
   the story, where it steers the continuation without sitting in the continuation's way.
 - When memory + story + note + the new tokens exceed the context length, the **oldest story text** goes,
-  token by token, never memory or the note.
+  never memory or the note: token by token where a context shift reuses the rest, in steps of
+  --smart-context-share of the story's room where it cannot (fitllm/server/story_trim.py), so the next
+  turns append to a cached prefix.
 
 Each part is tokenized on its own (as KoboldCpp tokenizes memory apart from the prompt), so trimming is
 exact in tokens.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fitllm.loader.tokenizer import Tokenizer
+from fitllm.server.story_trim import story_cut
 
 NOTE_TEMPLATE = "[Author's note: {note}]"
 
@@ -59,9 +62,11 @@ def build_story_context(
     note_depth: int,
     max_context: int,
     max_new_tokens: int,
+    share: float = 0.0,
 ) -> StoryContext:
     """Memory, then the story with the note inside it, trimmed from the oldest story tokens to fit
-    `max_context - max_new_tokens`. Raises ValueError when memory and note alone leave no room."""
+    `max_context - max_new_tokens` (in steps of `share` of the story's room when it is above 0). Raises
+    ValueError when memory and note alone leave no room."""
     if max_new_tokens < 1:
         raise ValueError(f"max new tokens must be at least 1; got {max_new_tokens}")
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
@@ -77,7 +82,7 @@ def build_story_context(
             f"context of {max_context} with {max_new_tokens} new tokens; shorten them or lower max new tokens"
         )
     story_tokens = len(before) + len(after)
-    drop = max(0, story_tokens - room)
+    drop = story_cut(story_tokens, room, share)
     # Oldest first: the text before the note, then (if the note sits near the start) the text after it.
     cut_before = min(drop, len(before))
     cut_after = drop - cut_before

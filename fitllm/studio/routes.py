@@ -5,7 +5,10 @@ step) served by the same process and port as the APIs, rather than Gradio: the p
 the story and stops them with a plain `fetch` + `AbortController` (a closed connection aborts the request
 and frees its blocks, as for any API client), draws the memory panel from `/studio/api/memory` itself, and
 costs no dependency (Gradio would bring ~30 MB and dozens of packages for three text boxes and a plot).
-Several tabs are several clients: their generations batch together in the engine.
+Several tabs are several clients: their generations batch together in the engine. A story's
+`context_shift` (absent: --context-shift, else on) chooses whether a trimmed story may reuse its cached K/V by
+a context shift, and how the story is trimmed (fitllm/server/story_trim.py); the last event of a generation
+says how its prompt's K/V was had (server/reuse.py), and the memory panel shows it with the cached KV.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fitllm.server import sse
 from fitllm.server.body import Body
 from fitllm.server.errors import APIError, bad_request
 from fitllm.server.heavy import OffloadedJSONRoute
+from fitllm.server.reuse import reuse_details
 from fitllm.server.state import get_state
 from fitllm.studio.context import build_story_context
 
@@ -49,6 +53,7 @@ class StoryRequest(Body):
     note: str = ""
     note_depth: int = Field(default=3, ge=0)
     settings: Settings = Field(default_factory=Settings)
+    context_shift: bool | None = None  # None: --context-shift, else on
 
 
 async def _context(request: Request, body: StoryRequest):
@@ -56,6 +61,7 @@ async def _context(request: Request, body: StoryRequest):
     st = get_state(request)
     chars = len(body.memory) + len(body.story) + len(body.note)
     st.check_prompt_chars(chars, "story")
+    shift = st.context_shift_for(body.context_shift, "studio")
     try:
         ctx = await st.heavy.run(
             build_story_context,
@@ -66,11 +72,12 @@ async def _context(request: Request, body: StoryRequest):
             body.note_depth,
             st.max_model_len,
             min(body.settings.max_new_tokens, st.max_model_len - 1),
+            st.trim_share(shift),
             size=chars,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
-    return st, ctx
+    return st, ctx, shift
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -80,7 +87,7 @@ async def page() -> HTMLResponse:
 
 @router.post("/studio/api/context")
 async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
-    st, ctx = await _context(request, body)
+    st, ctx, _ = await _context(request, body)
     return {
         "total_tokens": ctx.total_tokens,
         "prompt_tokens": len(ctx.ids),
@@ -95,7 +102,7 @@ async def context(body: StoryRequest, request: Request) -> dict[str, Any]:
 async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
     """SSE: {"text": delta} events, then {"done": true, "finish_reason", "tokens", "tokens_per_s", ...}, or
     {"error": {...}} if the request fails on the way."""
-    st, ctx = await _context(request, body)
+    st, ctx, shift = await _context(request, body)
     s = body.settings
     try:
         params = SamplingParams(
@@ -107,6 +114,7 @@ async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
             max_tokens=ctx.max_new_tokens,
             seed=s.seed,
             stop=[x for x in s.stop if x],
+            context_shift=shift,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from exc
@@ -129,6 +137,7 @@ async def generate(body: StoryRequest, request: Request) -> StreamingResponse:
                 "tokens": n,
                 "prompt_tokens": len(ctx.ids),
                 "dropped_tokens": ctx.story_tokens_dropped,
+                "prompt_tokens_details": reuse_details(out.reuse),
                 "seconds": time.perf_counter() - start,
                 "tokens_per_s": (n - 1) / span if n > 1 and span > 0 else None,
             }
@@ -159,6 +168,8 @@ async def memory(request: Request) -> dict[str, Any]:
         "peak_total": snap.peak_total,
         "tags": dict(snap.current),
         "kv_blocks": status.kv_blocks,
+        # Finished stories' KV kept for their next turn (prefix cache): the blocks and the bytes they hold.
+        "cached_kv": {"blocks": status.kv_blocks.get("cached", 0), "bytes": snap.current.get("kv_cached", 0)},
         "block_size": status.block_size,
         "slabs": status.slabs,
         "slab_bytes": status.slab_bytes,

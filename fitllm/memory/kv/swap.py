@@ -28,6 +28,7 @@ import torch
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
+from fitllm.memory.pinned import pinned_block_bytes
 
 PreemptionMode = Literal["auto", "swap", "recompute"]
 PREEMPTION_MODES: tuple[str, ...] = ("auto", "swap", "recompute")
@@ -142,7 +143,7 @@ class KVSwapper:
             "swap" if keep else self.mode,
             num_computed - self.kv.num_shared_prefix_tokens(request_id, num_computed),
             nbytes,
-            self.free_bytes,
+            self.free_bytes - (self._held_bytes(nbytes) - nbytes),  # the space counts the buffer's rounding
             self.costs,
         )
         if choice == "recompute":
@@ -154,7 +155,7 @@ class KVSwapper:
             dtype=s.dtype,
             pin_memory=s.device.type == "cuda",
         )
-        self.ledger.reserve("kv_swapped", nbytes)
+        self.ledger.reserve("kv_swapped", self._held_bytes(nbytes))
         self._held[request_id] = host
         self.num_swap_outs += 1
         return KVCopy(request_id, self.kv.slots(request_id, num_computed), host)
@@ -164,7 +165,7 @@ class KVSwapper:
         host bytes leave the ledger now; the buffer lives until the runner has copied it)."""
         host = self._held.pop(request_id)
         num = host.shape[2]
-        self.ledger.release("kv_swapped", num * self.kv_bytes_per_token)
+        self.ledger.release("kv_swapped", self._held_bytes(num * self.kv_bytes_per_token))
         self.num_swap_ins += 1
         return KVCopy(request_id, self.kv.slots(request_id, num), host)
 
@@ -172,4 +173,9 @@ class KVSwapper:
         """Drop a swapped request's host copy (it finished or was aborted while waiting)."""
         host = self._held.pop(request_id, None)
         if host is not None:
-            self.ledger.release("kv_swapped", host.shape[2] * self.kv_bytes_per_token)
+            self.ledger.release("kv_swapped", self._held_bytes(host.shape[2] * self.kv_bytes_per_token))
+
+    def _held_bytes(self, nbytes: int) -> int:
+        """What a host buffer of `nbytes` really holds: on CUDA it is pinned by PyTorch's caching host
+        allocator, which rounds it up to a power of two (fitllm/memory/pinned.py), and the space counts that."""
+        return pinned_block_bytes(nbytes) if self.storage.device.type == "cuda" else nbytes

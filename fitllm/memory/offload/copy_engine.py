@@ -8,7 +8,8 @@ moves bytes and says when they have arrived. Two tiers:
   the kernel's page cache (reclaimable) and never in the process's resident memory. The file is in
   `--offload-dir` (default: the temp folder, which TMPDIR chooses); a folder on tmpfs or ramfs would keep
   its bytes in RAM, so that is warned about.
-- `StreamCopyEngine` (CUDA): offloaded layers are kept in pinned host memory and copied into staging on a
+- `StreamCopyEngine` (CUDA): offloaded layers are kept in pinned host memory (one exactly-sized page-locked
+  arena, fitllm/memory/pinned.py) and copied into staging on a
   side stream; an event recorded after each copy is what compute waits on (only when the copy is late),
   and an event recorded after the layer has run is what the next copy into that buffer waits on. The
   stream operations are behind `StreamOps`, so the ordering logic is tested on CPU with a simulation.
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from fitllm.memory.offload.layer_layout import LayerLayout
+from fitllm.memory.pinned import CudaHostRegistrar, HostRegistrar, PinnedArena
 
 log = logging.getLogger("fitllm")
 
@@ -179,15 +181,16 @@ class CudaStreamOps:
 
 
 class PinnedHostStore:
-    """Packed layers in (pinned) host memory, for the CUDA tier."""
+    """Packed layers in page-locked host memory, for the CUDA tier: one `PinnedArena` of exactly the
+    offloaded layers' bytes (not the caching host allocator, which would round it up to a power of two)."""
 
-    def __init__(self, layout: LayerLayout, pin: bool) -> None:
+    def __init__(self, layout: LayerLayout, num_layers: int, registrar: HostRegistrar | None) -> None:
         self.layout = layout
-        self.pin = pin
+        self.arena = PinnedArena(PinnedArena.bytes_for(num_layers, layout.nbytes), registrar)
         self.layers: dict[int, torch.Tensor] = {}
 
     def write(self, index: int, layer: torch.nn.Module) -> None:
-        out = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        out = self.arena.take(self.layout.nbytes)
         self.layout.pack(layer, out)
         self.layers[index] = out
 
@@ -196,12 +199,12 @@ class PinnedHostStore:
 
 
 def make_sink(
-    layout: LayerLayout, device: torch.device, offload_dir: str | None
+    layout: LayerLayout, num_layers: int, device: torch.device, offload_dir: str | None
 ) -> OffloadFile | PinnedHostStore:
     """Where offloaded layers are kept: pinned host memory for a CUDA device, a file for the CPU (whose
     'device' memory is host memory already, so only a file takes the bytes out of the budget)."""
     if device.type == "cuda":
-        return PinnedHostStore(layout, pin=True)
+        return PinnedHostStore(layout, num_layers, CudaHostRegistrar())
     folder = Path(offload_dir) if offload_dir else Path(tempfile.gettempdir())
     if not folder.is_dir():
         raise ValueError(f"--offload-dir {folder}: no such folder")
@@ -254,15 +257,18 @@ def mount_fs_type(folder: str | os.PathLike, mounts: str | None) -> str | None:
 def make_copy_engine(sink: OffloadFile | PinnedHostStore, device: torch.device) -> CopyEngine:
     if isinstance(sink, OffloadFile):
         return FileCopyEngine(sink)
-    return StreamCopyEngine(sink.layers, CudaStreamOps(device))
+    return StreamCopyEngine(sink.layers, CudaStreamOps(device), sink.arena)
 
 
 class StreamCopyEngine:
     """CUDA tier: layers kept packed in pinned host memory, copied into staging on a side stream."""
 
-    def __init__(self, host: dict[int, torch.Tensor], ops: StreamOps) -> None:
+    def __init__(
+        self, host: dict[int, torch.Tensor], ops: StreamOps, arena: PinnedArena | None = None
+    ) -> None:
         self.host = host  # layer index -> packed bytes (pinned on CUDA)
         self.ops = ops
+        self.arena = arena  # the page-locked memory behind `host`: kept (and registered) until close
         self.bytes_copied = 0
 
     def start(self, layer: int, dst: torch.Tensor, after: Any) -> Any:
@@ -277,3 +283,5 @@ class StreamCopyEngine:
 
     def close(self) -> None:
         self.host.clear()
+        if self.arena is not None:
+            self.arena.close()

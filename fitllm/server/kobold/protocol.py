@@ -3,7 +3,10 @@
 
 - `memory` is kept whole at the front; the prompt is trimmed from its oldest tokens so that memory +
   prompt + max_length fit max_context_length (itself capped by --max-model-len), and max_length is capped
-  so some context always remains.
+  so some context always remains. Token-exact where a context shift reuses the rest; in steps of
+  --smart-context-share where it cannot (fitllm/server/story_trim.py).
+- `context_shift` (fitllm's field; true / false, absent: --context-shift, else on): whether this request may
+  reuse a trimmed story's cached K/V by a context shift.
 - Samplers: temperature (<= 0: greedy), top_k (< 1: off), top_p, min_p, rep_pen over the last
   rep_pen_range tokens with rep_pen_slope, presence_penalty over the same window, logit_bias, sampler_seed,
   stop_sequence with trim_stop (default on: the stop string is cut from the text), the default
@@ -25,6 +28,7 @@ from fitllm.loader.tokenizer import Tokenizer
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.kobold.jobs import MAX_GENKEY_CHARS
+from fitllm.server.story_trim import story_cut
 
 DEFAULT_MAX_LENGTH = 100
 DEFAULT_SAMPLER_ORDER = [6, 0, 1, 3, 4, 2, 5]
@@ -86,6 +90,7 @@ class KoboldGenerateRequest(Body):
     bypass_eos: bool = False
     images: list[Any] | None = None
     logprobs: bool = False  # KoboldAI Lite's token-probability view: the top KOBOLD_LOGPROBS per token
+    context_shift: bool | None = None  # None: --context-shift, else on (server/story_trim.py)
 
 
 class GenkeyRequest(Body):
@@ -154,7 +159,9 @@ def _reject_non_finite(body: KoboldGenerateRequest) -> None:
             raise bad_request(f"{name} must be a finite number; got {value}", name.split("[")[0])
 
 
-def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: Sequence[int]) -> SamplingParams:
+def sampling_params(
+    body: KoboldGenerateRequest, max_length: int, eos_ids: Sequence[int], context_shift: bool | None = None
+) -> SamplingParams:
     _reject_non_finite(body)
     _reject_unsupported(body)
     bias: dict[int, float] = {}
@@ -186,6 +193,7 @@ def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: Seque
             ignore_eos=bool(ban_eos or body.bypass_eos),
             logit_bias=bias or None,
             logprobs=KOBOLD_LOGPROBS if body.logprobs else None,
+            context_shift=context_shift,
         )
     except ValueError as exc:
         message = str(exc)
@@ -194,9 +202,12 @@ def sampling_params(body: KoboldGenerateRequest, max_length: int, eos_ids: Seque
         raise bad_request(message.replace(name, kobold, 1) if kobold else message, kobold) from exc
 
 
-def build_context(model: ContextModel, body: KoboldGenerateRequest) -> tuple[list[int], int]:
+def build_context(
+    model: ContextModel, body: KoboldGenerateRequest, share: float = 0.0
+) -> tuple[list[int], int]:
     """(prompt token ids, max_length): memory whole at the front, then the newest prompt tokens that fit
-    max_context_length - max_length (KoboldCpp's trimming)."""
+    max_context_length - max_length (KoboldCpp's trimming), cut in steps of `share` of the room when it is
+    above 0 (story_trim.story_cut)."""
     tok = model.tokenizer
     # 0 is a length, not "unset" (KoboldCpp takes it as given), so it is refused below like any short one.
     asked = model.max_model_len if body.max_context_length is None else body.max_context_length
@@ -212,8 +223,7 @@ def build_context(model: ContextModel, body: KoboldGenerateRequest) -> tuple[lis
     room = ctx - max_length - len(bos)
     if len(memory) > room - 1:
         memory = memory[len(memory) - (room - 1) :]  # memory alone overflows: its oldest tokens go
-    keep = room - len(memory)
-    prompt = prompt[len(prompt) - keep :] if len(prompt) > keep else prompt
+    prompt = prompt[story_cut(len(prompt), room - len(memory), share) :]
     ids = bos + memory + prompt
     if len(ids) == len(bos):
         raise bad_request("the prompt is empty", "prompt")

@@ -9,6 +9,10 @@ their translation are in protocol.py, its jobs (genkeys) in jobs.py.
   job's text and abort to whoever holds it (check and abort without one refer to the latest job only if
   it has none), and a genkey whose job still runs is refused for a new job (409), so nobody can take
   another's over. Genkeys are at most MAX_GENKEY_CHARS long.
+- The generate result and the stream's last event carry `prompt_tokens`, `completion_tokens` and
+  `prompt_tokens_details`
+  (server/reuse.py: prompt tokens reused from the prefix cache, shifted, from host, prefilled); front ends
+  read only the fields they know.
 - `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
   which KoboldAI Lite sends `memory` separately and streams over SSE, and every feature Lite enables below
   it is one fitllm serves or rejects clearly.
@@ -43,6 +47,7 @@ from fitllm.server.kobold.protocol import (
     sampling_params,
 )
 from fitllm.server.logprobs import chat_logprobs, legacy_logprobs
+from fitllm.server.reuse import reuse_details
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect
 
@@ -89,8 +94,9 @@ async def _start(st: ServerState, jobs: KoboldJobs, body: KoboldGenerateRequest)
     chars = len(body.memory) + len(body.prompt)
     st.check_prompt_chars(chars, "prompt")
     model = st.model
-    ids, max_length = await st.heavy.run(build_context, model, body, size=chars)
-    params = sampling_params(body, max_length, model.eos_token_ids)
+    shift = st.context_shift_for(body.context_shift, "kobold")
+    ids, max_length = await st.heavy.run(build_context, model, body, st.trim_share(shift), size=chars)
+    params = sampling_params(body, max_length, model.eos_token_ids, shift)
     rid = f"kobold-{uuid.uuid4().hex}"
     # The genkey is taken before the request is added, so two requests with one genkey cannot both pass.
     job = jobs.start(rid, body.genkey, params.seed if params.seed is not None else -1)
@@ -200,6 +206,7 @@ async def generate(request: Request) -> dict[str, Any]:
                 "finish_reason": _finish_reason(final),
                 "prompt_tokens": len(final.prompt_token_ids),
                 "completion_tokens": len(c.token_ids),
+                "prompt_tokens_details": reuse_details(final.reuse),
                 "logprobs": logprobs,
                 "tool_calls": [],
             }
@@ -220,7 +227,9 @@ async def generate_stream(request: Request) -> StreamingResponse:
     def final(out: RequestOutput) -> str:
         job.update(out.outputs[0].text)
         jobs.finish(job, out)
-        return sse.event({"token": "", "finish_reason": _finish_reason(out)}, "message")
+        last = {"token": "", "finish_reason": _finish_reason(out), "prompt_tokens": len(out.prompt_token_ids)}
+        last |= {"completion_tokens": len(out.outputs[0].token_ids)}
+        return sse.event(last | {"prompt_tokens_details": reuse_details(out.reuse)}, "message")
 
     def end() -> None:
         job.done = True  # finished, failed, or its client left: the genkey is free again

@@ -3,6 +3,10 @@
 Unknown fields are accepted and ignored (front ends send several backends' fields in one body), except the
 ones other servers honour that would change the answer (UNSUPPORTED_FIELDS: a 400); known fields are
 type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
+
+fitllm's one extension field, `context_shift` (true / false; absent: --context-shift, else off), lets a
+request reuse a trimmed prompt's cached K/V by a context shift (K rotated to the new positions: close to,
+not bit-identical with, recomputing; fitllm/server/story_trim.py).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
@@ -79,6 +83,7 @@ class SamplingFields(Body):
     priority: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    context_shift: StrictBool | None = None  # fitllm's extension (module docstring)
 
     def refuse_unsupported(self) -> None:
         """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
@@ -94,7 +99,10 @@ class SamplingFields(Body):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, context_shift: bool | None = None
+    ) -> SamplingParams:
+        """The request's SamplingParams; `context_shift` is the route's resolved choice (ServerState)."""
         self.refuse_unsupported()
         if not 1 <= self.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}]; got {self.n}", "n")
@@ -127,6 +135,7 @@ class SamplingFields(Body):
                 logit_bias=bias,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                context_shift=context_shift,
             )
         except ValueError as exc:
             raise bad_request(str(exc)) from exc

@@ -4,7 +4,8 @@
 Each prompt x choice is one engine request (`n` choices of one prompt share its KV blocks through the
 prefix cache). Streams are server-sent events, every one of the same shape (`_chunks`: a chunk per choice
 update, the usage chunk if asked, then [DONE]; an error event then [DONE] if it fails); a client that
-disconnects closes its streams, which aborts their requests and frees their blocks.
+disconnects closes its streams, which aborts their requests and frees their blocks. Usage counts each
+prompt once, with `prompt_tokens_details.cached_tokens` its tokens not prefilled (server/reuse.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from fitllm.server.openai.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from fitllm.server.reuse import reused_tokens
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, merged
 
@@ -48,15 +50,29 @@ def _sse_error(err: APIError) -> str:
 class _Usage:
     """Tokens counted as a stream's outputs arrive, for its usage chunk."""
 
-    prompt: dict[int, int] = field(default_factory=dict)  # by prompt index
+    prompt: dict[int, tuple[int, int]] = field(default_factory=dict)  # by prompt index: (tokens, reused)
     completion: int = 0
 
     def see(self, prompt_index: int, out: RequestOutput) -> None:
-        self.prompt[prompt_index] = len(out.prompt_token_ids)
+        """A streamed output: its prompt, and its new tokens."""
+        self.see_prompt(prompt_index, out)
         self.completion += len(out.outputs[0].delta_token_ids)
 
-    def as_dict(self) -> dict[str, int]:
-        return _usage(sum(self.prompt.values()), self.completion)
+    def see_prompt(self, prompt_index: int, out: RequestOutput) -> None:
+        self.prompt[prompt_index] = (len(out.prompt_token_ids), reused_tokens(out.reuse))
+
+    @classmethod
+    def of_finals(cls, finals: list[RequestOutput], prompt_index: Callable[[int], int]) -> _Usage:
+        """The usage of finished outputs (choice k answers prompt `prompt_index(k)`)."""
+        usage = cls(completion=sum(len(o.outputs[0].token_ids) for o in finals))
+        for k, out in enumerate(finals):
+            usage.see_prompt(prompt_index(k), out)
+        return usage
+
+    def as_dict(self) -> dict[str, Any]:
+        return _usage(
+            sum(p for p, _ in self.prompt.values()), self.completion, sum(c for _, c in self.prompt.values())
+        )
 
 
 async def _chunks(
@@ -133,11 +149,12 @@ def _envelope(obj: str, cid: str, created: int, model: str, choices: list, **ext
     return {"id": cid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -170,7 +187,9 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         raise bad_request("echo with logprobs is not supported while streaming", "echo")
     if body.echo and body.max_tokens == 0:
         return await _echo_only(st, body)
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(
+        body.max_tokens, body.logprobs, st.context_shift_for(body.context_shift, "openai")
+    )
     prompts = body.prompts()
     ids = await token_prompts(st, prompts, body.max_tokens, "prompt")
     prompt_scores = None
@@ -244,12 +263,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         choices.append(
             {"index": k, "text": text, "logprobs": logprobs, "finish_reason": out.outputs[0].finish_reason}
         )
-    prompt_tokens = sum(
-        len(finals[k].prompt_token_ids) for k in {streams[k][0]: k for k in range(len(finals))}.values()
-    )
-    completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals)
-    usage = _usage(prompt_tokens, completion_tokens)
-    return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage))
+    usage = _Usage.of_finals(finals, lambda k: streams[k][0])
+    return JSONResponse(_envelope("text_completion", cid, created, model, choices, usage=usage.as_dict()))
 
 
 async def _echo_only(st: ServerState, body: CompletionRequest) -> JSONResponse | StreamingResponse:
@@ -292,7 +307,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = body.sampling_params(max_tokens, top_n if body.logprobs else None)
+    shift = st.context_shift_for(body.context_shift, "openai")
+    params = body.sampling_params(max_tokens, top_n if body.logprobs else None, shift)
     prompt = await st.render_chat(
         [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
     )
@@ -348,9 +364,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 "finish_reason": out.outputs[0].finish_reason,
             }
         )
-    completion_tokens = sum(len(o.outputs[0].token_ids) for o in finals)
-    usage = _usage(len(finals[0].prompt_token_ids), completion_tokens)
-    return JSONResponse(_envelope("chat.completion", cid, created, model, choices, usage=usage))
+    usage = _Usage.of_finals(finals, lambda k: 0)
+    return JSONResponse(_envelope("chat.completion", cid, created, model, choices, usage=usage.as_dict()))
 
 
 @router.post("/tokenize")

@@ -1,0 +1,320 @@
+"""`fitllm bench cpu`: fitllm against llama.cpp on the same GGUF and the same threads, side by side (issue 24).
+
+Three parts, each alternating the systems round by round so a shared machine's noise falls on all alike:
+- decode: batch-1 greedy decode tokens/s (1 / TPOT) of one request, fitllm per --configs (none/int8/int4)
+  and llama-cpp-python's high-level API (`create_completion`, in its own process: llamacpp_worker.py);
+- prefill: prompt tokens / time to first token at each --prefill-tokens, from an empty cache on both sides;
+- serve: the creative-writing workload at each --concurrency through one HTTP client (serve_load.py) against
+  `fitllm serve` and `llama-server -np N -c N*1024`, each started fresh for the load; throughput and the
+  server process's peak RSS.
+The llama.cpp builds live outside CI (llamacpp_peer.BUILD_HELP); where one is absent its side is skipped,
+with that message, and fitllm's figures are still measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.closed_loop import ClosedLoop, run_closed_loop
+from benchmarks.cpu_report import Row, judge, render
+from benchmarks.hf_baseline import PreparedRequest, RequestTiming
+from benchmarks.llamacpp_peer import (
+    BUILD_HELP,
+    LlamaCppWorker,
+    ServerProcess,
+    find_llama_python,
+    find_llama_server,
+    llama_server,
+)
+from benchmarks.measure import machine_facts
+from benchmarks.serve_load import drive_load, free_port
+from benchmarks.workload import REPO_ROOT, add_workload_arguments, load_workload
+
+PARTS = ("decode", "prefill", "serve")
+NOTES = [
+    "decode tok/s = 1 / TPOT of one greedy request (TPOT = (finish - first token) / (tokens - 1)), EOS ignored "
+    "on both sides (fitllm ignore_eos; llama.cpp its EOS logit at -inf); median over rounds",
+    "prefill tok/s = prompt tokens / time to first token, from an empty cache (fitllm's prefix cache reset, "
+    "llama.cpp's Llama.reset()), each system's own batch size for prefill chunks; median over rounds",
+    "fitllm's times are its engine's own clock (closed_loop.py); llama.cpp's are taken inside its worker process "
+    "around create_completion(stream=True)",
+    "serve: the same streaming /v1/completions client (serve_load.py) and bodies (each request's own sampling "
+    "settings, ignore_eos) for both servers; tok/s = completion tokens (usage) / wall time of the whole load; "
+    "peak RSS = the server process's VmHWM (anonymous and file-backed pages: llama-server maps the GGUF)",
+    "targets (issue 24): decode int4 >= 1.0x and int8 >= 0.8x llama.cpp; prefill >= 1.0x at 512 and 2048 "
+    "tokens; 8 and 32 concurrent >= 1.5x llama-server with the same slots at <= its peak RSS",
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Benchmark flags (the engine flags are added by the CLI; --threads defaults to 2 here)."""
+    g = p.add_argument_group("benchmark")
+    add_workload_arguments(g)
+    g.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    g.add_argument(
+        "--configs", default="none,int8,int4", help="fitllm --quantization values for decode/prefill"
+    )
+    g.add_argument("--serve-configs", default="none,int4", help="fitllm --quantization values for serve")
+    g.add_argument("--new-tokens", type=int, default=128, help="decode: new tokens per request")
+    g.add_argument("--decode-prompt-tokens", type=int, default=32, help="decode: prompt length")
+    g.add_argument("--rounds", type=int, default=5, help="decode: alternating rounds")
+    g.add_argument("--prefill-tokens", default="128,512,2048", help="prefill: comma-separated prompt lengths")
+    g.add_argument("--prefill-rounds", type=int, default=3, help="prefill: alternating rounds")
+    g.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="serve: clients at once")
+    g.add_argument("--ctx-per-slot", type=int, default=1024, help="serve: llama-server's -c is N x this")
+    g.add_argument("--llama-python", type=Path, default=None, help="Python of the llama-cpp-python venv")
+    g.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
+    g.add_argument(
+        "--quick", action="store_true", help="smoke run: 16 new tokens, 1-2 rounds, 128/512, 8 clients"
+    )
+    g.add_argument(
+        "--json", type=Path, metavar="PATH", default=None, help="result file (default: bench-results/)"
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    """What this run measures, after --quick."""
+
+    parts: list[str]
+    configs: list[str]
+    serve_configs: list[str]
+    new_tokens: int
+    rounds: int
+    prefill_tokens: list[int]
+    prefill_rounds: int
+    concurrency: list[int]
+    max_tokens_cap: int | None
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    def split(text: str) -> list[str]:
+        return [s.strip() for s in text.split(",") if s.strip()]
+
+    parts = split(args.parts)
+    if bad := [p for p in parts if p not in PARTS]:
+        raise ValueError(f"--parts: unknown {bad}; choose from {', '.join(PARTS)}")
+    plan = Plan(
+        parts,
+        split(args.configs),
+        split(args.serve_configs),
+        args.new_tokens,
+        args.rounds,
+        [int(n) for n in split(args.prefill_tokens)],
+        args.prefill_rounds,
+        list(args.concurrency),
+        None,
+    )
+    if args.quick:
+        plan.new_tokens = min(plan.new_tokens, 16)
+        plan.rounds = min(plan.rounds, 2)
+        plan.prefill_tokens = [n for n in plan.prefill_tokens if n <= 512] or [128]
+        plan.prefill_rounds = 1
+        plan.concurrency = plan.concurrency[:1]
+        plan.max_tokens_cap = 16
+    if min(plan.new_tokens, plan.rounds, plan.prefill_rounds, *plan.prefill_tokens, *plan.concurrency) < 1:
+        raise ValueError(
+            "--new-tokens, --rounds, --prefill-rounds, --prefill-tokens, --concurrency must be >= 1"
+        )
+    return plan
+
+
+class FitllmSide:
+    """One fitllm engine as a `generate(prompt_ids, max_tokens) -> RequestTiming` system (greedy, one request
+    at a time, through the closed loop's clock)."""
+
+    def __init__(self, config: str, engine) -> None:
+        self.name = f"fitllm {config}"
+        self.engine = engine
+        self._n = 0
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestTiming:
+        self._n += 1
+        req = PreparedRequest(str(self._n), prompt_ids, max_tokens, 0.0, 1.0, None)
+        return run_closed_loop(ClosedLoop(self.engine, [req], 1, self.name.replace(" ", "-"))).timings[0]
+
+
+def measure_single_stream(systems: list, prompts: dict[int, list[int]], plan: Plan) -> list[Row]:
+    """Decode and prefill rows: every system in turn each round, so the machine's noise is shared."""
+    rows: list[Row] = []
+    if "decode" in plan.parts:
+        prompt = prompts["decode"]
+        by_system = {s.name: Row("decode", plan.new_tokens, s.name) for s in systems}
+        for _ in range(plan.rounds):
+            for s in systems:
+                t = s.generate(prompt, plan.new_tokens)
+                if t.output_tokens != plan.new_tokens:
+                    raise RuntimeError(f"{s.name} made {t.output_tokens} tokens, asked {plan.new_tokens}")
+                by_system[s.name].samples.append(1 / t.tpot)
+        rows += by_system.values()
+    if "prefill" in plan.parts:
+        for n in plan.prefill_tokens:
+            by_system = {s.name: Row("prefill", n, s.name) for s in systems}
+            for _ in range(plan.prefill_rounds):
+                for s in systems:
+                    t = s.generate(prompts[n], 1)
+                    by_system[s.name].samples.append(n / t.ttft)
+            rows += by_system.values()
+    return rows
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fitllm_server(args: argparse.Namespace, config: str, threads: int, slots: int) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "fitllm.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
+    cmd += [
+        "--threads",
+        str(threads),
+        "--max-model-len",
+        str(args.ctx_per_slot),
+        "--max-num-seqs",
+        str(slots),
+    ]
+    if args.model:
+        cmd += ["--model", args.model]
+    if config != "none":
+        cmd += ["--quantization", config]
+    return ServerProcess(f"fitllm serve ({config})", cmd, port).start()
+
+
+def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Path | None) -> list[Row]:
+    """Per concurrency: each fitllm config's server, then llama-server's, the same requests and client."""
+    workload = load_workload(args.workload, args.text)
+    if plan.max_tokens_cap:
+        workload = [
+            dataclasses.replace(w, max_tokens=min(w.max_tokens, plan.max_tokens_cap)) for w in workload
+        ]
+    rows: list[Row] = []
+    for n in plan.concurrency:
+        requests = workload[: min(len(workload), n if args.quick else max(2 * n, 8))]
+        systems = [f"fitllm {c}" for c in plan.serve_configs] + (["llama-server"] if server_binary else [])
+        for system in systems:
+            log(f"serve: {system}, {n} clients, {len(requests)} requests...")
+            if system == "llama-server":
+                server = llama_server(server_binary, model, threads, n, args.ctx_per_slot)
+            else:
+                server = fitllm_server(args, system.removeprefix("fitllm "), threads, n)
+            try:
+                warm = [dataclasses.replace(w, max_tokens=4) for w in requests[:2]]
+                drive_load(server.url, warm, 2, 600, {"ignore_eos": True})
+                results, wall = drive_load(server.url, requests, n, 1800, {"ignore_eos": True})
+                peak = server.peak_rss()
+            finally:
+                server.stop()
+            ok = [r for r in results if r.ok]
+            tokens = sum(r.completion_tokens for r in ok)
+            extra = {
+                "requests": len(requests),
+                "lost": len(results) - len(ok),
+                "wall_s": wall,
+                "tokens": tokens,
+            }
+            extra["errors"] = [f"{r.id}: {r.error}" for r in results if not r.ok][:5]
+            rows.append(Row("serve", n, system, [tokens / wall], peak, extra))
+    return rows
+
+
+def _engines(args: argparse.Namespace, plan: Plan, threads: int, max_len: int) -> list[FitllmSide]:
+    from fitllm.args import engine_config_from_args
+    from fitllm.engine.engine import Engine
+
+    base = engine_config_from_args(args)
+    base = dataclasses.replace(base, num_threads=threads, max_model_len=base.max_model_len or max_len)
+    sides = []
+    for c in plan.configs:
+        log(f"loading fitllm ({c})...")
+        cfg = dataclasses.replace(base, quantization=None if c == "none" else c)
+        sides.append(FitllmSide(c, Engine(cfg)))
+    return sides
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `fitllm bench cpu`."""
+    from rich.console import Console
+
+    from fitllm.loader import default_model_path
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    plan = make_plan(args)
+    threads = args.num_threads or 2
+    model = Path(args.model) if args.model else default_model_path()
+    facts = machine_facts()
+    single = [p for p in plan.parts if p != "serve"]
+    messages: list[str] = []
+
+    rows: list[Row] = []
+    llama_version = None
+    if single:
+        max_len = max([plan.new_tokens + args.decode_prompt_tokens, *plan.prefill_tokens]) + 16
+        sides = _engines(args, plan, threads, max_len)
+        text = args.text.read_text(encoding="utf-8")
+        ids = sides[0].engine.tokenizer.encode(text[10_000:])
+        if len(ids) < max(plan.prefill_tokens):
+            raise ValueError(f"--text {args.text} holds {len(ids)} tokens, fewer than --prefill-tokens asks")
+        prompts = {n: ids[:n] for n in plan.prefill_tokens} | {"decode": ids[: args.decode_prompt_tokens]}
+        systems: list = list(sides)
+        python, found = find_llama_python(args.llama_python)
+        worker = None
+        if python is None:
+            messages.append(f"llama.cpp side of decode/prefill skipped: {found}")
+        else:
+            log(f"starting {found}...")
+            worker = LlamaCppWorker(python, model, threads, max_len)
+            llama_version = worker.version
+            systems.append(worker)
+        try:
+            for s in systems:  # warm-up, untimed: lazy initialisation, the longest prompt's KV and workspace
+                s.generate(prompts[max(plan.prefill_tokens)], 2)
+            rows += measure_single_stream(systems, prompts, plan)
+        finally:
+            if worker is not None:
+                worker.close()
+        del sides, systems
+    if "serve" in plan.parts:
+        binary, found = find_llama_server(args.llama_server)
+        if binary is None:
+            messages.append(f"llama-server side of serve skipped: {found}")
+        rows += measure_serve(args, plan, threads, model, binary)
+    judge(rows)
+
+    facts["loadavg_end"] = list(os.getloadavg())
+    header = [
+        f"[bold]fitllm bench cpu[/bold]  {facts['date']}" + ("  (--quick)" if args.quick else ""),
+        f"machine: {facts['cpu_model']} ({facts['cpus_usable']} usable of {facts['cpu_count']} CPUs; "
+        f"{', '.join(facts['cpu_flags']) or 'no AVX2'}), {threads} threads each side, torch {facts['torch']}, "
+        f"load average at start {facts['loadavg_start'][0]:.2f}, at end {facts['loadavg_end'][0]:.2f}",
+        f"model: {model} (the same file for both), llama-cpp-python {llama_version or '-'}",
+    ]
+    if messages:
+        header += [f"[yellow]{m}[/yellow]" for m in messages] + [BUILD_HELP]
+    render(console, rows, header, NOTES)
+
+    path = args.json or REPO_ROOT / "bench-results" / (
+        "cpu-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "cpu",
+        "command": shlex.join(sys.argv),
+        "machine": facts,
+        "model": str(model),
+        "threads": threads,
+        "plan": dataclasses.asdict(plan),
+        "llama_cpp_python": llama_version,
+        "skipped": messages,
+        "rows": [r.as_dict() for r in rows],
+        "notes": NOTES,
+    }
+    path.write_text(json.dumps(result, indent=1, default=str))
+    console.print(f"wrote {path}", highlight=False)
+    return 0
