@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.measure import machine_facts
-from benchmarks.serve_load import _free_port, _wait_healthy
+from benchmarks.serve_load import free_port, wait_healthy
 from benchmarks.workload import DEFAULT_TEXT
 
 MEMORY = (
@@ -361,13 +361,13 @@ def run(args: argparse.Namespace) -> int:
     proc = None
     url = args.url
     if url is None:
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "fitllm.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
         proc = subprocess.Popen(cmd + shlex.split(args.server_args))
     try:
         if proc is not None:
-            _wait_healthy(url, proc)
+            wait_healthy(url, proc)
         report = asyncio.run(measure(url, text, opts))
     finally:
         if proc is not None:

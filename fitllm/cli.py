@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,7 +217,83 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     add_engine_args(ppl)
     ppl.set_defaults(func=cmd_eval_perplexity)
+    cs = ev_sub.add_parser(
+        "context-shift",
+        help="perplexity of a story's continuations after context shifts vs recomputed K/V",
+    )
+    cs.add_argument(
+        "--text", type=Path, required=True, help="UTF-8 text (Project Gutenberg header/footer dropped)"
+    )
+    cs.add_argument("--context", type=int, default=1024, help="the session's context in tokens")
+    cs.add_argument("--memory", type=int, default=64, help="tokens kept at the front (memory)")
+    cs.add_argument("--turn", type=int, default=64, help="tokens each turn adds")
+    cs.add_argument("--trim", type=int, default=64, help="story tokens dropped after memory at each trim")
+    cs.add_argument("--turns", type=int, default=30, help="turns scored after trimming starts")
+    cs.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
+    add_engine_args(cs)
+    cs.set_defaults(func=cmd_eval_context_shift)
     return parser
+
+
+def cmd_eval_context_shift(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from fitllm.engine.context_shift import context_shift_unsupported
+    from fitllm.engine.engine import Engine
+    from fitllm.eval.context_shift import evaluate_shift
+    from fitllm.eval.perplexity import read_text
+
+    if not args.text.is_file():
+        print(f"--text {args.text}: no such file", file=sys.stderr)
+        return 2
+    config = engine_config_from_args(args)
+    config.max_model_len = max(args.context, 2)
+    engine = Engine(config)
+    reason = context_shift_unsupported(engine.model_config)
+    if reason is not None:
+        print(f"this model cannot shift its cache: {reason}", file=sys.stderr)
+        return 2
+    ids = engine.tokenizer.encode(read_text(args.text))
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r{done}/{total} turns", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = evaluate_shift(
+            engine.model, engine.model_config, engine.device, engine.kv_format, ids,
+            args.context, args.memory, args.turn, args.trim, args.turns, progress,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(file=sys.stderr)
+    print(
+        f"model {engine.source.path.name}, dtype {engine.dtype}, KV cache {engine.kv_format.name}; context "
+        f"{args.context}, memory {args.memory}, turn {args.turn}, trim {args.trim}"
+    )
+    print("turn  trims  ppl shifted  ppl recomputed")
+    for t in result.turns:
+        print(
+            f"{t.turn:4d}  {t.trims:5d}  {math.exp(t.nll_shifted / t.num_tokens):11.3f}  "
+            f"{math.exp(t.nll_recomputed / t.num_tokens):14.3f}"
+        )
+    ratio = result.perplexity_shifted / result.perplexity_recomputed
+    print(
+        f"perplexity over {result.num_scored} tokens: shifted {result.perplexity_shifted:.4f}, recomputed "
+        f"{result.perplexity_recomputed:.4f} (x{ratio:.4f})"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        out = dataclasses.asdict(result) | {
+            "perplexity_shifted": result.perplexity_shifted,
+            "perplexity_recomputed": result.perplexity_recomputed,
+            "model": str(engine.source.path),
+            "dtype": str(engine.dtype),
+            "kv_cache_dtype": engine.kv_format.name,
+        }
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:

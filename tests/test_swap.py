@@ -153,12 +153,12 @@ def test_swapped_request_resumes_without_recomputing(tiny, prompts, reference):
     computed_at_resume = []
     orig = eng.runner.swap
 
-    def swap(swap_out, swap_in):
+    def swap(swap_out, swap_in, shifts=()):
         for copy in swap_in:
             req = eng.requests[copy.request_id]
             assert req.num_computed_tokens == len(copy.slots)  # resumed with what came back
             computed_at_resume.append((len(copy.slots), req))
-        return orig(swap_out, swap_in)
+        return orig(swap_out, swap_in, shifts)
 
     eng.runner.swap = swap
     assert run_all(eng, prompts) == reference
@@ -234,10 +234,10 @@ def test_the_scheduler_records_swaps_and_the_runner_copies_them(tiny, prompts, r
         finally:
             scheduling[0] = False
 
-    def spy_swap(swap_out, swap_in):
+    def spy_swap(swap_out, swap_in, shifts=()):
         ids = [c.request_id for c in swap_out]
         assert all(eng.requests[r].num_preemptions > 0 for r in ids)
-        return swap(swap_out, swap_in)
+        return swap(swap_out, swap_in, shifts)
 
     def spying(name):
         orig = getattr(eng.storage, name)

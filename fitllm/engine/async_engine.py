@@ -79,7 +79,6 @@ class _Tally:
     requests_finished: dict[str, int] = field(default_factory=dict)  # by finish reason
     # Prompt tokens of finished requests by where their K/V came from (RequestOutput.reuse's fields).
     prompt_reuse: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REUSE_SOURCES, 0))
-    shift_unsupported: int = 0  # requests that wanted a context shift the model cannot do
 
     def count(self, out: RequestOutput) -> None:
         self.generation_tokens += len(out.outputs[0].delta_token_ids)
@@ -89,14 +88,15 @@ class _Tally:
             for source in REUSE_SOURCES:
                 self.prompt_reuse[source] += getattr(out.reuse, source)
 
-    def frozen(self) -> EngineCounters:
+    def frozen(self, context_shift_unsupported: int = 0) -> EngineCounters:
+        """The totals, with the engine's count of requests that wanted a shift the model cannot do."""
         return EngineCounters(
             self.prompt_tokens,
             self.generation_tokens,
             self.steps,
             dict(self.requests_finished),
             dict(self.prompt_reuse),
-            self.shift_unsupported,
+            context_shift_unsupported,
         )
 
 
@@ -277,7 +277,8 @@ class AsyncEngine:
         # The ledger's kv_cached tag follows the pool's cached blocks only at the next step; re-tag now so the
         # snapshot's bytes and blocks agree (the studio shows both side by side).
         self.engine.storage.tag_cached(self.engine.pool.num_cached_blocks)
-        self._status = StatusSnapshot.of(self.engine, self._tally.frozen(), time.time())
+        counters = self._tally.frozen(self.engine.shifter.num_fallbacks)
+        self._status = StatusSnapshot.of(self.engine, counters, time.time())
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         """Count the outputs, publish a snapshot, then hand them over: a client that has its output finds
@@ -331,13 +332,6 @@ class AsyncEngine:
                 return
             self._streams[rid] = stream
             self._tally.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
-            wants_shift = (
-                params.context_shift
-                if params.context_shift is not None
-                else self.config.context_shift == "on"
-            )
-            if wants_shift and self._served is not None and self._served.context_shift_unsupported:
-                self._tally.shift_unsupported += 1
             future.set_result(rid)
         elif kind == "score":
             try:

@@ -4,11 +4,47 @@ Rotary models only: a key rotated to position p can be moved to p - d by one mor
 rotations compose), so the kept run after a removed span needs no recompute. Absolute position embeddings
 (XGLM) are added to the hidden state before the first layer, and a sliding window changes which keys a
 query saw, so neither can shift.
+
+How it fits the paged cache (fitllm's prefix cache keys blocks by a hash chained from position 0, so after
+a trim only the blocks before the cut hit):
+- `ContextShifter.remember` keeps the token ids and block hashes of the last `MAX_REMEMBERED` finished
+  sequences (their full blocks are in the prefix cache until evicted).
+- At admission, `ContextShifter.plan` looks for a remembered sequence S with prompt = S[:a] + S[a+r : a+r+m]
+  + rest, the longest token-exact kept run m after a removed span r (KoboldCpp's PurgeMissingTokens: the
+  kept run must start right where the kept prefix ends). The request's positions [start, a + m) (start: the
+  end of its prefix hits, a block boundary at or before a) take their K/V from S's slots at the same
+  positions before a and at +r after it; S's evicted blocks end the run. The move is a `KVShift`, made by the
+  runner before the step's forward (as swaps are), into the request's own new blocks: blocks shared with or
+  cached for anything else are only read.
+- A shifted cache is close to, not equal to, a recomputed one (the kept tokens once attended to the cut
+  text). So blocks whose K/V came from a shift, or were computed over shifted K/V, are published under a
+  salted hash chain (`KVCacheManager.mark_shifted`): only requests that accept a shift ever hit them.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
 from fitllm.config import ModelConfig
+from fitllm.engine.request import Request, SamplingParams
+from fitllm.memory.kv.block_pool import BlockHash
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.manager import KVCacheManager
+
+log = logging.getLogger("fitllm")
+
+# The shortest kept run worth a shift, in blocks: below it the copy, the rotation and the block that holds
+# the run cost about what prefilling those few tokens in the same chunk costs, and a short run is more
+# likely a chance repeat of a phrase than the story continuing after a trim.
+MIN_SHIFT_BLOCKS = 2
+# Finished sequences remembered as shift sources: a handful of stories written at once, each remembered by
+# its latest turn (a turn's sequence replaces the earlier turns it extends).
+MAX_REMEMBERED = 32
 
 
 def context_shift_unsupported(config: ModelConfig) -> str | None:
@@ -20,3 +56,196 @@ def context_shift_unsupported(config: ModelConfig) -> str | None:
             f"sliding-window attention ({config.sliding_window} tokens) sees a different window after a shift"
         )
     return None
+
+
+@dataclass(slots=True, frozen=True)
+class KeptRun:
+    """prompt = seq[:kept_prefix] + seq[kept_prefix + removed : kept_prefix + removed + length] + rest."""
+
+    kept_prefix: int
+    removed: int
+    length: int
+
+
+def find_kept_run(prompt: np.ndarray, seq: np.ndarray, min_run: int) -> KeptRun | None:
+    """The longest run of `prompt` that starts where its common prefix with `seq` ends and equals a later
+    stretch of `seq` (the earliest such stretch on ties), if it is at least `min_run` tokens."""
+    n = min(len(prompt), len(seq))
+    differ = np.flatnonzero(prompt[:n] != seq[:n])
+    a = int(differ[0]) if len(differ) else n
+    if a >= len(seq) or len(prompt) - a < min_run:
+        return None  # seq is a prefix of the prompt (the prefix cache's case), or too little is left
+    # Candidate starts in seq after a, narrowed token by token over the first min_run tokens (vectorised:
+    # a story's common words give many single-token candidates, few survive a block).
+    cands = np.flatnonzero(seq[a + 1 :] == prompt[a]) + a + 1
+    for k in range(1, min_run):
+        cands = cands[cands + k < len(seq)]
+        cands = cands[seq[cands + k] == prompt[a + k]]
+        if not len(cands):
+            return None
+    best: KeptRun | None = None
+    for j in cands.tolist():
+        span = min(len(seq) - j, len(prompt) - a)
+        if best is not None and span <= best.length:
+            continue
+        differ = np.flatnonzero(seq[j : j + span] != prompt[a : a + span])
+        length = int(differ[0]) if len(differ) else span
+        if best is None or length > best.length:
+            best = KeptRun(a, j - a, length)
+    return best if best is not None and best.length >= min_run else None
+
+
+@dataclass(slots=True)
+class KVShift:
+    """One context shift's K/V move, recorded by the scheduler and made by the runner before the step's
+    forward: the request's positions [start, end) get the K/V held in `src_slots`, K rotated by `delta`."""
+
+    request_id: str
+    start: int  # the request's first position the shift fills (the end of its prefix hits: block-aligned)
+    end: int  # one past its last; the request's num_computed_tokens after the move
+    src_slots: torch.Tensor  # [end - start] int64: global slots of the source K/V, one per position
+    delta: torch.Tensor  # [end - start] int64: new position - source position (0 before the cut, -removed)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+def shift_kv(kv: torch.Tensor, delta: torch.Tensor, rotary, kv_format: KVCacheFormat) -> None:
+    """Move gathered K/V [num_layers, 2, T, kv_heads, entry_width] by `delta` [T] positions, in place: each
+    moved K row is decoded, rotated by its delta with the model's rotary (`RotaryEmbedding.shift`) in float32
+    and encoded again (a quantized cache gets a fresh scale); V and unmoved rows are untouched."""
+    rows = torch.nonzero(delta.to(kv.device)).squeeze(1)
+    if not len(rows):
+        return
+    layers, _, _, heads, width = kv.shape
+    keys = kv[:, 0].index_select(1, rows)  # [L, n, H, W]
+    n = len(rows)
+    k = kv_format.decode(keys.reshape(-1, width)).float().reshape(layers * n, heads, kv_format.head_dim)
+    k = rotary.shift(k, delta.to(kv.device).index_select(0, rows).repeat(layers))
+    encoded = kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(layers, n, heads, width)
+    kv[:, 0].index_copy_(1, rows, encoded)
+
+
+@dataclass(slots=True)
+class RememberedSequence:
+    """A finished sequence whose full blocks went to the prefix cache: its tokens (those of its full blocks)
+    and their hash chain, by which its blocks are found while they stay cached."""
+
+    token_ids: np.ndarray
+    block_hashes: list[BlockHash]
+
+
+class ContextShifter:
+    """Remembers finished sequences and plans context shifts from them for admitted requests."""
+
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        default_on: bool,
+        unsupported: str | None,
+        max_remembered: int = MAX_REMEMBERED,
+    ) -> None:
+        """default_on: whether a request without its own `context_shift` shifts (--context-shift on);
+        unsupported: why this model cannot shift (context_shift_unsupported), None if it can."""
+        self.kv = kv
+        self.default_on = default_on
+        self.unsupported = unsupported
+        self.min_run = MIN_SHIFT_BLOCKS * kv.block_size
+        self._remembered: deque[RememberedSequence] = deque(maxlen=max_remembered)
+        self.num_fallbacks = 0  # requests that wanted a shift the model cannot make
+        self.num_shifts = 0
+        self.num_shifted_tokens = 0
+
+    def wants(self, params: SamplingParams) -> bool:
+        """Whether a request with these parameters accepts a shifted cache (and the model can give one)."""
+        wanted = self.default_on if params.context_shift is None else params.context_shift
+        return wanted and self.unsupported is None
+
+    def count_request(self, params: SamplingParams) -> None:
+        """A request arrived: one that wants a shift on a model that cannot shift is counted (and the first
+        one logged): it runs with a plain prefill."""
+        wanted = self.default_on if params.context_shift is None else params.context_shift
+        if wanted and self.unsupported is not None:
+            if self.num_fallbacks == 0:
+                log.warning(
+                    "context shift requested but not possible (%s): prompts are prefilled", self.unsupported
+                )
+            self.num_fallbacks += 1
+
+    def remember(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Before a finished request's blocks are freed: remember the sequence its full blocks hold."""
+        if self.unsupported is not None or not self.kv.pool.enable_caching:
+            return
+        bs = self.kv.block_size
+        full = min(num_computed, len(token_ids)) // bs * bs
+        if full < self.min_run:
+            return
+        tokens = np.asarray(token_ids[:full], dtype=np.int64)
+        hashes = self.kv.block_hashes(request_id, token_ids[:full])[: full // bs]
+        # A later turn of the same story extends an earlier one: keep only the longest.
+        self._remembered = deque(
+            (s for s in self._remembered if not _is_prefix(s.token_ids, tokens)),
+            maxlen=self._remembered.maxlen,
+        )
+        self._remembered.append(RememberedSequence(tokens, hashes))
+
+    def plan(self, req: Request, num_hit: int) -> KVShift | None:
+        """The shift that fills the request's positions from `num_hit` (the end of its prefix hits) from a
+        remembered sequence, the longest whose source blocks are still cached; None if none is worth it."""
+        if not self._remembered or not self.wants(req.params):
+            return None
+        prompt = np.asarray(req.token_ids, dtype=np.int64)
+        best: KVShift | None = None
+        for seq in reversed(self._remembered):  # newest first: it wins ties
+            run = find_kept_run(prompt, seq.token_ids, self.min_run)
+            if run is None:
+                continue
+            shift = self._usable(req.request_id, seq, run, num_hit, len(prompt) - 1)
+            if shift is not None and (best is None or shift.end > best.end):
+                best = shift
+        return best
+
+    def committed(self, shift: KVShift) -> None:
+        """The shift's request was admitted: its blocks from the shift on are published under the salted
+        chain, and the shift is counted."""
+        self.kv.mark_shifted(shift.request_id, shift.start // self.kv.block_size)
+        self.num_shifts += 1
+        self.num_shifted_tokens += shift.num_tokens
+
+    def _usable(
+        self, request_id: str, seq: RememberedSequence, run: KeptRun, start: int, limit: int
+    ) -> KVShift | None:
+        """The part of `run` whose source blocks are still cached, as a shift of positions [start, ...)."""
+        a, r = run.kept_prefix, run.removed
+        end = min(a + run.length, limit)  # the last prompt token is computed, for its logits
+        # (start may pass a when the request's own earlier shift is found again as prefix hits after a
+        # preemption: the shift then starts inside the kept run)
+        if end - max(start, a) < self.min_run:
+            return None
+        positions = np.arange(start, end)
+        src = np.where(positions < a, positions, positions + r)
+        bs = self.kv.block_size
+        src_blocks = src // bs
+        needed = np.unique(src_blocks)  # increasing, as src is
+        found = np.empty(len(needed), dtype=np.int64)  # physical id of each needed block of seq
+        cut = len(positions)
+        for j, i in enumerate(needed.tolist()):
+            block = self.kv.pool.lookup(seq.block_hashes[i]) if i < len(seq.block_hashes) else None
+            if block is None:  # evicted: the usable run ends here
+                cut = int(np.searchsorted(src_blocks, i))
+                break
+            found[j] = block.block_id
+        end = start + cut
+        if end <= a or end - max(start, a) < self.min_run:
+            return None
+        block_ids = found[np.searchsorted(needed, src_blocks[:cut])]
+        src_slots = block_ids * bs + src[:cut] % bs
+        delta = np.where(positions[:cut] < a, 0, -r)
+        return KVShift(
+            request_id, start, end, torch.from_numpy(src_slots), torch.from_numpy(delta.astype(np.int64))
+        )
+
+
+def _is_prefix(short: np.ndarray, long: np.ndarray) -> bool:
+    return len(short) <= len(long) and bool(np.array_equal(short, long[: len(short)]))

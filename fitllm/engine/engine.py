@@ -10,6 +10,7 @@ import torch
 
 from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
+from fitllm.engine.context_shift import ContextShifter, context_shift_unsupported
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
@@ -92,6 +93,8 @@ class Engine:
             capture_decode_graphs(
                 self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
             )
+        # --context-shift auto is the routes' business (on for Kobold and the studio): for the engine, off.
+        self.shifter = ContextShifter(self.kv, config.context_shift == "on", context_shift_unsupported(mc))
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
@@ -99,6 +102,7 @@ class Engine:
             self.max_model_len,
             self.tokenizer.eos_token_ids,
             self.swapper,
+            self.shifter,
         )
         self._ids = itertools.count()
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
@@ -269,11 +273,12 @@ class Engine:
         if self._in_flight is not None and self._needs_known_tokens():
             outputs += self._resolve(self._take_in_flight())
         sched = self.scheduler.schedule()
-        if sched.swap_out or sched.swap_in:  # before anything reads or rewrites those blocks
-            self.swapper.costs.observe_swap(
-                sum(c.nbytes for c in sched.swap_out + sched.swap_in),
-                self.runner.swap(sched.swap_out, sched.swap_in),
-            )
+        if sched.swap_out or sched.swap_in or sched.shifts:  # before anything reads or rewrites those blocks
+            seconds = self.runner.swap(sched.swap_out, sched.swap_in, sched.shifts)
+            if sched.swap_out or sched.swap_in:
+                self.swapper.costs.observe_swap(
+                    sum(c.nbytes for c in sched.swap_out + sched.swap_in), seconds
+                )
         if not sched.scheduled:
             if self._in_flight is not None:
                 return outputs + self._resolve(self._take_in_flight())

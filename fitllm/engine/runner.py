@@ -12,6 +12,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
+from fitllm.engine.context_shift import KVShift, shift_kv
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
@@ -236,17 +237,36 @@ class ModelRunner:
         meta = self.metadata.build(batch, self.device, slots)
         return StepInputs(input_ids, positions, meta, sample_index, dst, src)
 
-    def swap(self, swap_out: list[KVCopy], swap_in: list[KVCopy]) -> float:
-        """Make a step's swap copies before its forward: out first (a victim's freed blocks may be another
-        request's this step), then in. Waits for them; returns the seconds they took."""
+    def swap(self, swap_out: list[KVCopy], swap_in: list[KVCopy], shifts: list[KVShift] = ()) -> float:
+        """Make a step's K/V moves before its forward: swap-outs first (a victim's freed blocks may be another
+        request's this step), then context shifts, then swap-ins (a shift's source may be a block evicted
+        for one). Waits for them; returns the seconds the swaps took."""
         start = time.perf_counter()
         for copy in swap_out:
             self.storage.read_slots(copy.slots, copy.host)
+        shift_start = time.perf_counter()
+        self.shift(shifts)
+        shift_s = time.perf_counter() - shift_start
         for copy in swap_in:
             self.storage.write_slots(copy.slots, copy.host)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and (swap_out or swap_in):  # host buffers; a shift stays on the device
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start - shift_s
+
+    @torch.inference_mode()
+    def shift(self, shifts: list[KVShift]) -> None:
+        """Context shifts, in the order admitted: each gathers its source K/V (all of it before writing, as
+        its own new blocks may be sources just evicted), rotates K by the position change with the model's
+        rotary, and writes it into its request's new blocks."""
+        s = self.storage
+        for shift in shifts:
+            dst = self.kv.slots(shift.request_id, shift.end)[shift.start :]
+            kv = torch.empty(
+                (s.slab_shape[0], 2, shift.num_tokens, *s.slab_shape[3:]), dtype=s.dtype, device=self.device
+            )
+            s.read_slots(shift.src_slots.to(self.device), kv)
+            shift_kv(kv, shift.delta, self.model.rotary, s.kv_format)
+            s.write_slots(dst.to(self.device), kv)
 
     @torch.inference_mode()
     def execute(

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fitllm.config import cdiv
+from fitllm.engine.context_shift import ContextShifter, KVShift
 from fitllm.engine.request import Request, RequestStatus
 from fitllm.engine.sampler import SampleResult
 from fitllm.memory.kv.manager import KVCacheManager
@@ -55,6 +56,9 @@ class SchedulerOutput:
     # resumed requests' back into their new blocks.
     swap_out: list[KVCopy] = field(default_factory=list)
     swap_in: list[KVCopy] = field(default_factory=list)
+    # Context shifts of admitted requests, made between the swap-outs (a victim's freed blocks may be a
+    # shift's destination) and the swap-ins (whose new blocks may be a shift's evicted source), in order.
+    shifts: list[KVShift] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -99,9 +103,11 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
         swapper: KVSwapper | None = None,
+        shifter: ContextShifter | None = None,
     ) -> None:
         self.kv = kv
         self.swapper = swapper
+        self.shifter = shifter
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -117,6 +123,8 @@ class Scheduler:
         assert request.request_id not in self.requests, f"request id {request.request_id!r} is in use"
         request.max_total_tokens = request.params.token_limit(request.num_prompt_tokens, self.max_model_len)
         request.status = RequestStatus.WAITING
+        if self.shifter is not None:
+            self.shifter.count_request(request.params)
         self.requests[request.request_id] = request
         heapq.heappush(self._waiting, (request.priority, request.arrival_time, next(self._seq), request))
 
@@ -145,6 +153,8 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         """Take a request out of the queues and free its blocks and any host copy."""
+        if self.shifter is not None and request in self.running:  # its blocks go to the prefix cache
+            self.shifter.remember(request.request_id, request.token_ids, request.num_computed_tokens)
         request.mark_finished(status)
         del self.requests[request.request_id]
         if request in self.running:
@@ -201,18 +211,23 @@ class Scheduler:
         if req.num_output_placeholders:
             return None  # preempted with a token in flight: its ids are complete once that step is known
         swapped = self.swapper is not None and self.swapper.holds(req.request_id)
+        shift = None
         if swapped:
             hits, num_hit = [], self.swapper.num_swapped_tokens(req.request_id)
         else:
-            hits, num_hit = self.kv.find_prefix_hit(req.request_id, req.token_ids)
-        num_new = min(req.num_tokens - num_hit, budget)
-        if not self.kv.allocate(req.request_id, num_hit + num_new, hits):
+            shift_ok = self.shifter is not None and self.shifter.wants(req.params)
+            hits, num_hit = self.kv.find_prefix_hit(req.request_id, req.token_ids, shift_ok)
+            if shift_ok:
+                shift = self.shifter.plan(req, num_hit)
+        num_done = num_hit if shift is None else shift.end  # K/V from the cache or moved by the shift
+        num_new = min(req.num_tokens - num_done, budget)
+        if not self.kv.allocate(req.request_id, num_done + num_new, hits):
             victims = self._lower_priority_running(req)
-            if not self._room_after_preempting(victims, hits, cdiv(num_hit + num_new, self.kv.block_size)):
+            if not self._room_after_preempting(victims, hits, cdiv(num_done + num_new, self.kv.block_size)):
                 return None  # even preempting every lower-priority request would not make room: wait
             for victim in victims:
                 self._preempt(victim, out)
-                if self.kv.allocate(req.request_id, num_hit + num_new, hits):
+                if self.kv.allocate(req.request_id, num_done + num_new, hits):
                     break
             else:
                 return None  # not reached: the room was counted exactly
@@ -221,10 +236,14 @@ class Scheduler:
             out.swap_in.append(self.swapper.swap_in(req.request_id))
         else:
             self.kv.record_prefix_lookup(req.num_tokens, num_hit)
+            if shift is not None:
+                self.shifter.committed(shift)
+                out.shifts.append(shift)
             if req.num_preemptions == 0:
                 req.reuse.cached = num_hit
-                req.reuse.prefilled = req.num_prompt_tokens - num_hit
-        req.num_computed_tokens = num_hit
+                req.reuse.shifted = num_done - num_hit
+                req.reuse.prefilled = req.num_prompt_tokens - num_done
+        req.num_computed_tokens = num_done
         req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = time.monotonic()
@@ -256,7 +275,14 @@ class Scheduler:
                 del out.scheduled[j]
                 break
         self.running.remove(req)
-        copy = None if self.swapper is None else self.swapper.preempt(req.request_id, req.num_computed_tokens)
+        # A shift admitted this step has not moved its K/V yet: drop it (re-admission plans it again) and
+        # recompute. Otherwise K/V a shift gave would not come back from a recompute: swap it if it fits.
+        pending_shift = [s for s in out.shifts if s.request_id == req.request_id]
+        out.shifts = [s for s in out.shifts if s.request_id != req.request_id]
+        copy = None
+        if self.swapper is not None and not pending_shift:
+            keep = self.kv.is_shifted(req.request_id)
+            copy = self.swapper.preempt(req.request_id, req.num_computed_tokens, keep)
         self.kv.free(req.request_id)
         if copy is None:
             req.num_computed_tokens = 0

@@ -125,6 +125,18 @@ class RotaryEmbedding(nn.Module):
             _apply_rotary(k, cos, sin, self.rotary_dim, rotate),
         )
 
+    def shift(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Keys already rotated to their positions, moved `delta` positions ([T], negative: earlier) by one
+        more rotation (rotations by a and b compose to a + b): a context shift's K. k: [T, H, D], float32.
+        The angles use the scaled `inv_freq` the tables were built from (scaling applied once) and are
+        computed in float64, so a shift by thousands of positions adds no angle error of its own."""
+        angles = delta.to(torch.float64).unsqueeze(1) * self.inv_freq().to(torch.float64).unsqueeze(0)
+        emb = angles.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((angles, angles), dim=-1)
+        cos = emb.cos().to(device=k.device, dtype=k.dtype).unsqueeze(1)
+        sin = emb.sin().to(device=k.device, dtype=k.dtype).unsqueeze(1)
+        rotate = _rotate_pairs if self.interleaved else _rotate_half
+        return _apply_rotary(k, cos, sin, self.rotary_dim, rotate)
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

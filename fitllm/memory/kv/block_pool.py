@@ -33,9 +33,12 @@ class BlockHash:
     parent: int | None
 
     @staticmethod
-    def of(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
+    def of(parent: BlockHash | None, token_ids: tuple[int, ...], salt: str | None = None) -> BlockHash:
+        """The hash of a block of `token_ids` after `parent`; a `salt` starts a separate chain (blocks
+        whose K/V came from a context shift), which plain lookups of the same tokens never find."""
         parent_value = None if parent is None else parent.value
-        return BlockHash(hash((parent_value, token_ids)), token_ids, parent_value)
+        key = (parent_value, token_ids) if salt is None else (parent_value, token_ids, salt)
+        return BlockHash(hash(key), token_ids, parent_value)
 
 
 @dataclass(slots=True)

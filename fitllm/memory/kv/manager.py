@@ -10,6 +10,8 @@ import torch
 from fitllm.config import cdiv
 from fitllm.memory.kv.block_pool import BlockHash, BlockPool, KVBlock
 
+SHIFTED = "context-shift"  # the salt of hash chains over shifted K/V
+
 
 class KVCacheManager:
     """Allocates slots for requests' new tokens and shares full blocks between equal prefixes."""
@@ -20,31 +22,80 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}
         self._num_cached: dict[str, int] = {}  # blocks of each request already registered in the cache
+        # Requests whose K/V from this block on came from a context shift (or was computed over shifted K/V):
+        # their chain is salted there, so only requests that accept a shifted cache hit those blocks.
+        self._salt_at: dict[str, int] = {}
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
     def _block_hashes(self, request_id: str, token_ids: list[int]) -> list[BlockHash]:
         hashes = self._hashes.setdefault(request_id, [])
         bs = self.block_size
+        salt_at = self._salt_at.get(request_id)
         for i in range(len(hashes), len(token_ids) // bs):
             hashes.append(
-                BlockHash.of(hashes[-1] if hashes else None, tuple(token_ids[i * bs : (i + 1) * bs]))
+                BlockHash.of(
+                    hashes[-1] if hashes else None,
+                    tuple(token_ids[i * bs : (i + 1) * bs]),
+                    SHIFTED if i == salt_at else None,
+                )
             )
         return hashes
 
-    def find_prefix_hit(self, request_id: str, token_ids: list[int]) -> tuple[list[KVBlock], int]:
-        """Longest run of cached full blocks at the start of `token_ids`, leaving >= 1 token to compute."""
+    def block_hashes(self, request_id: str, token_ids: list[int]) -> list[BlockHash]:
+        """The hash chain of the request's full blocks of `token_ids` (salted where it was shifted)."""
+        return list(self._block_hashes(request_id, token_ids))
+
+    def find_prefix_hit(
+        self, request_id: str, token_ids: list[int], shifted_ok: bool = False
+    ) -> tuple[list[KVBlock], int]:
+        """Longest run of cached full blocks at the start of `token_ids`, leaving >= 1 token to compute.
+        With `shifted_ok`, where the plain chain stops the run may go on through blocks a context shift
+        filled (the salted chain from that block: a story's previous turn after its own shift)."""
         if not self.pool.enable_caching:
             return [], 0
         # The last token must be recomputed to produce logits, so it may not come from the cache.
         max_blocks = (len(token_ids) - 1) // self.block_size
+        self._set_salt(request_id, None)  # a waiting request holds no blocks: its chain starts plain
+        hits = self._walk(self._block_hashes(request_id, token_ids)[:max_blocks], 0)
+        k = len(hits)
+        if shifted_ok and k < max_blocks:
+            self._set_salt(request_id, k)
+            salted = self._walk(self._block_hashes(request_id, token_ids)[:max_blocks], k)
+            if not salted:
+                self._set_salt(request_id, None)
+            hits += salted
+        return hits, len(hits) * self.block_size
+
+    def _walk(self, hashes: list[BlockHash], start: int) -> list[KVBlock]:
+        """The cached blocks of hashes[start:], up to the first one not cached."""
         hits: list[KVBlock] = []
-        for block_hash in self._block_hashes(request_id, token_ids)[:max_blocks]:
+        for block_hash in hashes[start:]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
             hits.append(block)
-        return hits, len(hits) * self.block_size
+        return hits
+
+    def _set_salt(self, request_id: str, block: int | None) -> None:
+        """Salt the request's chain from `block` on (None: unsalted); hashes past it are recomputed."""
+        if block is None:
+            block = self._salt_at.pop(request_id, None)
+        else:
+            self._salt_at[request_id] = block
+        if block is not None and request_id in self._hashes:
+            del self._hashes[request_id][block:]
+
+    def mark_shifted(self, request_id: str, block: int) -> None:
+        """The request's K/V from `block` on comes from a context shift: publish it under the salted chain
+        (an earlier salt point stays: everything after it is salted already)."""
+        if self._salt_at.get(request_id, block) >= block:
+            assert self._num_cached.get(request_id, 0) <= block, "a shifted block was already published"
+            self._set_salt(request_id, block)
+
+    def is_shifted(self, request_id: str) -> bool:
+        """Whether some of the request's K/V came from a context shift (a recompute would not give it back)."""
+        return request_id in self._salt_at
 
     def record_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
         """Count an admitted request's prefix lookup (for the hit-rate metric)."""
@@ -109,6 +160,7 @@ class KVCacheManager:
         self.pool.release(list(reversed(blocks)))
         self._hashes.pop(request_id, None)
         self._num_cached.pop(request_id, None)
+        self._salt_at.pop(request_id, None)
 
     def slots(self, request_id: str, num_tokens: int) -> torch.Tensor:
         """Physical slot ids of the request's first `num_tokens` tokens (int64, on CPU)."""

@@ -133,12 +133,14 @@ class KVSwapper:
     def num_swapped_tokens(self, request_id: str) -> int:
         return self._held[request_id].shape[2]
 
-    def preempt(self, request_id: str, num_computed: int) -> KVCopy | None:
+    def preempt(self, request_id: str, num_computed: int, keep: bool = False) -> KVCopy | None:
         """Before the request's blocks are freed: if swapping its computed K/V out is the better choice,
-        the copy to make (its host buffer reserved in the ledger); None for recompute."""
+        the copy to make (its host buffer reserved in the ledger); None for recompute. `keep`: the K/V
+        cannot be recomputed as it is (a context shift's), so it is swapped whenever the host space holds
+        it, whatever the mode."""
         nbytes = num_computed * self.kv_bytes_per_token
         choice = choose_preemption(
-            self.mode,
+            "swap" if keep else self.mode,
             num_computed - self.kv.num_shared_prefix_tokens(request_id, num_computed),
             nbytes,
             self.free_bytes - (self._held_bytes(nbytes) - nbytes),  # the space counts the buffer's rounding
