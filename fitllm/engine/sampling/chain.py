@@ -50,19 +50,35 @@ def sample_chain(
     penalty_terms: PenaltyTerms,
 ) -> torch.Tensor:
     """Next token per row; `u` and `xtc_roll`: one uniform each per row, on the device."""
-    device = logits.device
-    out = torch.empty(len(requests), dtype=torch.long, device=device)
+    out = torch.empty(len(requests), dtype=torch.long, device=logits.device)
+    for index, sub, reqs, order in _groups(logits, requests):
+        out[index] = _run(sub, reqs, order, u[index], xtc_roll[index], penalty_terms)
+    return out
+
+
+def chain_distribution(
+    logits: torch.Tensor, requests: list[Request], xtc_roll: torch.Tensor, penalty_terms: PenaltyTerms
+) -> torch.Tensor:
+    """[rows, vocab] the probabilities each row is drawn from (not for mirostat rows, whose cut depends on
+    mu): what the tests compare with reference tables."""
+    out = torch.zeros_like(logits)
+    for index, sub, reqs, order in _groups(logits, requests):
+        vals, ids = _cut(sub, reqs, order, xtc_roll[index], penalty_terms)
+        out[index] = torch.zeros_like(sub).scatter(1, ids, vals.softmax(-1))
+    return out
+
+
+def _groups(logits: torch.Tensor, requests: list[Request]):
+    """(row index on the device, their logits, their requests, their order) per order."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         p = r.params
         key = ("mirostat",) if p.mirostat in (1, 2) else order_of(p)
         groups.setdefault(key, []).append(i)
     for key, rows in groups.items():
-        index = to_device(rows, torch.long, device)
+        index = to_device(rows, torch.long, logits.device)
         sub = logits if len(rows) == len(requests) else logits.index_select(0, index)
-        reqs = [requests[i] for i in rows]
-        out[index] = _run(sub, reqs, key, u[index], xtc_roll[index], penalty_terms)
-    return out
+        yield index, sub, [requests[i] for i in rows], key
 
 
 def _run(
@@ -73,32 +89,72 @@ def _run(
     roll: torch.Tensor,
     penalty_terms: PenaltyTerms,
 ) -> torch.Tensor:
-    device = logits.device
-    table = to_device([[float(getattr(r.params, n)) for n in _PARAMS] for r in reqs], torch.float32, device)
-    col = {n: table[:, j : j + 1] for j, n in enumerate(_PARAMS)}
-    vals, ids = logits.topk(min(PREFILTER, logits.shape[-1]), dim=-1)
-    terms = penalty_terms(reqs) if "repetition_penalty" in order or order == ("mirostat",) else None
-
-    def temper(v: torch.Tensor, i: torch.Tensor, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        zero = torch.zeros_like(col["temperature"])
-        return stages.temperature(
-            v, i, col["temperature"], col["dynatemp_range"] if dynamic else zero, col["dynatemp_exponent"],
-            col["smoothing_factor"], col["smoothing_curve"], col["top_n_sigma"] if dynamic else zero,
-        )  # fmt: skip
-
     if order == ("mirostat",):
-        if terms is not None:
-            vals, ids = stages.penalties(vals, ids, *terms)
-        vals, ids = temper(vals, ids, dynamic=False)
-        mu = _mirostat_mu(reqs, col["mirostat_tau"])
-        token, new_mu = mirostat(
-            vals, ids, col["mirostat"], col["mirostat_tau"], col["mirostat_eta"], mu, logits.shape[-1], u
-        )
-        for j, r in enumerate(reqs):
-            state_of(r).mirostat_mu = new_mu[j]
-        return token
+        return _mirostat(logits, reqs, u, penalty_terms)
+    vals, ids = _cut(logits, reqs, order, roll, penalty_terms)
+    pick = inverse_cdf(vals.softmax(-1), u)
+    return ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+
+
+def _columns(reqs: list[Request], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each parameter as a [rows, 1] column, the whole table in one copy."""
+    # top_k may be any int64 (past the vocabulary: off); float32 holds 2**24 exactly
+    rows = [[float(min(getattr(r.params, n), 1 << 24)) for n in _PARAMS] for r in reqs]
+    table = to_device(rows, torch.float32, device)
+    return {n: table[:, j : j + 1] for j, n in enumerate(_PARAMS)}
+
+
+def _temper(vals, ids, col, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """KCPP_SAMPLER_TEMP; without `dynamic` (mirostat's branch) plain temperature and smoothing only."""
+    zero = torch.zeros_like(col["temperature"])
+    return stages.temperature(
+        vals, ids, col["temperature"], col["dynatemp_range"] if dynamic else zero, col["dynatemp_exponent"],
+        col["smoothing_factor"], col["smoothing_curve"], col["top_n_sigma"] if dynamic else zero,
+    )  # fmt: skip
+
+
+def _mirostat(logits: torch.Tensor, reqs: list[Request], u: torch.Tensor, penalty_terms: PenaltyTerms):
+    col = _columns(reqs, logits.device)
+    vals, ids = logits.topk(min(PREFILTER, logits.shape[-1]), dim=-1)
+    terms = penalty_terms(reqs)
+    if terms is not None:
+        vals, ids = stages.penalties(vals, ids, *terms)
+    vals, ids = _temper(vals, ids, col, dynamic=False)
+    mu = _mirostat_mu(reqs, col["mirostat_tau"])
+    token, new_mu = mirostat(
+        vals, ids, col["mirostat"], col["mirostat_tau"], col["mirostat_eta"], mu, logits.shape[-1], u
+    )
+    for j, r in enumerate(reqs):
+        state_of(r).mirostat_mu = new_mu[j, 0]
+    return token
+
+
+def _cut(
+    logits: torch.Tensor,
+    reqs: list[Request],
+    order: tuple[str, ...],
+    roll: torch.Tensor,
+    penalty_terms: PenaltyTerms,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates after every sampler of the order and XTC: (values, token ids), sorted."""
+    device = logits.device
+    col = _columns(reqs, device)
+    vals, ids = logits.topk(min(PREFILTER, logits.shape[-1]), dim=-1)
+    terms = penalty_terms(reqs) if "repetition_penalty" in order else None
+    ps = [r.params for r in reqs]
+    used = {  # a stage no row of the batch turns on is not run (each would be a no-op)
+        "repetition_penalty": terms is not None,
+        "top_k": any(p.top_k > 0 for p in ps),
+        "top_a": any(p.top_a > 0 for p in ps),
+        "top_p": any(p.top_p < 1 or p.min_p > 0 for p in ps),
+        "tfs": any(p.tfs < 1 for p in ps),
+        "typical_p": any(p.typical_p < 1 for p in ps),
+        "temperature": True,
+    }
     for name in order:
-        if name == "repetition_penalty" and terms is not None:
+        if not used[name]:
+            continue
+        if name == "repetition_penalty":
             vals, ids = stages.penalties(vals, ids, *terms)
         elif name == "top_k":
             skip = (col["min_p"] > 0) & (col["top_n_sigma"] > 0)
@@ -112,11 +168,10 @@ def _run(
         elif name == "typical_p":
             vals, ids = stages.typical(vals, ids, col["typical_p"])
         elif name == "temperature":
-            vals, ids = temper(vals, ids, dynamic=True)
+            vals, ids = _temper(vals, ids, col, dynamic=True)
     if any(r.params.xtc_on for r in reqs):
         vals = stages.xtc(vals, col["xtc_threshold"], _xtc_rolled(roll, reqs, device))
-    pick = inverse_cdf(vals.softmax(-1), u)
-    return ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+    return vals, ids
 
 
 def _xtc_rolled(roll: torch.Tensor, reqs: list[Request], device: torch.device) -> torch.Tensor:

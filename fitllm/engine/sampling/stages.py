@@ -86,7 +86,7 @@ def typical(vals: torch.Tensor, ids: torch.Tensor, typ: torch.Tensor) -> tuple[t
     passes typ (KoboldCpp's sampler_typical, min_keep 1)."""
     p = vals.softmax(-1)
     score = torch.where(p > 0, (-p.log() - entropy(p)).abs(), torch.full_like(p, float("inf")))
-    order = score.argsort(-1, stable=True)
+    order = score.argsort(dim=-1, stable=True)
     over = p.gather(1, order).cumsum(-1) > typ
     last = torch.where(over.any(-1, keepdim=True), over.int().argmax(-1, keepdim=True) + 1, size_of(vals))
     keep = torch.zeros_like(over).scatter(1, order, _cols(vals) < last)

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, and their translation into SamplingParams.
 
 Unknown fields are accepted and ignored (front ends send several backends' fields in one body), except the
-ones other servers honour that would change the answer (UNSUPPORTED_FIELDS: a 400); known fields are
-type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
+ones other servers honour that would change the answer: other servers' sampler names are honoured
+(sampler_fields.HONOURED), and the rest are a 400 (UNSUPPORTED_FIELDS, sampler_fields.REFUSED); known
+fields are type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
+from fitllm.server.openai.sampler_fields import REFUSED, writer_kwargs
 
 MAX_N = 16  # choices per request
 
@@ -46,6 +48,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (_set, "beam search is not supported"),
     "truncate_prompt_tokens": (lambda v: v is not None, "truncate_prompt_tokens is not supported"),
     "continue_final_message": (_set, "continue_final_message is not supported"),
+    **REFUSED,
 }
 
 
@@ -113,7 +116,7 @@ class SamplingFields(Body):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
         }
-        kwargs = {k: v for k, v in values.items() if v is not None}
+        kwargs = writer_kwargs(self.model_extra or {}, values)
         try:
             return SamplingParams(
                 **kwargs,
