@@ -69,3 +69,28 @@ class LogitsTap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ParamsTap:
+    """The SamplingParams each request reaches the engine with (`tap.params`, in arrival order): wraps this
+    AsyncEngine's `add`, through which every route hands requests to the engine; `close` puts it back."""
+
+    def __init__(self, engine) -> None:
+        self.params: list = []
+        self._engine = engine
+        add = engine.add
+
+        async def tapped_add(prompt, params, *args, **kwargs):
+            self.params.append(params)
+            return await add(prompt, params, *args, **kwargs)
+
+        engine.add = tapped_add
+
+    def close(self) -> None:
+        del self._engine.add
+
+    def __enter__(self) -> ParamsTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
