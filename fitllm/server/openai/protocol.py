@@ -115,12 +115,12 @@ class SamplingFields(Body):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
         }
         kwargs = writer_kwargs(self.model_extra or {}, values)
         try:
             return SamplingParams(
                 **kwargs,
-                seed=self.seed,
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
