@@ -105,3 +105,10 @@ def test_sillytavern_koboldcpp_body_on_v1_completions_runs_as_sent(server):
     assert (p.dry_multiplier, p.dry_sequence_breakers, p.xtc_probability) == (0.8, ["\n", ":", '"', "*"], 0.5)
     assert (p.repetition_penalty, p.repetition_penalty_range, p.min_p) == (1.05, 360, 0.05)
     assert p.sampler_order == [SAMPLER_NAMES[i] for i in (6, 0, 1, 3, 4, 2, 5)]
+
+
+def test_an_out_of_range_value_is_a_400_under_the_name_sent(server):
+    err = assert_error(_complete(server, typical=1.5), 400)
+    assert err["param"] == "typical" and err["message"].startswith("typical must be")
+    err = assert_error(_complete(server, mirostat_tau="x"), 400)
+    assert err["param"] == "mirostat_tau"

@@ -354,7 +354,8 @@ class Sampler:
             return self._sample_fast(logits, requests)
         device = logits.device
         out = torch.empty(len(requests), dtype=torch.long, device=device)
-        fast = [i for i in range(len(requests)) if i not in set(chain)]
+        in_chain = set(chain)
+        fast = [i for i in range(len(requests)) if i not in in_chain]
         if fast:
             rows = to_device(fast, torch.long, device)
             out[rows] = self._sample_fast(logits.index_select(0, rows), [requests[i] for i in fast])

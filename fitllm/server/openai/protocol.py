@@ -117,7 +117,7 @@ class SamplingFields(Body):
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
         }
-        kwargs = writer_kwargs(self.model_extra or {}, values)
+        kwargs, names = writer_kwargs(self.model_extra or {}, values)
         try:
             return SamplingParams(
                 **kwargs,
@@ -132,7 +132,11 @@ class SamplingFields(Body):
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
         except ValueError as exc:
-            raise bad_request(str(exc)) from exc
+            # SamplingParams names its field; the client may have sent it under another server's name.
+            message = str(exc)
+            field = message.split(" ", 1)[0]
+            sent = names.get(field, field)
+            raise bad_request(message.replace(field, sent, 1), sent if field in names else None) from exc
 
     @property
     def include_usage(self) -> bool:

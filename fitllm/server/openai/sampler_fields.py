@@ -157,9 +157,10 @@ REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def writer_kwargs(extra: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any]:
-    """SamplingParams keyword arguments from the body's HONOURED names; `typed`: the fields the body model
-    declares (temperature, repetition_penalty, seed, ...), which aliases of the same field must agree with."""
+def writer_kwargs(extra: dict[str, Any], typed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """SamplingParams keyword arguments from the body's HONOURED names, and the name each came under (for
+    errors); `typed`: the fields the body model declares (temperature, repetition_penalty, seed, ...), which
+    aliases of the same field must agree with."""
     out: dict[str, Any] = {}
     named: dict[str, str] = {}
     for field, value in typed.items():
@@ -178,4 +179,4 @@ def writer_kwargs(extra: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any
                 name,
             )
         out[alias.field], named[alias.field] = value, name
-    return out
+    return out, named
