@@ -323,3 +323,17 @@ def test_seeded_requests_are_reproducible_alone_and_in_a_batch():
     )
     assert batch["a"] == alone
     assert len(set(alone)) > 1  # it sampled, not a constant
+
+
+def test_breakers_from_the_default_models_vocabulary():
+    from fitllm.loader import open_model
+
+    tok = open_model(None).tokenizer()
+    table = BreakerTable.for_tokenizer(tok)
+    heads = table.heads(["\n", "*", "You:"])
+    (nl,) = tok.encode("\n", add_special_tokens=False)
+    assert () in heads[nl]  # the newline token breaks alone
+    you = tok.encode(" You:", add_special_tokens=False)
+    # "You:" spans tokens here: some head token ends with a prefix of it, its tail the rest's tokens.
+    assert any(tail and list(tail) == you[-len(tail) :] for tails in heads.values() for tail in tails)
+    assert table.heads(["\n", "*", "You:"]) is heads  # cached per breaker list
