@@ -104,12 +104,13 @@ def _columns(reqs: list[Request], device: torch.device) -> dict[str, torch.Tenso
     return {n: table[:, j : j + 1] for j, n in enumerate(_PARAMS)}
 
 
-def _temper(vals, ids, col, dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _temper(vals, ids, col, reqs: list[Request], dynamic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """KCPP_SAMPLER_TEMP; without `dynamic` (mirostat's branch) plain temperature and smoothing only."""
     zero = torch.zeros_like(col["temperature"])
     return stages.temperature(
         vals, ids, col["temperature"], col["dynatemp_range"] if dynamic else zero, col["dynatemp_exponent"],
         col["smoothing_factor"], col["smoothing_curve"], col["top_n_sigma"] if dynamic else zero,
+        any(r.params.smoothing_factor > 0 for r in reqs), dynamic and any(r.params.top_n_sigma > 0 for r in reqs),
     )  # fmt: skip
 
 
@@ -119,7 +120,7 @@ def _mirostat(logits: torch.Tensor, reqs: list[Request], u: torch.Tensor, penalt
     terms = penalty_terms(reqs)
     if terms is not None:
         vals, ids = stages.penalties(vals, ids, *terms)
-    vals, ids = _temper(vals, ids, col, dynamic=False)
+    vals, ids = _temper(vals, ids, col, reqs, dynamic=False)
     mu = _mirostat_mu(reqs, col["mirostat_tau"])
     token, new_mu = mirostat(
         vals, ids, col["mirostat"], col["mirostat_tau"], col["mirostat_eta"], mu, logits.shape[-1], u
@@ -168,7 +169,7 @@ def _cut(
         elif name == "typical_p":
             vals, ids = stages.typical(vals, ids, col["typical_p"])
         elif name == "temperature":
-            vals, ids = _temper(vals, ids, col, dynamic=True)
+            vals, ids = _temper(vals, ids, col, reqs, dynamic=True)
     if any(r.params.xtc_on for r in reqs):
         vals = stages.xtc(vals, col["xtc_threshold"], _xtc_rolled(roll, reqs, device))
     return vals, ids

@@ -112,10 +112,13 @@ def temperature(
     smoothing: torch.Tensor,
     curve: torch.Tensor,
     nsigma: torch.Tensor,
+    any_smoothing: bool = True,
+    any_nsigma: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KCPP_SAMPLER_TEMP: dynamic temperature (from the normalised entropy, in [temp - range, temp + range]
     clamped at 0) or plain temperature (<= 0: keep the first only), then smoothing, then top-n-sigma
-    (tokens more than nsigma standard deviations below the top are silenced)."""
+    (tokens more than nsigma standard deviations below the top are silenced). any_smoothing / any_nsigma: whether
+    some row has them on, known on the host (asking the device would wait for it)."""
     size = size_of(vals)
     dyn = dyn_range != 0
     lo, hi = (temp - dyn_range).clamp(min=0), (temp + dyn_range).clamp(min=0)
@@ -128,11 +131,11 @@ def temperature(
     moves = ~dyn | (size > 1)  # sample_entropy leaves a single candidate alone
     out = torch.where(moves, vals / t, vals)
     smoothed = (smoothing > 0) & (size > 1) & ~greedy
-    if bool(smoothed.any()):
+    if any_smoothing:
         out = torch.where(smoothed, smooth(out, smoothing, curve), out)
         out, ids = resort(out, ids)
     out = _cut(out, _cols(out) == 0, greedy)
-    if bool((nsigma > 0).any()):
+    if any_nsigma:
         alive = torch.isfinite(out)
         count = alive.sum(-1, keepdim=True).clamp(min=1)
         mean = torch.where(alive, out, 0).sum(-1, keepdim=True) / count
