@@ -84,6 +84,10 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.sampler_order, tuple):
+            self.sampler_order = list(self.sampler_order)
+        if isinstance(self.dry_sequence_breakers, tuple):
+            self.dry_sequence_breakers = list(self.dry_sequence_breakers)
         self.validate()
 
     def validate(self) -> None:
