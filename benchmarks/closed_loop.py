@@ -27,8 +27,10 @@ class ClosedLoop:
         concurrency: int,
         tag: str,
         on_step: Callable | None = None,
+        sampling: dict | None = None,
     ) -> None:
         self.engine = engine
+        self.sampling = sampling or {}  # SamplingParams fields added to every request (e.g. DRY + XTC)
         self.concurrency = concurrency
         self.tag = tag
         self.on_step = on_step
@@ -55,6 +57,7 @@ class ClosedLoop:
                 seed=r.seed,
                 max_tokens=r.max_tokens,
                 ignore_eos=True,
+                **self.sampling,
             )
             rid = self.engine.add_request(r.prompt_ids, params, request_id=f"{self.tag}-{r.id}")
             self.in_flight[rid] = (r, self.busy, None)

@@ -32,6 +32,13 @@ DEFAULT_CONCURRENCY = [1, 8, 32]
 QUICK_CONCURRENCY = [1, 2]
 QUICK_MAX_TOKENS = 16
 TARGET = (32, 2.0)  # at 32 concurrent requests, at least 2x the transformers throughput
+# --writers-samplers: DRY and XTC on every request (KoboldAI Lite's DRY defaults; XTC firing half the time),
+# against the same requests with plain sampling, alternating; target: within 10% at 32 concurrent requests.
+WRITERS = dict(
+    dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=360, xtc_threshold=0.1,
+    xtc_probability=0.5,
+)  # fmt: skip
+WRITERS_TARGET = (32, 0.9)
 
 NOTES = [
     "output tok/s = the requests' own max_tokens summed / wall time of the whole pass (first add to last finish)",
@@ -85,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-tokens", type=int, default=8, help="new tokens of the excluded warm-up pass")
     g.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     g.add_argument(
+        "--writers-samplers",
+        action="store_true",
+        help="also run every pass with DRY + XTC on every request (alternating with plain sampling) and report "
+        "the throughput ratio",
+    )
+    g.add_argument(
         "--quick", action="store_true", help=f"smoke run: concurrency {QUICK_CONCURRENCY}, max_tokens <= 16"
     )
     g.add_argument(
@@ -112,12 +125,13 @@ def num_requests_for(concurrency: int, args: argparse.Namespace, available: int)
 
 
 def run_fitllm(
-    engine, requests: list[PreparedRequest], concurrency: int, tag: str, on_step=None
+    engine, requests: list[PreparedRequest], concurrency: int, tag: str, on_step=None, sampling=None
 ) -> tuple[float, list[RequestTiming], dict]:
     """Closed loop over Engine.step() (benchmarks/closed_loop.py); returns the pass's wall seconds, the
-    requests' timings and step/preemption counts. `on_step(engine)` runs after every step, untimed."""
+    requests' timings and step/preemption counts. `on_step(engine)` runs after every step, untimed;
+    `sampling`: SamplingParams fields added to every request."""
     start = time.monotonic()
-    loop = run_closed_loop(ClosedLoop(engine, requests, concurrency, tag, on_step))
+    loop = run_closed_loop(ClosedLoop(engine, requests, concurrency, tag, on_step, sampling))
     return time.monotonic() - start, loop.timings, loop.extra()
 
 
@@ -267,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
         for r in prepared[:2]
     ]
     run_fitllm(engine, warm, len(warm), "warmup")
+    if args.writers_samplers:
+        run_fitllm(engine, warm, len(warm), "warmup-writers", sampling=WRITERS)
     if hf_model is not None:
         run_transformers(hf_model, warm, len(warm), pad_id)
 
@@ -279,6 +295,13 @@ def run(args: argparse.Namespace) -> int:
                 wall, timings, extra = run_fitllm(engine, reqs, n, f"c{n}-r{rep}")
             fit = summarize("fitllm", n, rep, wall, timings, mem.result, extra)
             rows.append(fit)
+            if args.writers_samplers:
+                log(f"[pass {rep + 1}/{args.repeats}] N={n}: fitllm with DRY + XTC, {len(reqs)} requests...")
+                with PhaseMemoryProbe() as mem:
+                    wall, timings, extra = run_fitllm(engine, reqs, n, f"w{n}-r{rep}", sampling=WRITERS)
+                writers = summarize("fitllm+dry+xtc", n, rep, wall, timings, mem.result, extra)
+                writers["vs_plain"] = writers["output_tok_per_s"] / fit["output_tok_per_s"]
+                rows.append(writers)
             if hf_model is None:
                 continue
             log(f"[pass {rep + 1}/{args.repeats}] N={n}: transformers, {len(reqs)} requests...")
@@ -303,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
             fit["ratio"] = fit["output_tok_per_s"] / hf["output_tok_per_s"]
     for r in rows:
         r["repeats"] = args.repeats
-        resident = load[r["system"]]["memory"]
+        resident = load[r["system"].split("+")[0]]["memory"]
         r["own_rss_bytes"] = resident["end_bytes"] - resident["start_bytes"] + r["memory"]["growth_bytes"]
 
     facts["loadavg_end"] = list(os.getloadavg())
@@ -347,6 +370,23 @@ def run(args: argparse.Namespace) -> int:
             highlight=False,
         )
 
+    writers_ratios = [
+        r["vs_plain"] for r in rows if "vs_plain" in r and r["concurrency"] == WRITERS_TARGET[0]
+    ]
+    for r in rows:
+        if "vs_plain" in r:
+            console.print(
+                f"DRY + XTC at {r['concurrency']} concurrent (pass {r['repeat'] + 1}): "
+                f"{r['output_tok_per_s']:.1f} tok/s = {r['vs_plain']:.3f}x plain sampling",
+                highlight=False,
+            )
+    if writers_ratios:
+        worst = min(writers_ratios)
+        console.print(
+            f"target with DRY + XTC at {WRITERS_TARGET[0]} concurrent: >= {WRITERS_TARGET[1]:.2f}x plain; "
+            f"measured {worst:.3f}x: {'met' if worst >= WRITERS_TARGET[1] else 'NOT met'}",
+            highlight=False,
+        )
     path = args.json or REPO_ROOT / "bench-results" / (
         "throughput-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json"
     )
@@ -364,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
             "max_tokens_cap": cap,
             "repeats": args.repeats,
             "warmup_tokens": args.warmup_tokens,
+            "writers_samplers": WRITERS if args.writers_samplers else None,
             "engine": dataclasses.asdict(engine.config),
         },
         "load": load,

@@ -87,6 +87,11 @@ class AddTap:
         engine.add = tapped_add
 
     @property
+    def params(self) -> list:
+        """The SamplingParams of each request, in arrival order."""
+        return [params for _, params in self.added]
+
+    @property
     def last_params(self):
         return self.added[-1][1]
 

@@ -18,6 +18,7 @@ from live_server import sample, scrape, serve
 from fitllm.config import EngineConfig
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.engine.engine import Engine
+from fitllm.engine.request import SAMPLER_NAMES
 from fitllm.loader import open_model
 from fitllm.server.app import default_model_name
 from fitllm.server.errors import APIError
@@ -72,23 +73,31 @@ def test_context_is_capped_by_max_model_len_and_max_length_leaves_room(state):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [
-        ("top_a", 0.2),
-        ("typical", 0.9),
-        ("tfs", 0.95),
-        ("nsigma", 1.0),
-        ("mirostat", 2),
-        ("dynatemp_range", 0.5),
-        ("smoothing_factor", 0.3),
-        ("dry_multiplier", 0.8),
-        ("xtc_probability", 0.5),
-        ("grammar", "root ::= 'a'"),
-    ],
+    [("grammar", "root ::= 'a'"), ("images", ["data"])],
 )
-def test_unsupported_samplers_are_refused_by_name(field, value):
+def test_unsupported_fields_are_refused_by_name(field, value):
     with pytest.raises(APIError) as err:
         sampling_params(_body(prompt="x", **{field: value}), 10, [2])
     assert err.value.status == 400 and err.value.param == field and "not supported" in err.value.message
+
+
+def test_writers_samplers_are_mapped():
+    body = dict(
+        top_a=0.2, typical=0.9, tfs=0.95, nsigma=1.0, mirostat=2, mirostat_tau=4.0, mirostat_eta=0.2,
+        dynatemp_range=0.5, dynatemp_exponent=1.5, smoothing_factor=0.3, dry_multiplier=0.8, dry_base=1.5,
+        dry_allowed_length=3, dry_penalty_last_n=256, dry_sequence_breakers=["\n", "*"], xtc_threshold=0.15,
+        xtc_probability=0.5,
+    )  # fmt: skip
+    p = sampling_params(_body(prompt="x", **body), 10, [2])
+    got = (p.top_a, p.typical_p, p.tfs, p.top_n_sigma, p.mirostat, p.mirostat_tau, p.mirostat_eta)
+    assert got == (0.2, 0.9, 0.95, 1.0, 2, 4.0, 0.2)
+    assert (p.dynatemp_range, p.dynatemp_exponent, p.smoothing_factor) == (0.5, 1.5, 0.3)
+    assert (p.dry_multiplier, p.dry_base, p.dry_allowed_length, p.dry_penalty_last_n) == (0.8, 1.5, 3, 256)
+    assert p.dry_sequence_breakers == ["\n", "*"] and (p.xtc_threshold, p.xtc_probability) == (0.15, 0.5)
+    # KoboldCpp's default breakers are none; a JSON string of a list is read as the list.
+    assert sampling_params(_body(prompt="x"), 10, [2]).dry_sequence_breakers == []
+    q = sampling_params(_body(prompt="x", dry_sequence_breakers='["a"]'), 10, [2])
+    assert q.dry_sequence_breakers == ["a"]
 
 
 def test_kobold_lite_defaults_are_accepted_and_mapped():
@@ -101,24 +110,26 @@ def test_kobold_lite_defaults_are_accepted_and_mapped():
     p = sampling_params(_body(prompt="x", **lite), 120, [2])
     assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.7, 100, 0.92, 1.1)
     assert (p.repetition_penalty_range, p.repetition_penalty_slope) == (320, 0.7)
-    assert p.temperature_last  # temperature (5) after top-k (0) and top-p (2)
+    assert p.sampler_order == [
+        "repetition_penalty",
+        "top_k",
+        "top_a",
+        "tfs",
+        "typical_p",
+        "top_p",
+        "temperature",
+    ]
     assert p.seed == 7 and p.max_tokens == 120 and p.stop == ["\nYou:"]
     assert not p.include_stop_str_in_output  # trim_stop defaults on
 
 
-def test_sampler_order_temperature_first_and_refused_orders():
-    first = sampling_params(_body(prompt="x", sampler_order=[6, 5, 0, 1, 3, 4, 2]), 10, [2])
-    assert not first.temperature_last
-    for order, why in (
-        ([0, 6, 1, 3, 4, 2, 5], "first"),
-        ([6, 2, 1, 3, 4, 0, 5], "top_k"),
-        ([6, 0, 5, 2, 1, 3, 4], "before or after"),
-    ):
-        with pytest.raises(APIError, match=why):
+def test_any_sampler_order_is_taken_as_sent_and_bad_ones_refused():
+    for order in ([0, 6, 1, 3, 4, 2, 5], [6, 2, 1, 3, 4, 0, 5], [5, 6], []):
+        p = sampling_params(_body(prompt="x", sampler_order=order), 10, [2])
+        assert p.sampler_order == [SAMPLER_NAMES[i] for i in order]
+    for order in ([0, 0, 1], [7], [-1]):
+        with pytest.raises(APIError, match="distinct sampler ids"):
             sampling_params(_body(prompt="x", sampler_order=order), 10, [2])
-    # With top_p off, the top-p position does not matter.
-    ok = sampling_params(_body(prompt="x", top_p=1.0, sampler_order=[6, 0, 5, 2, 1, 3, 4]), 10, [2])
-    assert ok.temperature_last
 
 
 def test_eos_banning_and_bias_and_greedy_and_seed():
@@ -163,7 +174,7 @@ def test_info_routes(server):
     assert get("/api/v1/config/max_context_length") == {"value": 256}
     assert get("/api/v1/config/max_length")["value"] > 0
     version = get("/api/extra/version")
-    assert version["result"] == "KoboldCpp" and version["version"] == "1.49"
+    assert version["result"] == "KoboldCpp" and version["version"] == "1.74"  # Lite: DRY from 1.70, XTC 1.74
     assert not any(version[k] for k in ("txt2img", "vision", "audio", "transcribe", "tts", "embeddings"))
 
 
@@ -271,8 +282,8 @@ def test_check_and_abort_by_genkey(server):
 def test_tokencount_and_bad_input(server, offline):
     r = httpx.post(f"{server.url}/api/extra/tokencount", json={"prompt": "The Martians landed."}).json()
     assert r == {"value": len(r["ids"]), "ids": offline.tokenizer.encode("The Martians landed.")}
-    bad = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "tfs": 0.9})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tfs"
+    bad = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "grammar": "root ::= 'a'"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "grammar"
     pen = httpx.post(f"{server.url}/api/v1/generate", json={"prompt": "x", "rep_pen": 0})
     assert pen.status_code == 400 and pen.json()["error"]["param"] == "rep_pen"
     assert pen.json()["error"]["message"].startswith("rep_pen must be")

@@ -19,6 +19,7 @@ from fitllm.engine.report import EngineStatus, engine_status, give_back_to_devic
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner
 from fitllm.engine.sampler import Sampler
+from fitllm.engine.sampling.dry import BreakerTable
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.startup import start_memory
@@ -77,7 +78,11 @@ class Engine:
             config.resolve_swap_space(self.device),
             config.preemption_mode,  # type: ignore[arg-type]
         )
-        self.sampler = Sampler(self.tokenizer.eos_token_ids, seed=config.seed)
+        self.sampler = Sampler(
+            self.tokenizer.eos_token_ids,
+            seed=config.seed,
+            breakers=BreakerTable.for_tokenizer(self.tokenizer),
+        )
         self.runner = ModelRunner(
             self.model,
             mc,

@@ -15,6 +15,11 @@ GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-38 o
 # one would overflow there, inside the step of every request in the batch, instead of being refused here.
 INT64_MAX = 2**63 - 1
 MAX_LOGPROBS = 20
+# The samplers an explicit order can name (KoboldCpp's sampler ids 0-6, in id order: top-k, top-a, top-p with
+# min-p, tail-free, typical, temperature with dynamic temperature / smoothing / top-n-sigma, repetition
+# penalties). A sampler missing from an order is not applied, as in KoboldCpp.
+SAMPLER_NAMES = ("top_k", "top_a", "top_p", "tfs", "typical_p", "temperature", "repetition_penalty")
+DRY_DEFAULT_BREAKERS = ("\n", ":", '"', "*")  # KoboldAI Lite's and llama.cpp's default
 
 
 @dataclass(slots=True)
@@ -52,6 +57,29 @@ class SamplingParams:
     # ContextShift). Not bit-identical to recomputing, so it is a choice: None follows the engine's
     # --context-shift; the server's routes resolve their own default (Kobold and studio on, OpenAI off).
     context_shift: bool | None = None
+    # The writers' samplers (KoboldCpp / llama.cpp semantics; fitllm/engine/sampling/). Each is off at its
+    # default. top_a, typical_p, tfs: truncations; top_n_sigma: KoboldCpp's nsigma (applied with temperature).
+    top_a: float = 0.0
+    typical_p: float = 1.0
+    tfs: float = 1.0
+    top_n_sigma: float = 0.0
+    smoothing_factor: float = 0.0  # quadratic sampling, applied with temperature
+    smoothing_curve: float = 1.0  # 1: KoboldCpp's curve; TabbyAPI / text-generation-webui's cubic term
+    dynatemp_range: float = 0.0  # temperature from entropy in [temperature -+ range]
+    dynatemp_exponent: float = 1.0
+    mirostat: int = 0  # 1 or 2: mirostat v1 / v2 instead of the sampler order (per-request mu)
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    xtc_threshold: float = 0.1  # XTC is on when xtc_probability > 0 and the threshold <= 0.5
+    xtc_probability: float = 0.0
+    dry_multiplier: float = 0.0  # DRY is on when > 0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 0  # the last N tokens of prompt + output; 0 or -1: all (KoboldCpp)
+    dry_sequence_breakers: list[str] = field(default_factory=lambda: list(DRY_DEFAULT_BREAKERS))
+    # An explicit order of SAMPLER_NAMES (KoboldCpp's sampler_order); None: repetition penalties, then
+    # temperature first (or last with temperature_last), top-k, top-a, top-p / min-p, tfs, typical.
+    sampler_order: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +90,10 @@ class SamplingParams:
         self.banned_strings = [s for s in self.banned_strings if s]
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.sampler_order, tuple):
+            self.sampler_order = list(self.sampler_order)
+        if isinstance(self.dry_sequence_breakers, tuple):
+            self.dry_sequence_breakers = list(self.dry_sequence_breakers)
         self.validate()
 
     def validate(self) -> None:
@@ -116,11 +148,73 @@ class SamplingParams:
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 finite(f"logit_bias[{tok}]", bias)
+        self._validate_writers(bad, finite, integer)
+
+    def _validate_writers(self, bad: Any, finite: Any, integer: Any) -> None:
+        """The writers' samplers' fields (ranges as KoboldCpp clamps or rejects them)."""
+        for name in (
+            "top_a", "typical_p", "tfs", "top_n_sigma", "smoothing_factor", "smoothing_curve", "dynatemp_range",
+            "dynatemp_exponent", "mirostat_tau", "mirostat_eta", "xtc_threshold", "xtc_probability",
+            "dry_multiplier", "dry_base",
+        ):  # fmt: skip
+            finite(name, getattr(self, name))
+        for name, lo, hi in (("top_a", 0, 1), ("typical_p", 0, 1), ("tfs", 0, 1), ("xtc_probability", 0, 1)):
+            if not lo <= getattr(self, name) <= hi:
+                raise bad(name, getattr(self, name), f"in [{lo}, {hi}]")
+        for name in (
+            "top_n_sigma",
+            "smoothing_factor",
+            "dynatemp_exponent",
+            "dry_multiplier",
+            "xtc_threshold",
+        ):
+            if getattr(self, name) < 0:
+                raise bad(name, getattr(self, name), ">= 0")
+        if self.mirostat not in (0, 1, 2):
+            raise bad("mirostat", self.mirostat, "0 (off), 1 or 2")
+        if self.dry_multiplier > 0 and self.dry_base <= 0:
+            raise bad("dry_base", self.dry_base, "> 0 when dry_multiplier is on")
+        integer("dry_allowed_length", 0, INT64_MAX, "an integer in [0, 2**63)")
+        integer("dry_penalty_last_n", -1, INT64_MAX, "an integer in [-1, 2**63) (0 or -1: all)")
+        breakers = self.dry_sequence_breakers
+        if not isinstance(breakers, list) or not all(isinstance(b, str) for b in breakers):
+            raise bad("dry_sequence_breakers", breakers, "a list of strings")
+        if len(breakers) > 128 or any(len(b) > 40 for b in breakers):  # KoboldCpp's and llama.cpp's caps
+            raise bad("dry_sequence_breakers", breakers, "at most 128 strings of at most 40 characters")
+        order = self.sampler_order
+        if order is not None and (
+            not isinstance(order, list)
+            or len(set(order)) != len(order)
+            or any(s not in SAMPLER_NAMES for s in order)
+        ):
+            raise bad("sampler_order", order, f"distinct names from {list(SAMPLER_NAMES)}")
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0, or one so small that dividing the logits by it would overflow them (vLLM's rule)."""
-        return self.temperature < GREEDY_BELOW
+        """Temperature 0, or one so small that dividing the logits by it would overflow them (vLLM's rule);
+        with dynamic temperature the range decides (KoboldCpp), so it is never greedy."""
+        return self.temperature < GREEDY_BELOW and self.dynatemp_range == 0
+
+    @property
+    def xtc_on(self) -> bool:
+        """XTC as KoboldCpp and llama.cpp gate it: a probability above 0 and a threshold of at most 0.5."""
+        return self.xtc_probability > 0 and self.xtc_threshold <= 0.5
+
+    @property
+    def needs_chain(self) -> bool:
+        """Whether sampling runs the ordered sampler chain (fitllm/engine/sampling/chain.py) rather than the
+        fast temperature / top-k / top-p / min-p path: an explicit order or a writers' sampler."""
+        return (
+            self.sampler_order is not None
+            or self.top_a > 0
+            or self.typical_p < 1
+            or self.tfs < 1
+            or self.top_n_sigma > 0
+            or self.smoothing_factor > 0
+            or self.dynatemp_range != 0
+            or self.mirostat in (1, 2)
+            or self.xtc_on
+        )
 
     def token_limit(self, num_prompt_tokens: int, max_model_len: int) -> int:
         """The most tokens (prompt + output) a request with these params may reach: max_tokens past its
@@ -132,7 +226,11 @@ class SamplingParams:
     @property
     def uses_token_history(self) -> bool:
         """Whether sampling reads the previous tokens (the penalties), not only their count."""
-        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+        return (
+            self.repetition_penalty != 1.0
+            or bool(self.presence_penalty or self.frequency_penalty)
+            or self.dry_multiplier > 0
+        )
 
 
 class RequestStatus(enum.Enum):
@@ -247,6 +345,7 @@ class Request:
         "max_total_tokens",
         "banned",
         "num_stale_samples",
+        "sampler_state",
         "_sent_tokens",
     )
 
@@ -288,6 +387,9 @@ class Request:
         self.banned = None  # BannedStrings when params.banned_strings (set by the engine)
         # Samples in flight when the request was rewound (a banned phrase): dropped when they are read.
         self.num_stale_samples = 0
+        # What the writers' samplers carry from step to step (DRY's matches, mirostat's mu); see
+        # fitllm/engine/sampling/state.py. Created by the sampler on first use.
+        self.sampler_state: Any = None
         self._sent_tokens = 0
 
     @property

@@ -14,7 +14,13 @@ import torch
 
 from fitllm.engine.banned import apply_bans
 from fitllm.engine.request import Logprob, Request
+from fitllm.engine.sampling.chain import sample_chain
+from fitllm.engine.sampling.draw import inverse_cdf
+from fitllm.engine.sampling.dry import BreakerTable
+from fitllm.engine.sampling.penalties import apply_dry, apply_penalties, penalty_terms
 from fitllm.memory.transfer import to_device
+
+__all__ = ["Sampler", "SampledBatch", "apply_dry", "apply_penalties", "penalty_terms", "sample_truncated"]
 
 
 @dataclass(slots=True)
@@ -24,70 +30,6 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[dict[int, Logprob] | None]
     sampled_logprob: list[float | None]
-
-
-def _token_counts(rows: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(rows), vocab] occurrence counts of each token id."""
-    counts = torch.zeros(len(rows) * vocab, dtype=torch.float32, device=device)
-    flat = [i * vocab + t for i, ids in enumerate(rows) for t in ids]
-    if flat:
-        counts.index_add_(0, to_device(flat, torch.long, device), torch.ones(len(flat), device=device))
-    return counts.view(len(rows), vocab)
-
-
-def _penalty_windows(
-    requests: list[Request], vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(near, far) [len(requests), vocab] masks of the tokens each repetition penalty looks at.
-
-    HF style (range 0): every prompt and output token is near. KoboldCpp style (range N): the last N
-    tokens of prompt + output, the newer half near and the older half far."""
-    near_rows, far_rows = [], []
-    for r in requests:
-        n = r.params.repetition_penalty_range
-        if n <= 0:
-            near_rows.append(r.prompt_token_ids + r.output_token_ids)
-            far_rows.append([])
-            continue
-        window = (r.prompt_token_ids + r.output_token_ids)[-n:]
-        split = len(window) - (n - n // 2)  # KoboldCpp splits the full-length window at n // 2
-        near_rows.append(window[max(split, 0) :])
-        far_rows.append(window[: max(split, 0)])
-    return _token_counts(near_rows, vocab, device) > 0, _token_counts(far_rows, vocab, device) > 0
-
-
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
-    """Repetition (HF: prompt + output; or KoboldCpp's window with slope), presence and frequency
-    (OpenAI: output only; presence over the window in KoboldCpp style), in place."""
-    rows = [
-        i
-        for i, r in enumerate(requests)
-        if r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-    ]
-    if not rows:
-        return
-    vocab, device = logits.shape[-1], logits.device
-    reqs = [requests[i] for i in rows]
-    row_index = to_device(rows, torch.long, device)
-    sub = logits.index_select(0, row_index)
-    out_counts = _token_counts([r.output_token_ids for r in reqs], vocab, device)
-    near, far = _penalty_windows(reqs, vocab, device)
-    f32 = torch.float32
-    rep = to_device([r.params.repetition_penalty for r in reqs], f32, device).unsqueeze(1)
-    if any(r.params.repetition_penalty != 1.0 for r in reqs):
-        slope = to_device(
-            [s if 0 < (s := r.params.repetition_penalty_slope) <= 1 else 1.0 for r in reqs], f32, device
-        ).unsqueeze(1)
-        rep_far = torch.where(rep > 1, 1 + (rep - 1) * slope, rep)
-        factor = torch.where(near, rep, torch.where(far, rep_far, torch.ones_like(sub)))
-        sub = torch.where(sub > 0, sub / factor, sub * factor)
-    freq = to_device([r.params.frequency_penalty for r in reqs], f32, device).unsqueeze(1)
-    pres = to_device([r.params.presence_penalty for r in reqs], f32, device).unsqueeze(1)
-    windowed = to_device([r.params.repetition_penalty_range > 0 for r in reqs], torch.bool, device)
-    windowed = windowed.unsqueeze(1)
-    present = torch.where(windowed, near | far, out_counts > 0)
-    sub = sub - freq * out_counts - pres * present.float()
-    logits.index_copy_(0, row_index, sub)
 
 
 def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos_ids: list[int]) -> None:
@@ -116,13 +58,6 @@ def apply_bias_and_min_tokens(logits: torch.Tensor, requests: list[Request], eos
 _CANDIDATE_CAPS = (128, 2048, None)
 _CANDIDATE_CAPS_CUDA = (None,)
 _SINGLE_PASS_BYTES, _PLANNED_BYTES = 33, 4
-
-
-def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Index drawn from each row of unnormalised `weights` with one uniform number per row."""
-    cdf = weights.cumsum(dim=-1)
-    target = (u * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=weights.shape[-1] - 1)
 
 
 def sample_truncated(
@@ -167,7 +102,7 @@ def sample_truncated(
         weights = probs
         if temperature_after is not None:  # the survivors, tempered
             weights = ((vals - vals[:, :1]) / temperature_after[rows].unsqueeze(1)).exp()
-        picked = _inverse_cdf(weights * keep, u[rows])
+        picked = inverse_cdf(weights * keep, u[rows])
         out[rows] = idx.gather(1, picked.unsqueeze(1)).squeeze(1)
 
     pending = torch.arange(n, device=device)
@@ -249,9 +184,10 @@ class SampledBatch:
 class Sampler:
     """Turns the logits of sampled rows into next tokens."""
 
-    def __init__(self, eos_token_ids: list[int], seed: int = 0) -> None:
+    def __init__(self, eos_token_ids: list[int], seed: int = 0, breakers: BreakerTable | None = None) -> None:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator().manual_seed(seed)
+        self.breakers = breakers  # DRY's sequence breakers in this vocabulary (none without a tokenizer)
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         return self.sample(logits, requests).result()
@@ -268,9 +204,11 @@ class Sampler:
             lp_index = to_device(logprob_rows, torch.long, device)
             raw_logprobs = logits.index_select(0, lp_index).log_softmax(dim=-1)
 
-        apply_penalties(logits, requests)
+        chain = [not r.params.greedy and r.params.needs_chain for r in requests]
+        apply_penalties(logits, requests, chain)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
         apply_bans(logits, requests)  # banned strings: tokens that began a banned phrase at this position
+        apply_dry(logits, requests, self.breakers)
 
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         rand = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -303,7 +241,37 @@ class Sampler:
                 u[i] = torch.rand((), generator=r.generator, dtype=torch.float64)
         return u
 
+    def _xtc_rolls(self, requests: list[Request]) -> torch.Tensor:
+        """XTC's roll per row, drawn before the row's sampling uniform from the same stream (0 where XTC
+        is off, so no stream moves)."""
+        u = torch.zeros(len(requests), dtype=torch.float64)
+        for i, r in enumerate(requests):
+            if r.params.xtc_on:
+                gen = r.generator if r.generator is not None else self.generator
+                u[i] = torch.rand((), generator=gen, dtype=torch.float64)
+        return u
+
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        chain = [i for i, r in enumerate(requests) if r.params.needs_chain]
+        if not chain:
+            return self._sample_fast(logits, requests)
+        device = logits.device
+        out = torch.empty(len(requests), dtype=torch.long, device=device)
+        in_chain = set(chain)
+        fast = [i for i in range(len(requests)) if i not in in_chain]
+        if fast:
+            rows = to_device(fast, torch.long, device)
+            out[rows] = self._sample_fast(logits.index_select(0, rows), [requests[i] for i in fast])
+        rows = to_device(chain, torch.long, device)
+        reqs = [requests[i] for i in chain]
+        rolls = to_device(self._xtc_rolls(reqs), torch.float64, device)
+        u = to_device(self._uniforms(reqs), torch.float64, device)
+        sub = logits if len(chain) == len(requests) else logits.index_select(0, rows)
+        vocab = logits.shape[-1]
+        out[rows] = sample_chain(sub, reqs, u, rolls, lambda rs: penalty_terms(rs, vocab, device))
+        return out
+
+    def _sample_fast(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[-1]
         # A top_k past the vocabulary keeps every token: off, as in vLLM (validation bounds it to int64).
         top_ks = [k if (k := r.params.top_k) < vocab else 0 for r in requests]
@@ -322,11 +290,11 @@ class Sampler:
         logits = logits / (temps / after).unsqueeze(1)
         u = to_device(self._uniforms(requests), torch.float64, device)
         if not trunc:  # inverse CDF needs no sort: any fixed token order gives the same distribution
-            return _inverse_cdf(logits.softmax(dim=-1), u.to(logits.dtype))
+            return inverse_cdf(logits.softmax(dim=-1), u.to(logits.dtype))
         out = torch.empty(len(requests), dtype=torch.long, device=device)
         if plain:
             rows = to_device(plain, torch.long, device)
-            out[rows] = _inverse_cdf(logits.index_select(0, rows).softmax(dim=-1), u[rows].to(logits.dtype))
+            out[rows] = inverse_cdf(logits.index_select(0, rows).softmax(dim=-1), u[rows].to(logits.dtype))
         sub = [requests[i] for i in trunc]
         rows = to_device(trunc, torch.long, device)
         out[rows] = sample_truncated(

@@ -7,25 +7,28 @@
   --smart-context-share where it cannot (fitllm/server/story_trim.py).
 - `context_shift` (fitllm's field; true / false, absent: --context-shift, else on): whether this request may
   reuse a trimmed story's cached K/V by a context shift.
-- Samplers: temperature (<= 0: greedy), top_k (< 1: off), top_p, min_p, rep_pen over the last
-  rep_pen_range tokens with rep_pen_slope, presence_penalty over the same window, logit_bias, sampler_seed,
-  stop_sequence with trim_stop (default on: the stop string is cut from the text), the default
-  sampler_order (repetition penalties, truncations, then temperature). Samplers fitllm does not implement
-  (top_a, typical, tfs, mirostat, dynamic temperature, smoothing, DRY, XTC, top-n-sigma, grammars, images)
-  are accepted only at their neutral values; anything else is a 400 naming the field.
+- Samplers, all KoboldCpp's (gpttype_adapter.cpp SampleLogits; fitllm/engine/sampling/): temperature
+  (<= 0: greedy), dynatemp_range / dynatemp_exponent, smoothing_factor, nsigma, top_k (< 1: off), top_a,
+  top_p, min_p, tfs, typical, rep_pen over the last rep_pen_range tokens with rep_pen_slope,
+  presence_penalty over the same window, mirostat (1 / 2, with mirostat_tau / mirostat_eta), DRY
+  (dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers), XTC
+  (xtc_threshold, xtc_probability), in any sampler_order (ids 0-6; an id left out is a sampler not
+  applied), logit_bias, sampler_seed, stop_sequence with trim_stop (default on: the stop string is cut from
+  the text). Grammars and images are accepted only empty; anything else is a 400 naming the field.
 - banned_tokens (KoboldCpp's anti-slop phrases; banned_strings, SillyTavern's name, when it is absent):
   the output never contains them (fitllm/engine/banned.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from pydantic import Field
 
-from fitllm.engine.request import SamplingParams
+from fitllm.engine.request import SAMPLER_NAMES, SamplingParams
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
@@ -41,9 +44,10 @@ KOBOLD_NAMES = {
     "repetition_penalty_slope": "rep_pen_slope",
     "max_tokens": "max_length",
     "seed": "sampler_seed",
+    "typical_p": "typical",
+    "top_n_sigma": "nsigma",
 }
 KOBOLD_LOGPROBS = 5  # alternatives per token KoboldCpp reports (its logprobs_max)
-REP_PEN, TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE = 6, 0, 1, 2, 3, 4, 5
 
 
 class ContextModel(Protocol):
@@ -78,9 +82,16 @@ class KoboldGenerateRequest(Body):
     trim_stop: bool = True
     genkey: str = Field(default="", max_length=MAX_GENKEY_CHARS)
     mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
     dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
     smoothing_factor: float = 0.0
     dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 320
+    dry_sequence_breakers: list[str] | str | None = None  # KoboldCpp's default: none
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.2
     grammar: str = ""
@@ -109,17 +120,8 @@ class DetokenizeRequest(Body):
 
 
 def _reject_unsupported(body: KoboldGenerateRequest) -> None:
-    """400 for a sampler fitllm does not implement set to a non-neutral value (never silently ignored)."""
+    """400 for what fitllm does not implement set to a non-neutral value (never silently ignored)."""
     unsupported = [
-        ("top_a", body.top_a > 0, "0"),
-        ("typical", body.typical < 1, "1"),
-        ("tfs", body.tfs < 1, "1"),
-        ("nsigma", body.nsigma > 0, "0"),
-        ("mirostat", body.mirostat in (1, 2), "0"),
-        ("dynatemp_range", body.dynatemp_range > 0, "0"),
-        ("smoothing_factor", body.smoothing_factor > 0, "0"),
-        ("dry_multiplier", body.dry_multiplier > 0, "0"),
-        ("xtc_probability", body.xtc_probability > 0 and body.xtc_threshold <= 0.5, "0"),
         ("grammar", bool(body.grammar), "empty"),
         ("images", bool(body.images), "empty"),
     ]
@@ -128,26 +130,30 @@ def _reject_unsupported(body: KoboldGenerateRequest) -> None:
             raise bad_request(f"{name} is not supported by fitllm; set it to {neutral} (off)", name)
 
 
-def _temperature_last(body: KoboldGenerateRequest) -> bool:
-    """Map sampler_order onto the orders fitllm's sampler has: repetition penalties first, top-k before
-    top-p / min-p, temperature either before every active cut or after all of them."""
-    order = body.sampler_order or DEFAULT_SAMPLER_ORDER
-    if sorted(set(order)) != sorted(order) or any(not 0 <= s <= 6 for s in order):
+def sampler_order(order: list[int] | None) -> list[str]:
+    """KoboldCpp's sampler ids (0 top_k, 1 top_a, 2 top_p + min_p, 3 tfs, 4 typical, 5 temperature, 6
+    repetition penalties) as SamplingParams names, in the client's order; None: KoboldCpp's default."""
+    order = DEFAULT_SAMPLER_ORDER if order is None else order
+    if len(set(order)) != len(order) or any(not 0 <= s <= 6 for s in order):
         raise bad_request(f"sampler_order must list distinct sampler ids 0-6; got {order}", "sampler_order")
-    pos = {s: i for i, s in enumerate(order)}
-    active = [s for s, on in ((TOP_K, body.top_k >= 1), (TOP_P, body.top_p < 1 or body.min_p > 0)) if on]
-    if REP_PEN in pos and any(pos.get(s, -1) < pos[REP_PEN] for s in (*active, TEMPERATURE) if s in pos):
-        raise bad_request("sampler_order: fitllm applies repetition penalties (6) first", "sampler_order")
-    if TOP_K in active and TOP_P in active and pos.get(TOP_P, 99) < pos.get(TOP_K, 99):
-        raise bad_request("sampler_order: fitllm applies top_k (0) before top_p (2)", "sampler_order")
-    t = pos.get(TEMPERATURE, len(order))
-    before = [s for s in active if pos.get(s, 99) < t]
-    if before and len(before) != len(active):
-        raise bad_request(
-            "sampler_order: temperature (5) must come before or after all active truncation samplers",
-            "sampler_order",
-        )
-    return bool(before)
+    return [SAMPLER_NAMES[s] for s in order]
+
+
+def dry_breakers(value: list[str] | str | None) -> list[str]:
+    """dry_sequence_breakers as a list: KoboldCpp takes a list; SillyTavern's text-completion presets hold
+    a JSON string of one."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise bad_request(
+                "dry_sequence_breakers must be a list of strings", "dry_sequence_breakers"
+            ) from exc
+    if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+        raise bad_request("dry_sequence_breakers must be a list of strings", "dry_sequence_breakers")
+    return value
 
 
 def _reject_non_finite(body: KoboldGenerateRequest) -> None:
@@ -186,7 +192,24 @@ def sampling_params(
             repetition_penalty_range=max(1, body.rep_pen_range),
             repetition_penalty_slope=body.rep_pen_slope,
             presence_penalty=body.presence_penalty,
-            temperature_last=_temperature_last(body),
+            sampler_order=sampler_order(body.sampler_order),
+            top_a=max(0.0, body.top_a),
+            typical_p=min(1.0, max(0.0, body.typical)),
+            tfs=min(1.0, max(0.0, body.tfs)),
+            top_n_sigma=max(0.0, body.nsigma),
+            smoothing_factor=max(0.0, body.smoothing_factor),
+            dynatemp_range=body.dynatemp_range,
+            dynatemp_exponent=max(0.0, body.dynatemp_exponent),
+            mirostat=body.mirostat if body.mirostat in (1, 2) else 0,
+            mirostat_tau=body.mirostat_tau,
+            mirostat_eta=body.mirostat_eta,
+            xtc_threshold=body.xtc_threshold,
+            xtc_probability=min(1.0, max(0.0, body.xtc_probability)),
+            dry_multiplier=max(0.0, body.dry_multiplier),
+            dry_base=body.dry_base,
+            dry_allowed_length=body.dry_allowed_length,
+            dry_penalty_last_n=max(0, body.dry_penalty_last_n),
+            dry_sequence_breakers=dry_breakers(body.dry_sequence_breakers),
             seed=body.sampler_seed if body.sampler_seed > 0 else None,
             max_tokens=max_length,
             stop=stops,

@@ -13,9 +13,11 @@ their translation are in protocol.py, its jobs (genkeys) in jobs.py.
   `prompt_tokens_details`
   (server/reuse.py: prompt tokens reused from the prefix cache, shifted, from host, prefilled); front ends
   read only the fields they know.
-- `/api/extra/version` reports KoboldCpp 1.49 with every optional feature off: 1.49 is the version from
-  which KoboldAI Lite sends `memory` separately and streams over SSE, and every feature Lite enables below
-  it is one fitllm serves or rejects clearly.
+- `/api/extra/version` reports KoboldCpp 1.74 with every optional feature off: KoboldAI Lite turns on its
+  controls by version (1.49: `memory` sent separately, SSE; 1.70: DRY; 1.74: XTC), SillyTavern too (min-p
+  from 1.48, mirostat from 1.35); every feature they enable up to 1.74 is one fitllm serves (fitllm's
+  samplers are KoboldCpp 1.74's) or rejects clearly (grammar). Vision, whisper and the
+  other optional servers are reported off, which is how Lite and SillyTavern hide them.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ router = APIRouter(route_class=OffloadedJSONRoute)
 B = TypeVar("B", bound=BaseModel)
 
 KOBOLD_API_VERSION = "1.2.5"  # the KoboldAI United API version KoboldCpp reports
-KOBOLDCPP_VERSION = "1.49"
+KOBOLDCPP_VERSION = "1.74"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

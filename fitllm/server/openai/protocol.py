@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI-compatible routes, and their translation into SamplingParams.
 
 Unknown fields are accepted and ignored (front ends send several backends' fields in one body), except the
-ones other servers honour that would change the answer (UNSUPPORTED_FIELDS: a 400); known fields are
-type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
+ones other servers honour that would change the answer: other servers' sampler names are honoured
+(sampler_fields.HONOURED), and the rest are a 400 (UNSUPPORTED_FIELDS, sampler_fields.REFUSED); known
+fields are type-checked by pydantic (a 400 naming the field) and range-checked by SamplingParams.validate.
 
 fitllm's one extension field, `context_shift` (true / false; absent: --context-shift, else off), lets a
 request reuse a trimmed prompt's cached K/V by a context shift (K rotated to the new positions: close to,
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
+from fitllm.server.openai.sampler_fields import REFUSED, banned_phrases, writer_kwargs
 
 MAX_N = 16  # choices per request
 
@@ -50,6 +52,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (_set, "beam search is not supported"),
     "truncate_prompt_tokens": (lambda v: v is not None, "truncate_prompt_tokens is not supported"),
     "continue_final_message": (_set, "continue_final_message is not supported"),
+    **REFUSED,
 }
 
 
@@ -122,12 +125,12 @@ class SamplingFields(Body):
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
         }
-        kwargs = {k: v for k, v in values.items() if v is not None}
+        kwargs, names = writer_kwargs(self.model_extra or {}, values)
         try:
             return SamplingParams(
                 **kwargs,
-                seed=self.seed,
                 max_tokens=max_tokens,
                 min_tokens=self.min_tokens,
                 stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
@@ -138,10 +141,14 @@ class SamplingFields(Body):
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 context_shift=context_shift,
-                banned_strings=list(self.banned_strings or []),
+                banned_strings=banned_phrases(self.banned_strings, self.model_extra or {}),
             )
         except ValueError as exc:
-            raise bad_request(str(exc)) from exc
+            # SamplingParams names its field; the client may have sent it under another server's name.
+            message = str(exc)
+            field = message.split(" ", 1)[0]
+            sent = names.get(field, field)
+            raise bad_request(message.replace(field, sent, 1), sent if field in names else None) from exc
 
     @property
     def include_usage(self) -> bool:
