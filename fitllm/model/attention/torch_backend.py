@@ -55,6 +55,9 @@ class DecodeGroup:
     context: int
     rows: SlabSplit  # head_rows() of [num, context] slots (padding: 0)
     mask: torch.Tensor  # [num, context] bool, True = attend
+    # Whether any key of the gather is masked (padding, sliding window). Known on the host when the group
+    # is built, so a group of equal contexts (batch 1 always) attends with no mask at all.
+    masked: bool = True
 
 
 @dataclass(slots=True)
@@ -124,7 +127,8 @@ class TorchMetadataBuilder:
             group_slots = slot_of(padded.view(-1), pos, bs)
             rows = split_by_slab(head_rows(group_slots, kvh), slab_rows).to(device)
             mask = move(attention_mask(torch.tensor(contexts[a:b]) - 1, max_ctx, window), device)
-            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask))
+            masked = min(contexts[a:b]) < max_ctx or (window is not None and max_ctx > window)
+            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask, masked))
         for i in range(layout.num_decodes, len(layout.seq_lens)):
             first, end = layout.query_start[i], layout.seq_lens[i]
             q_len = layout.query_start[i + 1] - first
@@ -177,14 +181,11 @@ def _gather(attn, which: int, rows: SlabSplit) -> torch.Tensor:
 
 
 def _decode_kv(attn, dg: DecodeGroup, dtype: torch.dtype):
-    """A decode group's keys and values [kvh * n, ctx, d] in `dtype`, and for a quantized cache their
-    per-vector scales [kvh * n, 1, ctx] float32 (None otherwise): the scales are folded into the
-    scores and the probabilities instead of multiplying every element of K and V."""
+    """A quantized cache's decode group: keys and values [kvh * n, ctx, d] as codes converted to `dtype`,
+    and their per-vector scales [kvh * n, 1, ctx] float32: the scales are folded into the scores and the
+    probabilities instead of multiplying every element of K and V."""
     n, ctx, d = dg.num, dg.context, attn.head_dim
     shape = (attn.num_kv_heads * n, ctx, d)
-    if not attn.kv_format.quantized:
-        keys = _gather(attn, 0, dg.rows).view(shape)
-        return keys, _gather(attn, 1, dg.rows).view(shape), None, None
     out = []
     for which in (0, 1):
         codes, scale = attn.kv_format.split(_gather_raw(attn, which, dg.rows))
@@ -193,22 +194,48 @@ def _decode_kv(attn, dg: DecodeGroup, dtype: torch.dtype):
 
 
 def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
-    n, ctx = dg.num, dg.context
-    kvh, group, d = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
-    keys, vals, k_scale, v_scale = _decode_kv(attn, dg, q.dtype)
-    # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
-    qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
-    # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
-    # this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
-    scores = torch.bmm(qg, keys.transpose(1, 2))
+    """A decode group's attention: q [n, Hq, D] -> [n, Hq, D]. The gathered rows are in (kv_head,
+    request, position) order, so K/V are [kvh, n, ctx, d] with no copy, and the query heads sharing a KV
+    head are that head's query rows [kvh, n, group, d]: grouped-query attention needs no K/V repeat."""
+    n, kvh, d = dg.num, attn.num_kv_heads, attn.head_dim
+    group = attn.num_heads // kvh
+    qg = q.view(n, kvh, group, d).transpose(0, 1)
+    if attn.kv_format.quantized:
+        out = _decode_quantized(attn, qg.reshape(kvh * n, group, d), dg)
+    else:
+        # SDPA over the gathered rows: on CPU its flash kernel is 1.4-2.6x faster than a bfloat16
+        # bmm-softmax-bmm for a few query rows (benchmarks/cpu_attention.py); the mask [n, ctx] broadcasts
+        # over the KV heads, and a group of equal contexts needs none.
+        shape = (kvh, n, dg.context, d)
+        mask = dg.mask.unsqueeze(1) if dg.masked else None
+        out = F.scaled_dot_product_attention(
+            qg,
+            _gather(attn, 0, dg.rows).view(shape),
+            _gather(attn, 1, dg.rows).view(shape),
+            attn_mask=mask,
+            scale=attn.scale,
+        )
+    return out.reshape(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
+
+
+def _decode_quantized(attn, qg: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
+    """Decode over int8/fp8 codes, scales folded into scores and probabilities: qg [kvh * n, group, d] ->
+    [kvh * n, group, d] in q's dtype. On CPU in float32: bfloat16 bmm is the slow path there, and codes
+    convert to float32 as cheaply as to bfloat16."""
+    n, ctx, kvh = dg.num, dg.context, attn.num_kv_heads
+    compute = torch.float32 if qg.device.type == "cpu" else qg.dtype
+    keys, vals, k_scale, v_scale = _decode_kv(attn, dg, compute)
+    keys, vals = keys.to(compute), vals.to(compute)  # no-ops unless _decode_kv is replaced (tests)
+    scores = torch.bmm(qg.to(compute), keys.transpose(1, 2))
     # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
     scores = (scores * attn.scale).float() if k_scale is None else scores.float() * (k_scale * attn.scale)
-    mask = dg.mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
-    probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
+    if dg.masked:
+        mask = dg.mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
     if v_scale is not None:
         probs *= v_scale  # sum p (s v) = sum (p s) v: the same for V
-    out = torch.bmm(probs.to(q.dtype), vals)
-    return out.view(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
+    return torch.bmm(probs.to(compute), vals).to(qg.dtype)
 
 
 def _prefill(attn, q: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
