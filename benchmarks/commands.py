@@ -14,6 +14,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
     ("memory", "benchmarks.memory", "static vs elastic KV pool: peak bytes, KV utilization, TPOT", True),
     ("step", "benchmarks.decode_step", "one decode step's time: static vs elastic KV pool", True),
     (
+        "attention",
+        "benchmarks.cpu_attention",
+        "one layer's decode attention per context length and batch: the torch backend vs bf16 bmm",
+        False,
+    ),
+    (
         "quant",
         "benchmarks.quant_decode",
         "decode tokens/s per weight quantization and KV dtype, side by side",

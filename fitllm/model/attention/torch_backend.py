@@ -11,8 +11,11 @@ The cache lives in slabs (see fitllm/memory/kv/storage.py); each layer sees a li
 [2, slab_slots, kv_heads, head_dim]. Slot and row ids are global; the runner splits them by slab once per
 step (`SlabSplit`), and with a single slab every read and write is one call. Slot-major means a new
 token's K/V is one contiguous write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
-order: the result is already the [kv_heads * requests, context, head_dim] batch that bmm wants, with no
-transpose copy (measured 7x faster than gathering slots and permuting).
+order: the result is already the [kv_heads, requests, context, head_dim] batch that attention wants, with no
+transpose copy (measured 7x faster than gathering slots and permuting). Decodes run through SDPA with the
+query heads sharing a KV head as its query rows (no K/V repeat); a quantized cache folds its scales into a
+bmm-softmax-bmm, in float32 on CPU (benchmarks/cpu_attention.py, `fitllm bench attention`, measures both
+against the bfloat16 bmm path they replaced).
 """
 
 from __future__ import annotations
@@ -151,8 +154,11 @@ def torch_attention(
         kk, vv = (k, v) if pos is None else (k.index_select(0, pos), v.index_select(0, pos))
         cache[0].index_copy_(0, local, attn.kv_format.encode(kk))
         cache[1].index_copy_(0, local, attn.kv_format.encode(vv))
+    groups = meta.decode_groups
+    if not meta.prefills and len(groups) == 1 and groups[0].num == q.shape[0]:
+        return _decode(attn, q, groups[0])  # a decode-only step in one group: no output copy
     out = torch.empty_like(q)
-    for group in meta.decode_groups:
+    for group in groups:
         rows = slice(group.start, group.start + group.num)
         out[rows] = _decode(attn, q[rows], group)
     for span in meta.prefills:
