@@ -61,6 +61,16 @@ class DecodeGroup:
     # Whether any key of the gather is masked (padding, sliding window). Known on the host when the group
     # is built, so a group of equal contexts (batch 1 always) attends with no mask at all.
     masked: bool = True
+    # The mask as SDPA adds it ([n, 1, ctx], 0 / -inf in the query dtype), made by the step's first layer
+    # and reused by the others.
+    _additive: torch.Tensor | None = None
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as an additive [n, 1, ctx] mask of `dtype`, built once per step."""
+        if self._additive is None or self._additive.dtype != dtype:
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._additive = bias.masked_fill_(~self.mask, float("-inf")).unsqueeze(1)
+        return self._additive
 
 
 @dataclass(slots=True)
@@ -181,6 +191,19 @@ def _gather_raw(attn, which: int, rows: SlabSplit) -> torch.Tensor:
     return out
 
 
+def _gather_pair(attn, rows: SlabSplit) -> torch.Tensor:
+    """Rows of K and V together, [2, len(rows), entry_width] as stored: one gather instead of two."""
+    width = attn.kv_format.entry_width
+    if len(rows.parts) == 1:
+        slab, _, local = rows.parts[0]
+        return attn.kv_slabs[slab].view(2, -1, width).index_select(1, local)
+    first = attn.kv_slabs[rows.parts[0][0]]
+    out = torch.empty(2, rows.size, width, dtype=first.dtype, device=first.device)
+    for slab, pos, local in rows.parts:
+        out.index_copy_(1, pos, attn.kv_slabs[slab].view(2, -1, width).index_select(1, local))
+    return out
+
+
 def _gather(attn, which: int, rows: SlabSplit) -> torch.Tensor:
     """_gather_raw decoded to [len(rows), head_dim] in the compute dtype."""
     return attn.kv_format.decode(_gather_raw(attn, which, rows))
@@ -212,15 +235,9 @@ def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
         # SDPA over the gathered rows: on CPU its flash kernel is 1.4-2.6x faster than a bfloat16
         # bmm-softmax-bmm for a few query rows (benchmarks/cpu_attention.py); the mask [n, ctx] broadcasts
         # over the KV heads, and a group of equal contexts needs none.
-        shape = (kvh, n, dg.context, d)
-        mask = dg.mask.unsqueeze(1) if dg.masked else None
-        out = F.scaled_dot_product_attention(
-            qg,
-            _gather(attn, 0, dg.rows).view(shape),
-            _gather(attn, 1, dg.rows).view(shape),
-            attn_mask=mask,
-            scale=attn.scale,
-        )
+        kv = attn.kv_format.decode(_gather_pair(attn, dg.rows)).view(2, kvh, n, dg.context, d)
+        mask = dg.additive_mask(q.dtype) if dg.masked else None
+        out = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=attn.scale)
     return out.reshape(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
 
 
@@ -235,9 +252,8 @@ def _decode_quantized(attn, qg: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     scores = torch.bmm(qg.to(compute), keys.transpose(1, 2))
     # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
     scores = (scores * attn.scale).float() if k_scale is None else scores.float() * (k_scale * attn.scale)
-    if dg.masked:
-        mask = dg.mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
-        scores.masked_fill_(~mask, float("-inf"))
+    if dg.masked:  # the additive mask [n, 1, ctx] broadcasts over the KV heads
+        scores = (scores.view(kvh, n, -1, ctx) + dg.additive_mask(scores.dtype)).view(kvh * n, -1, ctx)
     probs = scores.softmax(dim=-1)
     if v_scale is not None:
         probs *= v_scale  # sum p (s v) = sum (p s) v: the same for V
