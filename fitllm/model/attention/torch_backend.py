@@ -12,10 +12,10 @@ The cache lives in slabs (see fitllm/memory/kv/storage.py); each layer sees a li
 step (`SlabSplit`), and with a single slab every read and write is one call. Slot-major means a new
 token's K/V is one contiguous write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
 order: the result is already the [kv_heads, requests, context, head_dim] batch that attention wants, with no
-transpose copy (measured 7x faster than gathering slots and permuting). Decodes run through SDPA with the
-query heads sharing a KV head as its query rows (no K/V repeat); a quantized cache folds its scales into a
-bmm-softmax-bmm, in float32 on CPU (benchmarks/cpu_attention.py, `fitllm bench attention`, measures both
-against the bfloat16 bmm path they replaced).
+transpose copy (measured 7x faster than gathering slots and permuting). Unpadded decode groups (batch 1) run
+through SDPA (float32 bmm for a quantized cache on CPU), padded ones through bmm-softmax-bmm
+(`_decode`; benchmarks/cpu_attention.py, `fitllm bench attention`, measures them against the bfloat16 bmm
+path).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class DecodeGroup:
     # Whether any key of the gather is masked (padding, sliding window). Known on the host when the group
     # is built, so a group of equal contexts (batch 1 always) attends with no mask at all.
     masked: bool = True
-    # The mask as SDPA adds it ([n, 1, ctx], 0 / -inf in the query dtype), made by the step's first layer
-    # and reused by the others.
+    # The mask as the scores add it ([n, 1, ctx], 0 / -inf in float32), made by the step's first layer and
+    # reused by the others.
     _additive: torch.Tensor | None = None
 
     def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -225,29 +225,35 @@ def _decode_kv(attn, dg: DecodeGroup, dtype: torch.dtype):
 def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     """A decode group's attention: q [n, Hq, D] -> [n, Hq, D]. The gathered rows are in (kv_head,
     request, position) order, so K/V are [kvh, n, ctx, d] with no copy, and the query heads sharing a KV
-    head are that head's query rows [kvh, n, group, d]: grouped-query attention needs no K/V repeat."""
+    head are that head's query rows [kvh, n, group, d]: grouped-query attention needs no K/V repeat.
+
+    A group with no masked key (equal contexts: batch 1 always) takes one SDPA call, whose CPU flash kernel
+    beats a bfloat16 bmm-softmax-bmm for a few query rows (`fitllm bench attention`); a quantized cache
+    computes it in float32 on CPU instead (bfloat16 bmm is the slow path there). Padded groups keep the
+    bmm-softmax-bmm in the model dtype, which measured faster than a masked SDPA for batches."""
     n, kvh, d = dg.num, attn.num_kv_heads, attn.head_dim
     group = attn.num_heads // kvh
     qg = q.view(n, kvh, group, d).transpose(0, 1)
-    if attn.kv_format.quantized:
-        out = _decode_quantized(attn, qg.reshape(kvh * n, group, d), dg)
+    if attn.kv_format.quantized or dg.masked:
+        fast = q.device.type == "cpu" and not dg.masked
+        compute = torch.float32 if fast else q.dtype
+        out = _decode_bmm(attn, qg.reshape(kvh * n, group, d), dg, compute)
     else:
-        # SDPA over the gathered rows: on CPU its flash kernel is 1.4-2.6x faster than a bfloat16
-        # bmm-softmax-bmm for a few query rows (benchmarks/cpu_attention.py); the mask [n, ctx] broadcasts
-        # over the KV heads, and a group of equal contexts needs none.
         kv = attn.kv_format.decode(_gather_pair(attn, dg.rows)).view(2, kvh, n, dg.context, d)
-        mask = dg.additive_mask(q.dtype) if dg.masked else None
-        out = F.scaled_dot_product_attention(qg, kv[0], kv[1], attn_mask=mask, scale=attn.scale)
+        out = F.scaled_dot_product_attention(qg, kv[0], kv[1], scale=attn.scale)
     return out.reshape(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
 
 
-def _decode_quantized(attn, qg: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
-    """Decode over int8/fp8 codes, scales folded into scores and probabilities: qg [kvh * n, group, d] ->
-    [kvh * n, group, d] in q's dtype. On CPU in float32: bfloat16 bmm is the slow path there, and codes
-    convert to float32 as cheaply as to bfloat16."""
+def _decode_bmm(attn, qg: torch.Tensor, dg: DecodeGroup, compute: torch.dtype) -> torch.Tensor:
+    """bmm-softmax-bmm in `compute` (softmax in float32, as HF's eager attention): qg [kvh * n, group, d]
+    -> [kvh * n, group, d] in q's dtype. A quantized cache's scales are folded into the scores and the
+    probabilities instead of multiplying every element of K and V."""
     n, ctx, kvh = dg.num, dg.context, attn.num_kv_heads
-    compute = torch.float32 if qg.device.type == "cpu" else qg.dtype
-    keys, vals, k_scale, v_scale = _decode_kv(attn, dg, compute)
+    if attn.kv_format.quantized:
+        keys, vals, k_scale, v_scale = _decode_kv(attn, dg, compute)
+    else:
+        kv = attn.kv_format.decode(_gather_pair(attn, dg.rows)).view(2, kvh * n, ctx, attn.head_dim)
+        keys, vals, k_scale, v_scale = kv[0], kv[1], None, None
     keys, vals = keys.to(compute), vals.to(compute)  # no-ops unless _decode_kv is replaced (tests)
     scores = torch.bmm(qg.to(compute), keys.transpose(1, 2))
     # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
