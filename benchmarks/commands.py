@@ -20,6 +20,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         True,
     ),
     (
+        "attention",
+        "benchmarks.cpu_attention",
+        "one layer's decode attention per context length and batch: the torch backend vs bf16 bmm",
+        False,
+    ),
+    (
         "quant",
         "benchmarks.quant_decode",
         "decode tokens/s per weight quantization and KV dtype, side by side",

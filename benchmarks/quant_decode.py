@@ -13,7 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.decode_step import decoding_engine, timed_rounds
+from benchmarks.decode_step import decoding_engine, median_split, split_rounds
 from benchmarks.workload import DEFAULT_TEXT
 
 DEFAULT_CONFIGS = "none,int8,int4,bnb-int8,bnb-nf4,none+kv-int8,none+kv-fp8"
@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-tokens", type=int, default=200, help="prompt length of each request (roughly)")
     g.add_argument("--steps", type=int, default=8, help="decode steps timed per round")
     g.add_argument("--rounds", type=int, default=5, help="alternating rounds over the configurations")
+    g.add_argument(
+        "--greedy", action="store_true", help="greedy requests (default: temperature 0.8, top-p 0.9)"
+    )
     g.add_argument("--json", type=Path, metavar="PATH", default=None, help="write the result as JSON")
 
 
@@ -63,14 +66,17 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         engines = {
             name: decoding_engine(
-                _config(args, name), args.text, batch, args.prompt_tokens, args.rounds * args.steps
+                _config(args, name),
+                args.text,
+                batch,
+                args.prompt_tokens,
+                args.rounds * args.steps,
+                greedy=args.greedy,
             )
             for name in configs
         }
-        rates = {
-            name: [batch / s for s in rounds]
-            for name, rounds in timed_rounds(engines, args.rounds, args.steps).items()
-        }
+        splits = split_rounds(engines, args.rounds, args.steps)
+        rates = {name: [batch * 1000 / r["step"] for r in rounds] for name, rounds in splits.items()}
         base = statistics.median(rates[configs[0]])
         for name in configs:
             tps = statistics.median(rates[name])
@@ -79,8 +85,13 @@ def run(args: argparse.Namespace) -> int:
                 "tokens_per_s_rounds": rates[name],
                 f"ratio_vs_{configs[0]}": tps / base,
                 "weight_bytes": engines[name].ledger.current("weights"),
+                "split_ms_median": (split := median_split(splits[name])),
             }
-            print(f"batch {batch:3}  {name:16} {tps:8.1f} tok/s  x{tps / base:.3f} vs {configs[0]}")
+            print(
+                f"batch {batch:3}  {name:16} {tps:8.1f} tok/s  x{tps / base:.3f} vs {configs[0]}  "
+                f"(per step: forward {split['forward']:.2f}, logits {split['logits']:.2f}, "
+                f"sample {split['sample']:.2f}, host {split['host']:.2f} ms)"
+            )
         del engines
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,21 @@ class SampledBatch:
         return SampleResult(token_list, lp_out, sampled_lp)
 
 
+def _plain_greedy(request: Request) -> bool:
+    """Whether a row wants the argmax of its raw logits: greedy, with no penalty, bias, min_tokens ban or
+    logprobs (what `Sampler.sample` would apply before its argmax)."""
+    p = request.params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and not p.logit_bias
+        and not (p.min_tokens and request.num_output_tokens + request.num_output_placeholders < p.min_tokens)
+    )
+
+
 class Sampler:
     """Turns the logits of sampled rows into next tokens."""
 
@@ -194,6 +209,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampledBatch:
         """Sample every row where the logits are; nothing here waits for the device."""
+        if all(_plain_greedy(r) for r in requests):
+            # Nothing but the argmax asked for (the usual batch-1 greedy decode): one op, on the logits as
+            # they are (a float32 copy would hold the same order).
+            return SampledBatch(logits.argmax(dim=-1), [None] * len(requests), [])
         logits = logits.float()
         n = len(requests)
         device = logits.device

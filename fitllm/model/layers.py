@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +30,10 @@ class RMSNorm(nn.Module):
             return add_rmsnorm(x, residual, self.weight, self.eps)  # one kernel on CUDA, same rounding
         if residual is not None:
             x = x + residual
-        residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype), residual
+        # One kernel for the float32 mean-square, rsqrt and scale, rounded once to x's dtype: bit-identical
+        # to the five ops Hugging Face writes (x.float(), pow, mean, rsqrt, mul, .to), which cost more than
+        # the arithmetic at decode sizes.
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps), x
 
 
 class SiluAndMul(nn.Module):
@@ -88,7 +89,9 @@ class RotaryEmbedding(nn.Module):
         self.max_position = max_position
         self.base = base
         self.scaling = scaling
-        self.cos_sin: torch.Tensor | None = None  # built by `build` on the target device
+        # [2, max_position, rotary_dim], built by `build` on the target device: cos, and sin; in the
+        # rotate-half layout sin carries rotate-half's sign (-sin on the first half, see `apply`).
+        self.cos_sin: torch.Tensor | None = None
 
     def inv_freq(self) -> torch.Tensor:
         inv_freq = 1.0 / (
@@ -109,21 +112,41 @@ class RotaryEmbedding(nn.Module):
         """Tabulate cos/sin for every position up to max_position, rounded to the model dtype once."""
         t = torch.arange(self.max_position, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq())
-        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
-        self.cos_sin = torch.stack((emb.cos(), emb.sin())).to(device=device, dtype=dtype)
+        cos, sin = self._cos_sin(freqs)
+        self.cos_sin = torch.stack((cos, sin)).to(device=device, dtype=dtype)
+
+    def _cos_sin(self, angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin rows [T, rotary_dim] of per-frequency `angles` [T, rotary_dim / 2], laid out for
+        `apply` (rotate-half: the sin's first half negated, so `apply` needs no rotate_half)."""
+        emb = angles.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((angles, angles), dim=-1)
+        sin = emb.sin()
+        if not self.interleaved:
+            sin[:, : self.rotary_dim // 2].neg_()
+        return emb.cos(), sin
+
+    def tables(self, positions: torch.Tensor) -> RotaryTables:
+        """The cos/sin rows of a step's positions, gathered once and shared by every layer."""
+        assert self.cos_sin is not None, "RotaryEmbedding.build was not called"
+        cos = self.cos_sin[0].index_select(0, positions).unsqueeze(1)
+        return RotaryTables(cos, self.cos_sin[1].index_select(0, positions).unsqueeze(1))
+
+    def apply(self, tables: RotaryTables, x: torch.Tensor) -> torch.Tensor:
+        """`x` [T, H, D] (any heads: a layer's q and k heads side by side take one call) rotated."""
+        rd = self.rotary_dim
+        if self.interleaved:
+            return _apply_rotary(x, tables.cos, tables.sin, rd, _rotate_pairs)
+        # rotate_half(x) * sin == roll(x, rd / 2) * signed sin, bit for bit (a sign flip is exact), with
+        # each product and the sum rounded where Hugging Face rounds them.
+        rot = x if rd == x.shape[-1] else x[..., :rd]
+        out = rot * tables.cos + rot.roll(rd // 2, dims=-1) * tables.sin
+        return out if rd == x.shape[-1] else torch.cat((out, x[..., rd:]), dim=-1)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D]; positions: [T]."""
-        assert self.cos_sin is not None, "RotaryEmbedding.build was not called"
-        cos = self.cos_sin[0].index_select(0, positions).unsqueeze(1)
-        sin = self.cos_sin[1].index_select(0, positions).unsqueeze(1)
-        rotate = _rotate_pairs if self.interleaved else _rotate_half
-        return (
-            _apply_rotary(q, cos, sin, self.rotary_dim, rotate),
-            _apply_rotary(k, cos, sin, self.rotary_dim, rotate),
-        )
+        tables = self.tables(positions)
+        return self.apply(tables, q), self.apply(tables, k)
 
     def shift(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Keys already rotated to their positions, moved `delta` positions ([T], negative: earlier) by one
@@ -131,16 +154,16 @@ class RotaryEmbedding(nn.Module):
         The angles use the scaled `inv_freq` the tables were built from (scaling applied once) and are
         computed in float64, so a shift by thousands of positions adds no angle error of its own."""
         angles = delta.to(torch.float64).unsqueeze(1) * self.inv_freq().to(torch.float64).unsqueeze(0)
-        emb = angles.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((angles, angles), dim=-1)
-        cos = emb.cos().to(device=k.device, dtype=k.dtype).unsqueeze(1)
-        sin = emb.sin().to(device=k.device, dtype=k.dtype).unsqueeze(1)
-        rotate = _rotate_pairs if self.interleaved else _rotate_half
-        return _apply_rotary(k, cos, sin, self.rotary_dim, rotate)
+        cos, sin = (t.to(device=k.device, dtype=k.dtype).unsqueeze(1) for t in self._cos_sin(angles))
+        return self.apply(RotaryTables(cos, sin), k)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+@dataclass(frozen=True, slots=True)
+class RotaryTables:
+    """One step's rotary rows, [T, 1, rotary_dim] each (rotate-half layout: sin carries the sign)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
 
 def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +172,7 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, rotate=_rotate_half
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, rotate
 ) -> torch.Tensor:
     if rotary_dim == x.shape[-1]:
         return x * cos + rotate(x) * sin

@@ -9,7 +9,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.model.attention import AttentionMetadata, PagedAttention
-from fitllm.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, VocabEmbedding
+from fitllm.model.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, VocabEmbedding
 from fitllm.model.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
@@ -47,18 +47,14 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, hd, scale=hd**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn(q, k, v, meta)
-        return self.o_proj(out.reshape(t, q_size))
+    def forward(self, rope: RotaryTables, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """rope: the step's rotary rows (`RotaryEmbedding.tables`, gathered once for all layers)."""
+        t, hq, hk, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x).view(t, hq + 2 * hk, d)
+        # q and k heads are adjacent in the fused projection: one rotary call rotates both.
+        qk = self.rotary.apply(rope, qkv[:, : hq + hk])
+        out = self.attn(qk[:, :hq], qk[:, hq:], qkv[:, hq + hk :], meta)
+        return self.o_proj(out.reshape(t, hq * d))
 
 
 class LlamaMLP(nn.Module):
@@ -94,13 +90,13 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: RotaryTables,
         x: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, meta)
+        h = self.self_attn(rope, h, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -154,8 +150,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         residual = None
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            h, residual = layer(positions, h, residual, meta)
+            h, residual = layer(rope, h, residual, meta)
         h, _ = self.norm(h, residual)
         return h
 

@@ -11,8 +11,11 @@ The cache lives in slabs (see fitllm/memory/kv/storage.py); each layer sees a li
 [2, slab_slots, kv_heads, head_dim]. Slot and row ids are global; the runner splits them by slab once per
 step (`SlabSplit`), and with a single slab every read and write is one call. Slot-major means a new
 token's K/V is one contiguous write. Reads gather rows of its [num_slots * kv_heads, head_dim] view in (kv_head, request, position)
-order: the result is already the [kv_heads * requests, context, head_dim] batch that bmm wants, with no
-transpose copy (measured 7x faster than gathering slots and permuting).
+order: the result is already the [kv_heads, requests, context, head_dim] batch that attention wants, with no
+transpose copy (measured 7x faster than gathering slots and permuting). Unpadded decode groups (batch 1) run
+through SDPA (float32 bmm for a quantized cache on CPU), padded ones through bmm-softmax-bmm
+(`_decode`; benchmarks/cpu_attention.py, `fitllm bench attention`, measures them against the bfloat16 bmm
+path).
 """
 
 from __future__ import annotations
@@ -55,6 +58,19 @@ class DecodeGroup:
     context: int
     rows: SlabSplit  # head_rows() of [num, context] slots (padding: 0)
     mask: torch.Tensor  # [num, context] bool, True = attend
+    # Whether any key of the gather is masked (padding, sliding window). Known on the host when the group
+    # is built, so a group of equal contexts (batch 1 always) attends with no mask at all.
+    masked: bool = True
+    # The mask as the scores add it ([n, 1, ctx], 0 / -inf in float32), made by the step's first layer and
+    # reused by the others.
+    _additive: torch.Tensor | None = None
+
+    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """`mask` as an additive [n, 1, ctx] mask of `dtype`, built once per step."""
+        if self._additive is None or self._additive.dtype != dtype:
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self._additive = bias.masked_fill_(~self.mask, float("-inf")).unsqueeze(1)
+        return self._additive
 
 
 @dataclass(slots=True)
@@ -124,7 +140,8 @@ class TorchMetadataBuilder:
             group_slots = slot_of(padded.view(-1), pos, bs)
             rows = split_by_slab(head_rows(group_slots, kvh), slab_rows).to(device)
             mask = move(attention_mask(torch.tensor(contexts[a:b]) - 1, max_ctx, window), device)
-            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask))
+            masked = min(contexts[a:b]) < max_ctx or (window is not None and max_ctx > window)
+            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask, masked))
         for i in range(layout.num_decodes, len(layout.seq_lens)):
             first, end = layout.query_start[i], layout.seq_lens[i]
             q_len = layout.query_start[i + 1] - first
@@ -147,8 +164,11 @@ def torch_attention(
         kk, vv = (k, v) if pos is None else (k.index_select(0, pos), v.index_select(0, pos))
         cache[0].index_copy_(0, local, attn.kv_format.encode(kk))
         cache[1].index_copy_(0, local, attn.kv_format.encode(vv))
+    groups = meta.decode_groups
+    if not meta.prefills and len(groups) == 1 and groups[0].num == q.shape[0]:
+        return _decode(attn, q, groups[0])  # a decode-only step in one group: no output copy
     out = torch.empty_like(q)
-    for group in meta.decode_groups:
+    for group in groups:
         rows = slice(group.start, group.start + group.num)
         out[rows] = _decode(attn, q[rows], group)
     for span in meta.prefills:
@@ -171,20 +191,30 @@ def _gather_raw(attn, which: int, rows: SlabSplit) -> torch.Tensor:
     return out
 
 
+def _gather_pair(attn, rows: SlabSplit) -> torch.Tensor:
+    """Rows of K and V together, [2, len(rows), entry_width] as stored: one gather instead of two."""
+    width = attn.kv_format.entry_width
+    if len(rows.parts) == 1:
+        slab, _, local = rows.parts[0]
+        return attn.kv_slabs[slab].view(2, -1, width).index_select(1, local)
+    first = attn.kv_slabs[rows.parts[0][0]]
+    out = torch.empty(2, rows.size, width, dtype=first.dtype, device=first.device)
+    for slab, pos, local in rows.parts:
+        out.index_copy_(1, pos, attn.kv_slabs[slab].view(2, -1, width).index_select(1, local))
+    return out
+
+
 def _gather(attn, which: int, rows: SlabSplit) -> torch.Tensor:
     """_gather_raw decoded to [len(rows), head_dim] in the compute dtype."""
     return attn.kv_format.decode(_gather_raw(attn, which, rows))
 
 
 def _decode_kv(attn, dg: DecodeGroup, dtype: torch.dtype):
-    """A decode group's keys and values [kvh * n, ctx, d] in `dtype`, and for a quantized cache their
-    per-vector scales [kvh * n, 1, ctx] float32 (None otherwise): the scales are folded into the
-    scores and the probabilities instead of multiplying every element of K and V."""
+    """A quantized cache's decode group: keys and values [kvh * n, ctx, d] as codes converted to `dtype`,
+    and their per-vector scales [kvh * n, 1, ctx] float32: the scales are folded into the scores and the
+    probabilities instead of multiplying every element of K and V."""
     n, ctx, d = dg.num, dg.context, attn.head_dim
     shape = (attn.num_kv_heads * n, ctx, d)
-    if not attn.kv_format.quantized:
-        keys = _gather(attn, 0, dg.rows).view(shape)
-        return keys, _gather(attn, 1, dg.rows).view(shape), None, None
     out = []
     for which in (0, 1):
         codes, scale = attn.kv_format.split(_gather_raw(attn, which, dg.rows))
@@ -193,22 +223,47 @@ def _decode_kv(attn, dg: DecodeGroup, dtype: torch.dtype):
 
 
 def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
-    n, ctx = dg.num, dg.context
-    kvh, group, d = attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, attn.head_dim
-    keys, vals, k_scale, v_scale = _decode_kv(attn, dg, q.dtype)
-    # The query heads sharing a KV head become that head's query rows: no K/V repeat for GQA.
-    qg = q.view(n, kvh, group, d).transpose(0, 1).reshape(kvh * n, group, d)
-    # Plain matmul-softmax-matmul (softmax in float32, as HF's eager attention): for a few query rows
-    # this is ~2x faster on CPU in bfloat16 than SDPA's flash kernel.
-    scores = torch.bmm(qg, keys.transpose(1, 2))
+    """A decode group's attention: q [n, Hq, D] -> [n, Hq, D]. The gathered rows are in (kv_head,
+    request, position) order, so K/V are [kvh, n, ctx, d] with no copy, and the query heads sharing a KV
+    head are that head's query rows [kvh, n, group, d]: grouped-query attention needs no K/V repeat.
+
+    A group with no masked key (equal contexts: batch 1 always) takes one SDPA call, whose CPU flash kernel
+    beats a bfloat16 bmm-softmax-bmm for a few query rows (`fitllm bench attention`); a quantized cache
+    computes it in float32 on CPU instead (bfloat16 bmm is the slow path there). Padded groups keep the
+    bmm-softmax-bmm in the model dtype, which measured faster than a masked SDPA for batches."""
+    n, kvh, d = dg.num, attn.num_kv_heads, attn.head_dim
+    group = attn.num_heads // kvh
+    qg = q.view(n, kvh, group, d).transpose(0, 1)
+    if attn.kv_format.quantized or dg.masked:
+        fast = q.device.type == "cpu" and not dg.masked
+        compute = torch.float32 if fast else q.dtype
+        out = _decode_bmm(attn, qg.reshape(kvh * n, group, d), dg, compute)
+    else:
+        kv = attn.kv_format.decode(_gather_pair(attn, dg.rows)).view(2, kvh, n, dg.context, d)
+        out = F.scaled_dot_product_attention(qg, kv[0], kv[1], scale=attn.scale)
+    return out.reshape(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
+
+
+def _decode_bmm(attn, qg: torch.Tensor, dg: DecodeGroup, compute: torch.dtype) -> torch.Tensor:
+    """bmm-softmax-bmm in `compute` (softmax in float32, as HF's eager attention): qg [kvh * n, group, d]
+    -> [kvh * n, group, d] in q's dtype. A quantized cache's scales are folded into the scores and the
+    probabilities instead of multiplying every element of K and V."""
+    n, ctx, kvh = dg.num, dg.context, attn.num_kv_heads
+    if attn.kv_format.quantized:
+        keys, vals, k_scale, v_scale = _decode_kv(attn, dg, compute)
+    else:
+        kv = attn.kv_format.decode(_gather_pair(attn, dg.rows)).view(2, kvh * n, ctx, attn.head_dim)
+        keys, vals, k_scale, v_scale = kv[0], kv[1], None, None
+    keys, vals = keys.to(compute), vals.to(compute)  # no-ops unless _decode_kv is replaced (tests)
+    scores = torch.bmm(qg.to(compute), keys.transpose(1, 2))
     # Quantized K: q . (s k) = s (q . k), one multiply per score instead of one per element of K.
     scores = (scores * attn.scale).float() if k_scale is None else scores.float() * (k_scale * attn.scale)
-    mask = dg.mask.unsqueeze(0).expand(kvh, n, ctx).reshape(kvh * n, 1, ctx)
-    probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
+    if dg.masked:  # the additive mask [n, 1, ctx] broadcasts over the KV heads
+        scores = (scores.view(kvh, n, -1, ctx) + dg.additive_mask(scores.dtype)).view(kvh * n, -1, ctx)
+    probs = scores.softmax(dim=-1)
     if v_scale is not None:
         probs *= v_scale  # sum p (s v) = sum (p s) v: the same for V
-    out = torch.bmm(probs.to(q.dtype), vals)
-    return out.view(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
+    return torch.bmm(probs.to(compute), vals).to(qg.dtype)
 
 
 def _prefill(attn, q: torch.Tensor, span: PrefillSpan) -> torch.Tensor:

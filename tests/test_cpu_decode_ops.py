@@ -1,0 +1,114 @@
+"""The CPU decode path's hand-fused ops (issue 24) against the references they replace: RMSNorm and rotary
+against transformers' Llama code bit for bit, decode attention over the paged cache against a float64
+softmax, and the sampler's greedy shortcut against the full pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from fitllm.engine.request import Request, SamplingParams
+from fitllm.engine.sampler import Sampler
+from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.model.attention import BatchLayout, PagedAttention, metadata_builder
+from fitllm.model.attention import torch_backend as tb
+from fitllm.model.layers import RMSNorm, RotaryEmbedding
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_with_residual_is_transformers_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    hf = LlamaRMSNorm(576, eps=1e-5)
+    hf.weight.data = (1 + 0.5 * torch.randn(576, generator=g)).to(dtype)
+    ours = RMSNorm(576, 1e-5)
+    ours.weight.data = hf.weight.data.clone()
+    x = (4 * torch.randn(7, 576, generator=g)).to(dtype)
+    res = torch.randn(7, 576, generator=g).to(dtype)
+    got, got_res = ours(x, res)
+    assert torch.equal(got_res, x + res)
+    assert torch.equal(got, hf(x + res))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_of_q_and_k_heads_together_is_transformers_bit_for_bit(dtype):
+    """One `apply` over q and k heads side by side (as LlamaAttention calls it, the step's rows gathered
+    once) gives what transformers' rotate-half gives for q and k separately."""
+    cfg = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0)
+    hf_rope = LlamaRotaryEmbedding(cfg)
+    rope = RotaryEmbedding(64, 4096, 100000.0)
+    rope.build(torch.device("cpu"), dtype)
+    g = torch.Generator().manual_seed(5)
+    positions = torch.tensor([0, 1, 17, 300, 4095])
+    qk = (3 * torch.randn(5, 12, 64, generator=g)).to(dtype)  # 9 query heads then 3 KV heads
+    cos, sin = hf_rope(qk, positions.unsqueeze(0))
+    want_q, want_k = apply_rotary_pos_emb(
+        qk[:, :9].transpose(0, 1).unsqueeze(0), qk[:, 9:].transpose(0, 1).unsqueeze(0), cos, sin
+    )
+    got = rope.apply(rope.tables(positions), qk)
+    assert torch.equal(got[:, :9], want_q.squeeze(0).transpose(0, 1))
+    assert torch.equal(got[:, 9:], want_k.squeeze(0).transpose(0, 1))
+    # The compatibility entry point agrees with the fused one.
+    q2, k2 = rope(positions, qk[:, :9], qk[:, 9:])
+    assert torch.equal(q2, got[:, :9]) and torch.equal(k2, got[:, 9:])
+
+
+def _decode_case(contexts: list[int], kv_dtype: str, dtype: torch.dtype, window: int | None, seed: int):
+    """A bound layer over a cache of shuffled blocks, the decode group of `contexts`, queries, and the
+    float64 K/V each request attends to (as stored, decoded)."""
+    heads, kvh, d, bs = 8, 2, 32, 16
+    g = torch.Generator().manual_seed(seed)
+    blocks = sum(-(-c // bs) for c in contexts) + 3
+    order = torch.randperm(blocks, generator=g).tolist()
+    layout = BatchLayout(bs, num_decodes=len(contexts))
+    for c in contexts:
+        n = -(-c // bs)
+        table, order = order[:n], order[n:]
+        layout.add_sequence(table, c - 1, c)
+    fmt = KVCacheFormat(kv_dtype, dtype, d)
+    attn = PagedAttention(heads, kvh, d, d**-0.5)
+    attn.kv_slabs = [fmt.encode(torch.randn(2, blocks * bs, kvh, d, generator=g).to(dtype))]
+    attn.kv_format = fmt
+    meta = metadata_builder("torch", kvh, window, blocks * bs).build(layout, torch.device("cpu"))
+    q = torch.randn(len(contexts), heads, d, generator=g).to(dtype)
+    kv = fmt.decode(attn.kv_slabs[0].view(-1, fmt.entry_width)).view(2, blocks * bs, kvh, d).double()
+    return attn, q, meta, layout, kv
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("contexts", "window"), [([37], None), ([5, 40, 17, 33], None), ([50, 20], 24)])
+def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, window):
+    attn, q, meta, layout, kv = _decode_case(contexts, kv_dtype, dtype, window, seed=len(contexts))
+    (group,) = meta.decode_groups
+    assert group.masked == (len(set(contexts)) > 1 or window is not None and max(contexts) > window)
+    got = tb._decode(attn, q, group)
+    for i, c in enumerate(contexts):
+        pos = torch.arange(c)
+        keep = pos > c - 1 - window if window else pos >= 0
+        slots = torch.tensor([layout.block_tables[i][p // 16] * 16 + p % 16 for p in range(c)])[keep]
+        k, v = kv[0, slots], kv[1, slots]  # [ctx, kvh, d]
+        qi = q[i].double().view(2, 4, 32)  # query heads grouped by their KV head
+        probs = (torch.einsum("hgd,chd->hgc", qi, k) * attn.scale).softmax(-1)
+        want = torch.einsum("hgc,chd->hgd", probs, v).reshape(8, 32)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got[i].double(), want, rtol=tol, atol=tol)
+
+
+def _request(i: int, **params) -> Request:
+    return Request(f"r{i}", None, [1, 2, 3], SamplingParams(max_tokens=4, **params))
+
+
+def test_plain_greedy_rows_take_the_argmax_shortcut_and_others_the_pipeline():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    sampler = Sampler([0])
+    plain = sampler(logits, [_request(i, temperature=0.0) for i in range(3)])
+    assert plain.token_ids == logits.float().argmax(-1).tolist() and plain.logprobs == [None] * 3
+    # A row that asks for more (logprobs, a bias) is served by the whole pipeline, for every row.
+    asks = [_request(0, temperature=0.0, logprobs=2), _request(1, temperature=0.0, logit_bias={7: 100.0})]
+    full = sampler(logits[:2], asks)
+    assert full.token_ids[0] == plain.token_ids[0] and full.logprobs[0] is not None
+    assert full.token_ids[1] == 7
