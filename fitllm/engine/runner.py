@@ -20,7 +20,7 @@ from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
-from fitllm.memory.kv.swap import KVCopy
+from fitllm.memory.kv.swap import KVCopy, make_copies
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import AttentionMetadata, BatchLayout, TritonMetadata, metadata_builder
 from fitllm.plan.planner import capture_sizes
@@ -240,10 +240,7 @@ class ModelRunner:
         """Make a step's swap copies before its forward: out first (a victim's freed blocks may be another
         request's this step), then in. Waits for them; returns the seconds they took."""
         start = time.perf_counter()
-        for copy in swap_out:
-            self.storage.read_slots(copy.slots, copy.host)
-        for copy in swap_in:
-            self.storage.write_slots(copy.slots, copy.host)
+        make_copies(self.storage, swap_out, swap_in)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

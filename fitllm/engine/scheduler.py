@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from fitllm.config import cdiv
 from fitllm.engine.request import Request, RequestStatus
 from fitllm.engine.sampler import SampleResult
+from fitllm.memory.kv.host_cache import HostKVCache, restore_from_host
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.swap import KVCopy, KVSwapper
 
@@ -55,6 +56,10 @@ class SchedulerOutput:
     # resumed requests' back into their new blocks.
     swap_out: list[KVCopy] = field(default_factory=list)
     swap_in: list[KVCopy] = field(default_factory=list)
+    # The host prefix tier's copies (fitllm/memory/kv/host_cache.py), made with the swaps: evicted cached
+    # blocks out to host (with the outs), blocks a prefix hit found on host back (with the ins).
+    cache_out: list[KVCopy] = field(default_factory=list)
+    cache_in: list[KVCopy] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +107,7 @@ class Scheduler:
     ) -> None:
         self.kv = kv
         self.swapper = swapper
+        self.host_cache: HostKVCache | None = None  # the host tier under the prefix cache (--kv-host-cache)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -193,6 +199,8 @@ class Scheduler:
             if num_new is None:
                 break
             budget -= num_new
+        if self.host_cache is not None:
+            out.cache_out, out.cache_in = self.host_cache.copies()
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int | None:
@@ -201,10 +209,13 @@ class Scheduler:
         if req.num_output_placeholders:
             return None  # preempted with a token in flight: its ids are complete once that step is known
         swapped = self.swapper is not None and self.swapper.holds(req.request_id)
+        from_host = 0
         if swapped:
             hits, num_hit = [], self.swapper.num_swapped_tokens(req.request_id)
         else:
             hits, num_hit = self.kv.find_prefix_hit(req.request_id, req.token_ids)
+            hits, from_host = restore_from_host(self.host_cache, self.kv, req.request_id, req.token_ids, hits)
+            num_hit += from_host
         num_new = min(req.num_tokens - num_hit, budget)
         if not self.kv.allocate(req.request_id, num_hit + num_new, hits):
             victims = self._lower_priority_running(req)
@@ -222,7 +233,8 @@ class Scheduler:
         else:
             self.kv.record_prefix_lookup(req.num_tokens, num_hit)
             if req.num_preemptions == 0:
-                req.reuse.cached = num_hit
+                req.reuse.cached = num_hit - from_host
+                req.reuse.from_host = from_host
                 req.reuse.prefilled = req.num_prompt_tokens - num_hit
         req.num_computed_tokens = num_hit
         req.status = RequestStatus.RUNNING

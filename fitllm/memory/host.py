@@ -14,6 +14,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(slots=True)
 class HostMemory:
@@ -59,6 +61,12 @@ def trim_host_heap() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Host memory that device copies read and write: pinned (page-locked) when `pin` (a CUDA device),
+    so a copy to or from it runs without a bounce through pageable memory and may be asynchronous."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 def _reset_peak() -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from fitllm.config import cdiv
 from fitllm.memory.kv.block_pool import BlockHash, BlockPool, KVBlock
+from fitllm.memory.kv.layout import block_slots
 
 
 class KVCacheManager:
@@ -32,14 +33,16 @@ class KVCacheManager:
             )
         return hashes
 
+    def prefix_block_hashes(self, request_id: str, token_ids: list[int]) -> list[BlockHash]:
+        """Hashes of the full blocks a prefix hit may cover (all but the last token, which is recomputed)."""
+        return self._block_hashes(request_id, token_ids)[: (len(token_ids) - 1) // self.block_size]
+
     def find_prefix_hit(self, request_id: str, token_ids: list[int]) -> tuple[list[KVBlock], int]:
         """Longest run of cached full blocks at the start of `token_ids`, leaving >= 1 token to compute."""
         if not self.pool.enable_caching:
             return [], 0
-        # The last token must be recomputed to produce logits, so it may not come from the cache.
-        max_blocks = (len(token_ids) - 1) // self.block_size
         hits: list[KVBlock] = []
-        for block_hash in self._block_hashes(request_id, token_ids)[:max_blocks]:
+        for block_hash in self.prefix_block_hashes(request_id, token_ids):
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
@@ -92,8 +95,7 @@ class KVCacheManager:
 
     def slots(self, request_id: str, num_tokens: int) -> torch.Tensor:
         """Physical slot ids of the request's first `num_tokens` tokens (int64, on CPU)."""
-        ids = torch.tensor(self.block_ids(request_id), dtype=torch.int64)
-        slots = (ids.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).reshape(-1)
+        slots = block_slots(self.block_ids(request_id), self.block_size)
         assert len(slots) >= num_tokens, f"{request_id}: {num_tokens} tokens but {len(slots)} slots"
         return slots[:num_tokens]
 
