@@ -227,7 +227,7 @@ class Plan:
             ),
             (
                 "host tier for evicted prefix KV",
-                f"{format_bytes(self.kv_host_cache)} of host memory (--kv-host-cache, outside the budget)"
+                f"{format_bytes(self.kv_host_cache)} of host memory (--kv-host-cache, outside the budget; CUDA only)"
                 if self.kv_host_cache
                 else "off (--kv-host-cache)",
             ),
