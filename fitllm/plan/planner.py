@@ -150,7 +150,7 @@ class Plan:
     resident_weight_bytes: int = 0  # weights held on the device (all of them without offload)
     offload_estimate: OffloadEstimate | None = None  # predicted decode speed with the offload chosen
     graph_pool: int = 0  # decode CUDA graphs' pool and static inputs (0: decode runs eagerly)
-    kv_cache_retention: int = 0  # cached prefix KV idle release keeps, inside the KV room (--kv-cache-retention)
+    kv_cache_retention: int = 0  # cached KV idle release keeps, within the KV room (--kv-cache-retention)
     kv_host_cache: int = 0  # host memory for prefix KV evicted from the device, outside the budget
     suggestions: list[str] = field(default_factory=list)
 
