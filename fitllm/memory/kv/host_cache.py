@@ -98,10 +98,12 @@ class HostKVCache:
 
     def flush(self) -> None:
         """Make the recorded copies out now (their slab is about to be freed)."""
+        if not self._out:
+            return
         for copy in self._out:
             self.storage.read_slots(copy.slots, copy.host)
         self._out = []
-        if self.storage.device.type == "cuda":
+        if self.storage.device.type == "cuda":  # the host rows are complete before anything reads them
             torch.cuda.synchronize(self.storage.device)
 
     def _take_row(self) -> int | None:
