@@ -103,6 +103,7 @@ class Driver:
             copy_blocks=self._copy,
         )
         self.running: dict[int, tuple[list[KVBlock], list[BlockHash]]] = {}
+        self.started: list[tuple] = []
         self.hit_blocks = 0
 
     def _copy(self, src: list[int], dst: list[int]) -> None:
@@ -148,23 +149,26 @@ class Driver:
         self.pool.release(list(reversed(blocks)))
 
 
+# (kind, a, b): start a request on story a of b blocks; finish the a-th running one; pause a seconds;
+# release idle slabs.
 ops = st.lists(
-    st.one_of(
-        st.tuples(st.just("start"), st.integers(0, 5), st.integers(0, 3), st.integers(1, 6)),
-        st.tuples(st.just("finish"), st.integers(0, 5), st.just(0), st.just(0)),
-        st.tuples(st.just("pause"), st.integers(1, 30), st.just(0), st.just(0)),
-        st.tuples(st.just("release"), st.just(0), st.just(0), st.just(0)),
+    st.tuples(
+        st.sampled_from(["start", "start", "finish", "finish", "pause", "release"]),
+        st.integers(0, 30),
+        st.integers(1, 6),
     ),
-    max_size=50,
+    min_size=20,
+    max_size=60,
 )
 
 
 def _apply(d: Driver, op: tuple) -> None:
-    kind, a, b, c = op
+    kind, a, b = op
     if kind == "start":
-        d.start(a, b, c)
-    elif kind == "finish":
-        d.finish(a)
+        d.start(len(d.started), a % 4, b)
+        d.started.append(op)
+    elif kind == "finish" and d.running:
+        d.finish(sorted(d.running)[a % len(d.running)])
 
 
 # The fake clock only moves forward, so one clock serves every example.
@@ -181,7 +185,7 @@ def test_idle_release_keeps_recent_prefixes_within_the_retention_budget(clock, o
             clock.now += op[1]
         elif op[0] == "release":
             lru = list(pool._cached)  # least recently used first
-            keep = set(lru[len(lru) - retain :]) if retain else set()
+            keep = set(lru[max(0, len(lru) - retain) :]) if retain else set()
             live_before = set(d.alloc.live)
             hashes = {i: pool.blocks[i].block_hash for i in lru}
             released = pool.release_idle_slabs()

@@ -141,7 +141,8 @@ class BlockPool:
         self.num_retained = 0  # cached blocks the last idle release kept off the slabs it would free
         self.held_slabs: list[int] = []  # idle slabs the last idle release kept for cached blocks
         self._version = 0  # changes whenever blocks change state (a release pass with nothing new is skipped)
-        self._checked: tuple[int, tuple[int, ...]] | None = None
+        self._checked: tuple[int, tuple[int, ...]] | None = None  # (version, idle slabs) last held
+        self._recheck_at = 0.0
         self._open_slab(0)
 
     # ---- sizes --------------------------------------------------------------------------------------
@@ -217,11 +218,21 @@ class BlockPool:
             for s in sorted(self.allocator.live - {0})
             if not self._slab_used[s] and now - self._idle_since[s] >= self.idle_release_s
         )
-        if not draining or self._checked == (self._version, draining):
-            return 0  # nothing idle, or the same idle slabs held last time with nothing changed since
+        if not draining:
+            return 0
+        # The same idle slabs held last time: planned again once blocks changed, at most once a second
+        # (each plan walks every cached and free block; idle release works in tens of seconds).
+        held_before = self._checked is not None and self._checked[1] == draining
+        if held_before and (self._checked[0] == self._version or now < self._recheck_at):
+            return 0
         plan = plan_release(
             list(draining), self.slab_blocks, list(self._cached), self._free, self.retain_blocks
         )
+        self.num_retained, self.held_slabs = plan.retained, plan.held
+        self._checked = (self._version, draining) if plan.held else None
+        self._recheck_at = now + min(1.0, self.idle_release_s)
+        if not (plan.release or plan.moves or plan.dropped):
+            return 0  # every idle slab is held as it is
         for i in plan.dropped:
             self._evict(self.blocks[i])
         if self.eviction_sink is not None:
@@ -246,10 +257,9 @@ class BlockPool:
             self.allocator.remove(slab)
             self.num_releases += 1
         self.num_compacted += len(plan.moves)
-        self.num_retained = plan.retained
-        self.held_slabs = plan.held
         self._version += 1
-        self._checked = (self._version, draining) if plan.held else None
+        if plan.held:
+            self._checked = (self._version, draining)
         return len(plan.release)
 
     def _evict(self, block: KVBlock) -> None:

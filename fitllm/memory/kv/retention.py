@@ -46,7 +46,7 @@ def plan_release(
     cached_lru: every cached block id of the live slabs, least recently used first; free: every clean free
     block id of the live slabs; retain_blocks: the retention budget in blocks."""
     idle = set(draining)
-    keep = set(cached_lru[len(cached_lru) - retain_blocks :]) if retain_blocks > 0 else set()
+    keep = set(cached_lru[max(0, len(cached_lru) - retain_blocks) :]) if retain_blocks > 0 else set()
     kept_on = Counter(i // slab_blocks for i in keep if i // slab_blocks in idle)
     need = sum(kept_on.values())  # kept blocks on idle slabs
     # Room on the slabs that stay: clean free blocks and cached blocks beyond the budget.
