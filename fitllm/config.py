@@ -273,6 +273,19 @@ class EngineConfig:
         type=parse_bytes,
     )
     kv_idle_release_s: float = flag(30.0, "give back a KV slab no request has used for this many seconds")
+    kv_cache_retention: int | None = flag(
+        None,
+        "cached prefix KV that idle release keeps, e.g. 256MiB: the most recently used prefixes are moved "
+        "into free blocks of slabs that stay, or keep their slabs (default: one --max-model-len context's "
+        "KV, at most a quarter of the KV room; 0: idle slabs go with their cached prefixes)",
+        type=parse_bytes,
+    )
+    kv_host_cache: int = flag(
+        0,
+        "CUDA: pinned host memory for prefix KV blocks evicted from the device, copied back on a prefix hit "
+        "instead of recomputed, e.g. 8GiB (default 0: off)",
+        type=parse_bytes,
+    )
     quantization: str | None = flag(  # None: as "none" (fitllm/quant)
         "none",
         "decoder weights: model dtype (none), int8 per output channel, int4 in groups, or bitsandbytes' "
@@ -347,6 +360,10 @@ class EngineConfig:
         from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_cache_retention is not None and self.kv_cache_retention < 0:
+            raise ValueError(f"--kv-cache-retention must be non-negative; got {self.kv_cache_retention}")
+        if self.kv_host_cache < 0:
+            raise ValueError(f"--kv-host-cache must be non-negative; got {self.kv_host_cache}")
         if self.swap_space is not None and self.swap_space < 0:
             raise ValueError(f"--swap-space must be non-negative; got {self.swap_space}")
         if self.cpu_offload_gb < 0:

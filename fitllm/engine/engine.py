@@ -28,6 +28,7 @@ from fitllm.engine.view import check_token_ids
 from fitllm.loader import ModelSource, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.host_cache import HostKVCache, build_host_cache
 from fitllm.memory.kv.swap import KVSwapper
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.offload.streamer import WeightStreamer
@@ -109,6 +110,8 @@ class Engine:
             self.swapper,
             self.shifter,
         )
+        self.host_cache: HostKVCache | None = None
+        self.attach_host_cache(build_host_cache(config, self.storage, self.device))
         self._ids = itertools.count()
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
@@ -249,8 +252,17 @@ class Engine:
         return bool(ended)
 
     def reset_prefix_cache(self) -> int:
-        """Evict every cached (unreferenced) prefix block; returns how many were dropped."""
+        """Evict every cached (unreferenced) prefix block, on the device and in the host tier; returns how
+        many were dropped from the device."""
+        if self.host_cache is not None:
+            self.host_cache.clear()
         return self.pool.reset_prefix_cache()
+
+    def attach_host_cache(self, tier: HostKVCache | None) -> None:
+        """Put a host tier under the prefix cache: it hears the pool's evictions and extends lookups."""
+        self.host_cache = tier
+        self.pool.eviction_sink = tier
+        self.scheduler.host_cache = tier
 
     def has_unfinished_requests(self) -> bool:
         """Whether step() has more to give: requests to run, or outputs not yet returned (an aborted last
@@ -278,12 +290,11 @@ class Engine:
         if self._in_flight is not None and self._needs_known_tokens():
             outputs += self._resolve(self._take_in_flight())
         sched = self.scheduler.schedule()
-        if sched.swap_out or sched.swap_in or sched.shifts:  # before anything reads or rewrites those blocks
-            seconds = self.runner.swap(sched.swap_out, sched.swap_in, sched.shifts)
-            if sched.swap_out or sched.swap_in:
-                self.swapper.costs.observe_swap(
-                    sum(c.nbytes for c in sched.swap_out + sched.swap_in), seconds
-                )
+        outs, ins = sched.swap_out + sched.cache_out, sched.swap_in + sched.cache_in
+        if outs or ins or sched.shifts:  # before anything reads or rewrites those blocks
+            seconds = self.runner.swap(outs, ins, sched.shifts)
+            if outs or ins:
+                self.swapper.costs.observe_swap(sum(c.nbytes for c in outs + ins), seconds)
         if not sched.scheduled:
             if self._in_flight is not None:
                 return outputs + self._resolve(self._take_in_flight())

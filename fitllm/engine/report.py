@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fitllm.memory.host import host_memory
+from fitllm.memory.kv.host_cache import TAG
 from fitllm.memory.ledger import LedgerSnapshot
 from fitllm.units import format_bytes
 
@@ -31,11 +32,19 @@ class EngineStatus:
     offloaded_layers: int = 0
     offloaded_bytes: int = 0  # decoder layers kept off the device (file or pinned host memory)
     bytes_streamed: int = 0  # copied into staging since start
+    # Cached prefix KV kept through idle release (--kv-cache-retention) and the host tier (--kv-host-cache).
+    kv_retention_budget_bytes: int = 0
+    kv_retained_bytes: int = 0  # cached blocks the last idle release kept off the slabs it gave back
+    kv_retained_slabs: int = 0  # idle slabs the last idle release held for cached blocks
+    kv_blocks_compacted: int = 0  # cached blocks moved into slabs that stay, since start
+    kv_host_cache_bytes: int = 0  # host tier: bytes of evicted prefix blocks held now
+    kv_host_blocks_written: int = 0  # host tier: blocks copied to host memory, since start
+    kv_host_blocks_read: int = 0  # host tier: blocks copied back to the device on a prefix hit, since start
 
 
 def engine_status(engine: Engine) -> EngineStatus:
     """What the engine holds now, by pool, queue and offload."""
-    pool, sched = engine.pool, engine.scheduler
+    pool, sched, tier = engine.pool, engine.scheduler, engine.host_cache
     return EngineStatus(
         ledger=engine.ledger.snapshot(),
         kv_blocks={
@@ -58,6 +67,13 @@ def engine_status(engine: Engine) -> EngineStatus:
         offloaded_layers=len(engine.placement.offloaded),
         offloaded_bytes=engine.placement.offloaded_bytes,
         bytes_streamed=0 if engine.streamer is None else engine.streamer.stats.bytes_streamed,
+        kv_retention_budget_bytes=pool.retain_blocks * engine.storage.block_bytes,
+        kv_retained_bytes=pool.num_retained * engine.storage.block_bytes,
+        kv_retained_slabs=len(pool.held_slabs),
+        kv_blocks_compacted=pool.num_compacted,
+        kv_host_cache_bytes=0 if tier is None else tier.ledger.current(TAG),
+        kv_host_blocks_written=0 if tier is None else tier.blocks_written,
+        kv_host_blocks_read=0 if tier is None else tier.blocks_read,
     )
 
 
@@ -80,6 +96,19 @@ def memory_report(engine: Engine) -> str:
         f"{engine.pool.num_used_blocks} blocks used, {engine.pool.num_cached_blocks} cached, "
         f"{engine.pool.num_free_blocks - engine.pool.num_cached_blocks} free"
     )
+    pool, block_bytes = engine.pool, engine.storage.block_bytes
+    if pool.retain_blocks:
+        lines.append(
+            f"KV retention: idle release keeps up to {format_bytes(pool.retain_blocks * block_bytes)} of cached "
+            f"prefixes ({format_bytes(pool.num_retained * block_bytes)} at the last release, "
+            f"{len(pool.held_slabs)} slab(s) held); {pool.num_compacted} blocks moved so far"
+        )
+    if engine.host_cache is not None:
+        tier = engine.host_cache
+        lines.append(
+            f"KV host tier: {format_bytes(tier.ledger.current(TAG))} of {format_bytes(tier.ledger.budget)}; "
+            f"{tier.blocks_written} blocks written, {tier.blocks_read} read back"
+        )
     if engine.streamer is not None:
         p, st = engine.placement, engine.streamer.stats
         lines.append(

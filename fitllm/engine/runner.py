@@ -21,7 +21,7 @@ from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
-from fitllm.memory.kv.swap import KVCopy
+from fitllm.memory.kv.swap import KVCopy, make_copies
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import AttentionMetadata, BatchLayout, TritonMetadata, metadata_builder
 from fitllm.plan.planner import capture_sizes
@@ -242,13 +242,11 @@ class ModelRunner:
         request's this step), then context shifts, then swap-ins (a shift's source may be a block evicted
         for one). Waits for them; returns the seconds the swaps took."""
         start = time.perf_counter()
-        for copy in swap_out:
-            self.storage.read_slots(copy.slots, copy.host)
+        make_copies(self.storage, swap_out, [])
         shift_start = time.perf_counter()
         self.shift(shifts)
         shift_s = time.perf_counter() - shift_start
-        for copy in swap_in:
-            self.storage.write_slots(copy.slots, copy.host)
+        make_copies(self.storage, [], swap_in)
         if self.device.type == "cuda" and (swap_out or swap_in):  # host buffers; a shift stays on the device
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start - shift_s

@@ -28,6 +28,7 @@ from fitllm.config import cdiv
 from fitllm.engine.context_shift import ContextShifter, KVShift
 from fitllm.engine.request import Request, RequestStatus
 from fitllm.engine.sampler import SampleResult
+from fitllm.memory.kv.host_cache import HostKVCache, restore_from_host
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.swap import KVCopy, KVSwapper
 
@@ -59,6 +60,10 @@ class SchedulerOutput:
     # Context shifts of admitted requests, made between the swap-outs (a victim's freed blocks may be a
     # shift's destination) and the swap-ins (whose new blocks may be a shift's evicted source), in order.
     shifts: list[KVShift] = field(default_factory=list)
+    # The host prefix tier's copies (fitllm/memory/kv/host_cache.py), made with the swaps: evicted cached
+    # blocks out to host (with the outs), blocks a prefix hit found on host back (with the ins).
+    cache_out: list[KVCopy] = field(default_factory=list)
+    cache_in: list[KVCopy] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +113,7 @@ class Scheduler:
         self.kv = kv
         self.swapper = swapper
         self.shifter = shifter
+        self.host_cache: HostKVCache | None = None  # the host tier under the prefix cache (--kv-host-cache)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -203,6 +209,8 @@ class Scheduler:
             if num_new is None:
                 break
             budget -= num_new
+        if self.host_cache is not None:
+            out.cache_out, out.cache_in = self.host_cache.copies()
         return out
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int | None:
@@ -212,11 +220,14 @@ class Scheduler:
             return None  # preempted with a token in flight: its ids are complete once that step is known
         swapped = self.swapper is not None and self.swapper.holds(req.request_id)
         shift = None
+        from_host = 0
         if swapped:
             hits, num_hit = [], self.swapper.num_swapped_tokens(req.request_id)
         else:
             shift_ok = self.shifter is not None and self.shifter.wants(req.params)
             hits, num_hit = self.kv.find_prefix_hit(req.request_id, req.token_ids, shift_ok)
+            hits, from_host = restore_from_host(self.host_cache, self.kv, req.request_id, req.token_ids, hits)
+            num_hit += from_host
             if shift_ok:
                 shift = self.shifter.plan(req, num_hit)
         num_done = num_hit if shift is None else shift.end  # K/V from the cache or moved by the shift
@@ -240,7 +251,8 @@ class Scheduler:
                 self.shifter.committed(shift)
                 out.shifts.append(shift)
             if req.num_preemptions == 0:
-                req.reuse.cached = num_hit
+                req.reuse.cached = num_hit - from_host
+                req.reuse.from_host = from_host
                 req.reuse.shifted = num_done - num_hit
                 req.reuse.prefilled = req.num_prompt_tokens - num_done
         req.num_computed_tokens = num_done

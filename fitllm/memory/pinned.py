@@ -14,12 +14,28 @@ power of two before asking CUDA for it, so a 1.1 GiB offload store would hold 2 
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 
 PAGE_BYTES = 4096
 VIEW_ALIGN = 256  # bytes: each view starts where a 16-byte vector copy of any dtype is aligned
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A short-lived host buffer that device copies read and write: from the caching host allocator, pinned
+    when `pin` (a CUDA device), so a copy runs without a bounce through pageable memory and may be
+    asynchronous. It holds `pinned_block_bytes` of its size."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def pinned_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, PinnedArena]:
+    """A long-lived host tensor of exactly its bytes, page-locked when `pin` (a CUDA device), and the arena
+    that holds its registration (keep it as long as the tensor)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    arena = PinnedArena(nbytes, CudaHostRegistrar() if pin else None)
+    return arena.take(nbytes).view(dtype).view(shape), arena
 
 
 def pinned_block_bytes(nbytes: int) -> int:

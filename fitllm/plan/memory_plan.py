@@ -16,7 +16,7 @@ import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_dtype
 from fitllm.memory.kv.format import kv_bytes_per_token
-from fitllm.memory.kv.setup import kv_pool_shape
+from fitllm.memory.kv.setup import kv_cache_retention, kv_pool_shape
 from fitllm.memory.offload.placement import (
     OffloadEstimate,
     Placement,
@@ -290,6 +290,8 @@ class MemoryPlan:
             resident_weight_bytes=resident,
             offload_estimate=estimate if placement is not None and placement.offloaded else None,
             graph_pool=self.graph_pool_at(length, streamed),
+            kv_cache_retention=kv_cache_retention(config, per_token, length, room),
+            kv_host_cache=config.kv_host_cache,
         )
         if not fits:
             plan.suggestions = suggestions(plan, mc, self.dtype, room, quant.name, config.kv_cache_dtype)

@@ -150,6 +150,8 @@ class Plan:
     resident_weight_bytes: int = 0  # weights held on the device (all of them without offload)
     offload_estimate: OffloadEstimate | None = None  # predicted decode speed with the offload chosen
     graph_pool: int = 0  # decode CUDA graphs' pool and static inputs (0: decode runs eagerly)
+    kv_cache_retention: int = 0  # cached KV idle release keeps, within the KV room (--kv-cache-retention)
+    kv_host_cache: int = 0  # host memory for prefix KV evicted from the device, outside the budget
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -216,6 +218,18 @@ class Plan:
             (
                 "KV room after the above",
                 f"{format_bytes(max(0, self.budget - self.fixed_bytes))} = {self.kv_capacity_tokens} tokens",
+            ),
+            (
+                "KV kept for cached prefixes when idle",
+                f"{format_bytes(self.kv_cache_retention)} (--kv-cache-retention, within the KV room)"
+                if self.kv_cache_retention
+                else "none: idle slabs go with their cached prefixes",
+            ),
+            (
+                "host tier for evicted prefix KV",
+                f"{format_bytes(self.kv_host_cache)} of host memory (--kv-host-cache, outside the budget; CUDA only)"
+                if self.kv_host_cache
+                else "off (--kv-host-cache)",
             ),
             ("largest context that fits (one request)", str(self.max_context_that_fits)),
             (

@@ -10,8 +10,11 @@ Blocks live in slabs of `slab_blocks` consecutive ids (slab s holds ids [s * sla
 slab_blocks)). The pool starts with one slab; when neither a clean nor a cached block is left it asks its
 SlabAllocator for another (the allocator checks the memory budget, and is the one record of which slabs are
 live: the slab storage in the engine). A slab none of
-whose blocks has been used for `idle_release_s` is given back (its cached blocks evicted first); slab 0
-always stays. Blocks never move: growth adds ids, it never copies.
+whose blocks has been used for `idle_release_s` is given back; slab 0 always stays. Its cached blocks go
+with it, except the most recently used ones within the retention budget (`retain_blocks`,
+fitllm/memory/kv/retention.py), which are first moved into free blocks of slabs that stay (compaction: the
+only time a block's contents move; blocks in use never do, and growth never copies). An `EvictionSink`
+(the host-memory tier, fitllm/memory/kv/host_cache.py) hears of every cached block that leaves the device.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import heapq
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from fitllm.memory.kv.retention import plan_release
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,6 +72,17 @@ class SlabAllocator(Protocol):
         """Free slab `slab`'s memory."""
 
 
+class EvictionSink(Protocol):
+    """Hears of cached blocks leaving the device (the host-memory tier keeps their K/V)."""
+
+    def evicted(self, block: KVBlock) -> None:
+        """`block` is about to lose its hash; its K/V is intact until the step's forward (or, at slab
+        release, until `flush` returns)."""
+
+    def flush(self) -> None:
+        """Copy what `evicted` recorded now: its slab is about to be freed or its block overwritten."""
+
+
 class OneSlab:
     """The allocator of a pool that never grows: slab 0, always live."""
 
@@ -93,8 +110,12 @@ class BlockPool:
         max_slabs: int = 1,
         allocator: SlabAllocator | None = None,
         idle_release_s: float = math.inf,
+        retain_blocks: int = 0,
+        copy_blocks: Callable[[list[int], list[int]], None] | None = None,
     ) -> None:
-        """num_blocks: blocks per slab (a static pool is one slab); max_slabs: most slabs ever live."""
+        """num_blocks: blocks per slab (a static pool is one slab); max_slabs: most slabs ever live;
+        retain_blocks: cached blocks idle release may keep (the retention budget, in blocks);
+        copy_blocks(src, dst): copies blocks' K/V (the storage's), which compaction needs."""
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         if max_slabs > 1 and allocator is None:
@@ -104,6 +125,11 @@ class BlockPool:
         self.allocator: SlabAllocator = OneSlab() if allocator is None else allocator
         assert 0 in self.allocator.live, "slab 0 must be backed before the pool is built"
         self.idle_release_s = idle_release_s
+        if retain_blocks and copy_blocks is None:
+            raise ValueError("a pool that retains cached blocks needs copy_blocks to compact them")
+        self.retain_blocks = retain_blocks if enable_caching else 0
+        self.copy_blocks = copy_blocks
+        self.eviction_sink: EvictionSink | None = None
         self.blocks = [KVBlock(i) for i in range(num_blocks * max_slabs)]
         self.enable_caching = enable_caching
         self._slab_used = [0] * max_slabs  # blocks with ref_cnt > 0, per slab
@@ -114,6 +140,12 @@ class BlockPool:
         self.num_evictions = 0
         self.num_grows = 0
         self.num_releases = 0
+        self.num_compacted = 0  # blocks moved by compaction, in total
+        self.num_retained = 0  # cached blocks the last idle release kept off the slabs it would free
+        self.held_slabs: list[int] = []  # idle slabs the last idle release kept for cached blocks
+        self._version = 0  # changes whenever blocks change state (a release pass with nothing new is skipped)
+        self._checked: tuple[int, tuple[int, ...]] | None = None  # (version, idle slabs) last held
+        self._recheck_at = 0.0
         self._open_slab(0)
 
     # ---- sizes --------------------------------------------------------------------------------------
@@ -177,26 +209,68 @@ class BlockPool:
         return True
 
     def release_idle_slabs(self, now: float | None = None) -> int:
-        """Give back every slab (but slab 0) that no request has used for idle_release_s; returns how many."""
+        """Give back every slab (but slab 0) that no request has used for idle_release_s; returns how many.
+
+        The most recently used cached blocks within the retention budget are kept: moved into free blocks
+        of slabs that stay, or, where those lack room, kept on idle slabs held back (retention.py)."""
         if self.num_slabs == 1:
             return 0
         now = time.monotonic() if now is None else now
-        released = 0
-        for slab in sorted(self.allocator.live - {0}, reverse=True):
-            if self._slab_used[slab] or now - self._idle_since[slab] < self.idle_release_s:
-                continue
-            ids = self._slab_ids(slab)
-            for i in ids:
-                block = self.blocks[i]
-                if block.block_hash is not None:  # a cached prefix: evicted with its slab
-                    del self._cached[i]
-                    self._forget_hash(block)
-            self._free = [i for i in self._free if i not in ids]
-            heapq.heapify(self._free)
+        draining = tuple(
+            s
+            for s in sorted(self.allocator.live - {0})
+            if not self._slab_used[s] and now - self._idle_since[s] >= self.idle_release_s
+        )
+        if not draining:
+            return 0
+        # The same idle slabs held last time: planned again once blocks changed, at most once a second
+        # (each plan walks every cached and free block; idle release works in tens of seconds).
+        held_before = self._checked is not None and self._checked[1] == draining
+        if held_before and (self._checked[0] == self._version or now < self._recheck_at):
+            return 0
+        plan = plan_release(
+            list(draining), self.slab_blocks, list(self._cached), self._free, self.retain_blocks
+        )
+        self.num_retained, self.held_slabs = plan.retained, plan.held
+        self._checked = (self._version, draining) if plan.held else None
+        self._recheck_at = now + min(1.0, self.idle_release_s)
+        if not (plan.release or plan.moves or plan.dropped):
+            return 0  # every idle slab is held as it is
+        for i in plan.dropped:
+            self._evict(self.blocks[i])
+        if self.eviction_sink is not None:
+            self.eviction_sink.flush()  # before the copies overwrite blocks and the slabs are freed
+        if plan.moves:
+            self.copy_blocks([src for src, _ in plan.moves], [dst for _, dst in plan.moves])
+        gone = set(plan.release)
+        moved = dict(plan.moves)
+        overwritten = set(moved.values())
+        self._free = [i for i in self._free if i // self.slab_blocks not in gone and i not in overwritten]
+        heapq.heapify(self._free)
+        cached: OrderedDict[int, KVBlock] = OrderedDict()
+        for i, block in self._cached.items():  # the same LRU order, moved blocks under their new ids
+            if i in moved:
+                dst = self.blocks[moved[i]]
+                dst.block_hash, block.block_hash = block.block_hash, None
+                self._by_hash[dst.block_hash.value] = dst
+                block = dst
+            cached[block.block_id] = block
+        self._cached = cached
+        for slab in plan.release:
             self.allocator.remove(slab)
             self.num_releases += 1
-            released += 1
-        return released
+        self.num_compacted += len(plan.moves)
+        self._version += 1
+        if plan.held:
+            self._checked = (self._version, draining)
+        return len(plan.release)
+
+    def _evict(self, block: KVBlock) -> None:
+        """A cached block loses its hash (the sink hears first, while its K/V is still there)."""
+        del self._cached[block.block_id]
+        if self.eviction_sink is not None:
+            self.eviction_sink.evicted(block)
+        self._forget_hash(block)
 
     def _ref_up(self, block: KVBlock) -> None:
         block.ref_cnt += 1
@@ -210,6 +284,11 @@ class BlockPool:
         if block is None or block.block_hash != block_hash:
             return None
         return block
+
+    def holds_hash(self, block_hash: BlockHash) -> bool:
+        """Whether a block is cached under this hash value (a different block with an equal value blocks
+        registering another under it: first writer wins)."""
+        return block_hash.value in self._by_hash
 
     def take(self, num: int) -> list[KVBlock] | None:
         """Hand out `num` blocks with ref_cnt 1, or None if short (nothing handed out then).
@@ -227,8 +306,8 @@ class BlockPool:
         while self._free and len(out) < num:  # clean blocks, lowest id first
             out.append(self.blocks[heapq.heappop(self._free)])
         while self._cached and len(out) < num:  # cached prefixes, least recently used first
-            _, block = self._cached.popitem(last=False)
-            self._forget_hash(block)
+            block = next(iter(self._cached.values()))
+            self._evict(block)
             self.num_evictions += 1
             out.append(block)
         while len(out) < num:  # new slabs
@@ -238,6 +317,7 @@ class BlockPool:
                 out.append(self.blocks[heapq.heappop(self._free)])
         for block in out:
             self._ref_up(block)
+        self._version += 1
         return out
 
     def touch(self, blocks: list[KVBlock]) -> None:
@@ -246,10 +326,12 @@ class BlockPool:
             if block.ref_cnt == 0:
                 del self._cached[block.block_id]
             self._ref_up(block)
+        self._version += 1
 
     def release(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block; pass them tail first so tails are evicted before heads."""
         now = time.monotonic()
+        self._version += 1
         for block in blocks:
             block.ref_cnt -= 1
             assert block.ref_cnt >= 0, f"block {block.block_id} released more often than taken"
@@ -269,10 +351,12 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self._by_hash[block_hash.value] = block
+        self._version += 1
 
     def reset_prefix_cache(self) -> int:
         """Evict every cached (unreferenced) block; returns how many."""
         n = len(self._cached)
+        self._version += 1
         while self._cached:
             _, block = self._cached.popitem(last=False)
             self._forget_hash(block)

@@ -29,6 +29,12 @@ class SlabSplit:
         )
 
 
+def block_slots(block_ids: list[int], block_size: int) -> torch.Tensor:
+    """Global slot ids of whole blocks, block after block (int64, on CPU): the one slot formula for blocks."""
+    ids = torch.tensor(block_ids, dtype=torch.int64)
+    return (ids.unsqueeze(1) * block_size + torch.arange(block_size)).reshape(-1)
+
+
 def split_by_slab(ids: torch.Tensor, per_slab: int) -> SlabSplit:
     """Split global slot or row ids (per_slab ids per slab) into per-slab local ids."""
     slab = ids // per_slab

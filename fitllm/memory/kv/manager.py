@@ -9,6 +9,7 @@ import torch
 
 from fitllm.config import cdiv
 from fitllm.memory.kv.block_pool import BlockHash, BlockPool, KVBlock
+from fitllm.memory.kv.layout import block_slots
 
 SHIFTED = "context-shift"  # the salt of hash chains over shifted K/V
 
@@ -46,6 +47,11 @@ class KVCacheManager:
         """The hash chain of the request's full blocks of `token_ids` (salted where it was shifted)."""
         return list(self._block_hashes(request_id, token_ids))
 
+    def prefix_block_hashes(self, request_id: str, token_ids: list[int]) -> list[BlockHash]:
+        """Hashes of the full blocks a prefix hit may cover (all but the last token, which is recomputed to
+        produce logits)."""
+        return self._block_hashes(request_id, token_ids)[: (len(token_ids) - 1) // self.block_size]
+
     def find_prefix_hit(
         self, request_id: str, token_ids: list[int], shifted_ok: bool = False
     ) -> tuple[list[KVBlock], int]:
@@ -54,14 +60,13 @@ class KVCacheManager:
         filled (the salted chain from that block: a story's previous turn after its own shift)."""
         if not self.pool.enable_caching:
             return [], 0
-        # The last token must be recomputed to produce logits, so it may not come from the cache.
         max_blocks = (len(token_ids) - 1) // self.block_size
         self._set_salt(request_id, None)  # a waiting request holds no blocks: its chain starts plain
-        hits = self._walk(self._block_hashes(request_id, token_ids)[:max_blocks], 0)
+        hits = self._walk(self.prefix_block_hashes(request_id, token_ids), 0)
         k = len(hits)
         if shifted_ok and k < max_blocks:
             self._set_salt(request_id, k)
-            salted = self._walk(self._block_hashes(request_id, token_ids)[:max_blocks], k)
+            salted = self._walk(self.prefix_block_hashes(request_id, token_ids), k)
             if not salted:
                 self._set_salt(request_id, None)
             hits += salted
@@ -164,8 +169,7 @@ class KVCacheManager:
 
     def slots(self, request_id: str, num_tokens: int) -> torch.Tensor:
         """Physical slot ids of the request's first `num_tokens` tokens (int64, on CPU)."""
-        ids = torch.tensor(self.block_ids(request_id), dtype=torch.int64)
-        slots = (ids.unsqueeze(1) * self.block_size + torch.arange(self.block_size)).reshape(-1)
+        slots = block_slots(self.block_ids(request_id), self.block_size)
         assert len(slots) >= num_tokens, f"{request_id}: {num_tokens} tokens but {len(slots)} slots"
         return slots[:num_tokens]
 

@@ -34,6 +34,17 @@ def kv_pool_shape(
     return slab_blocks, cdiv(wanted, slab_blocks)
 
 
+def kv_cache_retention(config: EngineConfig, per_token: int, max_model_len: int, kv_room: int) -> int:
+    """Bytes of cached prefix KV idle release may keep (`--kv-cache-retention`). Default: one full context's
+    KV (one story survives a pause), at most a quarter of the room left for KV; 0 without prefix caching.
+    The plan shows the same figure."""
+    if not config.enable_prefix_caching:
+        return 0
+    if config.kv_cache_retention is not None:
+        return config.kv_cache_retention
+    return min(max_model_len * per_token, max(kv_room, 0) // 4)
+
+
 def build_kv_pool(
     config: EngineConfig,
     mc: ModelConfig,
@@ -44,8 +55,10 @@ def build_kv_pool(
 ) -> tuple[KVSlabStorage, BlockPool]:
     """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
     default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
-    per_block = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads) * config.block_size
-    slab_blocks, max_slabs = kv_pool_shape(config, per_block, max_model_len, ledger.free_bytes(), device)
+    per_token = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads)
+    per_block = per_token * config.block_size
+    kv_room = ledger.free_bytes()
+    slab_blocks, max_slabs = kv_pool_shape(config, per_block, max_model_len, kv_room, device)
     if slab_blocks < 1:
         raise ValueError(
             f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
@@ -73,6 +86,8 @@ def build_kv_pool(
         max_slabs=max_slabs,
         allocator=storage,
         idle_release_s=config.kv_idle_release_s,
+        retain_blocks=kv_cache_retention(config, per_token, max_model_len, kv_room) // per_block,
+        copy_blocks=storage.copy_blocks,
     )
     log.info(
         "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",

@@ -25,7 +25,7 @@ import sys
 import torch
 
 from fitllm.memory.kv.format import KVCacheFormat
-from fitllm.memory.kv.layout import PagedKVLayout, split_by_slab
+from fitllm.memory.kv.layout import PagedKVLayout, block_slots, split_by_slab
 from fitllm.memory.ledger import MemoryLedger
 
 log = logging.getLogger("fitllm")
@@ -80,6 +80,7 @@ class KVSlabStorage:
         ledger: MemoryLedger,
     ) -> None:
         self.kv_format = kv_format
+        self.block_size = block_size
         dtype, width = kv_format.storage_dtype, kv_format.entry_width
         self.slab_slots = slab_blocks * block_size
         self.slab_shape = (num_layers, 2, self.slab_slots, num_kv_heads, width)
@@ -145,6 +146,21 @@ class KVSlabStorage:
         data = data.to(self.device, non_blocking=True)
         for view, pos, local in self._split(slots):
             view.index_copy_(2, local, data if pos is None else data.index_select(2, pos))
+
+    def block_shape(self, num_blocks: int) -> tuple[int, ...]:
+        """The shape `read_slots` fills for `num_blocks` whole blocks."""
+        layers, _, _, heads, width = self.slab_shape
+        return (layers, 2, num_blocks * self.block_size, heads, width)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks' K/V from block ids `src` to `dst` (compaction before a slab is released),
+        through a device buffer of at most one slab's bytes at a time."""
+        per = max(1, self.slab_slots // self.block_size)
+        for i in range(0, len(src), per):
+            part = src[i : i + per]
+            buffer = torch.empty(self.block_shape(len(part)), dtype=self.dtype, device=self.device)
+            self.read_slots(block_slots(part, self.block_size), buffer)
+            self.write_slots(block_slots(dst[i : i + per], self.block_size), buffer)
 
     def _split(self, slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
         """Global slot ids as (tensor to index on dim 2, positions in `slots` or None for all, local ids)."""

@@ -28,7 +28,7 @@ import torch
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
-from fitllm.memory.pinned import pinned_block_bytes
+from fitllm.memory.pinned import host_buffer, pinned_block_bytes
 
 PreemptionMode = Literal["auto", "swap", "recompute"]
 PREEMPTION_MODES: tuple[str, ...] = ("auto", "swap", "recompute")
@@ -75,6 +75,16 @@ class KVCopy:
     @property
     def nbytes(self) -> int:
         return self.host.numel() * self.host.element_size()
+
+
+def make_copies(storage: KVSlabStorage, outs: list[KVCopy], ins: list[KVCopy]) -> None:
+    """Make a step's K/V copies between device slots and host buffers: every copy out before any copy in,
+    because a block copied out (a preempted request's, an evicted cached one's) may be the very block a
+    copy in fills this step."""
+    for copy in outs:
+        storage.read_slots(copy.slots, copy.host)
+    for copy in ins:
+        storage.write_slots(copy.slots, copy.host)
 
 
 def choose_preemption(
@@ -150,10 +160,8 @@ class KVSwapper:
             self.num_recomputes += 1
             return None
         s = self.storage
-        host = torch.empty(
-            (s.slab_shape[0], 2, num_computed, *s.slab_shape[3:]),
-            dtype=s.dtype,
-            pin_memory=s.device.type == "cuda",
+        host = host_buffer(
+            (s.slab_shape[0], 2, num_computed, *s.slab_shape[3:]), s.dtype, pin=s.device.type == "cuda"
         )
         self.ledger.reserve("kv_swapped", self._held_bytes(nbytes))
         self._held[request_id] = host
