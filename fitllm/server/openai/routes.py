@@ -214,7 +214,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return _envelope("text_completion", cid, created, model, choices)
 
     if body.stream:
-        usage = _Usage({i: len(p) for i, p in enumerate(ids)})
+        usage = _Usage({i: (len(p), 0) for i, p in enumerate(ids)})
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             sent_echo: set[int] = set()
@@ -332,7 +332,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
     if body.stream:
-        usage = _Usage({0: len(ids[0])})
+        usage = _Usage({0: (len(ids[0]), 0)})
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             for k in range(len(streams)):
