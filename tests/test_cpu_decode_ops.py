@@ -112,3 +112,13 @@ def test_plain_greedy_rows_take_the_argmax_shortcut_and_others_the_pipeline():
     full = sampler(logits[:2], asks)
     assert full.token_ids[0] == plain.token_ids[0] and full.logprobs[0] is not None
     assert full.token_ids[1] == 7
+
+
+def test_greedy_rows_with_banned_strings_or_dry_never_take_the_shortcut():
+    """The shortcut is the argmax of the raw logits: a greedy row whose token a ban forbids (a banned phrase's
+    first token at this position) or DRY penalises must go through the pipeline, or a rewind would loop."""
+    from fitllm.engine.sampler import _plain_greedy
+
+    assert _plain_greedy(_request(0, temperature=0.0))
+    assert not _plain_greedy(_request(0, temperature=0.0, banned_strings=["dragon"]))
+    assert not _plain_greedy(_request(0, temperature=0.0, dry_multiplier=0.8))

@@ -182,12 +182,14 @@ class SampledBatch:
 
 
 def _plain_greedy(request: Request) -> bool:
-    """Whether a row wants the argmax of its raw logits: greedy, with no penalty, bias, min_tokens ban or
-    logprobs (what `Sampler.sample` would apply before its argmax)."""
+    """Whether a row wants the argmax of its raw logits: greedy, with no penalty, bias, min_tokens ban,
+    banned string, DRY or logprobs (what `Sampler.sample` would apply before its argmax)."""
     p = request.params
     return (
         p.greedy
         and p.logprobs is None
+        and not p.banned_strings
+        and not p.dry_multiplier
         and p.repetition_penalty == 1.0
         and not p.presence_penalty
         and not p.frequency_penalty
