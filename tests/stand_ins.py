@@ -73,18 +73,23 @@ class LogitsTap:
 
 class AddTap:
     """What an AsyncEngine is asked to run: `tap.added` lists (prompt, SamplingParams) of each request the
-    routes hand it, in order. It wraps this engine's `add`; leaving the `with` block (or `close`) puts it back."""
+    routes hand it, in order. It wraps this engine's `add` and `add_all`; leaving the `with` block (or `close`)
+    puts them back."""
 
     def __init__(self, engine) -> None:
         self.added: list[tuple[object, object]] = []
         self._engine = engine
-        add = engine.add
+        add, add_all = engine.add, engine.add_all
 
         async def tapped_add(prompt, params, *args, **kwargs):
             self.added.append((prompt, params))
             return await add(prompt, params, *args, **kwargs)
 
-        engine.add = tapped_add
+        async def tapped_add_all(requests):
+            self.added.extend((prompt, params) for prompt, params, *_ in requests)
+            return await add_all(requests)
+
+        engine.add, engine.add_all = tapped_add, tapped_add_all
 
     @property
     def params(self) -> list:
@@ -96,7 +101,7 @@ class AddTap:
         return self.added[-1][1]
 
     def close(self) -> None:
-        del self._engine.add
+        del self._engine.add, self._engine.add_all
 
     def __enter__(self) -> AddTap:
         return self

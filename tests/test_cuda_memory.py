@@ -16,10 +16,16 @@ from fitllm.engine.request import SamplingParams
 def _engine(tmp_path) -> Engine:
     folder = make_random_checkpoint(tmp_path)
     # 2 blocks of 16 tokens per slab (2 layers, 2 KV heads, head dim 16, float32): prompts spread over slabs.
+    # No retention budget: idle release gives every slab but slab 0 back (tests/test_kv_retention.py keeps some).
     slab = 2 * 16 * 2 * 2 * 2 * 16 * 4
     return Engine(
         EngineConfig(
-            model=str(folder), dtype="float32", max_model_len=128, kv_slab_size=slab, kv_idle_release_s=0
+            model=str(folder),
+            dtype="float32",
+            max_model_len=128,
+            kv_slab_size=slab,
+            kv_idle_release_s=0,
+            kv_cache_retention=0,
         )
     )
 

@@ -144,9 +144,17 @@ def _book() -> str:
 
 
 def test_engine_pool_grows_under_load_and_returns_to_one_slab_with_rss():
-    """64 MiB slabs of the default model (bf16): ~2900 tokens each; 6 prompts of ~600 tokens need two."""
+    """64 MiB slabs of the default model (bf16): ~2900 tokens each; 6 prompts of ~600 tokens need two. No
+    retention budget: every cached block goes with its slab, so RSS falls by all of them (what retention keeps,
+    and where, is tests/test_kv_retention.py's)."""
     eng = Engine(
-        EngineConfig(dtype="bfloat16", max_model_len=1024, kv_idle_release_s=0.0, kv_slab_size=64 << 20)
+        EngineConfig(
+            dtype="bfloat16",
+            max_model_len=1024,
+            kv_idle_release_s=0.0,
+            kv_slab_size=64 << 20,
+            kv_cache_retention=0,
+        )
     )
     slab = eng.storage.slab_bytes
     assert slab <= 64 << 20

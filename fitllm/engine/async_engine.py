@@ -196,6 +196,18 @@ class AsyncEngine:
         rid = await self._call("add", (prompt, params, request_id, priority, stream))
         return RequestStream(self, rid, stream)
 
+    async def add_all(
+        self, requests: list[tuple[str | list[int], SamplingParams, str | None, int]]
+    ) -> list[RequestStream]:
+        """Queue several requests (prompt, params, request_id, priority) as one command, so they reach the
+        engine between the same two steps: the choices of an n > 1 request are admitted together, batch
+        together and so sample alike run after run. All or none: if one is refused, none is queued."""
+        loop = asyncio.get_running_loop()
+        handoffs = [OutputHandoff(loop) for _ in requests]
+        items = tuple((*r, h) for r, h in zip(requests, handoffs, strict=True))
+        rids = await self._call("add_all", items)
+        return [RequestStream(self, rid, h) for rid, h in zip(rids, handoffs, strict=True)]
+
     async def score(self, prompt: str | list[int], top_n: int):
         """Engine.score_prompt on the engine thread, between steps."""
         return await self._call("score", (prompt, top_n))
@@ -313,26 +325,19 @@ class AsyncEngine:
         kind, payload, future = cmd
         engine = self.engine
         assert engine is not None
-        if kind == "add":
-            prompt, params, request_id, priority, stream = payload
-            if self._stopping.is_set() or self._drain_deadline is not None:
-                future.set_exception(
-                    ShuttingDown("the server is shutting down; retry on another replica or later")
-                )
-                return
-            if engine.scheduler.num_waiting >= self.max_waiting_requests:
-                future.set_exception(
-                    QueueFull(f"{engine.scheduler.num_waiting} requests are waiting (--max-waiting-requests)")
-                )
-                return
+        if kind in ("add", "add_all"):
+            items = (payload,) if kind == "add" else payload
+            added: list[str] = []
             try:
-                rid = engine.add_request(prompt, params, request_id, priority)
+                for item in items:
+                    added.append(self._add(*item))
             except Exception as exc:
+                for rid in added:  # all or none
+                    self._streams.pop(rid, None)
+                    engine.abort(rid)
                 future.set_exception(exc)
                 return
-            self._streams[rid] = stream
-            self._tally.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
-            future.set_result(rid)
+            future.set_result(added[0] if kind == "add" else added)
         elif kind == "score":
             try:
                 future.set_result(engine.score_prompt(*payload))
@@ -343,6 +348,21 @@ class AsyncEngine:
         elif kind == "abort" and engine.abort(payload) and not engine.has_unfinished_requests():
             # The aborted output is flushed by the next step(); with nothing else running, step now.
             self._step()
+
+    def _add(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None, priority: int, stream
+    ) -> str:
+        """Admit one request into the engine's queue (on the engine thread); raises what refuses it."""
+        engine = self.engine
+        assert engine is not None
+        if self._stopping.is_set() or self._drain_deadline is not None:
+            raise ShuttingDown("the server is shutting down; retry on another replica or later")
+        if engine.scheduler.num_waiting >= self.max_waiting_requests:
+            raise QueueFull(f"{engine.scheduler.num_waiting} requests are waiting (--max-waiting-requests)")
+        rid = engine.add_request(prompt, params, request_id, priority)
+        self._streams[rid] = stream
+        self._tally.prompt_tokens += len(engine.requests[rid].prompt_token_ids)
+        return rid
 
     def _begin_drain(self, deadline: float) -> None:
         """Fail every request that has not started (nothing computed, nothing generated) now: it could only

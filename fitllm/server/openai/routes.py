@@ -106,21 +106,18 @@ def _event_stream(
 async def _start(
     st: ServerState, prompts: list[str | list[int]], params: SamplingParams, body: SamplingFields, prefix: str
 ) -> list[tuple[int, RequestStream]]:
-    """One engine request per prompt x choice, as (prompt index, stream); all or none are started."""
-    streams: list[tuple[int, RequestStream]] = []
-    try:
-        for i, prompt in enumerate(prompts):
-            for j in range(body.n):
-                p = params
-                if body.n > 1 and params.seed is not None:
-                    p = dataclasses.replace(params, seed=params.seed + j)  # distinct, reproducible choices
-                stream = await st.engine.add(prompt, p, f"{prefix}-{i}-{j}", body.priority)
-                streams.append((i, stream))
-    except BaseException:
-        for _, s in streams:
-            s.close()
-        raise
-    return streams
+    """One engine request per prompt x choice, as (prompt index, stream); all or none are started, in one
+    engine command (so the choices are admitted, and batch, together)."""
+    requests, owners = [], []
+    for i, prompt in enumerate(prompts):
+        for j in range(body.n):
+            p = params
+            if body.n > 1 and params.seed is not None:
+                p = dataclasses.replace(params, seed=params.seed + j)  # distinct, reproducible choices
+            requests.append((prompt, p, f"{prefix}-{i}-{j}", body.priority))
+            owners.append(i)
+    streams = await st.engine.add_all(requests)
+    return list(zip(owners, streams, strict=True))
 
 
 async def token_prompts(
