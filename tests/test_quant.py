@@ -60,7 +60,11 @@ def e2e_folder(tmp_path_factory):
     )
 
 
-def _engine(folder, dtype: str, method: str | None = None, group: int | None = None) -> Engine:
+def _engine(
+    folder, dtype: str, method: str | None = None, group: int | None = None, lm_head_dtype: str = "model"
+) -> Engine:
+    """An engine on `folder`; the LM head in the model dtype unless asked, so that these tests measure the
+    decoder linears alone (the int8 head: test_lm_head.py)."""
     return Engine(
         EngineConfig(
             model=str(folder),
@@ -68,6 +72,7 @@ def _engine(folder, dtype: str, method: str | None = None, group: int | None = N
             device="cpu",
             quantization=method,
             quant_group_size=group,
+            lm_head_dtype=lm_head_dtype,
             max_model_len=128,
             max_num_seqs=4,
         )
