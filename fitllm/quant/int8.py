@@ -129,8 +129,7 @@ class Int8Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale = layer.weight, layer.weight_scale
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype)
         if path == "aten":
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
@@ -140,7 +139,7 @@ class Int8Method(QuantMethod):
             out = int8_matmul(x2, w, scale)
         else:
             out = self._scratch_matmul(layer, x2)
-        return out.view(*shape[:-1], out.shape[-1])
+        return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
 
     def _scratch_matmul(self, layer: nn.Module, x2: torch.Tensor) -> torch.Tensor:
         """x2 W^T through the model-dtype scratch, `_chunk_rows` output rows at a time."""
