@@ -300,7 +300,7 @@ def test_ledger_equals_plan_on_default_model(default_engines):
 NEAR_TIE_NATS = 0.25  # two bfloat16 ulps of a logit near 16: below this, which token wins is rounding
 
 
-def _assert_greedy_agrees(ref: Engine, eng: Engine, prompt: str, n: int) -> int:
+def _assert_greedy_agrees(ref: Engine, eng: Engine, prompt: str, n: int, min_free: int = 3) -> int:
     """`eng`'s greedy tokens equal `ref`'s up to `ref`'s first near-tie, and teacher-forced on `ref`'s tokens
     every one is `eng`'s argmax or within a near-tie of it; returns the tokens compared free-running.
 
@@ -314,7 +314,7 @@ def _assert_greedy_agrees(ref: Engine, eng: Engine, prompt: str, n: int) -> int:
     _, ref_scores = ref.score_prompt(ids + want, top_n=2)
     margins = [top[0][1] - top[1][1] for _, top in ref_scores[len(ids) - 1 :]]
     first_tie = next((i for i, m in enumerate(margins) if m < NEAR_TIE_NATS), len(want))
-    assert first_tie >= 3, margins  # the comparison below must cover some tokens
+    assert first_tie >= min_free, margins  # the free-running comparison must cover some tokens
     assert got[:first_tie] == want[:first_tie]
     _, scores = eng.score_prompt(ids + want, top_n=1)
     for step, (logprob, top) in enumerate(scores[len(ids) - 1 :]):
@@ -335,12 +335,14 @@ def test_default_model_int8_greedy_matches_unquantized(default_engines):
 @pytest.mark.slow
 def test_default_model_int8_head_greedy_matches_model_dtype_head(default_engines):
     """The default configuration (the GGUF's Q4_1 codes, int4 at group 32) with the int8 head (auto) against
-    the same decoder with the bfloat16 head: measured identical for all 32 tokens on this machine."""
+    the same decoder with the bfloat16 head. Measured free-running: identical for the first 8 (this prompt)
+    and 6 (the int8 test's prompt) of 64 tokens, then split where the int8 head's rounding turns a close
+    call; so as for int8 above: equal to the first near-tie, then within a near-tie teacher-forced."""
     int4 = default_engines("int4")
     assert int4.model.embed_tokens.weight.dtype == torch.int8  # tied: the one table is the int8 head
     ref = default_engines("int4", "model")
-    compared = _assert_greedy_agrees(ref, int4, "The Martians had landed on Horsell Common, and", 32)
-    assert compared >= 3
+    # This prompt's first bf16-head token is itself a near-tie, so only the teacher-forced check bites: all 32.
+    _assert_greedy_agrees(ref, int4, "The Martians had landed on Horsell Common, and", 32, min_free=0)
 
 
 # ---- fitllm plan ----------------------------------------------------------------------------------------
