@@ -34,7 +34,7 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
     (
         "int8-linear",
         "benchmarks.int8_linear",
-        "one int8 linear vs bfloat16 by rows per call: aten kernel, bf16 scratch, int8 activations",
+        "int8 and int4 linears vs bfloat16 by rows per call: each path, and the weight bytes read per second",
         False,
     ),
     (

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--configs",
         default=DEFAULT_CONFIGS,
         help="comma-separated: a --quantization value, int4 optionally with :GROUP_SIZE (int4:64), "
-        "then optionally +kv-int8 / +kv-fp8 (--kv-cache-dtype)",
+        "then optionally +kv-int8 / +kv-fp8 (--kv-cache-dtype) and +head-model / +head-int8 (--lm-head-dtype)",
     )
     g.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     g.add_argument("--prompt-tokens", type=int, default=200, help="prompt length of each request (roughly)")
@@ -41,11 +41,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, name: str):
-    """The engine config of one --configs entry, METHOD[:GROUP_SIZE][+kv-DTYPE] (as `bench load` names
-    int4's group: int4:32); without a group, --quant-group-size or int4's default applies."""
+    """The engine config of one --configs entry, METHOD[:GROUP_SIZE][+kv-DTYPE][+head-DTYPE] (as `bench
+    load` names int4's group: int4:32); without a group, --quant-group-size or int4's default applies;
+    without a head, --lm-head-dtype."""
     from fitllm.args import engine_config_from_args
 
-    spec, _, kv = name.partition("+kv-")
+    spec, *extras = name.split("+")
+    options = {}
+    for extra in extras:
+        key, _, value = extra.partition("-")
+        if key not in ("kv", "head") or not value:
+            raise ValueError(f"--configs {name!r}: expected +kv-DTYPE or +head-DTYPE after the method")
+        options[key] = value
+    kv = options.get("kv")
     method, colon, group = spec.partition(":")
     config = engine_config_from_args(args)
     if colon:
@@ -55,7 +63,10 @@ def _config(args: argparse.Namespace, name: str):
             )
         config = dataclasses.replace(config, quant_group_size=int(group))
     return dataclasses.replace(
-        config, quantization=None if method == "none" else method, kv_cache_dtype=kv or "auto"
+        config,
+        quantization=None if method == "none" else method,
+        kv_cache_dtype=kv or "auto",
+        lm_head_dtype=options.get("head", config.lm_head_dtype),
     )
 
 

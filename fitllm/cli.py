@@ -325,8 +325,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     weights = engine.ledger.current("weights")
     quant = engine.quant.describe()
+    head = engine.quant.head.describe() if engine.quant.head is not None else "model dtype"
     print(
-        f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}, "
+        f"model {engine.source.path.name}, dtype {engine.dtype}, weights {quant}, LM head {head}, "
         f"KV cache {engine.kv_format.name}"
     )
     print(
@@ -344,6 +345,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
             "dtype": str(engine.dtype),
             "quantization": engine.quant.name,
             "quant_group_size": getattr(engine.quant, "group_size", None),
+            "lm_head_dtype": head,
             "kv_cache_dtype": engine.kv_format.name,
             "weight_bytes": weights,
             "load_rss_peak_growth": load.result.peak - load.result.start,

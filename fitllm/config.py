@@ -207,6 +207,8 @@ def parse_model_len(text: str) -> int | str:
 
 # `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+# `--lm-head-dtype`: how the output projection (and a tied embedding) is stored (fitllm/quant/__init__.py).
+LM_HEAD_DTYPES = ("auto", "model", "int8")
 
 
 # Choice lists that live with what implements them, read when the flags are built (this base module imports
@@ -298,6 +300,12 @@ class EngineConfig:
         "blocks then load as they are; 64 otherwise)",
         type=int,
     )
+    lm_head_dtype: str = flag(
+        "auto",
+        "the LM head (output projection; with tied embeddings, the embedding too): the model dtype, or int8 "
+        "per vocabulary row (auto: int8 when --quantization is not none)",
+        choices=LM_HEAD_DTYPES,
+    )
     kv_cache_dtype: str = flag(
         "auto",
         "KV cache storage: the model dtype (auto), or 1 byte per element plus a float32 scale per head vector",
@@ -356,7 +364,7 @@ class EngineConfig:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
-        check_choices(self, "async_scheduling", "preemption_mode")
+        check_choices(self, "async_scheduling", "preemption_mode", "lm_head_dtype")
         from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)

@@ -127,8 +127,12 @@ def test_q8_0_gguf_loads_into_int8_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(Int8Method, "load_blocks", counting_blocks)
     monkeypatch.setattr(Int8Method, "load_rows", counting_rows)
 
-    def engine(method):
-        cfg = EngineConfig(model=str(path), dtype="float32", quantization=method, max_model_len=128)
+    def engine(
+        method,
+    ):  # the head in float: this test is about the decoder's Q8_0 codes (the head's: test_lm_head)
+        cfg = EngineConfig(
+            model=str(path), dtype="float32", quantization=method, lm_head_dtype="model", max_model_len=128
+        )
         return Engine(cfg)
 
     assert open_model(str(path)).linear_block_type() == "Q8_0"

@@ -63,6 +63,7 @@ class Engine:
             mc,
             device=self.device,
             dtype=self.dtype,
+            lm_head_dtype=config.lm_head_dtype,
         )
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         # placement -> weights -> staging -> workspace -> graph pool -> KV, each figure the plan's until

@@ -9,13 +9,15 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.model.attention import AttentionMetadata, PagedAttention
-from fitllm.model.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul, VocabEmbedding
-from fitllm.model.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    ReplicatedLinear,
-    RowParallelLinear,
+from fitllm.model.layers import (
+    RMSNorm,
+    RotaryEmbedding,
+    RotaryTables,
+    SiluAndMul,
+    compute_logits,
+    vocab_layers,
 )
+from fitllm.model.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fitllm.model.loading import load_parameter
 from fitllm.quant.base import QuantMethod
 
@@ -115,7 +117,8 @@ class LlamaForCausalLM(nn.Module):
     """Llama decoder + LM head; `forward` returns hidden states, `compute_logits` only for sampled rows."""
 
     def __init__(self, config: ModelConfig, quant: QuantMethod | None = None) -> None:
-        """quant: how the decoder linears store their weights (fitllm/quant; None: the model dtype)."""
+        """quant: how the decoder linears store their weights, and `quant.head` the LM head's (fitllm/quant;
+        None: the model dtype)."""
         super().__init__()
         self.config = config
         self.rotary = RotaryEmbedding(
@@ -125,16 +128,11 @@ class LlamaForCausalLM(nn.Module):
             config.rope_scaling,
             interleaved=config.rope_interleaved,
         )
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens, self.lm_head = vocab_layers(config, quant)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, self.rotary, quant) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else ReplicatedLinear(config.hidden_size, config.vocab_size, bias=False)
-        )
 
     def attention_layers(self) -> list[PagedAttention]:
         """The paged-attention module of each layer, in order (the runner binds KV caches to them)."""
@@ -157,8 +155,7 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight)
+        return compute_logits(self.embed_tokens, self.lm_head, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy Hugging Face-named tensors into the (fused, sharded) parameters; returns names loaded."""

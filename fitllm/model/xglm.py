@@ -17,8 +17,8 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.model.attention import AttentionMetadata, PagedAttention
-from fitllm.model.layers import VocabEmbedding
-from fitllm.model.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
+from fitllm.model.layers import compute_logits, vocab_layers
+from fitllm.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fitllm.model.loading import load_parameter
 from fitllm.quant.base import QuantMethod
 
@@ -82,14 +82,9 @@ class XGLMForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens, self.lm_head = vocab_layers(config, quant)
         self.layers = nn.ModuleList(XGLMDecoderLayer(config, quant) for _ in range(config.num_hidden_layers))
         self.layer_norm = LayerNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else ReplicatedLinear(config.hidden_size, config.vocab_size, bias=False)
-        )
         self.positions: torch.Tensor | None = None  # built by `prepare` (computed, not loaded)
 
     def attention_layers(self) -> list[PagedAttention]:
@@ -111,8 +106,7 @@ class XGLMForCausalLM(nn.Module):
         return self.layer_norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return compute_logits(self.embed_tokens, self.lm_head, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Hugging Face XGLM names (q/k/v fused into qkv_proj); returns the parameter names loaded."""

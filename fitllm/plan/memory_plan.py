@@ -104,7 +104,10 @@ class MemoryPlan:
         backend = resolve_attention_backend(config.attention_backend, device)
         if quant is None:
             quant = get_quant_method(
-                config.quantization, group_size or config.quant_group_size, config=model_config
+                config.quantization,
+                group_size or config.quant_group_size,
+                config=model_config,
+                lm_head_dtype=config.lm_head_dtype,
             )
         reason = eager_reason(backend, device, config.enforce_eager, False, config.quantization)
         return cls(
@@ -321,6 +324,7 @@ def make_plan(
     estimate: OffloadEstimate | None = None,
     cuda_graphs: bool = False,
     reference_attention: bool = False,
+    lm_head_dtype: str = "auto",
 ) -> Plan:
     """`MemoryPlan.report` from loose figures, for callers without an EngineConfig (max_model_len None:
     'auto', the largest context that fits). `cuda_graphs`: decode will be captured (CUDA, Triton attention,
@@ -333,10 +337,11 @@ def make_plan(
         kv_cache_dtype=kv_cache_dtype,
         quantization=quantization,
         quant_group_size=quant_group_size,
+        lm_head_dtype=lm_head_dtype,
         cpu_offload_gb=cpu_offload_gb,
         offload_prefetch=offload_prefetch,
     )
-    quant = get_quant_method(quantization, quant_group_size, config=config)
+    quant = get_quant_method(quantization, quant_group_size, config=config, lm_head_dtype=lm_head_dtype)
     plan = MemoryPlan(
         engine_config,
         config,

@@ -181,7 +181,12 @@ class Plan:
             ("weights: attention (all layers)", format_bytes(w.attention)),
             ("weights: mlp (all layers)", format_bytes(w.mlp)),
             ("weights: norms", format_bytes(w.norms)),
-            ("weights: lm_head", format_bytes(w.lm_head) + ("" if w.lm_head else " (tied to the embedding)")),
+            (
+                "weights: lm_head",
+                f"{format_bytes(w.lm_head)} ({w.lm_head_dtype})"
+                if w.lm_head
+                else f"tied to the embedding ({w.lm_head_dtype})",
+            ),
             ("weights: one decoder layer", format_bytes(w.per_layer)),
             ("weights: total", format_bytes(w.total)),
         ]

@@ -24,7 +24,8 @@ class WeightBreakdown:
     attention: int = 0
     mlp: int = 0
     norms: int = 0
-    lm_head: int = 0
+    lm_head: int = 0  # 0 when tied: the embedding's table is the head (stored as the head is)
+    lm_head_dtype: str = ""  # how the head is stored (--lm-head-dtype): "int8", or the model dtype's name
     per_layer: int = 0
     largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
     layer_stream_bytes: int = (
@@ -45,7 +46,9 @@ def weight_breakdown(
     nothing whatever a config claims."""
     layers = config.num_hidden_layers
     model = build_on_meta(replace(config, num_hidden_layers=1), dtype, quant)
+    head = quant.head if quant is not None else None
     out = WeightBreakdown(
+        lm_head_dtype=head.name if head is not None else str(dtype).removeprefix("torch."),
         largest_quantized_linear=scratch_elements(model),
         layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
     )
@@ -89,11 +92,4 @@ def attention_parameters(layer: nn.Module) -> set[str]:
 def scratch_elements(model: nn.Module) -> int:
     """Elements of the shared model-dtype scratch the model's quantized linears multiply through (the
     largest such weight; 0 when no method uses one). Works on a meta-built or a loaded model."""
-    return max(
-        (
-            m.out_features * m.in_features
-            for m in model.modules()
-            if isinstance(m, LinearBase) and m.quant.uses_scratch
-        ),
-        default=0,
-    )
+    return max((m.quant.scratch_elements(m) for m in model.modules() if isinstance(m, LinearBase)), default=0)

@@ -1,16 +1,18 @@
 """Weight quantization: how a linear layer stores and multiplies its weight (`--quantization`).
 
-A `QuantMethod` decides three things for every decoder linear (q/k/v, o, gate/up, down; the embedding and
-LM head stay in the model dtype): which parameters the layer holds (so building the model on the meta
-device gives the planner exact bytes), how a checkpoint tensor's rows are quantized as they arrive (so
-loading never holds more than one tensor in float on top of the final weights), and the matmul.
+A `QuantMethod` decides three things for every decoder linear (q/k/v, o, gate/up, down): which parameters
+the layer holds (so building the model on the meta device gives the planner exact bytes), how a checkpoint
+tensor's rows are quantized as they arrive (so loading never holds more than one tensor in float on top of
+the final weights), and the matmul.
+The LM head (and an embedding tied to it) has a method of its own, `QuantMethod.head` (`--lm-head-dtype`):
+int8 per vocabulary row by default when the decoder is quantized (`head_method`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fitllm.config import QUANTIZATIONS, ModelConfig
+from fitllm.config import LM_HEAD_DTYPES, QUANTIZATIONS, ModelConfig
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
@@ -38,11 +40,38 @@ def get_quant_method(
     config: ModelConfig | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    lm_head_dtype: str = "auto",
 ) -> QuantMethod:
-    """The method for `--quantization NAME` (None or 'none': the model dtype); `source_block_type` (see
-    ModelSource.linear_block_type) picks int4's default group size; `config`, if given, lets an invalid
-    group size's error suggest sizes that fit the model; `device` (and the model `dtype`), if given, are
-    where bitsandbytes must run (checked now, see fitllm/quant/bnb.py)."""
+    """The method for `--quantization NAME` (None or 'none': the model dtype), its `head` chosen by
+    `--lm-head-dtype` (`head_method`); `source_block_type` (see ModelSource.linear_block_type) picks int4's
+    default group size; `config`, if given, lets an invalid group size's error suggest sizes that fit the
+    model; `device` (and the model `dtype`), if given, are where bitsandbytes must run (checked now, see
+    fitllm/quant/bnb.py)."""
+    method = _decoder_method(name, group_size, source_block_type, config, device, dtype)
+    method.head = head_method(name, lm_head_dtype, method)
+    return method
+
+
+def head_method(quantization: str | None, lm_head_dtype: str, decoder: QuantMethod) -> QuantMethod | None:
+    """`--lm-head-dtype`: the LM head's method, None for the model dtype. auto is int8 when the decoder is
+    quantized: on the default model the bfloat16 head is 56 MB of reads per token, as much as all the int4
+    decoder linears together; int8 per vocabulary row halves it (its perplexity cost: docs/benchmarks.md).
+    The head shares an int8 decoder's scratch and converts its large calls a slice at a time."""
+    if lm_head_dtype not in LM_HEAD_DTYPES:
+        raise ValueError(f"--lm-head-dtype must be one of {', '.join(LM_HEAD_DTYPES)}; got {lm_head_dtype!r}")
+    if lm_head_dtype == "model" or (lm_head_dtype == "auto" and quantization in (None, "none")):
+        return None
+    return Int8Method(chunked=True, scratch=decoder.scratch if isinstance(decoder, Int8Method) else None)
+
+
+def _decoder_method(
+    name: str | None,
+    group_size: int | None,
+    source_block_type: str | None,
+    config: ModelConfig | None,
+    device: torch.device | None,
+    dtype: torch.dtype,
+) -> QuantMethod:
     if name in (None, "none"):
         return UnquantizedMethod()
     if name == "int8":
@@ -67,4 +96,11 @@ def graph_safe(name: str | None) -> bool:
     return name != "bnb-int8"
 
 
-__all__ = ["QUANTIZATIONS", "QuantMethod", "UnquantizedMethod", "get_quant_method", "graph_safe"]
+__all__ = [
+    "QUANTIZATIONS",
+    "QuantMethod",
+    "UnquantizedMethod",
+    "get_quant_method",
+    "graph_safe",
+    "head_method",
+]

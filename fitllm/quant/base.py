@@ -15,6 +15,10 @@ class QuantMethod:
     name = "none"
     uses_scratch = False  # multiplies large batches through a shared model-dtype copy of the weight
     derived_params: tuple[str, ...] = ()  # written by the weight loader with `weight` (scales), not loaded
+    # How the LM head (and a tied embedding) is stored beside this method's decoder linears (`--lm-head-dtype`,
+    # set by fitllm.quant.get_quant_method); None: the model dtype. It rides on the decoder's method so that
+    # every place that builds or counts a model from one method (loader, planner) gets the same head.
+    head: QuantMethod | None = None
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         raise NotImplementedError
@@ -45,6 +49,14 @@ class QuantMethod:
         """The weight as a float [out_features, in_features] tensor (tests, reference paths)."""
         raise NotImplementedError
 
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the weight in the model dtype: the lookup of an embedding tied to this head."""
+        raise NotImplementedError(f"{self.describe()} cannot hold an embedding")
+
+    def scratch_elements(self, layer: nn.Module) -> int:
+        """Elements of the shared model-dtype scratch this layer's matmul may use (0: none)."""
+        return layer.out_features * layer.in_features if self.uses_scratch else 0
+
 
 class UnquantizedMethod(QuantMethod):
     """The weight in the model dtype; y = x W^T."""
@@ -62,3 +74,6 @@ class UnquantizedMethod(QuantMethod):
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight.data.float()
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)

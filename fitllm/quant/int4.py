@@ -216,8 +216,7 @@ class Int4Method(QuantMethod):
             layer.int4_kernel_layout = True
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size)
         if path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -229,7 +228,7 @@ class Int4Method(QuantMethod):
             out = int4_matmul(x2, layer.weight, layer.weight_scale_zeros, self.group_size)
         else:
             out = F.linear(x2, self.dequantize(layer).to(x2.dtype))
-        return out.view(*shape[:-1], out.shape[-1])
+        return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         if layer.int4_kernel_layout:

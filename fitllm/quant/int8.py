@@ -73,6 +73,9 @@ class _Scratch:
         return b[:n].view(shape)
 
 
+SCRATCH_CHUNK_ELEMENTS = 1 << 22  # a head's scratch path converts this many weights at a time (8 MiB bf16)
+
+
 class Int8Method(QuantMethod):
     """`weight` int8 [out, in] plus `weight_scale` [out] in the model dtype."""
 
@@ -80,8 +83,19 @@ class Int8Method(QuantMethod):
     uses_scratch = True
     derived_params = ("weight_scale",)
 
-    def __init__(self) -> None:
-        self.scratch = _Scratch()
+    def __init__(self, chunked: bool = False, scratch: _Scratch | None = None) -> None:
+        """`chunked`: large calls convert the weight into the scratch a slice of output rows at a time
+        (`SCRATCH_CHUNK_ELEMENTS`), as the LM head does: its [vocab, hidden] weight whole in the model dtype
+        would hold again the bytes the quantization saved. `scratch`: one to share (the decoder's)."""
+        self.chunked = chunked
+        self.scratch = scratch or _Scratch()
+
+    def _chunk_rows(self, layer: nn.Module) -> int:
+        rows = layer.weight.shape[0]
+        return min(rows, max(1, SCRATCH_CHUNK_ELEMENTS // layer.weight.shape[1])) if self.chunked else rows
+
+    def scratch_elements(self, layer: nn.Module) -> int:
+        return self._chunk_rows(layer) * layer.in_features
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         layer.weight = nn.Parameter(
@@ -115,8 +129,7 @@ class Int8Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale = layer.weight, layer.weight_scale
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype)
         if path == "aten":
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
@@ -125,11 +138,31 @@ class Int8Method(QuantMethod):
 
             out = int8_matmul(x2, w, scale)
         else:
+            out = self._scratch_matmul(layer, x2)
+        return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
+
+    def _scratch_matmul(self, layer: nn.Module, x2: torch.Tensor) -> torch.Tensor:
+        """x2 W^T through the model-dtype scratch, `_chunk_rows` output rows at a time."""
+        w, scale = layer.weight, layer.weight_scale
+        step = self._chunk_rows(layer)
+        if step == w.shape[0]:
             wd = self.scratch.get(w.shape, x2.dtype, x2.device)
             wd.copy_(w)
-            out = F.linear(x2, wd)
-            out.mul_(scale.to(out.dtype))
-        return out.view(*shape[:-1], out.shape[-1])
+            return F.linear(x2, wd).mul_(scale.to(x2.dtype))
+        out = torch.empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
+        for start in range(0, w.shape[0], step):
+            part = w[start : start + step]
+            wd = self.scratch.get(part.shape, x2.dtype, x2.device)
+            wd.copy_(part)
+            part_scale = scale[start : start + part.shape[0]].to(x2.dtype)
+            out[:, start : start + part.shape[0]] = F.linear(x2, wd).mul_(part_scale)
+        return out
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight.data.float() * layer.weight_scale.data.float()[:, None]
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """The rows the head multiplies by, rounded once to the model dtype (the scale's)."""
+        scale = layer.weight_scale
+        rows = F.embedding(ids, layer.weight).float()
+        return rows.mul_(F.embedding(ids, scale.unsqueeze(1)).float()).to(scale.dtype)
