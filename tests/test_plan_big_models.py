@@ -118,16 +118,16 @@ DOCUMENTED_PLANS = {
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
     "--max-model-len auto": (816, 816, 1, "yes"),  # by streaming 4 of 40 layers
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
-    "--quantization int8": (14288, 2048, 6, "yes"),
+    "--quantization int8": (14608, 2048, 7, "yes"),
     f"--model tests/fixtures/{J13}/config.json --memory-budget 24GiB --dtype float16 --device cuda "
-    "--quantization int4": (21264, 2048, 10, "yes"),
+    "--quantization int4": (21568, 2048, 10, "yes"),
     f"{G9_FULL} --device cuda": (50304, 50320, 0, "NO"),
     f"{G9_FULL.replace('131072', 'auto')} --device cuda": (50320, 50320, 1, "yes"),
-    f"{G9_FULL} --device cuda --quantization int8": (243904, 131072, 1, "yes"),
-    f"{G9_FULL} --device cuda --quantization int4": (336608, 131072, 2, "yes"),
+    f"{G9_FULL} --device cuda --quantization int8": (259056, 131072, 1, "yes"),
+    f"{G9_FULL} --device cuda --quantization int4": (351536, 131072, 2, "yes"),
     f"{G9_FULL} --device cuda --kv-cache-dtype int8": (97552, 97584, 0, "NO"),
     f"{G9_FULL} --device cuda --kv-cache-dtype fp8": (97552, 97584, 0, "NO"),
-    f"{G9_FULL} --device cuda --quantization int8 --kv-cache-dtype int8": (473040, 131072, 3, "yes"),
+    f"{G9_FULL} --device cuda --quantization int8 --kv-cache-dtype int8": (502416, 131072, 3, "yes"),
 }  # fmt: skip
 
 
@@ -180,7 +180,8 @@ def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
         q: make_plan(mc, "janeway", torch.float16, 24 * GiB, None, quantization=q)
         for q in ("none", "int8", "int4")
     }
-    # ~12.8B parameters: 23.9 GiB in float16 (the published fp16 file is ~25.7 GB), ~12.2 GiB in int8.
+    # ~12.8B parameters: 23.9 GiB in float16 (the published fp16 file is ~25.7 GB), ~12.0 GiB in int8 (the
+    # tied embedding and LM head held once, as int8).
     fp16 = plans["none"]
     assert 23.8 * GiB < fp16.weights.total < 24.0 * GiB
     # In float16 the weights alone fill the budget: it fits only by streaming layers from host memory
@@ -188,7 +189,7 @@ def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
     assert fp16.fits and 0 < len(fp16.placement.offloaded) < 10
     assert fp16.resident_weight_bytes + fp16.placement.offloaded_bytes >= fp16.weights.total
     assert not plans["int8"].placement.offloaded and not plans["int4"].placement.offloaded
-    assert 12.1 * GiB < plans["int8"].weights.total < 12.3 * GiB
+    assert 11.9 * GiB < plans["int8"].weights.total < 12.1 * GiB
     # XGLM's projections sit on the layer itself (qkv_proj, out_proj), not in a self_attn module: its
     # attention is 4 d^2 weights + 4 d biases per layer and its MLP 2 d ffn + ffn + d, in float16.
     d, ffn, layers = 5120, 20480, 40
@@ -197,7 +198,7 @@ def test_janeway13b_weights_kv_and_what_fits_24gib_in_int8(janeway13b):
     assert plans["int4"].weights.total < 0.6 * plans["int8"].weights.total
     # 800 KiB of KV per token in 16-bit (40 layers x K and V x 40 heads x 128 x 2 bytes).
     assert plans["int8"].kv_bytes_per_token == 800 * 1024
-    # On 24 GiB with int8 weights: ~14k tokens of context at once, i.e. seven full 2048-token stories.
+    # On 24 GiB with int8 weights: ~14.6k tokens of context at once, i.e. seven full 2048-token stories.
     int8 = plans["int8"]
     assert int8.fits and int8.max_context_that_fits == 2048
     room = 24 * GiB - int8.fixed_bytes
