@@ -98,10 +98,11 @@ def test_cli_eval_perplexity_scores_with_the_engines_kv_format(tiny, tmp_path):
         results[kv] = json.loads(out.read_text())
     keys = {"perplexity", "nll_sum", "num_scored", "num_tokens", "num_windows", "context", "stride"}
     keys |= {"model", "dtype", "quantization", "quant_group_size", "kv_cache_dtype", "weight_bytes"}
-    keys |= {"load_rss_peak_growth", "load_rss_growth"}
+    keys |= {"load_rss_peak_growth", "load_rss_growth", "lm_head_dtype"}
     for kv, r in results.items():
         assert set(r) == keys, kv
         assert r["kv_cache_dtype"] == kv and r["quantization"] == "none" and r["dtype"] == "torch.float32"
+        assert r["lm_head_dtype"] == "model dtype"  # unquantized weights: the head stays in the model dtype
         assert (r["num_tokens"], r["num_scored"], r["context"], r["stride"]) == (200, 199, 64, 32)
         assert r["num_windows"] == 6 and r["weight_bytes"] > 0
 
