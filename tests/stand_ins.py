@@ -108,3 +108,20 @@ class AddTap:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def slow_engine(config, delay_s: float):
+    """An Engine whose steps take `delay_s` longer (a generation outlasts a few HTTP round trips)."""
+    import time
+
+    from fitllm.engine.engine import Engine
+
+    engine = Engine(config)
+    step = engine.step
+
+    def slow_step():
+        time.sleep(delay_s)
+        return step()
+
+    engine.step = slow_step
+    return engine

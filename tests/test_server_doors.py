@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from live_server import Served, assert_error, sample, scrape, serve
+from stand_ins import slow_engine
 
 from fitllm.config import EngineConfig
 from fitllm.engine.async_engine import AsyncEngine
@@ -45,16 +46,7 @@ def _config(folder, **kw) -> EngineConfig:
 
 
 def _slow(config: EngineConfig) -> Engine:
-    """An Engine whose steps take STEP_DELAY_S longer (a generation outlasts a few HTTP round trips)."""
-    engine = Engine(config)
-    step = engine.step
-
-    def slow_step():
-        time.sleep(STEP_DELAY_S)
-        return step()
-
-    engine.step = slow_step
-    return engine
+    return slow_engine(config, STEP_DELAY_S)
 
 
 @pytest.fixture(scope="module")

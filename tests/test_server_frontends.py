@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 from live_server import Served, serve
+from stand_ins import slow_engine
 
 from fitllm import LLM, SamplingParams
 from fitllm.config import EngineConfig
@@ -47,15 +48,7 @@ def _config(folder) -> EngineConfig:
 
 
 def _slow(config: EngineConfig) -> Engine:
-    engine = Engine(config)
-    step = engine.step
-
-    def slow_step():
-        time.sleep(STEP_DELAY_S)
-        return step()
-
-    engine.step = slow_step
-    return engine
+    return slow_engine(config, STEP_DELAY_S)
 
 
 @pytest.fixture(scope="module")
