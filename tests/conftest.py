@@ -306,6 +306,27 @@ def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
     return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
 
 
+def tight_engine(folder: Path, kv_blocks: int, slab_blocks: int = 2, **kw):
+    """A float32 engine on `folder` (max_model_len 128) whose budget holds exactly `kv_blocks` KV blocks
+    beyond its weights and workspace, in slabs of `slab_blocks`: the tests that need preemption, swap or
+    retention under pressure."""
+    from fitllm.config import EngineConfig
+    from fitllm.engine.engine import Engine
+
+    fixed, per_block = fixed_and_block_bytes(folder)
+    return Engine(
+        EngineConfig(
+            model=str(folder),
+            dtype="float32",
+            max_model_len=128,
+            memory_budget=fixed + kv_blocks * per_block,
+            kv_slab_size=slab_blocks * per_block,
+            profile_workspace=False,
+            **kw,
+        )
+    )
+
+
 # ---- a live fitllm server on the default model (tests/test_server*.py) -------------------------------------
 
 SERVER_CONFIG = dict(dtype="bfloat16", max_model_len=512, max_num_seqs=8, seed=0)
