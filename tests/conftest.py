@@ -228,6 +228,24 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
     return tokens, logits
 
 
+def run_streamed(engine, prompts, params) -> tuple[list, list[str]]:
+    """Run to the end with the pool's integrity and the budget checked after every step: the final
+    RequestOutput of each prompt, in order, and the text its deltas streamed."""
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done, deltas, steps = {}, {r: "" for r in rids}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas[out.request_id] += out.outputs[0].delta_text
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_integrity()
+        assert engine.ledger.total <= engine.ledger.budget
+        steps += 1
+        assert steps < 3000
+    assert engine.pool.num_used_blocks == 0
+    return [done[r] for r in rids], [deltas[r] for r in rids]
+
+
 def run_all(
     engine, prompts, priorities=None, on_step=None, params=GREEDY, logits: list | None = None
 ) -> list[list[int]]:
