@@ -147,6 +147,26 @@ class KVSlabStorage:
         for view, pos, local in self._split(slots):
             view.index_copy_(2, local, data if pos is None else data.index_select(2, pos))
 
+    def key_runs(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """The K of whole blocks as views [num_layers, slots, kv_heads, entry_width] into the cache, one per
+        run of consecutive block ids within a slab (what a context shift rotates in place, with no copy)."""
+        per_slab = self.slab_slots // self.block_size
+        runs: list[list[int]] = []
+        for b in sorted(block_ids):
+            if runs and b == runs[-1][1] and (self.region is not None or b % per_slab):
+                runs[-1][1] = b + 1
+            else:
+                runs.append([b, b + 1])
+        views = []
+        for lo, hi in runs:
+            if self.region is not None:
+                views.append(self.region[:, 0, lo * self.block_size : hi * self.block_size])
+            else:
+                slab, first = divmod(lo, per_slab)
+                local = slice(first * self.block_size, (first + hi - lo) * self.block_size)
+                views.append(self.slab_view(slab)[:, 0, local])
+        return views
+
     def block_shape(self, num_blocks: int) -> tuple[int, ...]:
         """The shape `read_slots` fills for `num_blocks` whole blocks."""
         layers, _, _, heads, width = self.slab_shape
