@@ -124,29 +124,48 @@ def shift_kv(kv: torch.Tensor, delta: torch.Tensor, rotary, kv_format: KVCacheFo
     """Move gathered K/V [num_layers, 2, T, kv_heads, entry_width] by `delta` [T] positions, in place: each
     moved K row is rotated by its delta with the model's rotary (`RotaryEmbedding.shift`) in float32; V and
     unmoved rows are untouched."""
-    rows = torch.nonzero(delta).squeeze(1)
-    if not len(rows):
-        return
-    lo, hi = int(rows[0]), int(rows[-1]) + 1
-    if hi - lo == len(rows):  # one run (the rows after the cut): rotated where they lie
-        rotate_keys(kv[:, 0, lo:hi], delta[lo:hi], rotary, kv_format)
-        return
-    keys = kv[:, 0].index_select(1, rows.to(kv.device))
-    rotate_keys(keys, delta.index_select(0, rows), rotary, kv_format)
-    kv[:, 0].index_copy_(1, rows.to(kv.device), keys)
+    KeyShift(delta, rotary, kv_format, kv.device)(kv)
 
 
-def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, rotary, kv_format: KVCacheFormat) -> None:
-    """Rotate stored keys [num_layers, T, kv_heads, entry_width] (a view into the cache is fine) by `delta`
-    [T] positions, in place. A float cache is rotated in float32 and rounded once into place; a quantized
-    one is decoded, rotated and encoded again (a fresh scale per vector)."""
-    if not kv_format.quantized:
-        rotary.shift(keys, delta, out=keys)
-        return
-    layers, n, heads, width = keys.shape
-    k = kv_format.decode(keys.reshape(-1, width)).float().reshape(layers, n, heads, kv_format.head_dim)
-    k = rotary.shift(k, delta, out=k)
-    keys.copy_(kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(layers, n, heads, width))
+class KeyShift:
+    """`shift_kv` with its angles taken once, for a move made piece by piece (`KVSlabStorage.move_slots`)."""
+
+    def __init__(self, delta: torch.Tensor, rotary, kv_format: KVCacheFormat, device: torch.device) -> None:
+        rows = torch.nonzero(delta).squeeze(1)
+        self.rotary, self.kv_format = rotary, kv_format
+        self.run: slice | None = None  # the moved rows when they are one run (the rows after the cut)
+        self.rows: torch.Tensor | None = None  # else their indices
+        if len(rows):
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if hi - lo == len(rows):
+                self.run = slice(lo, hi)
+            else:
+                self.rows = rows.to(device)
+            self.tables = rotary.shift_tables(delta.index_select(0, rows), device)
+
+    def __call__(self, kv: torch.Tensor) -> None:
+        """Rotate the moved K rows of gathered K/V [num_layers, 2, T, kv_heads, entry_width] in place."""
+        if self.run is not None:
+            rotate_keys(kv[:, 0, self.run], self.tables, self.rotary, self.kv_format)
+        elif self.rows is not None:
+            keys = kv[:, 0].index_select(1, self.rows)
+            rotate_keys(keys, self.tables, self.rotary, self.kv_format)
+            kv[:, 0].index_copy_(1, self.rows, keys)
+
+
+def rotate_keys(keys: torch.Tensor, tables, rotary, kv_format: KVCacheFormat) -> None:
+    """Rotate stored keys [num_layers, T, kv_heads, entry_width] (a view into the cache is fine) by the
+    angles of `tables` (`RotaryEmbedding.shift_tables` of their deltas), in place, a layer at a time
+    (cache-sized pieces). A float cache is rotated in float32 and rounded once into place; a quantized one
+    is decoded, rotated and encoded again (a fresh scale per vector)."""
+    for layer in keys:
+        if not kv_format.quantized:
+            rotary.rotate_by(tables, layer, out=layer)
+            continue
+        n, heads, width = layer.shape
+        k = kv_format.decode(layer.reshape(-1, width)).float().reshape(n, heads, kv_format.head_dim)
+        rotary.rotate_by(tables, k, out=k)
+        layer.copy_(kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(n, heads, width))
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
-from fitllm.engine.context_shift import KVShift, rotate_keys, shift_kv
+from fitllm.engine.context_shift import KeyShift, KVShift, rotate_keys
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
@@ -262,16 +262,12 @@ class ModelRunner:
         for shift in shifts:
             if len(shift.positions):
                 dst = self.kv.slots(shift.request_id, shift.end).index_select(0, shift.positions)
-                kv = torch.empty(
-                    (s.slab_shape[0], 2, len(dst), *s.slab_shape[3:]), dtype=s.dtype, device=self.device
-                )
-                s.read_slots(shift.src_slots.to(self.device), kv)
-                shift_kv(kv, shift.delta, rotary, s.kv_format)
-                s.write_slots(dst.to(self.device), kv)
+                rotate = KeyShift(shift.delta, rotary, s.kv_format, self.device)
+                s.move_slots(shift.src_slots.to(self.device), dst.to(self.device), rotate)
             if shift.adopted:
+                tables = rotary.shift_tables(torch.tensor([shift.moved_by]), self.device)
                 for keys in s.key_runs([b.block_id for _, b in shift.adopted]):
-                    delta = torch.full((keys.shape[1],), shift.moved_by, dtype=torch.int64)
-                    rotate_keys(keys, delta, rotary, s.kv_format)
+                    rotate_keys(keys, tables, rotary, s.kv_format)
 
     @torch.inference_mode()
     def execute(
