@@ -574,7 +574,7 @@ _story = st.lists(st.integers(3, 249), min_size=70, max_size=90, unique=True)  #
 _requests = st.lists(
     st.tuples(
         st.integers(0, 24),  # memory kept (tokens)
-        st.integers(1, 30),  # story tokens cut after it
+        st.one_of(st.integers(1, 30), st.sampled_from([8, 16, 24])),  # story tokens cut (whole blocks too)
         st.lists(st.integers(3, 249), max_size=6),  # new text
         st.integers(4, 16),  # max_tokens
         st.sampled_from([True, False, None]),  # context_shift
