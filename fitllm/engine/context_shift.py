@@ -14,8 +14,10 @@ a trim only the blocks before the cut hit):
   kept run must start right where the kept prefix ends). The request's positions [start, a + m) (start: the
   end of its prefix hits, a block boundary at or before a) take their K/V from S's slots at the same
   positions before a and at +r after it; S's evicted blocks end the run. The move is a `KVShift`, made by the
-  runner before the step's forward (as swaps are), into the request's own new blocks: blocks shared with or
-  cached for anything else are only read.
+  runner before the step's forward (as swaps are): where the cut is a whole number of blocks, S's blocks
+  after it that nothing references are taken over and their K rotated in place (they leave the prefix cache:
+  their old hashes no longer name what they hold); the rest is copied into the request's own new blocks.
+  Blocks another request holds are only read.
 - A shifted cache is close to, not equal to, a recomputed one (the kept tokens once attended to the cut
   text). So blocks whose K/V came from a shift, or were computed over shifted K/V, are published under a
   salted hash chain (`KVCacheManager.mark_shifted`): only requests that accept a shift ever hit them.
