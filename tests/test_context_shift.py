@@ -138,7 +138,9 @@ def test_the_kept_run_is_the_longest_token_exact_one_after_the_kept_prefix():
 BS = 16
 MEMORY = list(range(3, 23))  # 20 tokens: the kept prefix ends inside block 1
 STORY = [int(t) for t in np.random.default_rng(7).integers(23, 250, 150)]
-CUT = 40  # story tokens trimmed from the front in turn 2
+CUT = 40  # story tokens trimmed from the front in turn 2 (not whole blocks: every block is copied)
+CUT_BLOCKS = 32  # whole blocks: the blocks wholly after the cut are taken over and rotated in place
+CUTS = [CUT, CUT_BLOCKS]
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +157,12 @@ def _params(n: int = 8, shift: bool | None = None) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, context_shift=shift)
 
 
-def _turns(engine: Engine) -> tuple[list[int], list[int]]:
+def _turns(engine: Engine, cut: int = CUT) -> tuple[list[int], list[int]]:
     """Turn 1 (memory + story, 8 tokens generated) run to its end; returns (its whole sequence, turn 2's
-    prompt: memory + the story without its first CUT tokens + turn 1's output + 3 new tokens)."""
+    prompt: memory + the story without its first `cut` tokens + turn 1's output + 3 new tokens)."""
     out = run_all(engine, [MEMORY + STORY], params=_params())[0]
     seq = MEMORY + STORY + out
-    return seq, MEMORY + STORY[CUT:] + out + [5, 6, 7]
+    return seq, MEMORY + STORY[cut:] + out + [5, 6, 7]
 
 
 def _slots_kv(engine: Engine, slots: list[int]) -> torch.Tensor:
@@ -180,10 +182,14 @@ def _cached_kv(engine: Engine, seq: list[int], num_blocks: int) -> torch.Tensor:
     return _slots_kv(engine, [b.block_id * BS + i for b in blocks for i in range(BS)])
 
 
-def _reference(engine: Engine, seq: list[int], end: int, a: int, r: int) -> torch.Tensor:
-    """The shift's reference for positions [0, end): the original pass's K/V (seq's cached blocks) at
-    q (q < a) or q + r, K decoded, rotated by -r with the model's rotary and encoded again."""
-    src_kv = _cached_kv(engine, seq, (end + r) // BS + 1)
+def _reference(
+    engine: Engine, seq: list[int], end: int, a: int, r: int, src_kv: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The shift's reference for positions [0, end): the original pass's K/V (seq's cached blocks, or
+    `src_kv` read from them before an in-place shift rotated them) at q (q < a) or q + r, K decoded,
+    rotated by -r with the model's rotary and encoded again."""
+    if src_kv is None:
+        src_kv = _cached_kv(engine, seq, (end + r) // BS + 1)
     src = torch.tensor([q if q < a else q + r for q in range(end)])
     ref = src_kv.index_select(2, src).clone()
     moved = torch.arange(end) >= a
@@ -282,16 +288,111 @@ def test_a_shift_leaves_every_other_block_untouched(tiny):
     eng.check_integrity()
 
 
-def _greedy_turn2(folder, **kw) -> tuple[list[int], Engine]:
+# ---- in place: the cut is a whole number of blocks --------------------------------------------------------
+
+
+def _cached_blocks(engine: Engine, seq: list[int], num_blocks: int) -> list[int]:
+    """Ids of seq's first full blocks in the prefix cache, found by their (plain) chain."""
+    hashes = engine.kv.block_hashes("probe", seq[: num_blocks * BS])
+    engine.kv.free("probe")
+    return [engine.pool.lookup(h).block_id for h in hashes]
+
+
+@pytest.mark.parametrize(("family", "kv_dtype"), [("llama", "auto"), ("glm", "auto"), ("llama", "int8")])
+def test_an_in_place_shift_is_the_reference_and_so_are_its_logits(tmp_path_factory, family, kv_dtype):
+    folder = _checkpoint(tmp_path_factory, family)
+    eng = _engine(folder, kv_cache_dtype=kv_dtype)
+    seq, prompt = _turns(eng, CUT_BLOCKS)
+    r, a, start, end = CUT_BLOCKS, len(MEMORY), BS, 176 - CUT_BLOCKS
+    src_ids = _cached_blocks(eng, seq, 11)
+    src_kv = _cached_kv(eng, seq, 11)  # read before the shift: in place, it rotates these very blocks
+    old_hashes = eng.kv.block_hashes("probe", seq[: 11 * BS])
+    eng.kv.free("probe")
+    rid = eng.add_request(prompt, _params(4))
+    with LogitsTap(eng) as tap:
+        eng.step()
+        first_logits = tap.last[rid]
+    eng.check_integrity()
+    req = eng.requests[rid]
+    assert (req.reuse.cached, req.reuse.shifted) == (start, end - start)
+    # Block 1 holds the cut (rows [16, 20) kept, [20, 32) moved): copied into a new block. Blocks 2..8 are
+    # seq's blocks 4..10, taken over where they lie (2 = CUT_BLOCKS / BS blocks further on).
+    table = eng.kv.block_ids(rid)
+    assert table[2:9] == src_ids[4:11] and table[1] not in src_ids
+    ref = _reference(eng, seq, end, a, r, src_kv)
+    got = _slots_kv(eng, eng.kv.slots(rid, end).tolist())
+    assert torch.equal(got[:, :, :a], ref[:, :, :a])
+    assert torch.equal(got[:, 1], ref[:, 1])  # V untouched in place, copied as is elsewhere
+    tol = 1e-6 if kv_dtype == "auto" else _decoded(eng, ref[:, 0]).abs().amax(-1, keepdim=True) / 127 + 1e-6
+    assert ((_decoded(eng, got[:, 0]) - _decoded(eng, ref[:, 0])).abs() <= tol).all()
+    expected = _forward_over(eng, ref, prompt)
+    assert torch.allclose(first_logits, expected, atol=1e-4, rtol=0), (first_logits - expected).abs().max()
+    # The taken-over blocks no longer answer to seq's chain (they hold other positions' K now) but to the
+    # request's salted one; nothing else was published under the old names.
+    assert all(eng.pool.lookup(h) is None for h in old_hashes[4:11])
+    salted = eng.kv.block_hashes(rid, prompt)
+    assert [eng.pool.blocks[b].block_hash for b in table[2:9]] == salted[2:9]
+    assert len(_drain(eng)) == 1  # (integrity checked after every step)
+
+
+def test_an_in_place_shift_never_mutates_blocks_another_request_holds(tiny):
+    eng = _engine(tiny)
+    seq, prompt = _turns(eng, CUT_BLOCKS)
+    src_ids = _cached_blocks(eng, seq, 11)
+    src_kv = _cached_kv(eng, seq, 11)
+    # Another live request's prompt starts with seq's first 96 tokens: it holds seq's blocks 0..5.
+    other_prompt = seq[:96] + [200] * 10
+    other_alone = run_all(_engine(tiny, context_shift="off"), [other_prompt], params=_params(30, shift=False))
+    other = eng.add_request(other_prompt, _params(30, shift=False))
+    eng.step()
+    held = eng.kv.block_ids(other)[:6]
+    assert held == src_ids[:6]
+    before = {b: _slots_kv(eng, list(range(b * BS, (b + 1) * BS))) for b in held}
+    rid = eng.add_request(prompt, _params(8))
+    eng.step()
+    eng.check_integrity()
+    table = eng.kv.block_ids(rid)
+    # Blocks 2 and 3 take seq's blocks 4 and 5, which the other request holds: copied. 4..8 in place.
+    assert not set(table[1:4]) & set(src_ids)
+    assert table[4:9] == src_ids[6:11]
+    for b, kv in before.items():
+        assert torch.equal(_slots_kv(eng, list(range(b * BS, (b + 1) * BS))), kv), f"shared block {b} changed"
+    end = 176 - CUT_BLOCKS
+    ref = _reference(eng, seq, end, len(MEMORY), CUT_BLOCKS, src_kv)
+    got = _slots_kv(eng, eng.kv.slots(rid, end).tolist())
+    assert torch.equal(got[:, 1], ref[:, 1]) and (got[:, 0].float() - ref[:, 0].float()).abs().max() <= 1e-6
+    done = {o.request_id: o.outputs[0].token_ids for o in _drain(eng)}
+    assert done[other] == other_alone[0]  # its K/V were never touched
+    assert done[rid] == _greedy_turn2(tiny, CUT_BLOCKS)[0][:8]  # the same shift as with nothing shared
+
+
+def test_two_requests_shifting_from_one_sequence_in_one_step(tiny):
+    """The first takes the source blocks over in place; the second, admitted in the same step, no longer
+    finds them (their hashes went with them) and prefills: each gives its output alone (the first its
+    shifted one, the second its plain one), and the pool stays whole after every step."""
+    eng = _engine(tiny)
+    _, prompt = _turns(eng, CUT_BLOCKS)
+    twin = prompt[:-3] + [8, 9]
+    first, second = eng.add_request(prompt, _params(8)), eng.add_request(twin, _params(8))
+    eng.step()
+    assert eng.requests[first].reuse.shifted > 0 and eng.requests[second].reuse.shifted == 0
+    assert eng.shifter.num_shifts == 1
+    done = {o.request_id: o.outputs[0].token_ids for o in _drain(eng)}
+    assert done[first] == _greedy_turn2(tiny, CUT_BLOCKS)[0][:8]
+    assert done[second] == run_all(_engine(tiny, context_shift="off"), [twin], params=_params(8))[0]
+
+
+def _greedy_turn2(folder, cut: int = CUT, **kw) -> tuple[list[int], Engine]:
     eng = _engine(folder, **kw)
-    _, prompt = _turns(eng)
+    _, prompt = _turns(eng, cut)
     return run_all(eng, [prompt], params=_params(16))[0], eng
 
 
-def test_shifted_and_unshifted_requests_batch_together(tiny):
-    alone, _ = _greedy_turn2(tiny)
+@pytest.mark.parametrize("cut", CUTS)
+def test_shifted_and_unshifted_requests_batch_together(tiny, cut):
+    alone, _ = _greedy_turn2(tiny, cut)
     eng = _engine(tiny)
-    _, prompt = _turns(eng)
+    _, prompt = _turns(eng, cut)
     unshifted_alone = run_all(_engine(tiny, context_shift="off"), [prompt], params=_params(16))[0]
     outs = run_all(
         eng,
@@ -332,9 +433,10 @@ def test_plain_requests_never_see_shifted_kv(tiny):
     assert got == ref, rid
 
 
+@pytest.mark.parametrize("cut", CUTS)
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preempting_a_shifted_request_keeps_its_output(tiny, mode):
-    alone, _ = _greedy_turn2(tiny)
+def test_preempting_a_shifted_request_keeps_its_output(tiny, mode, cut):
+    alone, _ = _greedy_turn2(tiny, cut)
     fixed, per_block = _fixed_and_block_bytes(tiny)
     eng = _engine(
         tiny,
@@ -344,7 +446,7 @@ def test_preempting_a_shifted_request_keeps_its_output(tiny, mode):
         swap_space=64 << 20,
         preemption_mode=mode,
     )
-    _, prompt = _turns(eng)
+    _, prompt = _turns(eng, cut)
     # A long, higher-priority request arrives while the shifted one runs and takes its blocks.
     rid = eng.add_request(prompt, _params(16))
     eng.step()
@@ -377,9 +479,10 @@ def test_a_shifted_request_without_swap_space_is_recomputed_cleanly(tiny):
     assert len(done[rid].outputs[0].token_ids) == 16 and done[rid].reuse.shifted > 0
 
 
-def test_async_scheduling_gives_the_same_shifted_output(tiny):
-    alone, _ = _greedy_turn2(tiny)
-    got, eng = _greedy_turn2(tiny, async_scheduling="on")
+@pytest.mark.parametrize("cut", CUTS)
+def test_async_scheduling_gives_the_same_shifted_output(tiny, cut):
+    alone, _ = _greedy_turn2(tiny, cut)
+    got, eng = _greedy_turn2(tiny, cut, async_scheduling="on")
     assert eng.async_scheduling and eng.shifter.num_shifts == 1
     assert got == alone
 
@@ -471,7 +574,7 @@ _story = st.lists(st.integers(3, 249), min_size=70, max_size=90, unique=True)  #
 _requests = st.lists(
     st.tuples(
         st.integers(0, 24),  # memory kept (tokens)
-        st.integers(1, 30),  # story tokens cut after it
+        st.one_of(st.integers(1, 30), st.sampled_from([8, 16, 24])),  # story tokens cut (whole blocks too)
         st.lists(st.integers(3, 249), max_size=6),  # new text
         st.integers(4, 16),  # max_tokens
         st.sampled_from([True, False, None]),  # context_shift

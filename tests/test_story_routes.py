@@ -187,14 +187,15 @@ def _dropped(result: dict, story_tokens: int) -> int:
 
 def test_a_model_that_cannot_shift_is_trimmed_in_large_steps_and_counted(folders):
     """XGLM cannot shift: its Kobold stories are cut in steps of --smart-context-share of the room, and each
-    request that wanted a shift is counted; a rotary model (Llama) wanting one is cut token-exact."""
+    request that wanted a shift is counted; a rotary model (Llama) wanting one is cut as little as whole KV
+    blocks allow."""
     body = {"prompt": words(300), "max_length": 16, "max_context_length": 128, "temperature": 0}
     room = 128 - 16  # the tiny tokenizer adds no BOS
     step = int(0.5 * room)
     with tiny(folders["llama"]) as s:
         exact = httpx.post(f"{s.url}/api/v1/generate", json=body, timeout=60).json()["results"][0]
         stepped = httpx.post(f"{s.url}/api/v1/generate", json=body | {"context_shift": False}, timeout=60)
-        assert exact["prompt_tokens"] == room
+        assert exact["prompt_tokens"] == 300 - -(-(300 - room) // 16) * 16  # cut in whole KV blocks of 16
         assert stepped.json()["results"][0]["prompt_tokens"] == 300 - -(-(300 - room) // step) * step
     with tiny(folders["xglm"], smart_context_share=0.25) as s:
         step = int(0.25 * room)
@@ -210,10 +211,14 @@ def test_a_model_that_cannot_shift_is_trimmed_in_large_steps_and_counted(folders
 
 def test_trim_share_follows_the_choice_and_the_model():
     def state(unsupported: str | None) -> ServerState:
-        model = SimpleNamespace(context_shift_unsupported=unsupported)
+        model = SimpleNamespace(context_shift_unsupported=unsupported, block_size=16)
         engine = SimpleNamespace(served_model=model, ready=True, error=None)
         return ServerState(engine, "m", smart_context_share=0.4)  # type: ignore[arg-type]
 
     assert state(None).trim_share(True) == 0.0
     assert state(None).trim_share(False) == 0.4
     assert state("absolute positions").trim_share(True) == 0.4
+    # Where a shift serves, the cut is whole KV blocks (a shift by whole blocks is made in place).
+    assert state(None).trim_align(True) == 16
+    assert state(None).trim_align(False) == 1
+    assert state("absolute positions").trim_align(True) == 1

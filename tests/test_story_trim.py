@@ -42,6 +42,10 @@ def test_resolve_context_shift_body_then_flag_then_route():
 def test_story_cut_steps():
     assert story_cut(100, 120, 0.5) == 0
     assert story_cut(130, 100, 0.0) == 30  # token-exact
+    assert story_cut(130, 100, 0.0, 16) == 32  # whole blocks
+    assert story_cut(100, 100, 0.0, 16) == 0
+    assert story_cut(110, 100, 0.0, 16) == 16
+    assert story_cut(20, 1, 0.0, 16) == 19  # at least one token stays
     assert [story_cut(n, 100, 0.5) for n in (101, 149, 150, 151, 199, 200, 201)] == [
         50,
         50,
@@ -66,7 +70,7 @@ class ModelStub:
         self.tokenizer, self.max_model_len = tok, 1024
 
 
-def _kobold_turns(tok, share: float) -> list[tuple[list[int], int]]:
+def _kobold_turns(tok, share: float, align: int = 1) -> list[tuple[list[int], int]]:
     bos = tok.encode("", add_special_tokens=True)
     mem = tok.encode(MEMORY, add_special_tokens=False)
     out = []
@@ -74,7 +78,7 @@ def _kobold_turns(tok, share: float) -> list[tuple[list[int], int]]:
         body = KoboldGenerateRequest(
             prompt=story, memory=MEMORY, max_length=MAX_LENGTH, max_context_length=CTX
         )
-        ids, max_length = build_context(ModelStub(tok), body, share)
+        ids, max_length = build_context(ModelStub(tok), body, share, align)
         assert max_length == MAX_LENGTH and len(ids) + max_length <= CTX
         assert ids[: len(bos) + len(mem)] == bos + mem  # memory whole at the front
         full = tok.encode(story, add_special_tokens=False)
@@ -106,6 +110,12 @@ def test_kobold_trims_in_steps_without_a_shift_and_exact_with_one(tok):
     _check_steps(_kobold_turns(tok, 0.5), room, 0.5)
     exact = _kobold_turns(tok, 0.0)
     assert all(len(kept) == room for kept, cut in exact if cut)  # token-exact: the context exactly full
+    # With a shift the route cuts whole KV blocks: every cut, and so every turn's shift, is whole blocks,
+    # and the context is full to within a block.
+    blocks = _kobold_turns(tok, 0.0, 16)
+    cuts = [cut for _, cut in blocks]
+    assert sum(1 for c in cuts if c) >= 10 and all(c % 16 == 0 for c in cuts) and cuts == sorted(cuts)
+    assert all(room - 16 < len(kept) <= room for kept, cut in blocks if cut)
 
 
 @pytest.mark.parametrize("note", ["", "Keep it tense."])

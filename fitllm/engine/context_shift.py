@@ -14,8 +14,10 @@ a trim only the blocks before the cut hit):
   kept run must start right where the kept prefix ends). The request's positions [start, a + m) (start: the
   end of its prefix hits, a block boundary at or before a) take their K/V from S's slots at the same
   positions before a and at +r after it; S's evicted blocks end the run. The move is a `KVShift`, made by the
-  runner before the step's forward (as swaps are), into the request's own new blocks: blocks shared with or
-  cached for anything else are only read.
+  runner before the step's forward (as swaps are): where the cut is a whole number of blocks, S's blocks
+  after it that nothing references are taken over and their K rotated in place (they leave the prefix cache:
+  their old hashes no longer name what they hold); the rest is copied into the request's own new blocks.
+  Blocks another request holds are only read.
 - A shifted cache is close to, not equal to, a recomputed one (the kept tokens once attended to the cut
   text). So blocks whose K/V came from a shift, or were computed over shifted K/V, are published under a
   salted hash chain (`KVCacheManager.mark_shifted`): only requests that accept a shift ever hit them.
@@ -25,14 +27,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from fitllm.config import ModelConfig
 from fitllm.engine.request import Request, SamplingParams
-from fitllm.memory.kv.block_pool import BlockHash
+from fitllm.memory.kv.block_pool import BlockHash, KVBlock
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.manager import KVCacheManager
 
@@ -98,13 +100,22 @@ def find_kept_run(prompt: np.ndarray, seq: np.ndarray, min_run: int) -> KeptRun 
 @dataclass(slots=True)
 class KVShift:
     """One context shift's K/V move, recorded by the scheduler and made by the runner before the step's
-    forward: the request's positions [start, end) get the K/V held in `src_slots`, K rotated by `delta`."""
+    forward: the request's positions [start, end) get the K/V of the remembered sequence's positions, K
+    rotated by the position change. Two ways, block by block:
+    - in place (`adopted`): a block wholly after the cut whose source is a whole block (the removed span is
+      a whole number of blocks) that nothing else references is taken over by the request as it lies, and
+      its K rotated by `moved_by` where it is: no copy, V untouched;
+    - copied (`positions`): the rest (the block holding the cut, shared sources, spans that are not whole
+      blocks) is gathered from `src_slots`, rotated by `delta` and written into the request's new blocks."""
 
     request_id: str
     start: int  # the request's first position the shift fills (the end of its prefix hits: block-aligned)
     end: int  # one past its last; the request's num_computed_tokens after the move
-    src_slots: torch.Tensor  # [end - start] int64: global slots of the source K/V, one per position
-    delta: torch.Tensor  # [end - start] int64: new position - source position (0 before the cut, -removed)
+    positions: torch.Tensor  # [n] int64: the request positions filled by copying, increasing
+    src_slots: torch.Tensor  # [n] int64: global slots of their source K/V
+    delta: torch.Tensor  # [n] int64: new position - source position (0 before the cut, -removed)
+    adopted: list[tuple[int, KVBlock]] = field(default_factory=list)  # (logical block, block) in place
+    moved_by: int = 0  # the position change of the adopted blocks' K (-removed)
 
     @property
     def num_tokens(self) -> int:
@@ -113,18 +124,50 @@ class KVShift:
 
 def shift_kv(kv: torch.Tensor, delta: torch.Tensor, rotary, kv_format: KVCacheFormat) -> None:
     """Move gathered K/V [num_layers, 2, T, kv_heads, entry_width] by `delta` [T] positions, in place: each
-    moved K row is decoded, rotated by its delta with the model's rotary (`RotaryEmbedding.shift`) in float32
-    and encoded again (a quantized cache gets a fresh scale); V and unmoved rows are untouched."""
-    rows = torch.nonzero(delta.to(kv.device)).squeeze(1)
-    if not len(rows):
-        return
-    layers, _, _, heads, width = kv.shape
-    keys = kv[:, 0].index_select(1, rows)  # [L, n, H, W]
-    n = len(rows)
-    k = kv_format.decode(keys.reshape(-1, width)).float().reshape(layers * n, heads, kv_format.head_dim)
-    k = rotary.shift(k, delta.to(kv.device).index_select(0, rows).repeat(layers))
-    encoded = kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(layers, n, heads, width)
-    kv[:, 0].index_copy_(1, rows, encoded)
+    moved K row is rotated by its delta with the model's rotary (`RotaryEmbedding.shift`) in float32; V and
+    unmoved rows are untouched."""
+    KeyShift(delta, rotary, kv_format, kv.device)(kv)
+
+
+class KeyShift:
+    """`shift_kv` with its angles taken once, for a move made piece by piece (`KVSlabStorage.move_slots`)."""
+
+    def __init__(self, delta: torch.Tensor, rotary, kv_format: KVCacheFormat, device: torch.device) -> None:
+        rows = torch.nonzero(delta).squeeze(1)
+        self.rotary, self.kv_format = rotary, kv_format
+        self.run: slice | None = None  # the moved rows when they are one run (the rows after the cut)
+        self.rows: torch.Tensor | None = None  # else their indices
+        if len(rows):
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if hi - lo == len(rows):
+                self.run = slice(lo, hi)
+            else:
+                self.rows = rows.to(device)
+            self.tables = rotary.shift_tables(delta.index_select(0, rows), device)
+
+    def __call__(self, kv: torch.Tensor) -> None:
+        """Rotate the moved K rows of gathered K/V [num_layers, 2, T, kv_heads, entry_width] in place."""
+        if self.run is not None:
+            rotate_keys(kv[:, 0, self.run], self.tables, self.rotary, self.kv_format)
+        elif self.rows is not None:
+            keys = kv[:, 0].index_select(1, self.rows)
+            rotate_keys(keys, self.tables, self.rotary, self.kv_format)
+            kv[:, 0].index_copy_(1, self.rows, keys)
+
+
+def rotate_keys(keys: torch.Tensor, tables, rotary, kv_format: KVCacheFormat) -> None:
+    """Rotate stored keys [num_layers, T, kv_heads, entry_width] (a view into the cache is fine) by the
+    angles of `tables` (`RotaryEmbedding.shift_tables` of their deltas), in place, a layer at a time
+    (cache-sized pieces). A float cache is rotated in float32 and rounded once into place; a quantized one
+    is decoded, rotated and encoded again (a fresh scale per vector)."""
+    for layer in keys:
+        if not kv_format.quantized:
+            rotary.rotate_by(tables, layer, out=layer)
+            continue
+        n, heads, width = layer.shape
+        k = kv_format.decode(layer.reshape(-1, width)).float().reshape(n, heads, kv_format.head_dim)
+        rotary.rotate_by(tables, k, out=k)
+        layer.copy_(kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(n, heads, width))
 
 
 @dataclass(slots=True)
@@ -228,23 +271,52 @@ class ContextShifter:
         bs = self.kv.block_size
         src_blocks = src // bs
         needed = np.unique(src_blocks)  # increasing, as src is
-        found = np.empty(len(needed), dtype=np.int64)  # physical id of each needed block of seq
+        found: list[KVBlock] = []  # the cached block of each needed block of seq
         cut = len(positions)
-        for j, i in enumerate(needed.tolist()):
+        for i in needed.tolist():
             block = self.kv.pool.lookup(seq.block_hashes[i]) if i < len(seq.block_hashes) else None
             if block is None:  # evicted: the usable run ends here
                 cut = int(np.searchsorted(src_blocks, i))
                 break
-            found[j] = block.block_id
+            found.append(block)
         end = start + cut
         if end <= a or end - max(start, a) < self.min_run:
             return None
-        block_ids = found[np.searchsorted(needed, src_blocks[:cut])]
-        src_slots = block_ids * bs + src[:cut] % bs
+        ids = np.array([b.block_id for b in found], dtype=np.int64)
+        src_slots = ids[np.searchsorted(needed, src_blocks[:cut])] * bs + src[:cut] % bs
         delta = np.where(positions[:cut] < a, 0, -r)
+        adopted = self._in_place(found, needed, a, r, start, end)
+        copy = np.ones(cut, dtype=bool)
+        for j, _ in adopted:
+            copy[j * bs - start : (j + 1) * bs - start] = False
         return KVShift(
-            request_id, start, end, torch.from_numpy(src_slots), torch.from_numpy(delta.astype(np.int64))
+            request_id,
+            start,
+            end,
+            torch.from_numpy(positions[:cut][copy]),
+            torch.from_numpy(src_slots[copy]),
+            torch.from_numpy(delta[copy].astype(np.int64)),
+            adopted,
+            -r,
         )
+
+    def _in_place(
+        self, found: list[KVBlock], needed: np.ndarray, a: int, r: int, start: int, end: int
+    ) -> list[tuple[int, KVBlock]]:
+        """The request's blocks that can take their source block over in place: wholly after the cut (block
+        j >= a / bs), the cut a whole number of blocks (so block j's tokens are exactly source block j + r /
+        bs's, at the same offsets), and the source referenced by nothing (only cached: rotating it mutates
+        no other request's K/V, and it leaves the cache, as its old hash no longer names it)."""
+        bs = self.kv.block_size
+        if r % bs:
+            return []
+        by_index = dict(zip(needed.tolist(), found, strict=False))
+        adopted = []
+        for j in range(max(-(-a // bs), start // bs), -(-end // bs)):
+            block = by_index[j + r // bs]
+            if block.ref_cnt == 0:
+                adopted.append((j, block))
+        return adopted
 
 
 def _is_prefix(short: np.ndarray, long: np.ndarray) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
-from fitllm.engine.context_shift import KVShift, shift_kv
+from fitllm.engine.context_shift import KeyShift, KVShift, rotate_keys
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
@@ -253,18 +253,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def shift(self, shifts: list[KVShift]) -> None:
-        """Context shifts, in the order admitted: each gathers its source K/V (all of it before writing, as
-        its own new blocks may be sources just evicted), rotates K by the position change with the model's
-        rotary, and writes it into its request's new blocks."""
+        """Context shifts, in the order admitted. Each first copies: gathers its source K/V (all of it before
+        writing, as its own new blocks may be sources just evicted), rotates K by the position change with
+        the model's rotary, and writes it into its request's new blocks; then rotates the K of the blocks it
+        took over in place (after every earlier shift of the step has read them)."""
         s = self.storage
+        rotary = self.model.rotary
         for shift in shifts:
-            dst = self.kv.slots(shift.request_id, shift.end)[shift.start :]
-            kv = torch.empty(
-                (s.slab_shape[0], 2, shift.num_tokens, *s.slab_shape[3:]), dtype=s.dtype, device=self.device
-            )
-            s.read_slots(shift.src_slots.to(self.device), kv)
-            shift_kv(kv, shift.delta, self.model.rotary, s.kv_format)
-            s.write_slots(dst.to(self.device), kv)
+            if len(shift.positions):
+                dst = self.kv.slots(shift.request_id, shift.end).index_select(0, shift.positions)
+                rotate = KeyShift(shift.delta, rotary, s.kv_format, self.device)
+                s.move_slots(shift.src_slots.to(self.device), dst.to(self.device), rotate)
+            if shift.adopted:
+                tables = rotary.shift_tables(torch.tensor([shift.moved_by]), self.device)
+                for keys in s.key_runs([b.block_id for _, b in shift.adopted]):
+                    rotate_keys(keys, tables, rotary, s.kv_format)
 
     @torch.inference_mode()
     def execute(

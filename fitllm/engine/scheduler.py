@@ -232,13 +232,15 @@ class Scheduler:
                 shift = self.shifter.plan(req, num_hit)
         num_done = num_hit if shift is None else shift.end  # K/V from the cache or moved by the shift
         num_new = min(req.num_tokens - num_done, budget)
-        if not self.kv.allocate(req.request_id, num_done + num_new, hits):
+        adopted = [] if shift is None else shift.adopted  # blocks a shift rotates in place: reused like hits
+        if not self.kv.allocate(req.request_id, num_done + num_new, hits, adopted):
             victims = self._lower_priority_running(req)
-            if not self._room_after_preempting(victims, hits, cdiv(num_done + num_new, self.kv.block_size)):
+            reused = hits + [b for _, b in adopted]
+            if not self._room_after_preempting(victims, reused, cdiv(num_done + num_new, self.kv.block_size)):
                 return None  # even preempting every lower-priority request would not make room: wait
             for victim in victims:
                 self._preempt(victim, out)
-                if self.kv.allocate(req.request_id, num_done + num_new, hits):
+                if self.kv.allocate(req.request_id, num_done + num_new, hits, adopted):
                     break
             else:
                 return None  # not reached: the room was counted exactly

@@ -49,6 +49,11 @@ class ServerState:
             return 0.0
         return self.smart_context_share
 
+    def trim_align(self, shift: bool) -> int:
+        """Tokens the story's cut is a multiple of: the KV block size where a context shift reuses the rest
+        (a cut moving by whole blocks is shifted in place), else 1 (the SmartContext steps decide)."""
+        return self.model.block_size if shift and self.model.context_shift_unsupported is None else 1
+
     def check_priority(self, priority: int) -> None:
         """400 for a client-chosen priority unless the operator enabled priority scheduling (as vLLM)."""
         if priority != 0 and self.scheduling_policy != "priority":

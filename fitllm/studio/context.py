@@ -63,9 +63,11 @@ def build_story_context(
     max_context: int,
     max_new_tokens: int,
     share: float = 0.0,
+    align: int = 1,
 ) -> StoryContext:
     """Memory, then the story with the note inside it, trimmed from the oldest story tokens to fit
-    `max_context - max_new_tokens` (in steps of `share` of the story's room when it is above 0). Raises
+    `max_context - max_new_tokens` (in steps of `share` of the story's room when it is above 0, else in
+    multiples of `align` tokens: story_trim.story_cut). Raises
     ValueError when memory and note alone leave no room."""
     if max_new_tokens < 1:
         raise ValueError(f"max new tokens must be at least 1; got {max_new_tokens}")
@@ -82,7 +84,7 @@ def build_story_context(
             f"context of {max_context} with {max_new_tokens} new tokens; shorten them or lower max new tokens"
         )
     story_tokens = len(before) + len(after)
-    drop = story_cut(story_tokens, room, share)
+    drop = story_cut(story_tokens, room, share, align)
     # Oldest first: the text before the note, then (if the note sits near the start) the text after it.
     cut_before = min(drop, len(before))
     cut_after = drop - cut_before

@@ -73,6 +73,7 @@ async def _context(request: Request, body: StoryRequest):
             st.max_model_len,
             min(body.settings.max_new_tokens, st.max_model_len - 1),
             st.trim_share(shift),
+            st.trim_align(shift),
             size=chars,
         )
     except ValueError as exc:

@@ -328,6 +328,19 @@ class BlockPool:
             self._ref_up(block)
         self._version += 1
 
+    def adopt(self, blocks: list[KVBlock]) -> None:
+        """Take cached, unreferenced blocks over for a request that will rewrite them in place (a context
+        shift rotating their K to new positions): each leaves the cache (its hash no longer names what it
+        will hold; the eviction sink hears first, while its K/V is intact) and gets ref_cnt 1. The request
+        publishes them again under its own chain once they are computed."""
+        for block in blocks:
+            assert block.ref_cnt == 0 and block.block_hash is not None, (
+                f"block {block.block_id} is not cached"
+            )
+            self._evict(block)
+            self._ref_up(block)
+        self._version += 1
+
     def release(self, blocks: list[KVBlock]) -> None:
         """Drop one reference from each block; pass them tail first so tails are evicted before heads."""
         now = time.monotonic()

@@ -107,22 +107,39 @@ class KVCacheManager:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit
 
-    def allocate(self, request_id: str, num_tokens: int, prefix_hits: list[KVBlock] | None = None) -> bool:
-        """Ensure the request's block table covers `num_tokens` tokens; all or nothing."""
+    def allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        prefix_hits: list[KVBlock] | None = None,
+        adopted: list[tuple[int, KVBlock]] | None = None,
+    ) -> bool:
+        """Ensure the request's block table covers `num_tokens` tokens; all or nothing. `adopted`: (logical
+        block, cached block) pairs of a context shift made in place, taken over at those places of a new
+        request's table (they leave the prefix cache: `BlockPool.adopt`)."""
         blocks = self._blocks.setdefault(request_id, [])
         hits = prefix_hits or []
-        need = cdiv(num_tokens, self.block_size) - len(blocks) - len(hits)
-        # A hit on an unreferenced cached block takes it out of the free count.
-        reclaimed = sum(1 for b in hits if b.ref_cnt == 0)
+        moved = adopted or []
+        need = cdiv(num_tokens, self.block_size) - len(blocks) - len(hits) - len(moved)
+        # A hit on an unreferenced cached block takes it out of the free count (adopted ones all are).
+        reclaimed = sum(1 for b in hits if b.ref_cnt == 0) + len(moved)
         if need > self.pool.num_available_blocks - reclaimed:
             return False
         self.pool.touch(hits)
         blocks.extend(hits)
         self._num_cached[request_id] = self._num_cached.get(request_id, 0) + len(hits)
-        if need > 0:
-            new = self.pool.take(need)
-            assert new is not None
-            blocks.extend(new)
+        if moved:
+            assert len(blocks) == len(hits), "blocks are adopted only by a request being admitted"
+            self.pool.adopt([b for _, b in moved])  # before `take`, which could evict them
+        new = self.pool.take(need) if need > 0 else []
+        assert new is not None
+        if moved:  # the table up to the last adopted block, new blocks in the gaps
+            at = dict(moved)
+            fresh = iter(new)
+            for i in range(len(blocks), max(at) + 1):
+                blocks.append(at[i] if i in at else next(fresh))
+            new = list(fresh)
+        blocks.extend(new)
         return True
 
     def cache_computed(self, request_id: str, token_ids: list[int], num_computed: int) -> None:

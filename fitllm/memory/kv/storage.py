@@ -21,6 +21,7 @@ import logging
 import math
 import mmap
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -146,6 +147,46 @@ class KVSlabStorage:
         data = data.to(self.device, non_blocking=True)
         for view, pos, local in self._split(slots):
             view.index_copy_(2, local, data if pos is None else data.index_select(2, pos))
+
+    def move_slots(
+        self, src: torch.Tensor, dst: torch.Tensor, transform: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Copy the K/V of global slots `src` to `dst` (they may overlap: each layer's sources are all read
+        before any of its slots is written), calling `transform` on the gathered K/V [num_layers, 2, n,
+        kv_heads, entry_width] in between. On the reserved region a layer at a time (num_layers 1 each): the
+        pieces stay in cache and no buffer of the whole move is allocated (measured: 848 slots of 30 layers
+        moved in 14 ms against 22-28 ms at once)."""
+        if self.region is None:
+            layers, _, _, heads, width = self.slab_shape
+            kv = torch.empty((layers, 2, len(src), heads, width), dtype=self.dtype, device=self.device)
+            self.read_slots(src, kv)
+            transform(kv)
+            self.write_slots(dst, kv)
+            return
+        for layer in self.region:
+            part = layer.index_select(1, src).unsqueeze(0)
+            transform(part)
+            layer.index_copy_(1, dst, part[0])
+
+    def key_runs(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """The K of whole blocks as views [num_layers, slots, kv_heads, entry_width] into the cache, one per
+        run of consecutive block ids within a slab (what a context shift rotates in place, with no copy)."""
+        per_slab = self.slab_slots // self.block_size
+        runs: list[list[int]] = []
+        for b in sorted(block_ids):
+            if runs and b == runs[-1][1] and (self.region is not None or b % per_slab):
+                runs[-1][1] = b + 1
+            else:
+                runs.append([b, b + 1])
+        views = []
+        for lo, hi in runs:
+            if self.region is not None:
+                views.append(self.region[:, 0, lo * self.block_size : hi * self.block_size])
+            else:
+                slab, first = divmod(lo, per_slab)
+                local = slice(first * self.block_size, (first + hi - lo) * self.block_size)
+                views.append(self.slab_view(slab)[:, 0, local])
+        return views
 
     def block_shape(self, num_blocks: int) -> tuple[int, ...]:
         """The shape `read_slots` fills for `num_blocks` whole blocks."""

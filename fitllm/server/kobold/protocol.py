@@ -231,11 +231,11 @@ def sampling_params(
 
 
 def build_context(
-    model: ContextModel, body: KoboldGenerateRequest, share: float = 0.0
+    model: ContextModel, body: KoboldGenerateRequest, share: float = 0.0, align: int = 1
 ) -> tuple[list[int], int]:
     """(prompt token ids, max_length): memory whole at the front, then the newest prompt tokens that fit
     max_context_length - max_length (KoboldCpp's trimming), cut in steps of `share` of the room when it is
-    above 0 (story_trim.story_cut)."""
+    above 0, else in multiples of `align` tokens (story_trim.story_cut)."""
     tok = model.tokenizer
     # 0 is a length, not "unset" (KoboldCpp takes it as given), so it is refused below like any short one.
     asked = model.max_model_len if body.max_context_length is None else body.max_context_length
@@ -251,7 +251,7 @@ def build_context(
     room = ctx - max_length - len(bos)
     if len(memory) > room - 1:
         memory = memory[len(memory) - (room - 1) :]  # memory alone overflows: its oldest tokens go
-    prompt = prompt[story_cut(len(prompt), room - len(memory), share) :]
+    prompt = prompt[story_cut(len(prompt), room - len(memory), share, align) :]
     ids = bos + memory + prompt
     if len(ids) == len(bos):
         raise bad_request("the prompt is empty", "prompt")

@@ -97,7 +97,8 @@ async def _start(st: ServerState, jobs: KoboldJobs, body: KoboldGenerateRequest)
     st.check_prompt_chars(chars, "prompt")
     model = st.model
     shift = st.context_shift_for(body.context_shift, "kobold")
-    ids, max_length = await st.heavy.run(build_context, model, body, st.trim_share(shift), size=chars)
+    trim = (st.trim_share(shift), st.trim_align(shift))
+    ids, max_length = await st.heavy.run(build_context, model, body, *trim, size=chars)
     params = sampling_params(body, max_length, model.eos_token_ids, shift)
     rid = f"kobold-{uuid.uuid4().hex}"
     # The genkey is taken before the request is added, so two requests with one genkey cannot both pass.
