@@ -29,14 +29,14 @@ def test_peer_absent_is_skipped_with_how_to_build(make_random_checkpoint, tmp_pa
         "decode,prefill",
     ]
     argv += ["--configs", "none,int8", "--new-tokens", "4", "--decode-prompt-tokens", "8"]
-    argv += ["--prefill-tokens", "16,40", "--llama-python", str(tmp_path / "no-venv" / "python")]
+    argv += ["--prefill-tokens", "16,40", "--llama-server", str(tmp_path / "no-build" / "llama-server")]
     argv += ["--text", str(DEFAULT_TEXT), "--json", str(out)]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "llama.cpp side of decode/prefill skipped" in printed and str(tmp_path / "no-venv") in printed
+    assert "llama.cpp side skipped" in printed and str(tmp_path / "no-build") in printed
     assert "cmake --build build --target llama-server" in printed  # how to build it
     data = json.loads(out.read_text())
-    assert data["threads"] == 2 and data["llama_cpp_python"] is None and len(data["skipped"]) == 1
+    assert data["threads"] == 2 and data["llama_cpp"] is None and len(data["skipped"]) == 1
     shape = [(r["part"], r["size"], r["system"]) for r in data["rows"]]
     assert shape == [
         ("decode", 4, "fitllm none"),
