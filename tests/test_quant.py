@@ -395,6 +395,13 @@ def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tm
         )
         assert data["int8"][batch]["weight_bytes"] < data["none"][batch]["weight_bytes"]
         assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]
+        # The host's share of a step is split into its parts: each was timed (positive: every decode step
+        # schedules, prepares, updates and outputs) and, with the untimed rest, they make up the host time.
+        split = data["none"][batch]["split_ms_median"]
+        parts = [split[f"host.{name}"] for name in ("schedule", "prepare", "update", "output")]
+        assert all(p > 0 for p in parts), split
+        assert sum(parts) + split["host.rest"] == pytest.approx(split["host"], rel=1e-6, abs=1e-9)
+        assert 0 < split["host"] < split["step"]
 
 
 def test_bench_quant_configs_name_int4_group_sizes(e2e_folder):
