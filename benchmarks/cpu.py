@@ -2,13 +2,13 @@
 
 Three parts, each alternating the systems round by round so a shared machine's noise falls on all alike:
 - decode: batch-1 greedy decode tokens/s (1 / TPOT) of one request, fitllm per --configs (none/int8/int4)
-  and llama-cpp-python's high-level API (`create_completion`, in its own process: llamacpp_worker.py);
+  and llama.cpp (`llama-server -np 1`, timed by its own `timings`: llamacpp_peer.LlamaCppSide);
 - prefill: prompt tokens / time to first token at each --prefill-tokens, from an empty cache on both sides;
 - serve: the creative-writing workload at each --concurrency through one HTTP client (serve_load.py) against
   `fitllm serve` and `llama-server -np N -c N*1024`, each started fresh for the load; throughput and the
   server process's peak RSS.
-The llama.cpp builds live outside CI (llamacpp_peer.BUILD_HELP); where one is absent its side is skipped,
-with that message, and fitllm's figures are still measured.
+The llama.cpp build lives outside CI (llamacpp_peer.BUILD_HELP); where it is absent its side is skipped, with
+that message, and fitllm's figures are still measured.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from benchmarks.cpu_report import Row, judge, render
 from benchmarks.hf_baseline import PreparedRequest, RequestTiming
 from benchmarks.llamacpp_peer import (
     BUILD_HELP,
-    LlamaCppWorker,
+    DEFAULT_SERVER_ARGS,
+    LlamaCppSide,
     ServerProcess,
-    find_llama_python,
     find_llama_server,
     llama_server,
 )
@@ -40,11 +40,11 @@ from benchmarks.workload import REPO_ROOT, add_workload_arguments, load_workload
 PARTS = ("decode", "prefill", "serve")
 NOTES = [
     "decode tok/s = 1 / TPOT of one greedy request (TPOT = (finish - first token) / (tokens - 1)), EOS ignored "
-    "on both sides (fitllm ignore_eos; llama.cpp its EOS logit at -inf); median over rounds",
+    "on both sides (ignore_eos); median over rounds",
     "prefill tok/s = prompt tokens / time to first token, from an empty cache (fitllm's prefix cache reset, "
-    "llama.cpp's Llama.reset()), each system's own batch size for prefill chunks; median over rounds",
-    "fitllm's times are its engine's own clock (closed_loop.py); llama.cpp's are taken inside its worker process "
-    "around create_completion(stream=True)",
+    "llama-server's cache_prompt false), each system's own batch size for prefill chunks; median over rounds",
+    "fitllm's times are its engine's own clock (closed_loop.py); llama.cpp's are its own: the timings of "
+    "llama-server's /completion (prompt_ms, predicted_ms) with one slot, as llama.cpp reports its speed",
     "serve: the same streaming /v1/completions client (serve_load.py) and bodies (each request's own sampling "
     "settings, ignore_eos) for both servers; tok/s = completion tokens (usage) / wall time of the whole load; "
     "peak RSS = the server process's VmHWM (anonymous and file-backed pages: llama-server maps the GGUF)",
@@ -69,8 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-rounds", type=int, default=3, help="prefill: alternating rounds")
     g.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="serve: clients at once")
     g.add_argument("--ctx-per-slot", type=int, default=1024, help="serve: llama-server's -c is N x this")
-    g.add_argument("--llama-python", type=Path, default=None, help="Python of the llama-cpp-python venv")
     g.add_argument("--llama-server", type=Path, default=None, help="llama-server binary")
+    g.add_argument(
+        "--llama-server-args",
+        default=DEFAULT_SERVER_ARGS,
+        help="extra llama-server flags (default %(default)r: ggml's AMX weight layout crashes on this machine "
+        "class; '' to use it where AMX works)",
+    )
     g.add_argument(
         "--quick", action="store_true", help="smoke run: 16 new tokens, 1-2 rounds, 128/512, 8 clients"
     )
@@ -201,7 +206,9 @@ def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Pa
         for system in systems:
             log(f"serve: {system}, {n} clients, {len(requests)} requests...")
             if system == "llama-server":
-                server = llama_server(server_binary, model, threads, n, args.ctx_per_slot)
+                server = llama_server(
+                    server_binary, model, threads, n, args.ctx_per_slot, args.llama_server_args
+                )
             else:
                 server = fitllm_server(args, system.removeprefix("fitllm "), threads, n)
             try:
@@ -253,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
     messages: list[str] = []
 
     rows: list[Row] = []
-    llama_version = None
+    binary, found = find_llama_server(args.llama_server)
+    llama_version = found if binary is not None else None
+    if binary is None:
+        messages.append(f"llama.cpp side skipped: {found}")
     if single:
         max_len = max([plan.new_tokens + args.decode_prompt_tokens, *plan.prefill_tokens]) + 16
         sides = _engines(args, plan, threads, max_len)
@@ -263,14 +273,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--text {args.text} holds {len(ids)} tokens, fewer than --prefill-tokens asks")
         prompts = {n: ids[:n] for n in plan.prefill_tokens} | {"decode": ids[: args.decode_prompt_tokens]}
         systems: list = list(sides)
-        python, found = find_llama_python(args.llama_python)
         worker = None
-        if python is None:
-            messages.append(f"llama.cpp side of decode/prefill skipped: {found}")
-        else:
-            log(f"starting {found}...")
-            worker = LlamaCppWorker(python, model, threads, max_len)
-            llama_version = worker.version
+        if binary is not None:
+            log(f"starting {found}, one slot...")
+            worker = LlamaCppSide(binary, model, threads, max_len, args.llama_server_args)
             systems.append(worker)
         try:
             for s in systems:  # warm-up, untimed: lazy initialisation, the longest prompt's KV and workspace
@@ -281,9 +287,6 @@ def run(args: argparse.Namespace) -> int:
                 worker.close()
         del sides, systems
     if "serve" in plan.parts:
-        binary, found = find_llama_server(args.llama_server)
-        if binary is None:
-            messages.append(f"llama-server side of serve skipped: {found}")
         rows += measure_serve(args, plan, threads, model, binary)
     judge(rows)
 
@@ -293,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         f"machine: {facts['cpu_model']} ({facts['cpus_usable']} usable of {facts['cpu_count']} CPUs; "
         f"{', '.join(facts['cpu_flags']) or 'no AVX2'}), {threads} threads each side, torch {facts['torch']}, "
         f"load average at start {facts['loadavg_start'][0]:.2f}, at end {facts['loadavg_end'][0]:.2f}",
-        f"model: {model} (the same file for both), llama-cpp-python {llama_version or '-'}",
+        f"model: {model} (the same file for both), {llama_version or 'no llama.cpp'}",
+        f"llama-server flags: {args.llama_server_args or '(none)'}",
     ]
     if messages:
         header += [f"[yellow]{m}[/yellow]" for m in messages] + [BUILD_HELP]
@@ -310,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
         "model": str(model),
         "threads": threads,
         "plan": dataclasses.asdict(plan),
-        "llama_cpp_python": llama_version,
+        "llama_cpp": llama_version,
+        "llama_server_args": args.llama_server_args,
         "skipped": messages,
         "rows": [r.as_dict() for r in rows],
         "notes": NOTES,

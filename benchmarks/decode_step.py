@@ -14,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+from benchmarks.step_probe import host_split_text
 from benchmarks.workload import DEFAULT_TEXT
 
 
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{name:8} {r['step_ms_median']:7.1f} ms/step  ({r['slabs']} slab(s), {r['storage']}, "
             f"KV {r['kv_bytes'] / 2**20:.0f} MiB)  forward {split['forward']:.2f}  logits {split['logits']:.2f}  "
-            f"sample {split['sample']:.2f}  host {split['host']:.2f} ms"
+            f"sample {split['sample']:.2f}  host {split['host']:.2f} ms ({host_split_text(split)})"
         )
     print(
         f"elastic / static time per step: {ratio:.3f}  (batch {args.batch}, {args.steps} steps x {args.rounds} rounds)"

@@ -1,10 +1,16 @@
 """llama.cpp, the peer of `fitllm bench cpu`: where it is on this machine, and how to drive it.
 
-Two builds from the same `llama-cpp-python` source distribution (outside CI, once per machine; the commands are
-in BUILD_HELP and in the README's benchmark notes): the Python bindings in their own venv, driven through
-`benchmarks/llamacpp_worker.py` in a subprocess (`LlamaCppWorker`), and `llama-server`, started per
-concurrency with `-np N` slots (`LlamaServer`). Either may be absent: `find_*` then return None and the
-benchmark prints BUILD_HELP instead of that side's figures.
+One build, `llama-server` from the vendored llama.cpp of the `llama-cpp-python` source distribution (outside CI,
+once per machine; the commands are in BUILD_HELP and the README's benchmark notes), driven over HTTP for every
+part: one slot (`-np 1`) for batch-1 decode and prefill, timed by llama.cpp itself (the `timings` of its
+`/completion` answer: `prompt_ms`, `predicted_ms`, which is how llama.cpp reports its own speed), and `-np N`
+slots for the concurrent workload. Where it is absent `find_llama_server` returns None and the benchmark prints
+BUILD_HELP instead of that side's figures.
+
+(The Python bindings are not used: on this machine class their libllama crashed on the first completion, and so
+did llama-server, both in ggml's AMX matmul (`ldtilecfg`, SIGSEGV). The server's `--no-repack` keeps weights
+in the plain CPU buffer, so the AVX-512/VNNI kernels run; it is in DEFAULT_SERVER_ARGS and `--llama-server-args`
+replaces it where AMX works.)
 """
 
 from __future__ import annotations
@@ -14,109 +20,87 @@ import json
 import os
 import subprocess
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.hf_baseline import RequestTiming
 from benchmarks.serve_load import free_port, wait_healthy
 
-DEFAULT_LLAMA_PYTHON = Path("/tmp/llamacpp/bin/python")
-DEFAULT_LLAMA_SERVER_GLOB = (
-    "/tmp/llama-server-build/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-server"
-)
-WORKER = Path(__file__).with_name("llamacpp_worker.py")
+DEFAULT_LLAMA_SERVER_GLOB = "/tmp/llama-server-build/*/vendor/llama.cpp/build/bin/llama-server"
+DEFAULT_SERVER_ARGS = "--no-repack"
 
 BUILD_HELP = """\
-build it once per machine (outside CI, ~6 + ~20 min on 2 cores; see README.md, "Benchmark notes"):
-  bindings: python3.11 -m venv /tmp/llamacpp && CMAKE_ARGS=-DGGML_NATIVE=ON CMAKE_BUILD_PARALLEL_LEVEL=2 \\
-            /tmp/llamacpp/bin/pip install llama-cpp-python                      (or pass --llama-python PATH)
-  server:   mkdir -p /tmp/llama-server-build && cd /tmp/llama-server-build && \\
-            pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz && \\
-            cd llama_cpp_python-*/vendor/llama.cpp && \\
-            cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF && \\
-            cmake --build build --target llama-server -j2                        (or pass --llama-server PATH)"""
-
-
-def find_llama_python(path: Path | None) -> tuple[Path | None, str]:
-    """The Python that can import llama_cpp (None, and why not, when it cannot)."""
-    python = path or DEFAULT_LLAMA_PYTHON
-    if not python.is_file():
-        return None, f"llama-cpp-python: no {python}"
-    probe = subprocess.run(
-        [str(python), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if probe.returncode != 0:
-        return None, f"llama-cpp-python: {python} cannot import llama_cpp ({probe.stderr.strip()[-200:]})"
-    return python, f"llama-cpp-python {probe.stdout.strip()} ({python})"
+build it once per machine (outside CI, ~15-20 min on 2 cores; see README.md, "Benchmark notes"):
+  mkdir -p /tmp/llama-server-build && cd /tmp/llama-server-build && \\
+  pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz && \\
+  cd llama_cpp_python-*/vendor/llama.cpp && \\
+  cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF && \\
+  nice -n 19 cmake --build build --target llama-server -j2                  (or pass --llama-server PATH)"""
 
 
 def find_llama_server(path: Path | None) -> tuple[Path | None, str]:
-    """The llama-server binary (None, and why not, when there is none)."""
-    if path is not None:
-        return (path, f"llama-server {path}") if path.is_file() else (None, f"llama-server: no {path}")
-    found = sorted(glob.glob(DEFAULT_LLAMA_SERVER_GLOB))
-    if not found:
-        return None, f"llama-server: nothing matches {DEFAULT_LLAMA_SERVER_GLOB}"
-    return Path(found[-1]), f"llama-server {found[-1]}"
+    """The llama-server binary and its version line (None, and why not, when there is none)."""
+    if path is None:
+        found = sorted(glob.glob(DEFAULT_LLAMA_SERVER_GLOB))
+        if not found:
+            return None, f"llama-server: nothing matches {DEFAULT_LLAMA_SERVER_GLOB}"
+        path = Path(found[-1])
+    if not path.is_file():
+        return None, f"llama-server: no {path}"
+    try:
+        probe = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"llama-server: {path} does not run ({exc})"
+    version = next((ln for ln in (probe.stdout + probe.stderr).splitlines() if ln.startswith("version")), "")
+    return path, f"llama-server {version.removeprefix('version: ') or '?'} ({path})"
 
 
 def peer_env() -> dict[str, str]:
-    """The environment as the user gave it: without what fitllm set for its own OpenMP threads (a llama.cpp
-    built with OpenMP would read it too), so each side runs with its own defaults."""
+    """The environment as the user gave it: without what fitllm set for its own OpenMP threads (llama.cpp is
+    built with OpenMP and would read it too), so each side runs with its own defaults."""
     from fitllm.openmp import SET_BY_FITLLM
 
     return {k: v for k, v in os.environ.items() if k not in SET_BY_FITLLM}
 
 
-class LlamaCppWorker:
-    """llama-cpp-python's high-level API in its own process: `generate` is one greedy completion from an empty
-    cache, timed inside the worker (first token, end) so the pipe's latency is not counted."""
+class LlamaCppSide:
+    """llama-server with one slot as a `generate(prompt_ids, max_tokens) -> RequestTiming` system: one greedy
+    completion at a time from an empty cache (`cache_prompt: false`), EOS ignored, timed by llama.cpp itself
+    (prompt_ms = its time to the first token, predicted_ms = the rest), so HTTP and JSON are not counted."""
 
     name = "llama.cpp"
 
-    def __init__(self, python: Path, model: Path, threads: int, n_ctx: int) -> None:
-        self.proc = subprocess.Popen(
-            [str(python), str(WORKER), str(model), str(threads), str(n_ctx)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=peer_env(),
-        )
-        hello = self._read()
-        self.version = hello.get("llama_cpp", "?")
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the llama.cpp worker exited (code {self.proc.poll()})")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"llama.cpp worker: {reply['error']}")
-        return reply
+    def __init__(self, binary: Path, model: Path, threads: int, n_ctx: int, extra_args: str) -> None:
+        self.server = llama_server(binary, model, threads, 1, n_ctx, extra_args)
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> RequestTiming:
-        self.proc.stdin.write(json.dumps({"op": "generate", "prompt": prompt_ids, "max_tokens": max_tokens}))
-        self.proc.stdin.write("\n")
-        self.proc.stdin.flush()
-        r = self._read()
+        body = {
+            "prompt": prompt_ids,
+            "n_predict": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "cache_prompt": False,
+        }
+        req = urllib.request.Request(
+            f"{self.server.url}/completion",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=1800) as r:
+            t = json.loads(r.read())["timings"]
+        if t["prompt_n"] != len(prompt_ids):  # a cached prefix would make this no longer a whole prefill
+            raise RuntimeError(f"llama-server evaluated {t['prompt_n']} of {len(prompt_ids)} prompt tokens")
+        ttft = t["prompt_ms"] / 1e3
         return RequestTiming(
-            "llama.cpp", r["prompt_tokens"], r["output_tokens"], 0.0, r["ttft_s"], r["total_s"]
+            "llama.cpp", len(prompt_ids), t["predicted_n"], 0.0, ttft, ttft + t["predicted_ms"] / 1e3
         )
 
     def peak_rss(self) -> int | None:
-        return process_peak_rss(self.proc.pid)
+        return self.server.peak_rss()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.server.stop()
 
 
 def process_peak_rss(pid: int) -> int | None:
@@ -173,9 +157,16 @@ class ServerProcess:
             self.log = None
 
 
-def llama_server(binary: Path, model: Path, threads: int, slots: int, ctx_per_slot: int) -> ServerProcess:
+def llama_server(
+    binary: Path,
+    model: Path,
+    threads: int,
+    slots: int,
+    ctx_per_slot: int,
+    extra_args: str = DEFAULT_SERVER_ARGS,
+) -> ServerProcess:
     """llama-server with `slots` parallel sequences (continuous batching) and `ctx_per_slot` tokens each."""
     port = free_port()
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-np", str(slots)]
-    cmd += ["-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-c", str(slots * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port), *extra_args.split()]
     return ServerProcess("llama-server", cmd, port, peer_env()).start()

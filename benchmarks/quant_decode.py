@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.decode_step import decoding_engine, median_split, split_rounds
+from benchmarks.step_probe import host_split_text
 from benchmarks.workload import DEFAULT_TEXT
 
 DEFAULT_CONFIGS = "none,int8,int4,bnb-int8,bnb-nf4,none+kv-int8,none+kv-fp8"
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"batch {batch:3}  {name:16} {tps:8.1f} tok/s  x{tps / base:.3f} vs {configs[0]}  "
                 f"(per step: forward {split['forward']:.2f}, logits {split['logits']:.2f}, "
-                f"sample {split['sample']:.2f}, host {split['host']:.2f} ms)"
+                f"sample {split['sample']:.2f}, host {split['host']:.2f} ms: {host_split_text(split)})"
             )
         del engines
     if args.json:

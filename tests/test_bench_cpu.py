@@ -29,14 +29,14 @@ def test_peer_absent_is_skipped_with_how_to_build(make_random_checkpoint, tmp_pa
         "decode,prefill",
     ]
     argv += ["--configs", "none,int8", "--new-tokens", "4", "--decode-prompt-tokens", "8"]
-    argv += ["--prefill-tokens", "16,40", "--llama-python", str(tmp_path / "no-venv" / "python")]
+    argv += ["--prefill-tokens", "16,40", "--llama-server", str(tmp_path / "no-build" / "llama-server")]
     argv += ["--text", str(DEFAULT_TEXT), "--json", str(out)]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "llama.cpp side of decode/prefill skipped" in printed and str(tmp_path / "no-venv") in printed
+    assert "llama.cpp side skipped" in printed and str(tmp_path / "no-build") in printed
     assert "cmake --build build --target llama-server" in printed  # how to build it
     data = json.loads(out.read_text())
-    assert data["threads"] == 2 and data["llama_cpp_python"] is None and len(data["skipped"]) == 1
+    assert data["threads"] == 2 and data["llama_cpp"] is None and len(data["skipped"]) == 1
     shape = [(r["part"], r["size"], r["system"]) for r in data["rows"]]
     assert shape == [
         ("decode", 4, "fitllm none"),
@@ -109,3 +109,92 @@ def test_serve_target_needs_no_more_memory_than_llama_server():
         (3.0, "met"),
         (1.4, "not met"),  # less memory, not fast enough
     ]
+
+
+FAKE_LLAMA_SERVER = """#!{python}
+# Stands in for llama-server: its flags, /health and /completion's `timings` (prompt 2 ms a token, 10 ms a
+# generated token after the first), and the arguments it was started with, appended to {log}.
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+if "--version" in sys.argv:
+    print("version: 9 (fake)")
+    sys.exit(0)
+with open({log!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+port = int(sys.argv[sys.argv.index("--port") + 1])
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({{"status": "ok"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/completion" and body["cache_prompt"] is False and body["ignore_eos"] is True
+        p, n = len(body["prompt"]), body["n_predict"]
+        self._send({{"timings": {{"prompt_n": p, "prompt_ms": 2.0 * p, "predicted_n": n,
+                                 "predicted_ms": 10.0 * (n - 1)}}}})
+
+
+HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_the_peer_is_llama_server_timed_by_its_own_timings(make_random_checkpoint, tmp_path, capsys):
+    """decode/prefill against llama-server (a stand-in speaking its HTTP API): one slot, the flags given,
+    its reported prompt_ms / predicted_ms turned into the same tok/s as fitllm's, and ratios judged."""
+    import sys
+
+    log = tmp_path / "argv.jsonl"
+    binary = tmp_path / "llama-server"
+    binary.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable, log=str(log)))
+    binary.chmod(0o755)
+    folder = make_random_checkpoint(tmp_path)
+    out = tmp_path / "cpu.json"
+    argv = ["bench", "cpu", "--quick", "--model", str(folder), "--dtype", "float32"]
+    argv += [
+        "--parts",
+        "decode,prefill",
+        "--configs",
+        "none",
+        "--new-tokens",
+        "5",
+        "--decode-prompt-tokens",
+        "8",
+    ]
+    argv += [
+        "--prefill-tokens",
+        "40",
+        "--llama-server",
+        str(binary),
+        "--llama-server-args",
+        "--no-repack -fa off",
+    ]
+    argv += ["--text", str(DEFAULT_TEXT), "--json", str(out)]
+    assert cli_main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["llama_cpp"].startswith("llama-server 9 (fake)") and data["skipped"] == []
+    started = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(started) == 1  # one server for decode and prefill
+    flags = started[0]
+    assert flags[flags.index("-np") + 1] == "1" and flags[flags.index("-t") + 1] == "2"
+    assert flags[-3:] == ["--no-repack", "-fa", "off"]
+    assert int(flags[flags.index("-c") + 1]) >= 40
+    rows = {(r["part"], r["system"]): r for r in data["rows"]}
+    # 10 ms a token after the first: 100 tok/s; 40 prompt tokens in 80 ms: 500 tok/s.
+    assert rows["decode", "llama.cpp"]["tok_per_s_samples"] == pytest.approx([100.0, 100.0])
+    assert rows["prefill", "llama.cpp"]["tok_per_s_median"] == pytest.approx(500.0)
+    fitllm = rows["decode", "fitllm none"]
+    assert fitllm["ratio_vs_llama_cpp"] == pytest.approx(fitllm["tok_per_s_median"] / 100.0)

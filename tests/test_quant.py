@@ -192,8 +192,12 @@ def test_ledger_equals_plan_on_random_checkpoint(e2e_folder, dtype, group):
         assert wb.attention == mc.num_hidden_layers * attn, method
         assert wb.mlp == mc.num_hidden_layers * mlp, method
         assert wb.embedding == wb.lm_head == mc.vocab_size * h * elem, method  # never quantized
-        # int8's shared scratch is one model-dtype copy of the largest quantized weight (gate_up).
-        assert wb.largest_quantized_linear == (2 * inter * h if method == "int8" else 0)
+        # The shared scratch is one model-dtype copy of the largest quantized weight (gate_up): int8's on every
+        # device, int4's on CPU in bfloat16 only (prefill unpacks the CPU kernel's layout into it).
+        scratch = {"none": 0, "int8": 2 * inter * h, "int4": 2 * inter * h if dtype == "bfloat16" else 0}
+        assert wb.largest_quantized_linear == scratch[method], method
+        on_cuda = weight_breakdown(mc, eng.dtype, eng.quant, "cuda").largest_quantized_linear
+        assert on_cuda == (scratch[method] if method == "int8" else 0), method
 
 
 # ---- quantize while loading: the float the method is handed ----------------------------------------------
@@ -391,6 +395,13 @@ def test_bench_quant_reports_each_configuration_against_the_first(e2e_folder, tm
         )
         assert data["int8"][batch]["weight_bytes"] < data["none"][batch]["weight_bytes"]
         assert data["none+kv-int8"][batch]["weight_bytes"] == data["none"][batch]["weight_bytes"]
+        # The host's share of a step is split into its parts: each was timed (positive: every decode step
+        # schedules, prepares, updates and outputs) and, with the untimed rest, they make up the host time.
+        split = data["none"][batch]["split_ms_median"]
+        parts = [split[f"host.{name}"] for name in ("schedule", "prepare", "update", "output")]
+        assert all(p > 0 for p in parts), split
+        assert sum(parts) + split["host.rest"] == pytest.approx(split["host"], rel=1e-6, abs=1e-9)
+        assert 0 < split["host"] < split["step"]
 
 
 def test_bench_quant_configs_name_int4_group_sizes(e2e_folder):

@@ -19,6 +19,8 @@ from fitllm.model.registry import default_dtype
 from fitllm.quant import get_quant_method
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.int4 import (
+    KERNEL_BLOCK_N,
+    SCRATCH_ROWS,
     Int4Method,
     cpu_kernel_available,
     dequantize_int4,
@@ -306,6 +308,64 @@ def test_int4_cpu_kernel_layout_round_trip(kind):
     # Differs from the kernel by bfloat16 scales and output rounding: measured 0.0024-0.0027.
     assert _rel(y_kernel, y32) < BF16_TOL
     assert _rel(layer32.quant.dequantize(layer32), plain) < 2**-8  # measured 0.0019: bf16 scales
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="this PyTorch has no int4 CPU kernel")
+@pytest.mark.parametrize("kind", ["qkv", "gate_up", "down"])
+def test_int4_large_calls_unpack_into_the_scratch_like_the_kernel(kind):
+    """From SCRATCH_ROWS rows on, a layer in the kernel's layout is unpacked into the shared bfloat16 scratch
+    (prefill): the unpacked weight is the dequantized weight rounded once to bfloat16, and the product is the
+    kernel's own within bfloat16 rounding."""
+    quant = Int4Method(32)
+    layer, w = _build(kind, quant, torch.bfloat16, finish=False)
+    plain = dequantize_int4(unpack_plain(layer.weight.data), layer.weight_scale_zeros.data, 32)  # float32
+    quant.finish_loading(layer)
+    assert layer.int4_kernel_layout and layer.out_features % KERNEL_BLOCK_N == 0
+    x = _randn(SCRATCH_ROWS + 5, layer.in_features, seed=11).to(torch.bfloat16)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight, 32, layer.weight_scale_zeros)
+    small = layer(x[: SCRATCH_ROWS - 1])
+    assert quant.scratch.buffer is None  # below SCRATCH_ROWS: the kernel, no bfloat16 copy
+    assert torch.equal(small, kernel[: SCRATCH_ROWS - 1])
+    large = layer(x)
+    buf = quant.scratch.buffer
+    assert buf is not None and buf.dtype == torch.bfloat16 and buf.numel() == w.numel()
+    # The scratch holds W^T; each element (q - 8) * scale + zero, computed in float and rounded once: at most
+    # one bfloat16 rounding (2^-9 relative) from the float32 dequantization (measured: equal to it rounded).
+    unpacked = buf.view(layer.in_features, layer.out_features).t().float()
+    assert ((unpacked - plain).abs() <= plain.abs() * 2**-8).all(), (unpacked - plain).abs().max()
+    assert torch.equal(unpacked, plain.to(torch.bfloat16).float())
+    # The product: the kernel's (float32 weights, bfloat16 output) within bfloat16 rounding of the weights.
+    assert _rel(large, kernel) < BF16_TOL
+    assert _rel(large, x.float() @ plain.T) < BF16_TOL
+    assert _rel(large, x.float() @ w.T) < QUANT_TOL["int4"]
+    # Leading dimensions and a second (smaller) layer sharing the scratch.
+    y3 = layer(x[:SCRATCH_ROWS].reshape(2, SCRATCH_ROWS // 2, -1))
+    assert y3.shape == (2, SCRATCH_ROWS // 2, layer.out_features)
+    assert _rel(y3.reshape(SCRATCH_ROWS, -1), kernel[:SCRATCH_ROWS]) < BF16_TOL
+    with default_dtype(torch.bfloat16):
+        other = ColumnParallelLinear(HIDDEN, 64, quant=quant)
+    other.weight_loader(other.weight, _randn(64, HIDDEN, seed=12))
+    quant.finish_loading(other)
+    xo = _randn(SCRATCH_ROWS, HIDDEN, seed=13).to(torch.bfloat16)
+    ko = torch.ops.aten._weight_int4pack_mm_for_cpu(xo, other.weight, 32, other.weight_scale_zeros)
+    assert _rel(other(xo), ko) < BF16_TOL and quant.scratch.buffer is buf
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason="this PyTorch has no int4 CPU kernel")
+def test_int4_output_rows_not_in_blocks_of_64_keep_the_kernel():
+    """The kernel packs a tail of fewer than 64 output rows differently: such layers never unpack, and the
+    planner counts no scratch for them."""
+    quant = Int4Method(32)
+    with default_dtype(torch.bfloat16):
+        layer = ColumnParallelLinear(HIDDEN, 80, quant=quant)  # 64 + 16: the kernel takes it
+    w = _randn(80, HIDDEN, seed=14)
+    layer.weight_loader(layer.weight, w)
+    quant.finish_loading(layer)
+    assert layer.int4_kernel_layout
+    x = _randn(SCRATCH_ROWS + 1, HIDDEN, seed=15).to(torch.bfloat16)
+    assert _rel(layer(x), x.float() @ quant.dequantize(layer).T) < BF16_TOL
+    assert quant.scratch.buffer is None
+    assert quant.scratch_elements(layer, "cpu") == 0
 
 
 def test_int4_kernel_skipped_when_rows_are_not_tiles_of_16():

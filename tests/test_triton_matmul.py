@@ -9,7 +9,7 @@ import torch
 from test_quant_layers import BF16_TOL, QUANT_TOL, _build, _randn, _rel
 
 from fitllm.quant import int4, int8
-from fitllm.quant.int4 import Int4Method, int4_path
+from fitllm.quant.int4 import SCRATCH_ROWS, Int4Method, int4_path
 from fitllm.quant.int8 import TRITON_ROWS, Int8Method, int8_path, kernel_rows, quantize_int8
 from fitllm.quant.triton_matmul import int4_matmul as _int4_matmul
 from fitllm.quant.triton_matmul import int8_matmul as _int8_matmul
@@ -81,6 +81,11 @@ def test_decode_sized_calls_on_cuda_take_the_triton_kernels(monkeypatch):
     assert int8_path(cuda, TRITON_ROWS, small, True) == "triton"
     assert int8_path(cuda, TRITON_ROWS + 1, small, True) == "scratch"  # prefill: the dense GEMM wins
     assert int4_path(cpu, True, torch.bfloat16) == "aten"
+    assert int4_path(cpu, True, torch.bfloat16, rows=SCRATCH_ROWS - 1) == "aten"
+    assert (
+        int4_path(cpu, True, torch.bfloat16, rows=SCRATCH_ROWS) == "scratch"
+    )  # prefill: unpack + dense GEMM
+    assert int4_path(cpu, True, torch.bfloat16, rows=SCRATCH_ROWS, out_features=80) == "aten"  # a tail block
     assert int4_path(cpu, False, torch.float32) == "dequantize"
     assert int4_path(cuda, False, torch.bfloat16) == "triton"
     assert int4_path(cuda, False, torch.float16) == "triton"

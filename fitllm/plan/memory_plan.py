@@ -116,7 +116,7 @@ class MemoryPlan:
             dtype,
             quant,
             resolve_budget(config.memory_budget, device) if budget is None else budget,
-            weight_breakdown(model_config, dtype, quant),
+            weight_breakdown(model_config, dtype, quant, device.type),
             kv_bytes_per_token(model_config, dtype, config.kv_cache_dtype),
             reference_attention=backend == "torch",
             cuda_graphs=reason is None,
@@ -297,7 +297,10 @@ class MemoryPlan:
             kv_host_cache=config.kv_host_cache,
         )
         if not fits:
-            plan.suggestions = suggestions(plan, mc, self.dtype, room, quant.name, config.kv_cache_dtype)
+            device_type = self.device.type if self.device is not None else "cpu"
+            plan.suggestions = suggestions(
+                plan, mc, self.dtype, room, quant.name, config.kv_cache_dtype, device_type
+            )
             layers = mc.num_hidden_layers
             if placement is not None and layers * weights.per_layer > 0:
                 plan.suggestions += offload_suggestion(

@@ -40,8 +40,9 @@ def workspace_bytes(
       metadata and one decode group's gather (`reference_attention_bytes`).
     - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
-    - int8 weights: batches of 16 rows or more multiply through one shared model-dtype copy of the
-      largest quantized weight (`scratch` elements; fitllm/quant/int8.py), held from the first such step on.
+    - int8 weights (and int4 on CPU): batches of 16-48 rows or more multiply through one shared model-dtype
+      copy of the largest quantized weight (`scratch` elements; fitllm/quant/int8.py, int4.py), held from the
+      first such step on.
     The engine measures the real figure with a profile step at start (Engine.workspace_measured).
     """
     elem = torch.empty((), dtype=dtype).element_size()
@@ -304,7 +305,13 @@ def _ranges(indices: tuple[int, ...]) -> str:
 
 
 def suggestions(
-    plan: Plan, config: ModelConfig, dtype: torch.dtype, room: int, quantization: str, kv_cache_dtype: str
+    plan: Plan,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    room: int,
+    quantization: str,
+    kv_cache_dtype: str,
+    device_type: str = "cpu",
 ) -> list[str]:
     """Concrete changes that would make a non-fitting plan fit, each with its exact figure."""
     per_token = plan.kv_bytes_per_token
@@ -326,10 +333,10 @@ def suggestions(
             continue
         try:
             quant = get_quant_method(method)
-            weights = weight_breakdown(config, dtype, quant)
+            weights = weight_breakdown(config, dtype, quant, device_type)
         except ValueError:  # e.g. the default group size does not divide a dimension
             continue
-        # Same step sizes, so the workspace differs only by the int8 scratch.
+        # Same step sizes, so the workspace differs only by the quantized linears' scratch.
         elem = torch.empty((), dtype=dtype).element_size()
         scratch = (weights.largest_quantized_linear - plan.weights.largest_quantized_linear) * elem
         freed = plan.weights.total - weights.total - scratch

@@ -27,7 +27,9 @@ class WeightBreakdown:
     lm_head: int = 0  # 0 when tied: the embedding's table is the head (stored as the head is)
     lm_head_dtype: str = ""  # how the head is stored (--lm-head-dtype): "int8", or the model dtype's name
     per_layer: int = 0
-    largest_quantized_linear: int = 0  # elements of the largest quantized linear's weight (int8 scratch)
+    largest_quantized_linear: int = (
+        0  # elements of the shared scratch (int8; int4 on CPU): the largest linear
+    )
     layer_stream_bytes: int = (
         0  # one decoder layer packed for streaming (aligned; fitllm/memory/offload/layer_layout.py)
     )
@@ -38,18 +40,19 @@ class WeightBreakdown:
 
 
 def weight_breakdown(
-    config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None
+    config: ModelConfig, dtype: torch.dtype, quant: QuantMethod | None = None, device_type: str = "cpu"
 ) -> WeightBreakdown:
     """Exact parameter bytes by component, from the model class built on the meta device with the same
     quantization the loader would use (so quantized weights and their scales are counted as stored).
     Decoder layers are all alike, so one is built and counted num_hidden_layers times: the count costs
-    nothing whatever a config claims."""
+    nothing whatever a config claims. `device_type`: where the model runs (whether its quantized linears
+    multiply through the shared scratch depends on it: int4's only on CPU)."""
     layers = config.num_hidden_layers
     model = build_on_meta(replace(config, num_hidden_layers=1), dtype, quant)
     head = quant.head if quant is not None else None
     out = WeightBreakdown(
         lm_head_dtype=head.name if head is not None else str(dtype).removeprefix("torch."),
-        largest_quantized_linear=scratch_elements(model),
+        largest_quantized_linear=scratch_elements(model, device_type),
         layer_stream_bytes=LayerLayout.of(model.layers[0]).nbytes,
     )
     attention = {f"layers.0.{name}" for name in attention_parameters(model.layers[0])}
@@ -89,7 +92,11 @@ def attention_parameters(layer: nn.Module) -> set[str]:
     return names
 
 
-def scratch_elements(model: nn.Module) -> int:
-    """Elements of the shared model-dtype scratch the model's quantized linears multiply through (the
-    largest such weight; 0 when no method uses one). Works on a meta-built or a loaded model."""
-    return max((m.quant.scratch_elements(m) for m in model.modules() if isinstance(m, LinearBase)), default=0)
+def scratch_elements(model: nn.Module, device_type: str = "cpu") -> int:
+    """Elements of the shared model-dtype scratch the model's quantized linears multiply through on a
+    `device_type` device (the largest such weight; 0 when no method uses one). Works on a meta-built or a
+    loaded model."""
+    return max(
+        (m.quant.scratch_elements(m, device_type) for m in model.modules() if isinstance(m, LinearBase)),
+        default=0,
+    )

@@ -56,12 +56,13 @@ def head_method(quantization: str | None, lm_head_dtype: str, decoder: QuantMeth
     """`--lm-head-dtype`: the LM head's method, None for the model dtype. auto is int8 when the decoder is
     quantized: on the default model the bfloat16 head is 56 MB of reads per token, as much as all the int4
     decoder linears together; int8 per vocabulary row halves it (its perplexity cost: docs/benchmarks.md).
-    The head shares an int8 decoder's scratch and converts its large calls a slice at a time."""
+    The head shares the decoder's scratch (int8's or int4's: the planner counts one) and converts its large
+    calls a slice at a time."""
     if lm_head_dtype not in LM_HEAD_DTYPES:
         raise ValueError(f"--lm-head-dtype must be one of {', '.join(LM_HEAD_DTYPES)}; got {lm_head_dtype!r}")
     if lm_head_dtype == "model" or (lm_head_dtype == "auto" and quantization in (None, "none")):
         return None
-    return Int8Method(chunked=True, scratch=decoder.scratch if isinstance(decoder, Int8Method) else None)
+    return Int8Method(chunked=True, scratch=getattr(decoder, "scratch", None))
 
 
 def _decoder_method(

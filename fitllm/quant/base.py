@@ -53,8 +53,9 @@ class QuantMethod:
         """Rows `ids` of the weight in the model dtype: the lookup of an embedding tied to this head."""
         raise NotImplementedError(f"{self.describe()} cannot hold an embedding")
 
-    def scratch_elements(self, layer: nn.Module) -> int:
-        """Elements of the shared model-dtype scratch this layer's matmul may use (0: none)."""
+    def scratch_elements(self, layer: nn.Module, device_type: str = "cpu") -> int:
+        """Elements of the shared model-dtype scratch this layer's matmul may use on a `device_type` device
+        (0: none)."""
         return layer.out_features * layer.in_features if self.uses_scratch else 0
 
 

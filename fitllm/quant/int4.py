@@ -17,6 +17,11 @@ layout, same shape and bytes, one matrix at a time (its int32 transient is one m
 cannot run, CUDA keeps the plain layout for a fused Triton matmul (fitllm/quant/triton_matmul.py) and
 elsewhere (float32 activations) the pure-torch fallback unpacks and dequantizes. The
 kernel's layout has changed across PyTorch versions: tests pin the round trip.
+
+That kernel is a decode kernel: its time grows with the rows of a call about as one weight read per row
+(the 3072 x 576 gate_up at 512 rows: 42 ms, against 1.5 ms for a bfloat16 GEMM). From `SCRATCH_ROWS` rows
+on (prefill), a layer in its layout is unpacked into one shared bfloat16 scratch, transposed ([in, out], the
+layout the unpacking writes fastest), and multiplied there, as int8 does (`unpack_kernel_layout`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from torch import nn
 
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
+from fitllm.quant.int8 import Scratch
 from fitllm.triton_flags import triton_available
 
 GRID_CANDIDATES = 11  # code grids tried per group: 15 + t * GRID_STEP levels over [min, max], t in -5..5
@@ -108,13 +114,31 @@ def dequantize_int4(q: torch.Tensor, scale_zeros: torch.Tensor, group_size: int)
 HAS_TRITON = triton_available()  # CUDA: fused Triton matmul (triton_matmul.py)
 
 
-def int4_path(device: torch.device, kernel_layout: bool, dtype: torch.dtype, group_size: int = 64) -> str:
-    """Which matmul an int4 layer uses: "aten" (PyTorch's CPU int4 kernel, bfloat16 activations on a layer
-    repacked into its layout), "triton" (CUDA: the fused dequantize-matmul, every call size, for groups of
-    TRITON_GROUP_SIZES: its K block is one group) or "dequantize" (the pure-torch fallback: unpack to the
-    activation dtype, then a dense GEMM)."""
+# Rows per call from which a layer in the CPU kernel's layout multiplies through the bfloat16 scratch rather
+# than the kernel. Measured on the default model's layers (2 threads, load ~4; /work/notes/cpuspeed.md): unpack
+# 0.25 ms (576 x 576) to 2.1 ms (3072 x 576); the kernel costs as much at 32-48 rows, the GEMM itself is cheap.
+SCRATCH_ROWS = 48
+KERNEL_BLOCK_N = (
+    64  # the kernel's layout packs output rows in blocks of 64 (a tail block differs: not unpacked)
+)
+
+
+def int4_path(
+    device: torch.device,
+    kernel_layout: bool,
+    dtype: torch.dtype,
+    group_size: int = 64,
+    rows: int = 1,
+    out_features: int = KERNEL_BLOCK_N,
+) -> str:
+    """Which matmul an int4 layer uses for a call of `rows` rows: "aten" (PyTorch's CPU int4 kernel,
+    bfloat16 activations on a layer repacked into its layout, fewer than SCRATCH_ROWS rows), "scratch" (the
+    same layer from SCRATCH_ROWS rows on, when its `out_features` are whole blocks of KERNEL_BLOCK_N: unpacked
+    into the shared bfloat16 scratch, dense GEMM), "triton" (CUDA: the fused dequantize-matmul, every call
+    size, for groups of TRITON_GROUP_SIZES: its K block is one group) or "dequantize" (the pure-torch
+    fallback: unpack to the activation dtype, then a dense GEMM)."""
     if kernel_layout and dtype == torch.bfloat16:
-        return "aten"
+        return "scratch" if rows >= SCRATCH_ROWS and out_features % KERNEL_BLOCK_N == 0 else "aten"
     if device.type == "cuda" and HAS_TRITON and group_size in TRITON_GROUP_SIZES:
         return "triton"
     return "dequantize"
@@ -134,8 +158,31 @@ def cpu_kernel_available() -> bool:
     )
 
 
+def unpack_kernel_layout(
+    packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, out: torch.Tensor
+) -> None:
+    """W^T into `out` [in, out_features] (bfloat16) from a weight in the CPU kernel's layout: exactly the
+    dequantized weight rounded once to bfloat16 (each element is (q - 8) * scale + zero computed in float).
+
+    The kernel's layout (pinned by the tests against the kernel): output rows in blocks of 64 (n a multiple of
+    KERNEL_BLOCK_N here); byte j of input channel k in block b holds row 64b + j in its low nibble and row
+    64b + 32 + j in its high one, i.e. packed.view(n / 64, k, 32). Writing W^T keeps every pass contiguous in the output channels, so the scales
+    ([in / group, out], one per output channel) broadcast over a leading dimension, not the innermost."""
+    k, n = out.shape
+    b = packed.view(n // 64, k, 32)
+    blocks = out.view(k, n // 64, 64)
+    # q - 8 in [-8, 7] as int8 on the packed bytes (half the elements), then one converting copy each.
+    blocks[:, :, :32].copy_((b & 15).view(torch.int8).sub_(8).permute(1, 0, 2))
+    blocks[:, :, 32:].copy_((b >> 4).view(torch.int8).sub_(8).permute(1, 0, 2))
+    grouped = out.view(k // group, group, n)
+    scale = scale_zeros[..., 0].contiguous().unsqueeze(1)  # [in / group, 1, out]
+    zero = scale_zeros[..., 1].contiguous().unsqueeze(1)
+    torch.addcmul(zero, grouped, scale, out=grouped)
+
+
 class Int4Method(QuantMethod):
-    """Group-wise asymmetric 4-bit weights; PyTorch's CPU kernel when it serves, else pure torch."""
+    """Group-wise asymmetric 4-bit weights; PyTorch's CPU kernel when it serves (through the bfloat16 scratch
+    for prefill-sized calls), else pure torch."""
 
     name = "int4"
     derived_params = ("weight_scale_zeros",)
@@ -155,6 +202,14 @@ class Int4Method(QuantMethod):
                 f"--quant-group-size must be a power of two >= 2; got {group_size}: {hint} --quantization int8"
             )
         self.group_size = group_size
+        self.scratch = Scratch()
+
+    def scratch_elements(self, layer: nn.Module, device_type: str = "cpu") -> int:
+        """The scratch serves layers in the CPU kernel's layout only (`_use_kernel`); elsewhere (CUDA, float32
+        models) int4 multiplies through Triton or the per-call fallback."""
+        kernel = device_type == "cpu" and cpu_kernel_available() and self._kernel_shape(layer)
+        unpacked = kernel and layer.out_features % KERNEL_BLOCK_N == 0
+        return layer.out_features * layer.in_features if unpacked else 0
 
     def check_shape(self, out_features: int, in_features: int) -> None:
         if in_features % self.group_size:
@@ -196,14 +251,16 @@ class Int4Method(QuantMethod):
             torch.stack([d, zero], dim=-1).transpose(0, 1)
         )
 
-    def _use_kernel(self, layer: nn.Module) -> bool:
+    def _kernel_shape(self, layer: nn.Module) -> bool:
+        """Whether the CPU kernel takes this layer (on any device: the planner asks of a meta-built model)."""
         return (
-            layer.weight.device.type == "cpu"
-            and cpu_kernel_available()
-            and layer.weight.shape[0] % 16 == 0  # the kernel packs rows in tiles of 16
+            layer.weight.shape[0] % 16 == 0  # the kernel packs rows in tiles of 16
             and self.group_size in KERNEL_GROUP_SIZES
             and layer.weight_scale_zeros.dtype == torch.bfloat16
         )
+
+    def _use_kernel(self, layer: nn.Module) -> bool:
+        return layer.weight.device.type == "cpu" and cpu_kernel_available() and self._kernel_shape(layer)
 
     def finish_loading(self, layer: nn.Module) -> None:
         if self._use_kernel(layer) and not layer.int4_kernel_layout:
@@ -217,11 +274,17 @@ class Int4Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
-        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size)
+        path = int4_path(
+            x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], layer.out_features
+        )
         if path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros
             )
+        elif path == "scratch":
+            wt = self.scratch.get(torch.Size((layer.in_features, layer.out_features)), x2.dtype, x2.device)
+            unpack_kernel_layout(layer.weight, layer.weight_scale_zeros, self.group_size, wt)
+            out = torch.mm(x2, wt)
         elif path == "triton":
             from fitllm.quant.triton_matmul import int4_matmul
 

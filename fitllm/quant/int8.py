@@ -59,8 +59,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class _Scratch:
-    """One model-dtype buffer shared by every int8 layer (they run one at a time), grown to the largest."""
+class Scratch:
+    """One model-dtype buffer shared by every layer of a method (they run one at a time), grown to the largest:
+    int8's converted weight, int4's unpacked one (fitllm/quant/int4.py)."""
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
@@ -83,19 +84,19 @@ class Int8Method(QuantMethod):
     uses_scratch = True
     derived_params = ("weight_scale",)
 
-    def __init__(self, chunked: bool = False, scratch: _Scratch | None = None) -> None:
+    def __init__(self, chunked: bool = False, scratch: Scratch | None = None) -> None:
         """`chunked`: large calls convert the weight into the scratch a slice of output rows at a time
         (`SCRATCH_CHUNK_ELEMENTS`), as the LM head does: its [vocab, hidden] weight whole in the model dtype
         would hold again the bytes the quantization saved. `scratch`: one to share (the decoder's)."""
         self.chunked = chunked
-        self.scratch = scratch or _Scratch()
+        self.scratch = scratch or Scratch()
 
     def _chunk_rows(self, layer: nn.Module) -> int:
         rows = layer.weight.shape[0]
         return min(rows, max(1, SCRATCH_CHUNK_ELEMENTS // layer.weight.shape[1])) if self.chunked else rows
 
-    def scratch_elements(self, layer: nn.Module) -> int:
-        return self._chunk_rows(layer) * layer.in_features
+    def scratch_elements(self, layer: nn.Module, device_type: str = "cpu") -> int:
+        return self._chunk_rows(layer) * layer.in_features  # large calls, on every device
 
     def create_weights(self, layer: nn.Module, out_features: int, in_features: int) -> None:
         layer.weight = nn.Parameter(
