@@ -23,7 +23,7 @@ from fitllm.loader import open_model
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0}},
+    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -204,14 +204,14 @@ def test_preempted_constrained_requests_write_what_they_write_alone(tmp_path_fac
     folder = random_engine.config.model
     block = random_engine.storage.block_bytes
     tight = Engine(EngineConfig(model=folder, dtype="float32", max_model_len=1024, max_num_seqs=8, block_size=16,
-                                kv_cache_memory=14 * block, preemption_mode=mode, swap_space=64 * block if mode == "swap" else None))  # fmt: skip
+                                kv_cache_memory=30 * block, preemption_mode=mode, swap_space=64 * block if mode == "swap" else None))  # fmt: skip
     schema = {"type": "array", "items": PERSON, "minItems": 2, "maxItems": 3}
-    params = [json_params(schema, temperature=1.0, seed=i, max_tokens=400) for i in range(4)]
-    prompts = [list(range(20 + i, 60 + i)) for i in range(4)]
+    params = [json_params(schema, temperature=1.0, seed=i, max_tokens=330) for i in range(6)]
+    prompts = [list(range(1000 + 7 * i, 1100 + 7 * i)) for i in range(6)]  # whole characters
     alone = [run(tight, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
     before = tight.scheduler.num_preemptions
     outs = run(tight, prompts, params)
-    assert tight.scheduler.num_preemptions > before, "the pool was meant to be too small for all four"
+    assert tight.scheduler.num_preemptions > before, "the pool was meant to be too small for all six"
     for out, ref in zip(outs, alone, strict=True):
         assert out.token_ids == ref.token_ids
         check_json(out, schema)
