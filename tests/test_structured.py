@@ -23,7 +23,10 @@ from fitllm.loader import open_model
 
 PERSON = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
     "additionalProperties": False,
 }
@@ -273,3 +276,25 @@ def test_a_bad_constraint_is_refused_at_admission_naming_its_field(engine, spec,
         engine.add_request("hi", SamplingParams(structured_output=spec))
     assert str(err.value).startswith(words[0]) and all(w in str(err.value) for w in words)
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "samplers",
+    [
+        dict(top_k=5, top_p=0.5, min_p=0.1),
+        dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5),
+        dict(mirostat=2),
+        dict(xtc_probability=0.9, xtc_threshold=0.05),
+        dict(typical_p=0.5, top_a=0.2, tfs=0.9),
+        dict(dry_multiplier=0.8, top_n_sigma=1.0, temperature_last=True, top_k=10),
+        dict(sampler_order=["temperature", "top_k"], top_k=3, smoothing_factor=0.3),
+        dict(logit_bias={31845: 100.0}, min_tokens=5),  # bias toward "}]"; min_tokens bans EOS early
+    ],
+    ids=["cuts", "penalties", "mirostat", "xtc", "typical_top_a_tfs", "dry_sigma", "order_smoothing", "bias"],
+)
+def test_every_sampler_keeps_to_the_grammar(random_engine, samplers):
+    """Each sampler path (the fast cuts, the penalties, KoboldCpp's chain) runs on the masked logits."""
+    schema = {"type": "array", "items": PERSON, "maxItems": 2}
+    params = [json_params(schema, temperature=1.0, seed=s, max_tokens=400, **samplers) for s in range(3)]
+    for out in run(random_engine, [[40, 41, 42]] * 3, params):
+        check_json(out, schema)
