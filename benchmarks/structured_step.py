@@ -6,7 +6,8 @@ The grammar is JSON lines of a small object, repeated far past the steps timed (
 finishes inside the measurement: each step pays one mask per constrained row. Free requests in a batch pay
 one scan of the batch for constrained rows; "free" here runs the same code a branch without structured
 output would, except that scan, so the free rows of "mixed" against "free" is the figure for requests without
-a constraint. All engines are built in one process and timed in alternating rounds (benchmarks/decode_step.py).
+a constraint. All engines are built in one process and timed in alternating rounds, each step split into forward, logits,
+sample and host time (benchmarks/decode_step.py, step_probe.py): the masks are in "sample".
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import time
 
 from benchmarks.decode_step import add_arguments as add_step_arguments
-from benchmarks.decode_step import decoding_engine, timed_rounds
+from benchmarks.decode_step import decoding_engine, median_split, split_rounds
 
 # A JSON object per line, many lines: the masks of a JSON document (keys, strings, digits, punctuation).
 JSON_LINES = r'(\{"name": "[A-Za-z ]{1,16}", "age": [0-9]{1,2}, "tags": \["[a-z]{1,8}"(, "[a-z]{1,8}"){0,2}\]\}\n){500}'
@@ -76,10 +77,16 @@ def run(args: argparse.Namespace) -> int:
         )
         for name, structured in kinds.items()
     }  # fmt: skip
-    times = {n: [s * 1000 for s in r] for n, r in timed_rounds(engines, args.rounds, args.steps).items()}
+    splits = split_rounds(engines, args.rounds, args.steps)
+    times = {n: [r["step"] for r in rounds] for n, rounds in splits.items()}
     medians = {n: statistics.median(ts) for n, ts in times.items()}
+    parts = {n: median_split(rounds) for n, rounds in splits.items()}
     for name, ts in times.items():
-        print(f"{name:6} {medians[name]:8.2f} ms/step  rounds: {', '.join(f'{t:.2f}' for t in ts)}")
+        p = parts[name]
+        print(
+            f"{name:6} {medians[name]:8.2f} ms/step (forward {p['forward']:.2f}, logits {p['logits']:.2f}, "
+            f"sample {p['sample']:.2f}, host {p['host']:.2f})  rounds: {', '.join(f'{t:.2f}' for t in ts)}"
+        )
     costs = {b: grammar_costs(engines["json"], spec, b) for b in (1, args.batch)}
     for b, c in costs.items():
         print(
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         "json_over_free": medians["json"] / medians["free"],
         "mixed_over_free": medians["mixed"] / medians["free"],
         "ms_per_step": times,
+        "split_ms_median": parts,
         "grammar_costs": costs,
     }
     print(
