@@ -20,6 +20,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         True,
     ),
     (
+        "structured",
+        "benchmarks.structured_step",
+        "one decode step's time: free vs every request under a JSON grammar vs half; compile and mask costs",
+        True,
+    ),
+    (
         "attention",
         "benchmarks.cpu_attention",
         "one layer's decode attention per context length and batch: the torch backend vs bf16 bmm",

@@ -41,11 +41,13 @@ def decoding_engine(
     decode_steps: int,
     banned_strings: list[str] | None = None,
     greedy: bool = False,
+    structured: list | None = None,
 ):
     """An Engine with `batch` requests (prompts of about `prompt_tokens` cut from `text`) prefilled and two
     steps into decoding, with room for `decode_steps` more: every later step is a pure decode step.
     Requests sample (temperature 0.8, top-p 0.9, seeded) unless `greedy`; every request bans
-    `banned_strings` (fitllm bench banned)."""
+    `banned_strings` (fitllm bench banned); request i is constrained by `structured[i % len(structured)]`
+    (a StructuredOutput or None; fitllm bench structured)."""
     from fitllm.engine.engine import Engine
     from fitllm.engine.request import SamplingParams
 
@@ -62,6 +64,7 @@ def decoding_engine(
                 ignore_eos=True,
                 seed=None if greedy else i,
                 banned_strings=list(banned_strings or []),
+                structured_output=structured[i % len(structured)] if structured else None,
             ),
         )
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.requests.values()):

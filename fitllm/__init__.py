@@ -8,6 +8,7 @@ from fitllm.config import EngineConfig  # noqa: E402
 from fitllm.engine.engine import Engine  # noqa: E402
 from fitllm.engine.llm import LLM  # noqa: E402
 from fitllm.engine.request import RequestOutput, SamplingParams  # noqa: E402
+from fitllm.engine.structured.spec import StructuredOutput  # noqa: E402
 
-__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "Engine", "EngineConfig", "RequestOutput", "SamplingParams", "StructuredOutput"]
 __version__ = "0.1.0"

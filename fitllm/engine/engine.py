@@ -24,6 +24,7 @@ from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.startup import start_memory
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
+from fitllm.engine.structured.compiler import GrammarCompiler
 from fitllm.engine.view import check_token_ids
 from fitllm.loader import ModelSource, open_model
 from fitllm.memory.budget import resolve_budget
@@ -114,6 +115,7 @@ class Engine:
         self.host_cache: HostKVCache | None = None
         self.attach_host_cache(build_host_cache(config, self.storage, self.device))
         self._ids = itertools.count()
+        self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)  # structured output, on first use
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
         self.async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
@@ -188,6 +190,8 @@ class Engine:
         req = Request(request_id, text, ids, params, priority)
         if params.banned_strings:
             req.banned = self._banned_strings(params.banned_strings)
+        if params.structured_output is not None:  # compiled here (cached by spec); ValueError names the field
+            req.constraint = self.grammars.constraint(params.structured_output)
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer,
             ids,
@@ -326,9 +330,12 @@ class Engine:
 
     def _needs_known_tokens(self) -> bool:
         """Whether a running request with a token in flight samples with penalties, which count previous
-        tokens: then the step in flight is read before scheduling, and the next step does not overlap it
+        tokens, or a grammar, whose mask depends on them: then the step in flight is read before scheduling, and the next step does not overlap it
         (reading it first also lets requests that stopped there give up their seats and blocks)."""
-        return any(r.num_output_placeholders and r.params.uses_token_history for r in self.scheduler.running)
+        return any(
+            r.num_output_placeholders and (r.params.uses_token_history or r.constraint is not None)
+            for r in self.scheduler.running
+        )
 
     def _launch_isolating(
         self, sched: SchedulerOutput, prev: InFlightStep | None
@@ -410,6 +417,8 @@ class Engine:
     def _output(self, req: Request) -> RequestOutput | None:
         """The output stage for a request's new token: its text, where a stop string may end it, or a
         banned phrase rewind it (then there is nothing new to report)."""
+        if req.constraint is not None and req.constraint.error is not None:
+            raise req.constraint.error
         stop = req.detokenizer.add_token(
             req.token_ids[-1], check_stop=req.num_output_tokens >= req.params.min_tokens
         )

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from fitllm.engine.structured.spec import StructuredOutput
+
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (logits / 1e-38 overflow to inf and NaN)
 # Every integer field fits a signed 64-bit integer: the sampler builds int64 tensors from them, so a larger
 # one would overflow there, inside the step of every request in the batch, instead of being refused here.
@@ -80,6 +82,9 @@ class SamplingParams:
     # An explicit order of SAMPLER_NAMES (KoboldCpp's sampler_order); None: repetition penalties, then
     # temperature first (or last with temperature_last), top-k, top-a, top-p / min-p, tfs, typical.
     sampler_order: list[str] | None = None
+    # The output must match this JSON schema / regex / choice / grammar (fitllm/engine/structured/): compiled
+    # at admission, a token mask per step, and the request ends when the grammar is complete.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -149,6 +154,8 @@ class SamplingParams:
             for tok, bias in self.logit_bias.items():
                 finite(f"logit_bias[{tok}]", bias)
         self._validate_writers(bad, finite, integer)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise bad("structured_output", self.structured_output, "a StructuredOutput")
 
     def _validate_writers(self, bad: Any, finite: Any, integer: Any) -> None:
         """The writers' samplers' fields (ranges as KoboldCpp clamps or rejects them)."""
@@ -346,6 +353,7 @@ class Request:
         "banned",
         "num_stale_samples",
         "sampler_state",
+        "constraint",
         "_sent_tokens",
     )
 
@@ -390,6 +398,9 @@ class Request:
         # What the writers' samplers carry from step to step (DRY's matches, mirostat's mu); see
         # fitllm/engine/sampling/state.py. Created by the sampler on first use.
         self.sampler_state: Any = None
+        # The grammar matcher when params.structured_output (a structured.matcher.Constraint, set by the
+        # engine at admission), advanced with each output token.
+        self.constraint: Any = None
         self._sent_tokens = 0
 
     @property

@@ -18,6 +18,7 @@ from fitllm.engine.sampling.chain import sample_chain
 from fitllm.engine.sampling.draw import inverse_cdf
 from fitllm.engine.sampling.dry import BreakerTable
 from fitllm.engine.sampling.penalties import apply_dry, apply_penalties, penalty_terms
+from fitllm.engine.structured.masks import GrammarMasks, apply_constraints
 from fitllm.memory.transfer import to_device
 
 __all__ = ["Sampler", "SampledBatch", "apply_dry", "apply_penalties", "penalty_terms", "sample_truncated"]
@@ -183,10 +184,11 @@ class SampledBatch:
 
 def _plain_greedy(request: Request) -> bool:
     """Whether a row wants the argmax of its raw logits: greedy, with no penalty, bias, min_tokens ban,
-    banned string, DRY or logprobs (what `Sampler.sample` would apply before its argmax)."""
+    banned string, DRY, grammar or logprobs (what `Sampler.sample` would apply before its argmax)."""
     p = request.params
     return (
         p.greedy
+        and request.constraint is None
         and p.logprobs is None
         and not p.banned_strings
         and not p.dry_multiplier
@@ -205,6 +207,7 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator().manual_seed(seed)
         self.breakers = breakers  # DRY's sequence breakers in this vocabulary (none without a tokenizer)
+        self.masks = GrammarMasks()  # structured output's token masks
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
         return self.sample(logits, requests).result()
@@ -225,11 +228,17 @@ class Sampler:
             lp_index = to_device(logprob_rows, torch.long, device)
             raw_logprobs = logits.index_select(0, lp_index).log_softmax(dim=-1)
 
+        constrained = GrammarMasks.rows(requests)
+        before_bans = None
+        if constrained:  # kept for rows the bans below would leave no token the grammar allows
+            before_bans = logits.index_select(0, to_device(constrained, torch.long, device))
         chain = [not r.params.greedy and r.params.needs_chain for r in requests]
         apply_penalties(logits, requests, chain)
         apply_bias_and_min_tokens(logits, requests, self.eos_token_ids)
         apply_bans(logits, requests)  # banned strings: tokens that began a banned phrase at this position
         apply_dry(logits, requests, self.breakers)
+        if constrained:  # structured output: the grammar's token masks, last
+            apply_constraints(self.masks, logits, requests, before_bans)
 
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         rand = [i for i, r in enumerate(requests) if not r.params.greedy]

@@ -84,6 +84,8 @@ def check_stop(
     """The request's status after `token` (already appended) if it stops here, else None. Stop strings are
     the engine's output stage's (they need the text); one the same token completes is the reason given."""
     p = req.params
+    if req.constraint is not None and req.constraint.finished:
+        return RequestStatus.FINISHED_STOPPED  # the grammar is complete: nothing else may follow
     if req.num_output_tokens < p.min_tokens:
         # min_tokens defers stop conditions, never the context limit.
         return RequestStatus.FINISHED_LENGTH if req.num_tokens >= max_model_len else None
@@ -336,6 +338,8 @@ class Scheduler:
                 continue
             token = result.token_ids[i]
             req.token_ids.append(token)
+            if req.constraint is not None:  # a token the grammar refuses fails the request (Engine._output)
+                req.constraint.accept(token)
             self._cache_blocks(req)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
@@ -357,6 +361,8 @@ class Scheduler:
         a stop token) is taken back and resumes as a preempted request would (its prefix mostly cached)."""
         assert req.num_prompt_tokens <= num_tokens < req.num_tokens
         del req.token_ids[num_tokens:]
+        if req.constraint is not None:
+            req.constraint.rollback_to(req.output_token_ids)
         if req.logprobs is not None:
             del req.logprobs[num_tokens - req.num_prompt_tokens :]
             req.cumulative_logprob = sum(e[t].logprob for e, t in zip(req.logprobs, req.output_token_ids))

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from pydantic import Field
 
 from fitllm.engine.request import SAMPLER_NAMES, SamplingParams
+from fitllm.engine.structured.spec import StructuredOutput
 from fitllm.loader.tokenizer import Tokenizer
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
@@ -94,7 +95,8 @@ class KoboldGenerateRequest(Body):
     dry_sequence_breakers: list[str] | str | None = None  # KoboldCpp's default: none
     xtc_probability: float = 0.0
     xtc_threshold: float = 0.2
-    grammar: str = ""
+    grammar: str = ""  # GBNF (llama.cpp's), as KoboldCpp takes it; Lark also reads
+    grammar_retain_state: bool = False
     banned_tokens: list[str] | None = None
     banned_strings: list[str] | None = None
     logit_bias: dict[str, float] | None = None
@@ -122,7 +124,9 @@ class DetokenizeRequest(Body):
 def _reject_unsupported(body: KoboldGenerateRequest) -> None:
     """400 for what fitllm does not implement set to a non-neutral value (never silently ignored)."""
     unsupported = [
-        ("grammar", bool(body.grammar), "empty"),
+        # KoboldCpp keeps a grammar's state from the last generation when this is set (a "continue"); fitllm
+        # starts every generation's grammar afresh.
+        ("grammar_retain_state", bool(body.grammar and body.grammar_retain_state), "false"),
         ("images", bool(body.images), "empty"),
     ]
     for name, used, neutral in unsupported:
@@ -222,6 +226,9 @@ def sampling_params(
             banned_strings=list(
                 body.banned_tokens if body.banned_tokens is not None else body.banned_strings or []
             ),
+            structured_output=StructuredOutput("grammar", body.grammar, "grammar")
+            if body.grammar.strip()
+            else None,
         )
     except ValueError as exc:
         message = str(exc)

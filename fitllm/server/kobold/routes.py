@@ -16,7 +16,7 @@ their translation are in protocol.py, its jobs (genkeys) in jobs.py.
 - `/api/extra/version` reports KoboldCpp 1.74 with every optional feature off: KoboldAI Lite turns on its
   controls by version (1.49: `memory` sent separately, SSE; 1.70: DRY; 1.74: XTC), SillyTavern too (min-p
   from 1.48, mirostat from 1.35); every feature they enable up to 1.74 is one fitllm serves (fitllm's
-  samplers are KoboldCpp 1.74's) or rejects clearly (grammar). Vision, whisper and the
+  samplers are KoboldCpp 1.74's; `grammar` is GBNF through llguidance). Vision, whisper and the
   other optional servers are reported off, which is how Lite and SillyTavern hide them.
 """
 

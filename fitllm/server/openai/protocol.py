@@ -21,6 +21,7 @@ from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.openai.sampler_fields import REFUSED, banned_phrases, writer_kwargs
+from fitllm.server.openai.structured_fields import structured_output
 
 MAX_N = 16  # choices per request
 
@@ -33,16 +34,11 @@ def _set(value: Any) -> bool:
 # question than the client asked (free text instead of JSON, no tool call, beams, a truncated prompt), so
 # each is a 400 unless it is at its neutral value.
 UNSUPPORTED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (
-        lambda v: _set(v) and not (isinstance(v, dict) and v.get("type") == "text"),
-        "structured output (response_format other than text) is not supported",
+    "guided_whitespace_pattern": (_set, "guided_whitespace_pattern is not supported"),
+    "guided_decoding_backend": (
+        lambda v: _set(v) and v not in ("auto", "guidance", "llguidance"),
+        "fitllm's only guided decoding backend is llguidance",
     ),
-    "functions": (_set, "function calling is not supported"),
-    "guided_json": (_set, "guided decoding is not supported"),
-    "guided_regex": (_set, "guided decoding is not supported"),
-    "guided_choice": (_set, "guided decoding is not supported"),
-    "guided_grammar": (_set, "guided decoding is not supported"),
-    "structured_outputs": (_set, "guided decoding is not supported"),
     "allowed_token_ids": (_set, "allowed_token_ids is not supported (use logit_bias)"),
     "bad_words": (_set, "bad_words is not supported (use logit_bias)"),
     "prompt_logprobs": (
@@ -142,6 +138,7 @@ class SamplingFields(Body):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 context_shift=context_shift,
                 banned_strings=banned_phrases(self.banned_strings, self.model_extra or {}),
+                structured_output=structured_output(self.model_extra or {}),
             )
         except ValueError as exc:
             # SamplingParams names its field; the client may have sent it under another server's name.
