@@ -13,7 +13,7 @@ not bit-identical with, recomputing; fitllm/server/story_trim.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -21,6 +21,7 @@ from fitllm.engine.request import SamplingParams
 from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.openai.sampler_fields import REFUSED, banned_phrases, writer_kwargs
+from fitllm.server.openai.tools import template_message
 
 MAX_N = 16  # choices per request
 
@@ -89,6 +90,7 @@ class SamplingFields(Body):
     include_stop_str_in_output: bool = False
     context_shift: StrictBool | None = None  # fitllm's extension (module docstring)
     banned_strings: list[str] | None = None  # TabbyAPI's / KoboldCpp's anti-slop phrases
+    serves_tools: ClassVar[bool] = False  # the chat route reads tools itself (openai/tools.py)
 
     def refuse_unsupported(self) -> None:
         """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
@@ -97,7 +99,7 @@ class SamplingFields(Body):
         for name, (used, why) in UNSUPPORTED_FIELDS.items():
             if name in extra and used(extra[name]):
                 raise bad_request(f"{name}: {why} by fitllm", name)
-        if _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
+        if not self.serves_tools and _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
             raise bad_request(
                 'tools: tool calling is not supported by fitllm; send tool_choice "none" or no tools', "tools"
             )
@@ -184,6 +186,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool calls and tool results included; openai/tools.py)."""
+        return template_message({**(self.model_extra or {}), "role": self.role, "content": self.text()})
+
     def text(self) -> str:
         if self.content is None and self.role != "assistant":  # an assistant turn may be a tool call
             raise bad_request(f"a {self.role} message needs content", "messages")
@@ -198,6 +204,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    serves_tools: ClassVar[bool] = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None

@@ -25,6 +25,7 @@ from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.engine.request_stream import RequestStream
 from fitllm.server import sse
 from fitllm.server.errors import APIError, bad_request
+from fitllm.server.fim_prompts import fim_params, fim_prompt
 from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.logprobs import chat_logprobs, legacy_logprobs
 from fitllm.server.openai.protocol import (
@@ -34,6 +35,8 @@ from fitllm.server.openai.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from fitllm.server.openai.tool_parsers import ToolCallStream, detect_family, parse_tool_calls
+from fitllm.server.openai.tools import read_tools, refuse_forced_choice, tool_family
 from fitllm.server.reuse import reused_tokens
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, merged
@@ -182,8 +185,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     st = get_state(request)
     st.check_model(body.model)
     st.check_priority(body.priority)
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
+    if body.suffix and body.echo:
+        raise bad_request("echo with suffix is not supported", "echo")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
     if body.echo and body.logprobs is not None and body.stream:
@@ -194,6 +197,11 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         body.max_tokens, body.logprobs, st.context_shift_for(body.context_shift, "openai")
     )
     prompts = body.prompts()
+    if body.suffix:  # fill in the middle: each prompt is a prefix (fitllm/server/fim_prompts.py)
+        if not all(isinstance(p, str) for p in prompts):
+            raise bad_request("suffix needs the prompt as text, not token ids", "prompt")
+        params = fim_params(st, params)
+        prompts = [await fim_prompt(st, p, body.suffix) for p in prompts]  # type: ignore[arg-type]
     ids = await token_prompts(st, prompts, body.max_tokens, "prompt")
     prompt_scores = None
     if body.echo and body.logprobs is not None:
@@ -316,8 +324,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     shift = st.context_shift_for(body.context_shift, "openai")
     params = body.sampling_params(max_tokens, top_n if body.logprobs else None, shift)
+    tools = read_tools(body.model_extra or {})
+    family = None
+    if tools is not None:
+        refuse_forced_choice(tools)
+        if tools.parses_calls:
+            family = tool_family(st.tokenizer.chat_template, detect_family)
     prompt = await st.render_chat(
-        [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
+        [m.template_dict() for m in body.messages], body.add_generation_prompt, tools.tools if tools else None
     )
     ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -328,8 +342,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
+    names = tools.names if tools is not None else set()
     if body.stream:
         usage = _Usage({0: (len(ids[0]), 0)})
+        splitters = [ToolCallStream(family, names) if family else None for _ in streams]
+        call_index = [0] * len(streams)
+
+        def delta(k: int, text: str, finished: bool) -> dict[str, Any]:
+            """The choice's delta: its text, or, with tools, the text and whole calls the splitter lets out."""
+            split = splitters[k]
+            if split is None:
+                return {"content": text} if text else {}
+            content, calls = split.feed(text)
+            if finished:
+                more, late = split.finish()
+                content, calls = content + more, calls + late
+            out: dict[str, Any] = {"content": content} if content else {}
+            if calls:
+                out["tool_calls"] = [c.as_delta(call_index[k] + i) for i, c in enumerate(calls)]
+                call_index[k] += len(calls)
+            return out
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             for k in range(len(streams)):
@@ -348,12 +380,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                     logprobs = chat_logprobs(served, c.delta_token_ids, c.logprobs[-n:], top_n)
                 if not c.delta_text and not out.finished and logprobs is None:
                     continue
-                yield {
-                    "index": k,
-                    "delta": {"content": c.delta_text} if c.delta_text else {},
-                    "logprobs": logprobs,
-                    "finish_reason": out.outputs[0].finish_reason if out.finished else None,
-                }
+                d = delta(k, c.delta_text, out.finished)
+                if not d and not out.finished and logprobs is None:
+                    continue  # text held back: it may be the start of a tool call
+                reason = c.finish_reason if out.finished else None
+                if reason is not None and call_index[k]:
+                    reason = "tool_calls"
+                yield {"index": k, "delta": d, "logprobs": logprobs, "finish_reason": reason}
 
         return _event_stream(
             choices(), chunk, usage.as_dict if body.include_usage else None, body.continuous_usage
@@ -363,14 +396,25 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     choices = []
     for k, out in enumerate(finals):
         c = out.outputs[0]
+        message: dict[str, Any] = {"role": "assistant", "content": c.text}
+        reason = c.finish_reason
+        if family is not None:
+            parsed = parse_tool_calls(c.text, family, names)
+            if parsed.calls:
+                message = {
+                    "role": "assistant",
+                    "content": parsed.content,
+                    "tool_calls": [t.as_dict() for t in parsed.calls],
+                }
+                reason = "tool_calls"
         choices.append(
             {
                 "index": k,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": chat_logprobs(served, c.token_ids, c.logprobs or [], top_n)
                 if body.logprobs
                 else None,
-                "finish_reason": out.outputs[0].finish_reason,
+                "finish_reason": reason,
             }
         )
     usage = _Usage.of_finals(finals, lambda k: 0)
@@ -384,7 +428,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give either prompt or messages", "prompt")
     if body.messages is not None:
-        text = await st.render_chat([{"role": m.role, "content": m.text()} for m in body.messages], True)
+        text = await st.render_chat([m.template_dict() for m in body.messages], True)
     else:
         text = body.prompt or ""
     ids = await st.encode(text, "prompt", body.add_special_tokens)
