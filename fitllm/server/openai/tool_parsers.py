@@ -95,7 +95,7 @@ def parse_tool_calls(text: str, family: str, names: set[str]) -> Parsed:
         calls = [_call(_loads(m), names) for m in _HERMES.findall(text)]
         if not calls or any(c is None for c in calls):
             return Parsed(text, [])
-        content = text[: text.index(_HERMES_OPEN)].strip()
+        content = text[: text.index(_HERMES_OPEN)].rstrip()
         return Parsed(content or None, calls)  # type: ignore[arg-type]
     if family == "llama3_json":
         body = text.strip().removeprefix(_PYTHON_TAG).strip()
@@ -168,12 +168,15 @@ class ToolCallStream:
         while True:
             if not self.in_call:
                 at = self.held.find(_HERMES_OPEN)
-                if at < 0:  # pass on all but a tail that may start the marker
+                if at < 0:  # pass on all but a tail that may start the marker, and whitespace before it
                     keep = _partial_suffix(self.held, _HERMES_OPEN)
+                    keep += len(self.held[: len(self.held) - keep]) - len(
+                        self.held[: len(self.held) - keep].rstrip()
+                    )
                     out += self.held[: len(self.held) - keep]
                     self.held = self.held[len(self.held) - keep :]
                     return out, calls
-                out += self.held[:at]
+                out += self.held[:at].rstrip()  # as parse_tool_calls: no whitespace before the call
                 self.held = self.held[at:]
                 self.in_call = True
             end = self.held.find("</tool_call>")
