@@ -35,8 +35,8 @@ async def fim_prompt(
     return await st.heavy.run(build_fim_prompt, st.tokenizer, fim, prefix, suffix, prompt, extra, size=chars)
 
 
-def fim_params(st: ServerState, params: SamplingParams) -> SamplingParams:
+def fim_params(st: ServerState, params: SamplingParams, param: str = "suffix") -> SamplingParams:
     """`params` that also stop at the tokens ending a middle (FimTokens.stop_ids), as llama.cpp does."""
-    fim = model_fim(st, "suffix")
+    fim = model_fim(st, param)
     stops = sorted(set(params.stop_token_ids) | set(fim.stop_ids))
     return dataclasses.replace(params, stop_token_ids=stops)

@@ -67,9 +67,8 @@ async def infill(body: InfillRequest, request: Request) -> JSONResponse | Stream
     max_tokens = body.n_predict if body.n_predict is not None else body.max_tokens
     if max_tokens is not None and max_tokens < 0:
         max_tokens = None  # llama.cpp: -1 is no limit
-    params = fim_params(
-        st, body.sampling_params(max_tokens, None, st.context_shift_for(body.context_shift, "openai"))
-    )
+    shift = st.context_shift_for(body.context_shift, "openai")
+    params = fim_params(st, body.sampling_params(max_tokens, None, shift), "input_prefix")
     extra = tuple(ExtraFile(c.text, c.filename) for c in body.input_extra)
     ids = await fim_prompt(st, body.input_prefix, body.input_suffix, body.prompt, extra, "input_prefix")
     (ids,) = await token_prompts(st, [ids], max_tokens, "input_prefix")
