@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import build_random_model, write_byte_tokenizer
+from conftest import build_random_model
+
+from benchmarks.random_weights import write_byte_tokenizer
 
 QWEN_SPECIAL = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",

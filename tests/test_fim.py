@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 from code_models import GLM_SPECIAL, QWEN_SPECIAL, codegeex_checkpoint, qwen_coder_checkpoint
-from conftest import write_byte_tokenizer
 from live_server import assert_error, serve
 from stand_ins import AddTap
 
+from benchmarks.random_weights import write_byte_tokenizer
 from fitllm.config import EngineConfig
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.loader.fim import ExtraFile, build_fim_prompt, find_fim_tokens
