@@ -63,29 +63,17 @@ Return each call as a JSON object with the function name and arguments within <t
 {% if add_generation_prompt %}<|im_start|>assistant
 {% endif %}"""
 
-GLM_TEMPLATE = """\
-{% if tools %}<|system|>
-# Available tools
-{% for tool in tools %}
-
-## {{ tool.function.name }}
-
-{{ tool.function | tojson(indent=4) }}
-Give the arguments of a call to the function above as JSON.
-{% endfor %}
-{% endif %}
-{% for m in messages %}
-{% if m.role == 'tool' %}<|observation|>
-{{ m.content }}
-{% elif m.role == 'assistant' and m.tool_calls %}
-{% for call in m.tool_calls %}<|assistant|>{{ call.function.name }}
-{{ call.function.arguments | tojson }}
-{% endfor %}
-{% else %}<|{{ m.role }}|>
-{{ m.content }}
-{% endif %}
-{% endfor %}
-{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+# GLM-4-9B-chat's form: the tools on a message (`item['tools']`), a call as the assistant's metadata (the
+# name) and content (the arguments), results as <|observation|> turns. ([gMASK]<sop>, which GLM-4's template
+# starts with, is left to the tokenizer here, which puts it first.)
+GLM_TEMPLATE = (
+    "{% for item in messages %}{% if item['tools'] is defined %}<|system|>\nYou are a helpful assistant.\n\n"
+    "# Available tools{% for tool in item['tools'] %}{% if tool['type'] == 'function' %}\n\n"
+    "## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n"
+    "Give the arguments of a call to the function above as JSON.{% endif %}{% endfor %}{% endif %}"
+    "{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 LLAMA31_TEMPLATE = """\
 <|begin_of_text|>{% if tools %}<|start_header_id|>user<|end_header_id|>

@@ -27,6 +27,7 @@ from fitllm.server.openai.tool_parsers import ToolCallStream, detect_family, par
 from fitllm.server.openai.tools import (
     ToolRequest,
     call_schema,
+    fit_to_template,
     forced_call_constraint,
     glm4_alternatives,
     read_tools,
@@ -119,35 +120,63 @@ CONVERSATION = [
 ]
 
 
+def _openai_shape_with_object_arguments() -> list[dict]:
+    """The conversation as transformers' docs pass it: tool-call arguments as objects."""
+    out = []
+    for m in CONVERSATION:
+        if m.get("tool_calls"):
+            calls = [
+                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
+            m = m | {"tool_calls": calls}
+        out.append(m)
+    return out
+
+
+def _glm4_shape() -> list[dict]:
+    """The conversation as GLM-4's own chat() builds it: the tools on the system message, the call as the
+    assistant's metadata (name) and content (arguments), the result as an observation turn."""
+    return [
+        {"role": "system", "content": "Be brief.", "tools": [WEATHER, TIME]},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+        {"role": "observation", "content": '{"temp": 21, "sky": "<clear>"}'},
+    ]
+
+
 @pytest.mark.parametrize(
-    "template", [QWEN_TEMPLATE, GLM_TEMPLATE, LLAMA31_TEMPLATE], ids=["qwen", "glm", "llama31"]
+    "template,reference",
+    [
+        (QWEN_TEMPLATE, _openai_shape_with_object_arguments),
+        (LLAMA31_TEMPLATE, _openai_shape_with_object_arguments),
+        (GLM_TEMPLATE, _glm4_shape),
+    ],
+    ids=["qwen", "llama31", "glm4"],
 )
-def test_template_with_tools_renders_as_transformers(template):
-    """The tools and a tool-call round trip go through the template as transformers renders them (its
-    `tojson`, arguments as objects), so the model sees what it was trained on."""
+def test_template_with_tools_renders_as_transformers(template, reference):
+    """The tools and a tool-call round trip in OpenAI's shape go through the template as transformers renders
+    the family's own shape of them (its `tojson`, arguments as objects; GLM-4's message-level tools), so the
+    model sees what it was trained on."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"x": 0}, unk_token="x")))
     hf.chat_template = template
-    hf_messages = [
-        m | {"tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
-                            for c in m["tool_calls"]]} if m.get("tool_calls") else m
-        for m in CONVERSATION
-    ]  # fmt: skip
     want = hf.apply_chat_template(
-        hf_messages, tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True
+        reference(), tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True
     )
+    messages = [template_message(m | {"content": m["content"] or ""}) for m in CONVERSATION]
     got = render_chat_template(
         template,
-        messages=[template_message(m | {"content": m["content"] or ""}) for m in CONVERSATION],
+        messages=fit_to_template(template, messages, [WEATHER, TIME]),
         tools=[WEATHER, TIME],
         add_generation_prompt=True,
         bos_token="",
         eos_token="",
     )
     assert got == want
-    assert '"city": "Paris"' in got and "<clear>" in got and "get_time" in got
+    assert '"city": "Paris"' in got and "<clear>" in got and "get_time" in got and "Be brief." in got
 
 
 def test_read_tools_checks():

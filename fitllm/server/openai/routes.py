@@ -36,7 +36,7 @@ from fitllm.server.openai.protocol import (
     TokenizeRequest,
 )
 from fitllm.server.openai.tool_parsers import ToolCallStream, detect_family, parse_tool_calls
-from fitllm.server.openai.tools import read_tools, refuse_forced_choice, tool_family
+from fitllm.server.openai.tools import fit_to_template, read_tools, refuse_forced_choice, tool_family
 from fitllm.server.reuse import reused_tokens
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, merged
@@ -330,9 +330,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         refuse_forced_choice(tools)
         if tools.parses_calls:
             family = tool_family(st.tokenizer.chat_template, detect_family)
-    prompt = await st.render_chat(
-        [m.template_dict() for m in body.messages], body.add_generation_prompt, tools.tools if tools else None
+    tool_list = tools.tools if tools else None
+    messages = fit_to_template(
+        st.tokenizer.chat_template, [m.template_dict() for m in body.messages], tool_list
     )
+    prompt = await st.render_chat(messages, body.add_generation_prompt, tool_list)
     ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

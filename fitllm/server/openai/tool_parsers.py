@@ -27,6 +27,8 @@ _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _HERMES_OPEN = "<tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
 _FENCED = re.compile(r"```json\s*(.*?)\s*```", re.DOTALL)
+# GLM-4-9B-chat's template reads the tools from a message (`item['tools']`), not from a `tools` variable.
+MESSAGE_TOOLS = re.compile(r"""\[\s*['"]tools['"]\s*\]\s+is\s+defined|\.tools\s+is\s+defined""")
 
 
 def detect_family(chat_template: str | None) -> str | None:
@@ -36,7 +38,7 @@ def detect_family(chat_template: str | None) -> str | None:
         return "hermes"
     if "<|python_tag|>" in t or ("ipython" in t and '"parameters"' in t):
         return "llama3_json"
-    if "<|observation|>" in t:
+    if "<|observation|>" in t or (MESSAGE_TOOLS.search(t) and "<|assistant|>" in t):
         return "glm4"
     return None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fitllm.server.errors import bad_request
-from fitllm.server.openai.tool_parsers import FAMILIES
+from fitllm.server.openai.tool_parsers import FAMILIES, MESSAGE_TOOLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,40 @@ def template_message(message: dict[str, Any]) -> dict[str, Any]:
     for key in ("tool_call_id", "name"):
         if isinstance(message.get(key), str):
             out[key] = message[key]
+    return out
+
+
+# GLM-4-9B-chat's template (and CodeGeeX4's, trained on it) reads the tools from a message (`item['tools']`),
+# not from a `tools` variable, and writes a call as the assistant's `metadata` (the function's name) and
+# content (the arguments), a result as an `observation` turn: the shape GLM-4's own chat() builds.
+
+
+def fit_to_template(
+    template: str | None, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """`messages` as the template reads tools and calls: unchanged for templates that take `tools=` (as
+    transformers passes them); for GLM-4's message-level form, the tools on the first system message (one is
+    added when there is none), each call an assistant turn with the name as `metadata` and the arguments as
+    content, each result an `observation` turn."""
+    if not template or not MESSAGE_TOOLS.search(template):
+        return messages
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            if m.get("content"):
+                out.append({"role": "assistant", "metadata": "", "content": m["content"]})
+            for call in m["tool_calls"]:
+                args = json.dumps(call["function"]["arguments"], ensure_ascii=False)
+                out.append({"role": "assistant", "metadata": call["function"]["name"], "content": args})
+        elif m["role"] == "tool":
+            out.append({"role": "observation", "metadata": "", "content": m.get("content") or ""})
+        else:
+            out.append({"metadata": "", **m})
+    if tools:
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "tools": tools}
+        else:
+            out.insert(0, {"role": "system", "metadata": "", "content": "", "tools": tools})
     return out
 
 
