@@ -49,6 +49,18 @@ def test_qwen_coder_repo_level_prompt(tmp_path):
     assert {tok.token_id(t) for t in ("<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")} <= set(fim.stop_ids)
 
 
+def test_special_token_text_in_the_code_is_spelled_out(tmp_path):
+    """Code that contains a FIM token's text (this repository's fim.py does) is tokenized as plain text, as
+    llama.cpp tokenizes /infill's inputs: the prompt keeps one <|fim_middle|> token, at its end."""
+    tok = _tokenizer(tmp_path, QWEN_SPECIAL)
+    fim = find_fim_tokens(tok)
+    code = 'MID = "<|fim_middle|>"\n'
+    ids = build_fim_prompt(tok, fim, code, SUFFIX)
+    assert ids.count(fim.mid) == 1 and ids[-1] == fim.mid
+    assert _text(tok, ids).endswith(f"<|fim_prefix|>{code}<|fim_suffix|>{SUFFIX}<|fim_middle|>")
+    assert tok.encode(code, add_special_tokens=False).count(fim.mid) == 1  # (plain encode would parse it)
+
+
 def test_starcoder_prompt_without_file_separator(tmp_path):
     """StarCoder's `<fim_…>` tokens and no file separator: other files after llama.cpp's snippet marker."""
     tok = _tokenizer(tmp_path, ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"])

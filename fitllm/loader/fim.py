@@ -15,9 +15,9 @@ family's documented format:
   guide writes it: `<|user|>\\n[###REFERENCE:\\n###PATH:name\\ntext\\n ...\\n]###PATH:\\n###LANGUAGE:\\n
   ###MODE:BLOCK\\n<|code_suffix|>suffix<|code_prefix|>prefix prompt<|code_middle|><|assistant|>\\n`.
 
-Texts are tokenized piece by piece without special tokens around them, and the FIM tokens are inserted by
-id, so a prefix that happens to contain `<|fim_suffix|>` as text still costs the prompt its meaning, exactly
-as a chat template's content would (fitllm tokenizes with special-token parsing, as transformers does).
+Texts are tokenized piece by piece as plain text (a `<|fim_suffix|>` written in the code is spelled out, as
+llama.cpp tokenizes /infill's inputs with parse_special=false) and the FIM tokens are inserted by id.
+SentencePiece vocabularies (CodeLlama) get their dummy space before the suffix too, as llama.cpp's do.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class _Vocab(Protocol):
     fim_token_ids: dict[str, int]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def encode_plain(self, text: str) -> list[int]: ...
 
     def token_id(self, text: str) -> int | None: ...
 
@@ -123,7 +125,7 @@ def build_fim_prompt(
     middle must start with (llama.cpp's `/infill` `prompt`: it goes right after the prefix)."""
 
     def enc(text: str) -> list[int]:
-        return vocab.encode(text, add_special_tokens=False) if text else []
+        return vocab.encode_plain(text) if text else []
 
     head = vocab.encode("", add_special_tokens=True)  # BOS, or GLM's [gMASK]<sop>, as the tokenizer adds
     if fim.family == "codegeex":

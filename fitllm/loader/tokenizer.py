@@ -55,6 +55,19 @@ class Tokenizer:
         8 s), the batch call releases it, and skipping character offsets halves the time."""
         return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: a special token's string in it is spelled out, never that token (llama.cpp's
+        parse_special=false). For text that is data, not markup: the code around a FIM cursor, which may
+        well contain `<|fim_middle|>` (this repository's own fim.py does)."""
+        return self._plain_backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def _plain_backend(self) -> FastTokenizer:
+        # A copy: the flag is the backend's, and the shared backend encodes chat prompts concurrently.
+        plain = FastTokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
     def token_id(self, text: str) -> int | None:
         """The id of the token whose text is exactly `text`, or None."""
         return self.backend.token_to_id(text)
