@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -108,19 +109,23 @@ async def infill(body: InfillRequest, request: Request) -> JSONResponse | Stream
 
     if body.stream:
 
-        def delta(out: RequestOutput) -> str:
-            c = out.outputs[0]
-            return sse.event(
-                {"index": 0, "content": c.delta_text, "tokens": c.delta_token_ids, "stop": False}
-            )
-
-        def last(out: RequestOutput) -> str:
-            return sse.event(final(out, ""))
+        async def events() -> AsyncGenerator[str, None]:
+            # Every token gets its event (llama.cpp sends one per token), also one whose bytes do not yet
+            # make a whole character: its text comes with a later event.
+            async with stream:
+                async for out in stream:
+                    c = out.outputs[0]
+                    if c.delta_token_ids or c.delta_text:
+                        yield sse.event(
+                            {"index": 0, "content": c.delta_text, "tokens": c.delta_token_ids, "stop": False}
+                        )
+                    if out.finished:
+                        yield sse.event(final(out, ""))
 
         def error_event(err: APIError) -> str:
             return sse.event(sse.error_data(err))
 
-        return sse.response(sse.request_events(stream, delta, last), error_event)
+        return sse.response(events(), error_event)
 
     (out,) = await collect(request, [(0, stream)])
     return JSONResponse(final(out, out.outputs[0].text))
