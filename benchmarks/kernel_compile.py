@@ -217,6 +217,8 @@ def ci_cases() -> list[Case]:
         AttentionCase(dtype="fp32", head_dim=64, heads=(12, 4)),  # GQA 3 (a padded group), IEEE dots
         AttentionCase(query_len=512, num_seqs=2),  # prefill
         AttentionCase(head_dim=256, heads=(8, 4), query_len=512, kv="int8"),
+        # d256 GQA 4 over 32-slot blocks: spilled up to 836 bytes before tile_shape's wide rule
+        AttentionCase(head_dim=256, heads=(32, 8), block_size=32, kv="fp8-bits", query_len=512, num_seqs=2),
         MatmulCase(bits=8, m=1),
         MatmulCase(bits=8, m=1, split_k=4),  # split-K, as a 2048-wide layer at batch 1 on an H100
         MatmulCase(bits=8, m=32, n=4096, k=4096),

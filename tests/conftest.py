@@ -228,6 +228,24 @@ def run_engine(engine, prompt: list[int], max_tokens: int) -> tuple[list[int], l
     return tokens, logits
 
 
+def run_streamed(engine, prompts, params) -> tuple[list, list[str]]:
+    """Run to the end with the pool's integrity and the budget checked after every step: the final
+    RequestOutput of each prompt, in order, and the text its deltas streamed."""
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    done, deltas, steps = {}, {r: "" for r in rids}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            deltas[out.request_id] += out.outputs[0].delta_text
+            if out.finished:
+                done[out.request_id] = out
+        engine.check_integrity()
+        assert engine.ledger.total <= engine.ledger.budget
+        steps += 1
+        assert steps < 3000
+    assert engine.pool.num_used_blocks == 0
+    return [done[r] for r in rids], [deltas[r] for r in rids]
+
+
 def run_all(
     engine, prompts, priorities=None, on_step=None, params=GREEDY, logits: list | None = None
 ) -> list[list[int]]:
@@ -304,6 +322,27 @@ def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
         EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
     )
     return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
+
+
+def tight_engine(folder: Path, kv_blocks: int, slab_blocks: int = 2, **kw):
+    """A float32 engine on `folder` (max_model_len 128) whose budget holds exactly `kv_blocks` KV blocks
+    beyond its weights and workspace, in slabs of `slab_blocks`: the tests that need preemption, swap or
+    retention under pressure."""
+    from fitllm.config import EngineConfig
+    from fitllm.engine.engine import Engine
+
+    fixed, per_block = fixed_and_block_bytes(folder)
+    return Engine(
+        EngineConfig(
+            model=str(folder),
+            dtype="float32",
+            max_model_len=128,
+            memory_budget=fixed + kv_blocks * per_block,
+            kv_slab_size=slab_blocks * per_block,
+            profile_workspace=False,
+            **kw,
+        )
+    )
 
 
 # ---- a live fitllm server on the default model (tests/test_server*.py) -------------------------------------

@@ -155,3 +155,24 @@ def scripted_engine(config, script: Script):
 
     engine.runner.sampler.sample = forced
     return engine
+
+
+class FakeSlabs:
+    """A KV slab allocator with a budget counted in slabs, for the block pool's elastic tests."""
+
+    def __init__(self, budget_slabs: int) -> None:
+        self.budget = budget_slabs
+        self.live = {0}
+
+    def num_addable(self) -> int:
+        return self.budget - len(self.live)
+
+    def add(self, slab: int) -> bool:
+        if len(self.live) >= self.budget:
+            return False
+        assert slab not in self.live
+        self.live.add(slab)
+        return True
+
+    def remove(self, slab: int) -> None:
+        self.live.remove(slab)

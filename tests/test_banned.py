@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import fixed_and_block_bytes, load_hf, make_random_checkpoint
+from conftest import fixed_and_block_bytes, load_hf, make_random_checkpoint, run_streamed
 
 from fitllm import SamplingParams
 from fitllm.config import EngineConfig
@@ -158,23 +158,6 @@ def make_engine(folder, **kw) -> Engine:
     return Engine(EngineConfig(**cfg))
 
 
-def run(engine: Engine, prompts, params) -> tuple[list, dict]:
-    """Run to the end with pool checks after every step; (final outputs, every delta text by prompt)."""
-    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    done, deltas, steps = {}, {r: "" for r in rids}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            deltas[out.request_id] += out.outputs[0].delta_text
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_integrity()
-        assert engine.ledger.total <= engine.ledger.budget
-        steps += 1
-        assert steps < 3000
-    assert engine.pool.num_used_blocks == 0
-    return [done[r] for r in rids], {i: deltas[r] for i, r in enumerate(rids)}
-
-
 def workload(engine: Engine, hf, n_tokens: int = 24):
     """Eight prompts; the third bans a three-token phrase (upper-cased) that it would write, and one that
     is in its prompt."""
@@ -210,7 +193,7 @@ def test_engine_equals_reference_and_only_the_banned_request_rewinds(tiny, hf, k
     rewound = []
     orig = engine.scheduler.rewind
     engine.scheduler.rewind = lambda req, n: (rewound.append(req.request_id), orig(req, n))[1]
-    outs, deltas = run(engine, prompts, params)
+    outs, deltas = run_streamed(engine, prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert set(rewound) == {outs[2].request_id}
     text = outs[2].outputs[0].text
@@ -229,7 +212,7 @@ def test_rewinds_under_preemption(tiny, hf, mode):
     )
     engine = make_engine(tiny, **kw)
     prompts, params, want, _ = workload(engine, hf, n_tokens=30)
-    outs, _ = run(engine, prompts, params)
+    outs, _ = run_streamed(engine, prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == want
     assert engine.scheduler.num_preemptions > 0
 
@@ -244,7 +227,7 @@ def test_a_phrase_completed_by_the_last_token_is_rewound_too(tiny, hf):
     want, rewinds = reference(hf, tok, prompt, [phrase], 10)
     assert rewinds > 0
     sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, banned_strings=[phrase], logprobs=1)
-    (out,), _ = run(engine, [prompt], [sp])
+    (out,), _ = run_streamed(engine, [prompt], [sp])
     c = out.outputs[0]
     assert c.token_ids == want and c.finish_reason == "length" and len(c.logprobs) == 10
     assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for e, t in zip(c.logprobs, c.token_ids)))
@@ -256,7 +239,9 @@ def test_one_character_entries_forbid_every_token_holding_them(tiny):
     assert single_char_bans(["E", "ab", "x"], lambda p: [1] * len(p), ["the", "cat", "ex", "ab"]) == {0, 2}
     engine = make_engine(tiny)
     prompt = [5, 6, 7, 8]
-    free = run(engine, [prompt], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)])[0][0]
+    free = run_streamed(engine, [prompt], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)])[0][
+        0
+    ]
     assert "7" in free.outputs[0].text
     sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, banned_strings=["7"])
     rid = engine.add_request(prompt, sp)

@@ -9,6 +9,7 @@ import re
 
 import httpx
 import pytest
+from conftest import run_streamed
 from live_server import serve
 
 from fitllm import SamplingParams
@@ -23,17 +24,8 @@ PHRASE = "Big Imagination and loved to create"  # what it writes: "...She had a 
 
 
 def run(engine: Engine, prompts, params):
-    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
-    done, deltas = {}, {r: "" for r in rids}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            deltas[out.request_id] += out.outputs[0].delta_text
-            if out.finished:
-                done[out.request_id] = out
-        engine.check_integrity()
-        assert engine.ledger.total <= engine.ledger.budget
-    assert engine.pool.num_used_blocks == 0
-    return [done[r].outputs[0] for r in rids], [deltas[r] for r in rids], rids
+    outs, deltas = run_streamed(engine, prompts, params)
+    return [o.outputs[0] for o in outs], deltas, [o.request_id for o in outs]
 
 
 def test_greedy_never_writes_the_banned_phrase_and_gives_its_blocks_back():

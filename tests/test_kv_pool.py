@@ -9,32 +9,12 @@ import pytest
 from conftest import fixed_and_block_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stand_ins import FakeSlabs
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.memory.kv.block_pool import BlockHash, BlockPool
-
-
-class FakeSlabs:
-    """A slab allocator with a budget counted in slabs."""
-
-    def __init__(self, budget_slabs: int) -> None:
-        self.budget = budget_slabs
-        self.live = {0}
-
-    def num_addable(self) -> int:
-        return self.budget - len(self.live)
-
-    def add(self, slab: int) -> bool:
-        if len(self.live) >= self.budget:
-            return False
-        assert slab not in self.live
-        self.live.add(slab)
-        return True
-
-    def remove(self, slab: int) -> None:
-        self.live.remove(slab)
 
 
 def elastic(budget_slabs: int = 3, slab_blocks: int = 4, idle: float = 0.0) -> tuple[BlockPool, FakeSlabs]:

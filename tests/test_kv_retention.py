@@ -8,11 +8,11 @@ import types
 
 import pytest
 import torch
-from conftest import fixed_and_block_bytes
+from conftest import fixed_and_block_bytes, tight_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stand_ins import FakeSlabs
 
-from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
 from fitllm.engine.request import SamplingParams
 from fitllm.memory.kv import block_pool
@@ -24,26 +24,6 @@ from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.kv.swap import make_copies
 from fitllm.memory.ledger import MemoryLedger
-
-
-class FakeSlabs:
-    """A slab allocator with a budget counted in slabs."""
-
-    def __init__(self, budget_slabs: int) -> None:
-        self.budget = budget_slabs
-        self.live = {0}
-
-    def num_addable(self) -> int:
-        return self.budget - len(self.live)
-
-    def add(self, slab: int) -> bool:
-        if len(self.live) >= self.budget:
-            return False
-        self.live.add(slab)
-        return True
-
-    def remove(self, slab: int) -> None:
-        self.live.remove(slab)
 
 
 class FakeClock:
@@ -276,21 +256,6 @@ def tiny(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("tiny"), family="llama")
 
 
-def _engine(tiny, blocks: int, slab_blocks: int, **kw) -> Engine:
-    fixed, per_block = fixed_and_block_bytes(tiny)
-    return Engine(
-        EngineConfig(
-            model=str(tiny),
-            dtype="float32",
-            max_model_len=128,
-            memory_budget=fixed + blocks * per_block,
-            kv_slab_size=slab_blocks * per_block,
-            profile_workspace=False,
-            **kw,
-        )
-    )
-
-
 def _run(eng: Engine, prompt: list[int], n: int):
     last = None
     for out in eng.stream(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
@@ -305,7 +270,7 @@ def _story(seed: int, n: int) -> list[int]:
 
 
 def _reference(tiny, prompt: list[int], n: int) -> list[int]:
-    eng = _engine(tiny, 64, 64, enable_prefix_caching=False)
+    eng = tight_engine(tiny, 64, 64, enable_prefix_caching=False)
     return _run(eng, prompt, n).outputs[0].token_ids
 
 
@@ -313,7 +278,7 @@ def _reference(tiny, prompt: list[int], n: int) -> list[int]:
 def test_a_story_survives_an_idle_release(tiny, retention):
     """A story, a pause past --kv-idle-release-s, the story plus more: its prefix still hits, and the output
     equals an uncached run's. Without retention (0) the pause loses it, as before."""
-    eng = _engine(tiny, 48, 2, kv_cache_retention=retention)
+    eng = tight_engine(tiny, 48, 2, kv_cache_retention=retention)
     story = _story(1, 64)
     first = _run(eng, story, 8).outputs[0].token_ids
     assert eng.pool.num_slabs > 1
@@ -469,7 +434,7 @@ def test_a_block_evicted_and_restored_into_in_one_step_is_copied_out_first():
 def test_engine_host_tier_restores_an_evicted_story_with_identical_output(tiny):
     """A story evicted from a small device pool by another, then continued: its blocks come back from the
     host tier (reuse.from_host), and the output equals an uncached run's."""
-    eng = _engine(tiny, 8, 8)  # one static-size slab of 8 blocks: two 100-token stories do not fit
+    eng = tight_engine(tiny, 8, 8)  # one static-size slab of 8 blocks: two 100-token stories do not fit
     _, per_block = fixed_and_block_bytes(tiny)
     eng.attach_host_cache(HostKVCache(eng.storage, 16 * per_block, pin=False))
     story = _story(3, 80)
@@ -488,7 +453,7 @@ def test_engine_host_tier_restores_an_evicted_story_with_identical_output(tiny):
 
 def test_kv_host_cache_is_refused_on_the_cpu(tiny):
     with pytest.raises(ValueError, match="--kv-host-cache"):
-        _engine(tiny, 8, 8, kv_host_cache=1 << 20)
+        tight_engine(tiny, 8, 8, kv_host_cache=1 << 20)
 
 
 def test_fitllm_plan_shows_the_retention_budget_and_host_cache(tiny, capsys):

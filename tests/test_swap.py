@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GREEDY, fixed_and_block_bytes, run_all
+from conftest import GREEDY, run_all, tight_engine
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
@@ -114,25 +114,9 @@ def reference(tiny, prompts):
     return run_all(eng, prompts)
 
 
-def tight_engine(tiny, mode: str, swap_space: int, kv_blocks: int = 12) -> Engine:
-    fixed, per_block = fixed_and_block_bytes(tiny)
-    return Engine(
-        EngineConfig(
-            model=str(tiny),
-            dtype="float32",
-            max_model_len=128,
-            memory_budget=fixed + kv_blocks * per_block,
-            kv_slab_size=2 * per_block,
-            profile_workspace=False,
-            swap_space=swap_space,
-            preemption_mode=mode,
-        )
-    )
-
-
 @pytest.mark.parametrize("mode", ["swap", "recompute", "auto"])
 def test_swap_and_recompute_both_give_the_unconstrained_output(tiny, prompts, reference, mode):
-    eng = tight_engine(tiny, mode, swap_space=64 << 20)
+    eng = tight_engine(tiny, 12, preemption_mode=mode, swap_space=64 << 20)
     peak_swapped = []
     out = run_all(eng, prompts, on_step=lambda e: peak_swapped.append(e.swapper.ledger.current("kv_swapped")))
     assert out == reference
@@ -149,7 +133,7 @@ def test_swap_and_recompute_both_give_the_unconstrained_output(tiny, prompts, re
 
 def test_swapped_request_resumes_without_recomputing(tiny, prompts, reference):
     """A swapped request is re-admitted with its computed tokens; it never prefills its prompt twice."""
-    eng = tight_engine(tiny, "swap", swap_space=64 << 20)
+    eng = tight_engine(tiny, 12, preemption_mode="swap", swap_space=64 << 20)
     computed_at_resume = []
     orig = eng.runner.swap
 
@@ -168,7 +152,7 @@ def test_swapped_request_resumes_without_recomputing(tiny, prompts, reference):
 
 
 def test_swap_space_too_small_falls_back_to_recompute(tiny, prompts, reference):
-    eng = tight_engine(tiny, "swap", swap_space=eng_bytes_per_token(tiny) * 10)
+    eng = tight_engine(tiny, 12, preemption_mode="swap", swap_space=eng_bytes_per_token(tiny) * 10)
     assert run_all(eng, prompts) == reference
     assert eng.swapper.num_recomputes > 0
     assert eng.swapper.ledger.peak_total <= eng.swapper.ledger.budget
@@ -181,7 +165,7 @@ def eng_bytes_per_token(tiny) -> int:
 
 
 def test_aborting_a_swapped_request_frees_its_host_bytes(tiny, prompts):
-    eng = tight_engine(tiny, "swap", swap_space=64 << 20)
+    eng = tight_engine(tiny, 12, preemption_mode="swap", swap_space=64 << 20)
     ids = [eng.add_request(p, GREEDY) for p in prompts]
     while not eng.swapper._held:
         eng.step()
@@ -199,7 +183,7 @@ def test_aborting_a_swapped_request_frees_its_host_bytes(tiny, prompts):
 
 def test_high_priority_arrival_preempts_running_low_priority_requests(tiny, prompts, reference):
     """Low-priority requests fill the pool; a high-priority one arrives and runs at once, by preempting them."""
-    eng = tight_engine(tiny, "swap", swap_space=64 << 20, kv_blocks=9)
+    eng = tight_engine(tiny, 9, preemption_mode="swap", swap_space=64 << 20)
     low = [eng.add_request(p, GREEDY, priority=5) for p in prompts[:3]]
     for _ in range(3):
         eng.step()
@@ -223,7 +207,7 @@ def test_high_priority_arrival_preempts_running_low_priority_requests(tiny, prom
 def test_the_scheduler_records_swaps_and_the_runner_copies_them(tiny, prompts, reference):
     """No K/V byte moves while scheduling: each swap is a copy in the SchedulerOutput (outs before ins),
     made by the runner before the step's forward, one read per swap-out and one write per swap-in."""
-    eng = tight_engine(tiny, "swap", swap_space=64 << 20)
+    eng = tight_engine(tiny, 12, preemption_mode="swap", swap_space=64 << 20)
     scheduling, copies = [False], []
     schedule, swap = eng.scheduler.schedule, eng.runner.swap
 

@@ -303,6 +303,28 @@ def test_random_cases_cover_the_grid():
     assert any(q > 1 and c > q for cs in cases for q, c in zip(cs.q_lens, cs.ctx_lens))  # cached prefix
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_DTYPES)
+def test_wide_heads_tile_by_the_wide_rule(kv_cache_dtype):
+    """Head dim 256 (Gemma-like) takes tile_shape's other branch (16-key tiles under a 32-slot block for a
+    quantized cache, 8 warps for a prefill): decodes, a fresh prefill and a prefill over cached keys in one
+    batch still equal the reference."""
+    assert ta.tile_shape(256, 32, 24, quantized=kv_cache_dtype != "auto") == (
+        (16, 8) if kv_cache_dtype != "auto" else (32, 8)
+    )
+    check_case(
+        Case(
+            q_lens=[1, 1, 24, 9],
+            ctx_lens=[70, 5, 24, 75],
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=256,
+            dtype=torch.bfloat16,
+            kv_cache_dtype=kv_cache_dtype,
+            block_size=32,
+        )
+    )
+
+
 @pytest.mark.parametrize(
     ("dtype", "kv_cache_dtype", "head_dim", "heads"),
     [

@@ -253,11 +253,18 @@ for name, (n, k) in shapes.items():
             q4, sz = quantize_int4(w.float(), 128)  # fitted on the GPU, stored on the host
             packed = pack_plain(q4).to(DEV)
             sz = sz.to(DEV, torch.bfloat16)
-            for m in (1, 512):
+            # PyTorch's own CUDA int4 kernel (tinygemm) on the same codes: its scale/zero convention is
+            # fitllm's ((q - 8) * scale + zero); its packing puts channel 2j in the high nibble. Issue 23
+            # item 4 routes int4 calls per shape to whichever of the two these rows show faster.
+            tiny = None
+            if hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+                q4d = q4.to(DEV)
+                tiny = torch.ops.aten._convert_weight_to_int4pack((q4d[:, 0::2] << 4 | q4d[:, 1::2]).contiguous(), 8)
+            for m in (1, 16, 64, 512):
                 x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 t_bf = bench(lambda: torch.nn.functional.linear(x, w))
                 t_i4 = bench(lambda: tm.int4_matmul(x, packed, sz, 128))
-                emit(
+                row = dict(
                     kind="gemm_int4",
                     layer=name,
                     m=m,
@@ -268,6 +275,12 @@ for name, (n, k) in shapes.items():
                     int4_GBps=round(n * k / 2 / (t_i4 * 1e-3) / 1e9),
                     int4_speedup=round(t_bf / t_i4, 2),
                 )
+                if tiny is not None:
+                    t_tg = bench(lambda: torch.ops.aten._weight_int4pack_mm(x, tiny, 128, sz))
+                    diff = (torch.ops.aten._weight_int4pack_mm(x, tiny, 128, sz) - tm.int4_matmul(x, packed, sz, 128))
+                    row.update(tinygemm_us=round(t_tg * 1e3, 2), tinygemm_vs_triton=round(t_i4 / t_tg, 2),
+                               tinygemm_maxdiff=float(diff.abs().max()))  # fmt: skip
+                emit(**row)
         except Exception as e:
             emit(kind="gemm_int4", layer=name, error=repr(e)[:300])
     del w, q

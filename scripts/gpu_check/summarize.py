@@ -56,6 +56,12 @@ for r in rows:
             f"gemm int4 {r['layer']} m={r.get('m')} "
             + (
                 f"{r['int4_us']} us ({r['int4_GBps']} GB/s) vs bf16 {r['bf16_us']} us: x{r['int4_speedup']}"
+                + (
+                    f"; tinygemm {r['tinygemm_us']} us (triton/tinygemm x{r['tinygemm_vs_triton']}, "
+                    f"max diff {r['tinygemm_maxdiff']:.3g})"
+                    if "tinygemm_us" in r
+                    else ""
+                )
                 if "int4_us" in r
                 else r.get("error", "")
             )

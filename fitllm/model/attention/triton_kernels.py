@@ -304,7 +304,7 @@ def paged_attention(
     # tl.dot wants at least 16 rows and 16 keys per tile.
     rows = max(16, min(64, triton.next_power_of_2(max_query_len) * group_p2))
     block_q = max(1, rows // group_p2)
-    block_n = max(16, block_size) if head_dim <= 128 else max(16, min(block_size, 32))
+    block_n, num_warps = tile_shape(head_dim, block_size, max_query_len, kv_cache_dtype != "auto")
     q = q.contiguous()
     out = torch.empty_like(q)
     if tokens == 0:
@@ -345,6 +345,7 @@ def paged_attention(
         KV_QUANT=kv_quant_code(kv_cache_dtype, q.device),
         NUM_SPLITS=num_splits,
         ALIGN=layout.align,
+        num_warps=num_warps,
         **dot_flags(q.dtype),
     )
     if num_splits > 1:
@@ -353,6 +354,18 @@ def paged_attention(
             out, part_out, part_ml, tokens * num_heads, D=head_dim, D_P2=d_p2, NUM_SPLITS=num_splits
         )
     return out
+
+
+def tile_shape(head_dim: int, block_size: int, max_query_len: int, quantized: bool) -> tuple[int, int]:
+    """(keys per tile, warps) for the attention kernel. Up to head dim 128 a tile is one cache block and 4
+    warps. Past it the accumulator alone is [rows, head_dim] float32 per program, so with the sm_90 compile
+    (`python -m benchmarks.kernel_compile`) as the judge: a prefill runs 8 warps (4 spilled up to ~850
+    bytes a thread at d256), and a quantized cache (whose tiles are decoded in registers) reads 16 keys a
+    tile, not 32."""
+    if head_dim <= 128:
+        return max(16, block_size), 4
+    block_n = 16 if quantized else max(16, min(block_size, 32))
+    return block_n, 8 if max_query_len > 1 else 4
 
 
 MIN_KEYS_PER_SPLIT = 64  # four 16-key tiles: enough for the loop's 3-stage copy pipeline to fill
