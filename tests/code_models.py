@@ -25,6 +25,11 @@ GLM_SPECIAL = [
     "<|observation|>", "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>",
 ]  # fmt: skip
 
+LLAMA_SPECIAL = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+    "<|python_tag|>",
+]  # fmt: skip
+
 QWEN_TEMPLATE = """\
 {%- if tools %}<|im_start|>system
 {% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}
@@ -125,4 +130,17 @@ def codegeex_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
     write_byte_tokenizer(
         folder, GLM_SPECIAL, (), GLM_TEMPLATE, eos="<|endoftext|>", prefix_tokens=["[gMASK]", "<sop>"]
     )
+    return folder
+
+
+def llama31_checkpoint(tmp_path: Path, seed: int = 0) -> Path:
+    """A random Llama whose tokenizer has Llama 3.1's header, end-of-turn and `<|python_tag|>` tokens."""
+    folder = Path(tmp_path) / f"llama31-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = 256 + len(LLAMA_SPECIAL)
+    eos = [256 + LLAMA_SPECIAL.index(t) for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")]
+    model = build_random_model("llama", seed=seed, vocab_size=vocab, bos_token_id=256, eos_token_id=eos)
+    model.save_pretrained(folder)
+    # the template writes <|begin_of_text|> itself, so the tokenizer adds nothing
+    write_byte_tokenizer(folder, LLAMA_SPECIAL, (), LLAMA31_TEMPLATE, eos="<|eot_id|>")
     return folder

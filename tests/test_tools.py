@@ -14,6 +14,7 @@ from code_models import (
     LLAMA31_TEMPLATE,
     QWEN_TEMPLATE,
     codegeex_checkpoint,
+    llama31_checkpoint,
     qwen_coder_checkpoint,
 )
 from live_server import serve
@@ -236,11 +237,12 @@ def test_glm4_required_over_several_tools_is_one_constraint_each():
 # ---- the openai client, end to end --------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["qwen2", "glm"])
+CHECKPOINTS = {"qwen2": qwen_coder_checkpoint, "glm": codegeex_checkpoint, "llama": llama31_checkpoint}
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
 def tool_server(request, tmp_path_factory):
-    folder = (qwen_coder_checkpoint if request.param == "qwen2" else codegeex_checkpoint)(
-        tmp_path_factory.mktemp(f"tools-{request.param}")
-    )
+    folder = CHECKPOINTS[request.param](tmp_path_factory.mktemp(f"tools-{request.param}"))
     script = Script()
     config = EngineConfig(model=str(folder), dtype="float32", max_model_len=1024)
     engine = AsyncEngine(config, engine_factory=lambda c: scripted_engine(c, script))
@@ -256,8 +258,9 @@ def _say(server, script, text):
 CALL_TEXT = {
     "qwen2": 'One moment.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
     "glm": 'get_weather\n{"city": "Paris"}',
+    "llama": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>',
 }
-CALL_CONTENT = {"qwen2": "One moment.", "glm": None}
+CALL_CONTENT = {"qwen2": "One moment.", "glm": None, "llama": None}
 
 
 def test_openai_client_tool_flow(tool_server):
