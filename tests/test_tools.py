@@ -30,7 +30,7 @@ from fitllm.server.openai.tools import (
     call_schema,
     fit_to_template,
     forced_call_constraint,
-    glm4_alternatives,
+    forced_call_constraints,
     read_tools,
     template_message,
 )
@@ -227,11 +227,13 @@ def test_forced_call_constraint_round_trips(family, forced):
 
 
 def test_glm4_required_over_several_tools_is_one_constraint_each():
-    alts = glm4_alternatives(ToolRequest([WEATHER, TIME], "required"))
+    alts = forced_call_constraints(ToolRequest([WEATHER, TIME], "required"), "glm4")
     assert [a.prefix for a in alts] == ["get_weather\n", "get_time\n"]
     with pytest.raises(ValueError):
         forced_call_constraint(ToolRequest([WEATHER, TIME], "required"), "glm4")
     assert call_schema([WEATHER, TIME], "get_time")["properties"]["name"] == {"const": "get_time"}
+    hermes = forced_call_constraints(ToolRequest([WEATHER, TIME], "required"), "hermes")
+    assert len(hermes) == 1 and len(hermes[0].schema["anyOf"]) == 2
 
 
 # ---- the openai client, end to end --------------------------------------------------------------------

@@ -93,15 +93,17 @@ class SamplingFields(Body):
     serves_tools: ClassVar[bool] = False  # the chat route reads tools itself (openai/tools.py)
 
     def refuse_unsupported(self) -> None:
-        """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
-        tools the client wants called), or stream_options without stream (as vLLM)."""
+        """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS, tools
+        the client wants called outside the chat route, which serves them: openai/tools.py), or
+        stream_options without stream (as vLLM)."""
         extra = self.model_extra or {}
         for name, (used, why) in UNSUPPORTED_FIELDS.items():
             if name in extra and used(extra[name]):
                 raise bad_request(f"{name}: {why} by fitllm", name)
         if not self.serves_tools and _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
             raise bad_request(
-                'tools: tool calling is not supported by fitllm; send tool_choice "none" or no tools', "tools"
+                'tools: tool calls are served on /v1/chat/completions only; send tool_choice "none" or no tools',
+                "tools",
             )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")

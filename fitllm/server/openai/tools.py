@@ -6,7 +6,7 @@ must enforce for `tool_choice` "required" or a named function.
 passes them, `tools=`), and the reply is parsed per family (tool_parsers.py); `none` still shows the template
 the tools (as vLLM does) but never parses a call. `required` and a named function need the output
 constrained, which the structured-output engine does; until it is wired they are a 400
-(`refuse_forced_choice`), and `forced_call_constraint` is what it must enforce.
+(`refuse_forced_choice`), and `forced_call_constraints` is what it must enforce.
 """
 
 from __future__ import annotations
@@ -223,9 +223,14 @@ def forced_call_constraint(req: ToolRequest, family: str) -> CallConstraint:
     raise ValueError(f"unknown tool-call family {family!r}")
 
 
-def glm4_alternatives(req: ToolRequest) -> list[CallConstraint]:
-    """GLM-4's "required": one constraint per offered tool (its name line, then its arguments)."""
-    return [
-        forced_call_constraint(ToolRequest(req.tools, "function", t["function"]["name"]), "glm4")
-        for t in req.tools
-    ]
+def forced_call_constraints(req: ToolRequest, family: str) -> list[CallConstraint]:
+    """What tool_choice "required" / a named function must force, as alternatives the output must match one
+    of: one CallConstraint, except GLM-4's "required" over several tools (one per tool, its name line first).
+    Each maps onto xgrammar's structural tag (begin=prefix, schema, end=suffix) or a llguidance grammar of
+    the literal prefix, a %json schema and the literal suffix."""
+    if family == "glm4" and req.forced_name is None and len(req.tools) > 1:
+        return [
+            forced_call_constraint(ToolRequest(req.tools, "function", t["function"]["name"]), "glm4")
+            for t in req.tools
+        ]
+    return [forced_call_constraint(req, family)]
