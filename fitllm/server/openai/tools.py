@@ -215,7 +215,7 @@ def forced_call_constraint(req: ToolRequest, family: str) -> CallConstraint:
             # decoder takes one CallConstraint per tool as alternatives (one when a single tool is offered).
             if len(req.tools) != 1:
                 raise ValueError(
-                    "glm4: 'required' over several tools is one constraint per tool (glm4_alternatives)"
+                    "glm4: 'required' over several tools is one constraint per tool (forced_call_constraints)"
                 )
             name = req.tools[0]["function"]["name"]
         fn = next(t["function"] for t in req.tools if t["function"]["name"] == name)
