@@ -8,8 +8,10 @@ with prefix caching and one without, alternating per keystroke (same process, sa
 prompt tokens, tokens served from the cache (`timings.cache_n`), tokens prefilled, and the wall time.
 Summary: keystroke time / cold time with the cache, and keystroke time cached / uncached.
 
-Default model: a random-weight Qwen2-layout code model (byte-level vocabulary with Qwen2.5-Coder's FIM and
-repo tokens), built in --cache-dir; `--model` takes any model with FIM tokens (CodeGeeX4, Qwen2.5-Coder).
+Default model: a random-weight code model with a byte-level vocabulary, built in --cache-dir: `--format psm`
+a Qwen2 layout with Qwen2.5-Coder's FIM and repo tokens (the suffix follows the cursor, so every keystroke
+prefills it again), `--format codegeex` a GLM with CodeGeeX4's tokens (suffix first, so a keystroke prefills
+little more than what was typed); `--model` takes any model with FIM tokens (CodeGeeX4, Qwen2.5-Coder).
 """
 
 from __future__ import annotations
@@ -30,14 +32,23 @@ from benchmarks.measure import machine_facts
 from benchmarks.random_weights import write_byte_tokenizer
 
 SOURCE = Path(__file__).resolve().parent.parent / "fitllm" / "engine" / "scheduler.py"
-CODER_SPECIAL = [
-    "<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
-    "<|file_sep|>",
-]  # fmt: skip
+CODER_SPECIAL = {  # the random model's vocabulary tail per FIM format
+    "psm": ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+            "<|file_sep|>"],  # Qwen2.5-Coder's
+    "codegeex": ["<|endoftext|>", "[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>",
+                 "<|code_prefix|>", "<|code_middle|>", "<|code_suffix|>"],  # CodeGeeX4's (GLM-4's)
+}  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a model with FIM tokens (default: a random Qwen2-layout coder)")
+    p.add_argument("--model", help="a model with FIM tokens (default: a random coder of --format)")
+    p.add_argument(
+        "--format",
+        choices=sorted(CODER_SPECIAL),
+        default="psm",
+        help="the random coder: psm (Qwen2-layout, Qwen2.5-Coder's tokens: suffix after the cursor's prefix) or "
+        "codegeex (GLM, CodeGeeX4's tokens: suffix first)",
+    )
     p.add_argument("--cache-dir", default="/tmp/fitllm-bench-infill", help="where the random model is built")
     p.add_argument("--prefix-chars", type=int, default=3000, help="characters of the file before the cursor")
     p.add_argument("--suffix-chars", type=int, default=1000, help="characters of the file after the cursor")
@@ -47,22 +58,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-infill.json", help="JSON results")
 
 
-def coder_checkpoint(folder: Path) -> Path:
-    """A random Qwen2-layout coder (8 layers of 512) with a byte-level FIM vocabulary; reused when built."""
+def coder_checkpoint(folder: Path, fmt: str) -> Path:
+    """A random coder (8 layers of 512) with a byte-level vocabulary and `fmt`'s FIM tokens: Qwen2 layout for
+    psm, GLM (CodeGeeX4's architecture) for codegeex; reused when built."""
     import torch
     import transformers
 
     if (folder / "tokenizer.json").exists():
         return folder
-    vocab = 256 + len(CODER_SPECIAL)
-    config = transformers.Qwen2Config(
+    special = CODER_SPECIAL[fmt]
+    sizes = dict(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-        vocab_size=vocab, max_position_embeddings=8192, bos_token_id=256, eos_token_id=256, tie_word_embeddings=False,
+        vocab_size=256 + len(special), max_position_embeddings=8192, bos_token_id=256, eos_token_id=256,
+        pad_token_id=256, tie_word_embeddings=False,
     )  # fmt: skip
+    if fmt == "psm":
+        config, model_class, head = transformers.Qwen2Config(**sizes), transformers.Qwen2ForCausalLM, []
+    else:
+        config = transformers.GlmConfig(**sizes, head_dim=64)
+        model_class, head = transformers.GlmForCausalLM, ["[gMASK]", "<sop>"]
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(folder)
-    write_byte_tokenizer(folder, CODER_SPECIAL, eos="<|endoftext|>")
+    model_class(config).save_pretrained(folder)
+    write_byte_tokenizer(folder, special, eos="<|endoftext|>", prefix_tokens=head)
     return folder
 
 
@@ -123,7 +141,7 @@ def infill(url: str, prefix: str, suffix: str, max_tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = args.model or str(coder_checkpoint(Path(args.cache_dir) / "coder"))
+    model = args.model or str(coder_checkpoint(Path(args.cache_dir) / f"coder-{args.format}", args.format))
     prefix, suffix, typed = cursor(args.prefix_chars, args.suffix_chars)
     rows: dict[str, list[dict]] = {"cached": [], "uncached": []}
     with served(model, args.dtype, True) as on, served(model, args.dtype, False) as off:
