@@ -35,8 +35,8 @@ from fitllm.server.openai.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
-from fitllm.server.openai.tool_parsers import ToolCallStream, detect_family, parse_tool_calls
-from fitllm.server.openai.tools import fit_to_template, read_tools, refuse_forced_choice, tool_family
+from fitllm.server.openai.tool_parsers import ToolReplies
+from fitllm.server.openai.tools import chat_tools
 from fitllm.server.reuse import reused_tokens
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, merged
@@ -324,17 +324,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     shift = st.context_shift_for(body.context_shift, "openai")
     params = body.sampling_params(max_tokens, top_n if body.logprobs else None, shift)
-    tools = read_tools(body.model_extra or {})
-    family = None
-    if tools is not None:
-        refuse_forced_choice(tools)
-        if tools.parses_calls:
-            family = tool_family(st.tokenizer.chat_template, detect_family)
-    tool_list = tools.tools if tools else None
-    messages = fit_to_template(
-        st.tokenizer.chat_template, [m.template_dict() for m in body.messages], tool_list
+    tools, family, messages = chat_tools(
+        body.model_extra or {}, st.tokenizer.chat_template, [m.template_dict() for m in body.messages]
     )
-    prompt = await st.render_chat(messages, body.add_generation_prompt, tool_list)
+    prompt = await st.render_chat(messages, body.add_generation_prompt, tools.tools if tools else None)
     ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -344,26 +337,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
-    names = tools.names if tools is not None else set()
+    replies = ToolReplies(family, tools.names if tools is not None else set(), len(streams))
     if body.stream:
         usage = _Usage({0: (len(ids[0]), 0)})
-        splitters = [ToolCallStream(family, names) if family else None for _ in streams]
-        call_index = [0] * len(streams)
-
-        def delta(k: int, text: str, finished: bool) -> dict[str, Any]:
-            """The choice's delta: its text, or, with tools, the text and whole calls the splitter lets out."""
-            split = splitters[k]
-            if split is None:
-                return {"content": text} if text else {}
-            content, calls = split.feed(text)
-            if finished:
-                more, late = split.finish()
-                content, calls = content + more, calls + late
-            out: dict[str, Any] = {"content": content} if content else {}
-            if calls:
-                out["tool_calls"] = [c.as_delta(call_index[k] + i) for i, c in enumerate(calls)]
-                call_index[k] += len(calls)
-            return out
 
         async def choices() -> AsyncGenerator[dict[str, Any], None]:
             for k in range(len(streams)):
@@ -382,12 +358,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                     logprobs = chat_logprobs(served, c.delta_token_ids, c.logprobs[-n:], top_n)
                 if not c.delta_text and not out.finished and logprobs is None:
                     continue
-                d = delta(k, c.delta_text, out.finished)
+                d = replies.delta(k, c.delta_text, out.finished)
                 if not d and not out.finished and logprobs is None:
                     continue  # text held back: it may be the start of a tool call
-                reason = c.finish_reason if out.finished else None
-                if reason is not None and call_index[k]:
-                    reason = "tool_calls"
+                reason = replies.finish_reason(k, c.finish_reason if out.finished else None)
                 yield {"index": k, "delta": d, "logprobs": logprobs, "finish_reason": reason}
 
         return _event_stream(
@@ -398,17 +372,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     choices = []
     for k, out in enumerate(finals):
         c = out.outputs[0]
-        message: dict[str, Any] = {"role": "assistant", "content": c.text}
-        reason = c.finish_reason
-        if family is not None:
-            parsed = parse_tool_calls(c.text, family, names)
-            if parsed.calls:
-                message = {
-                    "role": "assistant",
-                    "content": parsed.content,
-                    "tool_calls": [t.as_dict() for t in parsed.calls],
-                }
-                reason = "tool_calls"
+        message, reason = replies.message(c.text, c.finish_reason)
         choices.append(
             {
                 "index": k,

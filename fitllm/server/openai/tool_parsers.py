@@ -212,3 +212,42 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+class ToolReplies:
+    """One chat request's replies with tools: per choice, the streamed split (deltas with text and whole
+    calls) and the finished message, in OpenAI's shape; with no family (no tools, or tool_choice "none")
+    every reply is plain text."""
+
+    def __init__(self, family: str | None, names: set[str], choices: int) -> None:
+        self.family, self.names = family, names
+        self.splitters = [ToolCallStream(family, names) if family else None for _ in range(choices)]
+        self.sent = [0] * choices  # calls sent per choice (their `index` in the deltas)
+
+    def delta(self, k: int, text: str, finished: bool) -> dict[str, Any]:
+        """Choice k's delta for new `text`: text not held back, and the calls it completed."""
+        split = self.splitters[k]
+        if split is None:
+            return {"content": text} if text else {}
+        content, calls = split.feed(text)
+        if finished:
+            more, late = split.finish()
+            content, calls = content + more, calls + late
+        out: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            out["tool_calls"] = [c.as_delta(self.sent[k] + i) for i, c in enumerate(calls)]
+            self.sent[k] += len(calls)
+        return out
+
+    def finish_reason(self, k: int, reason: str | None) -> str | None:
+        """A streamed choice's finish reason: "tool_calls" once it sent calls."""
+        return "tool_calls" if reason is not None and self.sent[k] else reason
+
+    def message(self, text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """A finished reply as the assistant message and its finish reason."""
+        if self.family is not None:
+            parsed = parse_tool_calls(text, self.family, self.names)
+            if parsed.calls:
+                calls = [t.as_dict() for t in parsed.calls]
+                return {"role": "assistant", "content": parsed.content, "tool_calls": calls}, "tool_calls"
+        return {"role": "assistant", "content": text}, reason

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fitllm.server.errors import bad_request
-from fitllm.server.openai.tool_parsers import FAMILIES, MESSAGE_TOOLS
+from fitllm.server.openai.tool_parsers import FAMILIES, MESSAGE_TOOLS, detect_family
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +85,9 @@ def refuse_forced_choice(req: ToolRequest) -> None:
         )
 
 
-def tool_family(chat_template: str | None, detect) -> str:
+def tool_family(chat_template: str | None) -> str:
     """The model's tool-call family, or a 400 naming why tools cannot be served."""
-    family = detect(chat_template)
+    family = detect_family(chat_template)
     if family is None:
         raise bad_request(
             "tools: this model's chat template teaches no tool-call format fitllm can read "
@@ -95,6 +95,20 @@ def tool_family(chat_template: str | None, detect) -> str:
             "tools",
         )
     return family
+
+
+def chat_tools(
+    extra: dict[str, Any], chat_template: str | None, messages: list[dict[str, Any]]
+) -> tuple[ToolRequest | None, str | None, list[dict[str, Any]]]:
+    """A chat request's tools (checked; a forced choice refused), the family whose calls its replies are
+    parsed in (None: none parsed), and its messages in the shape the template reads tools and calls."""
+    tools = read_tools(extra)
+    family = None
+    if tools is not None:
+        refuse_forced_choice(tools)
+        if tools.parses_calls:
+            family = tool_family(chat_template)
+    return tools, family, fit_to_template(chat_template, messages, tools.tools if tools else None)
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:
