@@ -86,6 +86,13 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         "shift off, concurrent stories, a pause",
         False,
     ),
+    (
+        "infill",
+        "benchmarks.infill",
+        "an editor's keystrokes through /infill: prompt tokens cached vs prefilled, time with and without the "
+        "prefix cache",
+        False,
+    ),
 )
 
 

@@ -127,6 +127,36 @@ def slow_engine(config, delay_s: float):
     return engine
 
 
+class Script:
+    """What a scripted engine's requests emit: `ids` (set it before a request), then the model's first EOS."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+
+
+def scripted_engine(config, script: Script):
+    """An Engine whose every request samples `script.ids` in order and then EOS, whatever its random weights
+    compute: each sampling row's logits are set to -inf but for the scripted token before the real sampler
+    runs, so the engine, detokenizer, stop checks and routes run as they do for a real model's text (a random
+    model never writes a tool call on its own)."""
+    from fitllm.engine.engine import Engine
+
+    engine = Engine(config)
+    sample = engine.runner.sampler.sample
+    eos = engine.tokenizer.eos_token_ids[0]
+
+    def forced(logits: torch.Tensor, requests: list):
+        for i, r in enumerate(requests):
+            k = r.num_output_tokens + r.num_output_placeholders
+            target = script.ids[k] if k < len(script.ids) else eos
+            logits[i].fill_(float("-inf"))
+            logits[i, target] = 0.0
+        return sample(logits, requests)
+
+    engine.runner.sampler.sample = forced
+    return engine
+
+
 class FakeSlabs:
     """A KV slab allocator with a budget counted in slabs, for the block pool's elastic tests."""
 

@@ -122,12 +122,30 @@ BAD = [
         400,
         "response_format",
     ),
-    (
-        "tools",
+    (  # SmolLM2's chat template teaches no tool-call format (tests/test_tools.py serves those that do)
+        "tools_without_a_tool_format",
         CHAT,
         {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]},
         400,
         "tools",
+    ),
+    (
+        "tool_choice_required",
+        CHAT,
+        {
+            "messages": MESSAGES,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "required",
+        },
+        400,
+        "tool_choice",
+    ),
+    (
+        "tool_choice_without_tools",
+        CHAT,
+        {"messages": MESSAGES, "tool_choice": "required"},
+        400,
+        "tool_choice",
     ),
     (
         "stream_options_without_stream",
@@ -136,7 +154,8 @@ BAD = [
         400,
         "stream_options",
     ),
-    ("suffix", C, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("suffix_without_fim_tokens", C, {"prompt": "hi", "suffix": "x"}, 400, "suffix"),  # tests/test_fim.py
+    ("infill_without_fim_tokens", "/infill", {"input_prefix": "a", "input_suffix": "b"}, 400, "input_prefix"),
     ("best_of", C, {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("echo_logprobs_stream", C, {"prompt": "hi", "echo": True, "logprobs": 1, "stream": True}, 400, "echo"),
     ("stream_bad_max_tokens", C, {"prompt": "hi", "max_tokens": -1, "stream": True}, 400, "max_tokens"),

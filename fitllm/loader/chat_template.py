@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import json
 import re
 import threading
 import time
@@ -72,6 +73,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.deadline = float("inf")
         self.output_chars = 0
         self.concat = self.bounded_join
+        self.filters["tojson"] = _tojson
         self.filters = {name: self._bounded_filter(name, f) for name, f in self.filters.items()}
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -177,6 +179,20 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.output_chars = 0
         self.deadline = time.monotonic() + self.timeout_s
         return _with_watchdog(lambda: self.bounded_join(template.generate(**variables)), self.timeout_s)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' `tojson` (plain json.dumps), not Jinja's HTML-safe one, which writes `<` as `\\u003c`:
+    tool schemas must reach the model as transformers renders them."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _huge_power(base: Any, exp: Any) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as FastTokenizer
 from tokenizers.decoders import DecodeStream
 
 from fitllm.loader.chat_template import DEFAULT_MAX_CHARS, DEFAULT_TIMEOUT_S, render_chat_template
+from fitllm.loader.fim import GGUF_FIM_KEYS
 
 # Pre-tokenizer split patterns for GGUF `tokenizer.ggml.pre` values (as llama.cpp defines them).
 _LLAMA3_SPLIT = (
@@ -42,6 +43,7 @@ class Tokenizer:
     chat_template: str | None
     bos_token: str = ""
     eos_token: str = ""
+    fim_token_ids: dict[str, int] = field(default_factory=dict)  # GGUF's fim_* ids by role (loader/fim.py)
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +54,23 @@ class Tokenizer:
         `Tokenizer.encode` holds the GIL for the whole encoding (an 8 MiB prompt stalled every other thread
         8 s), the batch call releases it, and skipping character offsets halves the time."""
         return self.backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as plain text: a special token's string in it is spelled out, never that token (llama.cpp's
+        parse_special=false). For text that is data, not markup: the code around a FIM cursor, which may
+        well contain `<|fim_middle|>` (this repository's own fim.py does)."""
+        return self._plain_backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+
+    @functools.cached_property
+    def _plain_backend(self) -> FastTokenizer:
+        # A copy: the flag is the backend's, and the shared backend encodes chat prompts concurrently.
+        plain = FastTokenizer.from_str(self.backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token whose text is exactly `text`, or None."""
+        return self.backend.token_to_id(text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text."""
@@ -89,9 +108,10 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         max_chars: int = DEFAULT_MAX_CHARS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """Render chat messages with the model's own template, bounded in size and time
-        (fitllm/loader/chat_template.py)."""
+        """Render chat messages (and the OpenAI `tools`, as transformers passes them) with the model's own
+        template, bounded in size and time (fitllm/loader/chat_template.py)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         return render_chat_template(
@@ -102,6 +122,7 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **({"tools": tools} if tools else {}),
         )
 
 
@@ -268,4 +289,15 @@ def load_gguf_tokenizer(reader: Any) -> Tokenizer:
         chat_template=_field(reader, "tokenizer.chat_template"),
         bos_token=bos_text,
         eos_token=tokens[eos_id] if eos_id is not None else "",
+        fim_token_ids=_gguf_fim_ids(reader),
     )
+
+
+def _gguf_fim_ids(reader: Any) -> dict[str, int]:
+    """The FIM token ids a GGUF file names (fitllm/loader/fim.py's keys), by role."""
+    out = {}
+    for role, keys in GGUF_FIM_KEYS.items():
+        value = next((v for k in keys if (v := _field(reader, k)) is not None), None)
+        if value is not None:
+            out[role] = int(value)
+    return out

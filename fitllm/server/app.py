@@ -25,6 +25,7 @@ from fitllm.server.access import AccessPolicy
 from fitllm.server.errors import install_error_handlers, install_openapi
 from fitllm.server.guard import MAX_BODY_BYTES, RequestGuard
 from fitllm.server.heavy import HeavyWork, ServerLimits
+from fitllm.server.infill import router as infill_router
 from fitllm.server.kobold.jobs import KoboldJobs
 from fitllm.server.kobold.routes import router as kobold_router
 from fitllm.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -136,6 +137,7 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(infill_router)
     app.include_router(kobold_router)
     app.include_router(studio_router)
     return app

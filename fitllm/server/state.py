@@ -143,10 +143,16 @@ class ServerState:
 
         return await self.heavy.run(decode, size=len(ids))
 
-    async def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        """The chat template applied to `messages`, always on the pool (the template is the checkpoint's
-        code), bounded in output by the prompt limit and in time by `limits.template_timeout_s`."""
-        chars = sum(len(str(m.get("content") or "")) for m in messages)
+    async def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The chat template applied to `messages` (and `tools`), always on the pool (the template is the
+        checkpoint's code), bounded in output by the prompt limit and in time by `limits.template_timeout_s`."""
+        chars = sum(len(str(m.get("content") or "")) + len(str(m.get("tool_calls") or "")) for m in messages)
+        chars += len(str(tools or ""))
         self.check_prompt_chars(chars, "messages")
         tok, limit, timeout = self.tokenizer, self.prompt_char_limit, self.limits.template_timeout_s
         try:
@@ -156,6 +162,7 @@ class ServerState:
                 add_generation_prompt,
                 limit,
                 timeout,
+                tools,
                 size=INLINE_SIZE + chars,
             )
         except APIError:

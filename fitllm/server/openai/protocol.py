@@ -13,7 +13,7 @@ not bit-identical with, recomputing; fitllm/server/story_trim.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
@@ -22,6 +22,7 @@ from fitllm.server.body import Body
 from fitllm.server.errors import bad_request
 from fitllm.server.openai.sampler_fields import REFUSED, banned_phrases, writer_kwargs
 from fitllm.server.openai.structured_fields import structured_output
+from fitllm.server.openai.tools import template_message
 
 MAX_N = 16  # choices per request
 
@@ -85,17 +86,20 @@ class SamplingFields(Body):
     include_stop_str_in_output: bool = False
     context_shift: StrictBool | None = None  # fitllm's extension (module docstring)
     banned_strings: list[str] | None = None  # TabbyAPI's / KoboldCpp's anti-slop phrases
+    serves_tools: ClassVar[bool] = False  # the chat route reads tools itself (openai/tools.py)
 
     def refuse_unsupported(self) -> None:
-        """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS,
-        tools the client wants called), or stream_options without stream (as vLLM)."""
+        """400 for a field fitllm would otherwise ignore while it changes the answer (UNSUPPORTED_FIELDS, tools
+        the client wants called outside the chat route, which serves them: openai/tools.py), or
+        stream_options without stream (as vLLM)."""
         extra = self.model_extra or {}
         for name, (used, why) in UNSUPPORTED_FIELDS.items():
             if name in extra and used(extra[name]):
                 raise bad_request(f"{name}: {why} by fitllm", name)
-        if _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
+        if not self.serves_tools and _set(extra.get("tools")) and extra.get("tool_choice", "auto") != "none":
             raise bad_request(
-                'tools: tool calling is not supported by fitllm; send tool_choice "none" or no tools', "tools"
+                'tools: tool calls are served on /v1/chat/completions only; send tool_choice "none" or no tools',
+                "tools",
             )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
@@ -181,6 +185,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool calls and tool results included; openai/tools.py)."""
+        return template_message({**(self.model_extra or {}), "role": self.role, "content": self.text()})
+
     def text(self) -> str:
         if self.content is None and self.role != "assistant":  # an assistant turn may be a tool call
             raise bad_request(f"a {self.role} message needs content", "messages")
@@ -195,6 +203,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    serves_tools: ClassVar[bool] = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None

@@ -25,6 +25,7 @@ from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.engine.request_stream import RequestStream
 from fitllm.server import sse
 from fitllm.server.errors import APIError, bad_request
+from fitllm.server.fim_prompts import fim_params, fim_prompt
 from fitllm.server.heavy import OffloadedJSONRoute
 from fitllm.server.logprobs import chat_logprobs, legacy_logprobs
 from fitllm.server.openai.protocol import (
@@ -34,6 +35,8 @@ from fitllm.server.openai.protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from fitllm.server.openai.tool_parsers import ToolReplies
+from fitllm.server.openai.tools import chat_tools
 from fitllm.server.reuse import reused_tokens
 from fitllm.server.state import ServerState, get_state
 from fitllm.server.streaming import collect, merged
@@ -182,8 +185,8 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     st = get_state(request)
     st.check_model(body.model)
     st.check_priority(body.priority)
-    if body.suffix:
-        raise bad_request("suffix is not supported", "suffix")
+    if body.suffix and body.echo:
+        raise bad_request("echo with suffix is not supported", "echo")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
     if body.echo and body.logprobs is not None and body.stream:
@@ -194,6 +197,11 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         body.max_tokens, body.logprobs, st.context_shift_for(body.context_shift, "openai")
     )
     prompts = body.prompts()
+    if body.suffix:  # fill in the middle: each prompt is a prefix (fitllm/server/fim_prompts.py)
+        if not all(isinstance(p, str) for p in prompts):
+            raise bad_request("suffix needs the prompt as text, not token ids", "prompt")
+        params = fim_params(st, params)
+        prompts = [await fim_prompt(st, p, body.suffix) for p in prompts]  # type: ignore[arg-type]
     ids = await token_prompts(st, prompts, body.max_tokens, "prompt")
     prompt_scores = None
     if body.echo and body.logprobs is not None:
@@ -316,9 +324,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     shift = st.context_shift_for(body.context_shift, "openai")
     params = body.sampling_params(max_tokens, top_n if body.logprobs else None, shift)
-    prompt = await st.render_chat(
-        [{"role": m.role, "content": m.text()} for m in body.messages], body.add_generation_prompt
+    tools, family, messages = chat_tools(
+        body.model_extra or {}, st.tokenizer.chat_template, [m.template_dict() for m in body.messages]
     )
+    prompt = await st.render_chat(messages, body.add_generation_prompt, tools.tools if tools else None)
     ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -328,6 +337,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
         return _envelope("chat.completion.chunk", cid, created, model, choices)
 
+    replies = ToolReplies(family, tools.names if tools is not None else set(), len(streams))
     if body.stream:
         usage = _Usage({0: (len(ids[0]), 0)})
 
@@ -348,12 +358,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                     logprobs = chat_logprobs(served, c.delta_token_ids, c.logprobs[-n:], top_n)
                 if not c.delta_text and not out.finished and logprobs is None:
                     continue
-                yield {
-                    "index": k,
-                    "delta": {"content": c.delta_text} if c.delta_text else {},
-                    "logprobs": logprobs,
-                    "finish_reason": out.outputs[0].finish_reason if out.finished else None,
-                }
+                d = replies.delta(k, c.delta_text, out.finished)
+                if not d and not out.finished and logprobs is None:
+                    continue  # text held back: it may be the start of a tool call
+                reason = replies.finish_reason(k, c.finish_reason if out.finished else None)
+                yield {"index": k, "delta": d, "logprobs": logprobs, "finish_reason": reason}
 
         return _event_stream(
             choices(), chunk, usage.as_dict if body.include_usage else None, body.continuous_usage
@@ -363,14 +372,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     choices = []
     for k, out in enumerate(finals):
         c = out.outputs[0]
+        message, reason = replies.message(c.text, c.finish_reason)
         choices.append(
             {
                 "index": k,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": chat_logprobs(served, c.token_ids, c.logprobs or [], top_n)
                 if body.logprobs
                 else None,
-                "finish_reason": out.outputs[0].finish_reason,
+                "finish_reason": reason,
             }
         )
     usage = _Usage.of_finals(finals, lambda k: 0)
@@ -384,7 +394,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give either prompt or messages", "prompt")
     if body.messages is not None:
-        text = await st.render_chat([{"role": m.role, "content": m.text()} for m in body.messages], True)
+        text = await st.render_chat([m.template_dict() for m in body.messages], True)
     else:
         text = body.prompt or ""
     ids = await st.encode(text, "prompt", body.add_special_tokens)
