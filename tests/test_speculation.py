@@ -385,3 +385,22 @@ def test_workspace_plans_the_verify_rows():
         EngineConfig(speculative_ngram=2, speculative_ngram_min=3)
     with pytest.raises(ValueError, match="--speculative-tokens"):
         EngineConfig(speculative_ngram=2, speculative_tokens=0)
+
+
+def test_async_scheduling_reads_before_proposing(folder, prompts, plain):
+    """With async scheduling, a request that speculates has its step read before the next is scheduled (a
+    proposal needs its last token); outputs are plain decoding's, and no verify row is ever a placeholder."""
+    eng = make_engine(folder, speculative_ngram=2, async_scheduling="on")
+    assert eng.async_scheduling
+    with_oracle(eng, {tuple(p): out for p, out in zip(prompts, plain)}, 4)
+    check_every_rollback(eng)
+    orig = eng.scheduler.schedule
+
+    def spy():
+        out = orig()
+        assert not any(s.draft_token_ids and s.request.num_output_placeholders for s in out.scheduled)
+        return out
+
+    eng.scheduler.schedule = spy
+    assert run_all(eng, prompts, params=GREEDY) == plain
+    assert eng.speculator.stats.num_accepted_tokens > 0
