@@ -69,9 +69,10 @@ def _literals(node: ast.FunctionDef) -> list[int | str]:
     out = []
     for stmt in body:
         for n in ast.walk(stmt):
-            if isinstance(n, ast.Constant) and not isinstance(n.value, bool):
-                if isinstance(n.value, int) or (isinstance(n.value, str) and 2 <= len(n.value) <= 30):
-                    out.append(n.value)
+            if not isinstance(n, ast.Constant) or isinstance(n.value, bool):
+                continue
+            if isinstance(n.value, int) or (isinstance(n.value, str) and 2 <= len(n.value) <= 30):
+                out.append(n.value)
     return out
 
 
