@@ -73,10 +73,15 @@ def compare(engines: dict, requests: list[PreparedRequest], batch: int, greedy_e
     row["draft_tokens"], row["accepted_tokens"] = drafts, accepted
     row["verify_steps"] = s.num_verify_steps - before.num_verify_steps
     row["ratio"] = row["on"]["tokens_per_s"] / row["off"]["tokens_per_s"]
-    if greedy_eos:
+    if greedy_eos:  # greedy: the same tokens, up to near-ties the k + 1 token query rounds differently
         off, on = loops[0].outputs, loops[1].outputs
-        row["identical"] = off == on
+        row["identical"] = f"{sum(off[i] == on[i] for i in off)}/{len(off)}"
+        row["first_difference"] = {i: _common_prefix(off[i], on[i]) for i in off if off[i] != on[i]}
     return row
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
                 + f"; load {row['load_before']} -> {row['load_after']}",
                 flush=True,
             )
-            if row.get("identical") is False:
-                print("  greedy outputs differ between speculation on and off", flush=True)
+            if row.get("first_difference"):
+                print(f"  greedy outputs part at output token: {row['first_difference']}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

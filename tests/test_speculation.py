@@ -274,6 +274,11 @@ def test_oracle_greedy_equals_plain_batched(folder, prompts, plain, k):
     assert stats.num_accepted_tokens > stats.num_draft_tokens // 2  # mostly accepted ...
     assert stats.num_accepted_tokens < stats.num_draft_tokens  # ... not all
     assert rollbacks
+    status = eng.status()
+    assert (status.spec_draft_tokens, status.spec_accepted_tokens) == (
+        stats.num_draft_tokens,
+        stats.num_accepted_tokens,
+    )
     # Far fewer steps than tokens: several tokens per step.
     assert len(steps) < len(prompts) * MAX_TOKENS // 2 or k == 1
 
@@ -378,7 +383,9 @@ def test_refused_samplers_decode_normally(folder, prompts, plain):
 
 def test_workspace_plans_the_verify_rows():
     base = EngineConfig(max_num_seqs=8, max_num_batched_tokens=2048)
-    spec = EngineConfig(max_num_seqs=8, max_num_batched_tokens=2048, speculative_ngram=3, speculative_tokens=5)
+    spec = EngineConfig(
+        max_num_seqs=8, max_num_batched_tokens=2048, speculative_ngram=3, speculative_tokens=5
+    )
     assert base.max_sampled_rows == 8 and spec.max_sampled_rows == 48
     assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=20, speculative_ngram=3).max_sampled_rows == 20
     with pytest.raises(ValueError, match="--speculative-ngram-min"):
