@@ -411,3 +411,20 @@ def test_async_scheduling_reads_before_proposing(folder, prompts, plain):
     eng.scheduler.schedule = spy
     assert run_all(eng, prompts, params=GREEDY) == plain
     assert eng.speculator.stats.num_accepted_tokens > 0
+
+
+def test_proposals_adapt_to_acceptance():
+    """After a rejection a request proposes one more than it had accepted; after a full acceptance twice
+    as many, up to k."""
+    spec = Speculator(n_max=2, n_min=1, k=8)
+    req = Request("r", None, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1], SamplingParams())
+    assert len(spec.propose(req, 100)) == 8
+    spec.record("r", 8, 2)
+    assert len(spec.propose(req, 100)) == 3
+    spec.record("r", 3, 3)
+    assert len(spec.propose(req, 100)) == 6
+    spec.record("r", 6, 0)
+    assert spec.propose(req, 100) == [2]
+    assert spec.propose(req, 0) == []
+    spec.forget("r")
+    assert len(spec.propose(req, 100)) == 8

@@ -392,7 +392,7 @@ class Scheduler:
         self._drop_computed(req, req.num_tokens + num_tokens - 1)
         settle_stream(req, check, num_tokens)
         if self.speculator is not None:
-            self.speculator.record(len(check.tokens), num_tokens - 1)
+            self.speculator.record(req.request_id, len(check.tokens), num_tokens - 1)
 
     def _drop_computed(self, req: Request, num_tokens: int) -> None:
         """Keep K/V for the request's first `num_tokens` tokens only (KVCacheManager.truncate: blocks past

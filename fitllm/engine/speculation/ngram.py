@@ -59,30 +59,46 @@ class SpeculationStats:
 
 
 @dataclass(slots=True)
+class _RequestState:
+    index: NgramIndex
+    k: int  # proposals next time (adapted to how many were accepted)
+
+
+@dataclass(slots=True)
 class Speculator:
-    """The scheduler's proposer: per running request, up to `k` tokens by prompt lookup."""
+    """The scheduler's proposer: per running request, up to `k` tokens by prompt lookup.
+
+    How many is adapted per request, since every proposed token costs a sampled row (the LM head and the
+    sampler, on CPU the largest part of a small model's step) whether it is accepted or not: after a
+    rejection a request proposes one more than it had accepted; after a full acceptance twice as many, up to
+    `k`. Copying text soon runs at k; text that only repeats short phrases (stories) mostly proposes one."""
 
     n_max: int
     n_min: int
     k: int
     stats: SpeculationStats = field(default_factory=SpeculationStats)
-    _indexes: dict[str, NgramIndex] = field(default_factory=dict)
+    _requests: dict[str, _RequestState] = field(default_factory=dict)
 
     def propose(self, req: Request, room: int) -> list[int]:
         """Tokens to verify after the request's last one: at most `room` (what the step's token budget and
         the request's token limit leave); none for samplers speculation cannot keep exact."""
         if room <= 0 or speculation_refusal(req.params) is not None:
             return []
-        index = self._indexes.get(req.request_id)
-        if index is None:
-            index = self._indexes[req.request_id] = NgramIndex(self.n_min, self.n_max)
-        return index.propose(req.token_ids, min(self.k, room))
+        state = self._requests.get(req.request_id)
+        if state is None:
+            state = self._requests[req.request_id] = _RequestState(NgramIndex(self.n_min, self.n_max), self.k)
+        return state.index.propose(req.token_ids, min(state.k, room))
 
-    def record(self, num_proposed: int, num_accepted: int) -> None:
+    def record(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
+        """A verify step of the request accepted `num_accepted` of its `num_proposed` tokens."""
         self.stats.num_verify_steps += 1
         self.stats.num_draft_tokens += num_proposed
         self.stats.num_accepted_tokens += num_accepted
+        state = self._requests.get(request_id)
+        if state is not None:
+            full = num_accepted == num_proposed
+            state.k = min(self.k, 2 * num_proposed if full else num_accepted + 1)
 
     def forget(self, request_id: str) -> None:
         """The request finished: drop its index."""
-        self._indexes.pop(request_id, None)
+        self._requests.pop(request_id, None)
