@@ -428,3 +428,16 @@ def test_proposals_adapt_to_acceptance():
     assert spec.propose(req, 0) == []
     spec.forget("r")
     assert len(spec.propose(req, 100)) == 8
+
+
+def test_triton_backend_verifies_like_plain(folder, prompts, plain):
+    """The Triton kernels (interpreted on CPU) attend a verify step's k + 1 queries through the block
+    table as a chunk: the same greedy tokens."""
+    short = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    eng = make_engine(folder, speculative_ngram=2, attention_backend="triton", block_size=16)
+    assert eng.runner.attention_backend == "triton"
+    with_oracle(eng, {tuple(p): out for p, out in zip(prompts, plain)}, 4)
+    check_every_rollback(eng)
+    got = run_all(eng, prompts[:2], params=short)
+    assert got == [out[:12] for out in plain[:2]]
+    assert eng.speculator.stats.num_accepted_tokens > 0
