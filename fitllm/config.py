@@ -355,8 +355,11 @@ class EngineConfig:
         "tokens at most, down to --speculative-ngram-min) ending the sequence earlier in its prompt and "
         "output, and verify them in one step (vLLM's ngram prompt_lookup_max; 0: off)",
     )
-    speculative_ngram_min: int = flag(
-        2, "the shortest n-gram prompt lookup matches (vLLM's prompt_lookup_min)"
+    speculative_ngram_min: int | None = flag(
+        None,
+        "the shortest n-gram prompt lookup matches (vLLM's prompt_lookup_min; default: --speculative-ngram, "
+        "as vLLM: shorter n-grams match more often in prose, where their proposals are mostly rejected)",
+        type=int,
     )
     speculative_tokens: int = flag(
         4, "most tokens proposed per request and step (vLLM's num_speculative_tokens)"
@@ -378,6 +381,8 @@ class EngineConfig:
             )
         if self.speculative_ngram < 0:
             raise ValueError(f"--speculative-ngram must be non-negative; got {self.speculative_ngram}")
+        if self.speculative_ngram and self.speculative_ngram_min is None:
+            self.speculative_ngram_min = self.speculative_ngram
         if self.speculative_ngram and not 1 <= self.speculative_ngram_min <= self.speculative_ngram:
             raise ValueError(
                 f"--speculative-ngram-min must be in [1, --speculative-ngram ({self.speculative_ngram})]; "

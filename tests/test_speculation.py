@@ -388,6 +388,8 @@ def test_workspace_plans_the_verify_rows():
     )
     assert base.max_sampled_rows == 8 and spec.max_sampled_rows == 48
     assert EngineConfig(max_num_seqs=8, max_num_batched_tokens=20, speculative_ngram=3).max_sampled_rows == 20
+    assert EngineConfig(speculative_ngram=3).speculative_ngram_min == 3  # vLLM's default: min = max
+    assert EngineConfig(speculative_ngram=3, speculative_ngram_min=1).speculative_ngram_min == 1
     with pytest.raises(ValueError, match="--speculative-ngram-min"):
         EngineConfig(speculative_ngram=2, speculative_ngram_min=3)
     with pytest.raises(ValueError, match="--speculative-tokens"):
