@@ -28,7 +28,10 @@ class ClosedLoop:
         tag: str,
         on_step: Callable | None = None,
         sampling: dict | None = None,
+        ignore_eos: bool = True,
     ) -> None:
+        """`ignore_eos` False: requests may stop at EOS before max_tokens (their outputs are kept in
+        `outputs`, e.g. to check that two engines answered alike)."""
         self.engine = engine
         self.sampling = sampling or {}  # SamplingParams fields added to every request (e.g. DRY + XTC)
         self.concurrency = concurrency
@@ -37,6 +40,8 @@ class ClosedLoop:
         self.pending = deque(requests)
         self.in_flight: dict[str, tuple[PreparedRequest, float, float | None]] = {}
         self.timings: list[RequestTiming] = []
+        self.ignore_eos = ignore_eos
+        self.outputs: dict[str, list[int]] = {}  # request id (the trace's) -> output token ids
         self.step_times: list[float] = []
         self.busy = 0.0  # this loop's clock: seconds spent inside the engine
         self._preemptions_at_start = engine.scheduler.num_preemptions
@@ -56,7 +61,7 @@ class ClosedLoop:
                 top_p=r.top_p,
                 seed=r.seed,
                 max_tokens=r.max_tokens,
-                ignore_eos=True,
+                ignore_eos=self.ignore_eos,
                 **self.sampling,
             )
             rid = self.engine.add_request(r.prompt_ids, params, request_id=f"{self.tag}-{r.id}")
@@ -79,7 +84,8 @@ class ClosedLoop:
                 continue
             del self.in_flight[out.request_id]
             n_out = len(out.outputs[0].token_ids)
-            if n_out != r.max_tokens or out.outputs[0].finish_reason != "length":
+            self.outputs[r.id] = list(out.outputs[0].token_ids)
+            if self.ignore_eos and (n_out != r.max_tokens or out.outputs[0].finish_reason != "length"):
                 raise RuntimeError(
                     f"{r.id}: fitllm made {n_out} tokens ({out.outputs[0].finish_reason}), expected "
                     f"{r.max_tokens}; is --max-model-len below prompt + max_tokens?"

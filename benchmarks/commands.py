@@ -80,6 +80,13 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "speculation",
+        "benchmarks.speculation",
+        "prompt-lookup speculation on vs off: the code-edit workload (greedy) and creative writing, tokens/s "
+        "and acceptance at each batch size",
+        True,
+    ),
+    (
         "story",
         "benchmarks.story",
         "long stories through the Kobold stream route as KoboldAI Lite drives it: TTFT after trimming, "

@@ -349,6 +349,21 @@ class EngineConfig:
         "schedule and prepare the next step while the device runs this one (auto: on for CUDA)",
         choices=("auto", "on", "off"),
     )
+    speculative_ngram: int = flag(
+        0,
+        "prompt-lookup speculative decoding: propose the tokens that followed the longest n-gram (this many "
+        "tokens at most, down to --speculative-ngram-min) ending the sequence earlier in its prompt and "
+        "output, and verify them in one step (vLLM's ngram prompt_lookup_max; 0: off)",
+    )
+    speculative_ngram_min: int | None = flag(
+        None,
+        "the shortest n-gram prompt lookup matches (vLLM's prompt_lookup_min; default: --speculative-ngram, "
+        "as vLLM: shorter n-grams match more often in prose, where their proposals are mostly rejected)",
+        type=int,
+    )
+    speculative_tokens: int = flag(
+        4, "most tokens proposed per request and step (vLLM's num_speculative_tokens)"
+    )
     profile_workspace: bool = True  # measure the workspace with a profile step at start and reserve that
     seed: int = flag(0, "seed of the engine's random stream (requests may bring their own)")
     num_threads: int | None = flag(
@@ -364,6 +379,17 @@ class EngineConfig:
             raise ValueError(
                 f"--max-num-batched-tokens must be at least 1; got {self.max_num_batched_tokens}"
             )
+        if self.speculative_ngram < 0:
+            raise ValueError(f"--speculative-ngram must be non-negative; got {self.speculative_ngram}")
+        if self.speculative_ngram and self.speculative_ngram_min is None:
+            self.speculative_ngram_min = self.speculative_ngram
+        if self.speculative_ngram and not 1 <= self.speculative_ngram_min <= self.speculative_ngram:
+            raise ValueError(
+                f"--speculative-ngram-min must be in [1, --speculative-ngram ({self.speculative_ngram})]; "
+                f"got {self.speculative_ngram_min}"
+            )
+        if self.speculative_tokens < 1:
+            raise ValueError(f"--speculative-tokens must be at least 1; got {self.speculative_tokens}")
         check_choices(self, "async_scheduling", "preemption_mode", "lm_head_dtype")
         from fitllm.memory.kv.format import check_kv_cache_dtype
 
@@ -384,6 +410,13 @@ class EngineConfig:
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise ValueError(f"--max-model-len must be at least 2; got {self.max_model_len}")
+
+    @property
+    def max_sampled_rows(self) -> int:
+        """The most rows one step samples: one per running request, and with speculation one more per
+        proposed token (bounded by the step's tokens): the logits and sampler workspace are planned for it."""
+        per_seq = 1 + (self.speculative_tokens if self.speculative_ngram else 0)
+        return min(self.max_num_seqs * per_seq, self.max_num_batched_tokens)
 
     def resolve_kv_slab_size(self, device: torch.device) -> int:
         """Slab bytes. On CPU the slabs are pages of one reserved region, so they can be fine-grained

@@ -133,10 +133,10 @@ def test_step_n_plus_one_is_queued_before_step_n_is_read(tiny, monkeypatch):
         placeholder_inputs.append(
             sum(1 for s in sched.scheduled if len(s.request.token_ids) == s.request.num_computed_tokens)
         )
-        sampled, samples = execute(sched, pending)
+        sampled, checks, samples = execute(sched, pending)
         if samples is not None:
             launched[id(samples)] = n
-        return sampled, samples
+        return sampled, checks, samples
 
     def spy_result(self):
         events.append(("result", launched[id(self)]))

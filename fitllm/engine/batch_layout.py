@@ -45,17 +45,20 @@ def step_layout(
     scheduled: list[ScheduledRequest], kv: KVCacheManager, pending: PendingTokens | None = None
 ) -> BatchLayout:
     """The flat batch of `scheduled` (single-token decodes first): each request's new tokens, positions and
-    slots through its block table, and the rows that sample. `pending` holds the step in flight's tokens,
-    which fill the placeholder ids."""
+    slots through its block table, and the rows that sample (a verify step's last token and its proposed
+    tokens: every row). `pending` holds the step in flight's tokens, which fill the placeholder ids."""
     layout = BatchLayout(kv.block_size, num_decodes=sum(s.num_new_tokens == 1 for s in scheduled))
     placeholders: list[tuple[int, Request]] = []
     for s in scheduled:
         r = s.request
         start, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
         layout.add_sequence(kv.block_ids(r.request_id), start, end)
-        append_input_ids(r, start, end, layout.input_ids, placeholders)
+        drafts = s.draft_token_ids
+        append_input_ids(r, start, end - len(drafts), layout.input_ids, placeholders)
+        layout.input_ids += drafts
         if s.samples:
-            layout.sample_rows.append(len(layout.input_ids) - 1)
+            n = len(layout.input_ids)
+            layout.sample_rows += range(n - 1 - len(drafts), n)
     layout.placeholder_rows = [row for row, _ in placeholders]
     layout.placeholder_sources = placeholder_sources(placeholders, pending)
     return layout

@@ -22,6 +22,7 @@ from fitllm.engine.sampler import Sampler
 from fitllm.engine.sampling.dry import BreakerTable
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
+from fitllm.engine.speculation import Speculator, speculation_refusal
 from fitllm.engine.startup import start_memory
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.engine.structured.compiler import GrammarCompiler
@@ -102,6 +103,11 @@ class Engine:
                 self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
             )
         # --context-shift auto is the routes' business (on for Kobold and the studio): for the engine, off.
+        self.speculator = (
+            Speculator(config.speculative_ngram, config.speculative_ngram_min, config.speculative_tokens)
+            if config.speculative_ngram
+            else None
+        )
         self.shifter = ContextShifter(self.kv, config.context_shift == "on", context_shift_unsupported(mc))
         self.scheduler = Scheduler(
             self.kv,
@@ -111,6 +117,7 @@ class Engine:
             self.tokenizer.eos_token_ids,
             self.swapper,
             self.shifter,
+            self.speculator,
         )
         self.host_cache: HostKVCache | None = None
         self.attach_host_cache(build_host_cache(config, self.storage, self.device))
@@ -330,10 +337,16 @@ class Engine:
 
     def _needs_known_tokens(self) -> bool:
         """Whether a running request with a token in flight samples with penalties, which count previous
-        tokens, or a grammar, whose mask depends on them: then the step in flight is read before scheduling, and the next step does not overlap it
-        (reading it first also lets requests that stopped there give up their seats and blocks)."""
+        tokens, a grammar, whose mask depends on them, or speculates, whose proposal needs its last token:
+        then the step in flight is read before scheduling, and the next step does not overlap it (reading it
+        first also lets requests that stopped there give up their seats and blocks)."""
         return any(
-            r.num_output_placeholders and (r.params.uses_token_history or r.constraint is not None)
+            r.num_output_placeholders
+            and (
+                r.params.uses_token_history
+                or r.constraint is not None
+                or (self.speculator and speculation_refusal(r.params) is None)
+            )
             for r in self.scheduler.running
         )
 
@@ -374,7 +387,7 @@ class Engine:
     def _launch(self, sched: SchedulerOutput, prev: InFlightStep | None) -> InFlightStep:
         """Queue the model and sampling for `sched`; each sampling request gets an output placeholder."""
         timer = StepTimer(self.device)
-        sampled, samples = self.runner.execute(sched, None if prev is None else prev.pending_tokens())
+        sampled, checks, samples = self.runner.execute(sched, None if prev is None else prev.pending_tokens())
         timer.stop()
         if samples is not None:
             samples.start_copy()
@@ -388,7 +401,7 @@ class Engine:
             kv_slots=self.pool.num_blocks * self.block_size,
             seconds=None,
         )
-        return InFlightStep(sampled, samples, stats, timer)
+        return InFlightStep(sampled, checks, samples, stats, timer)
 
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Read a launched step's samples (waiting for them if need be), hand them to the scheduler (tokens,
@@ -396,7 +409,7 @@ class Engine:
         try:
             result = step.samples.result() if step.samples is not None else None
         except BaseException:
-            self.scheduler.samples_lost(step.sampled)
+            self.scheduler.samples_lost(step.sampled, step.checks)
             raise
         step.stats.seconds = step.timer.seconds(wait=result is not None)
         if step.stats.seconds is not None:
@@ -405,29 +418,34 @@ class Engine:
         if result is None:
             return []
         outputs = []
-        for req in self.scheduler.update_from_output(step.sampled, result).new_tokens:
+        update = self.scheduler.update_from_output(step.sampled, result, step.checks)
+        for req, num_new in zip(update.new_tokens, update.num_new, strict=True):
             try:
-                out = self._output(req)
+                out = self._output(req, num_new)
             except Exception as exc:  # its token's text broke: it fails alone
                 out = self._fail(req, exc)
             if out is not None:
                 outputs.append(out)
         return outputs
 
-    def _output(self, req: Request) -> RequestOutput | None:
-        """The output stage for a request's new token: its text, where a stop string may end it, or a
-        banned phrase rewind it (then there is nothing new to report)."""
+    def _output(self, req: Request, num_new: int = 1) -> RequestOutput | None:
+        """The output stage for a request's new tokens (several after a verify step): their text, where a
+        stop string may end it (the tokens after the one that completed it are dropped, as plain decoding
+        would never have made them), or a banned phrase rewind it (then there is nothing new to report)."""
         if req.constraint is not None and req.constraint.error is not None:
             raise req.constraint.error
-        stop = req.detokenizer.add_token(
-            req.token_ids[-1], check_stop=req.num_output_tokens >= req.params.min_tokens
-        )
-        if req.detokenizer.banned_at is not None:
-            rewind_to_banned(req, self.scheduler)
-            return None
-        if stop is not None:
-            req.stop_reason = stop
-            self._finish(req, RequestStatus.FINISHED_STOPPED)
+        for pos in range(req.num_tokens - num_new, req.num_tokens):
+            stop = req.detokenizer.add_token(
+                req.token_ids[pos], check_stop=pos - req.num_prompt_tokens + 1 >= req.params.min_tokens
+            )
+            if req.detokenizer.banned_at is not None:
+                rewind_to_banned(req, self.scheduler)
+                return None
+            if stop is not None:
+                req.stop_reason = stop
+                self._finish(req, RequestStatus.FINISHED_STOPPED)
+                self.scheduler.cut_tokens(req, pos + 1)
+                break
         return make_output(req)
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:

@@ -36,7 +36,7 @@ def trial(
     """Run the model and sampling for `part` alone and read the samples; what it raised, or None."""
     streams.rewind()
     try:
-        _, samples = runner.execute(SchedulerOutput(part), pending)
+        _, _, samples = runner.execute(SchedulerOutput(part), pending)
         if samples is not None:
             samples.result()
     except Exception as exc:

@@ -40,11 +40,13 @@ class EngineStatus:
     kv_host_cache_bytes: int = 0  # host tier: bytes of evicted prefix blocks held now
     kv_host_blocks_written: int = 0  # host tier: blocks copied to host memory, since start
     kv_host_blocks_read: int = 0  # host tier: blocks copied back to the device on a prefix hit, since start
+    spec_draft_tokens: int = 0  # speculation (--speculative-ngram): tokens proposed, since start
+    spec_accepted_tokens: int = 0  # of which accepted
 
 
 def engine_status(engine: Engine) -> EngineStatus:
     """What the engine holds now, by pool, queue and offload."""
-    pool, sched, tier = engine.pool, engine.scheduler, engine.host_cache
+    pool, sched, tier, spec = engine.pool, engine.scheduler, engine.host_cache, engine.speculator
     return EngineStatus(
         ledger=engine.ledger.snapshot(),
         kv_blocks={
@@ -74,6 +76,8 @@ def engine_status(engine: Engine) -> EngineStatus:
         kv_host_cache_bytes=0 if tier is None else tier.ledger.current(TAG),
         kv_host_blocks_written=0 if tier is None else tier.blocks_written,
         kv_host_blocks_read=0 if tier is None else tier.blocks_read,
+        spec_draft_tokens=0 if spec is None else spec.stats.num_draft_tokens,
+        spec_accepted_tokens=0 if spec is None else spec.stats.num_accepted_tokens,
     )
 
 

@@ -17,6 +17,7 @@ from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from fitllm.engine.speculation import DraftCheck, sampling_rows
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.memory.kv.manager import KVCacheManager
@@ -272,9 +273,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, pending: PendingTokens | None = None
-    ) -> tuple[list[Request], SampledBatch | None]:
-        """Queue one step; returns the requests that sample (in row order) and their samples, still where the
-        logits are. `pending` holds the step in flight's tokens, which fill this step's placeholder ids."""
+    ) -> tuple[list[Request], list[DraftCheck | None] | None, SampledBatch | None]:
+        """Queue one step; returns the requests that sample (in row order), what each verifies (None: no
+        request has proposals) and their samples, still where the logits are: one row per request, plus one
+        per proposed token. `pending` holds the step in flight's tokens, which fill this step's placeholder
+        ids."""
         ordered = [s for s in out.scheduled if s.num_new_tokens == 1] + [
             s for s in out.scheduled if s.num_new_tokens > 1
         ]
@@ -293,8 +296,16 @@ class ModelRunner:
         # The attention metadata (masks, gather rows) dies here, not after sampling, so the two peaks (the
         # forward's and the sampler's) never add up.
         del step, meta, input_ids, positions
-        sampling = [s.request for s in ordered if s.samples]
+        sampling = [s for s in ordered if s.samples]
         if not sampling:
-            return [], None
+            return [], None, None
+        requests = [s.request for s in sampling]
         logits = self.model.compute_logits(hidden.index_select(0, sample_index))
-        return sampling, self.sampler.sample(logits, sampling)
+        if not any(s.draft_token_ids for s in sampling):
+            return requests, None, self.sampler.sample(logits, requests)
+        checks = [
+            DraftCheck.before_sampling(s.request, s.draft_token_ids) if s.draft_token_ids else None
+            for s in sampling
+        ]
+        rows = sampling_rows(requests, [s.draft_token_ids for s in sampling])
+        return requests, checks, self.sampler.sample(logits, rows)

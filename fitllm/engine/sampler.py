@@ -182,6 +182,11 @@ class SampledBatch:
         return SampleResult(token_list, lp_out, sampled_lp)
 
 
+def draw_uniform(generator: torch.Generator) -> torch.Tensor:
+    """A seeded request's one draw for one sampled row (speculation replays these: speculation/verify.py)."""
+    return torch.rand((), generator=generator, dtype=torch.float64)
+
+
 def _plain_greedy(request: Request) -> bool:
     """Whether a row wants the argmax of its raw logits: greedy, with no penalty, bias, min_tokens ban,
     banned string, DRY, grammar or logprobs (what `Sampler.sample` would apply before its argmax)."""
@@ -268,7 +273,7 @@ class Sampler:
         u = torch.rand(len(requests), generator=self.generator, dtype=torch.float64)
         for i, r in enumerate(requests):
             if r.generator is not None:
-                u[i] = torch.rand((), generator=r.generator, dtype=torch.float64)
+                u[i] = draw_uniform(r.generator)
         return u
 
     def _xtc_rolls(self, requests: list[Request]) -> torch.Tensor:

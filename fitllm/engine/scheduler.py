@@ -28,6 +28,7 @@ from fitllm.config import cdiv
 from fitllm.engine.context_shift import ContextShifter, KVShift
 from fitllm.engine.request import Request, RequestStatus
 from fitllm.engine.sampler import SampleResult
+from fitllm.engine.speculation import DraftCheck, Speculator, accepted_tokens, settle_stream
 from fitllm.memory.kv.host_cache import HostKVCache, restore_from_host
 from fitllm.memory.kv.manager import KVCacheManager
 from fitllm.memory.kv.swap import KVCopy, KVSwapper
@@ -35,16 +36,19 @@ from fitllm.memory.kv.swap import KVCopy, KVSwapper
 
 @dataclass(slots=True)
 class ScheduledRequest:
-    """A request and the number of new tokens it computes this step."""
+    """A request and the number of new tokens it computes this step: with speculation, its last token and
+    the tokens proposed after it (`draft_token_ids`, verified by sampling every one of those rows)."""
 
     request: Request
     num_new_tokens: int
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the request's last token, so a next token is sampled."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens_with_placeholders
+        done = r.num_computed_tokens + self.num_new_tokens - len(self.draft_token_ids)
+        return done == r.num_tokens_with_placeholders
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ class StepUpdate:
     """What `update_from_output` did with a step's samples."""
 
     new_tokens: list[Request] = field(default_factory=list)  # took a token (in row order), finished or not
+    num_new: list[int] = field(default_factory=list)  # how many each took (more than 1: speculation)
     finished: list[Request] = field(default_factory=list)  # of which those it finished (status: why)
 
 
@@ -111,8 +116,10 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         swapper: KVSwapper | None = None,
         shifter: ContextShifter | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.kv = kv
+        self.speculator = speculator  # prompt lookup (--speculative-ngram): proposals for running requests
         self.swapper = swapper
         self.shifter = shifter
         self.host_cache: HostKVCache | None = None  # the host tier under the prefix cache (--kv-host-cache)
@@ -164,6 +171,8 @@ class Scheduler:
         if self.shifter is not None and request in self.running:  # its blocks go to the prefix cache
             self.shifter.remember(request.request_id, request.token_ids, request.num_computed_tokens)
         request.mark_finished(status)
+        if self.speculator is not None:
+            self.speculator.forget(request.request_id)
         del self.requests[request.request_id]
         if request in self.running:
             self.running.remove(request)
@@ -190,6 +199,11 @@ class Scheduler:
             if req.num_output_placeholders and total >= req.max_total_tokens:
                 continue  # its last token is in flight: it finishes when that token is known
             num_new = min(total - req.num_computed_tokens, budget)
+            drafts = self._propose(req, num_new, budget)
+            if drafts and self.kv.allocate(req.request_id, req.num_computed_tokens + 1 + len(drafts)):
+                out.scheduled.append(ScheduledRequest(req, 1 + len(drafts), drafts))
+                budget -= 1 + len(drafts)
+                continue  # (without room for its proposals, it decodes as usual below)
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + num_new):
                 # The pool has already given up its cached prefixes: preempt the least important.
                 victim = max(self.running, key=lambda r: r.sort_key)
@@ -214,6 +228,16 @@ class Scheduler:
         if self.host_cache is not None:
             out.cache_out, out.cache_in = self.host_cache.copies()
         return out
+
+    def _propose(self, req: Request, num_new: int, budget: int) -> list[int]:
+        """Tokens proposed after a decoding request's last one (speculation), within the step's budget and
+        the request's token limit; [] for a request that is not at its last token or has one in flight."""
+        if self.speculator is None or num_new != 1 or req.num_output_placeholders:
+            return []
+        if req.num_computed_tokens != req.num_tokens - 1:
+            return []
+        room = min(budget - 1, req.max_total_tokens - req.num_tokens - 1)
+        return self.speculator.propose(req, room)
 
     def _admit(self, req: Request, budget: int, out: SchedulerOutput) -> int | None:
         """Give the head waiting request its blocks (preempting lower-priority running requests if that
@@ -323,35 +347,75 @@ class Scheduler:
             r.num_computed_tokens += s.num_new_tokens
             self._cache_blocks(r)
 
-    def update_from_output(self, sampled: list[Request], result: SampleResult) -> StepUpdate:
-        """A launched step's samples are read (row i is `sampled[i]`'s): each placeholder becomes its token,
-        with its logprobs; blocks it fills are published; the stop checks run and what finished is freed.
-        A request that finished, or was aborted, while its token was in flight drops that token."""
+    def update_from_output(
+        self, sampled: list[Request], result: SampleResult, checks: list[DraftCheck | None] | None = None
+    ) -> StepUpdate:
+        """A launched step's samples are read (`sampled[i]`'s rows follow `sampled[i - 1]`'s: one, or with
+        proposals `checks[i]`, one per proposed token more): each placeholder becomes its token, or a verify
+        step's accepted tokens (the rejected proposals' K/V given back), with their logprobs; blocks they
+        fill are published; the stop checks run after each token and what finished is freed. A request that
+        finished, or was aborted, while its token was in flight drops that token."""
         update = StepUpdate()
         now = time.monotonic()
+        row = 0
         for i, req in enumerate(sampled):
+            check = checks[i] if checks is not None else None
+            first, row = row, row + 1 + (len(check.tokens) if check is not None else 0)
             if req.num_stale_samples:  # sampled before the request was rewound (fitllm/engine/banned.py)
                 req.num_stale_samples -= 1
                 continue
             req.num_output_placeholders -= 1
             if req.status.finished:
                 continue
-            token = result.token_ids[i]
-            req.token_ids.append(token)
-            if req.constraint is not None:  # a token the grammar refuses fails the request (Engine._output)
-                req.constraint.accept(token)
+            tokens = result.token_ids[first:row]
+            if check is not None:
+                tokens = accepted_tokens(check.tokens, tokens)
+                self._verified(req, check, len(tokens))
+            status = None
+            for j, token in enumerate(tokens):
+                req.token_ids.append(token)
+                if req.constraint is not None:  # a token the grammar refuses fails the request (Engine._output)
+                    req.constraint.accept(token)
+                if req.logprobs is not None:
+                    req.logprobs.append(result.logprobs[first + j])
+                    req.cumulative_logprob += result.sampled_logprob[first + j]
+                status = check_stop(req, token, self.eos_token_ids, self.max_model_len)
+                if status is not None:
+                    break
             self._cache_blocks(req)
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            if req.logprobs is not None:
-                req.logprobs.append(result.logprobs[i])
-                req.cumulative_logprob += result.sampled_logprob[i]
             update.new_tokens.append(req)
-            status = check_stop(req, token, self.eos_token_ids, self.max_model_len)
+            update.num_new.append(j + 1)
             if status is not None:
                 self._finish(req, status)
                 update.finished.append(req)
         return update
+
+    def _verified(self, req: Request, check: DraftCheck, num_tokens: int) -> None:
+        """A verify step gave `num_tokens` tokens (`num_tokens - 1` proposals accepted): the K/V computed for
+        the rejected ones is dropped (their blocks go back), the seeded stream replayed, stats counted."""
+        self._drop_computed(req, req.num_tokens + num_tokens - 1)
+        settle_stream(req, check, num_tokens)
+        if self.speculator is not None:
+            self.speculator.record(req.request_id, len(check.tokens), num_tokens - 1)
+
+    def _drop_computed(self, req: Request, num_tokens: int) -> None:
+        """Keep K/V for the request's first `num_tokens` tokens only (KVCacheManager.truncate: blocks past
+        them go back; one that is shared or published is recomputed rather than rewritten). The one
+        rollback of a rewind (banned strings) and of rejected proposals (speculation)."""
+        kept = self.kv.truncate(req.request_id, num_tokens)
+        req.num_computed_tokens = min(req.num_computed_tokens, kept)
+
+    def cut_tokens(self, req: Request, num_tokens: int) -> None:
+        """Keep only the request's first `num_tokens` tokens, their logprobs and its grammar's state (K/V is
+        the caller's)."""
+        del req.token_ids[num_tokens:]
+        if req.constraint is not None:
+            req.constraint.rollback_to(req.output_token_ids)
+        if req.logprobs is not None:
+            del req.logprobs[num_tokens - req.num_prompt_tokens :]
+            req.cumulative_logprob = sum(e[t].logprob for e, t in zip(req.logprobs, req.output_token_ids))
 
     def rewind(self, req: Request, num_tokens: int) -> None:
         """Cut a request back to its first `num_tokens` tokens (a banned phrase began after them) so that it
@@ -360,12 +424,7 @@ class Scheduler:
         the samples in flight, dropped when read. One that this step's token also finished (by length, EOS or
         a stop token) is taken back and resumes as a preempted request would (its prefix mostly cached)."""
         assert req.num_prompt_tokens <= num_tokens < req.num_tokens
-        del req.token_ids[num_tokens:]
-        if req.constraint is not None:
-            req.constraint.rollback_to(req.output_token_ids)
-        if req.logprobs is not None:
-            del req.logprobs[num_tokens - req.num_prompt_tokens :]
-            req.cumulative_logprob = sum(e[t].logprob for e, t in zip(req.logprobs, req.output_token_ids))
+        self.cut_tokens(req, num_tokens)
         req.num_stale_samples += req.num_output_placeholders
         req.num_output_placeholders = 0
         if req.status.finished:
@@ -376,22 +435,24 @@ class Scheduler:
             heapq.heappush(self._waiting, (req.priority, req.arrival_time, next(self._seq), req))
         elif req.status is RequestStatus.RUNNING:
             # The last kept token is computed again: its logits choose the new token.
-            kept = self.kv.truncate(req.request_id, num_tokens - 1)
-            req.num_computed_tokens = min(req.num_computed_tokens, kept)
+            self._drop_computed(req, num_tokens - 1)
         else:  # preempted: a host copy holds K/V past the cut, so it resumes by recomputing instead
             if self.swapper is not None:
                 self.swapper.discard(req.request_id)
             req.num_computed_tokens = 0
 
-    def samples_lost(self, sampled: list[Request]) -> None:
+    def samples_lost(self, sampled: list[Request], checks: list[DraftCheck | None] | None = None) -> None:
         """A launched step's samples cannot be read: its requests lose the placeholder, and the running ones
-        recompute their last position next step (whose K/V is rewritten, identically) to sample again."""
-        for req in sampled:
+        recompute their last position next step (whose K/V is rewritten, identically) to sample again; the
+        K/V of proposals (`checks`) is dropped."""
+        for i, req in enumerate(sampled):
             if req.num_stale_samples:
                 req.num_stale_samples -= 1
                 continue
             req.num_output_placeholders -= 1
             if req.status is RequestStatus.RUNNING:
+                if checks is not None and checks[i] is not None:
+                    self._drop_computed(req, req.num_tokens - 1)
                 req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     def _cache_blocks(self, request: Request) -> None:

@@ -135,7 +135,7 @@ def reserve_workspace(engine: Engine) -> None:
             engine.model_config,
             engine.device,
             tokens,
-            min(config.max_num_seqs, tokens),
+            config.max_sampled_rows,
             backend=engine.attention_backend,
             max_model_len=engine.max_model_len,
             decode_cap=engine.decode_gather_tokens,

@@ -10,6 +10,7 @@ import torch
 from fitllm.engine.batch_layout import PendingTokens
 from fitllm.engine.request import Request
 from fitllm.engine.sampler import SampledBatch
+from fitllm.engine.speculation import DraftCheck
 
 
 @dataclass(slots=True)
@@ -70,12 +71,19 @@ class InFlightStep:
     """A launched step: its kernels and sampling are queued; the host has not read its samples yet."""
 
     sampled: list[Request]  # the requests that sample, in row order
+    checks: list[DraftCheck | None] | None  # what each verifies (speculation; None: nothing)
     samples: SampledBatch | None
     stats: StepStats
     timer: StepTimer
 
     def pending_tokens(self) -> PendingTokens | None:
-        """Its sampled tokens, still on the device, for the next step's placeholder ids."""
+        """Its sampled tokens, still on the device, for the next step's placeholder ids (a request's last
+        row; one that verified proposals is never a placeholder: its tokens are read before scheduling)."""
         if self.samples is None:
             return None
-        return PendingTokens(self.samples.tokens, {r.request_id: i for i, r in enumerate(self.sampled)})
+        rows, row = {}, -1
+        for i, r in enumerate(self.sampled):
+            check = self.checks[i] if self.checks is not None else None
+            row += 1 + (len(check.tokens) if check is not None else 0)
+            rows[r.request_id] = row
+        return PendingTokens(self.samples.tokens, rows)

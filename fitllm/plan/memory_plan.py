@@ -204,6 +204,7 @@ class MemoryPlan:
             c.max_num_seqs,
             self.weights.largest_quantized_linear,
             length if self.reference_attention else None,
+            c.max_sampled_rows,
         )
 
     def graphs(self, streamed: bool) -> bool:

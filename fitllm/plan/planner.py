@@ -32,13 +32,15 @@ def workspace_bytes(
     max_num_seqs: int,
     scratch: int = 0,
     reference_context: int | None = None,
+    sampled_rows: int | None = None,
 ) -> int:
     """Planned workspace of the largest step: the larger of its two peaks.
 
     - The MLP of a layer over the step's batched tokens (`layer_activation_bytes`), in the model dtype, and
       with the torch reference backend (`reference_context`: the context it runs at) its attention
       metadata and one decode group's gather (`reference_attention_bytes`).
-    - Sampling, per sampled row (at most one per running request): three float32 vocabulary-sized buffers
+    - Sampling, per sampled row (at most one per running request, `sampled_rows` with speculation: one more
+      per proposed token; EngineConfig.max_sampled_rows): three float32 vocabulary-sized buffers
       (float logits, probabilities, their running sum); the model-dtype logits die at the cast.
     - int8 weights (and int4 on CPU): batches of 16-48 rows or more multiply through one shared model-dtype
       copy of the largest quantized weight (`scratch` elements; fitllm/quant/int8.py, int4.py), held from the
@@ -51,7 +53,7 @@ def workspace_bytes(
         mlp += reference_attention_bytes(
             config, elem, max_num_batched_tokens, max_num_seqs, reference_context
         )
-    rows = min(max_num_seqs, max_num_batched_tokens)
+    rows = sampled_rows or min(max_num_seqs, max_num_batched_tokens)
     sampling = rows * config.vocab_size * 3 * 4
     return max(mlp, sampling) + scratch * elem
 

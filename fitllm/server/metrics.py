@@ -70,6 +70,12 @@ class EngineCollector(Collector):
             ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),
             ("fitllm_generation_tokens", "tokens generated", c.generation_tokens),
             ("fitllm_engine_steps", "engine steps run", c.steps),
+            ("fitllm_spec_decode_draft_tokens", "tokens proposed by speculation", status.spec_draft_tokens),
+            (
+                "fitllm_spec_decode_accepted_tokens",
+                "proposed tokens accepted (over draft tokens: the acceptance rate)",
+                status.spec_accepted_tokens,
+            ),
             (
                 "fitllm_offload_streamed_bytes",
                 "weight bytes copied into staging (rate() gives bytes streamed per second)",
