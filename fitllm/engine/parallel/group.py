@@ -1,0 +1,171 @@
+"""Rank 0's side of the tensor-parallel group: starting the workers, sending each step, noticing a lost one.
+
+On one host rank 0 spawns ranks 1..N-1 (torch.multiprocessing, spawn) and they meet through MASTER_ADDR /
+MASTER_PORT (a free loopback port unless set). Under torchrun every rank is launched for it (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; `fitllm serve` on rank 0, `fitllm.engine.parallel.worker` on the
+others: README), and rank 0 spawns nothing.
+
+A worker that dies is seen by a watchdog thread within a quarter second (spawned workers: their exit
+code), a hung one by the collective timeout (`--tp-timeout-s`); either way the engine raises `WorkerLost`
+on its next message, the async engine marks itself failed (/health answers 503) and nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.multiprocessing as mp
+
+from fitllm.config import EngineConfig
+from fitllm.distributed import destroy_tp_group, init_tp_group, rendezvous_from_env
+from fitllm.engine.parallel.messages import StepMessage, broadcast
+
+log = logging.getLogger("fitllm")
+
+WATCH_INTERVAL_S = 0.25
+
+
+class WorkerLost(RuntimeError):
+    """A tensor-parallel rank died or stopped answering: the engine cannot step any more."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: cuda:r on a GPU host (LOCAL_RANK under torchrun), the CPU otherwise."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def rank_threads(config: EngineConfig) -> EngineConfig:
+    """On the CPU, ranks share the cores: each gets its share unless --threads says otherwise."""
+    if config.num_threads is not None or config.resolve_device().type != "cpu":
+        return config
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return replace(config, num_threads=max(1, cores // config.tensor_parallel_size))
+
+
+def refuse_with_tp(config: EngineConfig) -> None:
+    """Features whose K/V or weights would live on rank 0 alone, refused with tensor parallelism."""
+    if config.preemption_mode == "swap":
+        raise ValueError("--preemption-mode swap parks K/V that rank 0 alone would hold; with "
+                         "--tensor-parallel-size use --preemption-mode recompute (or auto)")
+    if config.kv_host_cache:
+        raise ValueError("--kv-host-cache is not supported with --tensor-parallel-size > 1; leave it at 0")
+    if config.cpu_offload_gb:
+        raise ValueError("--cpu-offload-gb is not supported with --tensor-parallel-size > 1; add ranks or "
+                         "raise --memory-budget instead")
+
+
+class TensorParallelGroup:
+    """Rank 0's handle on the group: `send` one message per step, `close` ends every worker."""
+
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.world_size = config.tensor_parallel_size
+        self.failure: WorkerLost | None = None
+        self.on_failure: list[Callable[[WorkerLost], None]] = []
+        self._procs: list[mp.Process] = []
+        self._closed = threading.Event()
+        env = rendezvous_from_env()
+        if env is not None:  # torchrun launched every rank
+            rank, world = env
+            if rank != 0 or world != self.world_size:
+                raise ValueError(
+                    f"torchrun gave RANK={rank} WORLD_SIZE={world}; rank 0 runs the engine with "
+                    f"--tensor-parallel-size {world}, the others run fitllm.engine.parallel.worker"
+                )
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            ctx = mp.get_context("spawn")
+            for rank in range(1, self.world_size):
+                from fitllm.engine.parallel.worker import worker_main
+
+                proc = ctx.Process(
+                    target=worker_main,
+                    args=(rank, self.world_size, config, dict(os.environ)),
+                    name=f"fitllm-tp{rank}",
+                    daemon=True,
+                )
+                proc.start()
+                self._procs.append(proc)
+            log.info(
+                "tensor parallel: %d ranks, workers %s", self.world_size, [p.pid for p in self._procs]
+            )
+        try:
+            init_tp_group(0, self.world_size, device, config.tp_timeout_s)
+        except BaseException:
+            self._end_workers(0.0)
+            raise
+        if self._procs:
+            threading.Thread(target=self._watch, name="fitllm-tp-watch", daemon=True).start()
+
+    @property
+    def pids(self) -> list[int]:
+        """The spawned workers' process ids (empty under torchrun)."""
+        return [p.pid for p in self._procs if p.pid is not None]
+
+    def _watch(self) -> None:
+        while not self._closed.wait(WATCH_INTERVAL_S):
+            for rank, proc in enumerate(self._procs, start=1):
+                if proc.exitcode is not None:
+                    self.fail(
+                        WorkerLost(
+                            f"tensor-parallel worker rank {rank} (pid {proc.pid}) exited with code "
+                            f"{proc.exitcode}; the engine cannot run the model: restart the server"
+                        )
+                    )
+                    return
+
+    def fail(self, exc: WorkerLost) -> None:
+        """Record the group's loss once, log it, tell whoever listens (the async engine)."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        log.error("%s", exc)
+        for callback in self.on_failure:
+            callback(exc)
+
+    def send(self, message: StepMessage) -> None:
+        """Broadcast `message` to the workers; WorkerLost if one is gone or the broadcast fails."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            broadcast(message)
+        except Exception as exc:  # gloo: a peer's socket closed, or the timeout passed
+            self.fail(WorkerLost(f"tensor-parallel broadcast failed ({exc}); a worker is lost"))
+            raise self.failure from exc
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop every worker (asked first, then terminated) and leave the group."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self.failure is None:
+            try:
+                broadcast(StepMessage("stop"))
+            except Exception:
+                log.warning("tensor parallel: a worker did not take the stop message; terminating")
+        self._end_workers(timeout)
+        destroy_tp_group()
+
+    def _end_workers(self, timeout: float) -> None:
+        for proc in self._procs:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
