@@ -87,7 +87,9 @@ def run_as_torchrun_worker(config) -> bool:
     from fitllm.engine.parallel.worker import run_worker
 
     if config.tensor_parallel_size != env[1]:
-        raise ValueError(f"torchrun's WORLD_SIZE={env[1]} differs from --tensor-parallel-size {config.tensor_parallel_size}")
+        raise ValueError(
+            f"torchrun's WORLD_SIZE={env[1]} differs from --tensor-parallel-size {config.tensor_parallel_size}"
+        )
     run_worker(env[0], env[1], rank_threads(config))
     return True
 
@@ -338,7 +340,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     ids = engine.tokenizer.encode(read_text(args.text))
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
-    scorer = SequenceScorer(engine.model, engine.model_config, engine.device, args.context, engine.kv_format)
+    scorer = SequenceScorer(
+        engine.model, engine.kv_config, engine.device, args.context, engine.kv_format, engine.tp
+    )
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} tokens", end="", file=sys.stderr, flush=True)

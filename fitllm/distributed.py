@@ -121,12 +121,14 @@ def rank_kv_config(config: ModelConfig, world_size: int) -> ModelConfig:
     planner's KV bytes per token are all per rank)."""
     if world_size == 1:
         return config
-    return dataclasses.replace(config, num_key_value_heads=local_kv_heads(config.num_key_value_heads, world_size))
+    return dataclasses.replace(
+        config, num_key_value_heads=local_kv_heads(config.num_key_value_heads, world_size)
+    )
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum partial results of a row-parallel layer across ranks (a no-op at world size 1)."""
-    if _planning is None and get_tp_world_size() > 1:
+    if _planning is None and dist.is_available() and dist.is_initialized():
         start = time.perf_counter()
         dist.all_reduce(x)
         ALL_REDUCE.calls += 1
@@ -149,9 +151,7 @@ def init_tp_group(rank: int, world_size: int, device: torch.device, timeout_s: f
     backend = tp_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout
-    )
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
     _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
 
 

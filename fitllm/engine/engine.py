@@ -16,7 +16,13 @@ from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.outputs import error_output, make_output
-from fitllm.engine.parallel.group import TensorParallelGroup, rank_device, rank_threads, refuse_with_tp
+from fitllm.engine.parallel.group import (
+    TensorParallelGroup,
+    WorkerLost,
+    rank_device,
+    rank_threads,
+    refuse_with_tp,
+)
 from fitllm.engine.parallel.messages import StepMessage
 from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -133,7 +139,9 @@ class Engine:
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
         # The step in flight's tokens live on rank 0 only; with tensor parallelism each step's ids are known.
-        self.async_scheduling = self.tp is None and resolve_async_scheduling(config.async_scheduling, self.device)
+        self.async_scheduling = self.tp is None and resolve_async_scheduling(
+            config.async_scheduling, self.device
+        )
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None
         log.info("memory:\n%s", self.memory_report())
@@ -253,7 +261,9 @@ class Engine:
         need = SequenceScorer.workspace_bytes(len(ids), self.kv_bytes_per_token, vocab)
         self.ledger.reserve("workspace", need)  # BudgetExceeded when memory is short right now
         try:
-            scorer = SequenceScorer(self.model, self.model_config, self.device, len(ids), self.kv_format)
+            scorer = SequenceScorer(
+                self.model, self.kv_config, self.device, len(ids), self.kv_format, self.tp
+            )
             logprobs, values, indices = scorer.token_logprobs_and_top(ids, top_n)
         finally:
             self.ledger.release("workspace", need)
@@ -373,7 +383,17 @@ class Engine:
         streams = RandomStreams(self.sampler, sched)
         try:
             return self._launch(sched, prev), []
+        except WorkerLost:
+            raise
         except Exception as exc:
+            if self.tp is not None:
+                # The workers may be inside this step's collectives: no trial runs, the group is lost.
+                self.tp.fail(
+                    WorkerLost(
+                        f"a step failed on rank 0 ({exc!r}); the tensor-parallel ranks are out of step"
+                    )
+                )
+                raise self.tp.failure from exc
             error = exc
         failed: list[RequestOutput] = []
         rest = list(sched.scheduled)

@@ -285,7 +285,9 @@ class ModelRunner:
             for shift in shifts
         ]
         if self.tp is not None and moves:
-            args = {"shifts": [(src.tolist(), torch.as_tensor(dst).tolist(), d.tolist()) for src, dst, d in moves]}
+            args = {
+                "shifts": [(src.tolist(), torch.as_tensor(dst).tolist(), d.tolist()) for src, dst, d in moves]
+            }
             self.tp.send(StepMessage("shift", self.storage.take_journal(), args=args))
         for src, dst, delta in moves:
             apply_shift(self.storage, self.model.rotary, src, torch.as_tensor(dst), delta)

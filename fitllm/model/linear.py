@@ -220,7 +220,9 @@ class RowParallelLinear(LinearBase):
         self._load_rows(0, self.out_features, loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(self.quant.apply(self, x))
+        out = self.quant.apply(self, x)
+        if self.tp_size > 1:  # this layer's own group size (a world-size-1 model may share the process)
+            tp_all_reduce(out)
         if self.bias is None:
             return out
         return out + self.bias

@@ -59,13 +59,17 @@ def rank_threads(config: EngineConfig) -> EngineConfig:
 def refuse_with_tp(config: EngineConfig) -> None:
     """Features whose K/V or weights would live on rank 0 alone, refused with tensor parallelism."""
     if config.preemption_mode == "swap":
-        raise ValueError("--preemption-mode swap parks K/V that rank 0 alone would hold; with "
-                         "--tensor-parallel-size use --preemption-mode recompute (or auto)")
+        raise ValueError(
+            "--preemption-mode swap parks K/V that rank 0 alone would hold; with "
+            "--tensor-parallel-size use --preemption-mode recompute (or auto)"
+        )
     if config.kv_host_cache:
         raise ValueError("--kv-host-cache is not supported with --tensor-parallel-size > 1; leave it at 0")
     if config.cpu_offload_gb:
-        raise ValueError("--cpu-offload-gb is not supported with --tensor-parallel-size > 1; add ranks or "
-                         "raise --memory-budget instead")
+        raise ValueError(
+            "--cpu-offload-gb is not supported with --tensor-parallel-size > 1; add ranks or "
+            "raise --memory-budget instead"
+        )
 
 
 class TensorParallelGroup:
@@ -100,9 +104,7 @@ class TensorParallelGroup:
                 )
                 proc.start()
                 self._procs.append(proc)
-            log.info(
-                "tensor parallel: %d ranks, workers %s", self.world_size, [p.pid for p in self._procs]
-            )
+            log.info("tensor parallel: %d ranks, workers %s", self.world_size, [p.pid for p in self._procs])
         try:
             init_tp_group(0, self.world_size, device, config.tp_timeout_s)
         except BaseException:

@@ -19,7 +19,7 @@ from fitllm.config import EngineConfig, resolve_dtype
 from fitllm.distributed import destroy_tp_group, init_tp_group, rank_kv_config
 from fitllm.engine.parallel.group import rank_device
 from fitllm.engine.parallel.messages import StepMessage, receive
-from fitllm.engine.runner import apply_shift, profile_workspace
+from fitllm.engine.runner import apply_shift, profile_workspace, scratch_prefill
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
 from fitllm.memory.kv.format import KVCacheFormat
@@ -105,8 +105,15 @@ class Worker:
         )
         self.storage.replay([("add", 0)])
         storage = self.storage
-        for i, (attn, slabs) in enumerate(zip(self.model.attention_layers(), storage.layer_slabs, strict=True)):
-            attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = slabs, storage.kv_format, storage.layout, i
+        for i, (attn, slabs) in enumerate(
+            zip(self.model.attention_layers(), storage.layer_slabs, strict=True)
+        ):
+            attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = (
+                slabs,
+                storage.kv_format,
+                storage.layout,
+                i,
+            )
         self.metadata = metadata_builder(
             self.backend, kc.num_key_value_heads, kc.sliding_window, storage.view_slots, a["decode_cap"]
         )
@@ -122,10 +129,20 @@ class Worker:
         self.model(input_ids, positions, meta)
 
     @torch.inference_mode()
+    def _score(self, msg: StepMessage) -> None:
+        ids = msg.args["ids"]
+        n = len(ids)
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        with scratch_prefill(self.model, self.kv_config, self.device, n, n, self.kv_format) as meta:
+            self.model(tokens, torch.arange(n, device=self.device), meta)
+
+    @torch.inference_mode()
     def _shift(self, msg: StepMessage) -> None:
         assert self.storage is not None
         for src, dst, delta in msg.args["shifts"]:
-            apply_shift(self.storage, self.model.rotary, torch.tensor(src), torch.tensor(dst), torch.tensor(delta))
+            apply_shift(
+                self.storage, self.model.rotary, torch.tensor(src), torch.tensor(dst), torch.tensor(delta)
+            )
 
 
 def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
