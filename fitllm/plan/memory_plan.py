@@ -301,6 +301,7 @@ class MemoryPlan:
             graph_pool=self.graph_pool_at(length, streamed),
             kv_cache_retention=kv_cache_retention(config, per_token, length, room),
             kv_host_cache=config.kv_host_cache,
+            tensor_parallel_size=config.tensor_parallel_size,
         )
         if not fits:
             plan.suggestions = suggestions(plan, mc, self.dtype, room, quant.name, config.kv_cache_dtype)
