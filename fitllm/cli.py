@@ -83,7 +83,7 @@ def run_as_torchrun_worker(config) -> bool:
     env = rendezvous_from_env()
     if env is None or env[0] == 0:
         return False
-    from fitllm.engine.parallel.group import rank_threads
+    from fitllm.engine.parallel.ranks import rank_threads
     from fitllm.engine.parallel.worker import run_worker
 
     if config.tensor_parallel_size != env[1]:
@@ -272,6 +272,9 @@ def cmd_eval_context_shift(args: argparse.Namespace) -> int:
         print(f"--text {args.text}: no such file", file=sys.stderr)
         return 2
     config = engine_config_from_args(args)
+    if config.tensor_parallel_size > 1:
+        print("fitllm eval context-shift runs on one device: drop --tensor-parallel-size", file=sys.stderr)
+        return 2
     config.max_model_len = max(args.context, 2)
     engine = Engine(config)
     reason = context_shift_unsupported(engine.model_config)

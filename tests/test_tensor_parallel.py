@@ -112,6 +112,7 @@ def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):
         assert tp.kv.prefix_hits > hits and tp.kv.prefix_hits == ref.kv.prefix_hits
     finally:
         tp.close()
+    assert tp.tp.exit_codes == [0], "the worker should end on rank 0's stop message"
 
 
 def test_four_ranks_share_two_kv_heads(llama):
@@ -197,3 +198,31 @@ def test_killed_worker_makes_health_503_and_shutdown_ends_workers(llama):
         assert answer.status_code >= 500
     engine.shutdown()
     assert not engine.alive
+    assert engine.engine.tp.exit_codes == [-signal.SIGKILL]
+
+
+def test_torchrun_launches_every_rank_with_the_same_command(llama):
+    """The several-host launch on one host: torchrun starts both ranks with one `fitllm generate` command;
+    rank 1 becomes a worker, rank 0 prints what world size 1 prints, and both exit 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    fitllm = shutil.which("fitllm", path=os.path.dirname(sys.executable))
+    args = [
+        "generate", "--model", str(llama), "--dtype", "float32", "--max-model-len", "128",
+        "--temperature", "0", "--max-tokens", "8", "t5 t6 t7",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    one = subprocess.run([fitllm, *args], capture_output=True, text=True, env=env, timeout=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+    two = subprocess.run(
+        [*torchrun, fitllm, *args, "--tensor-parallel-size", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert one.returncode == 0 and one.stdout.strip()
+    assert two.stdout.strip() == one.stdout.strip()

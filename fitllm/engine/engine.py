@@ -16,14 +16,9 @@ from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.outputs import error_output, make_output
-from fitllm.engine.parallel.group import (
-    TensorParallelGroup,
-    WorkerLost,
-    rank_device,
-    rank_threads,
-    refuse_with_tp,
-)
+from fitllm.engine.parallel.group import TensorParallelGroup, WorkerLost, refuse_with_tp
 from fitllm.engine.parallel.messages import StepMessage
+from fitllm.engine.parallel.ranks import rank_device, rank_threads
 from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner

@@ -12,12 +12,12 @@ on its next message, the async engine marks itself failed (/health answers 503) 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 import torch.multiprocessing as mp
@@ -39,21 +39,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r's device: cuda:r on a GPU host (LOCAL_RANK under torchrun), the CPU otherwise."""
-    if device.type != "cuda":
-        return device
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-
-
-def rank_threads(config: EngineConfig) -> EngineConfig:
-    """On the CPU, ranks share the cores: each gets its share unless --threads says otherwise."""
-    if config.num_threads is not None or config.resolve_device().type != "cpu":
-        return config
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return replace(config, num_threads=max(1, cores // config.tensor_parallel_size))
 
 
 def refuse_with_tp(config: EngineConfig) -> None:
@@ -112,11 +97,19 @@ class TensorParallelGroup:
             raise
         if self._procs:
             threading.Thread(target=self._watch, name="fitllm-tp-watch", daemon=True).start()
+        # A command that ends without closing its engine (generate, eval, a script) still stops the
+        # workers cleanly: before multiprocessing's own exit handler, which would only terminate them.
+        atexit.register(self.close)
 
     @property
     def pids(self) -> list[int]:
         """The spawned workers' process ids (empty under torchrun)."""
         return [p.pid for p in self._procs if p.pid is not None]
+
+    @property
+    def exit_codes(self) -> list[int | None]:
+        """The spawned workers' exit codes (None: still running)."""
+        return [p.exitcode for p in self._procs]
 
     def _watch(self) -> None:
         while not self._closed.wait(WATCH_INTERVAL_S):

@@ -17,8 +17,8 @@ import torch
 
 from fitllm.config import EngineConfig, resolve_dtype
 from fitllm.distributed import destroy_tp_group, init_tp_group, rank_kv_config
-from fitllm.engine.parallel.group import rank_device
 from fitllm.engine.parallel.messages import StepMessage, receive
+from fitllm.engine.parallel.ranks import rank_device
 from fitllm.engine.runner import apply_shift, profile_workspace, scratch_prefill
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
