@@ -22,6 +22,7 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from fitllm.config import ModelConfig
 
+RENDEZVOUS_TIMEOUT_S = 600.0  # how long ranks may take to start and meet
 _planning: tuple[int, int] | None = None  # (world size, rank) while planning one rank's shard
 _object_group: dist.ProcessGroup | None = None  # gloo: each step's host-side inputs (CPU objects)
 
@@ -151,7 +152,16 @@ def init_tp_group(rank: int, world_size: int, device: torch.device, timeout_s: f
     backend = tp_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+    # The rendezvous waits as long as spawning and importing may take; collectives get `timeout_s`.
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        # Under torchrun its agent already serves the store on MASTER_PORT: every rank is a client.
+        is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+    )
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     _object_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
 
 
@@ -173,3 +183,9 @@ def rendezvous_from_env() -> tuple[int, int] | None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return None
+
+
+def tp_barrier(timeout_s: float) -> None:
+    """Every rank meets here within `timeout_s` (gloo's monitored barrier, which names a rank that does not
+    come); raises RuntimeError otherwise."""
+    dist.monitored_barrier(group=_object_group, timeout=timedelta(seconds=timeout_s))

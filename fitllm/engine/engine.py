@@ -308,7 +308,7 @@ class Engine:
         next request)."""
         self.release_idle_memory()
         if self.tp is not None:
-            self.tp.send(StepMessage("idle", self.storage.take_journal()))
+            self.tp.heartbeat(StepMessage("idle", self.storage.take_journal()))
 
     def close(self) -> None:
         """End the tensor-parallel workers (a no-op on one device); the engine cannot step after it."""

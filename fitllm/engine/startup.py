@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from fitllm.engine.parallel.messages import StepMessage
+from fitllm.engine.parallel.messages import LOAD_TIMEOUT_S, StepMessage
 from fitllm.engine.runner import profile_workspace
 from fitllm.loader import build_model
 from fitllm.memory.host import trim_host_heap
@@ -75,6 +75,8 @@ def start_memory(engine: Engine, show_progress: bool) -> int | None:
         sink,
     )
     engine.source.release()  # the weights are in; the file's mapped pages need not stay resident
+    if engine.tp is not None:  # every rank's shard is in before the first collective's timeout runs
+        engine.tp.barrier(LOAD_TIMEOUT_S)
     reserve_weights(engine, sink)
     if auto_len:
         engine.max_model_len = auto_length(engine)

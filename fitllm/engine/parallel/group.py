@@ -23,7 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fitllm.config import EngineConfig
-from fitllm.distributed import destroy_tp_group, init_tp_group, rendezvous_from_env
+from fitllm.distributed import destroy_tp_group, init_tp_group, rendezvous_from_env, tp_barrier
 from fitllm.engine.parallel.messages import StepMessage, broadcast
 
 log = logging.getLogger("fitllm")
@@ -62,6 +62,7 @@ class TensorParallelGroup:
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.world_size = config.tensor_parallel_size
+        self.timeout_s = config.tp_timeout_s
         self.failure: WorkerLost | None = None
         self.on_failure: list[Callable[[WorkerLost], None]] = []
         self._procs: list[mp.Process] = []
@@ -142,6 +143,23 @@ class TensorParallelGroup:
             self.fail(WorkerLost(f"tensor-parallel broadcast failed ({exc}); a worker is lost"))
             raise self.failure from exc
 
+    def barrier(self, timeout_s: float) -> None:
+        """Wait for every worker (WorkerLost after `timeout_s`): after loading, which may take one rank far
+        longer than the collective timeout allows, and on each heartbeat, where a hung rank shows."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            tp_barrier(timeout_s)
+        except Exception as exc:
+            self.fail(WorkerLost(f"a tensor-parallel worker did not answer within {timeout_s:g} s ({exc})"))
+            raise self.failure from exc
+
+    def heartbeat(self, message: StepMessage) -> None:
+        """An idle turn's message, then a barrier: a worker that hangs is reported within the collective
+        timeout even when no request comes (a broadcast alone can sit in a socket buffer)."""
+        self.send(message)
+        self.barrier(self.timeout_s)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker (asked first, then terminated) and leave the group."""
         if self._closed.is_set():
@@ -152,7 +170,7 @@ class TensorParallelGroup:
                 broadcast(StepMessage("stop"))
             except Exception:
                 log.warning("tensor parallel: a worker did not take the stop message; terminating")
-        self._end_workers(timeout)
+        self._end_workers(0.5 if self.failure is not None else timeout)
         destroy_tp_group()
 
     def _end_workers(self, timeout: float) -> None:

@@ -16,6 +16,10 @@ import torch.distributed as dist
 from fitllm.distributed import object_group
 from fitllm.model.attention.batch import BatchLayout
 
+LOAD_TIMEOUT_S = (
+    1800.0  # ranks load their shards side by side before the first message; the slowest may take this long
+)
+
 
 @dataclass(slots=True)
 class StepMessage:

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from fitllm.config import EngineConfig, resolve_dtype
-from fitllm.distributed import destroy_tp_group, init_tp_group, rank_kv_config
-from fitllm.engine.parallel.messages import StepMessage, receive
+from fitllm.distributed import destroy_tp_group, init_tp_group, rank_kv_config, tp_barrier
+from fitllm.engine.parallel.messages import LOAD_TIMEOUT_S, StepMessage, receive
 from fitllm.engine.parallel.ranks import rank_device
 from fitllm.engine.runner import apply_shift, profile_workspace, scratch_prefill
 from fitllm.loader import build_model, open_model
@@ -71,7 +71,7 @@ class Worker:
         getattr(self, f"_{msg.kind}")(msg)
 
     def _idle(self, msg: StepMessage) -> None:
-        pass
+        tp_barrier(self.config.tp_timeout_s)  # rank 0's heartbeat: it learns this rank still answers
 
     def _setup(self, msg: StepMessage) -> None:
         a = msg.args
@@ -148,6 +148,7 @@ class Worker:
 def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
     """Follow rank 0 until it says stop (or is lost: the receive raises)."""
     worker = Worker(rank, world_size, config)
+    tp_barrier(LOAD_TIMEOUT_S)  # every rank loaded (rank 0 meets it before its first message)
     log.info("tensor parallel: rank %d of %d ready (pid %d)", rank, world_size, os.getpid())
     try:
         while True:
