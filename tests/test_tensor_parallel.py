@@ -174,8 +174,13 @@ def test_plan_is_per_gpu(llama):
 
 
 def test_heads_that_do_not_split_are_refused(llama):
-    with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 cannot split 4 attention heads"):
+    """By the engine before any worker starts, and by the plan, naming the sizes that do split."""
+    message = r"--tensor-parallel-size 3 cannot split 4 attention heads .*sizes that can: 1, 2, 4"
+    with pytest.raises(ValueError, match=message):
         Engine(EngineConfig(model=str(llama), dtype="float32", tensor_parallel_size=3))
+    config = EngineConfig(model=str(llama), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match=message):
+        MemoryPlan.for_engine(config, open_model(str(llama)).config, torch.device("cpu"), budget=1 << 30)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])

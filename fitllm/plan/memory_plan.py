@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_dtype
-from fitllm.distributed import planning_as, rank_kv_config
+from fitllm.distributed import check_tp_shape, planning_as, rank_kv_config
 from fitllm.memory.kv.format import kv_bytes_per_token
 from fitllm.memory.kv.setup import kv_cache_retention, kv_pool_shape
 from fitllm.memory.offload.placement import (
@@ -112,6 +112,7 @@ class MemoryPlan:
             )
         reason = eager_reason(backend, device, config.enforce_eager, False, config.quantization)
         tp = config.tensor_parallel_size
+        check_tp_shape(model_config, tp)
         # With tensor parallelism every figure is one rank's (each GPU's): its shard of the weights, its
         # KV heads; rank 0's, which also holds the sampler's logits, is the largest, so the one planned.
         with planning_as(tp):
