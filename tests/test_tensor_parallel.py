@@ -24,9 +24,10 @@ from fitllm.distributed import get_tp_world_size, planning_as
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.engine.engine import Engine
 from fitllm.loader import open_model
-from fitllm.model.linear import RowParallelLinear
+from fitllm.model.linear import QKVParallelLinear, RowParallelLinear
 from fitllm.plan.memory_plan import MemoryPlan
 from fitllm.quant.int4 import Int4Method
+from fitllm.quant.int8 import Int8Method, quantize_int8
 
 REL = 1e-5
 LENS = [5, 40, 17, 33]  # crossing 16-token blocks; 40 and 33 are prefilled in chunks of 32
@@ -144,6 +145,31 @@ def test_quantized_shards(llama, quantization):
         compare(ref, tp, [tokens(n, i) for i, n in enumerate(LENS[:2])])
     finally:
         tp.close()
+
+
+def test_ranks_shards_cover_the_checkpoint():
+    """Built as each rank of 4 builds them (no processes): q heads split, 2 KV heads each held by the two
+    ranks whose query heads read it, int8 row-parallel shards with the whole row's scale."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n * 2, 8, generator=gen) for n in (4, 2, 2))  # head_dim 2
+    w = torch.randn(6, 8, generator=gen)
+    full_codes, full_scale = quantize_int8(w)
+    codes = []
+    for rank in range(4):
+        with planning_as(4, rank):
+            qkv = QKVParallelLinear(8, 2, 4, 2, bias=False)
+            row = RowParallelLinear(8, 6, quant=Int8Method())
+        for shard, tensor in (("q", q), ("k", k), ("v", v)):
+            qkv.weight_loader(qkv.weight, tensor, shard)
+        row.weight_loader(row.weight, w)
+        head = rank // 2  # ranks 0, 1 read KV head 0; ranks 2, 3 head 1
+        assert torch.equal(
+            qkv.weight,
+            torch.cat([q[2 * rank : 2 * rank + 2], k[2 * head : 2 * head + 2], v[2 * head : 2 * head + 2]]),
+        )
+        assert torch.equal(row.weight_scale, full_scale.to(row.weight_scale.dtype))
+        codes.append(row.weight)
+    assert torch.equal(torch.cat(codes, dim=1), full_codes)
 
 
 def test_int4_group_straddling_shards_is_refused():
