@@ -209,6 +209,17 @@ def test_heads_that_do_not_split_are_refused(llama):
         MemoryPlan.for_engine(config, open_model(str(llama)).config, torch.device("cpu"), budget=1 << 30)
 
 
+def test_start_up_failure_ends_the_workers(llama):
+    """Rank 0 refusing its budget after the workers started: the error is rank 0's, and no worker is left
+    waiting in a start-up collective."""
+    import multiprocessing
+
+    config = EngineConfig(model=str(llama), dtype="float32", memory_budget="200KiB", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--memory-budget"):
+        Engine(config)
+    assert not multiprocessing.active_children()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
 def test_lost_worker_makes_health_503_and_shutdown_ends_workers(llama, sig):
     """A worker killed is seen by the watchdog at once; one stopped (hung) by the idle heartbeat's barrier

@@ -67,6 +67,16 @@ class Engine:
             self.device = rank_device(self.device, 0)
             # Workers load their shards while this rank loads its own.
             self.tp = TensorParallelGroup(config, self.device)
+        try:
+            self._start(config, mc, show_progress)
+        except BaseException:
+            if self.tp is not None:  # the workers may be inside a start-up collective: no stop message
+                self.tp.close(graceful=False)
+            raise
+        log.info("memory:\n%s", self.memory_report())
+
+    def _start(self, config: EngineConfig, mc, show_progress: bool) -> None:
+        """Everything after the workers are started: memory, runner, scheduler (`__init__`'s body)."""
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         self.tokenizer = self.source.tokenizer(config.tokenizer)
@@ -139,7 +149,6 @@ class Engine:
         )
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None
-        log.info("memory:\n%s", self.memory_report())
 
     def status(self) -> EngineStatus:
         """What the engine holds now (for metrics and the studio's memory panel)."""

@@ -160,17 +160,19 @@ class TensorParallelGroup:
         self.send(message)
         self.barrier(self.timeout_s)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop every worker (asked first, then terminated) and leave the group."""
+    def close(self, timeout: float = 10.0, graceful: bool = True) -> None:
+        """Stop every worker (asked first unless the group is lost or not `graceful`, then terminated) and
+        leave the group."""
         if self._closed.is_set():
             return
         self._closed.set()
-        if self.failure is None:
+        graceful = graceful and self.failure is None
+        if graceful:
             try:
                 broadcast(StepMessage("stop"))
             except Exception:
                 log.warning("tensor parallel: a worker did not take the stop message; terminating")
-        self._end_workers(0.5 if self.failure is not None else timeout)
+        self._end_workers(timeout if graceful else 0.5)
         destroy_tp_group()
 
     def _end_workers(self, timeout: float) -> None:
