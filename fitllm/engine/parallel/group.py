@@ -2,12 +2,13 @@
 
 On one host rank 0 spawns ranks 1..N-1 (torch.multiprocessing, spawn) and they meet through MASTER_ADDR /
 MASTER_PORT (a free loopback port unless set). Under torchrun every rank is launched for it (RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; `fitllm serve` on rank 0, `fitllm.engine.parallel.worker` on the
-others: README), and rank 0 spawns nothing.
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT set; every rank runs the same `fitllm serve` and the CLI makes ranks
+above 0 workers: README), and rank 0 spawns nothing.
 
 A worker that dies is seen by a watchdog thread within a quarter second (spawned workers: their exit
-code), a hung one by the collective timeout (`--tp-timeout-s`); either way the engine raises `WorkerLost`
-on its next message, the async engine marks itself failed (/health answers 503) and nothing waits forever.
+code), a hung one by the idle heartbeat's barrier or a step's collective within `--tp-timeout-s`; either way
+the engine raises `WorkerLost`, the async engine marks itself failed (/health answers 503) and nothing
+waits forever.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class WorkerLost(RuntimeError):
 
 
 def free_port() -> int:
+    """A free loopback port for the rendezvous (a spawned group on one host)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
