@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
+from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.distributed import check_tp_shape, rank_kv_config
 from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
 from fitllm.engine.context_shift import ContextShifter, context_shift_unsupported
@@ -75,7 +75,7 @@ class Engine:
             raise
         log.info("memory:\n%s", self.memory_report())
 
-    def _start(self, config: EngineConfig, mc, show_progress: bool) -> None:
+    def _start(self, config: EngineConfig, mc: ModelConfig, show_progress: bool) -> None:
         """Everything after the workers are started: memory, runner, scheduler (`__init__`'s body)."""
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
