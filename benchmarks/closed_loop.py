@@ -45,6 +45,7 @@ class ClosedLoop:
         self.step_times: list[float] = []
         self.busy = 0.0  # this loop's clock: seconds spent inside the engine
         self._preemptions_at_start = engine.scheduler.num_preemptions
+        self._collectives_at_start = collective_seconds()
         engine.reset_prefix_cache()  # earlier passes ran the same prompts: no free prefix hits
 
     @property
@@ -103,7 +104,33 @@ class ClosedLoop:
         return {
             "steps": len(self.step_times),
             "preemptions": self.engine.scheduler.num_preemptions - self._preemptions_at_start,
+            **self._tensor_parallel(),
         }
+
+    def _tensor_parallel(self) -> dict:
+        """With tensor parallelism, rank 0's seconds in the row-parallel all-reduces and in the step
+        broadcasts over the pass, and their shares of its step time."""
+        if getattr(self.engine, "tp", None) is None:
+            return {}
+        reduce_s, broadcast_s = (
+            now - then for now, then in zip(collective_seconds(), self._collectives_at_start, strict=True)
+        )
+        step_s = sum(self.step_times)
+        return {
+            "step_s": step_s,
+            "all_reduce_s": reduce_s,
+            "broadcast_s": broadcast_s,
+            "all_reduce_share": reduce_s / step_s if step_s else 0.0,
+            "broadcast_share": broadcast_s / step_s if step_s else 0.0,
+        }
+
+
+def collective_seconds() -> tuple[float, float]:
+    """Rank 0's seconds so far in all-reduces and in step broadcasts (tensor parallel)."""
+    from fitllm.distributed import ALL_REDUCE
+    from fitllm.engine.parallel.messages import BROADCAST
+
+    return ALL_REDUCE.seconds, BROADCAST.seconds
 
 
 def run_closed_loop(loop: ClosedLoop) -> ClosedLoop:

@@ -12,6 +12,12 @@ from collections.abc import Callable
 BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
     ("throughput", "benchmarks.throughput", "creative-writing workload: fitllm vs transformers", True),
     ("memory", "benchmarks.memory", "static vs elastic KV pool: peak bytes, KV utilization, TPOT", True),
+    (
+        "tp-broadcast",
+        "benchmarks.tp_broadcast",
+        "a tensor-parallel step's input broadcast on gloo: pickled message vs one packed tensor, per batch",
+        False,
+    ),
     ("step", "benchmarks.decode_step", "one decode step's time: static vs elastic KV pool", True),
     (
         "banned",

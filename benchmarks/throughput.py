@@ -295,6 +295,12 @@ def run(args: argparse.Namespace) -> int:
                 wall, timings, extra = run_fitllm(engine, reqs, n, f"c{n}-r{rep}")
             fit = summarize("fitllm", n, rep, wall, timings, mem.result, extra)
             rows.append(fit)
+            if "all_reduce_share" in extra:
+                log(
+                    f"  tensor parallel: all-reduce {extra['all_reduce_share']:.1%} of step time "
+                    f"({extra['all_reduce_s']:.2f} s), step broadcast {extra['broadcast_share']:.1%} "
+                    f"({extra['broadcast_s']:.3f} s) over {extra['steps']} steps"
+                )
             if args.writers_samplers:
                 log(f"[pass {rep + 1}/{args.repeats}] N={n}: fitllm with DRY + XTC, {len(reqs)} requests...")
                 with PhaseMemoryProbe() as mem:
@@ -413,4 +419,5 @@ def run(args: argparse.Namespace) -> int:
     }
     path.write_text(json.dumps(result, indent=1, default=str))
     console.print(f"wrote {path}", highlight=False)
+    engine.close()  # tensor-parallel workers end here
     return 0

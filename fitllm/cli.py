@@ -16,7 +16,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fitllm.engine.engine import Engine
 
     params = sampling_params_from_args(args)  # validate before the model loads
-    engine = Engine(engine_config_from_args(args), show_progress=sys.stderr.isatty())
+    config = engine_config_from_args(args)
+    if run_as_torchrun_worker(config):
+        return 0
+    engine = Engine(config, show_progress=sys.stderr.isatty())
     prompt = args.prompt
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -72,6 +75,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
+def run_as_torchrun_worker(config) -> bool:
+    """Under torchrun every rank runs the same command; ranks above 0 become tensor-parallel workers
+    (fitllm/engine/parallel/worker.py) and return True when rank 0 stops them."""
+    from fitllm.distributed import rendezvous_from_env
+
+    env = rendezvous_from_env()
+    if env is None or env[0] == 0:
+        return False
+    from fitllm.engine.parallel.ranks import rank_threads
+    from fitllm.engine.parallel.worker import run_worker
+
+    if config.tensor_parallel_size != env[1]:
+        raise ValueError(
+            f"torchrun's WORLD_SIZE={env[1]} differs from --tensor-parallel-size {config.tensor_parallel_size}"
+        )
+    run_worker(env[0], env[1], rank_threads(config))
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fitllm.engine.async_engine import AsyncEngine
     from fitllm.engine.engine import Engine
@@ -82,6 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fitllm.server.shutdown import draining_server
 
     config = engine_config_from_args(args)
+    if run_as_torchrun_worker(config):
+        return 0
     # A checkpoint that cannot load (missing, corrupt, lying sizes) is one error here, before the port
     # opens; the engine then builds from the same opened source.
     source = open_model(config.model)
@@ -248,6 +272,9 @@ def cmd_eval_context_shift(args: argparse.Namespace) -> int:
         print(f"--text {args.text}: no such file", file=sys.stderr)
         return 2
     config = engine_config_from_args(args)
+    if config.tensor_parallel_size > 1:
+        print("fitllm eval context-shift runs on one device: drop --tensor-parallel-size", file=sys.stderr)
+        return 2
     config.max_model_len = max(args.context, 2)
     engine = Engine(config)
     reason = context_shift_unsupported(engine.model_config)
@@ -316,7 +343,9 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     ids = engine.tokenizer.encode(read_text(args.text))
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
-    scorer = SequenceScorer(engine.model, engine.model_config, engine.device, args.context, engine.kv_format)
+    scorer = SequenceScorer(
+        engine.model, engine.kv_config, engine.device, args.context, engine.kv_format, engine.tp
+    )
 
     def progress(done: int, total: int) -> None:
         print(f"\r{done}/{total} tokens", end="", file=sys.stderr, flush=True)

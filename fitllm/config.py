@@ -369,6 +369,15 @@ class EngineConfig:
     num_threads: int | None = flag(
         None, "CPU threads for torch (default: torch's choice)", type=int, name="--threads"
     )
+    tensor_parallel_size: int = flag(
+        1,
+        "processes the model's heads and MLP are split across (torch.distributed: NCCL on CUDA, one GPU "
+        "each; gloo on CPU); rank 0 spawns the others, or torchrun launches them all (README)",
+    )
+    tp_timeout_s: float = flag(
+        60.0,
+        "seconds a tensor-parallel collective may wait for a rank before the engine reports it lost",
+    )
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -404,6 +413,10 @@ class EngineConfig:
             raise ValueError(f"--cpu-offload-gb must be non-negative; got {self.cpu_offload_gb}")
         if self.offload_prefetch < 1:
             raise ValueError(f"--offload-prefetch must be at least 1; got {self.offload_prefetch}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be at least 1; got {self.tensor_parallel_size}")
+        if self.tp_timeout_s <= 0:
+            raise ValueError(f"--tp-timeout-s must be positive; got {self.tp_timeout_s}")
         if self.max_model_len == "auto":
             pass
         elif self.max_model_len is not None and (

@@ -28,7 +28,8 @@ def plain_engine():
 def prompts(plain_engine):
     tok = plain_engine.tokenizer
     edits = [
-        tok.encode(tok.apply_chat_template(t.messages()), add_special_tokens=False) for t in edit_tasks(1, seed=3)
+        tok.encode(tok.apply_chat_template(t.messages()), add_special_tokens=False)
+        for t in edit_tasks(1, seed=3)
     ]
     text = BOOK.read_text(encoding="utf-8")
     start = text.index("No one would have believed")

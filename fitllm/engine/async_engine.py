@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from fitllm.config import EngineConfig
 from fitllm.engine.engine import Engine
+from fitllm.engine.parallel.group import WorkerLost
 from fitllm.engine.request import RequestOutput, SamplingParams
 from fitllm.engine.request_stream import OutputHandoff, RequestStream
 from fitllm.engine.view import REUSE_SOURCES, EngineCounters, ServedModel, StatusSnapshot
@@ -253,19 +254,42 @@ class AsyncEngine:
             self._ready.set()
             return
         engine = self.engine
+        if engine.tp is not None:  # a lost worker fails the engine at once (/health), not at the next step
+            engine.tp.on_failure.append(self._lost)
         self._served = served  # ready from here on (the first snapshot is already published)
         self._ready.set()
+        try:
+            self._serve(engine)
+        finally:
+            engine.close()
+
+    def _lost(self, exc: BaseException) -> None:
+        """The engine can no longer run (a tensor-parallel worker is gone): not ready from now on."""
+        self.error = exc
+        self._commands.put(("wake", None, None))
+
+    def _serve(self, engine: Engine) -> None:
         while not self._stopping.is_set():
+            if self.error is not None:  # lost a worker: every stream ends with the error, nothing steps
+                self._fail(list(self._streams), _failed(f"the engine failed: {self.error}", self.error))
+                self._drain_commands(block=True)
+                continue
             busy = engine.has_unfinished_requests()
             self._drain_commands(block=not busy)
             self._enforce_drain_deadline()
             if self._stopping.is_set():
                 break
             if not engine.has_unfinished_requests():
-                engine.release_idle_memory()
+                try:
+                    engine.idle()
+                except WorkerLost as exc:
+                    self._lost(exc)
+                    continue
                 self._publish()
                 continue
             self._step()
+        if self.error is not None:
+            return
         for rid in list(self._streams):
             engine.abort(rid)
         self._deliver_all(engine.step() if engine.has_unfinished_requests() else [])
@@ -274,9 +298,13 @@ class AsyncEngine:
 
     def _step(self) -> None:
         """One engine step, its outputs delivered. An exception out of it is not one request's fault (the
-        engine isolates those inside the step): every request in flight fails, and the thread serves on."""
+        engine isolates those inside the step): every request in flight fails, and the thread serves on
+        (unless a tensor-parallel worker is lost: then the engine is failed for good)."""
         try:
             outputs = self.engine.step()
+        except WorkerLost as exc:
+            self._lost(exc)
+            return
         except Exception as exc:
             log.exception("engine step failed")
             self._fail_all(exc)
@@ -325,6 +353,9 @@ class AsyncEngine:
         kind, payload, future = cmd
         engine = self.engine
         assert engine is not None
+        if self.error is not None and future is not None:
+            future.set_exception(EngineDead(f"the engine failed: {self.error}"))
+            return
         if kind in ("add", "add_all"):
             items = (payload,) if kind == "add" else payload
             added: list[str] = []

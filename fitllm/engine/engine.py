@@ -8,13 +8,17 @@ from collections.abc import Iterator
 
 import torch
 
-from fitllm.config import EngineConfig, cdiv, resolve_async_scheduling, resolve_dtype
+from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_async_scheduling, resolve_dtype
+from fitllm.distributed import check_tp_shape, rank_kv_config
 from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
 from fitllm.engine.context_shift import ContextShifter, context_shift_unsupported
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
 from fitllm.engine.isolation import RandomStreams, find_culprits
 from fitllm.engine.outputs import error_output, make_output
+from fitllm.engine.parallel.group import TensorParallelGroup, WorkerLost, refuse_with_tp
+from fitllm.engine.parallel.messages import StepMessage
+from fitllm.engine.parallel.ranks import rank_device, rank_threads
 from fitllm.engine.report import EngineStatus, engine_status, give_back_to_device, memory_report
 from fitllm.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from fitllm.engine.runner import ModelRunner
@@ -48,12 +52,33 @@ class Engine:
         self, config: EngineConfig, show_progress: bool = False, source: ModelSource | None = None
     ) -> None:
         """`source`: config.model already opened (and checked), e.g. by `fitllm serve` before it binds."""
+        self.tp: TensorParallelGroup | None = None
+        if config.tensor_parallel_size > 1:
+            config = rank_threads(config)
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolve_device()
         self.source = source if source is not None else open_model(config.model)
         self.model_config = mc = self.source.config
+        # What one rank's KV pool holds (its KV heads); the model config itself stays whole.
+        self.kv_config = rank_kv_config(mc, config.tensor_parallel_size)
+        if config.tensor_parallel_size > 1:
+            check_tp_shape(mc, config.tensor_parallel_size)
+            refuse_with_tp(config)
+            self.device = rank_device(self.device, 0)
+            # Workers load their shards while this rank loads its own.
+            self.tp = TensorParallelGroup(config, self.device)
+        try:
+            self._start(config, mc, show_progress)
+        except BaseException:
+            if self.tp is not None:  # the workers may be inside a start-up collective: no stop message
+                self.tp.close(graceful=False)
+            raise
+        log.info("memory:\n%s", self.memory_report())
+
+    def _start(self, config: EngineConfig, mc: ModelConfig, show_progress: bool) -> None:
+        """Everything after the workers are started: memory, runner, scheduler (`__init__`'s body)."""
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         self.tokenizer = self.source.tokenizer(config.tokenizer)
@@ -79,7 +104,8 @@ class Engine:
         self.swapper = KVSwapper(
             self.storage,
             self.kv,
-            config.resolve_swap_space(self.device),
+            # Host swap would move K/V only rank 0 holds: with tensor parallelism preemption recomputes.
+            0 if self.tp is not None else config.resolve_swap_space(self.device),
             config.preemption_mode,  # type: ignore[arg-type]
         )
         self.sampler = Sampler(
@@ -89,7 +115,7 @@ class Engine:
         )
         self.runner = ModelRunner(
             self.model,
-            mc,
+            self.kv_config,
             self.kv,
             self.storage,
             self.sampler,
@@ -97,6 +123,7 @@ class Engine:
             self.attention_backend,
             decode_gather_tokens=self.decode_gather_tokens,
         )
+        self.runner.tp = self.tp
         if graph_reserve is not None:
             # Sets runner.graphs, or leaves it None when the budget has no room for the pool.
             capture_decode_graphs(
@@ -125,10 +152,12 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, mc.vocab_size)  # structured output, on first use
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
-        self.async_scheduling = resolve_async_scheduling(config.async_scheduling, self.device)
+        # The step in flight's tokens live on rank 0 only; with tensor parallelism each step's ids are known.
+        self.async_scheduling = self.tp is None and resolve_async_scheduling(
+            config.async_scheduling, self.device
+        )
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None
-        log.info("memory:\n%s", self.memory_report())
 
     def status(self) -> EngineStatus:
         """What the engine holds now (for metrics and the studio's memory panel)."""
@@ -247,7 +276,9 @@ class Engine:
         need = SequenceScorer.workspace_bytes(len(ids), self.kv_bytes_per_token, vocab)
         self.ledger.reserve("workspace", need)  # BudgetExceeded when memory is short right now
         try:
-            scorer = SequenceScorer(self.model, self.model_config, self.device, len(ids), self.kv_format)
+            scorer = SequenceScorer(
+                self.model, self.kv_config, self.device, len(ids), self.kv_format, self.tp
+            )
             logprobs, values, indices = scorer.token_logprobs_and_top(ids, top_n)
         finally:
             self.ledger.release("workspace", need)
@@ -290,6 +321,19 @@ class Engine:
             give_back_to_device(self.device)
         self.storage.tag_cached(self.pool.num_cached_blocks)
         return released
+
+    def idle(self) -> None:
+        """An idle turn (the async engine's, every half second without work): idle slabs given back, and
+        with tensor parallelism the workers told (their heartbeat: a worker lost shows here, not at the
+        next request)."""
+        self.release_idle_memory()
+        if self.tp is not None:
+            self.tp.heartbeat(StepMessage("idle", self.storage.take_journal()))
+
+    def close(self) -> None:
+        """End the tensor-parallel workers (a no-op on one device); the engine cannot step after it."""
+        if self.tp is not None:
+            self.tp.close()
 
     def step(self) -> list[RequestOutput]:
         """Schedule, queue the model and sampling, and return the outputs the host has learnt.
@@ -363,7 +407,17 @@ class Engine:
         streams = RandomStreams(self.sampler, sched)
         try:
             return self._launch(sched, prev), []
+        except WorkerLost:
+            raise
         except Exception as exc:
+            if self.tp is not None:
+                # The workers may be inside this step's collectives: no trial runs, the group is lost.
+                self.tp.fail(
+                    WorkerLost(
+                        f"a step failed on rank 0 ({exc!r}); the tensor-parallel ranks are out of step"
+                    )
+                )
+                raise self.tp.failure from exc
             error = exc
         failed: list[RequestOutput] = []
         rest = list(sched.scheduled)

@@ -68,3 +68,7 @@ class LLM:
                 if out.finished:
                     done[out.request_id] = out
         return [done[i] for i in ids]
+
+    def close(self) -> None:
+        """End the tensor-parallel workers, if any (they also end with this process)."""
+        self.engine.close()

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
 from fitllm.engine.context_shift import KeyShift, KVShift, rotate_keys
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
+from fitllm.engine.parallel.messages import StepMessage
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -26,6 +28,9 @@ from fitllm.memory.kv.swap import KVCopy, make_copies
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import AttentionMetadata, BatchLayout, TritonMetadata, metadata_builder
 from fitllm.plan.planner import capture_sizes
+
+if TYPE_CHECKING:
+    from fitllm.engine.parallel.group import TensorParallelGroup
 
 
 @dataclass(slots=True)
@@ -117,6 +122,7 @@ def profile_workspace(
     backend: str = "torch",
     max_model_len: int | None = None,
     decode_cap: int | None = None,
+    sample: bool = True,
 ) -> int:
     """Measured workspace of the largest step, before the KV pool exists: `num_tokens` batched tokens
     made of `num_rows - 1` decodes at the full context (each holds gather rows and a mask for all of it,
@@ -125,7 +131,8 @@ def profile_workspace(
     sampler's float32 working set.
 
     K/V go to a one-block scratch cache (slot ids wrap around it); the gathered contexts are still as long
-    as they would be, so the attention workspace measured is the real one.
+    as they would be, so the attention workspace measured is the real one. `sample` False: the forward
+    only (a tensor-parallel worker, which neither computes logits nor samples).
     """
     from fitllm.memory.profile import measure_peak_bytes
 
@@ -148,6 +155,8 @@ def profile_workspace(
         ) as meta:
             hidden = model(ids, positions, meta)
         del meta  # as in ModelRunner.execute, the metadata dies before the sampler runs
+        if not sample:
+            return
         logits = model.compute_logits(hidden[:num_rows]).float()
         # The sampler's largest working sets: probabilities and their running sum per row, and a
         # top-p cut as this device makes it (on CUDA one pass over the sorted vocabulary).
@@ -155,6 +164,28 @@ def profile_workspace(
         Sampler([]).sample(logits, [Request(f"profile-{i}", None, [0], probe) for i in range(num_rows)])
 
     return measure_peak_bytes(step, device)
+
+
+def apply_shift(
+    storage: KVSlabStorage,
+    rotary: nn.Module,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    delta: torch.Tensor,
+    adopted: list[int],
+    moved_by: int,
+) -> None:
+    """One context shift (`KVShift`) on one rank's cache. The copied part first: the K/V of global slots
+    `src` (all read before any is written, as the request's new blocks may be sources just evicted), K
+    rotated by `delta`, written to slots `dst`; then the K of the `adopted` blocks rotated by `moved_by`
+    where they lie (after every earlier shift of the step has read them)."""
+    if len(dst):
+        rotate = KeyShift(delta, rotary, storage.kv_format, storage.device)
+        storage.move_slots(src.to(storage.device), dst.to(storage.device), rotate)
+    if adopted:
+        tables = rotary.shift_tables(torch.tensor([moved_by]), storage.device)
+        for keys in storage.key_runs(adopted):
+            rotate_keys(keys, tables, rotary, storage.kv_format)
 
 
 class ModelRunner:
@@ -179,6 +210,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.storage = storage
+        self.tp: TensorParallelGroup | None = None  # rank 0 of a tensor-parallel group: workers follow
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
         for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
@@ -223,6 +255,8 @@ class ModelRunner:
         """Flat input ids, positions, attention metadata and the row index of each sampled request, from one
         batch layout. The ids, positions, slots and row indices go to the device in one copy."""
         batch = step_layout(scheduled, self.kv, pending)
+        if self.tp is not None:
+            self.tp.send(StepMessage("step", self.storage.take_journal(), batch))
         input_ids, positions, slots, sample_index, dst, src = to_device_packed(
             [
                 batch.input_ids,
@@ -254,21 +288,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def shift(self, shifts: list[KVShift]) -> None:
-        """Context shifts, in the order admitted. Each first copies: gathers its source K/V (all of it before
-        writing, as its own new blocks may be sources just evicted), rotates K by the position change with
-        the model's rotary, and writes it into its request's new blocks; then rotates the K of the blocks it
-        took over in place (after every earlier shift of the step has read them)."""
-        s = self.storage
-        rotary = self.model.rotary
+        """Context shifts, in the order admitted (`apply_shift`; under tensor parallelism every rank makes
+        the same moves on its own heads)."""
+        moves = []
         for shift in shifts:
+            dst = shift.positions
             if len(shift.positions):
                 dst = self.kv.slots(shift.request_id, shift.end).index_select(0, shift.positions)
-                rotate = KeyShift(shift.delta, rotary, s.kv_format, self.device)
-                s.move_slots(shift.src_slots.to(self.device), dst.to(self.device), rotate)
-            if shift.adopted:
-                tables = rotary.shift_tables(torch.tensor([shift.moved_by]), self.device)
-                for keys in s.key_runs([b.block_id for _, b in shift.adopted]):
-                    rotate_keys(keys, tables, rotary, s.kv_format)
+            adopted = [b.block_id for _, b in shift.adopted]
+            moves.append((shift.src_slots, dst, shift.delta, adopted, shift.moved_by))
+        if self.tp is not None and moves:
+            args = {
+                "shifts": [
+                    (src.tolist(), torch.as_tensor(dst).tolist(), d.tolist(), a, by)
+                    for src, dst, d, a, by in moves
+                ]
+            }
+            self.tp.send(StepMessage("shift", self.storage.take_journal(), args=args))
+        for move in moves:
+            apply_shift(self.storage, self.model.rotary, *move)
 
     @torch.inference_mode()
     def execute(

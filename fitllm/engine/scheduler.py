@@ -374,7 +374,7 @@ class Scheduler:
             status = None
             for j, token in enumerate(tokens):
                 req.token_ids.append(token)
-                if req.constraint is not None:  # a token the grammar refuses fails the request (Engine._output)
+                if req.constraint is not None:  # a refused token fails the request (Engine._output)
                     req.constraint.accept(token)
                 if req.logprobs is not None:
                     req.logprobs.append(result.logprobs[first + j])

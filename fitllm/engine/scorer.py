@@ -6,12 +6,18 @@ vocabulary-sized buffer stays small.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
+from fitllm.engine.parallel.messages import StepMessage
 from fitllm.engine.runner import scratch_prefill
 from fitllm.memory.kv.format import KVCacheFormat
+
+if TYPE_CHECKING:
+    from fitllm.engine.parallel.group import TensorParallelGroup
 
 LOGIT_ROWS = 256  # rows of logits formed at once
 
@@ -26,7 +32,11 @@ class SequenceScorer:
         device: torch.device,
         context: int,
         kv_format: KVCacheFormat | None = None,
+        tp: TensorParallelGroup | None = None,
     ) -> None:
+        """`config`: as one rank's KV sees it (the engine's `kv_config`); `tp`: rank 0's group, whose
+        workers run each scoring forward alongside."""
+        self.tp = tp
         self.model = model
         self.config = config
         self.device = device
@@ -46,6 +56,8 @@ class SequenceScorer:
         n = len(ids)
         assert 2 <= n <= self.context
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.tp is not None:
+            self.tp.send(StepMessage("score", args={"ids": list(ids)}))
         with scratch_prefill(self.model, self.config, self.device, n, n, self.kv_format) as meta:
             hidden = self.model(tokens, torch.arange(n, device=self.device), meta)
         out = torch.empty(n - 1, dtype=torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from fitllm.engine.parallel.messages import LOAD_TIMEOUT_S, StepMessage
 from fitllm.engine.runner import profile_workspace
 from fitllm.loader import build_model
 from fitllm.memory.host import trim_host_heap
@@ -42,6 +43,12 @@ def start_memory(engine: Engine, show_progress: bool) -> int | None:
             mc.max_position_embeddings,
         )
     engine.placement = plan.placement()
+    if engine.tp is not None and engine.placement.offloaded:
+        raise ValueError(
+            f"one rank's shard does not fit --memory-budget {format_bytes(engine.ledger.budget)} without "
+            f"streaming {len(engine.placement.offloaded)} layers, which tensor parallelism does not do; "
+            f"raise the budget, quantize or add ranks (see `fitllm plan --tensor-parallel-size N`)"
+        )
     sink = None
     if engine.placement.offloaded:
         sink = make_sink(
@@ -68,6 +75,8 @@ def start_memory(engine: Engine, show_progress: bool) -> int | None:
         sink,
     )
     engine.source.release()  # the weights are in; the file's mapped pages need not stay resident
+    if engine.tp is not None:  # every rank's shard is in before the first collective's timeout runs
+        engine.tp.barrier(LOAD_TIMEOUT_S)
     reserve_weights(engine, sink)
     if auto_len:
         engine.max_model_len = auto_length(engine)
@@ -77,8 +86,18 @@ def start_memory(engine: Engine, show_progress: bool) -> int | None:
     engine.block_size = config.block_size
     graph_reserve = reserve_graph_pool(engine)
     engine.storage, engine.pool = build_kv_pool(
-        config, mc, engine.kv_format, engine.max_model_len, engine.device, engine.ledger
+        config, engine.kv_config, engine.kv_format, engine.max_model_len, engine.device, engine.ledger
     )
+    if engine.tp is not None:
+        # Workers build the same pool; from here on rank 0's slab ops reach them with each step.
+        pool_shape = {
+            "block_size": engine.block_size,
+            "slab_blocks": engine.storage.slab_slots // engine.block_size,
+            "max_slabs": engine.storage.max_slabs,
+            "decode_cap": engine.decode_gather_tokens,
+        }
+        engine.tp.send(StepMessage("kv_pool", args=pool_shape))
+        engine.storage.journal = []
     engine.kv = KVCacheManager(engine.pool, engine.block_size)
     if auto_len:
         # What the pool can ever hold is in whole slabs, after the measured workspace (the length was
@@ -126,13 +145,23 @@ def reserve_workspace(engine: Engine) -> None:
     # The reference backend gathers a decode group's K/V padded to its longest context; groups hold at
     # most this many context tokens (as a prefill step's), so the profile step can measure the largest.
     engine.decode_gather_tokens = max(config.max_num_batched_tokens, engine.max_model_len)
+    if engine.tp is not None:  # the workers prepare and profile alongside (the forward's all-reduces meet)
+        setup = {
+            "max_model_len": engine.max_model_len,
+            "planned": engine.workspace_planned,
+            "profile": config.profile_workspace,
+            "tokens": config.max_num_batched_tokens,
+            "rows": min(config.max_num_seqs, config.max_num_batched_tokens),
+            "decode_cap": engine.decode_gather_tokens,
+        }
+        engine.tp.send(StepMessage("setup", args=setup))
     if config.profile_workspace:
         # Measured before the KV pool is sized, so the pool gets what the real workspace leaves: a full
         # step of --max-num-batched-tokens, decodes and prefills at the full context.
         tokens = config.max_num_batched_tokens
         engine.workspace_measured = profile_workspace(
             engine.model,
-            engine.model_config,
+            engine.kv_config,
             engine.device,
             tokens,
             config.max_sampled_rows,
@@ -166,6 +195,10 @@ def reserve_graph_pool(engine: Engine) -> int | None:
     """Reserve the decode CUDA graphs' planned bytes before the KV pool is sized (so --static-kv does not
     take them); None when decode runs eagerly (see `eager_reason`) or the budget has no room."""
     config, streamed = engine.config, engine.streamer is not None
+    if engine.tp is not None:
+        if engine.device.type == "cuda":
+            log.info("CUDA graphs off: tensor parallel; decode runs eagerly")
+        return None
     reason = eager_reason(
         engine.attention_backend, engine.device, config.enforce_eager, streamed, config.quantization
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce
+from fitllm.distributed import get_tp_rank, get_tp_world_size, kv_head_start, local_kv_heads, tp_all_reduce
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import GGUFBlocks, row_chunks
 
@@ -142,7 +142,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections in one matrix; heads split across ranks."""
+    """q, k and v projections in one matrix; heads split across ranks. With fewer KV heads than ranks, each
+    rank holds one KV head, shared by the ranks whose query heads use it (`kv_head_start`)."""
 
     def __init__(
         self,
@@ -156,22 +157,29 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = get_tp_world_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp)
-        self.num_kv_heads = _divide(num_kv_heads, tp)
-        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_dim, bias, quant)
+        self.total_kv_heads = num_kv_heads
+        self.num_kv_heads = local_kv_heads(num_kv_heads, tp)
+        # Built as one column-parallel matrix of this rank's rows (replicated KV heads counted per rank).
+        LinearBase.__init__(
+            self, hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim, bias, quant
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # q, k and v already stacked in the checkpoint (ChatGLM's query_key_value)
-            q, kv = (
-                self.num_heads * self.tp_size * self.head_dim,
-                self.num_kv_heads * self.tp_size * self.head_dim,
-            )
+            q = self.num_heads * self.tp_size * self.head_dim
+            kv = self.total_kv_heads * self.head_dim
             self._load_stacked(param, loaded, [("q", q), ("k", kv), ("v", kv)])
             return
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
-        _expect_rows(loaded, size * self.tp_size)
-        shard = loaded.narrow(0, self.tp_rank * size, size)
+        if shard_id == "q":
+            _expect_rows(loaded, size * self.tp_size)
+            start = self.tp_rank * size
+        else:
+            _expect_rows(loaded, self.total_kv_heads * self.head_dim)
+            start = kv_head_start(self.tp_rank, self.total_kv_heads, self.tp_size) * self.head_dim
+        shard = loaded.narrow(0, start, size)
         if param is self.bias:
             _copy_checked(param.data.narrow(0, offset, size), shard)
         else:
@@ -184,7 +192,19 @@ class RowParallelLinear(LinearBase):
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, quant: QuantMethod | None = None
     ) -> None:
-        super().__init__(_divide(in_features, get_tp_world_size()), out_features, bias, quant)
+        tp = get_tp_world_size()
+        local = _divide(in_features, tp)
+        group = getattr(quant, "group_size", None)
+        if tp > 1 and group and local % group:
+            # An int4 group straddling two ranks' columns would need both halves to dequantize.
+            fits = [g for g in (128, 64, 32, 16) if local % g == 0]
+            raise ValueError(
+                f"--quant-group-size {group} would make int4 groups straddle the tensor-parallel shards "
+                f"({in_features} input features split {tp} ways are {local} each); use "
+                f"--quant-group-size {fits[0] if fits else 'N'} (a divisor of {local}) or a smaller "
+                f"--tensor-parallel-size"
+            )
+        super().__init__(local, out_features, bias, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param is self.bias:  # added once, after the reduce
@@ -193,8 +213,16 @@ class RowParallelLinear(LinearBase):
         n = self.in_features
         if tuple(loaded.shape) != (self.out_features, n * self.tp_size):
             raise ShapeMismatch(tuple(loaded.shape), (self.out_features, n * self.tp_size))
+        if self.tp_size > 1 and not isinstance(loaded, GGUFBlocks):
+            # Each output row's scale is the whole row's, as at world size 1 (int8: one scale per row).
+            self.quant.load_column_shard(self, loaded, self.tp_rank * n, n)
+            return
         self._load_rows(0, self.out_features, loaded.narrow(1, self.tp_rank * n, n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = tp_all_reduce(self.quant.apply(self, x))
-        return out if self.bias is None else out + self.bias
+        out = self.quant.apply(self, x)
+        if self.tp_size > 1:  # this layer's own group size (a world-size-1 model may share the process)
+            tp_all_reduce(out)
+        if self.bias is None:
+            return out
+        return out + self.bias

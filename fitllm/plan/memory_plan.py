@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_dtype
+from fitllm.distributed import check_tp_shape, planning_as, rank_kv_config
 from fitllm.memory.kv.format import kv_bytes_per_token
 from fitllm.memory.kv.setup import kv_cache_retention, kv_pool_shape
 from fitllm.memory.offload.placement import (
@@ -110,16 +111,22 @@ class MemoryPlan:
                 lm_head_dtype=config.lm_head_dtype,
             )
         reason = eager_reason(backend, device, config.enforce_eager, False, config.quantization)
+        tp = config.tensor_parallel_size
+        check_tp_shape(model_config, tp)
+        # With tensor parallelism every figure is one rank's (each GPU's): its shard of the weights, its
+        # KV heads; rank 0's, which also holds the sampler's logits, is the largest, so the one planned.
+        with planning_as(tp):
+            weights = weight_breakdown(model_config, dtype, quant, device.type)
         return cls(
             config,
             model_config,
             dtype,
             quant,
             resolve_budget(config.memory_budget, device) if budget is None else budget,
-            weight_breakdown(model_config, dtype, quant, device.type),
-            kv_bytes_per_token(model_config, dtype, config.kv_cache_dtype),
+            weights,
+            kv_bytes_per_token(rank_kv_config(model_config, tp), dtype, config.kv_cache_dtype),
             reference_attention=backend == "torch",
-            cuda_graphs=reason is None,
+            cuda_graphs=reason is None and tp == 1,
             overhead=overhead,
             device=device,
         )
@@ -296,6 +303,7 @@ class MemoryPlan:
             graph_pool=self.graph_pool_at(length, streamed),
             kv_cache_retention=kv_cache_retention(config, per_token, length, room),
             kv_host_cache=config.kv_host_cache,
+            tensor_parallel_size=config.tensor_parallel_size,
         )
         if not fits:
             device_type = self.device.type if self.device is not None else "cpu"

@@ -155,6 +155,7 @@ class Plan:
     graph_pool: int = 0  # decode CUDA graphs' pool and static inputs (0: decode runs eagerly)
     kv_cache_retention: int = 0  # cached KV idle release keeps, within the KV room (--kv-cache-retention)
     kv_host_cache: int = 0  # host memory for prefix KV evicted from the device, outside the budget
+    tensor_parallel_size: int = 1  # >1: every figure is one GPU's (rank 0's), the budget each GPU's
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -246,6 +247,15 @@ class Plan:
             ),
             ("fits", "yes" if self.fits else "NO"),
         ]
+        if self.tensor_parallel_size > 1:
+            rows.insert(
+                0,
+                (
+                    "tensor parallel",
+                    f"{self.tensor_parallel_size} GPUs: every figure is one GPU's (heads, KV heads and MLP "
+                    f"split; embedding and LM head whole on each)",
+                ),
+            )
         width = max(len(r[0]) for r in rows)
         lines = [f"{self.model} ({self.dtype})"] + [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  -> {s}" for s in self.suggestions]

@@ -27,6 +27,12 @@ class QuantMethod:
         """Store checkpoint rows [n, in_features] (shape already checked) at output rows [offset, offset + n)."""
         raise NotImplementedError
 
+    def load_column_shard(self, layer: nn.Module, rows: torch.Tensor, start: int, width: int) -> None:
+        """Store columns [start, start + width) of full checkpoint rows [out_features, K] (a row-parallel
+        rank's shard). By default the shard is stored as if it were the whole weight: right for the model
+        dtype and for int4, whose groups lie inside one shard (RowParallelLinear checks)."""
+        self.load_rows(layer, 0, rows.narrow(1, start, width))
+
     def describe(self) -> str:
         """How logs and reports name this method."""
         return self.name

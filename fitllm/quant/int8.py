@@ -110,6 +110,15 @@ class Int8Method(QuantMethod):
         layer.weight.data.narrow(0, offset, n).copy_(q)
         layer.weight_scale.data.narrow(0, offset, n).copy_(scale)
 
+    def load_column_shard(self, layer: nn.Module, rows: torch.Tensor, start: int, width: int) -> None:
+        """A row-parallel shard keeps the whole row's scale (its largest |w| over every rank's columns), so
+        the ranks' partial products add up to world size 1's product."""
+        for first in range(0, rows.shape[0], ROW_CHUNK):
+            part = rows[first : first + ROW_CHUNK]
+            q, scale = quantize_int8(part)
+            layer.weight.data.narrow(0, first, part.shape[0]).copy_(q.narrow(1, start, width))
+            layer.weight_scale.data.narrow(0, first, part.shape[0]).copy_(scale)
+
     def block_types(self) -> tuple[str, ...]:
         return ("Q8_0",)
 

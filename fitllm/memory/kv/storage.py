@@ -93,6 +93,9 @@ class KVSlabStorage:
         self.device = device
         self.ledger = ledger
         self.live: set[int] = set()
+        # Tensor parallel, rank 0: every slab op in order (("add", slab), ("remove", slab), ("copy", src,
+        # dst)), sent with the next step so each worker's storage follows in that step (`replay`).
+        self.journal: list[tuple] | None = None
         self.slabs: list[torch.Tensor | None] = [None] * max_slabs  # `slabs` mode only
         self.region: torch.Tensor | None = None
         self._reserved: ReservedRegion | None = None
@@ -196,6 +199,8 @@ class KVSlabStorage:
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy whole blocks' K/V from block ids `src` to `dst` (compaction before a slab is released),
         through a device buffer of at most one slab's bytes at a time."""
+        if self.journal is not None:
+            self.journal.append(("copy", list(src), list(dst)))
         per = max(1, self.slab_slots // self.block_size)
         for i in range(0, len(src), per):
             part = src[i : i + per]
@@ -220,6 +225,8 @@ class KVSlabStorage:
         if not self.ledger.can_reserve(self.slab_bytes):
             return False
         self.ledger.reserve("kv", self.slab_bytes)
+        if self.journal is not None:
+            self.journal.append(("add", slab))
         if self.region is not None:
             # Fresh or released pages read as zeros: padded gathers (slot 0) see finite numbers.
             self.live.add(slab)
@@ -235,6 +242,8 @@ class KVSlabStorage:
     def remove(self, slab: int) -> None:
         """Free slab `slab` and give its bytes back to the ledger."""
         assert slab in self.live, f"slab {slab} is not live"
+        if self.journal is not None:
+            self.journal.append(("remove", slab))
         if self.region is not None:
             view = self.slab_view(slab)
             for layer in range(view.shape[0]):
@@ -248,6 +257,26 @@ class KVSlabStorage:
         # The slab's cached blocks were evicted with it; the rest are re-tagged at the next `tag_cached`.
         self.tag_cached(0)
         self.ledger.release("kv", self.slab_bytes)
+
+    def take_journal(self) -> list[tuple]:
+        """The slab ops since the last call (tensor parallel, rank 0)."""
+        ops, self.journal = self.journal or [], ([] if self.journal is not None else None)
+        return ops
+
+    def replay(self, ops: list[tuple]) -> None:
+        """Follow rank 0's slab ops in order (a worker's storage, same shape, before the step that needs
+        them); a slab this rank's budget refuses is an error: ranks must hold the same pool."""
+        for op in ops:
+            if op[0] == "add":
+                if not self.add(op[1]):
+                    raise RuntimeError(
+                        f"this rank's --memory-budget refuses KV slab {op[1]} that rank 0 added "
+                        f"({self.ledger.free_bytes()} bytes free); give every rank the same budget"
+                    )
+            elif op[0] == "remove":
+                self.remove(op[1])
+            else:
+                self.copy_blocks(op[1], op[2])
 
     def tag_cached(self, num_cached_blocks: int) -> None:
         """Re-tag the bytes of `num_cached_blocks` blocks (unreferenced, kept for prefix reuse) as
