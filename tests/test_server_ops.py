@@ -129,8 +129,8 @@ BAD = [
         400,
         "tools",
     ),
-    (
-        "tool_choice_required",
+    (  # a forced call needs a tool-call format too
+        "tool_choice_required_without_a_tool_format",
         CHAT,
         {
             "messages": MESSAGES,
@@ -138,7 +138,7 @@ BAD = [
             "tool_choice": "required",
         },
         400,
-        "tool_choice",
+        "tools",
     ),
     (
         "tool_choice_without_tools",

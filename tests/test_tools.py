@@ -314,9 +314,8 @@ def test_openai_client_streamed_tool_calls(tool_server):
     )
 
 
-def test_tool_choice_none_and_forced(tool_server):
-    """ "none": the reply is text even when it looks like a call; "required" and a named function: a 400
-    until constrained decoding is wired (openai/tools.py)."""
+def test_tool_choice_none(tool_server):
+    """ "none": the reply is text even when it looks like a call."""
     server, client, script, family = tool_server
     _say(server, script, CALL_TEXT[family])
     messages = [{"role": "user", "content": "Weather?"}]
@@ -325,12 +324,87 @@ def test_tool_choice_none_and_forced(tool_server):
     )
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert "get_weather" in r.choices[0].message.content
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    for choice in ("required", named):
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
-            client.chat.completions.create(
-                model=server.name, messages=messages, tools=[WEATHER], tool_choice=choice
-            )
+
+
+# Arguments a random model can finish: every value an enum, no other properties.
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "forecast",
+        "description": "The forecast",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["C", "F"]}, "days": {"enum": [1, 2, 3]}},
+            "required": ["unit", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALERTS = {
+    "type": "function",
+    "function": {
+        "name": "alerts",
+        "parameters": {
+            "type": "object",
+            "properties": {"level": {"enum": ["low", "high"]}},
+            "required": ["level"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def random_tool_server(request, tmp_path_factory):
+    """A real engine on random weights: it writes a call only because the grammar makes it."""
+    folder = CHECKPOINTS[request.param](tmp_path_factory.mktemp(f"forced-{request.param}"))
+    engine = AsyncEngine(EngineConfig(model=str(folder), dtype="float32", max_model_len=2048))
+    with serve(engine, request.param) as s:
+        yield s, openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("choice", ["required", "forecast", "alerts"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_tool_choice_makes_one_valid_call(random_tool_server, choice, stream):
+    """tool_choice "required" or a named function: random weights, constrained by the family's call grammar,
+    answer with exactly one call to an offered (or the named) tool whose arguments follow its schema; the
+    official client reads it as tool_calls, plain and streamed."""
+    server, client = random_tool_server
+    tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": choice}}
+    kw = dict(
+        model=server.name,
+        messages=[{"role": "user", "content": "Forecast?"}],
+        tools=[FORECAST, ALERTS],
+        tool_choice=tool_choice,
+        temperature=0,
+        max_tokens=200,
+    )
+    if stream:
+        with client.chat.completions.stream(**kw) as s:
+            list(s)
+            final = s.get_final_completion()
+    else:
+        final = client.chat.completions.create(**kw)
+    out = final.choices[0]
+    assert out.finish_reason == "tool_calls", out
+    (call,) = out.message.tool_calls
+    assert call.function.name in ({"forecast", "alerts"} if choice == "required" else {choice})
+    args = json.loads(call.function.arguments)
+    spec = (FORECAST if call.function.name == "forecast" else ALERTS)["function"]["parameters"]
+    assert set(args) == set(spec["required"])
+    assert all(args[k] in spec["properties"][k]["enum"] for k in args)
+
+
+def test_forced_tool_choice_with_another_constraint_is_a_400(random_tool_server):
+    server, client = random_tool_server
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(
+            model=server.name,
+            messages=[{"role": "user", "content": "Forecast?"}],
+            tools=[FORECAST],
+            tool_choice="required",
+            response_format={"type": "json_object"},
+        )
 
 
 def test_tools_on_a_model_without_a_tool_format(tmp_path, make_random_checkpoint):

@@ -22,7 +22,10 @@ class _Vocabulary:
         self.tokens = [tokenizer.token_bytes(i) for i in range(n)] + [b""] * (vocab_size - n)
         self.eos_token_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
         self.bos_token_id = tokenizer.bos_token_id
-        self.special_token_ids = sorted(i for i in tokenizer.backend.get_added_tokens_decoder() if i < n)
+        # Special tokens only: llguidance keeps them out of text. A plain added token (Qwen's `<tool_call>`)
+        # is its text, so a grammar's literal "<tool_call>" matches the token the model writes for it.
+        added = tokenizer.backend.get_added_tokens_decoder()
+        self.special_token_ids = sorted(i for i, t in added.items() if t.special and i < n)
         self._tokenizer = tokenizer
 
     def __call__(self, text: str | bytes) -> list[int]:

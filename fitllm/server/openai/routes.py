@@ -324,9 +324,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     shift = st.context_shift_for(body.context_shift, "openai")
     params = body.sampling_params(max_tokens, top_n if body.logprobs else None, shift)
-    tools, family, messages = chat_tools(
+    tools, family, forced, messages = chat_tools(
         body.model_extra or {}, st.tokenizer.chat_template, [m.template_dict() for m in body.messages]
     )
+    if forced is not None:
+        if params.structured_output is not None:
+            raise bad_request(
+                f"tool_choice {tools.choice!r} forces a tool call and {params.structured_output.field} "
+                "constrains the output too; send one",
+                "tool_choice",
+            )
+        params = dataclasses.replace(params, structured_output=forced)
     prompt = await st.render_chat(messages, body.add_generation_prompt, tools.tools if tools else None)
     ids = await token_prompts(st, [prompt], max_tokens, "messages")
     cid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -1,12 +1,11 @@
 """The request side of tool calling on /v1/chat/completions: `tools` and `tool_choice` checked, messages with
-tool calls and tool results put in the shape chat templates read, and the JSON schema a constrained decoder
-must enforce for `tool_choice` "required" or a named function.
+tool calls and tool results put in the shape chat templates read, and the grammar that `tool_choice`
+"required" or a named function puts on the output.
 
-`auto` and `none` are served here: tools are rendered through the model's own template (as transformers
-passes them, `tools=`), and the reply is parsed per family (tool_parsers.py); `none` still shows the template
-the tools (as vLLM does) but never parses a call. `required` and a named function need the output
-constrained, which the structured-output engine does; until it is wired they are a 400
-(`refuse_forced_choice`), and `forced_call_constraints` is what it must enforce.
+Tools are rendered through the model's own template (as transformers passes them, `tools=`), and the reply is
+parsed per family (tool_parsers.py); `none` still shows the template the tools (as vLLM does) but never
+parses a call; `required` and a named function constrain the output to one call in the family's own wrapper
+(`forced_call_output`: a grammar the engine's structured output enforces, engine/structured/).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fitllm.engine.structured.spec import JSON_OPTIONS, StructuredOutput
 from fitllm.server.errors import bad_request
 from fitllm.server.openai.tool_parsers import FAMILIES, MESSAGE_TOOLS, detect_family
 
@@ -75,16 +75,6 @@ def read_tools(extra: dict[str, Any]) -> ToolRequest | None:
     )
 
 
-def refuse_forced_choice(req: ToolRequest) -> None:
-    """400 for tool_choice "required" or a named function: they need constrained decoding (module docstring)."""
-    if req.choice in ("required", "function"):
-        what = "required" if req.choice == "required" else f"a named function ({req.forced_name!r})"
-        raise bad_request(
-            f'tool_choice {what} is not supported by fitllm yet (it needs constrained decoding); send "auto"',
-            "tool_choice",
-        )
-
-
 def tool_family(chat_template: str | None) -> str:
     """The model's tool-call family, or a 400 naming why tools cannot be served."""
     family = detect_family(chat_template)
@@ -99,16 +89,17 @@ def tool_family(chat_template: str | None) -> str:
 
 def chat_tools(
     extra: dict[str, Any], chat_template: str | None, messages: list[dict[str, Any]]
-) -> tuple[ToolRequest | None, str | None, list[dict[str, Any]]]:
-    """A chat request's tools (checked; a forced choice refused), the family whose calls its replies are
-    parsed in (None: none parsed), and its messages in the shape the template reads tools and calls."""
+) -> tuple[ToolRequest | None, str | None, StructuredOutput | None, list[dict[str, Any]]]:
+    """A chat request's tools (checked), the family whose calls its replies are parsed in (None: none
+    parsed), the constraint a forced call puts on the output (tool_choice "required" or a named function;
+    None otherwise), and its messages in the shape the template reads tools and calls."""
     tools = read_tools(extra)
-    family = None
-    if tools is not None:
-        refuse_forced_choice(tools)
-        if tools.parses_calls:
-            family = tool_family(chat_template)
-    return tools, family, fit_to_template(chat_template, messages, tools.tools if tools else None)
+    family = forced = None
+    if tools is not None and tools.parses_calls:
+        family = tool_family(chat_template)
+        if tools.choice in ("required", "function"):
+            forced = forced_call_output(tools, family)
+    return tools, family, forced, fit_to_template(chat_template, messages, tools.tools if tools else None)
 
 
 def template_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -248,3 +239,19 @@ def forced_call_constraints(req: ToolRequest, family: str) -> list[CallConstrain
             for t in req.tools
         ]
     return [forced_call_constraint(req, family)]
+
+
+def forced_call_output(req: ToolRequest, family: str) -> StructuredOutput:
+    """tool_choice "required" / a named function as the engine's constraint: a Lark grammar (llguidance)
+    whose alternatives are forced_call_constraints', each the literal prefix, the call's JSON (written as
+    the other JSON constraints are: spec.JSON_OPTIONS) and the literal suffix. The grammar's end stops the
+    request, so a forced reply is exactly one call, as OpenAI's is."""
+    rules = []
+    for c in forced_call_constraints(req, family):
+        schema = dict(c.schema, **{"x-guidance": JSON_OPTIONS})
+        parts = [json.dumps(c.prefix)] if c.prefix else []
+        parts.append("%json " + json.dumps(schema))
+        if c.suffix:
+            parts.append(json.dumps(c.suffix))
+        rules.append(" ".join(parts))
+    return StructuredOutput("grammar", "start: " + " | ".join(rules), field="tool_choice")
