@@ -12,6 +12,7 @@ import pytest
 from code_models import (
     GLM_TEMPLATE,
     LLAMA31_TEMPLATE,
+    LLAMA_SPECIAL,
     QWEN_TEMPLATE,
     codegeex_checkpoint,
     llama31_checkpoint,
@@ -20,6 +21,7 @@ from code_models import (
 from live_server import serve
 from stand_ins import AddTap, Script, scripted_engine
 
+from benchmarks.random_weights import write_byte_tokenizer
 from fitllm.config import EngineConfig
 from fitllm.engine.async_engine import AsyncEngine
 from fitllm.loader.chat_template import render_chat_template
@@ -405,6 +407,32 @@ def test_forced_tool_choice_with_another_constraint_is_a_400(random_tool_server)
             tool_choice="required",
             response_format={"type": "json_object"},
         )
+
+
+def test_chat_prompts_start_with_the_templates_own_bos(tmp_path):
+    """Llama 3's tokenizer adds <|begin_of_text|> and its template writes it too: a chat prompt has it once
+    (as transformers' apply_chat_template(tokenize=True) and vLLM tokenize it), twice only when the body
+    asks for add_special_tokens."""
+    folder = llama31_checkpoint(tmp_path)
+    write_byte_tokenizer(
+        folder, LLAMA_SPECIAL, (), LLAMA31_TEMPLATE, eos="<|eot_id|>", prefix_tokens=["<|begin_of_text|>"]
+    )
+    bos = 256 + LLAMA_SPECIAL.index("<|begin_of_text|>")
+    engine = AsyncEngine(EngineConfig(model=str(folder), dtype="float32", max_model_len=512))
+    with serve(engine, "llama") as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0, timeout=120)
+        counts = []
+        for extra in ({}, {"add_special_tokens": True}):
+            with AddTap(s.engine) as tap:
+                client.chat.completions.create(
+                    model="llama",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=1,
+                    extra_body=extra,
+                )
+            ids = tap.added[0][0]
+            counts.append((ids[0] == bos, ids.count(bos)))
+    assert counts == [(True, 1), (True, 2)]
 
 
 def test_tools_on_a_model_without_a_tool_format(tmp_path, make_random_checkpoint):

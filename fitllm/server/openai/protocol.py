@@ -210,6 +210,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: StrictInt | None = None
     add_generation_prompt: bool = True
+    # As vLLM: the chat template writes the model's start tokens (Llama 3's <|begin_of_text|>, GLM's
+    # [gMASK]<sop>), so the tokenizer adds none unless asked; adding them too doubles them.
+    add_special_tokens: bool = False
 
 
 class TokenizeRequest(Body):

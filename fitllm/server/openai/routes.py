@@ -124,7 +124,11 @@ async def _start(
 
 
 async def token_prompts(
-    st: ServerState, prompts: list[str | list[int]], max_tokens: int | None, param: str
+    st: ServerState,
+    prompts: list[str | list[int]],
+    max_tokens: int | None,
+    param: str,
+    add_special_tokens: bool = True,
 ) -> list[list[int]]:
     """The prompts as token ids (each text checked against the character limit, then tokenized off the
     event loop), each checked against the context as vLLM's server does: a prompt that fills it, or a
@@ -132,7 +136,10 @@ async def token_prompts(
     out = []
     limit = st.max_model_len
     for prompt in prompts:
-        ids = await st.encode(prompt, param) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, str):
+            ids = await st.encode(prompt, param, add_special_tokens)
+        else:
+            ids = list(prompt)
         if len(ids) >= limit:
             raise bad_request(
                 f"this model's maximum context length is {limit} tokens and the prompt has {len(ids)}; "
@@ -336,7 +343,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
             )
         params = dataclasses.replace(params, structured_output=forced)
     prompt = await st.render_chat(messages, body.add_generation_prompt, tools.tools if tools else None)
-    ids = await token_prompts(st, [prompt], max_tokens, "messages")
+    ids = await token_prompts(st, [prompt], max_tokens, "messages", body.add_special_tokens)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = await st.start_streams(_start(st, ids, params, body, cid))
