@@ -170,6 +170,21 @@ def measure_single_stream(systems: list, prompts: dict[int, list[int]], plan: Pl
     return rows
 
 
+def load_warning(loadavg: float, cpus: int) -> str | None:
+    """A warning when the machine was busier than its CPUs during the run (the 1-minute load average, the
+    larger of start and end): then the ratios say little about issue 24's targets. llama.cpp's threads
+    spin-wait at every barrier, so it loses far more to other processes than fitllm (which sleeps:
+    fitllm/openmp.py): measured at load ~12 on 2 CPUs, llama.cpp's decode fell from ~120 to 0.7 tok/s,
+    fitllm int4's from ~40 to ~14."""
+    if loadavg <= cpus:
+        return None
+    return (
+        f"load average {loadavg:.1f} on {cpus} CPUs: other processes took CPU time during this run, and "
+        f"llama.cpp's spinning threads lose far more to them than fitllm's; ratios and verdicts are not "
+        f"issue 24's: rerun on a quiet machine"
+    )
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -291,6 +306,8 @@ def run(args: argparse.Namespace) -> int:
     judge(rows)
 
     facts["loadavg_end"] = list(os.getloadavg())
+    busiest = max(facts["loadavg_start"][0], facts["loadavg_end"][0])
+    warning = load_warning(busiest, facts["cpus_usable"])
     header = [
         f"[bold]fitllm bench cpu[/bold]  {facts['date']}" + ("  (--quick)" if args.quick else ""),
         f"machine: {facts['cpu_model']} ({facts['cpus_usable']} usable of {facts['cpu_count']} CPUs; "
@@ -301,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if messages:
         header += [f"[yellow]{m}[/yellow]" for m in messages] + [BUILD_HELP]
+    if warning:
+        header.append(f"[bold red]{warning}[/bold red]")
     render(console, rows, header, NOTES)
 
     path = args.json or REPO_ROOT / "bench-results" / (
@@ -317,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
         "llama_cpp": llama_version,
         "llama_server_args": args.llama_server_args,
         "skipped": messages,
+        "load_warning": warning,
         "rows": [r.as_dict() for r in rows],
         "notes": NOTES,
     }

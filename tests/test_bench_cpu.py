@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.cpu import Plan, measure_single_stream
+from benchmarks.cpu import Plan, load_warning, measure_single_stream
 from benchmarks.cpu_report import Row, judge
 from benchmarks.hf_baseline import RequestTiming
 from benchmarks.workload import DEFAULT_TEXT
@@ -198,3 +198,11 @@ def test_the_peer_is_llama_server_timed_by_its_own_timings(make_random_checkpoin
     assert rows["prefill", "llama.cpp"]["tok_per_s_median"] == pytest.approx(500.0)
     fitllm = rows["decode", "fitllm none"]
     assert fitllm["ratio_vs_llama_cpp"] == pytest.approx(fitllm["tok_per_s_median"] / 100.0)
+
+
+def test_a_busy_machine_is_named_in_the_report():
+    """Ratios measured while other processes load the machine are flagged (llama.cpp's spinning threads lose
+    far more to them than fitllm's)."""
+    assert load_warning(1.9, 2) is None
+    warning = load_warning(12.26, 2)
+    assert "load average 12.3 on 2 CPUs" in warning and "quiet machine" in warning

@@ -274,15 +274,14 @@ class Int4Method(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
-        path = int4_path(
-            x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], layer.out_features
-        )
+        n = layer.weight.shape[0]
+        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], n)
         if path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros
             )
         elif path == "scratch":
-            wt = self.scratch.get(torch.Size((layer.in_features, layer.out_features)), x2.dtype, x2.device)
+            wt = self.scratch.get(torch.Size((x2.shape[1], n)), x2.dtype, x2.device)
             unpack_kernel_layout(layer.weight, layer.weight_scale_zeros, self.group_size, wt)
             out = torch.mm(x2, wt)
         elif path == "triton":
