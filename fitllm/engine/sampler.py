@@ -235,7 +235,8 @@ class Sampler:
 
         constrained = GrammarMasks.rows(requests)
         before_bans = None
-        if constrained:  # kept for rows the bans below would leave no token the grammar allows
+        if any(requests[i].banned is not None or requests[i].params.min_tokens for i in constrained):
+            # kept for rows the bans below (the only -inf they write) would leave no token the grammar allows
             before_bans = logits.index_select(0, to_device(constrained, torch.long, device))
         chain = [not r.params.greedy and r.params.needs_chain for r in requests]
         apply_penalties(logits, requests, chain)

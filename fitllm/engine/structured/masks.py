@@ -7,7 +7,7 @@ of additive terms (0 allowed, -inf forbidden) indexed by each mask byte: measure
 than unpacking the bits with shifts or xgrammar's apply kernel. Rows without a constraint are not touched,
 and a step with none costs one scan of the requests.
 
-The grammar outranks the other bans: where banned strings, a logit bias or min_tokens' EOS ban leave a row
+The grammar outranks the other bans: where banned strings or min_tokens' EOS ban (the only -inf they write) leave a row
 no token the grammar allows, that row is masked from its logits as they were before those bans.
 """
 
