@@ -172,6 +172,10 @@ class TensorParallelGroup:
         if graceful:
             try:
                 broadcast(StepMessage("stop"))
+                # Every rank meets before any leaves the group: a rank that tears its connections down while
+                # another still reads from them aborts that one (gloo: "terminate called without an active
+                # exception").
+                tp_barrier(min(timeout, 5.0))
             except Exception:
                 log.warning("tensor parallel: a worker did not take the stop message; terminating")
         self._end_workers(timeout if graceful else 0.5)

@@ -153,6 +153,7 @@ def run_worker(rank: int, world_size: int, config: EngineConfig) -> None:
         while True:
             msg = receive()
             if msg.kind == "stop":
+                tp_barrier(5.0)  # rank 0 meets it too (TensorParallelGroup.close) before anyone leaves
                 break
             worker.handle(msg)
     finally:
