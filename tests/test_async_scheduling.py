@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import fixed_and_block_bytes, make_random_checkpoint
+from conftest import make_random_checkpoint, tight_engine
 
 from fitllm import SamplingParams
 from fitllm.config import EngineConfig, resolve_async_scheduling
@@ -197,17 +197,12 @@ def test_aborts_and_stops_with_a_step_in_flight(tiny):
 def test_preemption_with_a_step_in_flight(tiny, mode):
     """A KV pool of 10 blocks for 8 requests of up to ~100 tokens: requests are preempted while their next
     token is in flight, and come back with it."""
-    fixed, per_block = fixed_and_block_bytes(tiny)
-    kw = dict(
-        memory_budget=fixed + 10 * per_block,
-        kv_slab_size=2 * per_block,
-        swap_space=64 << 20,
-        preemption_mode=mode,
-    )
+    kw = dict(swap_space=64 << 20, preemption_mode=mode)
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(20, 60))] for _ in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * 8
-    sync, async_ = make_engine(tiny, "off", **kw), make_engine(tiny, "on", **kw)
+    sync = tight_engine(tiny, 10, async_scheduling="off", **kw)
+    async_ = tight_engine(tiny, 10, async_scheduling="on", **kw)
     want = summary(run(sync, prompts, params))
     got = summary(run(async_, prompts, params))
     assert got == want

@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from conftest import fixed_and_block_bytes, load_hf, make_random_checkpoint, run_streamed
+from conftest import load_hf, make_random_checkpoint, run_streamed, tight_engine
 
 from fitllm import SamplingParams
 from fitllm.config import EngineConfig
@@ -202,15 +202,7 @@ def test_engine_equals_reference_and_only_the_banned_request_rewinds(tiny, hf, k
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_rewinds_under_preemption(tiny, hf, mode):
-    fixed, per_block = fixed_and_block_bytes(tiny)
-    kw = dict(
-        memory_budget=fixed + 10 * per_block,
-        kv_slab_size=2 * per_block,
-        swap_space=64 << 20,
-        preemption_mode=mode,
-        async_scheduling="on",
-    )
-    engine = make_engine(tiny, **kw)
+    engine = tight_engine(tiny, 10, swap_space=64 << 20, preemption_mode=mode, async_scheduling="on")
     prompts, params, want, _ = workload(engine, hf, n_tokens=30)
     outs, _ = run_streamed(engine, prompts, params)
     assert [o.outputs[0].token_ids for o in outs] == want
