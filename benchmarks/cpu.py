@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import shlex
@@ -35,7 +34,7 @@ from benchmarks.llamacpp_peer import (
 )
 from benchmarks.measure import machine_facts
 from benchmarks.serve_load import drive_load, free_port
-from benchmarks.workload import REPO_ROOT, add_workload_arguments, load_workload
+from benchmarks.workload import add_workload_arguments, load_workload, result_path
 
 PARTS = ("decode", "prefill", "serve")
 NOTES = [
@@ -322,10 +321,7 @@ def run(args: argparse.Namespace) -> int:
         header.append(f"[bold red]{warning}[/bold red]")
     render(console, rows, header, NOTES)
 
-    path = args.json or REPO_ROOT / "bench-results" / (
-        "cpu-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args.json, "cpu")
     result = {
         "benchmark": "cpu",
         "command": shlex.join(sys.argv),

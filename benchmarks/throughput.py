@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import shlex
@@ -21,11 +20,7 @@ from pathlib import Path
 from benchmarks.closed_loop import ClosedLoop, run_closed_loop
 from benchmarks.hf_baseline import PreparedRequest, RequestTiming
 from benchmarks.measure import MiB, lifetime_peak_rss, machine_facts, percentile
-from benchmarks.workload import (
-    REPO_ROOT,
-    add_workload_arguments,
-    load_workload,
-)
+from benchmarks.workload import add_workload_arguments, load_workload, result_path
 from fitllm.memory.host import PhaseMemoryProbe
 
 DEFAULT_CONCURRENCY = [1, 8, 32]
@@ -393,10 +388,7 @@ def run(args: argparse.Namespace) -> int:
             f"measured {worst:.3f}x: {'met' if worst >= WRITERS_TARGET[1] else 'NOT met'}",
             highlight=False,
         )
-    path = args.json or REPO_ROOT / "bench-results" / (
-        "throughput-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = result_path(args.json, "throughput")
     result = {
         "benchmark": "throughput",
         "command": shlex.join(sys.argv),

@@ -8,6 +8,18 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+
+
+def result_path(given: Path | None, name: str) -> Path:
+    """Where a benchmark writes its JSON: `--json` if given, else bench-results/NAME-DATE.json; the folder
+    is made."""
+    import datetime
+
+    path = given or REPO_ROOT / "bench-results" / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 DEFAULT_TEXT = SHARED / "data" / "war_of_the_worlds.txt"
 DEFAULT_CREATIVE_WRITING = SHARED / "workloads" / "creative_writing.jsonl"
 DEFAULT_LONG_CONTEXT = SHARED / "workloads" / "long_context.jsonl"
