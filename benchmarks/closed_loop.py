@@ -112,7 +112,7 @@ class ClosedLoop:
         broadcasts over the pass, and their shares of its step time."""
         if getattr(self.engine, "tp", None) is None:
             return {}
-        reduce_s, broadcast_s = (
+        reduce_s, broadcast_s, gather_s = (
             now - then for now, then in zip(collective_seconds(), self._collectives_at_start, strict=True)
         )
         step_s = sum(self.step_times)
@@ -120,17 +120,20 @@ class ClosedLoop:
             "step_s": step_s,
             "all_reduce_s": reduce_s,
             "broadcast_s": broadcast_s,
+            "gather_s": gather_s,
             "all_reduce_share": reduce_s / step_s if step_s else 0.0,
             "broadcast_share": broadcast_s / step_s if step_s else 0.0,
+            "gather_share": gather_s / step_s if step_s else 0.0,
         }
 
 
-def collective_seconds() -> tuple[float, float]:
-    """Rank 0's seconds so far in all-reduces and in step broadcasts (tensor parallel)."""
-    from fitllm.distributed import ALL_REDUCE
+def collective_seconds() -> tuple[float, float, float]:
+    """Rank 0's seconds so far in all-reduces (the vocab-parallel embedding's included), step broadcasts and
+    logit gathers (tensor parallel)."""
+    from fitllm.distributed import ALL_REDUCE, GATHER
     from fitllm.engine.parallel.messages import BROADCAST
 
-    return ALL_REDUCE.seconds, BROADCAST.seconds
+    return ALL_REDUCE.seconds, BROADCAST.seconds, GATHER.seconds
 
 
 def run_closed_loop(loop: ClosedLoop) -> ClosedLoop:

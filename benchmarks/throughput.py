@@ -294,7 +294,8 @@ def run(args: argparse.Namespace) -> int:
                 log(
                     f"  tensor parallel: all-reduce {extra['all_reduce_share']:.1%} of step time "
                     f"({extra['all_reduce_s']:.2f} s), step broadcast {extra['broadcast_share']:.1%} "
-                    f"({extra['broadcast_s']:.3f} s) over {extra['steps']} steps"
+                    f"({extra['broadcast_s']:.3f} s), logit gather {extra['gather_share']:.1%} "
+                    f"({extra['gather_s']:.3f} s) over {extra['steps']} steps"
                 )
             if args.writers_samplers:
                 log(f"[pass {rep + 1}/{args.repeats}] N={n}: fitllm with DRY + XTC, {len(reqs)} requests...")

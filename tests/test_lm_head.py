@@ -11,7 +11,7 @@ from conftest import make_random_checkpoint, run_engine
 
 from fitllm import Engine, EngineConfig
 from fitllm.config import ModelConfig
-from fitllm.model.layers import VocabEmbedding, vocab_layers
+from fitllm.model.vocab import VocabEmbedding, vocab_layers
 from fitllm.plan.weights import weight_breakdown
 from fitllm.quant import get_quant_method, head_method, int8
 from fitllm.quant.int8 import Int8Method

@@ -31,6 +31,7 @@ from fitllm.quant.int8 import Int8Method, quantize_int8
 
 REL = 1e-5
 LENS = [5, 40, 17, 33]  # crossing 16-token blocks; 40 and 33 are prefilled in chunks of 32
+VOCAB = 253  # splits into padded shards: 2 ranks hold 128 rows each, 4 ranks 64 (the last 61 real)
 
 
 def tokens(n: int, seed: int) -> list[int]:
@@ -94,7 +95,7 @@ def compare(
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return make_random_checkpoint(tmp_path_factory.mktemp("tp"), "llama")
+    return make_random_checkpoint(tmp_path_factory.mktemp("tp"), "llama", vocab_size=VOCAB)
 
 
 def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):

@@ -63,8 +63,7 @@ class SequenceScorer:
         out = torch.empty(n - 1, dtype=torch.float32)
         top_values = torch.empty(n - 1, top_n, dtype=torch.float32)
         top_ids = torch.empty(n - 1, top_n, dtype=torch.long)
-        for start in range(0, n - 1, LOGIT_ROWS):
-            end = min(start + LOGIT_ROWS, n - 1)
+        for start, end in logit_chunks(n):
             logprobs = self.model.compute_logits(hidden[start:end]).float().log_softmax(dim=-1)
             targets = tokens[start + 1 : end + 1]
             out[start:end] = logprobs.gather(1, targets[:, None])[:, 0].cpu()
@@ -78,3 +77,11 @@ class SequenceScorer:
         """Bytes beyond the engine's workspace one scoring pass holds: its scratch KV cache and one chunk
         of float32 logits with their log-softmax."""
         return num_tokens * kv_bytes_per_token + 2 * LOGIT_ROWS * vocab_size * 4
+
+
+def logit_chunks(num_tokens: int) -> list[tuple[int, int]]:
+    """The [start, end) rows of a scoring pass's hidden states whose logits are formed at once (a
+    vocab-parallel worker forms its shard of the same chunks, for rank 0's gathers)."""
+    return [
+        (start, min(start + LOGIT_ROWS, num_tokens - 1)) for start in range(0, num_tokens - 1, LOGIT_ROWS)
+    ]

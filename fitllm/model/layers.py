@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoder families: norms, rotary embeddings, activations, embeddings."""
+"""Building blocks shared by the decoder families: norms, rotary embeddings, activations (the token table
+and LM head: fitllm/model/vocab.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitllm.config import ModelConfig
-from fitllm.model.linear import LinearBase, ReplicatedLinear
-from fitllm.quant.base import QuantMethod
 from fitllm.triton_flags import triton_available
 
 
@@ -225,36 +223,3 @@ def _apply_rotary(
         return x * cos + rotate(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + rotate(rot) * sin, rest), dim=-1)
-
-
-class VocabEmbedding(LinearBase):
-    """The [vocab, hidden] token table, held through a QuantMethod as a linear's weight is (the model dtype
-    by default), so that an LM head tied to it can be quantized (`--lm-head-dtype`) without a second copy:
-    `forward` looks rows up (dequantized, so the lookup gives exactly the rows the head multiplies by) and
-    `project` is the tied head. Vocab-parallel sharding arrives with tensor parallelism."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, quant: QuantMethod | None = None) -> None:
-        super().__init__(hidden_size, vocab_size, bias=False, quant=quant)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.quant.embedding(self, input_ids)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, hidden_size] -> logits [T, vocab_size]."""
-        return self.quant.apply(self, hidden)
-
-
-def vocab_layers(config: ModelConfig, quant: QuantMethod | None) -> tuple[VocabEmbedding, LinearBase | None]:
-    """(embedding, LM head or None when tied): the head stored as `quant.head` says (`--lm-head-dtype`). A
-    tied embedding is the head's one copy, so it takes the head's method: an int8 head then halves the
-    table instead of adding a second one beside it."""
-    head = quant.head if quant is not None else None
-    if config.tie_word_embeddings:
-        return VocabEmbedding(config.vocab_size, config.hidden_size, head), None
-    lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, bias=False, quant=head)
-    return VocabEmbedding(config.vocab_size, config.hidden_size), lm_head
-
-
-def compute_logits(embed: VocabEmbedding, lm_head: LinearBase | None, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits of `hidden` through the LM head, or the embedding tied to it."""
-    return embed.project(hidden) if lm_head is None else lm_head(hidden)

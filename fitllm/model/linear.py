@@ -96,10 +96,6 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-class ReplicatedLinear(LinearBase):
-    """The same full weight on every rank (e.g. the LM head at world size 1)."""
-
-
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; each rank keeps rows [rank*n, (rank+1)*n)."""
 

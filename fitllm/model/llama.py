@@ -14,11 +14,10 @@ from fitllm.model.layers import (
     RotaryEmbedding,
     RotaryTables,
     SiluAndMul,
-    compute_logits,
-    vocab_layers,
 )
 from fitllm.model.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fitllm.model.loading import load_parameter
+from fitllm.model.vocab import compute_logits, vocab_layers
 from fitllm.quant.base import QuantMethod
 
 
@@ -154,7 +153,7 @@ class LlamaForCausalLM(nn.Module):
         h, _ = self.norm(h, residual)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return compute_logits(self.embed_tokens, self.lm_head, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -17,9 +17,9 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.model.attention import AttentionMetadata, PagedAttention
-from fitllm.model.layers import compute_logits, vocab_layers
 from fitllm.model.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fitllm.model.loading import load_parameter
+from fitllm.model.vocab import compute_logits, vocab_layers
 from fitllm.quant.base import QuantMethod
 
 POSITION_OFFSET = 2  # fairseq's learned-position padding offset, kept by XGLM's sinusoidal table
@@ -105,7 +105,7 @@ class XGLMForCausalLM(nn.Module):
             h = layer(h, meta)
         return self.layer_norm(h)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         return compute_logits(self.embed_tokens, self.lm_head, hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -115,7 +115,7 @@ class MemoryPlan:
         check_tp_shape(model_config, tp)
         # With tensor parallelism every figure is one rank's (each GPU's): its shard of the weights, its
         # KV heads; rank 0's, which also holds the sampler's logits, is the largest, so the one planned.
-        with planning_as(tp):
+        with planning_as(tp, vocab_parallel=config.tp_vocab == "parallel"):
             weights = weight_breakdown(model_config, dtype, quant, device.type)
         return cls(
             config,
