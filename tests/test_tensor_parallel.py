@@ -25,6 +25,7 @@ from fitllm.engine.async_engine import AsyncEngine
 from fitllm.engine.engine import Engine
 from fitllm.loader import open_model
 from fitllm.model.linear import QKVParallelLinear, RowParallelLinear
+from fitllm.model.vocab import VocabEmbedding
 from fitllm.plan.memory_plan import MemoryPlan
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method, quantize_int8
@@ -98,6 +99,18 @@ def llama(tmp_path_factory):
     return make_random_checkpoint(tmp_path_factory.mktemp("tp"), "llama", vocab_size=VOCAB)
 
 
+@pytest.fixture(scope="module")
+def llama_tied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp-tied")
+    return make_random_checkpoint(folder, "llama", vocab_size=VOCAB, tie_word_embeddings=True)
+
+
+def vocab_rows(engine: Engine) -> list[int]:
+    """Rows of rank 0's token table and (untied) LM head."""
+    model = engine.model
+    return [m.weight.shape[0] for m in (model.embed_tokens, model.lm_head) if m is not None]
+
+
 def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):
     """Two ranks against one, through an elastic pool of 4-block slabs that grows, is given back when idle
     and is too small for the whole batch (preemption), with chunked prefills and prefix-cache hits: the
@@ -105,6 +118,7 @@ def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):
     ref, tp = engine_pair(llama, 2, slabs=2)
     try:
         assert tp.kv_config.num_key_value_heads == 1 and ref.kv_config.num_key_value_heads == 2
+        assert vocab_rows(ref) == [VOCAB, VOCAB] and vocab_rows(tp) == [128, 128]  # rank 1: 125 + padding
         assert tp.pool.capacity_blocks == ref.pool.capacity_blocks == 8
         prompts = [tokens(n, i) for i, n in enumerate(LENS)]
         compare(ref, tp, prompts)
@@ -122,10 +136,12 @@ def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):
 
 
 def test_four_ranks_share_two_kv_heads(llama):
-    """Four ranks, two KV heads: each head is replicated on the two ranks whose query heads read it."""
+    """Four ranks, two KV heads: each head is replicated on the two ranks whose query heads read it. The
+    vocabulary's 253 ids in shards of 64 rows: the last rank's lookups and logits carry 3 padding rows."""
     ref, tp = engine_pair(llama, 4)
     try:
         assert tp.kv_config.num_key_value_heads == 1
+        assert vocab_rows(tp) == [64, 64]
         compare(ref, tp, [tokens(n, i) for i, n in enumerate(LENS[:2])])
     finally:
         tp.close()
@@ -149,20 +165,28 @@ def test_context_shift_moves_every_ranks_kv(llama):
 
 @pytest.mark.parametrize("family", ["glm", "xglm"])
 def test_other_families_two_ranks(tmp_path, family):
-    folder = make_random_checkpoint(tmp_path, family)
+    """GLM (untied head) and XGLM (tied, embeddings scaled after the vocab-parallel lookup)."""
+    folder = make_random_checkpoint(tmp_path, family, vocab_size=VOCAB)
     ref, tp = engine_pair(folder, 2)
     try:
+        assert vocab_rows(tp) == ([128] if family == "xglm" else [128, 128])
         compare(ref, tp, [tokens(n, i) for i, n in enumerate(LENS[:3])], vary=family != "xglm")
     finally:
         tp.close()
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_shards(llama, quantization):
+def test_quantized_shards(llama, llama_tied, quantization):
     """int8 row-parallel shards keep their row's one scale, int4 groups lie inside a shard: the ranks'
-    partial products add up to world size 1's quantized product."""
-    ref, tp = engine_pair(llama, 2, quantization=quantization, quant_group_size=32)
+    partial products add up to world size 1's quantized product. The LM head is int8 (--lm-head-dtype
+    auto) and vocab-parallel, one scale per vocabulary row: tied to the embedding under int8 (lookups
+    dequantize the shard's rows), untied under int4."""
+    folder = llama_tied if quantization == "int8" else llama
+    ref, tp = engine_pair(folder, 2, quantization=quantization, quant_group_size=32)
     try:
+        head = tp.model.embed_tokens if quantization == "int8" else tp.model.lm_head
+        assert head.weight.dtype == torch.int8 and head.weight.shape[0] == 128
+        assert (tp.model.lm_head is None) == (quantization == "int8")
         compare(ref, tp, [tokens(n, i) for i, n in enumerate(LENS[:2])])
     finally:
         tp.close()
@@ -193,6 +217,33 @@ def test_ranks_shards_cover_the_checkpoint():
     assert torch.equal(torch.cat(codes, dim=1), full_codes)
 
 
+@pytest.mark.parametrize("method", [None, Int8Method(chunked=True)], ids=["float32", "int8"])
+def test_vocab_shards_cover_the_table(method):
+    """Built as each rank of 4 builds them (no processes), vLLM's layout: 253 ids in contiguous shards of
+    64 rows (the last 61 real, 3 zero padding rows). Each rank's lookup holds the rows of its own ids and
+    zeros elsewhere, so their sum (the all-reduce) is world size 1's lookup; its logits are world size 1's
+    columns of its ids (int8: each vocabulary row keeps its own scale)."""
+    gen = torch.Generator().manual_seed(0)
+    table, hidden = torch.randn(VOCAB, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    ids = torch.tensor([0, 63, 64, 200, 252, 191, 192])
+    whole = VocabEmbedding(VOCAB, 16, method)
+    whole.weight_loader(whole.weight, table)
+    lookups, logits = [], []
+    for rank in range(4):
+        with planning_as(4, rank):
+            shard = VocabEmbedding(VOCAB, 16, method)
+        shard.weight_loader(shard.weight, table)
+        assert shard.weight.shape[0] == 64 and shard.shard.start == 64 * rank
+        assert shard.shard.real == (61 if rank == 3 else 64)
+        lookups.append(shard(ids))  # planning: no all-reduce
+        logits.append(shard.quant.apply(shard, hidden)[:, : shard.shard.real])
+        if rank == 3:
+            assert not shard.quant.dequantize(shard)[61:].any()
+    assert torch.equal(sum(lookups), whole(ids))
+    assert all((part != 0).any(dim=1).sum() == ((ids // 64) == r).sum() for r, part in enumerate(lookups))
+    torch.testing.assert_close(torch.cat(logits, dim=1), whole.project(hidden), rtol=1e-5, atol=1e-5)
+
+
 def test_int4_group_straddling_shards_is_refused():
     with planning_as(2), pytest.raises(ValueError, match=r"--quant-group-size 64 would make int4 groups"):
         RowParallelLinear(64, 32, quant=Int4Method(64))
@@ -203,7 +254,7 @@ def test_int4_group_straddling_shards_is_refused():
 
 def test_plan_is_per_gpu(llama):
     """`fitllm plan --tensor-parallel-size 2`: one rank's weights (attention and MLP halved, the embedding
-    and head replicated) and KV bytes per token halved."""
+    and head one padded vocabulary shard each) and KV bytes per token halved."""
     config = open_model(str(llama)).config
     one, two = (
         MemoryPlan.for_engine(
@@ -216,8 +267,11 @@ def test_plan_is_per_gpu(llama):
     )
     assert two.kv_bytes_per_token * 2 == one.kv_bytes_per_token
     assert two.weights.mlp * 2 == one.weights.mlp
-    assert two.weights.embedding == one.weights.embedding and two.weights.lm_head == one.weights.lm_head
+    table = config.hidden_size * 4
+    assert one.weights.embedding == one.weights.lm_head == VOCAB * table
+    assert two.weights.embedding == two.weights.lm_head == 128 * table
     assert two.weights.attention < one.weights.attention
+    assert "embedding and LM head split by vocabulary rows" in two.report("tiny").table()
 
 
 def test_heads_that_do_not_split_are_refused(llama):

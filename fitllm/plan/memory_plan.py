@@ -304,6 +304,7 @@ class MemoryPlan:
             kv_cache_retention=kv_cache_retention(config, per_token, length, room),
             kv_host_cache=config.kv_host_cache,
             tensor_parallel_size=config.tensor_parallel_size,
+            tp_vocab=config.tp_vocab,
         )
         if not fits:
             device_type = self.device.type if self.device is not None else "cpu"
