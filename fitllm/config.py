@@ -374,12 +374,6 @@ class EngineConfig:
         "processes the model's heads and MLP are split across (torch.distributed: NCCL on CUDA, one GPU "
         "each; gloo on CPU); rank 0 spawns the others, or torchrun launches them all (README)",
     )
-    tp_vocab: str = flag(
-        "parallel",
-        "with --tensor-parallel-size above 1, the token table and LM head: split by vocabulary rows across "
-        "the ranks (logits gathered to rank 0), or replicated on every rank (rank 0 alone computes logits)",
-        choices=("parallel", "replicated"),
-    )
     tp_timeout_s: float = flag(
         60.0,
         "seconds a tensor-parallel collective may wait for a rank before the engine reports it lost",
@@ -405,7 +399,7 @@ class EngineConfig:
             )
         if self.speculative_tokens < 1:
             raise ValueError(f"--speculative-tokens must be at least 1; got {self.speculative_tokens}")
-        check_choices(self, "async_scheduling", "preemption_mode", "lm_head_dtype", "tp_vocab")
+        check_choices(self, "async_scheduling", "preemption_mode", "lm_head_dtype")
         from fitllm.memory.kv.format import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)

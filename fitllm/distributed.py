@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 RENDEZVOUS_TIMEOUT_S = 600.0  # how long ranks may take to start and meet
 _planning: tuple[int, int] | None = None  # (world size, rank) while planning one rank's shard
-_vocab_parallel = True  # the group's (or the plan's) choice: embedding and LM head split by vocabulary rows
 _object_group: dist.ProcessGroup | None = None  # gloo: each step's host-side inputs (CPU objects)
 
 
@@ -59,26 +58,19 @@ def get_tp_rank() -> int:
     return 0
 
 
-def vocab_parallel() -> bool:
-    """Whether layers built now split the embedding and LM head by vocabulary rows across ranks
-    (fitllm/model/vocab.py); False at world size 1."""
-    return _vocab_parallel and get_tp_world_size() > 1
-
-
 @contextlib.contextmanager
-def planning_as(world_size: int, rank: int = 0, vocab_parallel: bool = True) -> Iterator[None]:
+def planning_as(world_size: int, rank: int = 0) -> Iterator[None]:
     """Within the block, layers are built as rank `rank` of `world_size` builds them (meta-device planning);
     a no-op inside a real group, whose own size wins."""
-    global _planning, _vocab_parallel
+    global _planning
     if dist.is_available() and dist.is_initialized():
         yield
         return
-    saved = _planning, _vocab_parallel
-    _planning, _vocab_parallel = (world_size, rank), vocab_parallel
+    saved, _planning = _planning, (world_size, rank)
     try:
         yield
     finally:
-        _planning, _vocab_parallel = saved
+        _planning = saved
 
 
 def local_kv_heads(num_kv_heads: int, world_size: int) -> int:
@@ -162,16 +154,12 @@ def tp_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_tp_group(
-    rank: int, world_size: int, device: torch.device, timeout_s: float, vocab_parallel: bool = True
-) -> None:
+def init_tp_group(rank: int, world_size: int, device: torch.device, timeout_s: float) -> None:
     """Join the tensor-parallel group through torchrun's rendezvous variables (MASTER_ADDR, MASTER_PORT;
     rank and world size given, as RANK / WORLD_SIZE say under torchrun). Collectives that wait longer than
     `timeout_s` for a rank raise instead of hanging. Each step's host-side inputs travel on a gloo group
-    (pickled objects stay on the CPU, never a device copy plus a sync). `vocab_parallel`: whether the
-    layers built in the group split the embedding and LM head (`--tp-vocab`)."""
-    global _object_group, _vocab_parallel
-    _vocab_parallel = vocab_parallel
+    (pickled objects stay on the CPU, never a device copy plus a sync)."""
+    global _object_group
     timeout = timedelta(seconds=timeout_s)
     backend = tp_backend(device)
     if device.type == "cuda":
@@ -196,11 +184,10 @@ def object_group() -> dist.ProcessGroup | None:
 
 def destroy_tp_group() -> None:
     """Leave the group (a no-op outside one)."""
-    global _object_group, _vocab_parallel
+    global _object_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _object_group = None
-    _vocab_parallel = True
 
 
 def rendezvous_from_env() -> tuple[int, int] | None:

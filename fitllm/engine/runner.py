@@ -27,7 +27,6 @@ from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.kv.swap import KVCopy, make_copies
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import AttentionMetadata, BatchLayout, TritonMetadata, metadata_builder
-from fitllm.model.vocab import logits_on_every_rank
 from fitllm.plan.planner import capture_sizes
 
 if TYPE_CHECKING:
@@ -133,8 +132,7 @@ def profile_workspace(
 
     K/V go to a one-block scratch cache (slot ids wrap around it); the gathered contexts are still as long
     as they would be, so the attention workspace measured is the real one. `sample` False: a
-    tensor-parallel worker, which never samples and computes only its shard of a vocab-parallel head's
-    logits (with a replicated head, none).
+    tensor-parallel worker, which computes its shard of the logits (vocab-parallel head) and never samples.
     """
     from fitllm.memory.profile import measure_peak_bytes
 
@@ -157,8 +155,6 @@ def profile_workspace(
         ) as meta:
             hidden = model(ids, positions, meta)
         del meta  # as in ModelRunner.execute, the metadata dies before the sampler runs
-        if not sample and not logits_on_every_rank(model):
-            return
         logits = model.compute_logits(hidden[:num_rows])
         if not sample:  # a worker's shard of the logits, gathered to rank 0
             return

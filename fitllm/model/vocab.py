@@ -1,5 +1,7 @@
 """The token table and the LM head: at world size 1 whole; with tensor parallelism split by vocabulary rows
-(vLLM's VocabParallelEmbedding / ParallelLMHead), or replicated on every rank (`--tp-vocab`).
+(vLLM's VocabParallelEmbedding / ParallelLMHead). Always split, whatever the table's size: each rank holds
+1/N of it, for one gather of the sampled rows' logits (0.8-1.9% of rank 0's step on gloo); a replicated
+table measured no faster (docs/benchmarks.md, issue 25), so it is not offered.
 
 Vocab-parallel: rank r holds ids [r * rows, (r + 1) * rows), `rows` the vocabulary over the ranks rounded
 up to `VOCAB_PAD`, so every rank's shard has one shape (the gather needs it) and padding rows (zeros) sit
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from fitllm.config import ModelConfig
-from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce, tp_gather, vocab_parallel
+from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce, tp_gather
 from fitllm.model.linear import LinearBase, _expect_rows
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import GGUFBlocks
@@ -54,7 +56,8 @@ class VocabEmbedding(LinearBase):
 
     def __init__(self, vocab_size: int, hidden_size: int, quant: QuantMethod | None = None) -> None:
         self.vocab_size = vocab_size
-        self.shard = vocab_shard(vocab_size, get_tp_rank(), get_tp_world_size()) if vocab_parallel() else None
+        world = get_tp_world_size()
+        self.shard = vocab_shard(vocab_size, get_tp_rank(), world) if world > 1 else None
         super().__init__(hidden_size, self.shard.rows if self.shard else vocab_size, bias=False, quant=quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -80,7 +83,8 @@ class VocabEmbedding(LinearBase):
         return tp_all_reduce(rows)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [T, hidden_size] -> logits [T, vocab_size] (vocab-parallel: on rank 0; None on others)."""
+        """hidden [T, hidden_size] -> logits [T, vocab_size] (vocab-parallel: on rank 0; None on the others,
+        whose shard went to rank 0's gather)."""
         logits = self.quant.apply(self, hidden)
         s = self.shard
         if s is None:
@@ -117,9 +121,3 @@ def compute_logits(
     """Logits of `hidden` through the LM head, or the embedding tied to it (None on a vocab-parallel
     worker, which only contributes its shard)."""
     return (embed if lm_head is None else lm_head).project(hidden)
-
-
-def logits_on_every_rank(model: nn.Module) -> bool:
-    """Whether each rank must run `compute_logits` with rank 0 (its head is vocab-parallel: the gather is a
-    collective); with a replicated head rank 0 computes the logits alone."""
-    return model.embed_tokens.shard is not None

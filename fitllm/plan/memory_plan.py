@@ -115,7 +115,7 @@ class MemoryPlan:
         check_tp_shape(model_config, tp)
         # With tensor parallelism every figure is one rank's (each GPU's): its shard of the weights, its
         # KV heads; rank 0's, which also holds the sampler's logits, is the largest, so the one planned.
-        with planning_as(tp, vocab_parallel=config.tp_vocab == "parallel"):
+        with planning_as(tp):
             weights = weight_breakdown(model_config, dtype, quant, device.type)
         return cls(
             config,
@@ -304,7 +304,6 @@ class MemoryPlan:
             kv_cache_retention=kv_cache_retention(config, per_token, length, room),
             kv_host_cache=config.kv_host_cache,
             tensor_parallel_size=config.tensor_parallel_size,
-            tp_vocab=config.tp_vocab,
         )
         if not fits:
             device_type = self.device.type if self.device is not None else "cpu"

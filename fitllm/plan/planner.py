@@ -156,7 +156,6 @@ class Plan:
     kv_cache_retention: int = 0  # cached KV idle release keeps, within the KV room (--kv-cache-retention)
     kv_host_cache: int = 0  # host memory for prefix KV evicted from the device, outside the budget
     tensor_parallel_size: int = 1  # >1: every figure is one GPU's (rank 0's), the budget each GPU's
-    tp_vocab: str = "parallel"  # --tp-vocab: embedding and LM head split by vocabulary rows, or whole on each
     suggestions: list[str] = field(default_factory=list)
 
     @property
@@ -254,7 +253,7 @@ class Plan:
                 (
                     "tensor parallel",
                     f"{self.tensor_parallel_size} GPUs: every figure is one GPU's (heads, KV heads and MLP "
-                    f"split; embedding and LM head {_TP_VOCAB[self.tp_vocab]})",
+                    f"split; embedding and LM head split by vocabulary rows)",
                 ),
             )
         width = max(len(r[0]) for r in rows)
@@ -367,6 +366,3 @@ def suggestions(
                 f"{format_bytes(per_token)}: room for ~{room // small} tokens"
             )
     return out
-
-
-_TP_VOCAB = {"parallel": "split by vocabulary rows", "replicated": "whole on each"}

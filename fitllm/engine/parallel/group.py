@@ -94,7 +94,7 @@ class TensorParallelGroup:
                 self._procs.append(proc)
             log.info("tensor parallel: %d ranks, workers %s", self.world_size, [p.pid for p in self._procs])
         try:
-            init_tp_group(0, self.world_size, device, config.tp_timeout_s, config.tp_vocab == "parallel")
+            init_tp_group(0, self.world_size, device, config.tp_timeout_s)
         except BaseException:
             self._end_workers(0.0)
             raise

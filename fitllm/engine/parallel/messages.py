@@ -3,7 +3,8 @@
 A message carries the host-side inputs of whatever runs the model next (a step's `BatchLayout`: token ids,
 positions, slot mapping, block tables; a context shift's slots; the start-up's profile step), plus the KV
 slab ops rank 0 made since the last message, which every worker replays first, so all ranks' pools hold the
-same slabs in the same step. Sampling rows and logits stay on rank 0, which alone samples.
+same slabs in the same step. Only rank 0 samples: workers form their shard of the logits of the layout's
+sample rows, which rank 0 gathers (fitllm/model/vocab.py).
 """
 
 from __future__ import annotations

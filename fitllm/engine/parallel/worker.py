@@ -4,8 +4,8 @@ rank 0's messages until told to stop.
 Spawned by rank 0 (`worker_main`), or launched by torchrun on any host: every rank runs the same
 `fitllm serve ... --tensor-parallel-size N`, and the CLI runs `run_worker` on ranks above 0 (README).
 A worker never schedules or samples: it replays rank 0's slab ops, builds the step's attention metadata from
-the broadcast batch layout and runs the forward, whose all-reduces meet rank 0's; with a vocab-parallel head
-it then computes its shard of the sampled rows' logits, which rank 0 gathers.
+the broadcast batch layout and runs the forward, whose all-reduces meet rank 0's, then computes its shard of
+the sampled rows' logits (the LM head is vocab-parallel), which rank 0 gathers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import metadata_builder, resolve_attention_backend
-from fitllm.model.vocab import logits_on_every_rank
 from fitllm.quant import get_quant_method
 
 log = logging.getLogger("fitllm")
@@ -43,7 +42,7 @@ class Worker:
         self.device = rank_device(config.resolve_device(), rank)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        init_tp_group(rank, world_size, self.device, config.tp_timeout_s, config.tp_vocab == "parallel")
+        init_tp_group(rank, world_size, self.device, config.tp_timeout_s)
         source = open_model(config.model)
         self.model_config = mc = source.config
         self.kv_config = rank_kv_config(mc, world_size)
@@ -63,7 +62,6 @@ class Worker:
         # Built for one position; rank 0's "setup" gives the context (as --max-model-len auto does).
         self.model = build_model(source, self.dtype, self.device, 1, False, quant)
         source.release()
-        self.logits = logits_on_every_rank(self.model)  # vocab-parallel head: its shard of every logit
         self.ledger.reserve("weights", sum(p.numel() * p.element_size() for p in self.model.parameters()))
         self.storage: KVSlabStorage | None = None
         self.metadata = None
@@ -131,7 +129,7 @@ class Worker:
         )
         meta = self.metadata.build(batch, self.device, slots)
         hidden = self.model(input_ids, positions, meta)
-        if self.logits and batch.sample_rows:  # this rank's shard of the sampled rows' logits, to rank 0
+        if batch.sample_rows:  # this rank's shard of the sampled rows' logits, gathered to rank 0
             rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=self.device)
             self.model.compute_logits(hidden.index_select(0, rows))
 
@@ -142,9 +140,8 @@ class Worker:
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         with scratch_prefill(self.model, self.kv_config, self.device, n, n, self.kv_format) as meta:
             hidden = self.model(tokens, torch.arange(n, device=self.device), meta)
-        if self.logits:  # as SequenceScorer forms them on rank 0
-            for start, end in logit_chunks(n):
-                self.model.compute_logits(hidden[start:end])
+        for start, end in logit_chunks(n):  # as SequenceScorer forms them on rank 0
+            self.model.compute_logits(hidden[start:end])
 
     @torch.inference_mode()
     def _shift(self, msg: StepMessage) -> None:
