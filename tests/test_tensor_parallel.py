@@ -137,12 +137,19 @@ def test_llama_two_ranks_batch_chunks_prefix_hits_preemption_and_slabs(llama):
 
 def test_four_ranks_share_two_kv_heads(llama):
     """Four ranks, two KV heads: each head is replicated on the two ranks whose query heads read it. The
-    vocabulary's 253 ids in shards of 64 rows: the last rank's lookups and logits carry 3 padding rows."""
+    vocabulary's 253 ids in shards of 64 rows: the last rank's lookups and logits carry 3 padding rows;
+    prompt logprobs (a scoring prefill) gather every rank's logits too."""
     ref, tp = engine_pair(llama, 4)
     try:
         assert tp.kv_config.num_key_value_heads == 1
         assert vocab_rows(tp) == [64, 64]
         compare(ref, tp, [tokens(n, i) for i, n in enumerate(LENS[:2])])
+        # Prompt logprobs: a scoring prefill whose logits every rank forms and rank 0 gathers.
+        prompt = tokens(30, 7)
+        (ids, want), (_, got) = (engine.score_prompt(prompt, top_n=3) for engine in (ref, tp))
+        assert ids == prompt and len(got) == len(want) == 29
+        for (lp_ref, top_ref), (lp_tp, top_tp) in zip(want, got, strict=True):
+            assert abs(lp_ref - lp_tp) <= 1e-4 and [i for i, _ in top_ref] == [i for i, _ in top_tp]
     finally:
         tp.close()
 
