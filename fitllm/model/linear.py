@@ -23,7 +23,7 @@ class ShapeMismatch(ValueError):
         self.got, self.expected = got, expected
 
 
-def _expect_rows(loaded: torch.Tensor | GGUFBlocks, rows: int) -> None:
+def expect_rows(loaded: torch.Tensor | GGUFBlocks, rows: int) -> None:
     """The checkpoint holds exactly `rows` output rows (a narrow would silently take the first ones)."""
     shape = tuple(loaded.shape)
     if not shape or shape[0] != rows:
@@ -79,7 +79,7 @@ class LinearBase(nn.Module):
     ) -> None:
         """A checkpoint tensor holding several shards one after another: each (shard id, full rows) part
         goes through weight_loader as if it had come alone."""
-        _expect_rows(loaded, sum(rows for _, rows in parts))
+        expect_rows(loaded, sum(rows for _, rows in parts))
         offset = 0
         for shard_id, rows in parts:
             self.weight_loader(param, loaded.narrow(0, offset, rows), shard_id)
@@ -106,7 +106,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         n = self.out_features
-        _expect_rows(loaded, n * self.tp_size)
+        expect_rows(loaded, n * self.tp_size)
         if param is self.bias:
             _copy_checked(param.data, loaded.narrow(0, self.tp_rank * n, n))
         else:
@@ -129,7 +129,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int)
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        _expect_rows(loaded, size * self.tp_size)
+        expect_rows(loaded, size * self.tp_size)
         shard = loaded.narrow(0, self.tp_rank * size, size)
         if param is self.bias:
             _copy_checked(param.data.narrow(0, offset, size), shard)
@@ -170,10 +170,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         kv = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[str(shard_id)]
         if shard_id == "q":
-            _expect_rows(loaded, size * self.tp_size)
+            expect_rows(loaded, size * self.tp_size)
             start = self.tp_rank * size
         else:
-            _expect_rows(loaded, self.total_kv_heads * self.head_dim)
+            expect_rows(loaded, self.total_kv_heads * self.head_dim)
             start = kv_head_start(self.tp_rank, self.total_kv_heads, self.tp_size) * self.head_dim
         shard = loaded.narrow(0, start, size)
         if param is self.bias:

@@ -20,7 +20,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.distributed import get_tp_rank, get_tp_world_size, tp_all_reduce, tp_gather
-from fitllm.model.linear import LinearBase, _expect_rows
+from fitllm.model.linear import LinearBase, expect_rows
 from fitllm.quant.base import QuantMethod
 from fitllm.quant.gguf_blocks import GGUFBlocks
 
@@ -65,7 +65,7 @@ class VocabEmbedding(LinearBase):
         if s is None:
             super().weight_loader(param, loaded, shard_id)
             return
-        _expect_rows(loaded, s.vocab_size)
+        expect_rows(loaded, s.vocab_size)
         if s.real:
             self._load_rows(0, s.real, loaded.narrow(0, s.start, s.real))
         if s.real < s.rows:  # padding: zero rows (looked up never, their logits cut on rank 0)
