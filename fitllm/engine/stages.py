@@ -1,0 +1,134 @@
+"""A layer split's stages and the hops between them (`--layer-split`).
+
+A stage is a device, a run of consecutive decoder layers, the ledger of that device and the KV storage of
+those layers. Stage 0 also holds the embedding, the final norm and the LM head, so the sampler and
+everything after the forward stay on one device. Between stages the model's own forward loop is untouched:
+forward pre-hooks on each stage's layers hand them their device's inputs, and a forward hook on the last
+layer hands the hidden state back to stage 0's device. Each hop is one explicit copy of the hidden state
+(and of Llama's residual) even between two stages on the same device, so the CPU tests exercise it. The
+step's attention metadata and rotary rows are moved once per step per device (cached by identity), not per
+layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from fitllm.memory.kv.storage import KVSlabStorage
+from fitllm.memory.ledger import MemoryLedger
+
+
+@dataclass(slots=True)
+class Stage:
+    """One device's share of a layer split."""
+
+    index: int
+    device: torch.device
+    layers: range  # decoder layer indices, consecutive
+    ledger: MemoryLedger
+    storage: KVSlabStorage | None = None  # its layers' KV (set when the pool is built)
+
+
+def layers_by_device(model: nn.Module) -> dict[torch.device, list[int]]:
+    """Decoder layer indices grouped by the device their weights are on, in layer order (one group unless
+    the layers are split)."""
+    out: dict[torch.device, list[int]] = {}
+    for i, layer in enumerate(model.layers):
+        device = next(layer.parameters()).device
+        out.setdefault(device, []).append(i)
+    return out
+
+
+def move_to(value: Any, device: torch.device, copy: bool) -> Any:
+    """`value` with every tensor inside it (through dataclasses, lists, tuples and dicts) on `device`:
+    copied when `copy`, else moved only where it is elsewhere."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=copy) if copy or value.device != device else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: move_to(getattr(value, f.name), device, copy) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, list):
+        return [move_to(v, device, copy) for v in value]
+    if isinstance(value, tuple):
+        return tuple(move_to(v, device, copy) for v in value)
+    if isinstance(value, dict):
+        return {k: move_to(v, device, copy) for k, v in value.items()}
+    return value
+
+
+class StageHop:
+    """The hooks of one stage after the first: its first layer copies the hidden state in; every layer of
+    it reads the step's metadata and rotary rows as moved to its device, moved once per step."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.num_hops = 0  # hidden-state copies into this stage (tests and the benchmark read it)
+        self._moved: dict[int, tuple[Any, Any]] = {}  # id(source) -> (source, its copy on this device)
+
+    def _shared(self, value: Any) -> Any:
+        """A per-step object (metadata, rotary rows) on this stage's device, moved at its first use."""
+        hit = self._moved.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        moved = move_to(value, self.stage.device, copy=False)
+        self._moved[id(value)] = (value, moved)
+        return moved
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        first = module is self._first
+        if first:
+            self._moved.clear()  # a new forward: the previous step's objects are gone
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):  # the hidden state and the residual
+                return value.to(self.stage.device, copy=True) if first else value
+            if value is None:
+                return None
+            return self._shared(value)
+
+        if first:
+            self.num_hops += 1
+        return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+
+    def install(self, layers: nn.ModuleList) -> list[RemovableHandle]:
+        self._first = layers[self.stage.layers.start]
+        handles = [
+            layers[i].register_forward_pre_hook(self.before, with_kwargs=True) for i in self.stage.layers
+        ]
+        last = layers[self.stage.layers.stop - 1]
+        handles.append(last.register_forward_hook(lambda *_: self._moved.clear()))
+        return handles
+
+
+def install_hops(model: nn.Module, stages: list[Stage]) -> list[StageHop]:
+    """Hook the model's decoder layers so the forward hops from stage to stage and back to stage 0's
+    device after the last layer; returns the hops (one per stage after the first)."""
+    hops = [StageHop(stage) for stage in stages[1:]]
+    for hop in hops:
+        hop.install(model.layers)
+    home = stages[0].device
+    last = model.layers[stages[-1].layers.stop - 1]
+
+    def back_home(module: nn.Module, args: tuple, output: Any) -> Any:
+        return move_to(output, home, copy=True)
+
+    last.register_forward_hook(back_home)
+    return hops
+
+
+def stage_weight_bytes(model: nn.Module, stage: Stage) -> int:
+    """The parameter bytes stage `stage` holds: its decoder layers, and on stage 0 everything outside the
+    decoder stack too (embedding, final norm, LM head, tables)."""
+    layers = set(stage.layers)
+    total = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if int(parts[1]) in layers if parts[0] == "layers" else stage.index == 0:
+            total += p.numel() * p.element_size()
+    return total
