@@ -231,6 +231,16 @@ def parse_layer_split(text: str) -> tuple[tuple[str | None, str], ...]:
     return tuple(out)
 
 
+def layer_split_arg(text: str) -> str:
+    """--layer-split's parser: the text as given once `parse_layer_split` accepts it (a parser error
+    naming the flag otherwise)."""
+    try:
+        parse_layer_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 # `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
 # `--lm-head-dtype`: how the output projection (and a tied embedding) is stored (fitllm/quant/__init__.py).
@@ -406,6 +416,7 @@ class EngineConfig:
         "cuda:0=22GiB,cuda:1=10GiB (or 22GiB,10GiB for cuda:0, cuda:1; fractions of free memory such as "
         "0.8 too); consecutive layers per device in proportion to what each budget leaves, each device's KV "
         "for its layers in its own pool; replaces --memory-budget",
+        type=layer_split_arg,
     )
     tp_timeout_s: float = flag(
         60.0,

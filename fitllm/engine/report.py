@@ -91,6 +91,11 @@ def give_back_to_device(device: torch.device) -> None:
 def memory_report(engine: Engine) -> str:
     """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
     lines = [engine.ledger.report()]
+    for stage in engine.stages[1:]:  # a layer split: each later device's own ledger
+        lines.append(
+            f"layer split, device {stage.index} ({stage.device}, layers {stage.layers.start}-"
+            f"{stage.layers.stop - 1}):\n{stage.ledger.report()}"
+        )
     if engine.workspace_measured is not None:
         lines.append(
             f"workspace planned {format_bytes(engine.workspace_planned)}, measured {format_bytes(engine.workspace_measured)}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitllm.config import EngineConfig, parse_layer_split
+from fitllm.config import EngineConfig, ModelConfig, parse_layer_split
 from fitllm.plan.memory_plan import MemoryPlan
 from fitllm.units import format_bytes
 
@@ -117,16 +117,16 @@ def plan_layer_split(
         start += n
     block = plan.config.block_size
     need = weights.total + sum(fixed) - outside + block * plan.kv_bytes_per_token
-    short = [s for s in stages if not s.layers or s.kv_tokens < block]
+    short = [i for i, s in enumerate(stages) if not s.layers or s.kv_tokens < block]
     if short:
-        s = short[0]
+        s = stages[short[0]]
         why = (
             "leaves room for no decoder layer"
             if not s.layers
             else f"cannot hold its {len(s.layers)} layers and one KV block"
         )
         raise ValueError(
-            f"--layer-split: {s.device}'s budget {format_bytes(s.budget)} {why}; the model needs about "
+            f"--layer-split: device {short[0]} ({s.device})'s budget {format_bytes(s.budget)} {why}; the model needs about "
             f"{format_bytes(need)} in all (weights, each device's workspace, one KV block) and the budgets "
             f"give {format_bytes(sum(budgets))}: raise the budgets, drop that device, or quantize (see "
             f"`fitllm plan --layer-split ...`)"
@@ -156,3 +156,21 @@ def split_table(stages: list[StagePlan], block_size: int, length: int) -> str:
         f"{capacity // max(1, length)} full-length ({length}-token) requests"
     )
     return "\n".join(lines)
+
+
+def layer_split_plan(
+    config: EngineConfig, model_config: ModelConfig, device: torch.device, **plan_kw
+) -> tuple[list[StagePlan] | str, int]:
+    """What `fitllm plan --layer-split` reports: (the stages, or why the split cannot hold the model; the
+    context planned for). `plan_kw` go to `MemoryPlan.for_engine` (group size, overhead)."""
+    from fitllm.memory.budget import resolve_budget
+
+    refuse_with_layer_split(config)
+    pairs = split_devices(config, device)
+    budgets = [resolve_budget(spec, d) for d, spec in pairs]
+    plan = MemoryPlan.for_engine(config, model_config, pairs[0][0], budget=sum(budgets), **plan_kw)
+    length, _ = plan.initial_length(strict=False, warn=False)
+    try:
+        return plan_layer_split(plan, [d for d, _ in pairs], budgets, length), length
+    except ValueError as exc:
+        return str(exc), length
