@@ -28,7 +28,7 @@ from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.speculation import Speculator, speculation_refusal
 from fitllm.engine.split_startup import split_budgets, start_split_memory
-from fitllm.engine.stages import Stage, StageHop
+from fitllm.engine.stages import HopStats, Stage
 from fitllm.engine.startup import start_memory
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.engine.structured.compiler import GrammarCompiler
@@ -64,7 +64,7 @@ class Engine:
         self.device = config.resolve_device()
         # --layer-split: stage 0's device is the engine's (embedding, head, sampler); each stage's budget.
         self.stages: list[Stage] = []
-        self.hops: list[StageHop] = []
+        self.hops: HopStats | None = None  # the split forward's hops (install_hops)
         self._split_budgets: list[int] | None = None
         if config.layer_split is not None:
             refuse_with_layer_split(config)

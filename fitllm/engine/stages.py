@@ -13,6 +13,8 @@ layer.
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +64,36 @@ def move_to(value: Any, device: torch.device, copy: bool) -> Any:
     return value
 
 
+@dataclass(slots=True)
+class HopStats:
+    """The hops of a split's forwards so far: hidden-state copies between devices (into each later stage,
+    and back to stage 0 after the last layer) and the host seconds they took with the step's metadata
+    moves (on CUDA the launch; on the CPU the copy itself). `fitllm bench throughput` reports the share."""
+
+    copies: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+
+def _timed(stats: HopStats, fn: Callable[[], Any]) -> Any:
+    start = time.perf_counter()
+    out = fn()
+    stats.seconds += time.perf_counter() - start
+    return out
+
+
+def _nbytes(value: Any) -> int:
+    items = value if isinstance(value, tuple) else (value,)
+    return sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+
+
 class StageHop:
     """The hooks of one stage after the first: its first layer copies the hidden state in; every layer of
     it reads the step's metadata and rotary rows as moved to its device, moved once per step."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, stats: HopStats) -> None:
         self.stage = stage
-        self.num_hops = 0  # hidden-state copies into this stage (tests and the benchmark read it)
+        self.stats = stats
         self._moved: dict[int, tuple[Any, Any]] = {}  # id(source) -> (source, its copy on this device)
 
     def _shared(self, value: Any) -> Any:
@@ -93,8 +118,12 @@ class StageHop:
             return self._shared(value)
 
         if first:
-            self.num_hops += 1
-        return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+            self.stats.copies += 1
+            self.stats.bytes += _nbytes(tuple(a for a in args if isinstance(a, torch.Tensor)))
+        return _timed(
+            self.stats,
+            lambda: (tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}),
+        )
 
     def install(self, layers: nn.ModuleList) -> list[RemovableHandle]:
         self._first = layers[self.stage.layers.start]
@@ -106,20 +135,22 @@ class StageHop:
         return handles
 
 
-def install_hops(model: nn.Module, stages: list[Stage]) -> list[StageHop]:
+def install_hops(model: nn.Module, stages: list[Stage]) -> HopStats:
     """Hook the model's decoder layers so the forward hops from stage to stage and back to stage 0's
-    device after the last layer; returns the hops (one per stage after the first)."""
-    hops = [StageHop(stage) for stage in stages[1:]]
-    for hop in hops:
-        hop.install(model.layers)
+    device after the last layer; returns the hops' running figures."""
+    stats = HopStats()
+    for stage in stages[1:]:
+        StageHop(stage, stats).install(model.layers)
     home = stages[0].device
     last = model.layers[stages[-1].layers.stop - 1]
 
     def back_home(module: nn.Module, args: tuple, output: Any) -> Any:
-        return move_to(output, home, copy=True)
+        stats.copies += 1
+        stats.bytes += _nbytes(output)
+        return _timed(stats, lambda: move_to(output, home, copy=True))
 
     last.register_forward_hook(back_home)
-    return hops
+    return stats
 
 
 def stage_weight_bytes(model: nn.Module, stage: Stage) -> int:
