@@ -49,7 +49,7 @@ def split_budgets(folder, kv_blocks: int, slab_blocks: int, devices: tuple[str, 
     `kv_blocks` KV blocks beside their weights and workspace, in slabs of `slab_blocks`; and for the
     unsplit engine the same pool (see `unsplit_budget`)."""
     split = ",".join(f"{d}=1GiB" for d in devices)
-    probe = Engine(EngineConfig(model=str(folder), layer_split=split, **BASE, **kw))
+    probe = Engine(EngineConfig(model=str(folder), layer_split=split, **(BASE | kw)))
     assert [len(s.layers) for s in probe.stages] == [2, 2]
     budgets = []
     for stage in probe.stages:
@@ -71,12 +71,12 @@ def engines(
     unsplit: dict = {"device": devices[0]}
     if kv_blocks is not None:
         split = split_budgets(folder, kv_blocks, 2, devices, **kw)
-        probe = Engine(EngineConfig(model=str(folder), memory_budget="1GiB", device=devices[0], **BASE, **kw))
+        probe = Engine(EngineConfig(model=str(folder), memory_budget="1GiB", device=devices[0], **(BASE | kw)))
         fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
         per_block = probe.storage.block_bytes
         unsplit.update(memory_budget=fixed + kv_blocks * per_block, kv_slab_size=2 * per_block)
-    ref = Engine(EngineConfig(model=str(folder), **BASE, **unsplit, **kw))
-    return ref, Engine(EngineConfig(model=str(folder), **BASE, **split, **kw))
+    ref = Engine(EngineConfig(model=str(folder), **(BASE | unsplit | kw)))
+    return ref, Engine(EngineConfig(model=str(folder), **(BASE | split | kw)))
 
 
 def compare(
@@ -132,6 +132,32 @@ def test_other_families_split(tmp_path, family):
     folder = make_random_checkpoint(tmp_path, family)
     ref, split = engines(folder)
     compare(ref, split, [tokens(n, i) for i, n in enumerate(LENS[:3])], vary=family != "xglm")
+
+
+def test_context_shift_rotates_every_stages_kv(llama):
+    """Turn 2 of a story, its oldest text cut: the kept K/V is rotated into place on each stage's own
+    storage, and the continuation matches the unsplit engine's shifted one."""
+    from test_context_shift import CUT, MEMORY, STORY
+
+    ref, split = engines(llama, max_model_len=256, context_shift="on")
+    (out,) = run_all(ref, [MEMORY + STORY], params=GREEDY)
+    assert run_all(split, [MEMORY + STORY], params=GREEDY) == [out]
+    compare(ref, split, [MEMORY + STORY[CUT:] + out + [5, 6, 7]])
+    assert split.shifter.num_shifted_tokens == ref.shifter.num_shifted_tokens > 0
+
+
+def test_prompt_logprobs_and_the_profile_step_run_through_the_split(llama):
+    """The scratch prefills (prompt logprobs; the start-up profile step) give each device its own scratch
+    K/V for its layers."""
+    ref, split = engines(llama, profile_workspace=True)
+    assert split.workspace_measured is not None and split.workspace_measured > 0
+    prompt = tokens(30, 5)
+    want_ids, want = ref.score_prompt(prompt, top_n=3)
+    got_ids, got = split.score_prompt(prompt, top_n=3)
+    assert got_ids == want_ids and len(got) == len(want) == 29
+    for (a, top_a), (b, top_b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+        assert [t for t, _ in top_a] == [t for t, _ in top_b]
 
 
 def test_each_stage_ledgers_only_its_layers_weights_and_kv(llama):

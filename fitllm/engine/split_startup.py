@@ -99,6 +99,8 @@ def start_split_memory(engine: Engine, show_progress: bool) -> None:
     for stage, part in zip(engine.stages, engine.storage.parts(), strict=True):
         stage.storage = part
     engine.kv = KVCacheManager(engine.pool, engine.block_size)
+    if engine.device.type == "cuda":
+        log.info("CUDA graphs off: --layer-split (a graph per device is not built); decode runs eagerly")
     log.info(
         "layer split: %s",
         ", ".join(
