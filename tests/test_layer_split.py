@@ -71,7 +71,9 @@ def engines(
     unsplit: dict = {"device": devices[0]}
     if kv_blocks is not None:
         split = split_budgets(folder, kv_blocks, 2, devices, **kw)
-        probe = Engine(EngineConfig(model=str(folder), memory_budget="1GiB", device=devices[0], **(BASE | kw)))
+        probe = Engine(
+            EngineConfig(model=str(folder), memory_budget="1GiB", device=devices[0], **(BASE | kw))
+        )
         fixed = probe.ledger.current("weights") + probe.ledger.current("workspace")
         per_block = probe.storage.block_bytes
         unsplit.update(memory_budget=fixed + kv_blocks * per_block, kv_slab_size=2 * per_block)
@@ -81,9 +83,9 @@ def engines(
 
 def compare(
     ref: Engine, split: Engine, prompts: list[list[int]], vary: bool = True, rel: float = REL
-) -> None:
+) -> list[list[int]]:
     """Both engines run `prompts` as one batch: the same greedy tokens, logits within REL, the stages'
-    ledgers within their budgets after every step."""
+    ledgers within their budgets after every step. Returns the tokens."""
     want_logits: list = []
     got_logits: list = []
     want = run_all(ref, prompts, params=GREEDY, logits=want_logits)
@@ -100,17 +102,21 @@ def compare(
         assert len(rows_ref) == len(rows_split) == GREEDY.max_tokens
         for a, b in zip(rows_ref, rows_split, strict=True):
             assert (a - b).abs().max().item() <= rel * a.abs().max().item()
+    return got
 
 
 def test_llama_split_matches_unsplit_with_chunks_and_prefix_hits(llama):
-    ref, split = engines(llama)
+    ref, split = engines(llama, kv_slab_size=32 << 10)  # small slabs: the pool grows and shrinks
     assert [s.layers for s in split.stages] == [range(0, 2), range(2, 4)]
     prompts = [tokens(n, i) for i, n in enumerate(LENS)]
-    compare(ref, split, prompts)
-    # The same prompts again: their full blocks come from the prefix cache on every stage.
-    hits = split.pool.num_cached_blocks
-    compare(ref, split, [p + [7] for p in prompts])
-    assert hits > 0 and split.stages[1].storage.block_bytes * hits > 0
+    outs = compare(ref, split, prompts)
+    # Idle: slabs given back, the cached blocks kept moved into the slabs that stay, on every stage.
+    assert split.release_idle_memory() > 0 and ref.release_idle_memory() > 0
+    # The conversations go on: their full blocks come from the prefix cache on every stage.
+    assert split.pool.num_cached_blocks > 0
+    hits = split.kv.prefix_hits
+    compare(ref, split, [p + out + [7] for p, out in zip(prompts, outs, strict=True)])
+    assert split.kv.prefix_hits > hits
     # Every forward copied the hidden state to the second device and back: two copies a forward.
     assert split.hops is not None and split.hops.copies > 0 and split.hops.copies % 2 == 0
 
@@ -192,6 +198,41 @@ def test_each_stage_ledgers_only_its_layers_weights_and_kv(llama):
     run_all(split, [tokens(120, 3), tokens(100, 4)], params=GREEDY, on_step=each_step)
     assert max(most) > 1
     assert first.storage.slab_bytes == second.storage.slab_bytes  # equal layers, equal shares
+    # Idle: the slabs go back on both stages (cached blocks kept by compaction copies on every stage).
+    assert split.release_idle_memory() > 0
+    each_step(split)
+    assert first.storage.live == second.storage.live and split.storage.num_live < max(most)
+    split.check_integrity()
+
+
+def test_staged_storage_moves_slabs_and_blocks_on_every_stage():
+    """A slab is added on every stage or none (a refusing ledger leaves the others as they were); block
+    copies, slot reads and writes reach every stage's layers."""
+    from fitllm.memory.kv.format import KVCacheFormat
+    from fitllm.memory.ledger import MemoryLedger
+
+    fmt = KVCacheFormat("auto", torch.float32, 8)
+    slab_bytes = [fmt.bytes_per_token(n, 2) * 4 * 2 for n in (1, 2)]  # 2 blocks of 4 tokens a slab
+    ledgers = [MemoryLedger(4 * slab_bytes[0]), MemoryLedger(2 * slab_bytes[1])]
+    parts = [
+        KVSlabStorage(n, 2, fmt, 4, 2, 4, torch.device("cpu"), ledger)
+        for n, ledger in zip((1, 2), ledgers, strict=True)
+    ]
+    staged = StagedSlabStorage(parts)
+    assert staged.add(0) and staged.add(1) and staged.num_addable() == 0
+    assert not staged.add(2)  # the second stage's budget is full: the first gives its slab 2 back
+    assert parts[0].live == parts[1].live == {0, 1}
+    assert [lg.current("kv") for lg in ledgers] == [2 * slab_bytes[0], 2 * slab_bytes[1]]
+    slots = torch.arange(0, 8)
+    data = torch.randn(staged.block_shape(2))
+    staged.write_slots(slots, data)
+    staged.copy_blocks([0, 1], [2, 3])  # blocks 2 and 3 are slab 1's
+    out = torch.empty(staged.block_shape(2))
+    staged.read_slots(torch.arange(8, 16), out)
+    assert torch.equal(out, data)
+    assert torch.equal(parts[1].slab_view(1)[:, :, :8], data[1:])  # stage 1 holds layers 1-2
+    staged.remove(1)
+    assert parts[0].live == parts[1].live == {0} and ledgers[1].current("kv") == slab_bytes[1]
 
 
 def test_planner_follows_the_budgets(llama):
