@@ -140,6 +140,13 @@ def test_other_families_split(tmp_path, family):
     compare(ref, split, [tokens(n, i) for i, n in enumerate(LENS[:3])], vary=family != "xglm")
 
 
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_split_matches_unsplit(llama, quantization):
+    """Quantized layers on both devices (each device's layers share their own dequantize scratch)."""
+    ref, split = engines(llama, quantization=quantization)
+    compare(ref, split, [tokens(n, i) for i, n in enumerate(LENS[:3])])
+
+
 def test_context_shift_rotates_every_stages_kv(llama):
     """Turn 2 of a story, its oldest text cut: the kept K/V is rotated into place on each stage's own
     storage, and the continuation matches the unsplit engine's shifted one."""
