@@ -242,6 +242,30 @@ def test_staged_storage_moves_slabs_and_blocks_on_every_stage():
     assert parts[0].live == parts[1].live == {0} and ledgers[1].current("kv") == slab_bytes[1]
 
 
+def test_metrics_show_each_devices_ledger(llama):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fitllm.engine.view import EngineCounters, StatusSnapshot
+    from fitllm.server.metrics import EngineCollector
+
+    _, split = engines(llama)
+    snapshot = StatusSnapshot.of(split, EngineCounters(), 0.0)
+
+    class Published:  # what the collector reads of the AsyncEngine
+        ready = True
+
+        def status(self):
+            return snapshot
+
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(Published()))
+    text = generate_latest(registry).decode()
+    for stage in split.stages:
+        weights = stage.ledger.current("weights")
+        name = f"{stage.index}:{stage.device}"
+        assert f'fitllm_device_memory_bytes{{device="{name}",tag="weights"}} {float(weights)}' in text
+
+
 def test_planner_follows_the_budgets(llama):
     """2:1 room gives about 2:1 layers (of 24); budgets that cannot hold the model are refused."""
     config = EngineConfig(model=str(llama), **BASE)

@@ -42,6 +42,9 @@ class EngineStatus:
     kv_host_blocks_read: int = 0  # host tier: blocks copied back to the device on a prefix hit, since start
     spec_draft_tokens: int = 0  # speculation (--speculative-ngram): tokens proposed, since start
     spec_accepted_tokens: int = 0  # of which accepted
+    # --layer-split: each device's ledger, as (device index:name, snapshot), stage 0's included (it is
+    # `ledger` too); empty without a split.
+    devices: tuple[tuple[str, LedgerSnapshot], ...] = ()
 
 
 def engine_status(engine: Engine) -> EngineStatus:
@@ -49,6 +52,7 @@ def engine_status(engine: Engine) -> EngineStatus:
     pool, sched, tier, spec = engine.pool, engine.scheduler, engine.host_cache, engine.speculator
     return EngineStatus(
         ledger=engine.ledger.snapshot(),
+        devices=tuple((f"{st.index}:{st.device}", st.ledger.snapshot()) for st in engine.stages),
         kv_blocks={
             "used": pool.num_used_blocks,
             "cached": pool.num_cached_blocks,
