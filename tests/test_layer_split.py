@@ -23,7 +23,7 @@ from fitllm.engine.stages import stage_weight_bytes
 from fitllm.loader import open_model
 from fitllm.memory.kv.staged import StagedSlabStorage
 from fitllm.memory.kv.storage import KVSlabStorage
-from fitllm.plan.layer_split import apportion, plan_layer_split
+from fitllm.plan.layer_split import apportion, balance, plan_layer_split
 from fitllm.plan.memory_plan import MemoryPlan
 
 REL = 1e-6
@@ -280,6 +280,7 @@ def test_planner_follows_the_budgets(llama):
     assert stages[0].layers.stop == stages[1].layers.start and stages[1].layers.stop == 24
     assert stages[0].kv_tokens == pytest.approx(stages[1].kv_tokens, rel=0.01)  # balanced KV
     assert apportion([3, 1, 0], 8) == [6, 2, 0] and apportion([1, 1], 3) in ([2, 1], [1, 2])
+    assert balance([3, 1], [300, 300], 10, 1) == [2, 2]  # whole layers moved while the tightest gains
     with pytest.raises(ValueError, match="--layer-split: device 1 .* leaves room for no decoder layer"):
         plan_layer_split(plan, [torch.device("cpu")] * 2, [budgets[0], ws[1]], 128)
     small = [ws[0] + outside + 3 * plan.weights.per_layer, ws[1] + 3 * plan.weights.per_layer]

@@ -88,6 +88,28 @@ def apportion(rooms: list[int], num_layers: int) -> list[int]:
     return counts
 
 
+def balance(counts: list[int], rooms: list[int], layer_bytes: int, layer_kv: int) -> list[int]:
+    """`counts` after moving single layers between devices while that raises the fewest KV tokens any
+    device holds (the pool's capacity): whole layers make the proportional split uneven by up to a layer's
+    share of each device's KV."""
+
+    def capacity(c: list[int]) -> float:
+        return min((r - n * layer_bytes) / (n * max(1, layer_kv)) for r, n in zip(rooms, c, strict=True))
+
+    best = capacity(counts)
+    while True:
+        moves = [
+            [n - (k == i) + (k == j) for k, n in enumerate(counts)]
+            for i in range(len(counts))
+            for j in range(len(counts))
+            if i != j and counts[i] > 1
+        ]
+        top = max(moves, key=capacity, default=None)
+        if top is None or capacity(top) <= best:
+            return counts
+        counts, best = top, capacity(top)
+
+
 def plan_layer_split(
     plan: MemoryPlan, devices: list[torch.device], budgets: list[int], length: int
 ) -> list[StagePlan]:
@@ -100,7 +122,10 @@ def plan_layer_split(
     outside = weights.total - num_layers * weights.per_layer  # embedding, final norm, LM head
     workspaces = [plan.workspace_at(length, sampling=i == 0) for i in range(len(devices))]
     fixed = [ws + plan.overhead + (outside if i == 0 else 0) for i, ws in enumerate(workspaces)]
-    counts = apportion([b - f for b, f in zip(budgets, fixed, strict=True)], num_layers)
+    rooms = [b - f for b, f in zip(budgets, fixed, strict=True)]
+    counts = apportion(rooms, num_layers)
+    if all(counts):
+        counts = balance(counts, rooms, weights.per_layer, per_layer_kv)
     stages, start = [], 0
     for i, (device, budget, n) in enumerate(zip(devices, budgets, counts, strict=True)):
         stages.append(
