@@ -95,11 +95,15 @@ def give_back_to_device(device: torch.device) -> None:
 def memory_report(engine: Engine) -> str:
     """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
     lines = [engine.ledger.report()]
-    for stage in engine.stages[1:]:  # a layer split: each later device's own ledger
-        lines.append(
+    for stage in engine.stages:  # a layer split: each device's own ledger, stage 0's the engine's
+        head = (
             f"layer split, device {stage.index} ({stage.device}, layers {stage.layers.start}-"
-            f"{stage.layers.stop - 1}):\n{stage.ledger.report()}"
+            f"{stage.layers.stop - 1}{'; embedding, LM head' if stage.index == 0 else ''}):"
         )
+        if stage.index == 0:
+            lines[0] = f"{head}\n{lines[0]}"
+        else:
+            lines.append(f"{head}\n{stage.ledger.report()}")
     if engine.workspace_measured is not None:
         lines.append(
             f"workspace planned {format_bytes(engine.workspace_planned)}, measured {format_bytes(engine.workspace_measured)}"
