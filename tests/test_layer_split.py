@@ -339,3 +339,18 @@ def test_two_gpus_match_one(llama):
     assert split.stages[1].storage.layer_slabs[0][0].device == torch.device("cuda:1")
     # Other kernels (graphs and async scheduling on one GPU, eager on two): close, not bit for bit.
     compare(ref, split, [tokens(n, i) for i, n in enumerate(LENS)], rel=1e-4)
+
+
+def test_bench_layer_split_runs_both_engines_and_reports_the_hops(llama, tmp_path):
+    import json
+
+    from fitllm.cli import main
+
+    out = tmp_path / "split.json"
+    args = ["bench", "layer-split", "--model", str(llama), "--dtype", "float32", "--max-model-len", "256"]
+    args += ["--layer-split", "cpu=1GiB,cpu=1GiB", "--batch", "2", "--prompt-tokens", "20"]
+    assert main([*args, "--steps", "2", "--rounds", "1", "--json", str(out)]) == 0
+    body = json.loads(out.read_text())
+    assert body["stages"] == [["cpu", 0, 2], ["cpu", 2, 4]]
+    assert body["hop_us_per_step"] > 0 and body["ratio"] > 0
+    assert main(args[:8]) == 2  # without --layer-split there is nothing to compare
