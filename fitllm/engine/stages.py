@@ -88,50 +88,51 @@ def _nbytes(value: Any) -> int:
 
 
 class StageHop:
-    """The hooks of one stage after the first: its first layer copies the hidden state in; every layer of
-    it reads the step's metadata and rotary rows as moved to its device, moved once per step."""
+    """The hooks of one stage after the first. Its first layer copies the hidden state (and residual) in
+    and moves the step's other inputs (attention metadata, rotary rows) to the stage's device, once per
+    step; its other layers get those moved inputs in place of the originals the model's loop passes them
+    (looked up by identity: the originals live through the forward)."""
 
     def __init__(self, stage: Stage, stats: HopStats) -> None:
         self.stage = stage
         self.stats = stats
-        self._moved: dict[int, tuple[Any, Any]] = {}  # id(source) -> (source, its copy on this device)
+        self._swap: dict[int, Any] = {}  # id(the step's input) -> its copy on this stage's device
 
-    def _shared(self, value: Any) -> Any:
-        """A per-step object (metadata, rotary rows) on this stage's device, moved at its first use."""
-        hit = self._moved.get(id(value))
-        if hit is not None and hit[0] is value:
-            return hit[1]
-        moved = move_to(value, self.stage.device, copy=False)
-        self._moved[id(value)] = (value, moved)
+    def _enter_one(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):  # the hidden state and the residual
+            self.stats.bytes += value.numel() * value.element_size()
+            return value.to(self.stage.device, copy=True)
+        if value is None or isinstance(value, int | float | bool | str):
+            return value
+        moved = self._swap[id(value)] = move_to(value, self.stage.device, copy=False)
         return moved
 
-    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        first = module is self._first
-        if first:
-            self._moved.clear()  # a new forward: the previous step's objects are gone
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        start = time.perf_counter()
+        self._swap = {}
+        self.stats.copies += 1
+        out = tuple(self._enter_one(a) for a in args), {k: self._enter_one(v) for k, v in kwargs.items()}
+        self.stats.seconds += time.perf_counter() - start
+        return out
 
-        def convert(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):  # the hidden state and the residual
-                return value.to(self.stage.device, copy=True) if first else value
-            if value is None:
-                return None
-            return self._shared(value)
-
-        if first:
-            self.stats.copies += 1
-            self.stats.bytes += _nbytes(tuple(a for a in args if isinstance(a, torch.Tensor)))
-        return _timed(
-            self.stats,
-            lambda: (tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}),
+    def follow(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        start = time.perf_counter()
+        swap = self._swap
+        out = (
+            tuple([swap.get(id(a), a) for a in args]),
+            {k: swap.get(id(v), v) for k, v in kwargs.items()} if kwargs else kwargs,
         )
+        self.stats.seconds += time.perf_counter() - start
+        return out
+
+    def leave(self, *_: Any) -> None:
+        self._swap = {}  # the step's inputs may die now
 
     def install(self, layers: nn.ModuleList) -> list[RemovableHandle]:
-        self._first = layers[self.stage.layers.start]
-        handles = [
-            layers[i].register_forward_pre_hook(self.before, with_kwargs=True) for i in self.stage.layers
-        ]
-        last = layers[self.stage.layers.stop - 1]
-        handles.append(last.register_forward_hook(lambda *_: self._moved.clear()))
+        first, *rest = (layers[i] for i in self.stage.layers)
+        handles = [first.register_forward_pre_hook(self.enter, with_kwargs=True)]
+        handles += [layer.register_forward_pre_hook(self.follow, with_kwargs=True) for layer in rest]
+        handles.append(layers[self.stage.layers.stop - 1].register_forward_hook(self.leave))
         return handles
 
 
