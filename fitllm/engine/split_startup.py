@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fitllm.config import EngineConfig
 from fitllm.engine.stages import Stage, install_hops, stage_weight_bytes
 from fitllm.engine.startup import reserve_workspace
 from fitllm.loader import build_model
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fitllm")
 
 
-def split_budgets(engine_config, device: torch.device) -> tuple[list[torch.device], list[int]]:
+def split_budgets(engine_config: EngineConfig, device: torch.device) -> tuple[list[torch.device], list[int]]:
     """The `--layer-split` devices and their budgets in bytes (fractions resolved on each device)."""
     pairs = split_devices(engine_config, device)
     devices = [d for d, _ in pairs]
