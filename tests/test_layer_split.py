@@ -147,6 +147,15 @@ def test_quantized_split_matches_unsplit(llama, quantization):
     compare(ref, split, [tokens(n, i) for i, n in enumerate(LENS[:3])])
 
 
+def test_speculative_verification_runs_through_the_split(llama):
+    """Prompt-lookup drafts verified in one forward over both devices: the tokens of the unsplit engine."""
+    # One-token matches: a random model seldom copies, but its tokens recur in the prompt.
+    ref, split = engines(llama, speculative_ngram=2, speculative_ngram_min=1, speculative_tokens=4)
+    loop = tokens(12, 1) * 4
+    compare(ref, split, [loop, tokens(20, 2) + loop[:20]])
+    assert split.speculator.stats.num_draft_tokens > 0
+
+
 def test_context_shift_rotates_every_stages_kv(llama):
     """Turn 2 of a story, its oldest text cut: the kept K/V is rotated into place on each stage's own
     storage, and the continuation matches the unsplit engine's shifted one."""
