@@ -413,7 +413,7 @@ class EngineConfig:
     layer_split: str | None = flag(
         None,
         "split the decoder layers over several devices in one process, each with its own budget: "
-        "cuda:0=22GiB,cuda:1=10GiB (or 22GiB,10GiB for cuda:0, cuda:1; fractions of free memory such as "
+        "cuda:0=22GiB,cuda:1=10GiB (or 22GiB,10GiB: cuda:0, cuda:1, or cpu under --device cpu; fractions such as "
         "0.8 too); consecutive layers per device in proportion to what each budget leaves, each device's KV "
         "for its layers in its own pool; replaces --memory-budget",
         type=layer_split_arg,
