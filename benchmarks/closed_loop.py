@@ -46,6 +46,8 @@ class ClosedLoop:
         self.busy = 0.0  # this loop's clock: seconds spent inside the engine
         self._preemptions_at_start = engine.scheduler.num_preemptions
         self._collectives_at_start = collective_seconds()
+        hops = getattr(engine, "hops", None)
+        self._hops_at_start = (0, 0.0, 0) if hops is None else (hops.copies, hops.seconds, hops.bytes)
         engine.reset_prefix_cache()  # earlier passes ran the same prompts: no free prefix hits
 
     @property
@@ -105,6 +107,28 @@ class ClosedLoop:
             "steps": len(self.step_times),
             "preemptions": self.engine.scheduler.num_preemptions - self._preemptions_at_start,
             **self._tensor_parallel(),
+            **self._layer_split(),
+        }
+
+    def _layer_split(self) -> dict:
+        """With --layer-split, the pass's seconds in the hops between devices (hidden-state copies and the
+        step's metadata moved to each device) and their share of the step time."""
+        hops = getattr(self.engine, "hops", None)
+        if hops is None:
+            return {}
+        copies, seconds, nbytes = (
+            hops.copies - self._hops_at_start[0],
+            hops.seconds - self._hops_at_start[1],
+            hops.bytes - self._hops_at_start[2],
+        )
+        step_s = sum(self.step_times)
+        return {
+            "step_s": step_s,
+            "hop_s": seconds,
+            "hop_copies": copies,
+            "hop_bytes": nbytes,
+            "hop_share": seconds / step_s if step_s else 0.0,
+            "hop_us_per_step": 1e6 * seconds / max(1, len(self.step_times)),
         }
 
     def _tensor_parallel(self) -> dict:

@@ -20,6 +20,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
     ),
     ("step", "benchmarks.decode_step", "one decode step's time: static vs elastic KV pool", True),
     (
+        "layer-split",
+        "benchmarks.layer_split_step",
+        "one decode step's time: one device vs split over --layer-split's devices; the hops' share",
+        True,
+    ),
+    (
         "banned",
         "benchmarks.banned_step",
         "one decode step's time: no banned strings vs 3 on every request",

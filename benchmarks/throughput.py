@@ -297,6 +297,13 @@ def run(args: argparse.Namespace) -> int:
                     f"({extra['broadcast_s']:.3f} s), logit gather {extra['gather_share']:.1%} "
                     f"({extra['gather_s']:.3f} s) over {extra['steps']} steps"
                 )
+            if "hop_share" in extra:
+                log(
+                    f"  layer split: hops {extra['hop_share']:.2%} of step time ({extra['hop_s']:.3f} s, "
+                    f"{extra['hop_us_per_step']:.0f} us a step, {extra['hop_copies']} copies of "
+                    f"{extra['hop_bytes'] / max(1, extra['hop_copies']) / 1024:.1f} KiB on average) "
+                    f"over {extra['steps']} steps"
+                )
             if args.writers_samplers:
                 log(f"[pass {rep + 1}/{args.repeats}] N={n}: fitllm with DRY + XTC, {len(reqs)} requests...")
                 with PhaseMemoryProbe() as mem:

@@ -63,6 +63,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         config, name = source.config, source.path.name
         group_size = group_size or default_group_size(source.linear_block_type())
     device = engine_config.resolve_device()
+    if engine_config.layer_split is not None:
+        return print_layer_split_plan(engine_config, config, device, args.json, group_size)
     # The engine's own plan for these flags (dtype, backend, CUDA graphs decided as it decides them).
     memory = MemoryPlan.for_engine(
         engine_config, config, device, group_size=group_size, overhead=DEFAULT_OVERHEAD
@@ -73,6 +75,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
         plan = memory.report(name, measure_offload_estimate(device, engine_config.offload_dir))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1
+
+
+def print_layer_split_plan(engine_config, config, device, as_json: bool, group_size: int | None) -> int:
+    """`fitllm plan --layer-split`: each device's layers and figures, or why the split cannot hold it."""
+    import dataclasses
+    import json
+
+    from fitllm.plan.layer_split import layer_split_plan, split_capacity, split_table
+    from fitllm.plan.planner import DEFAULT_OVERHEAD
+
+    stages, length = layer_split_plan(
+        engine_config, config, device, group_size=group_size, overhead=DEFAULT_OVERHEAD
+    )
+    block = engine_config.block_size
+    fits = not isinstance(stages, str) and split_capacity(stages, block) >= length
+    if as_json:
+        body = {"max_model_len": length, "fits": fits}
+        if isinstance(stages, str):
+            body["error"] = stages
+        else:
+            body["kv_capacity_tokens"] = split_capacity(stages, block)
+            body["stages"] = [
+                dict(dataclasses.asdict(s), device=str(s.device), layers=[s.layers.start, s.layers.stop])
+                for s in stages
+            ]
+        print(json.dumps(body, indent=2))
+    else:
+        print(f"does not fit: {stages}" if isinstance(stages, str) else split_table(stages, block, length))
+    return 0 if fits else 1
 
 
 def run_as_torchrun_worker(config) -> bool:

@@ -205,6 +205,42 @@ def parse_model_len(text: str) -> int | str:
     return value
 
 
+def parse_layer_split(text: str) -> tuple[tuple[str | None, str], ...]:
+    """--layer-split: comma-separated per-device budgets, each `DEVICE=BUDGET` (cuda:1=10GiB, cpu=2GiB) or
+    a bare BUDGET (the Nth entry then is cuda:N, or cpu on CPU); as (device or None, budget) pairs. Raises
+    ValueError naming the flag."""
+    entries = [part.strip() for part in text.split(",")]
+    if len(entries) < 2 or not all(entries):
+        raise ValueError(
+            f"--layer-split {text!r}: give two or more comma-separated budgets, e.g. 22GiB,10GiB or "
+            f"cuda:0=22GiB,cuda:1=10GiB"
+        )
+    out: list[tuple[str | None, str]] = []
+    for entry in entries:
+        device, _, budget = entry.rpartition("=")
+        if device:
+            try:
+                kind = torch.device(device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"--layer-split {entry!r}: {device!r} is not a device (cpu, cuda, cuda:N)")
+        if not budget:
+            raise ValueError(f"--layer-split {entry!r}: no budget after '='")
+        out.append((device or None, budget))
+    return tuple(out)
+
+
+def layer_split_arg(text: str) -> str:
+    """--layer-split's parser: the text as given once `parse_layer_split` accepts it (a parser error
+    naming the flag otherwise)."""
+    try:
+        parse_layer_split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 # `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
 QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
 # `--lm-head-dtype`: how the output projection (and a tied embedding) is stored (fitllm/quant/__init__.py).
@@ -374,6 +410,14 @@ class EngineConfig:
         "processes the model's heads and MLP are split across (torch.distributed: NCCL on CUDA, one GPU "
         "each; gloo on CPU); rank 0 spawns the others, or torchrun launches them all (README)",
     )
+    layer_split: str | None = flag(
+        None,
+        "split the decoder layers over several devices in one process, each with its own budget: "
+        "cuda:0=22GiB,cuda:1=10GiB (or 22GiB,10GiB: cuda:0, cuda:1, or cpu under --device cpu; fractions such as "
+        "0.8 too); consecutive layers per device in proportion to what each budget leaves, each device's KV "
+        "for its layers in its own pool; replaces --memory-budget",
+        type=layer_split_arg,
+    )
     tp_timeout_s: float = flag(
         60.0,
         "seconds a tensor-parallel collective may wait for a rank before the engine reports it lost",
@@ -415,6 +459,8 @@ class EngineConfig:
             raise ValueError(f"--offload-prefetch must be at least 1; got {self.offload_prefetch}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be at least 1; got {self.tensor_parallel_size}")
+        if self.layer_split is not None:
+            parse_layer_split(self.layer_split)
         if self.tp_timeout_s <= 0:
             raise ValueError(f"--tp-timeout-s must be positive; got {self.tp_timeout_s}")
         if self.max_model_len == "auto":

@@ -27,6 +27,8 @@ from fitllm.engine.sampling.dry import BreakerTable
 from fitllm.engine.scheduler import Scheduler, SchedulerOutput
 from fitllm.engine.scorer import SequenceScorer
 from fitllm.engine.speculation import Speculator, speculation_refusal
+from fitllm.engine.split_startup import split_budgets, start_split_memory
+from fitllm.engine.stages import HopStats, Stage
 from fitllm.engine.startup import start_memory
 from fitllm.engine.step_state import InFlightStep, StepStats, StepTimer
 from fitllm.engine.structured.compiler import GrammarCompiler
@@ -39,6 +41,7 @@ from fitllm.memory.kv.swap import KVSwapper
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.offload.streamer import WeightStreamer
 from fitllm.model.attention import resolve_attention_backend
+from fitllm.plan.layer_split import refuse_with_layer_split
 from fitllm.plan.memory_plan import MemoryPlan
 from fitllm.quant import get_quant_method
 
@@ -59,6 +62,14 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = config.resolve_device()
+        # --layer-split: stage 0's device is the engine's (embedding, head, sampler); each stage's budget.
+        self.stages: list[Stage] = []
+        self.hops: HopStats | None = None  # the split forward's hops (install_hops)
+        self._split_budgets: list[int] | None = None
+        if config.layer_split is not None:
+            refuse_with_layer_split(config)
+            devices, self._split_budgets = split_budgets(config, self.device)
+            self.device = devices[0]
         self.source = source if source is not None else open_model(config.model)
         self.model_config = mc = self.source.config
         # What one rank's KV pool holds (its KV heads); the model config itself stays whole.
@@ -82,7 +93,10 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.attention_backend = resolve_attention_backend(config.attention_backend, self.device)
         self.tokenizer = self.source.tokenizer(config.tokenizer)
-        self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
+        split = self._split_budgets
+        self.ledger = MemoryLedger(
+            resolve_budget(config.memory_budget, self.device) if split is None else split[0]
+        )
         self.quant = get_quant_method(
             config.quantization,
             config.quant_group_size,
@@ -96,11 +110,20 @@ class Engine:
         # placement -> weights -> staging -> workspace -> graph pool -> KV, each figure the plan's until
         # measured (fitllm/engine/startup.py)
         self.plan = MemoryPlan.for_engine(
-            config, mc, self.device, budget=self.ledger.budget, quant=self.quant
+            config,
+            mc,
+            self.device,
+            # A split's context and KV are bounded by every device's budget together.
+            budget=self.ledger.budget if split is None else sum(split),
+            quant=self.quant,
         )
         self.kv_bytes_per_token = self.plan.kv_bytes_per_token
         self.streamer: WeightStreamer | None = None  # set with the staging it holds
-        graph_reserve = start_memory(self, show_progress)
+        if split is None:
+            graph_reserve = start_memory(self, show_progress)
+        else:
+            start_split_memory(self, show_progress)  # decode runs eagerly: graphs are per device
+            graph_reserve = None
         self.swapper = KVSwapper(
             self.storage,
             self.kv,
@@ -153,8 +176,10 @@ class Engine:
         self._vocab_text: list[str] | None = None  # each token's text, for one-character banned strings
         self._finished_outputs: list[RequestOutput] = []
         # The step in flight's tokens live on rank 0 only; with tensor parallelism each step's ids are known.
-        self.async_scheduling = self.tp is None and resolve_async_scheduling(
-            config.async_scheduling, self.device
+        self.async_scheduling = (
+            self.tp is None
+            and not self.stages
+            and resolve_async_scheduling(config.async_scheduling, self.device)
         )
         self._in_flight: InFlightStep | None = None  # async scheduling: the step whose samples are unread
         self.last_step: StepStats | None = None

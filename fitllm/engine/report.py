@@ -42,6 +42,9 @@ class EngineStatus:
     kv_host_blocks_read: int = 0  # host tier: blocks copied back to the device on a prefix hit, since start
     spec_draft_tokens: int = 0  # speculation (--speculative-ngram): tokens proposed, since start
     spec_accepted_tokens: int = 0  # of which accepted
+    # --layer-split: each device's ledger, as (device index:name, snapshot), stage 0's included (it is
+    # `ledger` too); empty without a split.
+    devices: tuple[tuple[str, LedgerSnapshot], ...] = ()
 
 
 def engine_status(engine: Engine) -> EngineStatus:
@@ -49,6 +52,7 @@ def engine_status(engine: Engine) -> EngineStatus:
     pool, sched, tier, spec = engine.pool, engine.scheduler, engine.host_cache, engine.speculator
     return EngineStatus(
         ledger=engine.ledger.snapshot(),
+        devices=tuple((f"{st.index}:{st.device}", st.ledger.snapshot()) for st in engine.stages),
         kv_blocks={
             "used": pool.num_used_blocks,
             "cached": pool.num_cached_blocks,
@@ -91,6 +95,15 @@ def give_back_to_device(device: torch.device) -> None:
 def memory_report(engine: Engine) -> str:
     """The ledger by tag, the workspace planned vs measured, and the process's resident memory."""
     lines = [engine.ledger.report()]
+    for stage in engine.stages:  # a layer split: each device's own ledger, stage 0's the engine's
+        head = (
+            f"layer split, device {stage.index} ({stage.device}, layers {stage.layers.start}-"
+            f"{stage.layers.stop - 1}{'; embedding, LM head' if stage.index == 0 else ''}):"
+        )
+        if stage.index == 0:
+            lines[0] = f"{head}\n{lines[0]}"
+        else:
+            lines.append(f"{head}\n{stage.ledger.report()}")
     if engine.workspace_measured is not None:
         lines.append(
             f"workspace planned {format_bytes(engine.workspace_planned)}, measured {format_bytes(engine.workspace_measured)}"

@@ -20,6 +20,7 @@ from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import SampledBatch, Sampler
 from fitllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from fitllm.engine.speculation import DraftCheck, sampling_rows
+from fitllm.engine.stages import layers_by_device
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
 from fitllm.memory.kv.manager import KVCacheManager
@@ -75,22 +76,29 @@ def scratch_prefill(
     if kv_format is None:
         dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         kv_format = KVCacheFormat("auto", dtype, config.head_dim)
-    scratch = torch.zeros(
-        (config.num_hidden_layers, 2, num_slots, kvh, kv_format.entry_width),
-        dtype=kv_format.storage_dtype,
-        device=device,
-    )
     if backend == "triton":
         assert num_slots == 16, "the Triton scratch prefill wraps its slots around one 16-slot block"
     batch = BatchLayout.scratch(num_slots, spans, decodes)
     meta = metadata_builder(backend, kvh, config.sliding_window, num_slots, decode_cap).build(batch, device)
-    layout = PagedKVLayout(
-        scratch, torch.zeros(1, dtype=torch.int64, device=device), num_slots, kvh, kv_format.entry_width
-    )
     layers = model.attention_layers()
     saved = [(attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index) for attn in layers]
-    for i, attn in enumerate(layers):
-        attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = [scratch[i]], kv_format, layout, i
+    # One scratch per device: with a layer split each stage's layers write their own device's scratch.
+    for stage_device, indices in layers_by_device(model).items():
+        scratch = torch.zeros(
+            (len(indices), 2, num_slots, kvh, kv_format.entry_width),
+            dtype=kv_format.storage_dtype,
+            device=stage_device,
+        )
+        zero = torch.zeros(1, dtype=torch.int64, device=stage_device)
+        layout = PagedKVLayout(scratch, zero, num_slots, kvh, kv_format.entry_width)
+        for j, i in enumerate(indices):
+            attn = layers[i]
+            attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = (
+                [scratch[j]],
+                kv_format,
+                layout,
+                j,
+            )
     try:
         yield meta
     finally:
@@ -213,10 +221,7 @@ class ModelRunner:
         self.storage = storage
         self.tp: TensorParallelGroup | None = None  # rank 0 of a tensor-parallel group: workers follow
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
-        for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
-            attn.kv_slabs = slabs  # updated in place as slabs come and go
-            attn.kv_format = storage.kv_format
-            attn.kv_layout, attn.layer_index = storage.layout, i
+        storage.bind(model.attention_layers())
         # Flash-decoding splits fill the GPU's SMs; the interpreter (CPU) counts as one.
         self._num_sms = (
             torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -283,8 +288,10 @@ class ModelRunner:
         self.shift(shifts)
         shift_s = time.perf_counter() - shift_start
         make_copies(self.storage, [], swap_in)
-        if self.device.type == "cuda" and (swap_out or swap_in):  # host buffers; a shift stays on the device
-            torch.cuda.synchronize(self.device)
+        if swap_out or swap_in:  # host buffers; a shift stays on the device
+            for device in {part.device for part in self.storage.parts()}:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
         return time.perf_counter() - start - shift_s
 
     @torch.inference_mode()
@@ -307,7 +314,8 @@ class ModelRunner:
             }
             self.tp.send(StepMessage("shift", self.storage.take_journal(), args=args))
         for move in moves:
-            apply_shift(self.storage, self.model.rotary, *move)
+            for part in self.storage.parts():  # each stage of a layer split shifts its own layers' K/V
+                apply_shift(part, self.model.rotary, *move)
 
     @torch.inference_mode()
     def execute(

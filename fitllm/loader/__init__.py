@@ -189,8 +189,12 @@ def build_model(
     quant: QuantMethod | None = None,
     offloaded: frozenset[int] = frozenset(),
     sink: LayerSink | None = None,
+    layer_devices: dict[int, torch.device] | None = None,
 ) -> nn.Module:
     """Construct without memory (meta), allocate once at final dtype/device, copy tensors in one by one.
+
+    `layer_devices`: decoder layers allocated on another device than `device` (a layer split's later
+    stages), so no device ever holds more than its own layers.
 
     With `quant`, decoder linears quantize each checkpoint tensor as it arrives (or keep GGUF blocks as
     they are), so the load peak is the final size plus one tensor in float; block-quantized GGUF tensors
@@ -203,9 +207,12 @@ def build_model(
     model = build_on_meta(source.config, dtype, quant)
     stack: nn.ModuleList = model.layers
     held = {i: stack[i] for i in offloaded}
-    for i in held:
-        stack[i] = nn.Module()  # keep to_empty off the offloaded layers
+    elsewhere = {i: (stack[i], d) for i, d in (layer_devices or {}).items()}
+    for i in held.keys() | elsewhere.keys():
+        stack[i] = nn.Module()  # keep to_empty off the offloaded layers and those of other devices
     model.to_empty(device=device)
+    for i, (layer, layer_device) in elsewhere.items():
+        stack[i] = layer.to_empty(device=layer_device)
     layout = sink.layout if sink is not None else None
     if held and layout is None:
         raise ValueError("offloaded layers need a sink to go to")

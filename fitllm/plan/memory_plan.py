@@ -200,9 +200,10 @@ class MemoryPlan:
         streamed = len(placement.offloaded) if placement is not None else 0
         return self.weights.total - streamed * self.weights.per_layer
 
-    def workspace_at(self, length: int) -> int:
+    def workspace_at(self, length: int, sampling: bool = True) -> int:
         """The planned workspace at a context of `length` (only the torch reference backend's grows with
-        it; the Triton kernels' is length-free)."""
+        it; the Triton kernels' is length-free). `sampling` False: without the logits and sampler's peak
+        (a layer split's stages after the first)."""
         c = self.config
         return workspace_bytes(
             self.model_config,
@@ -212,6 +213,7 @@ class MemoryPlan:
             self.weights.largest_quantized_linear,
             length if self.reference_attention else None,
             c.max_sampled_rows,
+            sampling,
         )
 
     def graphs(self, streamed: bool) -> bool:

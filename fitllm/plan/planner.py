@@ -33,8 +33,10 @@ def workspace_bytes(
     scratch: int = 0,
     reference_context: int | None = None,
     sampled_rows: int | None = None,
+    sampling: bool = True,
 ) -> int:
-    """Planned workspace of the largest step: the larger of its two peaks.
+    """Planned workspace of the largest step: the larger of its two peaks (`sampling` False: the forward's
+    only, for a device that computes no logits: a layer split's stages after the first).
 
     - The MLP of a layer over the step's batched tokens (`layer_activation_bytes`), in the model dtype, and
       with the torch reference backend (`reference_context`: the context it runs at) its attention
@@ -54,8 +56,8 @@ def workspace_bytes(
             config, elem, max_num_batched_tokens, max_num_seqs, reference_context
         )
     rows = sampled_rows or min(max_num_seqs, max_num_batched_tokens)
-    sampling = rows * config.vocab_size * 3 * 4
-    return max(mlp, sampling) + scratch * elem
+    logits = rows * config.vocab_size * 3 * 4 if sampling else 0
+    return max(mlp, logits) + scratch * elem
 
 
 def reference_attention_bytes(

@@ -61,16 +61,19 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class Scratch:
     """One model-dtype buffer shared by every layer of a method (they run one at a time), grown to the largest:
-    int8's converted weight, int4's unpacked one (fitllm/quant/int4.py)."""
+    int8's converted weight, int4's unpacked one (fitllm/quant/int4.py). One per device: with a layer split
+    each device's layers share their own (each stage's planned workspace counts it)."""
 
     def __init__(self) -> None:
-        self.buffer: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # the one last used
+        self._by_device: dict[torch.device, torch.Tensor] = {}
 
     def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = shape[0] * shape[1]
-        b = self.buffer
-        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
-            self.buffer = b = torch.empty(n, dtype=dtype, device=device)
+        b = self._by_device.get(device)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = self._by_device[device] = torch.empty(n, dtype=dtype, device=device)
+        self.buffer = b
         return b[:n].view(shape)
 
 

@@ -65,6 +65,21 @@ class EngineCollector(Collector):
             ("fitllm_requests", "requests by state", "state", status.requests),
         ):
             yield _labelled(GaugeMetricFamily(name, doc, labels=[label]), values)
+        if status.devices:  # --layer-split: every device's own ledger
+            per_device = GaugeMetricFamily(
+                "fitllm_device_memory_bytes",
+                "bytes held on each --layer-split device, by ledger tag (device: stage index:name)",
+                labels=["device", "tag"],
+            )
+            budgets = GaugeMetricFamily(
+                "fitllm_device_memory_budget_bytes", "each --layer-split device's budget", labels=["device"]
+            )
+            for device, ledger in status.devices:
+                budgets.add_metric([device], ledger.budget)
+                for tag, value in ledger.current.items():
+                    per_device.add_metric([device, tag], value)
+            yield per_device
+            yield budgets
         for name, doc, value in (
             ("fitllm_preemptions", "requests preempted", status.preemptions),
             ("fitllm_prompt_tokens", "prompt tokens admitted", c.prompt_tokens),

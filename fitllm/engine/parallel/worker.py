@@ -107,15 +107,7 @@ class Worker:
         )
         self.storage.replay([("add", 0)])
         storage = self.storage
-        for i, (attn, slabs) in enumerate(
-            zip(self.model.attention_layers(), storage.layer_slabs, strict=True)
-        ):
-            attn.kv_slabs, attn.kv_format, attn.kv_layout, attn.layer_index = (
-                slabs,
-                storage.kv_format,
-                storage.layout,
-                i,
-            )
+        storage.bind(self.model.attention_layers())
         self.metadata = metadata_builder(
             self.backend, kc.num_key_value_heads, kc.sliding_window, storage.view_slots, a["decode_cap"]
         )

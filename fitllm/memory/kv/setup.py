@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from fitllm.config import EngineConfig, ModelConfig, cdiv
 from fitllm.memory.kv.block_pool import BlockPool
 from fitllm.memory.kv.format import KVCacheFormat
+from fitllm.memory.kv.staged import StagedSlabStorage
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.units import format_bytes
@@ -45,6 +47,16 @@ def kv_cache_retention(config: EngineConfig, per_token: int, max_model_len: int,
     return min(max_model_len * per_token, max(kv_room, 0) // 4)
 
 
+@dataclass(slots=True)
+class KVStage:
+    """A run of decoder layers whose KV one device holds in its own ledger (the whole model, or one stage
+    of a `--layer-split`)."""
+
+    num_layers: int
+    device: torch.device
+    ledger: MemoryLedger
+
+
 def build_kv_pool(
     config: EngineConfig,
     mc: ModelConfig,
@@ -52,33 +64,51 @@ def build_kv_pool(
     max_model_len: int,
     device: torch.device,
     ledger: MemoryLedger,
-) -> tuple[KVSlabStorage, BlockPool]:
+    stages: list[KVStage] | None = None,
+) -> tuple[KVSlabStorage | StagedSlabStorage, BlockPool]:
     """The KV slab storage (first slab allocated, in the ledger) and the block pool over it: elastic by
-    default, one up-front slab with --static-kv or --kv-cache-memory. Errors name the flag to change."""
-    per_token = kv_format.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads)
-    per_block = per_token * config.block_size
-    kv_room = ledger.free_bytes()
-    slab_blocks, max_slabs = kv_pool_shape(config, per_block, max_model_len, kv_room, device)
-    if slab_blocks < 1:
-        raise ValueError(
-            f"no room for one KV block ({format_bytes(per_block)}): raise --kv-cache-memory or "
-            f"--memory-budget (see `fitllm plan`)"
+    default, one up-front slab with --static-kv or --kv-cache-memory. With `stages` (a layer split), one
+    storage per stage over its layers and in its ledger, as one `StagedSlabStorage` whose slabs are added on
+    every stage at once: slabs as many blocks as the tightest stage allows. Errors name the flag to change."""
+    stages = stages or [KVStage(mc.num_hidden_layers, device, ledger)]
+    kvh = mc.num_key_value_heads
+    shapes, retained = [], []
+    for stage in stages:
+        per_token = kv_format.bytes_per_token(stage.num_layers, kvh)
+        per_block = per_token * config.block_size
+        kv_room = stage.ledger.free_bytes()
+        shapes.append(kv_pool_shape(config, per_block, max_model_len, kv_room, stage.device))
+        retained.append(kv_cache_retention(config, per_token, max_model_len, kv_room) // per_block)
+        if shapes[-1][0] < 1:
+            where = f" on {stage.device}" if len(stages) > 1 else ""
+            raise ValueError(
+                f"no room for one KV block{where} ({format_bytes(per_block)}): raise --kv-cache-memory or "
+                f"{'--layer-split' if len(stages) > 1 else '--memory-budget'} (see `fitllm plan`)"
+            )
+    # The stage with the fewest blocks per slab also needs the most slabs: its shape serves every stage.
+    slab_blocks, max_slabs = min(shapes)
+    parts = [
+        KVSlabStorage(
+            stage.num_layers,
+            kvh,
+            kv_format,
+            config.block_size,
+            slab_blocks,
+            max_slabs,
+            stage.device,
+            stage.ledger,
         )
-    storage = KVSlabStorage(
-        mc.num_hidden_layers,
-        mc.num_key_value_heads,
-        kv_format,
-        config.block_size,
-        slab_blocks,
-        max_slabs,
-        device,
-        ledger,
-    )
+        for stage in stages
+    ]
+    storage = parts[0] if len(parts) == 1 else StagedSlabStorage(parts)
     if not storage.add(0):
+        refused = next(p for p in parts if not p.ledger.can_reserve(p.slab_bytes))
+        flag = "--layer-split" if len(parts) > 1 else "--memory-budget"
         raise ValueError(
-            f"the first KV slab ({format_bytes(storage.slab_bytes)}) does not fit in --memory-budget "
-            f"{format_bytes(ledger.budget)} after weights and workspace "
-            f"({format_bytes(ledger.total)}); raise the budget, or lower --kv-slab-size or --kv-cache-memory"
+            f"the first KV slab ({format_bytes(refused.slab_bytes)}) does not fit in {flag} "
+            f"{format_bytes(refused.ledger.budget)} of {refused.device} after weights and workspace "
+            f"({format_bytes(refused.ledger.total)}); raise the budget, or lower --kv-slab-size or "
+            f"--kv-cache-memory"
         )
     pool = BlockPool(
         slab_blocks,
@@ -86,14 +116,15 @@ def build_kv_pool(
         max_slabs=max_slabs,
         allocator=storage,
         idle_release_s=config.kv_idle_release_s,
-        retain_blocks=kv_cache_retention(config, per_token, max_model_len, kv_room) // per_block,
+        retain_blocks=min(retained),
         copy_blocks=storage.copy_blocks,
     )
     log.info(
-        "KV pool: slabs of %d blocks x %d tokens (%s each), up to %d slabs; %s",
+        "KV pool: slabs of %d blocks x %d tokens (%s each%s), up to %d slabs; %s",
         slab_blocks,
         config.block_size,
         format_bytes(storage.slab_bytes),
+        f", over {len(parts)} devices" if len(parts) > 1 else "",
         max_slabs,
         "static" if max_slabs == 1 else "elastic",
     )

@@ -21,9 +21,10 @@ import logging
 import math
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout, block_slots, split_by_slab
@@ -127,6 +128,19 @@ class KVSlabStorage:
     @property
     def bytes_allocated(self) -> int:
         return self.num_live * self.slab_bytes
+
+    def parts(self) -> list[KVSlabStorage]:
+        """The storages holding the model's layers, in layer order: this one (a layer split has several:
+        fitllm/memory/kv/staged.py)."""
+        return [self]
+
+    def bind(self, attention_layers: Sequence[nn.Module]) -> None:
+        """Point each attention layer at its layer of this storage (its slab views, format and layout); the
+        views are updated in place as slabs come and go."""
+        assert len(attention_layers) == len(self.layer_slabs)
+        for i, (attn, slabs) in enumerate(zip(attention_layers, self.layer_slabs, strict=True)):
+            attn.kv_slabs, attn.kv_format = slabs, self.kv_format
+            attn.kv_layout, attn.layer_index = self.layout, i
 
     def slab_view(self, slab: int) -> torch.Tensor:
         """Slab `slab`'s memory as [num_layers, 2, slab_slots, kv_heads, entry_width] (a view, not a copy)."""
