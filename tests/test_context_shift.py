@@ -5,12 +5,10 @@ over that cache, with shared blocks untouched, batching, preemption and the pref
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_checkpoint, run_all
+from conftest import make_random_checkpoint, run_all, tight_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stand_ins import LogitsTap
@@ -437,15 +435,7 @@ def test_plain_requests_never_see_shifted_kv(tiny):
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preempting_a_shifted_request_keeps_its_output(tiny, mode, cut):
     alone, _ = _greedy_turn2(tiny, cut)
-    fixed, per_block = _fixed_and_block_bytes(tiny)
-    eng = _engine(
-        tiny,
-        memory_budget=fixed + 20 * per_block,
-        kv_slab_size=2 * per_block,
-        profile_workspace=False,
-        swap_space=64 << 20,
-        preemption_mode=mode,
-    )
+    eng = _tight(tiny, swap_space=64 << 20, preemption_mode=mode)
     _, prompt = _turns(eng, cut)
     # A long, higher-priority request arrives while the shifted one runs and takes its blocks.
     rid = eng.add_request(prompt, _params(16))
@@ -461,14 +451,7 @@ def test_preempting_a_shifted_request_keeps_its_output(tiny, mode, cut):
 def test_a_shifted_request_without_swap_space_is_recomputed_cleanly(tiny):
     """Without host space a preempted shifted request is recomputed: its output may differ from the shifted
     run (its K/V is the recomputation's from then on), but it finishes and the pool stays whole."""
-    fixed, per_block = _fixed_and_block_bytes(tiny)
-    eng = _engine(
-        tiny,
-        memory_budget=fixed + 20 * per_block,
-        kv_slab_size=2 * per_block,
-        profile_workspace=False,
-        swap_space=0,
-    )
+    eng = _tight(tiny, swap_space=0)
     _, prompt = _turns(eng)
     rid = eng.add_request(prompt, _params(16))
     eng.step()
@@ -495,11 +478,9 @@ def _drain(eng: Engine) -> list:
     return outs
 
 
-@functools.cache
-def _fixed_and_block_bytes(folder) -> tuple[int, int]:
-    """conftest's fixed_and_block_bytes at this file's context and block size."""
-    probe = _engine(folder, profile_workspace=False)
-    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
+def _tight(folder, **kw) -> Engine:
+    """`_engine` with room for 20 KV blocks beyond weights and workspace, in slabs of 2: preemption."""
+    return tight_engine(folder, 20, max_model_len=256, block_size=BS, context_shift="on", **kw)
 
 
 @pytest.mark.parametrize("family", ["xglm", "mistral-window"])
