@@ -106,6 +106,12 @@ BENCHMARKS: tuple[tuple[str, str, str, bool], ...] = (
         False,
     ),
     (
+        "story-engine",
+        "benchmarks.story_engine",
+        "one long story's turns at the engine, no server: a trimmed turn's first step and its shift",
+        True,
+    ),
+    (
         "infill",
         "benchmarks.infill",
         "an editor's keystrokes through /infill: prompt tokens cached vs prefilled, time with and without the "

@@ -312,31 +312,33 @@ def assert_greedy_parity(
 
 
 @functools.cache
-def fixed_and_block_bytes(folder: Path) -> tuple[int, int]:
-    """For a float32 engine on `folder` (max_model_len 128, planned workspace): the ledger's weights +
-    workspace bytes, and the bytes of one KV block. Tight-budget tests size their budgets from these."""
+def fixed_and_block_bytes(folder: Path, **shape) -> tuple[int, int]:
+    """For a float32 engine on `folder` (max_model_len 128 unless `shape` says otherwise, with its
+    block_size; planned workspace): the ledger's weights + workspace bytes, and the bytes of one KV block.
+    Tight-budget tests size their budgets from these."""
     from fitllm.config import EngineConfig
     from fitllm.engine.engine import Engine
 
-    probe = Engine(
-        EngineConfig(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
-    )
+    cfg = dict(model=str(folder), dtype="float32", max_model_len=128, profile_workspace=False)
+    probe = Engine(EngineConfig(**(cfg | shape)))
     return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
 
 
-def tight_engine(folder: Path, kv_blocks: int, slab_blocks: int = 2, **kw):
-    """A float32 engine on `folder` (max_model_len 128) whose budget holds exactly `kv_blocks` KV blocks
-    beyond its weights and workspace, in slabs of `slab_blocks`: the tests that need preemption, swap or
-    retention under pressure."""
+def tight_engine(
+    folder: Path, kv_blocks: int, slab_blocks: int = 2, max_model_len: int = 128, block_size: int = 16, **kw
+):
+    """A float32 engine on `folder` whose budget holds exactly `kv_blocks` KV blocks beyond its weights and
+    workspace, in slabs of `slab_blocks`: the tests that need preemption, swap or retention under pressure."""
     from fitllm.config import EngineConfig
     from fitllm.engine.engine import Engine
 
-    fixed, per_block = fixed_and_block_bytes(folder)
+    shape = dict(max_model_len=max_model_len, block_size=block_size)
+    fixed, per_block = fixed_and_block_bytes(folder, **shape)
     return Engine(
         EngineConfig(
             model=str(folder),
             dtype="float32",
-            max_model_len=128,
+            **shape,
             memory_budget=fixed + kv_blocks * per_block,
             kv_slab_size=slab_blocks * per_block,
             profile_workspace=False,

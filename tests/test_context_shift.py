@@ -5,18 +5,23 @@ over that cache, with shared blocks untouched, batching, preemption and the pref
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_random_checkpoint, run_all
+from conftest import make_random_checkpoint, run_all, tight_engine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stand_ins import LogitsTap
 
 from fitllm import Engine, EngineConfig, SamplingParams
-from fitllm.engine.context_shift import MIN_SHIFT_BLOCKS, KeptRun, find_kept_run, shift_kv
+from fitllm.engine.context_shift import (
+    MIN_SHIFT_BLOCKS,
+    KeptRun,
+    find_kept_run,
+    rotate_keys,
+    rotates_by_gemm,
+    shift_kv,
+)
 from fitllm.engine.runner import scratch_prefill
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.model.layers import RotaryEmbedding
@@ -115,6 +120,37 @@ def test_quantized_keys_are_decoded_rotated_and_encoded_again(variant, kv_dtype)
     step = ref.abs().amax(-1, keepdim=True) * (1 / 127 if kv_dtype == "int8" else 1 / 16)
     assert ((got - ref).abs()[3:] <= 2 * step[3:] + 1e-6).all()
     assert torch.equal(kv[0, 1], v_before) and torch.equal(kv[0, 0, :3], unmoved)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_keys_moved_by_one_delta_go_throughrotates_by_gemm(variant, dtype):
+    """`rotate_keys` on 16-bit keys moved alike (a whole-block cut) takes the GEMM path, in place in a strided
+    cache view, and gives the float64 rotation within one step of the dtype, equal to `rotate_by`'s float32
+    result rounded once almost everywhere; with the high part of the matrix alone it would not be."""
+    rot, fmt = _rotary(variant), KVCacheFormat("auto", dtype, HEAD_DIM)
+    stored = _exact_at(rot, _keys(3 * 64, seed=5), torch.arange(900, 1092)).view(3, 64, 2, HEAD_DIM)
+    cache = torch.zeros(3, 2, 100, 2, HEAD_DIM, dtype=dtype)  # [layers, K/V, slots, heads, width]
+    cache[:, 0, 20:84] = stored.to(dtype)
+    keys = cache[:, 0, 20:84]  # as `KVSlabStorage.key_runs` gives them
+    tables = rot.shift_tables(torch.tensor([-777]), torch.device("cpu"))
+    assert rotates_by_gemm(keys, tables, fmt)
+    elementwise = keys.clone()
+    for layer in elementwise:
+        rot.rotate_by(tables, layer, out=layer)
+    before = keys.clone()
+    rotate_keys(keys, tables, rot, fmt)
+    exact = torch.stack([_exact_at(rot, layer.double(), torch.full((64,), -777)) for layer in before])
+    step = torch.finfo(dtype).eps  # the significand's last step at 1
+    assert (
+        (keys.double() - exact).abs() <= exact.abs() * step + exact.abs().amax(-1, keepdim=True) * 1e-6
+    ).all()
+    assert (keys != elementwise).float().mean() < 0.01
+    assert torch.equal(cache[:, 0, :20], torch.zeros_like(cache[:, 0, :20]))  # nothing outside the run
+    high_only = torch.mm(
+        before[0].reshape(-1, HEAD_DIM), rot.shift_matrix(tables, HEAD_DIM, dtype)[:HEAD_DIM]
+    )
+    assert (high_only.view_as(keys[0]) != elementwise[0]).float().mean() > 0.05
 
 
 # ---- matching -------------------------------------------------------------------------------------------
@@ -298,10 +334,16 @@ def _cached_blocks(engine: Engine, seq: list[int], num_blocks: int) -> list[int]
     return [engine.pool.lookup(h).block_id for h in hashes]
 
 
-@pytest.mark.parametrize(("family", "kv_dtype"), [("llama", "auto"), ("glm", "auto"), ("llama", "int8")])
-def test_an_in_place_shift_is_the_reference_and_so_are_its_logits(tmp_path_factory, family, kv_dtype):
+@pytest.mark.parametrize(
+    ("family", "kv_dtype", "dtype"),
+    [("llama", "auto", "float32"), ("glm", "auto", "float32"), ("llama", "int8", "float32"),
+     ("llama", "auto", "bfloat16"), ("glm", "auto", "bfloat16")],
+)  # fmt: skip
+def test_an_in_place_shift_is_the_reference_and_so_are_its_logits(tmp_path_factory, family, kv_dtype, dtype):
+    """bfloat16 K moves through `rotate_keys`' GEMM path: within one bfloat16 step of the float32 rotation
+    rounded once, and equal to it almost everywhere."""
     folder = _checkpoint(tmp_path_factory, family)
-    eng = _engine(folder, kv_cache_dtype=kv_dtype)
+    eng = _engine(folder, kv_cache_dtype=kv_dtype, dtype=dtype)
     seq, prompt = _turns(eng, CUT_BLOCKS)
     r, a, start, end = CUT_BLOCKS, len(MEMORY), BS, 176 - CUT_BLOCKS
     src_ids = _cached_blocks(eng, seq, 11)
@@ -323,10 +365,18 @@ def test_an_in_place_shift_is_the_reference_and_so_are_its_logits(tmp_path_facto
     got = _slots_kv(eng, eng.kv.slots(rid, end).tolist())
     assert torch.equal(got[:, :, :a], ref[:, :, :a])
     assert torch.equal(got[:, 1], ref[:, 1])  # V untouched in place, copied as is elsewhere
-    tol = 1e-6 if kv_dtype == "auto" else _decoded(eng, ref[:, 0]).abs().amax(-1, keepdim=True) / 127 + 1e-6
-    assert ((_decoded(eng, got[:, 0]) - _decoded(eng, ref[:, 0])).abs() <= tol).all()
+    k_ref = _decoded(eng, ref[:, 0])
+    if dtype == "bfloat16":
+        # One step of bfloat16's 8-bit significand, plus float32 rounding of the vector's largest products
+        # (a sum of two that nearly cancel is exact only to those).
+        tol = k_ref.abs() / 128 + k_ref.abs().amax(-1, keepdim=True) * 1e-6
+        assert (got[:, 0] != ref[:, 0]).float().mean() < 0.01
+    else:
+        tol = 1e-6 if kv_dtype == "auto" else k_ref.abs().amax(-1, keepdim=True) / 127 + 1e-6
+    assert ((_decoded(eng, got[:, 0]) - k_ref).abs() <= tol).all()
     expected = _forward_over(eng, ref, prompt)
-    assert torch.allclose(first_logits, expected, atol=1e-4, rtol=0), (first_logits - expected).abs().max()
+    atol, rtol = (1e-4, 0) if dtype == "float32" else (2e-2, 1 / 64)  # bfloat16 logits: two steps
+    assert torch.allclose(first_logits, expected, atol=atol, rtol=rtol), (first_logits - expected).abs().max()
     # The taken-over blocks no longer answer to seq's chain (they hold other positions' K now) but to the
     # request's salted one; nothing else was published under the old names.
     assert all(eng.pool.lookup(h) is None for h in old_hashes[4:11])
@@ -437,15 +487,7 @@ def test_plain_requests_never_see_shifted_kv(tiny):
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preempting_a_shifted_request_keeps_its_output(tiny, mode, cut):
     alone, _ = _greedy_turn2(tiny, cut)
-    fixed, per_block = _fixed_and_block_bytes(tiny)
-    eng = _engine(
-        tiny,
-        memory_budget=fixed + 20 * per_block,
-        kv_slab_size=2 * per_block,
-        profile_workspace=False,
-        swap_space=64 << 20,
-        preemption_mode=mode,
-    )
+    eng = _tight(tiny, swap_space=64 << 20, preemption_mode=mode)
     _, prompt = _turns(eng, cut)
     # A long, higher-priority request arrives while the shifted one runs and takes its blocks.
     rid = eng.add_request(prompt, _params(16))
@@ -461,14 +503,7 @@ def test_preempting_a_shifted_request_keeps_its_output(tiny, mode, cut):
 def test_a_shifted_request_without_swap_space_is_recomputed_cleanly(tiny):
     """Without host space a preempted shifted request is recomputed: its output may differ from the shifted
     run (its K/V is the recomputation's from then on), but it finishes and the pool stays whole."""
-    fixed, per_block = _fixed_and_block_bytes(tiny)
-    eng = _engine(
-        tiny,
-        memory_budget=fixed + 20 * per_block,
-        kv_slab_size=2 * per_block,
-        profile_workspace=False,
-        swap_space=0,
-    )
+    eng = _tight(tiny, swap_space=0)
     _, prompt = _turns(eng)
     rid = eng.add_request(prompt, _params(16))
     eng.step()
@@ -495,11 +530,9 @@ def _drain(eng: Engine) -> list:
     return outs
 
 
-@functools.cache
-def _fixed_and_block_bytes(folder) -> tuple[int, int]:
-    """conftest's fixed_and_block_bytes at this file's context and block size."""
-    probe = _engine(folder, profile_workspace=False)
-    return probe.ledger.current("weights") + probe.ledger.current("workspace"), probe.storage.block_bytes
+def _tight(folder, **kw) -> Engine:
+    """`_engine` with room for 20 KV blocks beyond weights and workspace, in slabs of 2: preemption."""
+    return tight_engine(folder, 20, max_model_len=256, block_size=BS, context_shift="on", **kw)
 
 
 @pytest.mark.parametrize("family", ["xglm", "mistral-window"])

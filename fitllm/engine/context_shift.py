@@ -158,8 +158,17 @@ class KeyShift:
 def rotate_keys(keys: torch.Tensor, tables, rotary, kv_format: KVCacheFormat) -> None:
     """Rotate stored keys [num_layers, T, kv_heads, entry_width] (a view into the cache is fine) by the
     angles of `tables` (`RotaryEmbedding.shift_tables` of their deltas), in place, a layer at a time
-    (cache-sized pieces). A float cache is rotated in float32 and rounded once into place; a quantized one
-    is decoded, rotated and encoded again (a fresh scale per vector)."""
+    (cache-sized pieces). A float cache is rotated in float32 and rounded once into place: a 16-bit one
+    moved by one delta (a whole-block cut's adopted blocks) through one GEMM a layer against
+    `RotaryEmbedding.shift_matrix`; a quantized one is decoded, rotated and encoded again (a fresh scale per
+    vector)."""
+    if rotates_by_gemm(keys, tables, kv_format):
+        width = keys.shape[-1]
+        matrix = rotary.shift_matrix(tables, width, keys.dtype)
+        for layer in keys:
+            flat = layer.view(-1, width)
+            torch.mm(torch.cat((flat, flat), dim=1), matrix, out=flat)
+        return
     for layer in keys:
         if not kv_format.quantized:
             rotary.rotate_by(tables, layer, out=layer)
@@ -168,6 +177,17 @@ def rotate_keys(keys: torch.Tensor, tables, rotary, kv_format: KVCacheFormat) ->
         k = kv_format.decode(layer.reshape(-1, width)).float().reshape(n, heads, kv_format.head_dim)
         rotary.rotate_by(tables, k, out=k)
         layer.copy_(kv_format.encode(k.reshape(-1, kv_format.head_dim)).reshape(n, heads, width))
+
+
+def rotates_by_gemm(keys: torch.Tensor, tables, kv_format: KVCacheFormat) -> bool:
+    """Whether `rotate_keys` can take the GEMM path: one delta for every row, 16-bit keys, and each layer's
+    keys one contiguous run (a view the GEMM can write in place)."""
+    return (
+        tables.cos.dim() == 1
+        and not kv_format.quantized
+        and keys.dtype in (torch.bfloat16, torch.float16)
+        and all(layer.is_contiguous() for layer in keys)
+    )
 
 
 @dataclass(slots=True)

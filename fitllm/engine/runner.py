@@ -308,7 +308,7 @@ class ModelRunner:
         if self.tp is not None and moves:
             args = {
                 "shifts": [
-                    (src.tolist(), torch.as_tensor(dst).tolist(), d.tolist(), a, by)
+                    (src.tolist(), dst.tolist(), d.tolist(), a, by)
                     for src, dst, d, a, by in moves
                 ]
             }
