@@ -1,18 +1,25 @@
-"""fitllm's own CPU kernel (fitllm/quant/kernels/int8_vnni.c, built by fitllm/quant/cpu_kernels.py): its
-numbers against a float64 reference and against PyTorch's int8 kernel, the shapes it must cover (a K tail
-that is not a multiple of 64, every remainder of its 2-row x 4-column blocks), and where Int8Method uses it."""
+"""fitllm's own CPU kernels (fitllm/quant/kernels/int8_vnni.c, built by fitllm/quant/cpu_kernels.py): their
+numbers against a float64 reference and against PyTorch's int8 / int4 kernels, the shapes they must cover
+(int8: a K tail that is not a multiple of 64, every remainder of its 2-row x 4-column blocks; int4: group
+sizes, several 64-row blocks), and where Int8Method / Int4Method use them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fitllm.model.registry import default_dtype
 from fitllm.quant import cpu_kernels
-from fitllm.quant.cpu_kernels import int8_gemm_op, int8_kernel
+from fitllm.quant.cpu_kernels import int4_gemm_op, int4_kernel, int8_gemm_op, int8_kernel
+from fitllm.quant.int4 import Int4Method, dequantize_int4, int4_path, unpack_plain
 from fitllm.quant.int8 import Int8Method, int8_path, kernel_rows, quantize_int8
 
 needs_kernel = pytest.mark.skipif(
     int8_kernel() is None, reason="no AVX-512 VNNI CPU or C compiler here: fitllm's int8 kernel is not built"
+)
+needs_int4_kernel = pytest.mark.skipif(
+    int4_kernel() is None,
+    reason="no AVX-512 VNNI + VBMI CPU or C compiler: fitllm's int4 kernel is not built",
 )
 
 
@@ -96,7 +103,8 @@ def test_int8_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FITLLM_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
-    assert cpu_kernels.int8_kernel() is None
+    monkeypatch.setattr(cpu_kernels, "_kernel4", [])
+    assert cpu_kernels.int8_kernel() is None and cpu_kernels.int4_kernel() is None
     method, layer = Int8Method(), torch.nn.Module()
     method.create_weights(layer, 64, 64)
     method.load_rows(layer, 0, torch.randn(64, 64))
@@ -104,3 +112,62 @@ def test_int8_kernel_can_be_turned_off(monkeypatch):
     assert torch.equal(
         method.apply(layer, x), torch.ops.aten._weight_int8pack_mm(x, layer.weight, layer.weight_scale)
     )
+
+
+def _int4_layer(n: int, k: int, group: int, seed: int):
+    """An int4 layer in PyTorch's CPU layout and its float32 weight as (q - 8) * scale + zero, unrounded."""
+    method, layer = Int4Method(group), torch.nn.Module()
+    with default_dtype(torch.bfloat16):
+        method.create_weights(layer, n, k)
+    method.load_rows(layer, 0, torch.randn(n, k, generator=torch.Generator().manual_seed(seed)))
+    plain = dequantize_int4(unpack_plain(layer.weight.data), layer.weight_scale_zeros.data, group)
+    method.finish_loading(layer)
+    assert layer.int4_kernel_layout
+    return method, layer, plain.double()
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("n,k,group", [(576, 576, 32), (128, 1536, 32), (192, 256, 64), (64, 512, 256)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_int4_kernel_matches_the_float_weight_and_pytorchs_kernel(n, k, group, m):
+    method, layer, w = _int4_layer(n, k, group, seed=n + k + group)
+    g = torch.Generator().manual_seed(m)
+    x32 = torch.randn(m, k, generator=g) * 3
+    x32[0, 5] = 40.0  # an outlier feature
+    got32 = int4_kernel()(x32, layer.weight, layer.weight_scale_zeros, group)
+    want = x32.double() @ w.T
+    # float32 activations: only the two-part activation and float32 sums stand between it and the exact
+    # product; the bound is that of the int8 kernel (each element within max|x_row| / 64516).
+    bound = x32.double().abs().amax(1, keepdim=True) / 64516 * w.abs().sum(1)
+    err = (got32.double() - want).abs()
+    assert (err <= bound + 1e-4 * want.abs() + 1e-4).all()
+    assert err.max() > 1e-6  # the activations were quantized
+    x = x32.bfloat16()
+    got = int4_kernel()(x, layer.weight, layer.weight_scale_zeros, group)
+    ref = torch.ops.aten._weight_int4pack_mm_for_cpu(x, layer.weight, group, layer.weight_scale_zeros)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape == (m, n)
+    exact = x.double() @ w.T
+    assert ((got.double() - exact).abs() <= 2**-8 * exact.abs() + bound + 1e-3).all()
+    assert ((got.double() - ref.double()).abs() <= 2**-7 * exact.abs() + 2 * bound + 1e-2).all()
+    assert torch.equal(method.apply(layer, x), got)  # decode-sized calls take it
+
+
+@needs_int4_kernel
+def test_int4_kernel_paths_and_what_it_refuses():
+    cpu = torch.device("cpu")
+    assert int4_path(cpu, True, torch.bfloat16, rows=1, vnni=True) == "vnni"
+    assert int4_path(cpu, True, torch.bfloat16, rows=1, vnni=False) == "aten"
+    assert int4_path(cpu, True, torch.bfloat16, rows=48, out_features=128, vnni=True) == "scratch"
+    kernel = int4_kernel()
+    _, layer, _ = _int4_layer(
+        80, 128, 32, seed=3
+    )  # 64 + 16 rows: the kernel's tail block is laid out otherwise
+    x = torch.randn(1, 128).bfloat16()
+    assert not kernel.takes(x, layer.weight, layer.weight_scale_zeros, 32)
+    with pytest.raises(ValueError, match="shape not taken"):
+        kernel(x, layer.weight, layer.weight_scale_zeros, 32)
+    _, layer, _ = _int4_layer(64, 128, 32, seed=4)
+    compiled = torch.compile(
+        lambda a: int4_gemm_op(a, layer.weight, layer.weight_scale_zeros, 32), fullgraph=True
+    )
+    assert torch.equal(compiled(x), kernel(x, layer.weight, layer.weight_scale_zeros, 32))

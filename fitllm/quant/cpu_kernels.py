@@ -43,16 +43,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fitllm" / "kernels"
 
 
-def cpu_supports_vnni() -> bool:
-    """Whether this CPU has the AVX-512 VNNI the kernel is built for (Linux: /proc/cpuinfo)."""
+def cpu_supports(*flags: str) -> bool:
+    """Whether this CPU has every one of `flags`, as /proc/cpuinfo spells them (Linux; elsewhere False)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return all(f in flags for f in CPU_FLAGS)
+    have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in have for f in flags)
 
 
 def _build(source: Path, compiler: str) -> Path:
@@ -83,7 +81,7 @@ def _load(name: str, source: Path) -> ctypes.CDLL | None:
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if os.environ.get("FITLLM_CPU_KERNELS", "1") == "0":
             log.info("fitllm CPU kernels off (FITLLM_CPU_KERNELS=0): PyTorch's kernels serve")
-        elif not cpu_supports_vnni():
+        elif not cpu_supports(*CPU_FLAGS):
             log.info("no AVX-512 VNNI on this CPU: PyTorch's int8 kernel serves")
         elif compiler is None:
             log.warning("no C compiler (gcc or $CC): int8 decode uses PyTorch's slower kernel")
@@ -134,7 +132,53 @@ class Int8Kernel:
         )
 
 
+class Int4Kernel:
+    """`fitllm_int4_gemm` (int8_vnni.c): y = x W^T for a weight in PyTorch's CPU int4 layout (int4.py)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.fitllm_int4_gemm
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, i64, ptr, i32, i32]
+        fn.restype = i32
+        self._fn = fn
+
+    def __call__(
+        self, x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        """x [M, K] contiguous (float32 or bfloat16), packed uint8 [N, K / 2] in the kernel layout,
+        scale_zeros bfloat16 [K / group, N, 2]; the result [M, N] in x's dtype."""
+        m, k = x.shape
+        n = packed.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype)
+        rc = self._fn(
+            x.data_ptr(), DTYPES[x.dtype], m, k, packed.data_ptr(), scale_zeros.data_ptr(), group, n,
+            out.data_ptr(), DTYPES[x.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -1:
+            raise MemoryError("fitllm_int4_gemm: no memory for the quantized activations")
+        if rc != 0:
+            raise ValueError(f"fitllm_int4_gemm: shape not taken (N {n}, K {k}, group {group})")
+        return out
+
+    @staticmethod
+    def takes(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> bool:
+        """Whether a call is in the form the kernel reads: output rows in whole blocks of 64 (a tail block is
+        laid out otherwise), groups of 4 channels or more, bfloat16 scales and zeros."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype in DTYPES
+            and scale_zeros.dtype == torch.bfloat16
+            and packed.shape[0] % 64 == 0
+            and group % 4 == 0
+            and x.shape[1] % group == 0
+            and x.is_contiguous()
+            and packed.is_contiguous()
+            and scale_zeros.is_contiguous()
+        )
+
+
 _kernel: list[Int8Kernel | None] = []
+_kernel4: list[Int4Kernel | None] = []
 
 
 def int8_kernel() -> Int8Kernel | None:
@@ -143,6 +187,29 @@ def int8_kernel() -> Int8Kernel | None:
         lib = _load("int8_vnni", SOURCE)
         _kernel.append(Int8Kernel(lib) if lib is not None else None)
     return _kernel[0]
+
+
+def int4_kernel() -> Int4Kernel | None:
+    """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
+    if not _kernel4:
+        lib = _load("int8_vnni", SOURCE)
+        _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
+    return _kernel4[0]
+
+
+@torch.library.custom_op("fitllm::int4_gemm", mutates_args=())
+def int4_gemm_op(
+    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The int4 kernel as an operator for torch.compile (see int8_gemm_op)."""
+    kernel = int4_kernel()
+    assert kernel is not None, "fitllm::int4_gemm called where the kernel is not built"
+    return kernel(x, packed, scale_zeros, group)
+
+
+@int4_gemm_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 @torch.library.custom_op("fitllm::int8_gemm", mutates_args=())

@@ -57,9 +57,10 @@ static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask)
     return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
 }
 
-/* Row `row_off` of x into hi/lo (biased by 128, padded to kp with the bias, i.e. zeros) and its scale. */
+/* Row `row_off` of x into hi/lo (plus `offset`: 128 where they are vpdpbusd's unsigned operand; padded to kp
+ * with the offset, i.e. zeros) and its scale. */
 static void quantize_row(const void *x, int x_dtype, int64_t row_off, int64_t k, int64_t kp, uint8_t *hi,
-                         uint8_t *lo, float *sx) {
+                         uint8_t *lo, float *sx, int offset) {
     const void *base = x_dtype == DT_BF16 ? (const void *)((const uint16_t *)x + row_off)
                                           : (const void *)((const float *)x + row_off);
     __m512 vmax = _mm512_setzero_ps();
@@ -71,7 +72,7 @@ static void quantize_row(const void *x, int x_dtype, int64_t row_off, int64_t k,
     float s = amax > 0.0f ? amax / 127.0f : 1.0f;
     const __m512 inv = _mm512_set1_ps(1.0f / s), top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
     const __m512 spread = _mm512_set1_ps(254.0f);
-    const __m512i bias = _mm512_set1_epi32(128);
+    const __m512i bias = _mm512_set1_epi32(offset);
     for (int64_t i = 0; i < kp; i += 16) {
         __mmask16 mask = (i + 16 <= k) ? (__mmask16)0xffff : (i < k ? (__mmask16)((1u << (k - i)) - 1) : 0);
         __m512 v = _mm512_mul_ps(load16(base, x_dtype, i, mask), inv);
@@ -143,7 +144,7 @@ int fitllm_int8_gemm(const void *x, int x_dtype, int64_t ldx, int64_t m, int64_t
         return -1;
     }
     uint8_t *lo = hi + m * kp;
-    for (int64_t r = 0; r < m; r++) quantize_row(x, x_dtype, r * ldx, k, kp, hi + r * kp, lo + r * kp, sx + r);
+    for (int64_t r = 0; r < m; r++) quantize_row(x, x_dtype, r * ldx, k, kp, hi + r * kp, lo + r * kp, sx + r, 128);
     int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
     int64_t blocks = (n + 3) / 4;
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -166,5 +167,114 @@ int fitllm_int8_gemm(const void *x, int x_dtype, int64_t ldx, int64_t m, int64_t
     }
     free(hi);
     free(sx);
+    return 0;
+}
+
+/* ---- int4 in PyTorch's CPU int4 layout (aten._weight_int4pack_mm_for_cpu; fitllm/quant/int4.py) ----------
+ * packed.view(n / 64, k, 32): byte j of input channel c in block b holds output row 64b + j in its low nibble
+ * and 64b + 32 + j in its high one; scale_zeros bfloat16 [k / group, n, 2], w = (q - 8) * scale + zero.
+ * Per group, y += scale * sum(x q) + (zero - 8 scale) * sum(x). The nibbles are the unsigned operand of
+ * vpdpbusd as they are (0..15) and the activation parts the signed one (no bias to take off); output rows are
+ * the lanes: vpermt2b gathers, for 16 rows, the codes of 4 consecutive input channels into each lane. */
+
+static inline float sum_group(const int8_t *v, int64_t n) {
+    int s = 0;
+    for (int64_t i = 0; i < n; i++) s += v[i];
+    return (float)s;
+}
+
+__attribute__((target("avx512vbmi"))) int fitllm_int4_gemm(const void *x, int x_dtype, int64_t m, int64_t k,
+                                                           const uint8_t *w, const uint16_t *scale_zeros,
+                                                           int64_t group, int64_t n, void *y, int y_dtype,
+                                                           int threads) {
+    if (n % 64 || k % group || group % 4) return -2;
+    int64_t groups = k / group;
+    int8_t *hi = aligned_alloc(64, (size_t)(2 * m * k + 64) / 64 * 64 + 64);
+    float *sx = malloc((size_t)m * sizeof(float));
+    float *gsum = malloc((size_t)(m * groups) * sizeof(float));
+    if (!hi || !sx || !gsum) {
+        free(hi);
+        free(sx);
+        free(gsum);
+        return -1;
+    }
+    int8_t *lo = hi + m * k;
+    int64_t kp = (k + 15) / 16 * 16;
+    int8_t *tmp_hi = aligned_alloc(64, (size_t)(2 * kp + 64) / 64 * 64 + 64);
+    if (!tmp_hi) {
+        free(hi);
+        free(sx);
+        free(gsum);
+        return -1;
+    }
+    for (int64_t r = 0; r < m; r++) {
+        quantize_row(x, x_dtype, r * k, k, kp, (uint8_t *)tmp_hi, (uint8_t *)tmp_hi + kp, sx + r, 0);
+        memcpy(hi + r * k, tmp_hi, (size_t)k);
+        memcpy(lo + r * k, tmp_hi + kp, (size_t)k);
+        for (int64_t g = 0; g < groups; g++) /* sum of the group's activations as the kernel sees them */
+            gsum[r * groups + g] = sx[r] * (sum_group(hi + r * k + g * group, group) +
+                                            sum_group(lo + r * k + g * group, group) / 254.0f);
+    }
+    free(tmp_hi);
+    uint8_t idx_bytes[2][64];
+    for (int half = 0; half < 2; half++)
+        for (int i = 0; i < 16; i++)
+            for (int t = 0; t < 4; t++) idx_bytes[half][4 * i + t] = (uint8_t)(32 * t + i + 16 * half);
+    const __m512i idx0 = _mm512_loadu_si512(idx_bytes[0]), idx1 = _mm512_loadu_si512(idx_bytes[1]);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
+    int64_t blocks = n / 64;
+    int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * k * 32;
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xh = hi + r * k, *xl = lo + r * k;
+            __m512 yv[4];
+            for (int c = 0; c < 4; c++) yv[c] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < groups; g++) {
+                __m512i ah[4], al[4];
+                for (int c = 0; c < 4; c++) {
+                    ah[c] = _mm512_setzero_si512();
+                    al[c] = _mm512_setzero_si512();
+                }
+                for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+                    __m512i a = _mm512_loadu_si512(wb + i * 32), bb = _mm512_loadu_si512(wb + i * 32 + 64);
+                    __m512i al_ = _mm512_and_si512(a, nib), bl_ = _mm512_and_si512(bb, nib);
+                    __m512i ah_ = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
+                    __m512i bh_ = _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib);
+                    __m512i wv[4] = {_mm512_permutex2var_epi8(al_, idx0, bl_), _mm512_permutex2var_epi8(al_, idx1, bl_),
+                                     _mm512_permutex2var_epi8(ah_, idx0, bh_), _mm512_permutex2var_epi8(ah_, idx1, bh_)};
+                    int32_t h4, l4;
+                    memcpy(&h4, xh + i, 4);
+                    memcpy(&l4, xl + i, 4);
+                    __m512i vh = _mm512_set1_epi32(h4), vl = _mm512_set1_epi32(l4);
+                    for (int c = 0; c < 4; c++) {
+                        ah[c] = _mm512_dpbusd_epi32(ah[c], wv[c], vh);
+                        al[c] = _mm512_dpbusd_epi32(al[c], wv[c], vl);
+                    }
+                }
+                const __m512 xs = _mm512_set1_ps(sx[r]), gs = _mm512_set1_ps(gsum[r * groups + g]);
+                const __m512 third = _mm512_set1_ps(1.0f / 254.0f), eight = _mm512_set1_ps(8.0f);
+                for (int c = 0; c < 4; c++) {
+                    /* 16 (scale, zero) bfloat16 pairs of rows 64b + 16c.., one pair per 32-bit lane */
+                    __m512i pairs = _mm512_loadu_si512(scale_zeros + 2 * (g * n + b * 64 + 16 * c));
+                    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                    __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+                    __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[c]), third, _mm512_cvtepi32_ps(ah[c]));
+                    yv[c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sc, xs), yv[c]);
+                    yv[c] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), gs, yv[c]);
+                }
+            }
+            for (int c = 0; c < 4; c++) {
+                float out[16];
+                _mm512_storeu_ps(out, yv[c]);
+                for (int i = 0; i < 16; i++) store_f(y, y_dtype, r * n + b * 64 + 16 * c + i, out[i]);
+            }
+        }
+    }
+    free(hi);
+    free(sx);
+    free(gsum);
     return 0;
 }
