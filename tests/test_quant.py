@@ -18,6 +18,7 @@ from fitllm.cli import main as cli_main
 from fitllm.config import ModelConfig
 from fitllm.plan.memory_plan import make_plan
 from fitllm.plan.weights import weight_breakdown
+from fitllm.quant.cpu_kernels import int8_kernel
 from fitllm.quant.int4 import (
     cpu_kernel_available,
     dequantize_int4,
@@ -116,8 +117,8 @@ def test_quantized_engine_logits_close_to_unquantized(e2e_folder, dtype):
 def test_quantized_engine_equals_unquantized_engine_on_dequantized_weights(tmp_path, e2e_folder, method):
     """Float32: the quantized engine computes exactly the model whose decoder linears hold the dequantized
     weights. A checkpoint with those weights, served unquantized, is the tight reference (measured int4:
-    bit-identical, the same float32 matmul; int8: <= 3e-6 absolute on logits up to 3.1, the kernel scales
-    after the sum, and the same greedy tokens)."""
+    bit-identical, the same float32 matmul; int8: <= 3e-6 absolute on logits up to 3.1 through PyTorch's
+    kernel, which scales after the sum, and the same greedy tokens)."""
     model = build_random_model("llama", seed=E2E_SEED, initializer_range=E2E_INIT)
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     changed = 0
@@ -140,8 +141,11 @@ def test_quantized_engine_equals_unquantized_engine_on_dequantized_weights(tmp_p
     tokens, want = run_engine(fake, prompt, E2E_STEPS)
     got_tokens, got = run_engine(quant, prompt, E2E_STEPS)
     assert got_tokens == tokens
+    # fitllm's int8 VNNI kernel (decode steps, where built) quantizes each activation row into two int8 parts
+    # (each element within max|x| / 64516): measured <= 2e-4 absolute on these logits.
+    tol = 1e-3 if method == "int8" and int8_kernel() is not None else 1e-4
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (step, (a - b).abs().max())
+        assert torch.allclose(a, b, atol=tol, rtol=tol), (step, (a - b).abs().max())
 
 
 # ---- planned bytes equal the ledger ---------------------------------------------------------------------
