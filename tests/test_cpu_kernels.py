@@ -171,3 +171,22 @@ def test_int4_kernel_paths_and_what_it_refuses():
         lambda a: int4_gemm_op(a, layer.weight, layer.weight_scale_zeros, 32), fullgraph=True
     )
     assert torch.equal(compiled(x), kernel(x, layer.weight, layer.weight_scale_zeros, 32))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_dequantize_into_the_scratch_rounds_once(dtype):
+    """Prefill-sized calls multiply through a scratch holding the dequantized weight: each element is
+    q * scale computed in float32 and rounded once to the scratch's dtype, exactly."""
+    q, scale = quantize_int8(torch.randn(37, 200, generator=torch.Generator().manual_seed(9)))  # K tail of 8
+    scale = scale.to(dtype)
+    out = torch.empty(37, 200, dtype=dtype)
+    int8_kernel().dequantize_into(q, scale, out)
+    assert torch.equal(out, (q.float() * scale.float()[:, None]).to(dtype))
+    method, layer = Int8Method(), torch.nn.Module()
+    method.create_weights(layer, 96, 128)
+    method.load_rows(layer, 0, torch.randn(96, 128))
+    layer.weight_scale.data = layer.weight_scale.data.to(dtype)
+    x = torch.randn(kernel_rows(96 * 128), 128).to(dtype)  # the scratch path
+    deq = (layer.weight.float() * layer.weight_scale.float()[:, None]).to(dtype)
+    assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, deq))

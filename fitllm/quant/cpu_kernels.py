@@ -104,6 +104,19 @@ class Int8Kernel:
         fn.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, i64, ptr, i32, i64, i32]
         fn.restype = i32
         self._fn = fn
+        deq = lib.fitllm_int8_dequant
+        deq.argtypes = [ptr, ptr, i32, i64, i64, ptr, i32, i32]
+        deq.restype = i32
+        self._dequant = deq
+
+    def dequantize_into(self, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [N, K] (float32 or bfloat16, contiguous) = weight * scale[:, None], rounded once."""
+        n, k = weight.shape
+        self._dequant(
+            weight.data_ptr(), scale.data_ptr(), DTYPES[scale.dtype], n, k, out.data_ptr(),
+            DTYPES[out.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """x [M, K] contiguous (float32 or bfloat16), weight int8 [N, K] contiguous, scale [N] (float32 or

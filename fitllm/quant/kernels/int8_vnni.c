@@ -278,3 +278,29 @@ __attribute__((target("avx512vbmi"))) int fitllm_int4_gemm(const void *x, int x_
     free(gsum);
     return 0;
 }
+
+/* ---- dequantization into a scratch (prefill-sized calls multiply there with the dense GEMM) --------------
+ * out[j, :] = w[j, :] * scale[j] in float32 or bfloat16 (rounded to nearest even), rows [0, n). PyTorch's
+ * int8 -> bfloat16 copy followed by a multiply of the product by the scales took longer than the GEMM. */
+int fitllm_int8_dequant(const int8_t *w, const void *scale, int scale_dtype, int64_t n, int64_t k, void *out,
+                        int out_dtype, int threads) {
+    int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t j = 0; j < n; j++) {
+        const __m512 s = _mm512_set1_ps(load_f(scale, scale_dtype, j));
+        const int8_t *row = w + j * k;
+        for (int64_t i = 0; i < k; i += 16) {
+            __mmask16 mask = (i + 16 <= k) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row + i))), s);
+            if (out_dtype == DT_BF16) {
+                __m512i u = _mm512_castps_si512(v);
+                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+                u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+                _mm256_mask_storeu_epi16((uint16_t *)out + j * k + i, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+            } else {
+                _mm512_mask_storeu_ps((float *)out + j * k + i, mask, v);
+            }
+        }
+    }
+    return 0;
+}
