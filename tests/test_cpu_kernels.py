@@ -190,3 +190,18 @@ def test_int8_dequantize_into_the_scratch_rounds_once(dtype):
     x = torch.randn(kernel_rows(96 * 128), 128).to(dtype)  # the scratch path
     deq = (layer.weight.float() * layer.weight_scale.float()[:, None]).to(dtype)
     assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, deq))
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("n,k,group", [(576, 576, 32), (192, 1536, 64), (64, 256, 128)])
+def test_int4_unpack_equals_the_torch_unpacking(n, k, group):
+    """Prefill-sized int4 calls unpack W^T into the scratch: the kernel's one pass writes exactly the bytes
+    of int4.unpack_kernel_layout (itself pinned against the float dequantization in test_quant_layers)."""
+    from fitllm.quant.int4 import unpack_kernel_layout
+
+    _, layer, plain = _int4_layer(n, k, group, seed=n + group)
+    want = torch.empty(k, n, dtype=torch.bfloat16)
+    unpack_kernel_layout(layer.weight, layer.weight_scale_zeros, group, want)
+    got = int4_kernel().unpack_into(layer.weight, layer.weight_scale_zeros, group, torch.empty_like(want))
+    assert torch.equal(got, want)
+    assert torch.equal(got.t().float(), plain.float().to(torch.bfloat16).float())

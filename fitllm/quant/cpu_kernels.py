@@ -27,7 +27,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "kernels" / "int8_vnni.c"
-FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# -ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch code the kernels must equal
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512vnni")  # fmt: skip
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo spells them
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (int8_vnni.c: DT_F32, DT_BF16)
 
@@ -154,6 +156,22 @@ class Int4Kernel:
         fn.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, i64, ptr, i32, i32]
         fn.restype = i32
         self._fn = fn
+        unpack = lib.fitllm_int4_unpack_t
+        unpack.argtypes = [ptr, ptr, i64, i64, i64, ptr, i32]
+        unpack.restype = i32
+        self._unpack = unpack
+
+    def unpack_into(
+        self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """W^T into out [K, N] bfloat16 (contiguous), exactly as int4.unpack_kernel_layout writes it."""
+        k, n = out.shape
+        rc = self._unpack(
+            packed.data_ptr(), scale_zeros.data_ptr(), group, n, k, out.data_ptr(), torch.get_num_threads()
+        )
+        if rc != 0:
+            raise ValueError(f"fitllm_int4_unpack_t: shape not taken (N {n}, K {k}, group {group})")
+        return out
 
     def __call__(
         self, x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int

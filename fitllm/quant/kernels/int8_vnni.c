@@ -304,3 +304,44 @@ int fitllm_int8_dequant(const int8_t *w, const void *scale, int scale_dtype, int
     }
     return 0;
 }
+
+static inline void store16_bf16(uint16_t *dst, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+/* W^T [k, n] in bfloat16 from a weight in PyTorch's CPU int4 layout (n a multiple of 64): each element
+ * (q - 8) * scale + zero, multiplied and added in float32 (not fused) and rounded once, exactly what
+ * fitllm/quant/int4.py's unpack_kernel_layout writes, in one pass instead of its five. */
+int fitllm_int4_unpack_t(const uint8_t *w, const uint16_t *scale_zeros, int64_t group, int64_t n, int64_t k,
+                         uint16_t *out, int threads) {
+    if (n % 64 || k % group) return -2;
+    int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
+    int64_t blocks = n / 64, groups = k / group;
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u), nib = _mm512_set1_epi32(0x0f);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt)
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t b = 0; b < blocks; b++) {
+            __m512 sc[4], ze[4];
+            for (int c = 0; c < 4; c++) {
+                __m512i pairs = _mm512_loadu_si512(scale_zeros + 2 * (g * n + b * 64 + 16 * c));
+                sc[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                ze[c] = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+            }
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                const uint8_t *src = w + (b * k + i) * 32;
+                uint16_t *dst = out + i * n + b * 64;
+                for (int c = 0; c < 4; c++) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * (c & 1))));
+                    __m512i q = c < 2 ? _mm512_and_si512(bytes, nib) : _mm512_srli_epi32(bytes, 4);
+                    __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), eight), sc[c]);
+                    store16_bf16(dst + 16 * c, _mm512_add_ps(v, ze[c]));
+                }
+            }
+        }
+    }
+    return 0;
+}
