@@ -183,6 +183,64 @@ static inline float sum_group(const int8_t *v, int64_t n) {
     return (float)s;
 }
 
+/* Output rows [64b, 64b + 64) for activation rows [r0, r0 + R): R (1 or 2) is a constant at each call, and
+ * the R rows share each unpacking of the codes (loads, nibble masks, vpermt2b). */
+static inline __attribute__((always_inline, target("avx512vbmi"))) void int4_rows(
+    const uint8_t *wb, int64_t k, int64_t group, int64_t n, int64_t b, const uint16_t *scale_zeros,
+    const int8_t *hi, const int8_t *lo, const float *sx, const float *gsum, int64_t r0, int R, __m512i idx0,
+    __m512i idx1, void *y, int y_dtype) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), high_half = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512 third = _mm512_set1_ps(1.0f / 254.0f), eight = _mm512_set1_ps(8.0f);
+    int64_t groups = k / group;
+    __m512 yv[2][4];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) yv[r][c] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i ah[2][4], al[2][4];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++) {
+                ah[r][c] = _mm512_setzero_si512();
+                al[r][c] = _mm512_setzero_si512();
+            }
+        for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+            __m512i a = _mm512_loadu_si512(wb + i * 32), bb = _mm512_loadu_si512(wb + i * 32 + 64);
+            __m512i al_ = _mm512_and_si512(a, nib), bl_ = _mm512_and_si512(bb, nib);
+            __m512i ah_ = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
+            __m512i bh_ = _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib);
+            __m512i wv[4] = {_mm512_permutex2var_epi8(al_, idx0, bl_), _mm512_permutex2var_epi8(al_, idx1, bl_),
+                             _mm512_permutex2var_epi8(ah_, idx0, bh_), _mm512_permutex2var_epi8(ah_, idx1, bh_)};
+            for (int r = 0; r < R; r++) {
+                int32_t h4, l4;
+                memcpy(&h4, hi + (r0 + r) * k + i, 4);
+                memcpy(&l4, lo + (r0 + r) * k + i, 4);
+                __m512i vh = _mm512_set1_epi32(h4), vl = _mm512_set1_epi32(l4);
+                for (int c = 0; c < 4; c++) {
+                    ah[r][c] = _mm512_dpbusd_epi32(ah[r][c], wv[c], vh);
+                    al[r][c] = _mm512_dpbusd_epi32(al[r][c], wv[c], vl);
+                }
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            /* 16 (scale, zero) bfloat16 pairs of rows 64b + 16c.., one pair per 32-bit lane */
+            __m512i pairs = _mm512_loadu_si512(scale_zeros + 2 * (g * n + b * 64 + 16 * c));
+            __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+            __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+            __m512 offset = _mm512_fnmadd_ps(eight, sc, ze); /* zero - 8 scale */
+            for (int r = 0; r < R; r++) {
+                __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[r][c]), third, _mm512_cvtepi32_ps(ah[r][c]));
+                yv[r][c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sc, _mm512_set1_ps(sx[r0 + r])), yv[r][c]);
+                yv[r][c] = _mm512_fmadd_ps(offset, _mm512_set1_ps(gsum[(r0 + r) * groups + g]), yv[r][c]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) {
+            float out[16];
+            _mm512_storeu_ps(out, yv[r][c]);
+            for (int i = 0; i < 16; i++) store_f(y, y_dtype, (r0 + r) * n + b * 64 + 16 * c + i, out[i]);
+        }
+}
+
 __attribute__((target("avx512vbmi"))) int fitllm_int4_gemm(const void *x, int x_dtype, int64_t m, int64_t k,
                                                            const uint8_t *w, const uint16_t *scale_zeros,
                                                            int64_t group, int64_t n, void *y, int y_dtype,
@@ -221,57 +279,14 @@ __attribute__((target("avx512vbmi"))) int fitllm_int4_gemm(const void *x, int x_
         for (int i = 0; i < 16; i++)
             for (int t = 0; t < 4; t++) idx_bytes[half][4 * i + t] = (uint8_t)(32 * t + i + 16 * half);
     const __m512i idx0 = _mm512_loadu_si512(idx_bytes[0]), idx1 = _mm512_loadu_si512(idx_bytes[1]);
-    const __m512i nib = _mm512_set1_epi8(0x0f);
-    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
     int64_t blocks = n / 64;
     int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *wb = w + b * k * 32;
-        for (int64_t r = 0; r < m; r++) {
-            const int8_t *xh = hi + r * k, *xl = lo + r * k;
-            __m512 yv[4];
-            for (int c = 0; c < 4; c++) yv[c] = _mm512_setzero_ps();
-            for (int64_t g = 0; g < groups; g++) {
-                __m512i ah[4], al[4];
-                for (int c = 0; c < 4; c++) {
-                    ah[c] = _mm512_setzero_si512();
-                    al[c] = _mm512_setzero_si512();
-                }
-                for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
-                    __m512i a = _mm512_loadu_si512(wb + i * 32), bb = _mm512_loadu_si512(wb + i * 32 + 64);
-                    __m512i al_ = _mm512_and_si512(a, nib), bl_ = _mm512_and_si512(bb, nib);
-                    __m512i ah_ = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
-                    __m512i bh_ = _mm512_and_si512(_mm512_srli_epi16(bb, 4), nib);
-                    __m512i wv[4] = {_mm512_permutex2var_epi8(al_, idx0, bl_), _mm512_permutex2var_epi8(al_, idx1, bl_),
-                                     _mm512_permutex2var_epi8(ah_, idx0, bh_), _mm512_permutex2var_epi8(ah_, idx1, bh_)};
-                    int32_t h4, l4;
-                    memcpy(&h4, xh + i, 4);
-                    memcpy(&l4, xl + i, 4);
-                    __m512i vh = _mm512_set1_epi32(h4), vl = _mm512_set1_epi32(l4);
-                    for (int c = 0; c < 4; c++) {
-                        ah[c] = _mm512_dpbusd_epi32(ah[c], wv[c], vh);
-                        al[c] = _mm512_dpbusd_epi32(al[c], wv[c], vl);
-                    }
-                }
-                const __m512 xs = _mm512_set1_ps(sx[r]), gs = _mm512_set1_ps(gsum[r * groups + g]);
-                const __m512 third = _mm512_set1_ps(1.0f / 254.0f), eight = _mm512_set1_ps(8.0f);
-                for (int c = 0; c < 4; c++) {
-                    /* 16 (scale, zero) bfloat16 pairs of rows 64b + 16c.., one pair per 32-bit lane */
-                    __m512i pairs = _mm512_loadu_si512(scale_zeros + 2 * (g * n + b * 64 + 16 * c));
-                    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-                    __m512 ze = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
-                    __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(al[c]), third, _mm512_cvtepi32_ps(ah[c]));
-                    yv[c] = _mm512_fmadd_ps(f, _mm512_mul_ps(sc, xs), yv[c]);
-                    yv[c] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sc, ze), gs, yv[c]);
-                }
-            }
-            for (int c = 0; c < 4; c++) {
-                float out[16];
-                _mm512_storeu_ps(out, yv[c]);
-                for (int i = 0; i < 16; i++) store_f(y, y_dtype, r * n + b * 64 + 16 * c + i, out[i]);
-            }
-        }
+        int64_t r = 0;
+        for (; r + 2 <= m; r += 2)
+            int4_rows(w + b * k * 32, k, group, n, b, scale_zeros, hi, lo, sx, gsum, r, 2, idx0, idx1, y, y_dtype);
+        if (r < m) int4_rows(w + b * k * 32, k, group, n, b, scale_zeros, hi, lo, sx, gsum, r, 1, idx0, idx1, y, y_dtype);
     }
     free(hi);
     free(sx);
