@@ -22,6 +22,9 @@
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
 #define PARALLEL_MIN (1 << 16)   /* weights per call below which one thread does it all */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048      /* how far ahead in a weight stream the kernels prefetch */
+#endif
 
 static inline float load_f(const void *p, int dtype, int64_t i) {
     if (dtype == DT_BF16) {
@@ -111,6 +114,7 @@ static inline __attribute__((always_inline)) void dot_block(const int8_t *w, int
             xl[r] = _mm512_load_si512(lo + r * kp + i);
         }
         for (int c = 0; c < C; c++) {
+            _mm_prefetch((const char *)(w + c * ldw + i + PREFETCH_BYTES), _MM_HINT_T0); /* rows are one stream */
             __m512i wv = _mm512_maskz_loadu_epi8(mask, w + c * ldw + i);
             aw[c] = _mm512_dpbusd_epi32(aw[c], ones, wv);
             for (int r = 0; r < R; r++) {
@@ -203,6 +207,9 @@ static inline __attribute__((always_inline, target("avx512vbmi"))) void int4_row
                 al[r][c] = _mm512_setzero_si512();
             }
         for (int64_t i = g * group; i < (g + 1) * group; i += 4) {
+            /* the block's codes are one stream: ask for them PREFETCH_BYTES ahead (cold weights: decode) */
+            _mm_prefetch((const char *)(wb + i * 32 + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + i * 32 + PREFETCH_BYTES + 64), _MM_HINT_T0);
             __m512i a = _mm512_loadu_si512(wb + i * 32), bb = _mm512_loadu_si512(wb + i * 32 + 64);
             __m512i al_ = _mm512_and_si512(a, nib), bl_ = _mm512_and_si512(bb, nib);
             __m512i ah_ = _mm512_and_si512(_mm512_srli_epi16(a, 4), nib);
