@@ -87,6 +87,15 @@ def test_int8_method_takes_the_kernel_for_small_calls_only():
     assert int8_path(cpu, kernel_rows(small) - 1, small, True, vnni=True) == "vnni"
     assert int8_path(cpu, kernel_rows(small), small, True, vnni=True) == "scratch"
     assert int8_path(cpu, 1, small, True, vnni=False) == "aten"
+    # Float32 activations keep PyTorch's kernel (exact to float32; the split activations are ~16 bits).
+    method32, layer32 = Int8Method(), torch.nn.Module()
+    method32.create_weights(layer32, 96, 128)
+    method32.load_rows(layer32, 0, torch.randn(96, 128))
+    x32 = torch.randn(2, 128)
+    assert torch.equal(
+        method32.apply(layer32, x32),
+        torch.ops.aten._weight_int8pack_mm(x32, layer32.weight, layer32.weight_scale),
+    )
     method, layer = Int8Method(), torch.nn.Module()
     method.create_weights(layer, 96, 128)
     method.load_rows(layer, 0, torch.randn(96, 128))

@@ -4,7 +4,7 @@ w ~= q * s with q = round(w / s) in [-127, 127], s = max|w_row| / 127. Rows are 
 layer quantizes each checkpoint shard as it arrives. Matmul on CPU, for small batches (decode): fitllm's
 AVX-512 VNNI kernel (fitllm/quant/kernels/int8_vnni.c: activations quantized per row into two int8 parts,
 int8 dot products; 1.2x-2.1x faster than PyTorch's kernel at 1-32 rows, the same numbers to bfloat16's
-rounding) where it is built, else PyTorch's own int8 weight-only kernel (`aten._weight_int8pack_mm`, measured
+rounding) for bfloat16 activations where it is built, else PyTorch's own int8 weight-only kernel (`aten._weight_int8pack_mm`, measured
 1.6x to 3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, both cost about
 one extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
 (measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
@@ -150,7 +150,9 @@ class Int8Method(QuantMethod):
         w, scale = layer.weight, layer.weight_scale
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         kernel = int8_kernel() if x2.device.type == "cpu" else None
-        vnni = kernel is not None and kernel.takes(x2, w, scale)
+        # bfloat16 activations only: a float32 model keeps PyTorch's kernel, exact to float32 (the split
+        # activations are ~16 bits; float32 is chosen for exactness, and its parity tests rely on it)
+        vnni = kernel is not None and x2.dtype == torch.bfloat16 and kernel.takes(x2, w, scale)
         path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype, vnni)
         if path == "vnni":
             out = int8_gemm_op(x2, w, scale) if torch.compiler.is_compiling() else kernel(x2, w, scale)
