@@ -74,6 +74,7 @@ def test_int8_kernel_zero_row_and_mixed_dtypes():
     x[1] = 0
     got = int8_kernel()(x, q, scale)  # bfloat16 activations, float32 scales
     assert torch.equal(got[1], torch.zeros(64, dtype=torch.bfloat16))
+    assert int8_kernel()(x[:0], q, scale).shape == (0, 64)  # no rows: nothing to do, no error
     want = x.double() @ (q.double() * scale.double()[:, None]).T
     assert ((got.double() - want).abs() <= 2**-8 * want.abs() + _bound(x, q, scale) + 1e-3).all()
 

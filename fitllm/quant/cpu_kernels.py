@@ -126,6 +126,8 @@ class Int8Kernel:
         m, k = x.shape
         n = weight.shape[0]
         out = torch.empty(m, n, dtype=x.dtype)
+        if m == 0:
+            return out
         rc = self._fn(
             x.data_ptr(), DTYPES[x.dtype], k, m, k, weight.data_ptr(), scale.data_ptr(),
             DTYPES[scale.dtype], n, out.data_ptr(), DTYPES[x.dtype], n, torch.get_num_threads(),
@@ -181,6 +183,8 @@ class Int4Kernel:
         m, k = x.shape
         n = packed.shape[0]
         out = torch.empty(m, n, dtype=x.dtype)
+        if m == 0:
+            return out
         rc = self._fn(
             x.data_ptr(), DTYPES[x.dtype], m, k, packed.data_ptr(), scale_zeros.data_ptr(), group, n,
             out.data_ptr(), DTYPES[x.dtype], torch.get_num_threads(),
