@@ -29,7 +29,10 @@ TRITON_ROWS = 64  # CUDA: rows per call up to which the fused Triton kernel is u
 # Rows below which PyTorch's int8 kernel beats converting the weight into the scratch and multiplying
 # there, measured on this machine: 16 for a 4096 x 4096 layer; between 32 and 48 for the default model's
 # layers (576 x 576 to 3072 x 576), where converting costs more relative to the matmul (at 16 rows: kernel
-# 1.28x, convert-and-multiply 2.75x the bfloat16 time; at 48: 1.96x and 1.29x).
+# 1.28x, convert-and-multiply 2.75x the bfloat16 time; at 48: 1.96x and 1.29x). fitllm's VNNI kernel takes
+# the same cut: it beats PyTorch's at every row count (1.2x-2.1x, one thread, CPU time) and meets the
+# scratch between 16 and 24 rows (576 x 576 at 16 rows: 110 vs 124 µs; 3072 x 576: 559 vs 626; at 32 rows
+# the scratch wins: 130 vs 206, 708 vs 1094; /work/notes/int8dec.md).
 KERNEL_ROWS_LARGE = 16
 KERNEL_ROWS_SMALL = 32
 SMALL_LAYER = 1 << 22  # weights of at most this many elements use KERNEL_ROWS_SMALL
