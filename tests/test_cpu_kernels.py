@@ -215,3 +215,25 @@ def test_int4_unpack_equals_the_torch_unpacking(n, k, group):
     got = int4_kernel().unpack_into(layer.weight, layer.weight_scale_zeros, group, torch.empty_like(want))
     assert torch.equal(got, want)
     assert torch.equal(got.t().float(), plain.float().to(torch.bfloat16).float())
+
+
+@needs_kernel
+def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_path, monkeypatch):
+    """A fresh cache gets one shared object (named by the source's hash, no temporary left behind), the next
+    load reuses it; a compiler that cannot run leaves PyTorch's kernels serving, not an error."""
+    monkeypatch.setenv("FITLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_kernel", [])
+    monkeypatch.setattr(cpu_kernels, "_kernel4", [])
+    kernel = cpu_kernels.int8_kernel()
+    built = sorted((tmp_path / "kernels").iterdir())
+    assert kernel is not None and len(built) == 1 and built[0].name.startswith("int8_vnni-")
+    assert built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    assert cpu_kernels._load("int8_vnni", cpu_kernels.SOURCE) is not None
+    assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_kernel", [])
+    assert cpu_kernels.int8_kernel() is None
