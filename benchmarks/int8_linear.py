@@ -3,10 +3,12 @@
 Decode calls a linear with one row per running request. On CPU, int8 weights can be multiplied three ways,
 and which is fastest depends on the rows (`fitllm/quant/int8.py`, `kernel_rows`):
 - `aten-int8`: PyTorch's weight-only kernel (`aten._weight_int8pack_mm`), which reads int8 weights directly;
+- `vnni`: fitllm's own kernel (fitllm/quant/kernels/int8_vnni.c: activations in two int8 parts, VNNI dot
+  products), where it is built;
 - `scratch`: convert the weight into a bfloat16 scratch, then a bfloat16 matmul;
 - `int8-act`: the activations split into two int8 parts (x ~ s (hi + lo / 254), exact to about bfloat16's
   rounding) and multiplied by the int8 weight with `torch._int_mm` (oneDNN, VNNI on x86), for comparison;
-- `fitllm`: what `Int8Method.apply` does (one of the first two, by `kernel_rows`);
+- `fitllm`: what `Int8Method.apply` does (`vnni` or `aten-int8` below `kernel_rows`, else `scratch`);
 - `aten-int4`: PyTorch's int4 CPU kernel (`aten._weight_int4pack_mm_for_cpu`) at `--group-size`, and
   `int4-fitllm`: what `Int4Method.apply` does around it.
 Each path and bfloat16 take turns over `--rounds` rounds (median), so the ratios are side by side; the
@@ -28,7 +30,7 @@ from torch import nn
 
 # The default model's (SmolLM2-135M) linears: fused q/k/v, o, fused gate/up, down: [out, in].
 DEFAULT_SHAPES = "960x576,576x576,3072x576,576x1536"
-PATHS = ("bf16", "aten-int8", "scratch", "int8-act", "fitllm", "aten-int4", "int4-fitllm")
+PATHS = ("bf16", "aten-int8", "vnni", "scratch", "int8-act", "fitllm", "aten-int4", "int4-fitllm")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,8 +64,11 @@ def _paths(n: int, k: int, rows: int, gen: torch.Generator, group: int) -> tuple
     """Each path as a zero-argument callable on one random [n, k] weight and [rows, k] input; and the
     weight bytes each path reads."""
     from fitllm.model.registry import default_dtype
+    from fitllm.quant.cpu_kernels import int8_kernel
     from fitllm.quant.int4 import Int4Method
     from fitllm.quant.int8 import Int8Method
+
+    kernel = int8_kernel()
 
     w = torch.randn(n, k, generator=gen).bfloat16()
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -90,54 +95,63 @@ def _paths(n: int, k: int, rows: int, gen: torch.Generator, group: int) -> tuple
     int8_bytes = q.numel() + scale.numel() * scale.element_size()
     int4_bytes = q4.numel() + sz4.numel() * sz4.element_size()
     reads = {"bf16": n * k * 2, "scratch": int8_bytes, "int8-act": int8_bytes, "fitllm": int8_bytes}
+    reads["vnni"] = int8_bytes
     reads |= {"aten-int8": int8_bytes, "aten-int4": int4_bytes, "int4-fitllm": int4_bytes}
-    return {
+    fns = {
         "bf16": lambda: F.linear(x, w),
         "aten-int8": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale),
+        "vnni": lambda: kernel(x, q, scale),
         "scratch": via_scratch,
         "int8-act": lambda: int8_activation_matmul(x, q_t, scale32),
         "fitllm": lambda: method.apply(layer, x),
         "aten-int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q4, group, sz4),
         "int4-fitllm": lambda: int4.apply(layer4, x),
-    }, reads
+    }
+    if kernel is None:
+        del fns["vnni"]
+    return fns, reads
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    from fitllm.quant.cpu_kernels import int8_kernel
+
+    # fitllm's kernel where it is built here (else `fitllm` is PyTorch's kernel and `vnni` is left out)
+    paths = [p for p in PATHS if p != "vnni" or int8_kernel() is not None]
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     gen = torch.Generator().manual_seed(0)
     result: dict[str, dict] = {}
-    print(f"{'rows':>5} " + " ".join(f"{p:>11}" for p in PATHS) + "   (time / bf16 time, median of rounds)")
+    print(f"{'rows':>5} " + " ".join(f"{p:>11}" for p in paths) + "   (time / bf16 time, median of rounds)")
     bandwidth: dict[int, dict[str, float]] = {}
     for rows in (int(r) for r in args.rows.split(",")):
         built = [_paths(n, k, rows, gen, args.group_size) for n, k in shapes]
         calls = [fns for fns, _ in built]
-        reads = {p: sum(r[p] for _, r in built) for p in PATHS}
+        reads = {p: sum(r[p] for _, r in built) for p in paths}
         for fns in calls:  # warm-up: oneDNN and the scratch settle
             for fn in fns.values():
                 fn()
-        seconds: dict[str, list[float]] = {p: [] for p in PATHS}
+        seconds: dict[str, list[float]] = {p: [] for p in paths}
         for _ in range(args.rounds):
-            for path in PATHS:
+            for path in paths:
                 start = time.perf_counter()
                 for fns in calls:
                     for _ in range(args.calls):
                         fns[path]()
                 seconds[path].append((time.perf_counter() - start) / args.calls)
         median = {p: statistics.median(s) for p, s in seconds.items()}
-        ratios = {p: median[p] / median["bf16"] for p in PATHS}
-        bandwidth[rows] = {p: reads[p] / median[p] / 1e9 for p in PATHS}
+        ratios = {p: median[p] / median["bf16"] for p in paths}
+        bandwidth[rows] = {p: reads[p] / median[p] / 1e9 for p in paths}
         result[str(rows)] = {
             "ratio_to_bf16": ratios,
             "bf16_us_per_layer_set": median["bf16"] * 1e6,
-            "us_per_layer_set": {p: median[p] * 1e6 for p in PATHS},
+            "us_per_layer_set": {p: median[p] * 1e6 for p in paths},
             "weight_gb_per_s": bandwidth[rows],
         }
-        print(f"{rows:>5} " + " ".join(f"{ratios[p]:>11.2f}" for p in PATHS))
-    print(f"{'rows':>5} " + " ".join(f"{p:>11}" for p in PATHS) + "   (weight GB read per second)")
+        print(f"{rows:>5} " + " ".join(f"{ratios[p]:>11.2f}" for p in paths))
+    print(f"{'rows':>5} " + " ".join(f"{p:>11}" for p in paths) + "   (weight GB read per second)")
     for rows, gbps in bandwidth.items():
-        print(f"{rows:>5} " + " ".join(f"{gbps[p]:>11.2f}" for p in PATHS))
+        print(f"{rows:>5} " + " ".join(f"{gbps[p]:>11.2f}" for p in paths))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"shapes": args.shapes, "threads": torch.get_num_threads(),

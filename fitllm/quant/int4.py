@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.cpu_kernels import int4_gemm_op, int4_kernel
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 from fitllm.quant.int8 import Scratch
 from fitllm.triton_flags import triton_available
@@ -130,15 +131,20 @@ def int4_path(
     group_size: int = 64,
     rows: int = 1,
     out_features: int = KERNEL_BLOCK_N,
+    vnni: bool = False,
 ) -> str:
-    """Which matmul an int4 layer uses for a call of `rows` rows: "aten" (PyTorch's CPU int4 kernel,
-    bfloat16 activations on a layer repacked into its layout, fewer than SCRATCH_ROWS rows), "scratch" (the
+    """Which matmul an int4 layer uses for a call of `rows` rows: "vnni" (fitllm's CPU kernel on the same
+    layout, where `vnni` says it is built here and takes the call: 1.6x-2.1x PyTorch's at one row),
+    "aten" (PyTorch's CPU int4 kernel, bfloat16 activations on a layer repacked into its layout, fewer than
+    SCRATCH_ROWS rows), "scratch" (the
     same layer from SCRATCH_ROWS rows on, when its `out_features` are whole blocks of KERNEL_BLOCK_N: unpacked
     into the shared bfloat16 scratch, dense GEMM), "triton" (CUDA: the fused dequantize-matmul, every call
     size, for groups of TRITON_GROUP_SIZES: its K block is one group) or "dequantize" (the pure-torch
     fallback: unpack to the activation dtype, then a dense GEMM)."""
     if kernel_layout and dtype == torch.bfloat16:
-        return "scratch" if rows >= SCRATCH_ROWS and out_features % KERNEL_BLOCK_N == 0 else "aten"
+        if rows >= SCRATCH_ROWS and out_features % KERNEL_BLOCK_N == 0:
+            return "scratch"
+        return "vnni" if vnni else "aten"
     if device.type == "cuda" and HAS_TRITON and group_size in TRITON_GROUP_SIZES:
         return "triton"
     return "dequantize"
@@ -275,14 +281,24 @@ class Int4Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         n = layer.weight.shape[0]
-        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], n)
-        if path == "aten":
+        kernel = int4_kernel() if layer.int4_kernel_layout else None
+        vnni = kernel is not None and kernel.takes(
+            x2, layer.weight, layer.weight_scale_zeros, self.group_size
+        )
+        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], n, vnni)
+        if path == "vnni":
+            args = (x2, layer.weight, layer.weight_scale_zeros, self.group_size)
+            out = int4_gemm_op(*args) if torch.compiler.is_compiling() else kernel(*args)
+        elif path == "aten":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, layer.weight, self.group_size, layer.weight_scale_zeros
             )
         elif path == "scratch":
             wt = self.scratch.get(torch.Size((x2.shape[1], n)), x2.dtype, x2.device)
-            unpack_kernel_layout(layer.weight, layer.weight_scale_zeros, self.group_size, wt)
+            if kernel is not None:  # the same bytes in one pass (4x-7x faster)
+                kernel.unpack_into(layer.weight, layer.weight_scale_zeros, self.group_size, wt)
+            else:
+                unpack_kernel_layout(layer.weight, layer.weight_scale_zeros, self.group_size, wt)
             out = torch.mm(x2, wt)
         elif path == "triton":
             from fitllm.quant.triton_matmul import int4_matmul

@@ -1,10 +1,12 @@
 """int8 weight-only quantization: symmetric, one scale per output channel.
 
 w ~= q * s with q = round(w / s) in [-127, 127], s = max|w_row| / 127. Rows are independent, so a fused
-layer quantizes each checkpoint shard as it arrives. Matmul on CPU: PyTorch's own int8 weight-only kernel
-(`aten._weight_int8pack_mm`) for small batches, where decode is bound by reading the weight (measured 1.6x to
-3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, that kernel costs about one
-extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
+layer quantizes each checkpoint shard as it arrives. Matmul on CPU, for small batches (decode): fitllm's
+AVX-512 VNNI kernel (fitllm/quant/kernels/int8_vnni.c: activations quantized per row into two int8 parts,
+int8 dot products; 1.2x-2.1x faster than PyTorch's kernel at 1-32 rows, the same numbers to bfloat16's
+rounding) for bfloat16 activations where it is built, else PyTorch's own int8 weight-only kernel (`aten._weight_int8pack_mm`, measured
+1.6x to 3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, both cost about
+one extra weight read per row, so the weight is converted into a shared bfloat16 scratch and multiplied there
 (measured +3.5% over bfloat16 at 512 rows of a 4096 x 4096 layer, against 2.9x for the kernel).
 On CUDA, calls of up to `TRITON_ROWS` rows use a fused Triton dequantize-matmul (fitllm.quant.triton_matmul.py)
 that reads each int8 weight once; larger ones use the scratch and cuBLAS.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
+from fitllm.quant.cpu_kernels import int8_gemm_op, int8_kernel
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 from fitllm.triton_flags import triton_available
 
@@ -26,7 +29,10 @@ TRITON_ROWS = 64  # CUDA: rows per call up to which the fused Triton kernel is u
 # Rows below which PyTorch's int8 kernel beats converting the weight into the scratch and multiplying
 # there, measured on this machine: 16 for a 4096 x 4096 layer; between 32 and 48 for the default model's
 # layers (576 x 576 to 3072 x 576), where converting costs more relative to the matmul (at 16 rows: kernel
-# 1.28x, convert-and-multiply 2.75x the bfloat16 time; at 48: 1.96x and 1.29x).
+# 1.28x, convert-and-multiply 2.75x the bfloat16 time; at 48: 1.96x and 1.29x). fitllm's VNNI kernel takes
+# the same cut: it beats PyTorch's at every row count (1.2x-2.1x, one thread, CPU time) and meets the
+# scratch between 16 and 24 rows (576 x 576 at 16 rows: 110 vs 124 µs; 3072 x 576: 559 vs 626; at 32 rows
+# the scratch wins: 130 vs 206, 708 vs 1094; /work/notes/int8dec.md).
 KERNEL_ROWS_LARGE = 16
 KERNEL_ROWS_SMALL = 32
 SMALL_LAYER = 1 << 22  # weights of at most this many elements use KERNEL_ROWS_SMALL
@@ -37,10 +43,16 @@ def kernel_rows(weight_numel: int) -> int:
     return KERNEL_ROWS_SMALL if weight_numel <= SMALL_LAYER else KERNEL_ROWS_LARGE
 
 
-def int8_path(device: torch.device, rows: int, weight_numel: int, same_dtype: bool) -> str:
-    """Which matmul an int8 layer uses for a call of `rows` rows: "aten" (PyTorch's CPU int8 kernel, for
-    small calls in the scale's dtype), "triton" (CUDA, decode-sized calls: the fused dequantize-matmul) or
-    "scratch" (dequantize into a shared model-dtype copy and run the dense GEMM: prefill-sized calls)."""
+def int8_path(
+    device: torch.device, rows: int, weight_numel: int, same_dtype: bool, vnni: bool = False
+) -> str:
+    """Which matmul an int8 layer uses for a call of `rows` rows: "vnni" (fitllm's CPU kernel, small calls,
+    where `vnni` says it is built here and takes the call's dtypes), "aten" (PyTorch's CPU int8 kernel, small
+    calls in the scale's dtype, where ours is not), "triton" (CUDA, decode-sized calls: the fused
+    dequantize-matmul) or "scratch" (dequantize into a shared model-dtype copy and run the dense GEMM:
+    prefill-sized calls)."""
+    if device.type == "cpu" and rows < kernel_rows(weight_numel) and vnni:
+        return "vnni"
     if device.type == "cpu" and rows < kernel_rows(weight_numel) and same_dtype:
         return "aten"
     if device.type == "cuda" and HAS_TRITON and rows <= TRITON_ROWS:
@@ -143,8 +155,14 @@ class Int8Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale = layer.weight, layer.weight_scale
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
-        path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype)
-        if path == "aten":
+        kernel = int8_kernel() if x2.device.type == "cpu" else None
+        # bfloat16 activations only: a float32 model keeps PyTorch's kernel, exact to float32 (the split
+        # activations are ~16 bits; float32 is chosen for exactness, and its parity tests rely on it)
+        vnni = kernel is not None and x2.dtype == torch.bfloat16 and kernel.takes(x2, w, scale)
+        path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype, vnni)
+        if path == "vnni":
+            out = int8_gemm_op(x2, w, scale) if torch.compiler.is_compiling() else kernel(x2, w, scale)
+        elif path == "aten":
             out = torch.ops.aten._weight_int8pack_mm(x2, w, scale)
         elif path == "triton":
             from fitllm.quant.triton_matmul import int8_matmul
@@ -155,20 +173,28 @@ class Int8Method(QuantMethod):
         return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
 
     def _scratch_matmul(self, layer: nn.Module, x2: torch.Tensor) -> torch.Tensor:
-        """x2 W^T through the model-dtype scratch, `_chunk_rows` output rows at a time."""
+        """x2 W^T through the model-dtype scratch, `_chunk_rows` output rows at a time. Where fitllm's CPU
+        kernel is built the scratch holds the dequantized weight (one pass: 0.68x-0.94x the time of PyTorch's
+        int8 copy plus scaling the product, at 16-2048 rows), else the codes, and the product is scaled."""
         w, scale = layer.weight, layer.weight_scale
+        kernel = int8_kernel() if x2.device.type == "cpu" else None
+        fold = kernel is not None and kernel.takes(x2, w, scale)
         step = self._chunk_rows(layer)
-        if step == w.shape[0]:
-            wd = self.scratch.get(w.shape, x2.dtype, x2.device)
-            wd.copy_(w)
-            return F.linear(x2, wd).mul_(scale.to(x2.dtype))
-        out = torch.empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
+        out = (
+            None
+            if step == w.shape[0]
+            else torch.empty(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device)
+        )
         for start in range(0, w.shape[0], step):
-            part = w[start : start + step]
+            part, part_scale = w[start : start + step], scale[start : start + step]
             wd = self.scratch.get(part.shape, x2.dtype, x2.device)
-            wd.copy_(part)
-            part_scale = scale[start : start + part.shape[0]].to(x2.dtype)
-            out[:, start : start + part.shape[0]] = F.linear(x2, wd).mul_(part_scale)
+            if fold:
+                y = F.linear(x2, kernel.dequantize_into(part, part_scale, wd))
+            else:
+                y = F.linear(x2, wd.copy_(part)).mul_(part_scale.to(x2.dtype))
+            if out is None:
+                return y
+            out[:, start : start + part.shape[0]] = y
         return out
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:

@@ -1,0 +1,261 @@
+"""fitllm's own CPU kernels (fitllm/quant/kernels/*.c): built once per machine with the system C compiler,
+cached, and called through ctypes.
+
+Why a compiled kernel: at one activation row PyTorch's int8 weight-only kernel is bound by converting each
+weight to float, several times slower than reading the weight (int8_vnni.c says how ours avoids that). The
+source is plain C with intrinsics, no PyTorch headers, so a build takes about a second; it links OpenMP,
+and PyTorch's libgomp (already loaded, same soname) serves it, so both share one thread pool.
+
+Nothing here is required: without a compiler, on a CPU without AVX-512 VNNI, or with
+`FITLLM_CPU_KERNELS=0`, `int8_kernel()` is None and the callers keep PyTorch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "int8_vnni.c"
+# -ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch code the kernels must equal
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512vnni")  # fmt: skip
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo spells them
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (int8_vnni.c: DT_F32, DT_BF16)
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $FITLLM_CACHE_DIR/kernels, else $XDG_CACHE_HOME (or ~/.cache)/fitllm."""
+    root = os.environ.get("FITLLM_CACHE_DIR")
+    if root:
+        return Path(root) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fitllm" / "kernels"
+
+
+def cpu_supports(*flags: str) -> bool:
+    """Whether this CPU has every one of `flags`, as /proc/cpuinfo spells them (Linux; elsewhere False)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return all(f in have for f in flags)
+
+
+def _build(source: Path, compiler: str) -> Path:
+    """The shared object for `source`, built unless a build of the same source and flags is cached."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load(name: str, source: Path) -> ctypes.CDLL | None:
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        lib = None
+        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+        if os.environ.get("FITLLM_CPU_KERNELS", "1") == "0":
+            log.info("fitllm CPU kernels off (FITLLM_CPU_KERNELS=0): PyTorch's kernels serve")
+        elif not cpu_supports(*CPU_FLAGS):
+            log.info("no AVX-512 VNNI on this CPU: PyTorch's int8 kernel serves")
+        elif compiler is None:
+            log.warning("no C compiler (gcc or $CC): int8 decode uses PyTorch's slower kernel")
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build(source, compiler)))
+            except (OSError, subprocess.CalledProcessError) as err:
+                detail = getattr(err, "stderr", "") or str(err)
+                log.warning("building %s failed, PyTorch's kernel serves: %s", source.name, detail[-2000:])
+        _loaded[name] = lib
+        return lib
+
+
+class Int8Kernel:
+    """`fitllm_int8_gemm` (int8_vnni.c): y = x W^T * scale for activations in float32 or bfloat16."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.fitllm_int8_gemm
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [ptr, i32, i64, i64, i64, ptr, ptr, i32, i64, ptr, i32, i64, i32]
+        fn.restype = i32
+        self._fn = fn
+        deq = lib.fitllm_int8_dequant
+        deq.argtypes = [ptr, ptr, i32, i64, i64, ptr, i32, i32]
+        deq.restype = i32
+        self._dequant = deq
+
+    def dequantize_into(self, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [N, K] (float32 or bfloat16, contiguous) = weight * scale[:, None], rounded once."""
+        n, k = weight.shape
+        self._dequant(
+            weight.data_ptr(), scale.data_ptr(), DTYPES[scale.dtype], n, k, out.data_ptr(),
+            DTYPES[out.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x [M, K] contiguous (float32 or bfloat16), weight int8 [N, K] contiguous, scale [N] (float32 or
+        bfloat16); the result [M, N] in x's dtype."""
+        m, k = x.shape
+        n = weight.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype)
+        if m == 0:
+            return out
+        rc = self._fn(
+            x.data_ptr(), DTYPES[x.dtype], k, m, k, weight.data_ptr(), scale.data_ptr(),
+            DTYPES[scale.dtype], n, out.data_ptr(), DTYPES[x.dtype], n, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("fitllm_int8_gemm: no memory for the quantized activations")
+        return out
+
+    @staticmethod
+    def takes(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+        """Whether a call's tensors are in the form the kernel reads."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype in DTYPES
+            and scale.dtype in DTYPES
+            and x.is_contiguous()
+            and weight.is_contiguous()
+            and scale.is_contiguous()
+        )
+
+
+class Int4Kernel:
+    """`fitllm_int4_gemm` (int8_vnni.c): y = x W^T for a weight in PyTorch's CPU int4 layout (int4.py)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.fitllm_int4_gemm
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [ptr, i32, i64, i64, ptr, ptr, i64, i64, ptr, i32, i32]
+        fn.restype = i32
+        self._fn = fn
+        unpack = lib.fitllm_int4_unpack_t
+        unpack.argtypes = [ptr, ptr, i64, i64, i64, ptr, i32]
+        unpack.restype = i32
+        self._unpack = unpack
+
+    def unpack_into(
+        self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, out: torch.Tensor
+    ) -> torch.Tensor:
+        """W^T into out [K, N] bfloat16 (contiguous), exactly as int4.unpack_kernel_layout writes it."""
+        k, n = out.shape
+        rc = self._unpack(
+            packed.data_ptr(), scale_zeros.data_ptr(), group, n, k, out.data_ptr(), torch.get_num_threads()
+        )
+        if rc != 0:
+            raise ValueError(f"fitllm_int4_unpack_t: shape not taken (N {n}, K {k}, group {group})")
+        return out
+
+    def __call__(
+        self, x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int
+    ) -> torch.Tensor:
+        """x [M, K] contiguous (float32 or bfloat16), packed uint8 [N, K / 2] in the kernel layout,
+        scale_zeros bfloat16 [K / group, N, 2]; the result [M, N] in x's dtype."""
+        m, k = x.shape
+        n = packed.shape[0]
+        out = torch.empty(m, n, dtype=x.dtype)
+        if m == 0:
+            return out
+        rc = self._fn(
+            x.data_ptr(), DTYPES[x.dtype], m, k, packed.data_ptr(), scale_zeros.data_ptr(), group, n,
+            out.data_ptr(), DTYPES[x.dtype], torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -1:
+            raise MemoryError("fitllm_int4_gemm: no memory for the quantized activations")
+        if rc != 0:
+            raise ValueError(f"fitllm_int4_gemm: shape not taken (N {n}, K {k}, group {group})")
+        return out
+
+    @staticmethod
+    def takes(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> bool:
+        """Whether a call is in the form the kernel reads: output rows in whole blocks of 64 (a tail block is
+        laid out otherwise), groups of 4 channels or more, bfloat16 scales and zeros."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype in DTYPES
+            and scale_zeros.dtype == torch.bfloat16
+            and packed.shape[0] % 64 == 0
+            and group % 4 == 0
+            and x.shape[1] % group == 0
+            and x.is_contiguous()
+            and packed.is_contiguous()
+            and scale_zeros.is_contiguous()
+        )
+
+
+_kernel: list[Int8Kernel | None] = []
+_kernel4: list[Int4Kernel | None] = []
+
+
+def int8_kernel() -> Int8Kernel | None:
+    """The built int8 VNNI kernel, or None where it cannot run here (built on first use)."""
+    if not _kernel:
+        lib = _load("int8_vnni", SOURCE)
+        _kernel.append(Int8Kernel(lib) if lib is not None else None)
+    return _kernel[0]
+
+
+def int4_kernel() -> Int4Kernel | None:
+    """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
+    if not _kernel4:
+        lib = _load("int8_vnni", SOURCE)
+        _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
+    return _kernel4[0]
+
+
+@torch.library.custom_op("fitllm::int4_gemm", mutates_args=())
+def int4_gemm_op(
+    x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The int4 kernel as an operator for torch.compile (see int8_gemm_op)."""
+    kernel = int4_kernel()
+    assert kernel is not None, "fitllm::int4_gemm called where the kernel is not built"
+    return kernel(x, packed, scale_zeros, group)
+
+
+@int4_gemm_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.custom_op("fitllm::int8_gemm", mutates_args=())
+def int8_gemm_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The kernel as an operator torch.compile can place in a graph (a ctypes call would break it); eager
+    code calls `int8_kernel()` directly, which skips the operator's dispatch."""
+    kernel = int8_kernel()
+    assert kernel is not None, "fitllm::int8_gemm called where the kernel is not built"
+    return kernel(x, weight, scale)
+
+
+@int8_gemm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
