@@ -13,6 +13,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
+from fitllm.engine.compiled_decode import CompiledDecode
 from fitllm.engine.context_shift import KeyShift, KVShift, rotate_keys
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.parallel.messages import StepMessage
@@ -212,6 +213,7 @@ class ModelRunner:
         self.storage = storage
         self.tp: TensorParallelGroup | None = None  # rank 0 of a tensor-parallel group: workers follow
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
+        self.compiled: CompiledDecode | None = None  # a compiled CPU decode forward (--compile-decode)
         for i, (attn, slabs) in enumerate(zip(model.attention_layers(), storage.layer_slabs, strict=True)):
             attn.kv_slabs = slabs  # updated in place as slabs come and go
             attn.kv_format = storage.kv_format
@@ -328,6 +330,8 @@ class ModelRunner:
             )
         if self.graphs is not None and isinstance(meta, TritonMetadata) and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
+        elif self.compiled is not None and self.compiled.can_run(meta, input_ids.shape[0]):
+            hidden = self.compiled.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
         sample_index = step.sample_index

@@ -15,6 +15,7 @@ from torch import nn
 
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
+from fitllm.model.attention.step_op import opaque_attention
 from fitllm.model.attention.torch_backend import TorchMetadata, TorchMetadataBuilder, torch_attention
 from fitllm.model.attention.triton_backend import TritonMetadata, TritonMetadataBuilder, triton_attention
 
@@ -85,6 +86,8 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]."""
+        if torch.compiler.is_compiling():  # a compiled decode step (fitllm/engine/compiled_decode.py)
+            return opaque_attention(q, k, v, self.layer_index)
         assert self.kv_slabs is not None and self.kv_format is not None, "KV cache not bound to this layer"
         if isinstance(meta, TritonMetadata):
             return triton_attention(self, q, k, v, meta)

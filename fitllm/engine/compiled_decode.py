@@ -1,0 +1,105 @@
+"""CPU decode steps through one `torch.compile`d forward (`--compile-decode`), with an eager fallback.
+
+At batch 1 on a CPU, a decode step of a small model is mostly PyTorch's per-op cost: ~40 small ops a layer
+(norms, rotary, residual adds, SiLU-mul, views) around the few kernels that do the work. Inductor's C++
+backend fuses them into a handful of loops, and a whole-forward graph pays Python and guards once a step,
+not once an op. Attention stays eager inside the graph as one opaque call per layer
+(fitllm/model/attention/step_op.py), so a graph depends only on the batch size: batch 1 gets its own graph,
+and dynamo's automatic dynamic shapes give every larger decode batch one shared graph.
+
+The guards on the model's parameters are dropped (`skip_guard_on_all_nn_modules_unsafe`): they cost
+milliseconds a call on this class of machine, and the engine never swaps parameters under the compiled
+forward (weight offload, which does, keeps the eager path). The first decode step of each new shape
+compiles (tens of seconds on 2 cores; inductor's on-disk cache makes later starts faster). If compiling
+fails, the step runs eagerly and so does every later one, with one warning; an error after a shape has
+compiled is the step's own and propagates, as an eager step's would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fitllm.model.attention import AttentionMetadata
+from fitllm.model.attention.step_op import bound_step
+from fitllm.model.attention.torch_backend import TorchMetadata
+
+log = logging.getLogger("fitllm")
+
+# Decode batches past this run eagerly: a larger batch's step is dominated by its kernels, and at 48 rows
+# the int4 linears change path (fitllm/quant/int4.py), which would be one more compile.
+MAX_COMPILED_BATCH = 32
+
+
+def compile_decode_refusal(
+    device: torch.device, attention_backend: str, streamed: bool, tp: bool
+) -> str | None:
+    """Why `--compile-decode` cannot serve this engine, or None when it can."""
+    if device.type != "cpu":
+        return "not on CPU (CUDA decode replays CUDA graphs instead)"
+    if attention_backend != "torch":
+        return f"the {attention_backend} attention backend (it needs the torch backend)"
+    if streamed:
+        return "layers are streamed (offload rebinds parameters between layers)"
+    if tp:
+        return "tensor parallelism"
+    return None
+
+
+class CompiledDecode:
+    """A model's forward for decode-only steps, compiled; `run` falls back to eager if compiling fails."""
+
+    def __init__(self, model: nn.Module, compiler: Callable[..., Callable] | None = None) -> None:
+        """compiler: `torch.compile` (tests bring stand-ins that fail or count)."""
+        self.model = model
+        self.layers = model.attention_layers()
+        self._eager = type(model).forward  # the class's own forward: not an instance override
+        compile_fn = compiler or torch.compile
+        self._compiled = compile_fn(
+            self._traced,
+            fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
+        self.compiled_sizes: set[int] = set()
+        self.failed: str | None = None  # why compiling failed: then every step runs eagerly
+        self.compile_seconds: dict[int, float] = {}
+
+    def _traced(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._eager(self.model, input_ids, positions, None)
+
+    def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether this step is one the compiled forward serves: decodes only, torch metadata, a batch of at
+        most MAX_COMPILED_BATCH, and compiling has not failed."""
+        return (
+            self.failed is None
+            and isinstance(meta, TorchMetadata)
+            and not meta.prefills
+            and meta.num_decodes == num_tokens
+            and 0 < num_tokens <= MAX_COMPILED_BATCH
+        )
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: TorchMetadata) -> torch.Tensor:
+        """The step's hidden states [T, hidden], through the compiled forward (compiling first when T is a
+        new size), or eagerly when compiling fails."""
+        size = input_ids.shape[0]
+        if size in self.compiled_sizes:
+            with bound_step(self.layers, meta):
+                return self._compiled(input_ids, positions)
+        start = time.perf_counter()
+        try:
+            with bound_step(self.layers, meta):
+                hidden = self._compiled(input_ids, positions)
+        except Exception as exc:  # noqa: BLE001 (any compiler failure: the eager path still serves)
+            self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log.warning(
+                "--compile-decode: compiling the decode step failed (%s); decode runs eagerly", self.failed
+            )
+            return self._eager(self.model, input_ids, positions, meta)
+        self.compile_seconds[size] = time.perf_counter() - start
+        self.compiled_sizes.add(size)
+        log.info("--compile-decode: decode batch %d compiled in %.1f s", size, self.compile_seconds[size])
+        return hidden
