@@ -83,10 +83,11 @@ class PagedAttention(nn.Module):
         self.layer_index = 0
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]."""
-        if torch.compiler.is_compiling():  # a compiled decode step (fitllm/engine/compiled_decode.py)
+        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]. meta None: the step's metadata is the one bound by
+        `step_op.bound_step`, reached through the opaque operator that a compiled forward records."""
+        if meta is None:  # a compiled decode forward (fitllm/engine/compiled_decode.py): see step_op.py
             return opaque_attention(q, k, v, self.layer_index)
         assert self.kv_slabs is not None and self.kv_format is not None, "KV cache not bound to this layer"
         if isinstance(meta, TritonMetadata):
