@@ -1,9 +1,10 @@
 """CPU decode steps through one `torch.compile`d forward (`--compile-decode`), with an eager fallback.
 
-At batch 1 on a CPU, a decode step of a small model is mostly PyTorch's per-op cost: ~40 small ops a layer
-(norms, rotary, residual adds, SiLU-mul, views) around the few kernels that do the work. Inductor's C++
-backend fuses them into a handful of loops, and a whole-forward graph pays Python and guards once a step,
-not once an op. Attention stays eager inside the graph as one opaque call per layer
+At batch 1 on a CPU, a decode step of a small model pays PyTorch's per-op cost ~40 times a layer (norms,
+rotary, residual adds, SiLU-mul, views) around the few kernels that do the work. Inductor's C++ backend
+fuses those into three loops a layer, and a whole-forward graph pays Python and guards once a step, not once
+an op (measured on the default int4 model at 1 thread, in one process, alternating: 1.05-1.22x the eager
+step, more on a loaded machine; what is left is mostly the int4 and LM-head kernels themselves). Attention stays eager inside the graph as one opaque call per layer
 (fitllm/model/attention/step_op.py), so a graph depends only on the batch size: batch 1 gets its own graph,
 and dynamo's automatic dynamic shapes give every larger decode batch one shared graph.
 
@@ -32,8 +33,8 @@ log = logging.getLogger("fitllm")
 
 # Inductor's options: no guards on the parameters (see above); a C++ wrapper, which calls the kernels without
 # Python between them, and no size or alignment checks of every intermediate (measured in one process,
-# alternating, int4 batch 1, 1 thread: eager / Python wrapper / C++ wrapper 68.1 / 62.3 / 55.8 ms a step;
-# its cold compile is longer: /work/notes/decodefuse.md).
+# alternating, int4 batch 1, 1 thread, load ~6.6: eager / Python wrapper / C++ wrapper 68.1 / 62.3 / 55.8 ms a
+# step; its cold compile is longer: 106 s against ~40 s for the default model at load 7, 7.5 s warm).
 COMPILE_OPTIONS = {
     "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
     "cpp_wrapper": True,
