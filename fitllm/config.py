@@ -347,9 +347,9 @@ class EngineConfig:
     compile_decode: bool = flag(
         False,
         "CPU: run decode-only steps (up to 32 requests) through one torch.compile'd forward (inductor's C++ "
-        "backend; needs a C++ compiler): fewer, fused ops per step; the first step of batch 1 and of larger "
-        "batches compiles (tens of seconds on 2 cores, faster once inductor's disk cache holds it); falls back "
-        "to eager decode if compiling fails",
+        "backend; needs a C++ compiler): fewer, fused ops per step; batch 1 compiles at start-up, larger "
+        "batches at their first step (seconds once inductor's disk cache holds them, a minute or two cold on 2 "
+        "cores); falls back to eager decode if compiling fails",
     )
     async_scheduling: str = flag(
         "auto",

@@ -42,12 +42,14 @@ def llama(tmp_path_factory):
 
 
 def test_compiled_decode_matches_transformers_at_batch_1_and_batched(llama):
-    """The real inductor compile: batch-1 steps (their own graph) give transformers' greedy tokens and
-    logits; a batch of three (the dynamic graph) gives the eager engine's tokens."""
+    """The real inductor compile: batch-1 steps (their own graph, compiled at start-up over a scratch cache)
+    give transformers' greedy tokens and logits; a batch of three (the dynamic graph) gives the eager
+    engine's tokens."""
     hf = load_hf(llama)
     engine = _engine(llama, compile_decode=True)
     compiled = engine.runner.compiled
     assert compiled is not None
+    assert compiled.compiled_sizes == {1} and compiled.failed is None  # compiled at start-up, not at a request
     for n in (5, 17):  # inside one KV block, past one
         prompt = _prompt(n, hf.config.vocab_size)
         want_tokens, want_logits = hf_greedy(hf, prompt, NEW_TOKENS)

@@ -10,8 +10,9 @@ and dynamo's automatic dynamic shapes give every larger decode batch one shared 
 
 The guards on the model's parameters are dropped (`skip_guard_on_all_nn_modules_unsafe`): they cost
 milliseconds a call on this class of machine, and the engine never swaps parameters under the compiled
-forward (weight offload, which does, keeps the eager path). The first decode step of each new shape
-compiles (tens of seconds on 2 cores; inductor's on-disk cache makes later starts faster). If compiling
+forward (weight offload, which does, keeps the eager path). Batch 1 compiles at start-up
+(`ModelRunner.compile_decode`), a larger batch at its first step (seconds with inductor's disk cache warm,
+a minute or two cold on 2 cores). If compiling
 fails, the step runs eagerly and so does every later one, with one warning; an error after a shape has
 compiled is the step's own and propagates, as an eager step's would.
 """

@@ -11,7 +11,7 @@ import torch
 from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.distributed import check_tp_shape, rank_kv_config
 from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
-from fitllm.engine.compiled_decode import CompiledDecode, compile_decode_refusal
+from fitllm.engine.compiled_decode import compile_decode_refusal
 from fitllm.engine.context_shift import ContextShifter, context_shift_unsupported
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
@@ -135,7 +135,7 @@ class Engine:
                 self.device, self.attention_backend, self.streamer is not None, self.tp is not None
             )
             if refusal is None:
-                self.runner.compiled = CompiledDecode(self.model)
+                self.runner.compile_decode()
             else:
                 log.warning("--compile-decode is off: %s", refusal)
         # --context-shift auto is the routes' business (on for Kobold and the studio): for the engine, off.
