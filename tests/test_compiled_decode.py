@@ -49,7 +49,9 @@ def test_compiled_decode_matches_transformers_at_batch_1_and_batched(llama):
     engine = _engine(llama, compile_decode=True)
     compiled = engine.runner.compiled
     assert compiled is not None
-    assert compiled.compiled_sizes == {1} and compiled.failed is None  # compiled at start-up, not at a request
+    assert (
+        compiled.compiled_sizes == {1} and compiled.failed is None
+    )  # compiled at start-up, not at a request
     for n in (5, 17):  # inside one KV block, past one
         prompt = _prompt(n, hf.config.vocab_size)
         want_tokens, want_logits = hf_greedy(hf, prompt, NEW_TOKENS)
@@ -159,3 +161,14 @@ def test_the_opaque_attention_needs_a_bound_step():
     q = torch.zeros(1, 4, 8)
     with pytest.raises(RuntimeError, match="bound_step"):
         opaque_attention(q, q[:, :2], q[:, :2], 0)
+
+
+def test_two_models_in_one_process_keep_their_own_graphs(llama, tmp_path):
+    """Dynamo keeps graphs per code object and the module guards are dropped: without a code object per
+    CompiledDecode, a deeper model compiled after a shallower one ran the shallower one's graph."""
+    deeper = make_random_checkpoint(tmp_path, "llama", seed=8, num_hidden_layers=4)
+    prompts = [[5, 6, 7, 8, 9]]
+    for folder in (llama, deeper):  # llama's graph first, then the deeper model's
+        compiled_engine = _engine(folder, compile_decode=True)
+        assert compiled_engine.runner.compiled.failed is None
+        assert _greedy_batch(compiled_engine, prompts) == _greedy_batch(_engine(folder), prompts)
