@@ -172,3 +172,18 @@ def test_two_models_in_one_process_keep_their_own_graphs(llama, tmp_path):
         compiled_engine = _engine(folder, compile_decode=True)
         assert compiled_engine.runner.compiled.failed is None
         assert _greedy_batch(compiled_engine, prompts) == _greedy_batch(_engine(folder), prompts)
+
+
+def test_the_step_probe_times_a_compiled_forward_as_forward(llama):
+    """`bench quant` / `bench step` split each step with StepProbe: a compiled step's forward (which bypasses
+    model.forward) is counted as forward, not as host time."""
+    from benchmarks.step_probe import StepProbe
+
+    engine = _engine(llama)
+    engine.runner.compiled = CompiledDecode(engine.model, compiler=lambda fn, **kw: fn)
+    engine.add_request([5, 6, 7, 8, 9], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine.step()  # the prefill: eager, through model.forward
+    probe = StepProbe.attach(engine)
+    engine.step()
+    assert engine.runner.compiled.compiled_sizes == {1}  # the decode step went through the compiled forward
+    assert probe.seconds["forward"] > 0
