@@ -31,6 +31,9 @@ class StepProbe:
         probe = cls(dict.fromkeys(MODEL_PARTS + HOST_PARTS, 0.0))
         model, sampler = engine.runner.model, engine.runner.sampler
         model.forward = probe._timed("forward", model.forward)
+        if engine.runner.compiled is not None:  # --compile-decode: its steps bypass model.forward
+            compiled = engine.runner.compiled
+            compiled.run = probe._timed("forward", compiled.run)
         model.compute_logits = probe._timed("logits", model.compute_logits)
         sampler.sample = probe._timed("sample", sampler.sample)
         engine.scheduler.schedule = probe._timed("schedule", engine.scheduler.schedule)

@@ -380,6 +380,13 @@ class EngineConfig:
     enforce_eager: bool = flag(
         False, "CUDA: run decode steps eagerly instead of replaying captured CUDA graphs"
     )
+    compile_decode: bool = flag(
+        False,
+        "CPU: run decode-only steps (up to 32 requests) through one torch.compile'd forward (inductor's C++ "
+        "backend; needs a C++ compiler): fewer, fused ops per step; batch 1 compiles at start-up, larger "
+        "batches at their first step (seconds once inductor's disk cache holds them, a minute or two cold on 2 "
+        "cores); falls back to eager decode if compiling fails",
+    )
     async_scheduling: str = flag(
         "auto",
         "schedule and prepare the next step while the device runs this one (auto: on for CUDA)",

@@ -11,6 +11,7 @@ import torch
 from fitllm.config import EngineConfig, ModelConfig, cdiv, resolve_async_scheduling, resolve_dtype
 from fitllm.distributed import check_tp_shape, rank_kv_config
 from fitllm.engine.banned import BannedStrings, rewind_to_banned, single_char_bans, vocab_text
+from fitllm.engine.compiled_decode import compile_decode_refusal
 from fitllm.engine.context_shift import ContextShifter, context_shift_unsupported
 from fitllm.engine.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from fitllm.engine.detokenizer import IncrementalDetokenizer
@@ -152,6 +153,14 @@ class Engine:
             capture_decode_graphs(
                 self.runner, self.ledger, config.max_num_seqs, self.max_model_len, planned=graph_reserve
             )
+        if config.compile_decode:
+            refusal = compile_decode_refusal(
+                self.device, self.attention_backend, self.streamer is not None, self.tp is not None
+            )
+            if refusal is None:
+                self.runner.compile_decode()
+            else:
+                log.warning("--compile-decode is off: %s", refusal)
         # --context-shift auto is the routes' business (on for Kobold and the studio): for the engine, off.
         self.speculator = (
             Speculator(config.speculative_ngram, config.speculative_ngram_min, config.speculative_tokens)

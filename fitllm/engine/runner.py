@@ -13,6 +13,7 @@ from torch import nn
 
 from fitllm.config import ModelConfig
 from fitllm.engine.batch_layout import PendingTokens, step_layout
+from fitllm.engine.compiled_decode import CompiledDecode
 from fitllm.engine.context_shift import KeyShift, KVShift, rotate_keys
 from fitllm.engine.cuda_graphs import DecodeGraphs, GraphCapturer
 from fitllm.engine.parallel.messages import StepMessage
@@ -70,7 +71,8 @@ def scratch_prefill(
     KV pool to ask: the start-up profile step and perplexity scoring. The metadata is `backend`'s, built
     by its builder as for a real step, from the same kind of batch layout over a scratch block table."""
     decodes = decodes or []
-    spans = spans or [(num_tokens - len(decodes), num_tokens - len(decodes))]
+    if spans is None:
+        spans = [(num_tokens - len(decodes), num_tokens - len(decodes))]
     assert len(decodes) + sum(q for q, _ in spans) == num_tokens and all(0 < q <= c for q, c in spans)
     kvh = config.num_key_value_heads
     if kv_format is None:
@@ -221,6 +223,7 @@ class ModelRunner:
         self.storage = storage
         self.tp: TensorParallelGroup | None = None  # rank 0 of a tensor-parallel group: workers follow
         self.graphs: DecodeGraphs | None = None  # captured decode steps (capture_graphs)
+        self.compiled: CompiledDecode | None = None  # a compiled CPU decode forward (--compile-decode)
         storage.bind(model.attention_layers())
         # Flash-decoding splits fill the GPU's SMs; the interpreter (CPU) counts as one.
         self._num_sms = (
@@ -256,6 +259,17 @@ class ModelRunner:
             capturer=capturer,
         )
         return self.graphs
+
+    @torch.inference_mode()
+    def compile_decode(self) -> CompiledDecode:
+        """Serve decode-only steps through a compiled forward (`--compile-decode`), its batch-1 graph compiled
+        now over a scratch KV cache, so that the first request does not wait for it and a server reports
+        ready only once decode is fast (a failed compile leaves decode eager, with one warning)."""
+        self.compiled = CompiledDecode(self.model)
+        with scratch_prefill(self.model, self.config, self.device, 16, 1, decodes=[8], spans=[]) as meta:
+            ids = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.compiled.run(ids, torch.tensor([7], device=self.device), meta)
+        return self.compiled
 
     def prepare(self, scheduled: list[ScheduledRequest], pending: PendingTokens | None = None) -> StepInputs:
         """Flat input ids, positions, attention metadata and the row index of each sampled request, from one
@@ -337,6 +351,8 @@ class ModelRunner:
             )
         if self.graphs is not None and isinstance(meta, TritonMetadata) and self.graphs.can_run(meta):
             hidden = self.graphs.run(input_ids, positions, meta)
+        elif self.compiled is not None and self.compiled.can_run(meta, input_ids.shape[0]):
+            hidden = self.compiled.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, meta)
         sample_index = step.sample_index

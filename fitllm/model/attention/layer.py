@@ -15,6 +15,7 @@ from torch import nn
 
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.layout import PagedKVLayout
+from fitllm.model.attention.step_op import opaque_attention
 from fitllm.model.attention.torch_backend import TorchMetadata, TorchMetadataBuilder, torch_attention
 from fitllm.model.attention.triton_backend import TritonMetadata, TritonMetadataBuilder, triton_attention
 
@@ -82,9 +83,12 @@ class PagedAttention(nn.Module):
         self.layer_index = 0
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata | None
     ) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]."""
+        """q: [T, Hq, D]; k, v: [T, Hk, D] -> [T, Hq, D]. meta None: the step's metadata is the one bound by
+        `step_op.bound_step`, reached through the opaque operator that a compiled forward records."""
+        if meta is None:  # a compiled decode forward (fitllm/engine/compiled_decode.py): see step_op.py
+            return opaque_attention(q, k, v, self.layer_index)
         assert self.kv_slabs is not None and self.kv_format is not None, "KV cache not bound to this layer"
         if isinstance(meta, TritonMetadata):
             return triton_attention(self, q, k, v, meta)
