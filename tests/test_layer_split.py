@@ -310,6 +310,7 @@ def test_engine_refuses_a_model_that_fits_nowhere(llama):
         ({"memory_budget": "1GiB"}, "--memory-budget"),
         ({"max_model_len": "auto"}, "--max-model-len auto"),
         ({"async_scheduling": "on"}, "--async-scheduling on"),
+        ({"compile_decode": True}, "--compile-decode"),
     ],
 )
 def test_unsupported_combinations_are_refused(llama, extra, message):

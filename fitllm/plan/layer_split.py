@@ -72,6 +72,9 @@ def refuse_with_layer_split(config: EngineConfig) -> None:
         raise ValueError("--max-model-len auto is not supported with --layer-split; give a number of tokens")
     if config.async_scheduling == "on":
         raise ValueError("--async-scheduling on is not supported with --layer-split; use auto or off")
+    if config.compile_decode:
+        raise ValueError("--compile-decode is not supported with --layer-split (the hops between devices are "
+                         "eager); leave it off")  # fmt: skip
 
 
 def apportion(rooms: list[int], num_layers: int) -> list[int]:
