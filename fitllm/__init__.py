@@ -1,8 +1,8 @@
 """fitllm: an LLM inference engine that serves a model in whatever memory it is given."""
 
-from fitllm.openmp import prefer_passive_wait
+from fitllm.openmp import bound_spin_wait
 
-prefer_passive_wait()  # before anything imports torch: libgomp reads it once, when it loads
+bound_spin_wait()  # before anything imports torch: libgomp reads it once, when it loads
 
 from fitllm.config import EngineConfig  # noqa: E402
 from fitllm.engine.engine import Engine  # noqa: E402

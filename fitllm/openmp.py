@@ -1,30 +1,36 @@
-"""How fitllm's CPU threads wait for each other: GNU OpenMP told to sleep, not spin, before torch loads it.
+"""How fitllm's CPU threads wait for each other: GNU OpenMP told to spin briefly, then sleep, before torch loads it.
 
 PyTorch's CPU wheels run their parallel regions on libgomp, whose idle threads spin (GOMP_SPINCOUNT, 300,000
-`pause`s by default, milliseconds on recent Intel cores) before they sleep. A prefill or decode step is hundreds
-of short parallel regions. On a machine with more runnable threads than cores (the shared 2-core machines this
-project runs on, or any server beside other work), a spinning thread holds a core while the thread it waits for
-cannot run, so every region costs a scheduler time slice: at 2 threads and a load average of 14, one [512, 576]
-bfloat16 multiply took 28 ms by default and 0.08 ms with OMP_WAIT_POLICY=PASSIVE; a 512-token int4 prefill ran
-at ~20 tok/s vs ~140, batch-1 decode at ~1 vs ~30 (notes: /work/notes/benchcpu.md). libgomp reads the policy
-once, when it is loaded, so this runs before `import torch` (fitllm/__init__.py); where torch was imported
-first it changes nothing. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (`OMP_WAIT_POLICY=ACTIVE` for a
-machine whose cores are fitllm's alone).
+`pause`s by default) before they sleep. A decode step is hundreds of short parallel regions, so how a thread
+waits decides its speed:
+- Sleeping at once (OMP_WAIT_POLICY=PASSIVE) makes every region wake a thread through the kernel: batch-1 int4
+  decode of the default model, 2 threads, quiet machine, ran at 34 tok/s against 72 with libgomp's default spin
+  and 80 with GOMP_SPINCOUNT=30000 (`fitllm bench quant --configs int4 --batches 1 --threads 2 --greedy`,
+  docs/benchmarks.md, session 12).
+- Spinning long is ruinous where there are more runnable threads than cores (a machine shared with other
+  work): a spinning thread holds a core while the thread it waits for cannot run, and each region costs a
+  scheduler time slice (at load 14 on 2 cores one [512, 576] bfloat16 matmul took 28 ms with the default spin,
+  0.08 ms passive).
+So fitllm bounds the spin at SPIN_COUNT (a tenth of libgomp's default: the fastest measured on a quiet
+machine, and a tenth of the default's cost when the cores are oversubscribed). libgomp reads this once, when it
+is loaded, so it runs before `import torch` (fitllm/__init__.py); where torch was imported first it changes
+nothing. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (`OMP_WAIT_POLICY=PASSIVE` on a machine shared
+with other busy work).
 """
 
 from __future__ import annotations
 
 import os
 
-WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "30000"
 # What this module set, so that peers a benchmark starts (llama.cpp) can be given the user's own environment.
 SET_BY_FITLLM: dict[str, str] = {}
 
 
-def prefer_passive_wait(environ: dict[str, str] | None = None) -> None:
-    """OMP_WAIT_POLICY=PASSIVE unless the environment already says how OpenMP threads wait."""
+def bound_spin_wait(environ: dict[str, str] | None = None) -> None:
+    """GOMP_SPINCOUNT=SPIN_COUNT unless the environment already says how OpenMP threads wait."""
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return
-    env["OMP_WAIT_POLICY"] = WAIT_POLICY
-    SET_BY_FITLLM["OMP_WAIT_POLICY"] = WAIT_POLICY
+    env["GOMP_SPINCOUNT"] = SPIN_COUNT
+    SET_BY_FITLLM["GOMP_SPINCOUNT"] = SPIN_COUNT
