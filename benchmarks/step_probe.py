@@ -42,6 +42,11 @@ class StepProbe:
         engine._output = probe._timed("output", engine._output)
         return probe
 
+    def time_part(self, name: str, owner, attr: str) -> None:
+        """Also time `owner.attr` (an instance attribute, as `attach` does) as part `name`, from now on."""
+        self.seconds.setdefault(name, 0.0)
+        setattr(owner, attr, self._timed(name, getattr(owner, attr)))
+
     def _timed(self, name: str, fn):
         def timed(*args, **kwargs):
             t0 = time.perf_counter()

@@ -65,10 +65,10 @@ def story_turns(engine, text: str, turns: int, turn_tokens: int, shift: bool, sh
     room = context - turn_tokens - MEMORY_TOKENS
     memory, story = ids[:MEMORY_TOKENS], ids[MEMORY_TOKENS : MEMORY_TOKENS + room - WARM_TURNS * turn_tokens]
     probe = StepProbe.attach(engine)
-    probe.seconds |= {"plan": 0.0, "shift": 0.0}
-    engine.runner.shift = probe._timed("shift", engine.runner.shift)
+    probe.time_part("shift", engine.runner, "shift")
+    probe.seconds.setdefault("plan", 0.0)  # stays 0 where no shifter plans
     if engine.scheduler.shifter is not None:
-        engine.scheduler.shifter.plan = probe._timed("plan", engine.scheduler.shifter.plan)
+        probe.time_part("plan", engine.scheduler.shifter, "plan")
     show(f"{'turn':>4} {'trim':>4} {'first ms':>9} {'plan':>6} {'shift':>6} {'forward':>8} {'prompt':>7} "
          f"{'shifted':>8} {'prefilled':>9}")  # fmt: skip
     done_turns = []
