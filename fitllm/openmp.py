@@ -11,8 +11,9 @@ waits decides its speed:
   work): a spinning thread holds a core while the thread it waits for cannot run, and each region costs a
   scheduler time slice (at load 14 on 2 cores one [512, 576] bfloat16 matmul took 28 ms with the default spin,
   0.08 ms passive).
-So fitllm bounds the spin at SPIN_COUNT (a tenth of libgomp's default: the fastest measured on a quiet
-machine, and a tenth of the default's cost when the cores are oversubscribed). libgomp reads this once, when it
+So fitllm bounds the spin at SPIN_COUNT, a tenth of libgomp's default: the fastest measured on a quiet machine.
+It still loses under contention (two busy loops on the 2 cores: 8-30 tok/s against 47 passive), which is why
+a user's setting wins and the README says to sleep on shared machines. libgomp reads this once, when it
 is loaded, so it runs before `import torch` (fitllm/__init__.py); where torch was imported first it changes
 nothing. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (`OMP_WAIT_POLICY=PASSIVE` on a machine shared
 with other busy work).
