@@ -1,7 +1,8 @@
-"""fitllm's own CPU kernels (fitllm/quant/kernels/int8_vnni.c, built by fitllm/quant/cpu_kernels.py): their
+"""fitllm's own CPU kernels (fitllm/quant/kernels/decode_gemm.c, built by fitllm/quant/cpu_kernels.py): their
 numbers against a float64 reference and against PyTorch's int8 / int4 kernels, the shapes they must cover
 (int8: a K tail that is not a multiple of 64, every remainder of its 2-row x 4-column blocks; int4: group
-sizes, several 64-row blocks), and where Int8Method / Int4Method use them."""
+sizes, several 64-row blocks; bfloat16: K tails, odd K, every remainder of its 4 x 4 blocks), and where
+Int8Method / Int4Method / UnquantizedMethod use them."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch
 
 from fitllm.model.registry import default_dtype
 from fitllm.quant import cpu_kernels
-from fitllm.quant.cpu_kernels import int4_gemm_op, int4_kernel, int8_gemm_op, int8_kernel
+from fitllm.quant.base import UnquantizedMethod
+from fitllm.quant.cpu_kernels import (
+    bf16_gemm_op,
+    bf16_kernel,
+    bf16_kernel_takes,
+    int4_gemm_op,
+    int4_kernel,
+    int8_gemm_op,
+    int8_kernel,
+)
 from fitllm.quant.int4 import Int4Method, dequantize_int4, int4_path, unpack_plain
 from fitllm.quant.int8 import Int8Method, int8_path, kernel_rows, quantize_int8
 
@@ -20,6 +30,10 @@ needs_kernel = pytest.mark.skipif(
 needs_int4_kernel = pytest.mark.skipif(
     int4_kernel() is None,
     reason="no AVX-512 VNNI + VBMI CPU or C compiler: fitllm's int4 kernel is not built",
+)
+
+needs_bf16_kernel = pytest.mark.skipif(
+    bf16_kernel() is None, reason="no AVX-512 BF16 CPU or C compiler: fitllm's bfloat16 kernel is not built"
 )
 
 
@@ -109,12 +123,67 @@ def test_int8_method_takes_the_kernel_for_small_calls_only():
     assert torch.equal(compiled(x), method.apply(layer, x))  # an operator in a graph, no break
 
 
+@needs_bf16_kernel
+@pytest.mark.parametrize("n,k", [(576, 576), (7, 5), (130, 577), (33, 64), (49, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])
+def test_bf16_kernel_is_the_exact_product_rounded_once(n, k, m):
+    """Each output is the float64 product of the bfloat16 operands, up to float32 summation (K * 2^-24 of
+    the sum of |products|), rounded once to bfloat16 (half an ulp: 2^-9 relative); and as close to oneDNN's
+    bfloat16 matmul as the two roundings allow."""
+    g = torch.Generator().manual_seed(n * k + m)
+    x = (torch.randn(m, k, generator=g) * 3).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    got = bf16_kernel()(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    exact = x.double() @ w.double().T
+    summed = x.double().abs() @ w.double().abs().T
+    err = (got.double() - exact).abs()
+    assert (err <= exact.abs() * 2.0**-8 + summed * k * 2.0**-24 + 1e-30).all()
+    assert (
+        (got.double() - torch.nn.functional.linear(x, w).double())
+        .abs()
+        .le(exact.abs() * 2.0**-7 + summed * 1e-5)
+        .all()
+    )
+
+
+@needs_bf16_kernel
+def test_unquantized_method_takes_the_bf16_kernel_for_one_row_only(monkeypatch):
+    """One bfloat16 row on CPU goes to the kernel (also inside torch.compile, as an operator); two rows,
+    float32, or a strided row keep F.linear."""
+    method, layer = UnquantizedMethod(), torch.nn.Module()
+    with default_dtype(torch.bfloat16):
+        method.create_weights(layer, 96, 128)
+    layer.weight.data.copy_(torch.randn(96, 128))
+    x = torch.randn(1, 128).bfloat16()
+    assert bf16_kernel_takes(x, layer.weight)
+    assert torch.equal(method.apply(layer, x), bf16_kernel()(x, layer.weight))
+    assert not bf16_kernel_takes(torch.randn(2, 128).bfloat16(), layer.weight)
+    assert not bf16_kernel_takes(torch.randn(1, 128), layer.weight)
+    assert not bf16_kernel_takes(torch.randn(128, 2).bfloat16().t()[:1], layer.weight)
+    calls = []
+    monkeypatch.setattr(cpu_kernels.Bf16Kernel, "__call__", lambda self, a, b: calls.append(a.shape))
+    two = torch.randn(2, 128).bfloat16()
+    assert torch.equal(method.apply(layer, two), torch.nn.functional.linear(two, layer.weight))
+    assert calls == []
+    monkeypatch.undo()
+    compiled = torch.compile(lambda a: bf16_gemm_op(a, layer.weight), fullgraph=True)
+    assert torch.equal(compiled(x), method.apply(layer, x))
+
+
 def test_int8_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FITLLM_CPU_KERNELS", "0")
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
     monkeypatch.setattr(cpu_kernels, "_kernel4", [])
+    monkeypatch.setattr(cpu_kernels, "_kernel16", [])
     assert cpu_kernels.int8_kernel() is None and cpu_kernels.int4_kernel() is None
+    assert cpu_kernels.bf16_kernel() is None
+    one = torch.randn(1, 64).bfloat16()
+    w16 = torch.randn(32, 64).bfloat16()
+    unq = torch.nn.Module()
+    unq.weight = torch.nn.Parameter(w16, requires_grad=False)
+    assert torch.equal(UnquantizedMethod().apply(unq, one), torch.nn.functional.linear(one, w16))
     method, layer = Int8Method(), torch.nn.Module()
     method.create_weights(layer, 64, 64)
     method.load_rows(layer, 0, torch.randn(64, 64))
@@ -227,11 +296,11 @@ def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_
     monkeypatch.setattr(cpu_kernels, "_kernel4", [])
     kernel = cpu_kernels.int8_kernel()
     built = sorted((tmp_path / "kernels").iterdir())
-    assert kernel is not None and len(built) == 1 and built[0].name.startswith("int8_vnni-")
+    assert kernel is not None and len(built) == 1 and built[0].name.startswith("decode_gemm-")
     assert built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    assert cpu_kernels._load("int8_vnni", cpu_kernels.SOURCE) is not None
+    assert cpu_kernels._load("decode_gemm", cpu_kernels.SOURCE) is not None
     assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_kernels, "_loaded", {})

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitllm.quant.cpu_kernels import bf16_gemm_op, bf16_kernel, bf16_kernel_takes
 from fitllm.quant.gguf_blocks import GGUFBlocks
 
 
@@ -77,7 +78,11 @@ class UnquantizedMethod(QuantMethod):
         layer.weight.data.narrow(0, offset, rows.shape[0]).copy_(rows)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight)
+        w = layer.weight
+        if bf16_kernel_takes(x, w) and (kernel := bf16_kernel()) is not None:
+            # one decode row of a bfloat16 model on CPU: fitllm's kernel reads W ~1.6x faster than oneDNN
+            return bf16_gemm_op(x, w) if torch.compiler.is_compiling() else kernel(x, w)
+        return F.linear(x, w)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight.data.float()

@@ -2,12 +2,13 @@
 cached, and called through ctypes.
 
 Why a compiled kernel: at one activation row PyTorch's int8 weight-only kernel is bound by converting each
-weight to float, several times slower than reading the weight (int8_vnni.c says how ours avoids that). The
+weight to float, several times slower than reading the weight (decode_gemm.c says how ours avoids that). The
 source is plain C with intrinsics, no PyTorch headers, so a build takes about a second; it links OpenMP,
 and PyTorch's libgomp (already loaded, same soname) serves it, so both share one thread pool.
 
-Nothing here is required: without a compiler, on a CPU without AVX-512 VNNI, or with
-`FITLLM_CPU_KERNELS=0`, `int8_kernel()` is None and the callers keep PyTorch's kernels.
+Nothing here is required: without a compiler, on a CPU without AVX-512 VNNI (AVX-512 BF16 for the bfloat16
+kernel), or with `FITLLM_CPU_KERNELS=0`, `int8_kernel()` (`int4_kernel()`, `bf16_kernel()`) is None and the
+callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "int8_vnni.c"
+SOURCE = Path(__file__).parent / "kernels" / "decode_gemm.c"
 # -ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch code the kernels must equal
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni")  # fmt: skip
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo spells them
-DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (int8_vnni.c: DT_F32, DT_BF16)
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (decode_gemm.c: DT_F32, DT_BF16)
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -98,7 +99,7 @@ def _load(name: str, source: Path) -> ctypes.CDLL | None:
 
 
 class Int8Kernel:
-    """`fitllm_int8_gemm` (int8_vnni.c): y = x W^T * scale for activations in float32 or bfloat16."""
+    """`fitllm_int8_gemm` (decode_gemm.c): y = x W^T * scale for activations in float32 or bfloat16."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.fitllm_int8_gemm
@@ -150,7 +151,7 @@ class Int8Kernel:
 
 
 class Int4Kernel:
-    """`fitllm_int4_gemm` (int8_vnni.c): y = x W^T for a weight in PyTorch's CPU int4 layout (int4.py)."""
+    """`fitllm_int4_gemm` (decode_gemm.c): y = x W^T for a weight in PyTorch's CPU int4 layout (int4.py)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.fitllm_int4_gemm
@@ -212,14 +213,54 @@ class Int4Kernel:
         )
 
 
+class Bf16Kernel:
+    """`fitllm_bf16_gemm` (decode_gemm.c): y = x W^T with x, W and y bfloat16, for one activation row, where
+    oneDNN's bfloat16 matmul reads the weight at about half the speed (`bf16_kernel_takes` is the rule)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.fitllm_bf16_gemm
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, i64, i32]
+        fn.restype = i32
+        self._fn = fn
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [M, K] and weight [N, K], both bfloat16 and contiguous; the result [M, N] bfloat16."""
+        m, k = x.shape
+        n = weight.shape[0]
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        if m:
+            self._fn(x.data_ptr(), k, m, k, weight.data_ptr(), n, out.data_ptr(), n, torch.get_num_threads())
+        return out
+
+
+BF16_KERNEL_ROWS = 1  # rows per call up to which the bfloat16 kernel serves (measured: docs/benchmarks.md)
+
+
+def bf16_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a bfloat16 matmul call goes to `Bf16Kernel`: CPU, both bfloat16 and contiguous, and at most
+    BF16_KERNEL_ROWS activation rows (one decode token: at 2-16 rows the kernel measured no faster than
+    oneDNN's, whose blocking reuses each weight load across rows)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.dim() == 2
+        and x.shape[0] <= BF16_KERNEL_ROWS
+        and x.is_contiguous()
+        and weight.is_contiguous()
+    )
+
+
 _kernel: list[Int8Kernel | None] = []
 _kernel4: list[Int4Kernel | None] = []
+_kernel16: list[Bf16Kernel | None] = []
 
 
 def int8_kernel() -> Int8Kernel | None:
     """The built int8 VNNI kernel, or None where it cannot run here (built on first use)."""
     if not _kernel:
-        lib = _load("int8_vnni", SOURCE)
+        lib = _load("decode_gemm", SOURCE)
         _kernel.append(Int8Kernel(lib) if lib is not None else None)
     return _kernel[0]
 
@@ -227,9 +268,17 @@ def int8_kernel() -> Int8Kernel | None:
 def int4_kernel() -> Int4Kernel | None:
     """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
     if not _kernel4:
-        lib = _load("int8_vnni", SOURCE)
+        lib = _load("decode_gemm", SOURCE)
         _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
     return _kernel4[0]
+
+
+def bf16_kernel() -> Bf16Kernel | None:
+    """The built bfloat16 kernel, or None where it cannot run here (it needs AVX-512 BF16 too)."""
+    if not _kernel16:
+        lib = _load("decode_gemm", SOURCE)
+        _kernel16.append(Bf16Kernel(lib) if lib is not None and cpu_supports("avx512_bf16") else None)
+    return _kernel16[0]
 
 
 @torch.library.custom_op("fitllm::int4_gemm", mutates_args=())
@@ -258,4 +307,17 @@ def int8_gemm_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
 
 @int8_gemm_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("fitllm::bf16_gemm", mutates_args=())
+def bf16_gemm_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The bfloat16 kernel as an operator for torch.compile (see int8_gemm_op)."""
+    kernel = bf16_kernel()
+    assert kernel is not None, "fitllm::bf16_gemm called where the kernel is not built"
+    return kernel(x, weight)
+
+
+@bf16_gemm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])

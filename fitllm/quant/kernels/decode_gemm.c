@@ -1,15 +1,19 @@
-/* int8 weight x dynamically quantized activation GEMM for few rows (decode), AVX-512 VNNI.
+/* Decode-size GEMMs for CPU (few activation rows): int8 and int4 weights through AVX-512 VNNI, bfloat16
+ * weights through AVX-512 BF16.
  *
  * Built at run time by fitllm/quant/cpu_kernels.py (gcc, this file only, no PyTorch headers) and called
- * through ctypes. y[m, n] = sum_k x[m, k] * w[n, k] * scale[n].
+ * through ctypes. y[m, n] = sum_k x[m, k] * w[n, k] (* scale[n] for int8).
  *
- * Why: PyTorch's int8 weight-only kernel converts every weight to float and multiplies in float, so at one
+ * Why int8: PyTorch's int8 weight-only kernel converts every weight to float and multiplies in float, so at one
  * activation row it is bound by that arithmetic, not by reading the weight. Here each activation row is
  * quantized once per call into two int8 parts, x ~= sx * (hi + lo / 254) (about 16 bits relative to the
  * row's largest |x|, finer than bfloat16's 8-bit mantissa for the elements that dominate a dot product),
  * and the dot products are VNNI instructions (vpdpbusd: 64 u8 x s8 products per instruction). vpdpbusd
  * takes unsigned activations: hi + 128 and lo + 128 are stored, and 128 * sum_k w[n, k] (one more
  * vpdpbusd against ones) is taken off. The weight is read as it is stored ([N, K] int8, row-major).
+ *
+ * Why bfloat16 (the last section): at one row oneDNN's bfloat16 matmul reads the weight at 8-15 GB/s on this
+ * project's machines; vdpbf16ps over four weight rows at once reads it at ~20 GB/s.
  *
  * Threads: OpenMP over output rows, with the caller's thread count (PyTorch's libgomp is the one loaded).
  */
@@ -363,6 +367,68 @@ int fitllm_int4_unpack_t(const uint8_t *w, const uint16_t *scale_zeros, int64_t 
                     store16_bf16(dst + 16 * c, _mm512_add_ps(v, ze[c]));
                 }
             }
+        }
+    }
+    return 0;
+}
+
+/* ---- bfloat16 weights: y = x W^T with x, W and y bfloat16 ------------------------------------------------
+ * vdpbf16ps multiplies bfloat16 pairs exactly and accumulates in float32, as PyTorch's bfloat16 matmul does
+ * (its sums differ from these only in order); each output is rounded to bfloat16 once. The weight is read as it
+ * is stored ([N, K] row-major); 4 weight rows at a time interleave their dependency chains, and each block of
+ * weight rows is read once for all R activation rows. A tail of K (odd K included) is masked to zeros. */
+
+static inline __attribute__((always_inline, target("avx512bf16"))) void bf16_block(
+    const uint16_t *w, int64_t ldw, int64_t k, const uint16_t *x, int64_t ldx, int R, int C, float *acc_out) {
+    __m512 acc[4][4];
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) acc[c][r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 32) {
+        __mmask32 mask = (i + 32 <= k) ? ~0u : ((1u << (k - i)) - 1);
+        __m512i xv[4];
+        for (int r = 0; r < R; r++) xv[r] = _mm512_maskz_loadu_epi16(mask, x + r * ldx + i);
+        for (int c = 0; c < C; c++) {
+            _mm_prefetch((const char *)(w + c * ldw + i) + PREFETCH_BYTES, _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi16(mask, w + c * ldw + i);
+            for (int r = 0; r < R; r++)
+                acc[c][r] = _mm512_dpbf16_ps(acc[c][r], (__m512bh)wv, (__m512bh)xv[r]);
+        }
+    }
+    for (int c = 0; c < C; c++)
+        for (int r = 0; r < R; r++) acc_out[r * 4 + c] = _mm512_reduce_add_ps(acc[c][r]);
+}
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) . w[N, K]^T, all bfloat16. Returns 0. */
+__attribute__((target("avx512bf16"))) int fitllm_bf16_gemm(const uint16_t *x, int64_t ldx, int64_t m, int64_t k,
+                                                           const uint16_t *w, int64_t n, uint16_t *y, int64_t ldy,
+                                                           int threads) {
+    int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
+    int64_t blocks = (n + 3) / 4;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t j = b * 4;
+        int cols = n - j < 4 ? (int)(n - j) : 4;
+        float acc[16];
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            int rows = m - r0 < 4 ? (int)(m - r0) : 4;
+            const uint16_t *xr = x + r0 * ldx;
+            /* constant (rows, cols) per call: each case compiles to its own unrolled block */
+            if (cols == 4) {
+                if (rows == 4) bf16_block(w + j * k, k, k, xr, ldx, 4, 4, acc);
+                else if (rows == 3) bf16_block(w + j * k, k, k, xr, ldx, 3, 4, acc);
+                else if (rows == 2) bf16_block(w + j * k, k, k, xr, ldx, 2, 4, acc);
+                else bf16_block(w + j * k, k, k, xr, ldx, 1, 4, acc);
+            } else {
+                for (int c = 0; c < cols; c++) {
+                    float one[16];
+                    for (int r = 0; r < rows; r++) {
+                        bf16_block(w + (j + c) * k, k, k, xr + r * ldx, ldx, 1, 1, one);
+                        acc[r * 4 + c] = one[0];
+                    }
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < cols; c++) store_f(y, DT_BF16, (r0 + r) * ldy + j + c, acc[r * 4 + c]);
         }
     }
     return 0;
