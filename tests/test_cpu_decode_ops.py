@@ -1,6 +1,7 @@
 """The CPU decode path's hand-fused ops (issue 24) against the references they replace: RMSNorm and rotary
-against transformers' Llama code bit for bit, decode attention over the paged cache against a float64
-softmax, and the sampler's greedy shortcut against the full pipeline."""
+against transformers' Llama code bit for bit, decode attention over the paged cache (PyTorch's path and
+fitllm's kernel, cpu_decode.c) against a float64 softmax, and the sampler's greedy shortcut against the full
+pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from fitllm.engine.request import Request, SamplingParams
 from fitllm.engine.sampler import Sampler
 from fitllm.memory.kv.format import KVCacheFormat
-from fitllm.model.attention import BatchLayout, PagedAttention, metadata_builder
+from fitllm.model.attention import BatchLayout, PagedAttention, cpu_decode, metadata_builder
 from fitllm.model.attention import torch_backend as tb
 from fitllm.model.layers import RMSNorm, RotaryEmbedding
 
@@ -81,11 +82,24 @@ def _decode_case(contexts: list[int], kv_dtype: str, dtype: torch.dtype, window:
 @pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("contexts", "window"), [([37], None), ([5, 40, 17, 33], None), ([50, 20], 24)])
-def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, window):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, window, kernel, monkeypatch):
+    """Both CPU paths: fitllm's kernel where it is built and the group is in its form (an unquantized cache,
+    no sliding window cutting the context), PyTorch's otherwise."""
+    built = cpu_decode.decode_attention_kernel()
+    if kernel and built is None:
+        pytest.skip("fitllm's CPU kernels are not built here (no AVX-512 or no C compiler)")
+    calls = []
+    if kernel:
+        monkeypatch.setattr(cpu_decode.DecodeAttentionKernel, "__call__", _counted(calls))
+    else:
+        monkeypatch.setattr(cpu_decode, "_kernel", [None])
     attn, q, meta, layout, kv = _decode_case(contexts, kv_dtype, dtype, window, seed=len(contexts))
     (group,) = meta.decode_groups
     assert group.masked == (len(set(contexts)) > 1 or window is not None and max(contexts) > window)
     got = tb._decode(attn, q, group)
+    windowed = window is not None and max(contexts) > window
+    assert len(calls) == (1 if kernel and kv_dtype == "auto" and not windowed else 0)
     for i, c in enumerate(contexts):
         pos = torch.arange(c)
         keep = pos > c - 1 - window if window else pos >= 0
@@ -96,6 +110,50 @@ def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, w
         want = torch.einsum("hgc,chd->hgd", probs, v).reshape(8, 32)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[i].double(), want, rtol=tol, atol=tol)
+
+
+def _counted(calls: list):
+    """DecodeAttentionKernel.__call__, recording each call."""
+    original = cpu_decode.DecodeAttentionKernel.__call__
+
+    def call(self, *args, **kwargs):
+        calls.append(args[0].shape)
+        return original(self, *args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("n", "heads", "kvh", "d", "context"),
+    [(1, 9, 3, 64, 300), (3, 8, 2, 128, 37), (2, 4, 4, 80, 17), (1, 32, 2, 128, 700), (2, 16, 1, 256, 40),
+     (3, 6, 2, 72, 33), (4, 6, 6, 64, 1)],
+)  # fmt: skip
+def test_decode_attention_kernel_against_float64(dtype, n, heads, kvh, d, context):
+    """The kernel over shuffled cache rows and unequal lengths: every head dim it specializes (64, 80, 128,
+    256) and one it does not (72), one to 16 query heads per KV head, contexts shorter than a 16-row block.
+    float32 to float32's rounding; bfloat16 to its output's (the products and sums are float32 inside)."""
+    kernel = cpu_decode.decode_attention_kernel()
+    if kernel is None:
+        pytest.skip("fitllm's CPU kernels are not built here (no AVX-512 or no C compiler)")
+    g = torch.Generator().manual_seed(n * d + context)
+    slots = n * context + 50
+    cache = torch.randn(2, slots, kvh, d, generator=g).to(dtype)
+    order = torch.randperm(slots, generator=g)[: n * context].view(n, context)
+    lengths = torch.randint(1, context + 1, (n,), generator=g)
+    lengths[0] = context
+    q = (2 * torch.randn(n, heads, d, generator=g)).to(dtype)
+    got = kernel(q, cache[0], cache[1], tb.head_rows(order.reshape(-1), kvh), context, lengths, kvh, d**-0.5)
+    assert got.shape == q.shape and got.dtype == dtype
+    for r in range(n):
+        keep = order[r, : int(lengths[r])]
+        k, v = cache[0, keep].double(), cache[1, keep].double()  # [len, kvh, d]
+        qr = q[r].double().view(kvh, heads // kvh, d)
+        probs = (torch.einsum("hgd,chd->hgc", qr, k) * d**-0.5).softmax(-1)
+        want = torch.einsum("hgc,chd->hgd", probs, v).reshape(heads, d)
+        err = (got[r].double() - want).abs()
+        rel = 1e-5 if dtype == torch.float32 else 2.0**-8
+        assert (err <= rel * want.abs() + 1e-5).all(), err.max()
 
 
 def _request(i: int, **params) -> Request:

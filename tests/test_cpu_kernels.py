@@ -300,7 +300,7 @@ def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_
     assert built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    assert cpu_kernels._load("decode_gemm", cpu_kernels.SOURCE) is not None
+    assert cpu_kernels.load_library("decode_gemm", cpu_kernels.SOURCE) is not None
     assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(cpu_kernels, "_loaded", {})

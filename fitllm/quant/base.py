@@ -79,7 +79,8 @@ class UnquantizedMethod(QuantMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w = layer.weight
-        if bf16_kernel_takes(x, w) and (kernel := bf16_kernel()) is not None:
+        # bf16_kernel() first: every call (prefill's too) resolves the kernel before --compile-decode traces
+        if (kernel := bf16_kernel()) is not None and bf16_kernel_takes(x, w):
             # one decode row of a bfloat16 model on CPU: fitllm's kernel reads W ~1.6x faster than oneDNN
             return bf16_gemm_op(x, w) if torch.compiler.is_compiling() else kernel(x, w)
         return F.linear(x, w)

@@ -76,7 +76,9 @@ def _build(source: Path, compiler: str) -> Path:
     return target
 
 
-def _load(name: str, source: Path) -> ctypes.CDLL | None:
+def load_library(name: str, source: Path) -> ctypes.CDLL | None:
+    """The shared object built from `source` (cached per machine), loaded once per process under `name`;
+    None where fitllm's CPU kernels cannot run here (off, no AVX-512 VNNI, no compiler, a failed build)."""
     with _lock:
         if name in _loaded:
             return _loaded[name]
@@ -260,7 +262,7 @@ _kernel16: list[Bf16Kernel | None] = []
 def int8_kernel() -> Int8Kernel | None:
     """The built int8 VNNI kernel, or None where it cannot run here (built on first use)."""
     if not _kernel:
-        lib = _load("decode_gemm", SOURCE)
+        lib = load_library("decode_gemm", SOURCE)
         _kernel.append(Int8Kernel(lib) if lib is not None else None)
     return _kernel[0]
 
@@ -268,7 +270,7 @@ def int8_kernel() -> Int8Kernel | None:
 def int4_kernel() -> Int4Kernel | None:
     """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
     if not _kernel4:
-        lib = _load("decode_gemm", SOURCE)
+        lib = load_library("decode_gemm", SOURCE)
         _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
     return _kernel4[0]
 
@@ -276,7 +278,7 @@ def int4_kernel() -> Int4Kernel | None:
 def bf16_kernel() -> Bf16Kernel | None:
     """The built bfloat16 kernel, or None where it cannot run here (it needs AVX-512 BF16 too)."""
     if not _kernel16:
-        lib = _load("decode_gemm", SOURCE)
+        lib = load_library("decode_gemm", SOURCE)
         _kernel16.append(Bf16Kernel(lib) if lib is not None and cpu_supports("avx512_bf16") else None)
     return _kernel16[0]
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fitllm.memory.kv.layout import SlabSplit, split_by_slab
 from fitllm.memory.transfer import move
 from fitllm.model.attention.batch import BatchLayout, slot_of
+from fitllm.model.attention.cpu_decode import decode_attention_kernel
 
 
 def head_rows(slots: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -61,6 +62,9 @@ class DecodeGroup:
     # Whether any key of the gather is masked (padding, sliding window). Known on the host when the group
     # is built, so a group of equal contexts (batch 1 always) attends with no mask at all.
     masked: bool = True
+    # Each request's context length (int64 [n]) where the mask is only that (keys [0, length) attend): the
+    # CPU kernel's form (cpu_decode.py); None where a sliding window masks more.
+    lengths: torch.Tensor | None = None
     # The mask as the scores add it ([n, 1, ctx], 0 / -inf in float32), made by the step's first layer and
     # reused by the others.
     _additive: torch.Tensor | None = None
@@ -140,8 +144,10 @@ class TorchMetadataBuilder:
             group_slots = slot_of(padded.view(-1), pos, bs)
             rows = split_by_slab(head_rows(group_slots, kvh), slab_rows).to(device)
             mask = move(attention_mask(torch.tensor(contexts[a:b]) - 1, max_ctx, window), device)
-            masked = min(contexts[a:b]) < max_ctx or (window is not None and max_ctx > window)
-            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask, masked))
+            windowed = window is not None and max_ctx > window
+            masked = min(contexts[a:b]) < max_ctx or windowed
+            lengths = None if windowed or device.type != "cpu" else torch.tensor(contexts[a:b])
+            meta.decode_groups.append(DecodeGroup(a, b - a, max_ctx, rows, mask, masked, lengths))
         for i in range(layout.num_decodes, len(layout.seq_lens)):
             first, end = layout.query_start[i], layout.seq_lens[i]
             q_len = layout.query_start[i + 1] - first
@@ -232,6 +238,12 @@ def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     computes it in float32 on CPU instead (bfloat16 bmm is the slow path there). Padded groups keep the
     bmm-softmax-bmm in the model dtype, which measured faster than a masked SDPA for batches."""
     n, kvh, d = dg.num, attn.num_kv_heads, attn.head_dim
+    if dg.lengths is not None and not attn.kv_format.quantized and len(dg.rows.parts) == 1:
+        kernel = decode_attention_kernel()
+        slab = attn.kv_slabs[dg.rows.parts[0][0]]
+        rows = dg.rows.parts[0][2]
+        if kernel is not None and kernel.takes(q, slab, rows, kvh):
+            return kernel(q, slab[0], slab[1], rows, dg.context, dg.lengths, kvh, attn.scale)
     group = attn.num_heads // kvh
     qg = q.view(n, kvh, group, d).transpose(0, 1)
     if attn.kv_format.quantized or dg.masked:

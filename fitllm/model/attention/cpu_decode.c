@@ -1,0 +1,229 @@
+/* Decode attention on CPU straight from the paged KV cache: one query token per request.
+ *
+ * Built at run time by fitllm/quant/cpu_kernels.py's loader (gcc, no PyTorch headers) and called through
+ * ctypes from fitllm/model/attention/cpu_decode.py.
+ *
+ * Why: the reference backend gathers each layer's K and V rows into a new tensor (index_select) and runs
+ * PyTorch's SDPA over it: two calls of ~30-50 us each per layer at a few hundred tokens, on a machine where
+ * the whole layer's arithmetic is a few microseconds. Here the rows are read where they lie, once for all the
+ * query heads that share a KV head (grouped-query attention), in float32: scores, a max-subtracted softmax and
+ * the weighted sum of V, rounded once to the output dtype.
+ *
+ * rows: [kvh, n, ctx] row ids into the cache's [slots * kvh, d] views of K and of V (the layout the
+ * reference backend gathers), request r attending to its first lengths[r] positions. bf16_dot: the CPU has
+ * AVX-512 BF16, so bfloat16 scores are vdpbf16ps dot products.
+ * Threads: OpenMP over (KV head, request) pairs when the call is large enough to pay for them.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+#define PARALLEL_MIN_ROWS 2048 /* K/V rows per call below which one thread does it all */
+#define MAX_GROUP 64           /* query heads per KV head */
+
+static inline __m512 load16(const void *p, int dtype, int64_t i, __mmask16 mask) {
+    if (dtype == DT_BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
+}
+
+static inline void store_f(void *p, int dtype, int64_t i, float f) {
+    if (dtype == DT_BF16) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch's conversion */
+            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        }
+    } else {
+        ((float *)p)[i] = f;
+    }
+}
+
+static inline const void *row_ptr(const void *base, int dtype, int64_t row, int64_t d) {
+    return dtype == DT_BF16 ? (const void *)((const uint16_t *)base + row * d)
+                            : (const void *)((const float *)base + row * d);
+}
+
+/* The sums of 16 vectors, in order, in one vector: pairs, then quads within each 128-bit lane, then across
+ * the lanes (about 30 instructions where 16 separate reductions take ~160). */
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 p[8], q[4];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(p[2 * i]), b = _mm512_castps_pd(p[2 * i + 1]);
+        q[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * ~1.2e-7, float32's own rounding), times 2^n by vscalefps. x = -inf gives 0. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 is below float32's smallest subnormal */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* scores[p] = q . k[p] for 16 rows: float32 FMAs over the rows converted to float32. */
+static inline __m512 dots16_f32(const void *q, const void **k, int64_t d, int dtype) {
+    __m512 s[16];
+    for (int p = 0; p < 16; p++) s[p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 qv = load16(q, dtype, i, m);
+        for (int p = 0; p < 16; p++) s[p] = _mm512_fmadd_ps(qv, load16(k[p], dtype, i, m), s[p]);
+    }
+    return reduce16(s);
+}
+
+/* The same for bfloat16 q and rows: vdpbf16ps takes 32 bfloat16 pairs a step, products exact, float32 sums. */
+static inline __attribute__((target("avx512bf16"))) __m512 dots16_bf16(const uint16_t *q, const void **k,
+                                                                        int64_t d) {
+    __m512 s[16];
+    for (int p = 0; p < 16; p++) s[p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 32) {
+        __mmask32 m = (i + 32 <= d) ? ~0u : ((1u << (d - i)) - 1);
+        __m512i qv = _mm512_maskz_loadu_epi16(m, q + i);
+        for (int p = 0; p < 16; p++)
+            s[p] = _mm512_dpbf16_ps(s[p], (__m512bh)_mm512_maskz_loadu_epi16(m, (const uint16_t *)k[p] + i),
+                                    (__m512bh)qv);
+    }
+    return reduce16(s);
+}
+
+/* acc[0, 16 * C) = sum_j p[j] v_j for rows of C * 16 elements; C is a constant at each call site. */
+static inline __attribute__((always_inline)) void weighted_sum(const void *vbase, const int64_t *rows, int64_t len,
+                                                               const float *p, int C, int dtype, float *acc) {
+    __m512 a[16];
+    for (int c = 0; c < C; c++) a[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const void *v = row_ptr(vbase, dtype, rows[j], 16 * C);
+        __m512 pj = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < C; c++) a[c] = _mm512_fmadd_ps(pj, load16(v, dtype, 16 * c, 0xffff), a[c]);
+    }
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + 16 * c, a[c]);
+}
+
+/* The same for any d, the sums kept in memory. */
+static void weighted_sum_any(const void *vbase, const int64_t *rows, int64_t len, const float *p, int64_t d,
+                             int dtype, float *acc) {
+    memset(acc, 0, (size_t)d * sizeof(float));
+    for (int64_t j = 0; j < len; j++) {
+        const void *v = row_ptr(vbase, dtype, rows[j], d);
+        __m512 pj = _mm512_set1_ps(p[j]);
+        for (int64_t i = 0; i < d; i += 16) {
+            __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+            _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(pj, load16(v, dtype, i, m), _mm512_maskz_loadu_ps(m, acc + i)));
+        }
+    }
+}
+
+/* One (KV head, request): `group` query heads q[g * q_stride ...] over `len` rows. `scores` holds
+ * group * (len rounded up to 16) floats, `acc` group * d. */
+static void attend(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase, const void *vbase,
+                   const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot, void *out,
+                   int64_t out_stride, float *scores, float *acc) {
+    int64_t lp = (len + 15) / 16 * 16;
+    const __m512 vscale = _mm512_set1_ps(scale);
+    /* scores = q . k * scale, 16 positions at a time (positions past len read row 0 and are dropped) */
+    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+        const void *k[16];
+        for (int p = 0; p < 16; p++) k[p] = row_ptr(kbase, dtype, j0 + p < len ? rows[j0 + p] : rows[0], d);
+        for (int g = 0; g < group; g++) {
+            __m512 dots = bf16_dot ? dots16_bf16((const uint16_t *)q + g * q_stride, k, d)
+                                   : dots16_f32(row_ptr(q, dtype, g, q_stride), k, d, dtype);
+            _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots, vscale));
+        }
+    }
+    /* softmax numerators (positions past len: 0), the reciprocal of their sum */
+    float inv[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        float *sg = scores + g * lp;
+        for (int64_t j = len; j < lp; j++) sg[j] = -INFINITY;
+        __m512 vmax = _mm512_set1_ps(-INFINITY), vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < lp; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + j));
+        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        for (int64_t j = 0; j < lp; j += 16) {
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), top));
+            _mm512_storeu_ps(sg + j, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+    }
+    /* acc = sum_j p_j v_j: one query head at a time, its d / 16 accumulators in registers where d is a
+     * multiple of 16 the calls below make a constant (a loop-carried sum through memory is ~10x slower) */
+    for (int g = 0; g < group; g++) {
+        const float *pg = scores + g * lp;
+        float *ag = acc + g * d;
+        switch (d) {
+        case 64: weighted_sum(vbase, rows, len, pg, 4, dtype, ag); break;
+        case 80: weighted_sum(vbase, rows, len, pg, 5, dtype, ag); break;
+        case 96: weighted_sum(vbase, rows, len, pg, 6, dtype, ag); break;
+        case 128: weighted_sum(vbase, rows, len, pg, 8, dtype, ag); break;
+        case 256: weighted_sum(vbase, rows, len, pg, 16, dtype, ag); break;
+        default: weighted_sum_any(vbase, rows, len, pg, d, dtype, ag);
+        }
+    }
+    for (int g = 0; g < group; g++)
+        for (int64_t i = 0; i < d; i++) store_f(out, dtype, g * out_stride + i, acc[g * d + i] * inv[g]);
+}
+
+/* out[r, h * group + g, :] for n requests of kvh KV heads, `group` query heads each, head dim d.
+ * q and out: [n, kvh * group, d] contiguous in `dtype`; kbase / vbase: the cache's K and V views ([*, d]);
+ * rows: [kvh, n, ctx]; lengths: [n] (<= ctx). Returns 0, -1 without memory, -2 for a group over MAX_GROUP. */
+int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, int64_t group, int64_t d,
+                            const void *kbase, const void *vbase, const int64_t *rows, int64_t ctx,
+                            const int64_t *lengths, float scale, void *out, int bf16_dot, int threads) {
+    if (group > MAX_GROUP) return -2;
+    int64_t tasks = kvh * n;
+    int nt = (tasks * ctx >= PARALLEL_MIN_ROWS && threads > 1) ? threads : 1;
+    if (nt > tasks) nt = (int)tasks;
+    int failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t lp = (ctx + 15) / 16 * 16;
+        float *scores = malloc((size_t)(group * lp + group * d) * sizeof(float));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!scores) continue;
+            int64_t h = t / n, r = t % n;
+            int64_t heads = kvh * group;
+            int64_t off = (r * heads + h * group) * d;
+            const void *qp = row_ptr(q, dtype, off / d, d);
+            void *op = dtype == DT_BF16 ? (void *)((uint16_t *)out + off) : (void *)((float *)out + off);
+            attend(qp, d, (int)group, d, kbase, vbase, rows + (h * n + r) * ctx, lengths[r], scale, dtype,
+                   bf16_dot && dtype == DT_BF16, op, d, scores, scores + group * lp);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
