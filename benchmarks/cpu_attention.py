@@ -1,11 +1,13 @@
 """`fitllm bench attention`: one layer's decode attention over the paged cache, per context length and
-batch, the reference backend's path against the bfloat16 bmm-softmax-bmm it replaced (issue 24).
+batch: fitllm's CPU kernel (`kernel`, fitllm/kernels/decode_attention.c), the reference backend's PyTorch path without it (`torch`:
+gather + SDPA, or bmm-softmax-bmm for padded groups), and the bfloat16 bmm-softmax-bmm both replaced (issue 24).
 
-Both paths read the same slab through the same gather rows (built by `TorchMetadataBuilder` from a batch
-layout over shuffled blocks), and are timed in alternating rounds; the ratio is what to read on a shared
-machine. `bmm` is the previous path, kept here as the baseline: K/V gathered in the model dtype,
-bmm, scale, a float32 masked softmax, bmm. With --kv-cache-dtype int8 / fp8 both sides fold the scales in
-(the previous one in the model dtype, the current one in float32 on CPU).
+All paths read the same slab through the same gather rows (built by `TorchMetadataBuilder` from a batch
+layout over shuffled blocks), and are timed in alternating rounds; the ratios are what to read on a shared
+machine. `bmm (previous)` is kept as the first baseline: K/V gathered in the model dtype, bmm, scale, a
+float32 masked softmax, bmm. With --kv-cache-dtype int8 / fp8 the kernel does not serve (`kernel` is then the
+PyTorch path too) and both PyTorch paths fold the scales in (the previous one in the model dtype, the current
+one in float32 on CPU).
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def previous_decode(attn, q: torch.Tensor, dg) -> torch.Tensor:
     return out.view(kvh, n, group, d).transpose(0, 1).reshape(n, attn.num_heads, d)
 
 
+def _with_kernel(on: bool):
+    """The reference backend's decode with fitllm's CPU attention kernel on or off."""
+    from fitllm.model.attention import cpu_decode
+    from fitllm.model.attention import torch_backend as tb
+
+    built = cpu_decode.decode_attention_kernel()
+
+    def decode(attn, q: torch.Tensor, dg) -> torch.Tensor:
+        saved = cpu_decode._kernel[:]
+        cpu_decode._kernel[:] = [built if on else None]
+        try:
+            return tb._decode(attn, q, dg)
+        finally:
+            cpu_decode._kernel[:] = saved
+
+    return decode
+
+
 def _case(args: argparse.Namespace, batch: int, context: int):
     """A bound PagedAttention over one random slab, queries, and the decode group of `batch` requests whose
     contexts end at `context` (the others a little shorter, so a batch has padding to mask)."""
@@ -91,37 +111,36 @@ def _time(fn, calls: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fitllm.model.attention import torch_backend as tb
-
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    paths = {"bmm (previous)": previous_decode, "current": tb._decode}
+    paths = {"bmm (previous)": previous_decode, "torch": _with_kernel(False), "kernel": _with_kernel(True)}
     result = []
     with torch.inference_mode():
         for batch in (int(b) for b in args.batches.split(",")):
             for context in (int(c) for c in args.contexts.split(",")):
                 attn, q, dg = _case(args, batch, context)
                 outs = {name: fn(attn, q, dg).float() for name, fn in paths.items()}
-                err = (outs["current"] - outs["bmm (previous)"]).abs().max().item()
+                err = max((outs[n] - outs["bmm (previous)"]).abs().max().item() for n in ("torch", "kernel"))
                 times: dict[str, list[float]] = {name: [] for name in paths}
                 for _ in range(args.rounds):
                     for name, fn in paths.items():
                         times[name].append(_time(functools.partial(fn, attn, q, dg), args.calls) * 1e6)
                 us = {name: statistics.median(ts) for name, ts in times.items()}
-                speedup = us["bmm (previous)"] / us["current"]
                 result.append(
                     {
                         "batch": batch,
                         "context": context,
                         "us_median": us,
                         "us_rounds": times,
-                        "speedup": speedup,
+                        "kernel_vs_torch": us["torch"] / us["kernel"],
+                        "kernel_vs_bmm": us["bmm (previous)"] / us["kernel"],
                         "max_abs_diff": err,
                     }
                 )
                 print(
                     f"batch {batch:2}  context {context:5}  bmm (previous) {us['bmm (previous)']:8.1f} us  "
-                    f"current {us['current']:8.1f} us  x{speedup:.2f}  (max |diff| {err:.2e})"
+                    f"torch {us['torch']:8.1f} us  kernel {us['kernel']:8.1f} us  "
+                    f"kernel x{us['torch'] / us['kernel']:.2f} vs torch  (max |diff| {err:.2e})"
                 )
     print(
         f"one layer's decode attention, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, "

@@ -3,7 +3,7 @@
 Decode calls a linear with one row per running request. On CPU, int8 weights can be multiplied three ways,
 and which is fastest depends on the rows (`fitllm/quant/int8.py`, `kernel_rows`):
 - `aten-int8`: PyTorch's weight-only kernel (`aten._weight_int8pack_mm`), which reads int8 weights directly;
-- `vnni`: fitllm's own kernel (fitllm/quant/kernels/decode_gemm.c: activations in two int8 parts, VNNI dot
+- `vnni`: fitllm's own kernel (fitllm/kernels/decode_gemm.c: activations in two int8 parts, VNNI dot
   products), where it is built;
 - `scratch`: convert the weight into a bfloat16 scratch, then a bfloat16 matmul;
 - `int8-act`: the activations split into two int8 parts (x ~ s (hi + lo / 254), exact to about bfloat16's

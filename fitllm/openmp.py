@@ -12,11 +12,12 @@ waits decides its speed:
   scheduler time slice (at load 14 on 2 cores one [512, 576] bfloat16 matmul took 28 ms with the default spin,
   0.08 ms passive).
 So fitllm bounds the spin at SPIN_COUNT, a tenth of libgomp's default: the fastest measured on a quiet machine.
-It still loses under contention (two busy loops on the 2 cores: 8-30 tok/s against 47 passive), which is why
-a user's setting wins and the README says to sleep on shared machines. libgomp reads this once, when it
-is loaded, so it runs before `import torch` (fitllm/__init__.py); where torch was imported first it changes
-nothing. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins (`OMP_WAIT_POLICY=PASSIVE` on a machine shared
-with other busy work).
+It still loses under contention (two busy loops on the 2 cores: 8-30 tok/s against 47 passive), so where the
+machine is already busy when fitllm starts (the 1-minute load average at least the CPUs this process may use:
+other work would hold every core fitllm's threads need) its threads sleep at once instead
+(OMP_WAIT_POLICY=PASSIVE). The rule is read once, at start: libgomp reads its settings once, when it is
+loaded, so this runs before `import torch` (fitllm/__init__.py); where torch was imported first it changes
+nothing. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 """
 
 from __future__ import annotations
@@ -28,10 +29,29 @@ SPIN_COUNT = "30000"
 SET_BY_FITLLM: dict[str, str] = {}
 
 
-def bound_spin_wait(environ: dict[str, str] | None = None) -> None:
-    """GOMP_SPINCOUNT=SPIN_COUNT unless the environment already says how OpenMP threads wait."""
+def busy_machine(load: float | None = None, cpus: int | None = None) -> bool:
+    """Whether other work already keeps this process's CPUs busy: the 1-minute load average (`load`) at least
+    the CPUs it may run on (`cpus`). Where the load is unknown, not busy."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            return False
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return load >= cpus
+
+
+def bound_spin_wait(environ: dict[str, str] | None = None, busy: bool | None = None) -> None:
+    """Unless the environment already says how OpenMP threads wait: OMP_WAIT_POLICY=PASSIVE on a `busy`
+    machine (default: `busy_machine()`), else GOMP_SPINCOUNT=SPIN_COUNT."""
     env = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env:
         return
-    env["GOMP_SPINCOUNT"] = SPIN_COUNT
-    SET_BY_FITLLM["GOMP_SPINCOUNT"] = SPIN_COUNT
+    key, value = (
+        ("OMP_WAIT_POLICY", "PASSIVE")
+        if (busy_machine() if busy is None else busy)
+        else ("GOMP_SPINCOUNT", SPIN_COUNT)
+    )
+    env[key] = value
+    SET_BY_FITLLM[key] = value

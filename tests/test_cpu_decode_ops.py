@@ -1,6 +1,6 @@
 """The CPU decode path's hand-fused ops (issue 24) against the references they replace: RMSNorm and rotary
 against transformers' Llama code bit for bit, decode attention over the paged cache (PyTorch's path and
-fitllm's kernel, cpu_decode.c) against a float64 softmax, and the sampler's greedy shortcut against the full
+fitllm's kernel, decode_attention.c) against a float64 softmax, and the sampler's greedy shortcut against the full
 pipeline."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""fitllm's own CPU kernels (fitllm/quant/kernels/decode_gemm.c, built by fitllm/quant/cpu_kernels.py): their
+"""fitllm's own CPU kernels (fitllm/kernels/decode_gemm.c, built by fitllm/quant/cpu_kernels.py): their
 numbers against a float64 reference and against PyTorch's int8 / int4 kernels, the shapes they must cover
 (int8: a K tail that is not a multiple of 64, every remainder of its 2-row x 4-column blocks; int4: group
 sizes, several 64-row blocks; bfloat16: K tails, odd K, every remainder of its 4 x 4 blocks), and where
@@ -148,25 +148,40 @@ def test_bf16_kernel_is_the_exact_product_rounded_once(n, k, m):
 
 
 @needs_bf16_kernel
-def test_unquantized_method_takes_the_bf16_kernel_for_one_row_only(monkeypatch):
-    """One bfloat16 row on CPU goes to the kernel (also inside torch.compile, as an operator); two rows,
-    float32, or a strided row keep F.linear."""
+@pytest.mark.parametrize("n,k", [(576, 576), (7, 100), (131, 1536)])
+def test_bf16_kernel_rows_are_the_same_bits_in_any_batch(n, k):
+    """A row's result is the same bits alone and among up to 16 rows (every remainder of the 4 x 4 blocks,
+    a tail of output rows), so a token decoded alone and recomputed in a batch gets the same logits."""
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(16, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    alone = torch.cat([bf16_kernel()(x[i : i + 1], w) for i in range(16)])
+    for m in range(2, 17):
+        assert torch.equal(bf16_kernel()(x[:m], w), alone[:m])
+
+
+@needs_bf16_kernel
+def test_unquantized_method_takes_the_bf16_kernel_for_decode_sized_calls(monkeypatch):
+    """Up to BF16_KERNEL_ROWS bfloat16 rows on CPU go to the kernel (also inside torch.compile, as an
+    operator); more rows, float32, or strided rows keep F.linear."""
     method, layer = UnquantizedMethod(), torch.nn.Module()
     with default_dtype(torch.bfloat16):
         method.create_weights(layer, 96, 128)
     layer.weight.data.copy_(torch.randn(96, 128))
-    x = torch.randn(1, 128).bfloat16()
-    assert bf16_kernel_takes(x, layer.weight)
-    assert torch.equal(method.apply(layer, x), bf16_kernel()(x, layer.weight))
-    assert not bf16_kernel_takes(torch.randn(2, 128).bfloat16(), layer.weight)
+    rows = cpu_kernels.BF16_KERNEL_ROWS
+    for m in (1, rows):
+        x = torch.randn(m, 128).bfloat16()
+        assert bf16_kernel_takes(x, layer.weight)
+        assert torch.equal(method.apply(layer, x), bf16_kernel()(x, layer.weight))
     assert not bf16_kernel_takes(torch.randn(1, 128), layer.weight)
-    assert not bf16_kernel_takes(torch.randn(128, 2).bfloat16().t()[:1], layer.weight)
+    assert not bf16_kernel_takes(torch.randn(128, 2).bfloat16().t(), layer.weight)
     calls = []
     monkeypatch.setattr(cpu_kernels.Bf16Kernel, "__call__", lambda self, a, b: calls.append(a.shape))
-    two = torch.randn(2, 128).bfloat16()
-    assert torch.equal(method.apply(layer, two), torch.nn.functional.linear(two, layer.weight))
+    many = torch.randn(rows + 1, 128).bfloat16()
+    assert torch.equal(method.apply(layer, many), torch.nn.functional.linear(many, layer.weight))
     assert calls == []
     monkeypatch.undo()
+    x = torch.randn(1, 128).bfloat16()
     compiled = torch.compile(lambda a: bf16_gemm_op(a, layer.weight), fullgraph=True)
     assert torch.equal(compiled(x), method.apply(layer, x))
 
@@ -306,3 +321,19 @@ def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_
     monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
     assert cpu_kernels.int8_kernel() is None
+
+
+def test_a_changed_shared_header_rebuilds(tmp_path, monkeypatch):
+    """The build key covers the headers beside a source (simd.h), not only the source."""
+    import shutil
+
+    monkeypatch.setenv("FITLLM_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    shutil.copytree(cpu_kernels.KERNELS, src)
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    first = cpu_kernels._build(src / "decode_gemm.c", compiler)
+    assert cpu_kernels._build(src / "decode_gemm.c", compiler) == first
+    (src / "simd.h").write_text((src / "simd.h").read_text() + "\n/* changed */\n")
+    assert cpu_kernels._build(src / "decode_gemm.c", compiler) != first

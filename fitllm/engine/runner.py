@@ -321,10 +321,7 @@ class ModelRunner:
             moves.append((shift.src_slots, dst, shift.delta, adopted, shift.moved_by))
         if self.tp is not None and moves:
             args = {
-                "shifts": [
-                    (src.tolist(), dst.tolist(), d.tolist(), a, by)
-                    for src, dst, d, a, by in moves
-                ]
+                "shifts": [(src.tolist(), dst.tolist(), d.tolist(), a, by) for src, dst, d, a, by in moves]
             }
             self.tp.send(StepMessage("shift", self.storage.take_journal(), args=args))
         for move in moves:

@@ -1,4 +1,4 @@
-"""fitllm's own CPU kernels (fitllm/quant/kernels/*.c): built once per machine with the system C compiler,
+"""fitllm's own CPU kernels (fitllm/kernels/*.c, sharing simd.h): built once per machine with the system C compiler,
 cached, and called through ctypes.
 
 Why a compiled kernel: at one activation row PyTorch's int8 weight-only kernel is bound by converting each
@@ -27,7 +27,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_gemm.c"
+KERNELS = Path(__file__).parent.parent / "kernels"  # the C sources and the header they share
+SOURCE = KERNELS / "decode_gemm.c"
 # -ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch code the kernels must equal
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni")  # fmt: skip
@@ -57,9 +58,11 @@ def cpu_supports(*flags: str) -> bool:
 
 
 def _build(source: Path, compiler: str) -> Path:
-    """The shared object for `source`, built unless a build of the same source and flags is cached."""
+    """The shared object for `source`, built unless a build of the same source, the headers beside it, and
+    the flags is cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
@@ -216,8 +219,9 @@ class Int4Kernel:
 
 
 class Bf16Kernel:
-    """`fitllm_bf16_gemm` (decode_gemm.c): y = x W^T with x, W and y bfloat16, for one activation row, where
-    oneDNN's bfloat16 matmul reads the weight at about half the speed (`bf16_kernel_takes` is the rule)."""
+    """`fitllm_bf16_gemm` (decode_gemm.c): y = x W^T with x, W and y bfloat16, for decode-sized calls, where
+    oneDNN's bfloat16 matmul reads the weight at about half the speed at one row (`bf16_kernel_takes` is the
+    rule). Each row's result is the same bits whatever the number of rows in its call."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.fitllm_bf16_gemm
@@ -236,13 +240,16 @@ class Bf16Kernel:
         return out
 
 
-BF16_KERNEL_ROWS = 1  # rows per call up to which the bfloat16 kernel serves (measured: docs/benchmarks.md)
+# Rows per call up to which the bfloat16 kernel serves: decode batches, speculation checks and the few tokens a
+# rewind recomputes. One rule for all of them keeps a row's numbers independent of the call it is in: a
+# token decoded alone and the same token recomputed among 15 others get the same logits, as they did with
+# oneDNN alone (whose rows are batch-invariant too, but not the same bits as the kernel's).
+BF16_KERNEL_ROWS = 16
 
 
 def bf16_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a bfloat16 matmul call goes to `Bf16Kernel`: CPU, both bfloat16 and contiguous, and at most
-    BF16_KERNEL_ROWS activation rows (one decode token: at 2-16 rows the kernel measured no faster than
-    oneDNN's, whose blocking reuses each weight load across rows)."""
+    BF16_KERNEL_ROWS activation rows."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16

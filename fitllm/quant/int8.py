@@ -2,7 +2,7 @@
 
 w ~= q * s with q = round(w / s) in [-127, 127], s = max|w_row| / 127. Rows are independent, so a fused
 layer quantizes each checkpoint shard as it arrives. Matmul on CPU, for small batches (decode): fitllm's
-AVX-512 VNNI kernel (fitllm/quant/kernels/decode_gemm.c: activations quantized per row into two int8 parts,
+AVX-512 VNNI kernel (fitllm/kernels/decode_gemm.c: activations quantized per row into two int8 parts,
 int8 dot products; 1.2x-2.1x faster than PyTorch's kernel at 1-32 rows, the same numbers to bfloat16's
 rounding) for bfloat16 activations where it is built, else PyTorch's own int8 weight-only kernel (`aten._weight_int8pack_mm`, measured
 1.6x to 3.3x faster than bfloat16 at 1 row on this machine); from `kernel_rows()` rows on, both cost about

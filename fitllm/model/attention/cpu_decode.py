@@ -1,4 +1,4 @@
-"""fitllm's CPU decode attention kernel (cpu_decode.c): a decode group's attention read straight from the
+"""fitllm's CPU decode attention kernel (fitllm/kernels/decode_attention.c): a decode group's attention read straight from the
 paged cache, for the reference backend's unquantized float32 / bfloat16 caches.
 
 Why: at batch 1 the reference path costs two PyTorch calls a layer (gathering K/V rows, then SDPA), ~80 us
@@ -10,13 +10,12 @@ use, cached; `FITLLM_CPU_KERNELS=0` or no compiler leaves the PyTorch path servi
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import torch
 
-from fitllm.quant.cpu_kernels import DTYPES, cpu_supports, load_library
+from fitllm.quant.cpu_kernels import DTYPES, KERNELS, cpu_supports, load_library
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+SOURCE = KERNELS / "decode_attention.c"
 
 
 class DecodeAttentionKernel:
@@ -80,6 +79,6 @@ _kernel: list[DecodeAttentionKernel | None] = []
 def decode_attention_kernel() -> DecodeAttentionKernel | None:
     """The built kernel, or None where fitllm's CPU kernels cannot run here (built on first use)."""
     if not _kernel:
-        lib = load_library("cpu_decode", SOURCE)
+        lib = load_library("decode_attention", SOURCE)
         _kernel.append(DecodeAttentionKernel(lib) if lib is not None else None)
     return _kernel[0]

@@ -1,6 +1,6 @@
 /* Decode attention on CPU straight from the paged KV cache: one query token per request.
  *
- * Built at run time by fitllm/quant/cpu_kernels.py's loader (gcc, no PyTorch headers) and called through
+ * Built at run time by fitllm/quant/cpu_kernels.py's loader (with simd.h) (gcc, no PyTorch headers) and called through
  * ctypes from fitllm/model/attention/cpu_decode.py.
  *
  * Why: the reference backend gathers each layer's K and V rows into a new tensor (index_select) and runs
@@ -20,55 +20,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+#include "simd.h"
 
 #define PARALLEL_MIN_ROWS 2048 /* K/V rows per call below which one thread does it all */
 #define MAX_GROUP 64           /* query heads per KV head */
 
-static inline __m512 load16(const void *p, int dtype, int64_t i, __mmask16 mask) {
-    if (dtype == DT_BF16) {
-        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(mask, (const float *)p + i);
-}
-
-static inline void store_f(void *p, int dtype, int64_t i, float f) {
-    if (dtype == DT_BF16) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch's conversion */
-            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
-        }
-    } else {
-        ((float *)p)[i] = f;
-    }
-}
-
 static inline const void *row_ptr(const void *base, int dtype, int64_t row, int64_t d) {
     return dtype == DT_BF16 ? (const void *)((const uint16_t *)base + row * d)
                             : (const void *)((const float *)base + row * d);
-}
-
-/* The sums of 16 vectors, in order, in one vector: pairs, then quads within each 128-bit lane, then across
- * the lanes (about 30 instructions where 16 separate reductions take ~160). */
-static inline __m512 reduce16(const __m512 *v) {
-    __m512 p[8], q[4];
-    for (int i = 0; i < 8; i++)
-        p[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++) {
-        __m512d a = _mm512_castps_pd(p[2 * i]), b = _mm512_castps_pd(p[2 * i + 1]);
-        q[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-    }
-    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                               _mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
-    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                               _mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 /* e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error

@@ -23,46 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DT_F32 = 0, DT_BF16 = 1 };
+#include "simd.h"
 
 #define PARALLEL_MIN (1 << 16)   /* weights per call below which one thread does it all */
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048      /* how far ahead in a weight stream the kernels prefetch */
 #endif
-
-static inline float load_f(const void *p, int dtype, int64_t i) {
-    if (dtype == DT_BF16) {
-        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    return ((const float *)p)[i];
-}
-
-static inline void store_f(void *p, int dtype, int64_t i, float f) {
-    if (dtype == DT_BF16) {
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u) {
-            ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-        } else {
-            u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch's conversion */
-            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
-        }
-    } else {
-        ((float *)p)[i] = f;
-    }
-}
-
-/* 16 elements of x from element i on (fewer at the tail: `mask`), as float. */
-static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask) {
-    if (dtype == DT_BF16) {
-        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
-}
 
 /* Row `row_off` of x into hi/lo (plus `offset`: 128 where they are vpdpbusd's unsigned operand; padded to kp
  * with the offset, i.e. zeros) and its scale. */
@@ -374,9 +340,10 @@ int fitllm_int4_unpack_t(const uint8_t *w, const uint16_t *scale_zeros, int64_t 
 
 /* ---- bfloat16 weights: y = x W^T with x, W and y bfloat16 ------------------------------------------------
  * vdpbf16ps multiplies bfloat16 pairs exactly and accumulates in float32, as PyTorch's bfloat16 matmul does
- * (its sums differ from these only in order); each output is rounded to bfloat16 once. The weight is read as it
- * is stored ([N, K] row-major); 4 weight rows at a time interleave their dependency chains, and each block of
- * weight rows is read once for all R activation rows. A tail of K (odd K included) is masked to zeros. */
+ * (its sums differ from these only in order); each output is rounded to bfloat16 once, and is the same bits
+ * whatever the number of rows in the call (batch-invariant). The weight is read as it is stored ([N, K]
+ * row-major); 4 weight rows at a time interleave their dependency chains, and each block of weight rows is
+ * read once for all R activation rows. A tail of K (odd K included) is masked to zeros. */
 
 static inline __attribute__((always_inline, target("avx512bf16"))) void bf16_block(
     const uint16_t *w, int64_t ldw, int64_t k, const uint16_t *x, int64_t ldx, int R, int C, float *acc_out) {
@@ -394,8 +361,13 @@ static inline __attribute__((always_inline, target("avx512bf16"))) void bf16_blo
                 acc[c][r] = _mm512_dpbf16_ps(acc[c][r], (__m512bh)wv, (__m512bh)xv[r]);
         }
     }
+    /* All sums through one reduction whatever R and C (absent ones zero): each sum is added up in the same
+     * order however many rows share the call, so a row's result does not depend on its batch. */
+    __m512 v[16];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_setzero_ps();
     for (int c = 0; c < C; c++)
-        for (int r = 0; r < R; r++) acc_out[r * 4 + c] = _mm512_reduce_add_ps(acc[c][r]);
+        for (int r = 0; r < R; r++) v[r * 4 + c] = acc[c][r];
+    _mm512_storeu_ps(acc_out, reduce16(v));
 }
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) . w[N, K]^T, all bfloat16. Returns 0. */

@@ -1,0 +1,64 @@
+/* What fitllm's C kernels share: their dtype codes and AVX-512 loads, stores and reductions.
+ * Included by decode_gemm.c and decode_attention.c; fitllm/quant/cpu_kernels.py hashes it into each build. */
+#ifndef FITLLM_SIMD_H
+#define FITLLM_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1 };
+
+static inline float load_f(const void *p, int dtype, int64_t i) {
+    if (dtype == DT_BF16) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return ((const float *)p)[i];
+}
+
+static inline void store_f(void *p, int dtype, int64_t i, float f) {
+    if (dtype == DT_BF16) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) {
+            ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as PyTorch's conversion */
+            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        }
+    } else {
+        ((float *)p)[i] = f;
+    }
+}
+
+/* 16 elements of x from element i on (fewer at the tail: `mask`), as float. */
+static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask) {
+    if (dtype == DT_BF16) {
+        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)x + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
+}
+
+/* The sums of 16 vectors, in order, in one vector: pairs, then quads within each 128-bit lane, then across
+ * the lanes (about 30 instructions where 16 separate reductions take ~160). */
+static inline __m512 reduce16(const __m512 *v) {
+    __m512 p[8], q[4];
+    for (int i = 0; i < 8; i++)
+        p[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d a = _mm512_castps_pd(p[2 * i]), b = _mm512_castps_pd(p[2 * i + 1]);
+        q[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+    }
+    __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_f32x4(q[2], q[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+#endif
