@@ -1,5 +1,9 @@
 """`fitllm bench int8-linear`: the quantized linears' time against bfloat16, by rows per call and path.
 
+`bf16` is PyTorch's bfloat16 matmul (oneDNN), the baseline of every ratio; `bf16-kernel` is fitllm's own
+bfloat16 kernel (decode_gemm.c, vdpbf16ps), which an unquantized bfloat16 model uses up to
+`BF16_KERNEL_ROWS` rows per call, where it is built.
+
 Decode calls a linear with one row per running request. On CPU, int8 weights can be multiplied three ways,
 and which is fastest depends on the rows (`fitllm/quant/int8.py`, `kernel_rows`):
 - `aten-int8`: PyTorch's weight-only kernel (`aten._weight_int8pack_mm`), which reads int8 weights directly;
@@ -30,7 +34,17 @@ from torch import nn
 
 # The default model's (SmolLM2-135M) linears: fused q/k/v, o, fused gate/up, down: [out, in].
 DEFAULT_SHAPES = "960x576,576x576,3072x576,576x1536"
-PATHS = ("bf16", "aten-int8", "vnni", "scratch", "int8-act", "fitllm", "aten-int4", "int4-fitllm")
+PATHS = (
+    "bf16",
+    "bf16-kernel",
+    "aten-int8",
+    "vnni",
+    "scratch",
+    "int8-act",
+    "fitllm",
+    "aten-int4",
+    "int4-fitllm",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,11 +78,11 @@ def _paths(n: int, k: int, rows: int, gen: torch.Generator, group: int) -> tuple
     """Each path as a zero-argument callable on one random [n, k] weight and [rows, k] input; and the
     weight bytes each path reads."""
     from fitllm.model.registry import default_dtype
-    from fitllm.quant.cpu_kernels import int8_kernel
+    from fitllm.quant.cpu_kernels import bf16_kernel, int8_kernel
     from fitllm.quant.int4 import Int4Method
     from fitllm.quant.int8 import Int8Method
 
-    kernel = int8_kernel()
+    kernel, kernel16 = int8_kernel(), bf16_kernel()
 
     w = torch.randn(n, k, generator=gen).bfloat16()
     x = torch.randn(rows, k, generator=gen).bfloat16()
@@ -94,11 +108,18 @@ def _paths(n: int, k: int, rows: int, gen: torch.Generator, group: int) -> tuple
     q4, sz4 = layer4.weight.data, layer4.weight_scale_zeros.data
     int8_bytes = q.numel() + scale.numel() * scale.element_size()
     int4_bytes = q4.numel() + sz4.numel() * sz4.element_size()
-    reads = {"bf16": n * k * 2, "scratch": int8_bytes, "int8-act": int8_bytes, "fitllm": int8_bytes}
+    reads = {
+        "bf16": n * k * 2,
+        "bf16-kernel": n * k * 2,
+        "scratch": int8_bytes,
+        "int8-act": int8_bytes,
+        "fitllm": int8_bytes,
+    }
     reads["vnni"] = int8_bytes
     reads |= {"aten-int8": int8_bytes, "aten-int4": int4_bytes, "int4-fitllm": int4_bytes}
     fns = {
         "bf16": lambda: F.linear(x, w),
+        "bf16-kernel": lambda: kernel16(x, w),
         "aten-int8": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale),
         "vnni": lambda: kernel(x, q, scale),
         "scratch": via_scratch,
@@ -109,16 +130,20 @@ def _paths(n: int, k: int, rows: int, gen: torch.Generator, group: int) -> tuple
     }
     if kernel is None:
         del fns["vnni"]
+    if kernel16 is None:
+        del fns["bf16-kernel"]
     return fns, reads
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fitllm.quant.cpu_kernels import int8_kernel
+    from fitllm.quant.cpu_kernels import bf16_kernel, int8_kernel
 
-    # fitllm's kernel where it is built here (else `fitllm` is PyTorch's kernel and `vnni` is left out)
-    paths = [p for p in PATHS if p != "vnni" or int8_kernel() is not None]
+    # fitllm's kernels where they are built here (else `fitllm` is PyTorch's kernel and `vnni` and
+    # `bf16-kernel` are left out)
+    built_here = {"vnni": int8_kernel() is not None, "bf16-kernel": bf16_kernel() is not None}
+    paths = [p for p in PATHS if built_here.get(p, True)]
     shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
     gen = torch.Generator().manual_seed(0)
     result: dict[str, dict] = {}
