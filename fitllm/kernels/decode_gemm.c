@@ -297,13 +297,6 @@ int fitllm_int8_dequant(const int8_t *w, const void *scale, int scale_dtype, int
     return 0;
 }
 
-static inline void store16_bf16(uint16_t *dst, __m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
 /* W^T [k, n] in bfloat16 from a weight in PyTorch's CPU int4 layout (n a multiple of 64): each element
  * (q - 8) * scale + zero, multiplied and added in float32 (not fused) and rounded once, exactly what
  * fitllm/quant/int4.py's unpack_kernel_layout writes, in one pass instead of its five. */

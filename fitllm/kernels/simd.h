@@ -43,6 +43,29 @@ static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask)
     return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
 }
 
+/* 16 floats rounded to bfloat16 (to nearest even, as PyTorch's conversion; NaN not kept) into dst. */
+static inline void store16_bf16(uint16_t *dst, __m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+}
+
+/* 16 floats (fewer at the tail: `mask`) stored at element i of p in `dtype`: bfloat16 rounded as store_f
+ * rounds (to nearest even, NaN kept NaN). */
+static inline void store16(void *p, int dtype, int64_t i, __m512 v, __mmask16 mask) {
+    if (dtype != DT_BF16) {
+        _mm512_mask_storeu_ps((float *)p + i, mask, v);
+        return;
+    }
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    rounded = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, nan);
+    _mm256_mask_storeu_epi16((uint16_t *)p + i, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
 /* The sums of 16 vectors, in order, in one vector: pairs, then quads within each 128-bit lane, then across
  * the lanes (about 30 instructions where 16 separate reductions take ~160). */
 static inline __m512 reduce16(const __m512 *v) {

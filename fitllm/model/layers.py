@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitllm.model.cpu_norm import rms_norm_kernel
 from fitllm.triton_flags import triton_available
 
 
@@ -29,6 +30,15 @@ class RMSNorm(nn.Module):
             from fitllm.model.triton_fused import add_rmsnorm
 
             return add_rmsnorm(x, residual, self.weight, self.eps)  # one kernel on CUDA, same rounding
+        kernel = rms_norm_kernel()
+        if (
+            kernel is not None
+            and not torch.compiler.is_compiling()
+            and kernel.takes(x, residual, self.weight)
+        ):
+            return kernel(
+                x, residual, self.weight, self.eps
+            )  # one call on CPU (a compiled graph fuses its own)
         if residual is not None:
             x = x + residual
         # One kernel for the float32 mean-square, rsqrt and scale, rounded once to x's dtype: bit-identical
