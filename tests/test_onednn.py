@@ -31,7 +31,7 @@ q = torch.randn(24, 3, 64, dtype=torch.bfloat16)
 for ctx in range(200, 210):  # torch's and oneDNN's one-time set-up
     torch.bmm(q, torch.randn(24, ctx, 64, dtype=torch.bfloat16).transpose(1, 2))
 before = rss()
-for ctx in range(300, 400):  # a decode batch's bmms, one new context length per step
+for ctx in range(300, 600):  # a decode batch's bmms, one new context length per step
     k = torch.randn(24, ctx, 64, dtype=torch.bfloat16)
     torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), k)
 ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -40,9 +40,10 @@ print(rss() - before)
 
 
 def test_new_bmm_shapes_do_not_pile_up_primitives():
-    """100 new bfloat16 bmm shapes: measured +110 MiB of RSS with oneDNN's default caches, +6 MiB bounded."""
+    """300 new bfloat16 bmm shapes: measured +330 MiB of RSS with oneDNN's default caches (1024 entries each,
+    growing to ~1.1 GiB), +31 MiB bounded at 64."""
     env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
     proc = subprocess.run(
         [sys.executable, "-c", _NEW_SHAPES], capture_output=True, text=True, cwd=REPO, env=env, check=True
     )
-    assert int(proc.stdout.strip().splitlines()[-1]) < 30
+    assert int(proc.stdout.strip().splitlines()[-1]) < 80
