@@ -100,19 +100,22 @@ class _Walker:
 
 class GGUFFile:
     """An open GGUF file: `fields` (metadata key -> value: int, float, bool, str or a list of them),
-    `tensors` (the index, in file order), and `read(tensor)` for one tensor's data. Holds an open file
-    descriptor, no mapping; `close` it when the weights are in."""
+    `tensors` (the index, in file order), and `read(tensor)` for one tensor's data. Reading holds a file
+    descriptor, never a mapping; `close` it when the weights are in."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.fields, self.tensors, self.big_endian = _walk(path)
-        self._file = open(path, "rb")  # noqa: SIM115 (lives until close())
+        self._file = None  # opened at the first read (`fitllm plan` reads none), closed by close()
+        self._closed = False
 
     def read(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's data, copied from the file into a new array shaped as the `gguf` library's reader
         shapes it (numbers: the tensor's shape, outermost first; block types: bytes per row)."""
-        if self._file is None:
+        if self._closed:
             raise ValueError(f"{self.path}: the GGUF file was closed after loading")
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (lives until close())
         out = np.empty(tensor.n_bytes, dtype=np.uint8)
         got = os.preadv(self._file.fileno(), [memoryview(out)], tensor.offset)
         if got != tensor.n_bytes:
@@ -130,6 +133,7 @@ class GGUFFile:
         return array.astype(plain) if self.big_endian else array
 
     def close(self) -> None:
+        self._closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
