@@ -3,9 +3,10 @@
 Quantizing tensor by tensor while loading should keep the peak near the final resident size: at most the
 quantized weights plus one decoder layer in float32 (the issue's bound). Each method loads in a fresh
 subprocess (so no method inherits another's heap), with the kernel's RSS high-water mark reset just
-before `build_model` and read right after it. RSS also counts the checkpoint's memory-mapped pages the
-reader has touched (file-backed, reclaimable, dropped once the reader is released); the report gives
-their growth separately (RssFile). What remains is the weights, a fixed non-weight growth (modules the
+before `build_model` and read right after it. RSS also counts a checkpoint's memory-mapped pages the
+reader has touched (safetensors: file-backed, reclaimable, dropped once the reader is released; GGUF files
+are read with pread and map nothing, fitllm/loader/gguf_reader.py), and the libraries' code pages; the report
+gives their growth separately (RssFile). What remains is the weights, a fixed non-weight growth (modules the
 loader imports lazily, heap the allocator keeps) and any transient above the final state, which is what
 quantizing while loading must keep under one layer in float32.
 """

@@ -109,6 +109,7 @@ def test_fim_tokens_from_gguf_metadata(tmp_path):
     """GGUF's tokenizer.ggml.fim_*_token_id win over the vocabulary's texts (llama.cpp reads them first)."""
     import gguf
 
+    from fitllm.loader.gguf_file import read_gguf
     from fitllm.loader.tokenizer import load_gguf_tokenizer
 
     path = tmp_path / "t.gguf"
@@ -124,7 +125,7 @@ def test_fim_tokens_from_gguf_metadata(tmp_path):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
-    tok = load_gguf_tokenizer(gguf.GGUFReader(str(path)))
+    tok = load_gguf_tokenizer(read_gguf(path))
     fim = find_fim_tokens(tok)
     assert (fim.pre, fim.suf, fim.mid) == (8, 9, 10)  # not the <PRE> <SUF> <MID> texts
 

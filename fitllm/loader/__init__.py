@@ -29,6 +29,7 @@ from fitllm.loader.gguf_file import (
     iter_gguf_weights,
     read_gguf,
 )
+from fitllm.loader.gguf_reader import GGUFFile
 from fitllm.loader.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 from fitllm.loader.validate import ConfigError, check_tensor_shapes
 from fitllm.memory.offload.layer_layout import LayerLayout
@@ -68,7 +69,7 @@ class ModelSource:
     format: str  # "gguf" | "hf"
     hf_config: dict
     config: ModelConfig
-    _reader: object = None
+    _reader: GGUFFile | None = None
 
     def tokenizer(self, tokenizer_path: str | None = None) -> Tokenizer:
         if tokenizer_path is not None:
@@ -85,7 +86,10 @@ class ModelSource:
         return load_hf_tokenizer(self.path, self.config.eos_token_id)
 
     def release(self) -> None:
-        """Drop the open GGUF reader (its memory-mapped pages count in RSS); weights() no longer works."""
+        """Close the GGUF file once the weights are in (the tokenizer is built by then); weights() no longer
+        works."""
+        if self._reader is not None:
+            self._reader.close()
         self._reader = None
 
     def num_tensors(self) -> int:
@@ -177,6 +181,19 @@ class LayerSink(Protocol):
     def write(self, index: int, layer: nn.Module) -> None: ...
 
 
+def _to_empty(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module.to_empty(device=device)` without its `empty_like` of meta tensors: that goes through torch's
+    Python meta kernels, which import sympy and torch.fx's symbolic shapes (+36 MiB of RSS kept for good).
+    Contiguous tensors (all of a model built on meta) get a plain `torch.empty`."""
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if t.is_contiguous():
+            return torch.empty(t.shape, dtype=t.dtype, device=device)
+        return torch.empty_like(t, device=device)
+
+    return module._apply(empty)
+
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -210,9 +227,9 @@ def build_model(
     elsewhere = {i: (stack[i], d) for i, d in (layer_devices or {}).items()}
     for i in held.keys() | elsewhere.keys():
         stack[i] = nn.Module()  # keep to_empty off the offloaded layers and those of other devices
-    model.to_empty(device=device)
+    _to_empty(model, device)
     for i, (layer, layer_device) in elsewhere.items():
-        stack[i] = layer.to_empty(device=layer_device)
+        stack[i] = _to_empty(layer, layer_device)
     layout = sink.layout if sink is not None else None
     if held and layout is None:
         raise ValueError("offloaded layers need a sink to go to")

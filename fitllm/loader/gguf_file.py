@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fitllm.loader.checkpoint import CheckpointError
-from fitllm.loader.gguf_header import check_gguf_header
+from fitllm.loader.gguf_reader import GGUFFile
 from fitllm.quant.gguf_blocks import BLOCK_TYPES, GGUFBlocks, read_blocks
 
 # GGUF tensor name (after blk.N.) -> Hugging Face name within model.layers.N.
@@ -36,24 +35,14 @@ _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _PERMUTED_ARCHS = ("llama",)
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def read_gguf(path: Path) -> Any:
-    """Open a GGUF file (memory-mapped); a truncated or corrupt one is one CheckpointError naming it."""
-    import gguf
-
-    check_gguf_header(path)
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the library raises whatever its parsing hits (ValueError, IndexError, ...)
-        raise CheckpointError(
-            f"{path} is not a usable GGUF file (truncated or corrupt): {type(exc).__name__}: {exc}"
-        ) from None
+def read_gguf(path: Path) -> GGUFFile:
+    """Open a GGUF file (its metadata and tensor index; no mapping, see gguf_reader.py); a truncated or
+    corrupt one is one CheckpointError naming it."""
+    return GGUFFile(path)
 
 
 def gguf_field_names(arch: str) -> dict[str, str]:
@@ -74,7 +63,7 @@ def gguf_field_names(arch: str) -> dict[str, str]:
     return {field: f"{arch}.{key}" for field, key in keys.items()}
 
 
-def gguf_tensor_shapes(reader: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+def gguf_tensor_shapes(reader: GGUFFile) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Hugging Face name -> (GGUF name, shape in PyTorch order) of every tensor, from the tensor infos."""
     out = {}
     for t in reader.tensors:
@@ -99,7 +88,7 @@ def _hf_name(gguf_name: str) -> str | None:
     raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
 
 
-def gguf_to_hf_config(reader: Any) -> dict[str, Any]:
+def gguf_to_hf_config(reader: GGUFFile) -> dict[str, Any]:
     """Translate GGUF metadata into a config.json-shaped dict for ModelConfig.from_hf_config."""
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
@@ -142,7 +131,7 @@ def gguf_to_hf_config(reader: Any) -> dict[str, Any]:
         # Llama 3.1-style GGUFs store the per-frequency divisors llama.cpp applies, not the scaling config.
         cfg["rope_scaling"] = {
             "rope_type": "freq_factors",
-            "factors": np.asarray(freqs.data, dtype=np.float32).tolist(),
+            "factors": np.asarray(reader.read(freqs), dtype=np.float32).tolist(),
         }
     return cfg
 
@@ -154,7 +143,7 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf_weights(
-    reader: Any, cfg: dict[str, Any], as_blocks: bool = False
+    reader: GGUFFile, cfg: dict[str, Any], as_blocks: bool = False
 ) -> Iterator[tuple[str, torch.Tensor | GGUFBlocks]]:
     """Yield (Hugging Face name, float32 tensor) per GGUF tensor, dequantized one at a time; with
     `as_blocks`, matrices of a 32-element block type (Q8_0, Q4_0, Q4_1) come as GGUFBlocks instead (codes
@@ -171,14 +160,12 @@ def iter_gguf_weights(
         permuted = arch in _PERMUTED_ARCHS and m and m.group(2) in ("attn_q", "attn_k")
         heads = cfg["num_attention_heads"] if m and m.group(2) == "attn_q" else cfg["num_key_value_heads"]
         if as_blocks and t.tensor_type.name in BLOCK_TYPES and len(shape) == 2:
-            blocks = read_blocks(t.data, t.tensor_type.name, shape)
+            blocks = read_blocks(reader.read(t), t.tensor_type.name, shape)
             if permuted:
                 blocks = blocks.index_rows(_unpermute(torch.arange(shape[0]), heads))
             yield name, blocks
             continue
-        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
-        if not array.flags.writeable:  # unquantized tensors are views of the read-only memory map
-            array = array.copy()
+        array = np.asarray(dequantize(reader.read(t), t.tensor_type), dtype=np.float32).reshape(shape)
         tensor = torch.from_numpy(array)
         if permuted:
             tensor = _unpermute(tensor, heads)

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as FastTokenizer
@@ -19,6 +19,9 @@ from tokenizers.decoders import DecodeStream
 
 from fitllm.loader.chat_template import DEFAULT_MAX_CHARS, DEFAULT_TIMEOUT_S, render_chat_template
 from fitllm.loader.fim import GGUF_FIM_KEYS
+
+if TYPE_CHECKING:
+    from fitllm.loader.gguf_reader import GGUFFile
 
 # Pre-tokenizer split patterns for GGUF `tokenizer.ggml.pre` values (as llama.cpp defines them).
 _LLAMA3_SPLIT = (
@@ -232,12 +235,11 @@ def load_hf_tokenizer(folder: Path, eos_from_config: list[int]) -> Tokenizer:
     )
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def load_gguf_tokenizer(reader: Any) -> Tokenizer:
+def load_gguf_tokenizer(reader: GGUFFile) -> Tokenizer:
     """Build a byte-level BPE fast tokenizer from a GGUF file's vocabulary, merges and template."""
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -293,7 +295,7 @@ def load_gguf_tokenizer(reader: Any) -> Tokenizer:
     )
 
 
-def _gguf_fim_ids(reader: Any) -> dict[str, int]:
+def _gguf_fim_ids(reader: GGUFFile) -> dict[str, int]:
     """The FIM token ids a GGUF file names (fitllm/loader/fim.py's keys), by role."""
     out = {}
     for role, keys in GGUF_FIM_KEYS.items():
