@@ -243,7 +243,9 @@ class Bf16Kernel:
 # Rows per call up to which the bfloat16 kernel serves: decode batches, speculation checks and the few tokens a
 # rewind recomputes. One rule for all of them keeps a row's numbers independent of the call it is in: a
 # token decoded alone and the same token recomputed among 15 others get the same logits, as they did with
-# oneDNN alone (whose rows are batch-invariant too, but not the same bits as the kernel's).
+# oneDNN alone (whose rows are batch-invariant too, but not the same bits as the kernel's). The price: at 16
+# rows the kernel takes 1.9x oneDNN's time (AMX there), at 8 the same, at 1-4 rows 0.3-0.6x (`fitllm bench
+# int8-linear`, docs/benchmarks.md); at 8 a banned-string rewind recomputing 9-16 tokens changed the output.
 BF16_KERNEL_ROWS = 16
 
 
