@@ -1,9 +1,9 @@
 """fitllm: an LLM inference engine that serves a model in whatever memory it is given."""
 
 from fitllm.onednn import bound_primitive_caches
-from fitllm.openmp import bound_spin_wait
+from fitllm.openmp import choose_wait_policy
 
-bound_spin_wait()  # before anything imports torch: libgomp reads it once, when it loads
+choose_wait_policy()  # before anything imports torch: libgomp reads it once, when it loads
 bound_primitive_caches()  # before torch's first oneDNN primitive: the caches read their capacity once
 
 from fitllm.config import EngineConfig  # noqa: E402

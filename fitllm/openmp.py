@@ -42,7 +42,7 @@ def busy_machine(load: float | None = None, cpus: int | None = None) -> bool:
     return load >= cpus
 
 
-def bound_spin_wait(environ: dict[str, str] | None = None, busy: bool | None = None) -> None:
+def choose_wait_policy(environ: dict[str, str] | None = None, busy: bool | None = None) -> None:
     """Unless the environment already says how OpenMP threads wait: OMP_WAIT_POLICY=PASSIVE on a `busy`
     machine (default: `busy_machine()`), else GOMP_SPINCOUNT=SPIN_COUNT."""
     env = os.environ if environ is None else environ

@@ -15,7 +15,6 @@ from fitllm.quant.base import UnquantizedMethod
 from fitllm.quant.cpu_kernels import (
     bf16_gemm_op,
     bf16_kernel,
-    bf16_kernel_takes,
     int4_gemm_op,
     int4_kernel,
     int8_gemm_op,
@@ -171,10 +170,10 @@ def test_unquantized_method_takes_the_bf16_kernel_for_decode_sized_calls(monkeyp
     rows = cpu_kernels.BF16_KERNEL_ROWS
     for m in (1, rows):
         x = torch.randn(m, 128).bfloat16()
-        assert bf16_kernel_takes(x, layer.weight)
+        assert bf16_kernel().takes(x, layer.weight)
         assert torch.equal(method.apply(layer, x), bf16_kernel()(x, layer.weight))
-    assert not bf16_kernel_takes(torch.randn(1, 128), layer.weight)
-    assert not bf16_kernel_takes(torch.randn(128, 2).bfloat16().t(), layer.weight)
+    assert not bf16_kernel().takes(torch.randn(1, 128), layer.weight)
+    assert not bf16_kernel().takes(torch.randn(128, 2).bfloat16().t(), layer.weight)
     calls = []
     monkeypatch.setattr(cpu_kernels.Bf16Kernel, "__call__", lambda self, a, b: calls.append(a.shape))
     many = torch.randn(rows + 1, 128).bfloat16()

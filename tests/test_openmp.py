@@ -7,22 +7,22 @@ import os
 import subprocess
 import sys
 
-from fitllm.openmp import SPIN_COUNT, bound_spin_wait, busy_machine
+from fitllm.openmp import SPIN_COUNT, busy_machine, choose_wait_policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_bounded_spin_unless_the_environment_says_how_to_wait():
     env: dict[str, str] = {}
-    bound_spin_wait(env, busy=False)
+    choose_wait_policy(env, busy=False)
     assert env == {"GOMP_SPINCOUNT": SPIN_COUNT} and int(SPIN_COUNT) < 300_000  # below libgomp's default
     env = {}
-    bound_spin_wait(env, busy=True)
+    choose_wait_policy(env, busy=True)
     assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
     for own in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "100000"}):
         for busy in (True, False):
             env = dict(own)
-            bound_spin_wait(env, busy=busy)
+            choose_wait_policy(env, busy=busy)
             assert env == own
 
 

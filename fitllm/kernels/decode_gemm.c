@@ -323,7 +323,7 @@ int fitllm_int4_unpack_t(const uint8_t *w, const uint16_t *scale_zeros, int64_t 
                     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + 16 * (c & 1))));
                     __m512i q = c < 2 ? _mm512_and_si512(bytes, nib) : _mm512_srli_epi32(bytes, 4);
                     __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), eight), sc[c]);
-                    store16_bf16(dst + 16 * c, _mm512_add_ps(v, ze[c]));
+                    store16(dst, DT_BF16, 16 * c, _mm512_add_ps(v, ze[c]), 0xffff);
                 }
             }
         }

@@ -43,14 +43,6 @@ static inline __m512 load16(const void *x, int dtype, int64_t i, __mmask16 mask)
     return _mm512_maskz_loadu_ps(mask, (const float *)x + i);
 }
 
-/* 16 floats rounded to bfloat16 (to nearest even, as PyTorch's conversion; NaN not kept) into dst. */
-static inline void store16_bf16(uint16_t *dst, __m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-}
-
 /* 16 floats (fewer at the tail: `mask`) stored at element i of p in `dtype`: bfloat16 rounded as store_f
  * rounds (to nearest even, NaN kept NaN). */
 static inline void store16(void *p, int dtype, int64_t i, __m512 v, __mmask16 mask) {

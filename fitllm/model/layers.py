@@ -30,15 +30,14 @@ class RMSNorm(nn.Module):
             from fitllm.model.triton_fused import add_rmsnorm
 
             return add_rmsnorm(x, residual, self.weight, self.eps)  # one kernel on CUDA, same rounding
+        # One call on CPU for decode-sized rows (a compiled graph fuses its own norm).
         kernel = rms_norm_kernel()
         if (
             kernel is not None
             and not torch.compiler.is_compiling()
             and kernel.takes(x, residual, self.weight)
         ):
-            return kernel(
-                x, residual, self.weight, self.eps
-            )  # one call on CPU (a compiled graph fuses its own)
+            return kernel(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
         # One kernel for the float32 mean-square, rsqrt and scale, rounded once to x's dtype: bit-identical

@@ -220,7 +220,7 @@ class Int4Kernel:
 
 class Bf16Kernel:
     """`fitllm_bf16_gemm` (decode_gemm.c): y = x W^T with x, W and y bfloat16, for decode-sized calls, where
-    oneDNN's bfloat16 matmul reads the weight at about half the speed at one row (`bf16_kernel_takes` is the
+    oneDNN's bfloat16 matmul reads the weight at about a third of the speed at one row (`takes` is the
     rule). Each row's result is the same bits whatever the number of rows in its call."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
@@ -239,6 +239,20 @@ class Bf16Kernel:
             self._fn(x.data_ptr(), k, m, k, weight.data_ptr(), n, out.data_ptr(), n, torch.get_num_threads())
         return out
 
+    @staticmethod
+    def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a bfloat16 matmul call goes to the kernel: CPU, both bfloat16 and contiguous, and at most
+        BF16_KERNEL_ROWS activation rows."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16
+            and x.dim() == 2
+            and x.shape[0] <= BF16_KERNEL_ROWS
+            and x.is_contiguous()
+            and weight.is_contiguous()
+        )
+
 
 # Rows per call up to which the bfloat16 kernel serves: decode batches, speculation checks and the few tokens a
 # rewind recomputes. One rule for all of them keeps a row's numbers independent of the call it is in: a
@@ -247,20 +261,6 @@ class Bf16Kernel:
 # rows the kernel takes 1.9x oneDNN's time (AMX there), at 8 the same, at 1-4 rows 0.3-0.6x (`fitllm bench
 # int8-linear`, docs/benchmarks.md); at 8 a banned-string rewind recomputing 9-16 tokens changed the output.
 BF16_KERNEL_ROWS = 16
-
-
-def bf16_kernel_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a bfloat16 matmul call goes to `Bf16Kernel`: CPU, both bfloat16 and contiguous, and at most
-    BF16_KERNEL_ROWS activation rows."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and x.dim() == 2
-        and x.shape[0] <= BF16_KERNEL_ROWS
-        and x.is_contiguous()
-        and weight.is_contiguous()
-    )
 
 
 _kernel: list[Int8Kernel | None] = []
