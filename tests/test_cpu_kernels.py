@@ -187,7 +187,7 @@ def test_unquantized_method_takes_the_bf16_kernel_for_decode_sized_calls(monkeyp
 
 def test_int8_kernel_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("FITLLM_CPU_KERNELS", "0")
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", [])
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
     monkeypatch.setattr(cpu_kernels, "_kernel4", [])
     monkeypatch.setattr(cpu_kernels, "_kernel16", [])
@@ -305,25 +305,25 @@ def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_
     """A fresh cache gets one shared object (named by the source's hash, no temporary left behind), the next
     load reuses it; a compiler that cannot run leaves PyTorch's kernels serving, not an error."""
     monkeypatch.setenv("FITLLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", [])
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
     monkeypatch.setattr(cpu_kernels, "_kernel4", [])
     kernel = cpu_kernels.int8_kernel()
     built = sorted((tmp_path / "kernels").iterdir())
-    assert kernel is not None and len(built) == 1 and built[0].name.startswith("decode_gemm-")
+    assert kernel is not None and len(built) == 1 and built[0].name.startswith("fitllm_kernels-")
     assert built[0].suffix == ".so"
     stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
-    assert cpu_kernels.load_library("decode_gemm", cpu_kernels.SOURCE) is not None
+    monkeypatch.setattr(cpu_kernels, "_loaded", [])
+    assert cpu_kernels.load_library() is not None
     assert sorted((tmp_path / "kernels").iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", [])
     monkeypatch.setattr(cpu_kernels, "_kernel", [])
     assert cpu_kernels.int8_kernel() is None
 
 
 def test_a_changed_shared_header_rebuilds(tmp_path, monkeypatch):
-    """The build key covers the headers beside a source (simd.h), not only the source."""
+    """The build key covers the headers beside the sources (simd.h), not only the sources."""
     import shutil
 
     monkeypatch.setenv("FITLLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -332,7 +332,8 @@ def test_a_changed_shared_header_rebuilds(tmp_path, monkeypatch):
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         pytest.skip("no C compiler here")
-    first = cpu_kernels._build(src / "decode_gemm.c", compiler)
-    assert cpu_kernels._build(src / "decode_gemm.c", compiler) == first
+    srcs = sorted(src.glob("*.c"))
+    first = cpu_kernels._build(srcs, compiler)
+    assert cpu_kernels._build(srcs, compiler) == first
     (src / "simd.h").write_text((src / "simd.h").read_text() + "\n/* changed */\n")
-    assert cpu_kernels._build(src / "decode_gemm.c", compiler) != first
+    assert cpu_kernels._build(srcs, compiler) != first

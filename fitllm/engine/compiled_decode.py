@@ -97,14 +97,21 @@ class CompiledDecode:
 
     def can_run(self, meta: AttentionMetadata, num_tokens: int) -> bool:
         """Whether this step is one the compiled forward serves: decodes only, torch metadata, a batch of at
-        most MAX_COMPILED_BATCH, and compiling has not failed."""
+        most MAX_COMPILED_BATCH, compiling has not failed, and fitllm's C decode loop does not take it."""
         return (
             self.failed is None
             and isinstance(meta, TorchMetadata)
             and not meta.prefills
             and meta.num_decodes == num_tokens
             and 0 < num_tokens <= MAX_COMPILED_BATCH
+            and not self._in_c(meta, num_tokens)
         )
+
+    def _in_c(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        """Whether the model runs this step's layers in fitllm's C decode loop, which the eager forward
+        takes (fitllm/model/cpu_decode_layers.py)."""
+        decodes_in_c = getattr(self.model, "decodes_in_c", None)
+        return decodes_in_c is not None and decodes_in_c(meta, num_tokens)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: TorchMetadata) -> torch.Tensor:
         """The step's hidden states [T, hidden], through the compiled forward (compiling first when T is a

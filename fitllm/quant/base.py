@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitllm.quant.cpu_kernels import bf16_gemm_op, bf16_kernel
+from fitllm.quant.cpu_kernels import GEMM_BF16, CLinear, bf16_gemm_op, bf16_kernel
 from fitllm.quant.gguf_blocks import GGUFBlocks
 
 
@@ -52,6 +52,12 @@ class QuantMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def cpu_linear(self, layer: nn.Module, rows: int) -> CLinear | None:
+        """The layer as fitllm's C decode loop calls it (fitllm/model/cpu_decode_layers.py), where this
+        method sends bfloat16 calls of 1 to `rows` rows on CPU to one of fitllm's kernels; None where it
+        does not (the loop then leaves the model to PyTorch's path)."""
+        return None
+
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The weight as a float [out_features, in_features] tensor (tests, reference paths)."""
         raise NotImplementedError
@@ -85,6 +91,13 @@ class UnquantizedMethod(QuantMethod):
             # speed at one row, its rows the same bits in any batch
             return bf16_gemm_op(x, w) if torch.compiler.is_compiling() else kernel(x, w)
         return F.linear(x, w)
+
+    def cpu_linear(self, layer: nn.Module, rows: int) -> CLinear | None:
+        w = layer.weight
+        kernel = bf16_kernel()
+        if kernel is None or not kernel.takes(torch.empty(rows, w.shape[1], dtype=torch.bfloat16), w):
+            return None
+        return CLinear(GEMM_BF16, 0, w.shape[0], w.shape[1], 0, w.data_ptr(), None, None)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         return layer.weight.data.float()

@@ -1,5 +1,5 @@
-"""fitllm's own CPU kernels (fitllm/kernels/*.c, sharing simd.h): built once per machine with the system C compiler,
-cached, and called through ctypes.
+"""fitllm's own CPU kernels (fitllm/kernels/*.c, sharing simd.h): built together into one shared object once per
+machine with the system C compiler, cached, and called through ctypes.
 
 Why a compiled kernel: at one activation row PyTorch's int8 weight-only kernel is bound by converting each
 weight to float, several times slower than reading the weight (decode_gemm.c says how ours avoids that). The
@@ -28,7 +28,6 @@ import torch
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).parent.parent / "kernels"  # the C sources and the header they share
-SOURCE = KERNELS / "decode_gemm.c"
 # -ffp-contract=off: a multiply and an add stay two roundings, as in the PyTorch code the kernels must equal
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni")  # fmt: skip
@@ -36,7 +35,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuin
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (decode_gemm.c: DT_F32, DT_BF16)
 
 _lock = threading.Lock()
-_loaded: dict[str, ctypes.CDLL | None] = {}
+_loaded: list[ctypes.CDLL | None] = []  # the library, once loaded (or None: cannot run here)
 
 
 def cache_dir() -> Path:
@@ -57,13 +56,19 @@ def cpu_supports(*flags: str) -> bool:
     return all(f in have for f in flags)
 
 
-def _build(source: Path, compiler: str) -> Path:
-    """The shared object for `source`, built unless a build of the same source, the headers beside it, and
+def sources() -> list[Path]:
+    """The C sources built together into fitllm's one kernel library (decode_layers.c calls the others)."""
+    return sorted(KERNELS.glob("*.c"))
+
+
+def _build(srcs: list[Path], compiler: str) -> Path:
+    """The shared object built from `srcs`, unless a build of the same sources, the headers beside them, and
     the flags is cached."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    headers = sorted({h for s in srcs for h in s.parent.glob("*.h")})
+    text = b"".join(p.read_bytes() for p in [*sorted(srcs), *headers])
     key = hashlib.sha256(text + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / f"fitllm_kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +76,9 @@ def _build(source: Path, compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [compiler, *FLAGS, *map(str, srcs), "-o", tmp], capture_output=True, text=True, check=True
+        )
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -79,28 +86,50 @@ def _build(source: Path, compiler: str) -> Path:
     return target
 
 
-def load_library(name: str, source: Path) -> ctypes.CDLL | None:
-    """The shared object built from `source` (cached per machine), loaded once per process under `name`;
-    None where fitllm's CPU kernels cannot run here (off, no AVX-512 VNNI, no compiler, a failed build)."""
+def load_library() -> ctypes.CDLL | None:
+    """fitllm's kernel library, built from `sources()` (cached per machine) and loaded once per process; None
+    where fitllm's CPU kernels cannot run here (off, no AVX-512 VNNI, no compiler, a failed build)."""
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
+        if _loaded:
+            return _loaded[0]
         lib = None
         compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
         if os.environ.get("FITLLM_CPU_KERNELS", "1") == "0":
             log.info("fitllm CPU kernels off (FITLLM_CPU_KERNELS=0): PyTorch's kernels serve")
         elif not cpu_supports(*CPU_FLAGS):
-            log.info("no AVX-512 VNNI on this CPU: PyTorch's int8 kernel serves")
+            log.info("no AVX-512 VNNI on this CPU: PyTorch's kernels serve")
         elif compiler is None:
-            log.warning("no C compiler (gcc or $CC): int8 decode uses PyTorch's slower kernel")
+            log.warning("no C compiler (gcc or $CC): PyTorch's slower kernels serve")
         else:
             try:
-                lib = ctypes.CDLL(str(_build(source, compiler)))
+                lib = ctypes.CDLL(str(_build(sources(), compiler)))
             except (OSError, subprocess.CalledProcessError) as err:
                 detail = getattr(err, "stderr", "") or str(err)
-                log.warning("building %s failed, PyTorch's kernel serves: %s", source.name, detail[-2000:])
-        _loaded[name] = lib
+                log.warning(
+                    "building fitllm's CPU kernels failed, PyTorch's kernels serve: %s", detail[-2000:]
+                )
+        _loaded.append(lib)
         return lib
+
+
+GEMM_BF16, GEMM_INT8, GEMM_INT4 = 0, 1, 2  # decode_layers.c's kinds of linear
+
+
+class CLinear(ctypes.Structure):
+    """A linear layer as fitllm's C decode loop (decode_layers.c, `fitllm_linear`) calls its kernel: y = x W^T
+    (+ bias) for bfloat16 x. Made by each quant method's `cpu_linear` from the same rule its `apply` follows,
+    so a layer goes to the same kernel in the loop as in PyTorch's path."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int),  # GEMM_*
+        ("scale_dtype", ctypes.c_int),  # int8: the scale's DTYPES code
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("group", ctypes.c_int64),  # int4: input channels per (scale, zero)
+        ("weight", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),  # int8: scale [n]; int4: scale_zeros
+        ("bias", ctypes.c_void_p),  # bfloat16 [n] or None (set by the caller, which owns the bias)
+    ]
 
 
 class Int8Kernel:
@@ -271,7 +300,7 @@ _kernel16: list[Bf16Kernel | None] = []
 def int8_kernel() -> Int8Kernel | None:
     """The built int8 VNNI kernel, or None where it cannot run here (built on first use)."""
     if not _kernel:
-        lib = load_library("decode_gemm", SOURCE)
+        lib = load_library()
         _kernel.append(Int8Kernel(lib) if lib is not None else None)
     return _kernel[0]
 
@@ -279,7 +308,7 @@ def int8_kernel() -> Int8Kernel | None:
 def int4_kernel() -> Int4Kernel | None:
     """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
     if not _kernel4:
-        lib = load_library("decode_gemm", SOURCE)
+        lib = load_library()
         _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
     return _kernel4[0]
 
@@ -287,7 +316,7 @@ def int4_kernel() -> Int4Kernel | None:
 def bf16_kernel() -> Bf16Kernel | None:
     """The built bfloat16 kernel, or None where it cannot run here (it needs AVX-512 BF16 too)."""
     if not _kernel16:
-        lib = load_library("decode_gemm", SOURCE)
+        lib = load_library()
         _kernel16.append(Bf16Kernel(lib) if lib is not None and cpu_supports("avx512_bf16") else None)
     return _kernel16[0]
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
-from fitllm.quant.cpu_kernels import int4_gemm_op, int4_kernel
+from fitllm.quant.cpu_kernels import GEMM_INT4, CLinear, Int4Kernel, int4_gemm_op, int4_kernel
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 from fitllm.quant.int8 import Scratch
 from fitllm.triton_flags import triton_available
@@ -281,11 +281,7 @@ class Int4Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
         n = layer.weight.shape[0]
-        kernel = int4_kernel() if layer.int4_kernel_layout else None
-        vnni = kernel is not None and kernel.takes(
-            x2, layer.weight, layer.weight_scale_zeros, self.group_size
-        )
-        path = int4_path(x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], n, vnni)
+        kernel, path = self._path(layer, x2)
         if path == "vnni":
             args = (x2, layer.weight, layer.weight_scale_zeros, self.group_size)
             out = int4_gemm_op(*args) if torch.compiler.is_compiling() else kernel(*args)
@@ -307,6 +303,27 @@ class Int4Method(QuantMethod):
         else:
             out = F.linear(x2, self.dequantize(layer).to(x2.dtype))
         return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
+
+    def _path(self, layer: nn.Module, x2: torch.Tensor) -> tuple[Int4Kernel | None, str]:
+        """fitllm's kernel where the layer is in its layout and it is built here, and `int4_path`'s choice
+        for activations x2 [rows, K]."""
+        kernel = int4_kernel() if layer.int4_kernel_layout else None
+        vnni = kernel is not None and kernel.takes(
+            x2, layer.weight, layer.weight_scale_zeros, self.group_size
+        )
+        n = layer.weight.shape[0]
+        return kernel, int4_path(
+            x2.device, layer.int4_kernel_layout, x2.dtype, self.group_size, x2.shape[0], n, vnni
+        )
+
+    def cpu_linear(self, layer: nn.Module, rows: int) -> CLinear | None:
+        w, sz = layer.weight, layer.weight_scale_zeros
+        sample = torch.empty(rows, layer.in_features, dtype=torch.bfloat16, device=w.device)
+        if self._path(layer, sample)[1] != "vnni":
+            return None
+        return CLinear(
+            GEMM_INT4, 0, w.shape[0], layer.in_features, self.group_size, w.data_ptr(), sz.data_ptr()
+        )
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         if layer.int4_kernel_layout:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fitllm.quant.base import QuantMethod
-from fitllm.quant.cpu_kernels import int8_gemm_op, int8_kernel
+from fitllm.quant.cpu_kernels import DTYPES, GEMM_INT8, CLinear, Int8Kernel, int8_gemm_op, int8_kernel
 from fitllm.quant.gguf_blocks import BLOCK, GGUFBlocks
 from fitllm.triton_flags import triton_available
 
@@ -155,11 +155,7 @@ class Int8Method(QuantMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         w, scale = layer.weight, layer.weight_scale
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # decode's [tokens, features]: no view ops
-        kernel = int8_kernel() if x2.device.type == "cpu" else None
-        # bfloat16 activations only: a float32 model keeps PyTorch's kernel, exact to float32 (the split
-        # activations are ~16 bits; float32 is chosen for exactness, and its parity tests rely on it)
-        vnni = kernel is not None and x2.dtype == torch.bfloat16 and kernel.takes(x2, w, scale)
-        path = int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype, vnni)
+        kernel, path = self._path(layer, x2)
         if path == "vnni":
             out = int8_gemm_op(x2, w, scale) if torch.compiler.is_compiling() else kernel(x2, w, scale)
         elif path == "aten":
@@ -171,6 +167,25 @@ class Int8Method(QuantMethod):
         else:
             out = self._scratch_matmul(layer, x2)
         return out if x2 is x else out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def _path(layer: nn.Module, x2: torch.Tensor) -> tuple[Int8Kernel | None, str]:
+        """fitllm's kernel where built here, and `int8_path`'s choice for activations x2 [rows, K]."""
+        w, scale = layer.weight, layer.weight_scale
+        kernel = int8_kernel() if x2.device.type == "cpu" else None
+        # bfloat16 activations only: a float32 model keeps PyTorch's kernel, exact to float32 (the split
+        # activations are ~16 bits; float32 is chosen for exactness, and its parity tests rely on it)
+        vnni = kernel is not None and x2.dtype == torch.bfloat16 and kernel.takes(x2, w, scale)
+        return kernel, int8_path(x2.device, x2.shape[0], w.numel(), x2.dtype == scale.dtype, vnni)
+
+    def cpu_linear(self, layer: nn.Module, rows: int) -> CLinear | None:
+        w, scale = layer.weight, layer.weight_scale
+        sample = torch.empty(rows, w.shape[1], dtype=torch.bfloat16, device=w.device)
+        if self._path(layer, sample)[1] != "vnni":
+            return None
+        return CLinear(
+            GEMM_INT8, DTYPES[scale.dtype], w.shape[0], w.shape[1], 0, w.data_ptr(), scale.data_ptr()
+        )
 
     def _scratch_matmul(self, layer: nn.Module, x2: torch.Tensor) -> torch.Tensor:
         """x2 W^T through the model-dtype scratch, `_chunk_rows` output rows at a time. Where fitllm's CPU

@@ -13,9 +13,7 @@ import ctypes
 
 import torch
 
-from fitllm.quant.cpu_kernels import DTYPES, KERNELS, cpu_supports, load_library
-
-SOURCE = KERNELS / "decode_attention.c"
+from fitllm.quant.cpu_kernels import DTYPES, cpu_supports, load_library
 
 
 class DecodeAttentionKernel:
@@ -79,6 +77,6 @@ _kernel: list[DecodeAttentionKernel | None] = []
 def decode_attention_kernel() -> DecodeAttentionKernel | None:
     """The built kernel, or None where fitllm's CPU kernels cannot run here (built on first use)."""
     if not _kernel:
-        lib = load_library("decode_attention", SOURCE)
+        lib = load_library()
         _kernel.append(DecodeAttentionKernel(lib) if lib is not None else None)
     return _kernel[0]

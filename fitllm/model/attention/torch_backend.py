@@ -242,8 +242,10 @@ def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
         kernel = decode_attention_kernel()
         slab = attn.kv_slabs[dg.rows.parts[0][0]]
         rows = dg.rows.parts[0][2]
-        if kernel is not None and kernel.takes(q, slab, rows, kvh):
-            return kernel(q, slab[0], slab[1], rows, dg.context, dg.lengths, kvh, attn.scale)
+        if kernel is not None:
+            q = q.contiguous()  # a batch's q heads are a strided view of the fused q/k projection
+            if kernel.takes(q, slab, rows, kvh):
+                return kernel(q, slab[0], slab[1], rows, dg.context, dg.lengths, kvh, attn.scale)
     group = attn.num_heads // kvh
     qg = q.view(n, kvh, group, d).transpose(0, 1)
     if attn.kv_format.quantized or dg.masked:
