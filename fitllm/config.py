@@ -382,8 +382,9 @@ class EngineConfig:
     )
     compile_decode: bool = flag(
         False,
-        "CPU: run decode-only steps (up to 32 requests) through one torch.compile'd forward (inductor's C++ "
-        "backend; needs a C++ compiler): fewer, fused ops per step; batch 1 compiles at start-up, larger "
+        "CPU: run decode-only steps (up to 32 requests) that fitllm's C decode loop does not take (a float32 "
+        "model, a quantized KV cache, more than 16 requests...) through one torch.compile'd forward "
+        "(inductor's C++ backend; needs a C++ compiler): fewer, fused ops per step; batch 1 compiles at start-up, larger "
         "batches at their first step (seconds once inductor's disk cache holds them, a minute or two cold on 2 "
         "cores); falls back to eager decode if compiling fails",
     )

@@ -78,11 +78,13 @@ def test_the_loop_equals_the_pytorch_layers(tmp_path, monkeypatch, family, quant
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
 
 
-def test_a_batch_of_requests_at_different_lengths(tmp_path, monkeypatch):
-    """Three requests decoding together, each at its own context length (the attention's lengths mask),
-    produce the tokens each produces through PyTorch's layers."""
+@pytest.mark.parametrize("num", [3, 21])
+def test_a_batch_of_requests_at_different_lengths(tmp_path, monkeypatch, num):
+    """Requests decoding together, each at its own context length (the attention's lengths mask), produce
+    the tokens each produces through PyTorch's layers: 3, and 21 (more than 16 rows: int4's kernels take up
+    to 47)."""
     folder = make_random_checkpoint(tmp_path, "llama")
-    prompts = [PROMPT, PROMPT[:5], PROMPT[3:14] * 2]
+    prompts = [(PROMPT * 3)[i : i + 4 + 3 * i] for i in range(num)]
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
     def generate(engine: Engine) -> list[list[int]]:
@@ -140,7 +142,26 @@ def test_a_layer_no_kernel_serves_leaves_the_model_to_pytorch(tmp_path, monkeypa
     engine = _engine(folder)
     run_engine(engine, PROMPT, 4)
     assert engine.runner.model._cpu_decode == [None]
-    assert cpu_decode_layers.MAX_ROWS == 16
+
+
+@pytest.mark.parametrize("quantization, rows", [(None, 16), ("int8", 31), ("int4", 47)])
+def test_each_models_rows_are_what_its_kernels_take(tmp_path, monkeypatch, quantization, rows):
+    """A model's row limit is the most rows every linear's kernel serves by its method's own rule (bfloat16:
+    BF16_KERNEL_ROWS; int8: kernel_rows of a small layer, exclusive; int4: SCRATCH_ROWS, exclusive), so a
+    step larger than that takes PyTorch's layers, whose linears would change path."""
+    folder = make_random_checkpoint(tmp_path, "llama")
+    engine = _engine(folder, quantization)
+    run_engine(engine, PROMPT, 3)
+    plan = engine.runner.model._cpu_decode[0]
+    assert plan is not None and plan.max_rows == rows <= cpu_decode_layers.MAX_ROWS
+
+
+def test_it_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("FITLLM_DECODE_LOOP", "0")
+    folder = make_random_checkpoint(tmp_path, "llama")
+    engine = _engine(folder)
+    run_engine(engine, PROMPT, 3)
+    assert engine.runner.model._cpu_decode == [None]
 
 
 def test_the_default_model_decodes_the_same_tokens(monkeypatch):

@@ -11,12 +11,14 @@ The form: bfloat16 activations, every linear served by one of fitllm's kernels f
 (each quant method's `cpu_linear` says so by its own rule), rotate-half rotary, a decode-only step in one
 decode group whose mask is only each request's length (no sliding window), one KV slab, an unquantized
 cache in the model dtype, one tensor-parallel rank, and not under torch.compile. The plan of pointers to
-the weights is taken once per model; weights on CPU do not move after loading.
+the weights is taken once per model; weights on CPU do not move after loading. `FITLLM_DECODE_LOOP=0` leaves
+every step to PyTorch's layers (A/B measurements; `FITLLM_CPU_KERNELS=0` turns all of fitllm's kernels off).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,9 @@ from fitllm.model.cpu_norm import rms_norm_kernel
 from fitllm.model.layers import RotaryTables
 from fitllm.quant.cpu_kernels import CLinear, cpu_supports, load_library
 
-MAX_ROWS = 16  # decode rows per step up to which the loop serves (the bfloat16 kernel's BF16_KERNEL_ROWS)
+# Decode rows per step up to which the loop may serve; each model's own limit is the most rows every one of its
+# linears' kernels takes (bfloat16: 16, int8: 15-31 by layer size, int4: 47), found once per model.
+MAX_ROWS = 64
 
 
 class CLayer(ctypes.Structure):
@@ -75,13 +79,28 @@ class CpuDecodeLayers:
     def build(cls, model: torch.nn.Module) -> CpuDecodeLayers | None:
         """The plan for a LlamaForCausalLM whose layers are all in the loop's form, else None."""
         lib = load_library()
-        if lib is None or rms_norm_kernel() is None or decode_attention_kernel() is None:
+        if (
+            os.environ.get("FITLLM_DECODE_LOOP", "1") == "0"
+            or lib is None
+            or rms_norm_kernel() is None
+            or decode_attention_kernel() is None
+        ):
             return None
         config, rotary = model.config, model.rotary
+        if any(layer._forward_pre_hooks or layer._forward_hooks for layer in model.layers):
+            return None  # streamed layers (offload): their parameters are bound by the hooks, step by step
+        params = list(model.layers.parameters())
+        if any(p.device.type != "cpu" or p.numel() == 0 for p in params):
+            return None  # a layer split onto another device, or parameters released
         if rotary.interleaved or rotary.rotary_dim % 2 or rotary.rotary_dim > min(config.head_dim, 512):
             return None
-        # The most rows every linear's kernel serves (each method's rule is "up to some rows"), at most MAX_ROWS.
-        rows = next((r for r in range(MAX_ROWS, 0, -1) if _all_served(model, r)), 0)
+        # The most rows every linear's kernel serves, at most MAX_ROWS: each method's rule is "up to some
+        # rows", so the served counts are 1..limit and a bisection finds the limit.
+        low, high = 0, MAX_ROWS
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if _all_served(model, mid) else (low, mid - 1)
+        rows = low
         if rows == 0:
             return None
         keep: list[torch.Tensor] = []
