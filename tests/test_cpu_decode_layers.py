@@ -57,6 +57,7 @@ def _without_loop(monkeypatch) -> None:
         ("qwen2", "int4", {}),  # q/k/v bias
         ("llama", None, {"attention_bias": True}),  # o_proj bias too
         ("llama", "int8", {"head_dim": 32, "partial_rotary_factor": 0.5}),  # rotary on half of each head
+        ("llama", "int4", {"head_dim": 32}),  # rotary 16 channels at a time (half a head a multiple of 16)
     ],
 )
 def test_the_loop_equals_the_pytorch_layers(tmp_path, monkeypatch, family, quantization, overrides):

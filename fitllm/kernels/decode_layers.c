@@ -85,6 +85,18 @@ static void rotate_head(uint16_t *x, const uint16_t *cos, const uint16_t *sin, i
     uint16_t src[512];
     memcpy(src, x, (size_t)rd * 2);
     int64_t half = rd / 2;
+    if (half % 16 == 0) { /* 16 channels at a time; their partners are the 16 half a head away */
+        for (int64_t i = 0; i < rd; i += 16) {
+            int64_t j = i < half ? i + half : i - half;
+            __m512 a = _mm512_mul_ps(load16(src, DT_BF16, i, 0xffff), load16(cos, DT_BF16, i, 0xffff));
+            __m512 b = _mm512_mul_ps(load16(src, DT_BF16, j, 0xffff), load16(sin, DT_BF16, i, 0xffff));
+            uint16_t ra[16], rb[16];
+            store16(ra, DT_BF16, 0, a, 0xffff);
+            store16(rb, DT_BF16, 0, b, 0xffff);
+            store16(x, DT_BF16, i, _mm512_add_ps(load16(ra, DT_BF16, 0, 0xffff), load16(rb, DT_BF16, 0, 0xffff)), 0xffff);
+        }
+        return;
+    }
     for (int64_t i = 0; i < rd; i++) {
         float a = load_f(src, DT_BF16, i) * load_f(cos, DT_BF16, i);
         float b = load_f(src, DT_BF16, (i + half) % rd) * load_f(sin, DT_BF16, i);
