@@ -156,11 +156,12 @@ def _counted(calls: list):
 @pytest.mark.parametrize(
     ("n", "heads", "kvh", "d", "context"),
     [(1, 9, 3, 64, 300), (3, 8, 2, 128, 37), (2, 4, 4, 80, 17), (1, 32, 2, 128, 700), (2, 16, 1, 256, 40),
-     (3, 6, 2, 72, 33), (4, 6, 6, 64, 1)],
+     (3, 6, 2, 72, 33), (4, 6, 6, 64, 1), (3, 9, 3, 64, 1500), (2, 4, 2, 72, 1030)],
 )  # fmt: skip
 def test_decode_attention_kernel_against_float64(dtype, n, heads, kvh, d, context):
     """The kernel over shuffled cache rows and unequal lengths: every head dim it specializes (64, 80, 128,
-    256) and one it does not (72), one to 16 query heads per KV head, contexts shorter than a 16-row block.
+    256) and one it does not (72), one to 16 query heads per KV head, contexts shorter than a 16-row block
+    and longer than a piece (PIECE_ROWS, 1024: attended in pieces and merged), one piece's worth and a tail.
     float32 to float32's rounding; bfloat16 to its output's (the products and sums are float32 inside)."""
     kernel = cpu_decode.decode_attention_kernel()
     if kernel is None:
@@ -183,6 +184,26 @@ def test_decode_attention_kernel_against_float64(dtype, n, heads, kvh, d, contex
         err = (got[r].double() - want).abs()
         rel = 1e-5 if dtype == torch.float32 else 2.0**-8
         assert (err <= rel * want.abs() + 1e-5).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_rows_do_not_depend_on_their_batch(dtype):
+    """A request's output is the same bits alone and in a batch, whatever its length against the pieces a
+    long context is split into (the split follows the request's own length, not the batch or threads)."""
+    kernel = cpu_decode.decode_attention_kernel()
+    if kernel is None:
+        pytest.skip("fitllm's CPU kernels are not built here (no AVX-512 or no C compiler)")
+    g = torch.Generator().manual_seed(7)
+    n, heads, kvh, d, context = 4, 9, 3, 64, 1400
+    cache = torch.randn(2, n * context, kvh, d, generator=g).to(dtype)
+    order = torch.randperm(n * context, generator=g).view(n, context)
+    lengths = torch.tensor([1400, 300, 513, 1025])
+    q = torch.randn(n, heads, d, generator=g).to(dtype)
+    batch = kernel(q, cache[0], cache[1], tb.head_rows(order.reshape(-1), kvh), context, lengths, kvh, 0.125)
+    for r in range(n):
+        rows = tb.head_rows(order[r], kvh)
+        alone = kernel(q[r : r + 1].contiguous(), cache[0], cache[1], rows, context, lengths[r : r + 1], kvh, 0.125)
+        assert torch.equal(alone[0], batch[r]), r
 
 
 def _request(i: int, **params) -> Request:

@@ -12,7 +12,10 @@
  * rows: [kvh, n, ctx] row ids into the cache's [slots * kvh, d] views of K and of V (the layout the
  * reference backend gathers), request r attending to its first lengths[r] positions. bf16_dot: the CPU has
  * AVX-512 BF16, so bfloat16 scores are vdpbf16ps dot products.
- * Threads: OpenMP over (KV head, request) pairs when the call is large enough to pay for them.
+ * Threads: OpenMP over (KV head, request) pairs when the call is large enough to pay for them; a context longer
+ * than PIECE_ROWS is split into pieces attended apart and merged (flash-decoding's split), so that one
+ * request's few KV heads do not leave threads idle: at batch 1 a model with 3 KV heads kept 3 threads busy
+ * however many it had, and 2 threads at 2:1.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,6 +26,7 @@
 #include "simd.h"
 
 #define PARALLEL_MIN_ROWS 2048 /* K/V rows per call below which one thread does it all */
+#define PIECE_ROWS 1024        /* a longer context is attended in pieces of this many positions, then merged */
 #define MAX_GROUP 64           /* query heads per KV head */
 
 static inline const void *row_ptr(const void *base, int dtype, int64_t row, int64_t d) {
@@ -84,11 +88,12 @@ static void weighted_sum_any(const void *vbase, const int64_t *rows, int64_t len
     }
 }
 
-/* One (KV head, request): `group` query heads q[g * q_stride ...] over `len` rows. `scores` holds
- * group * (len rounded up to 16) floats, `acc` group * d. */
-static void attend(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase, const void *vbase,
-                   const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot, void *out,
-                   int64_t out_stride, float *scores, float *acc) {
+/* One piece of one (KV head, request): `group` query heads q[g * q_stride ...] over `len` rows. Leaves the
+ * scores' max in top[g], the sum of the softmax numerators e^(s - top) in sum[g], and their V sums
+ * (unnormalized) in acc[g * d ...]. `scores` holds group * (len rounded up to 16) floats. */
+static void attend_piece(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase,
+                         const void *vbase, const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot,
+                         float *scores, float *acc, float *top, float *sum) {
     int64_t lp = (len + 15) / 16 * 16;
     const __m512 vscale = _mm512_set1_ps(scale);
     /* scores = q . k * scale, 16 positions at a time (positions past len read row 0 and are dropped) */
@@ -101,20 +106,20 @@ static void attend(const void *q, int64_t q_stride, int group, int64_t d, const 
             _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots, vscale));
         }
     }
-    /* softmax numerators (positions past len: 0), the reciprocal of their sum */
-    float inv[MAX_GROUP];
+    /* softmax numerators (positions past len: 0) and their sum */
     for (int g = 0; g < group; g++) {
         float *sg = scores + g * lp;
         for (int64_t j = len; j < lp; j++) sg[j] = -INFINITY;
         __m512 vmax = _mm512_set1_ps(-INFINITY), vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < lp; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sg + j));
-        __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        top[g] = _mm512_reduce_max_ps(vmax);
+        __m512 vtop = _mm512_set1_ps(top[g]);
         for (int64_t j = 0; j < lp; j += 16) {
-            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), top));
+            __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), vtop));
             _mm512_storeu_ps(sg + j, e);
             vsum = _mm512_add_ps(vsum, e);
         }
-        inv[g] = 1.0f / _mm512_reduce_add_ps(vsum);
+        sum[g] = _mm512_reduce_add_ps(vsum);
     }
     /* acc = sum_j p_j v_j: one query head at a time, its d / 16 accumulators in registers where d is a
      * multiple of 16 the calls below make a constant (a loop-carried sum through memory is ~10x slower) */
@@ -130,8 +135,46 @@ static void attend(const void *q, int64_t q_stride, int group, int64_t d, const 
         default: weighted_sum_any(vbase, rows, len, pg, d, dtype, ag);
         }
     }
-    for (int g = 0; g < group; g++)
-        for (int64_t i = 0; i < d; i++) store_f(out, dtype, g * out_stride + i, acc[g * d + i] * inv[g]);
+}
+
+/* A whole (KV head, request) in one piece: the V sums divided by the numerators' sum, rounded once. */
+static void attend(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase, const void *vbase,
+                   const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot, void *out,
+                   int64_t out_stride, float *scores, float *acc) {
+    float top[MAX_GROUP], sum[MAX_GROUP];
+    attend_piece(q, q_stride, group, d, kbase, vbase, rows, len, scale, dtype, bf16_dot, scores, acc, top, sum);
+    for (int g = 0; g < group; g++) {
+        float inv = 1.0f / sum[g];
+        for (int64_t i = 0; i < d; i++) store_f(out, dtype, g * out_stride + i, acc[g * d + i] * inv);
+    }
+}
+
+/* A long context's pieces merged (flash-decoding's reduction), in piece order: with M the largest piece max and
+ * w_i = e^(top_i - M), out = (sum_i w_i acc_i) / (sum_i w_i sum_i). part: `pieces` records of
+ * [group tops, group sums, group * d V sums]; the tops are overwritten with the weights. `a`: d floats. */
+static void merge_pieces(float *part, int64_t pieces, int group, int64_t d, void *out, int64_t out_stride,
+                         int dtype, float *a) {
+    const int64_t rec = 2 * group + group * d;
+    for (int g = 0; g < group; g++) {
+        float m = -INFINITY, total = 0.0f;
+        for (int64_t p = 0; p < pieces; p++) m = fmaxf(m, part[p * rec + g]);
+        for (int64_t p = 0; p < pieces; p++) {
+            part[p * rec + g] = expf(part[p * rec + g] - m);
+            total += part[p * rec + g] * part[p * rec + group + g];
+        }
+        memset(a, 0, (size_t)d * sizeof(float));
+        for (int64_t p = 0; p < pieces; p++) {
+            const __m512 w = _mm512_set1_ps(part[p * rec + g]);
+            const float *acc = part + p * rec + 2 * group + g * d;
+            for (int64_t i = 0; i < d; i += 16) {
+                __mmask16 k = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+                _mm512_mask_storeu_ps(a + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, a + i),
+                                                              _mm512_mul_ps(w, _mm512_maskz_loadu_ps(k, acc + i))));
+            }
+        }
+        float inv = 1.0f / total;
+        for (int64_t i = 0; i < d; i++) store_f(out, dtype, g * out_stride + i, a[i] * inv);
+    }
 }
 
 /* out[r, h * group + g, :] for n requests of kvh KV heads, `group` query heads each, head dim d.
@@ -141,30 +184,74 @@ int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, in
                             const void *kbase, const void *vbase, const int64_t *rows, int64_t ctx,
                             const int64_t *lengths, float scale, void *out, int bf16_dot, int threads) {
     if (group > MAX_GROUP) return -2;
-    int64_t tasks = kvh * n;
-    int nt = (tasks * ctx >= PARALLEL_MIN_ROWS && threads > 1) ? threads : 1;
-    if (nt > tasks) nt = (int)tasks;
+    int64_t tasks = kvh * n, total_rows = 0;
+    /* work items: each (KV head, request), a long context's split into pieces of PIECE_ROWS positions (by its
+     * own length only, so a request's numbers do not depend on its batch) */
+    int64_t *first = malloc((size_t)(tasks + 1) * sizeof(int64_t));
+    if (!first) return -1;
+    first[0] = 0;
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t len = lengths[t % n];
+        total_rows += len;
+        first[t + 1] = first[t] + (len > PIECE_ROWS ? (len + PIECE_ROWS - 1) / PIECE_ROWS : 1);
+    }
+    int64_t items = first[tasks];
+    int64_t *item_task = malloc((size_t)items * sizeof(int64_t));
+    const int64_t rec = 2 * group + group * d;
+    float *part = items > tasks ? malloc((size_t)(items * rec) * sizeof(float)) : NULL;
+    if (!item_task || (items > tasks && !part)) {
+        free(first);
+        free(item_task);
+        free(part);
+        return -1;
+    }
+    for (int64_t t = 0; t < tasks; t++)
+        for (int64_t i = first[t]; i < first[t + 1]; i++) item_task[i] = t;
+    int nt = (total_rows >= PARALLEL_MIN_ROWS && threads > 1) ? threads : 1;
+    if (nt > items) nt = (int)items;
+    int64_t longest = ctx < PIECE_ROWS ? ctx : PIECE_ROWS;
     int failed = 0;
 #pragma omp parallel num_threads(nt)
     {
-        int64_t lp = (ctx + 15) / 16 * 16;
+        int64_t lp = (longest + 15) / 16 * 16;
         float *scores = malloc((size_t)(group * lp + group * d) * sizeof(float));
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tasks; t++) {
+        for (int64_t i = 0; i < items; i++) {
             if (!scores) continue;
-            int64_t h = t / n, r = t % n;
+            int64_t t = item_task[i], h = t / n, r = t % n, len = lengths[r];
             int64_t heads = kvh * group;
             int64_t off = (r * heads + h * group) * d;
             const void *qp = row_ptr(q, dtype, off / d, d);
+            const int64_t *task_rows = rows + (h * n + r) * ctx;
+            int dot = bf16_dot && dtype == DT_BF16;
+            if (first[t + 1] - first[t] == 1) {
+                void *op = dtype == DT_BF16 ? (void *)((uint16_t *)out + off) : (void *)((float *)out + off);
+                attend(qp, d, (int)group, d, kbase, vbase, task_rows, len, scale, dtype, dot, op, d, scores,
+                       scores + group * lp);
+            } else {
+                int64_t start = (i - first[t]) * PIECE_ROWS;
+                int64_t plen = len - start < PIECE_ROWS ? len - start : PIECE_ROWS;
+                float *rp = part + i * rec;
+                attend_piece(qp, d, (int)group, d, kbase, vbase, task_rows + start, plen, scale, dtype, dot, scores,
+                             rp + 2 * group, rp, rp + group);
+            }
+        }
+        /* the barrier above: every piece is in before any merge */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (first[t + 1] - first[t] == 1 || !scores || failed) continue;
+            int64_t h = t / n, r = t % n, off = (r * kvh * group + h * group) * d;
             void *op = dtype == DT_BF16 ? (void *)((uint16_t *)out + off) : (void *)((float *)out + off);
-            attend(qp, d, (int)group, d, kbase, vbase, rows + (h * n + r) * ctx, lengths[r], scale, dtype,
-                   bf16_dot && dtype == DT_BF16, op, d, scores, scores + group * lp);
+            merge_pieces(part + first[t] * rec, first[t + 1] - first[t], (int)group, d, op, d, dtype, scores);
         }
         free(scores);
     }
+    free(first);
+    free(item_task);
+    free(part);
     return failed ? -1 : 0;
 }

@@ -107,9 +107,7 @@ class CpuDecodeLayers:
         layers = []
         for layer in model.layers:
             norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            if any(
-                w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() for w in norms
-            ):
+            if any(w.dtype != torch.bfloat16 or not w.is_contiguous() for w in norms):
                 return None
             linears = [_linear(lin, rows, keep) for lin in _linears(layer)]
             if any(lin is None for lin in linears):
