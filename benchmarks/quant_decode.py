@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config(args: argparse.Namespace, name: str):
     """The engine config of one --configs entry, METHOD[:GROUP_SIZE][+kv-DTYPE][+head-DTYPE] (as `bench
     load` names int4's group: int4:32); without a group, --quant-group-size or int4's default applies;
-    without a head, --lm-head-dtype."""
+    without a kv, --kv-cache-dtype; without a head, --lm-head-dtype."""
     from fitllm.args import engine_config_from_args
 
     spec, *extras = name.split("+")
@@ -66,7 +66,7 @@ def _config(args: argparse.Namespace, name: str):
     return dataclasses.replace(
         config,
         quantization=None if method == "none" else method,
-        kv_cache_dtype=kv or "auto",
+        kv_cache_dtype=kv or config.kv_cache_dtype,
         lm_head_dtype=options.get("head", config.lm_head_dtype),
     )
 

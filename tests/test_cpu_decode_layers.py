@@ -49,28 +49,36 @@ def _without_loop(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "family, quantization, overrides",
+    "family, quantization, overrides, engine_kw",
     [
-        ("llama", None, {}),
-        ("llama", "int8", {}),
-        ("llama", "int4", {}),
-        ("qwen2", "int4", {}),  # q/k/v bias
-        ("llama", None, {"attention_bias": True}),  # o_proj bias too
-        ("llama", "int8", {"head_dim": 32, "partial_rotary_factor": 0.5}),  # rotary on half of each head
-        ("llama", "int4", {"head_dim": 32}),  # rotary 16 channels at a time (half a head a multiple of 16)
+        ("llama", None, {}, {}),
+        ("llama", "int8", {}, {}),
+        ("llama", "int4", {}, {}),
+        ("qwen2", "int4", {}, {}),  # q/k/v bias
+        ("llama", None, {"attention_bias": True}, {}),  # o_proj bias too
+        ("llama", "int8", {"head_dim": 32, "partial_rotary_factor": 0.5}, {}),  # rotary on half of each head
+        (
+            "llama",
+            "int4",
+            {"head_dim": 32},
+            {},
+        ),  # rotary 16 channels at a time (half a head a multiple of 16)
+        ("llama", "int4", {}, {"kv_cache_dtype": "int8"}),  # K/V encoded into an int8 cache by the loop
     ],
 )
-def test_the_loop_equals_the_pytorch_layers(tmp_path, monkeypatch, family, quantization, overrides):
+def test_the_loop_equals_the_pytorch_layers(
+    tmp_path, monkeypatch, family, quantization, overrides, engine_kw
+):
     """Greedy decode through the loop and through PyTorch's layers: the same tokens, and each step's logits
     equal bit for bit, or within one bfloat16 step of a hidden value where SiLU's exp differs in its last
     float32 bit (a rare tie in the rounding)."""
     folder = make_random_checkpoint(tmp_path, family, **overrides)
     served = _count_runs(monkeypatch)
-    tokens, logits = run_engine(_engine(folder, quantization), PROMPT, 24)
+    tokens, logits = run_engine(_engine(folder, quantization, **engine_kw), PROMPT, 24)
     assert sum(served) >= 22, f"the loop served {sum(served)} of 23 decode steps"
     monkeypatch.undo()
     _without_loop(monkeypatch)
-    want_tokens, want_logits = run_engine(_engine(folder, quantization), PROMPT, 24)
+    want_tokens, want_logits = run_engine(_engine(folder, quantization, **engine_kw), PROMPT, 24)
     assert len(set(want_tokens)) >= 4, want_tokens
     assert tokens == want_tokens
     exact = sum(torch.equal(a, b) for a, b in zip(logits, want_logits))
@@ -108,7 +116,7 @@ def test_a_batch_of_requests_at_different_lengths(tmp_path, monkeypatch, num):
     "dtype, kw",
     [
         ("float32", {}),  # the loop is bfloat16
-        ("bfloat16", {"kv_cache_dtype": "int8"}),  # a quantized cache
+        ("bfloat16", {"kv_cache_dtype": "fp8"}),  # a float8 cache (int8 is in the loop's form)
     ],
 )
 def test_steps_outside_its_form_take_pytorch_path(tmp_path, monkeypatch, dtype, kw):

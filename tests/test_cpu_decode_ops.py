@@ -113,7 +113,7 @@ def _decode_case(contexts: list[int], kv_dtype: str, dtype: torch.dtype, window:
 @pytest.mark.parametrize(("contexts", "window"), [([37], None), ([5, 40, 17, 33], None), ([50, 20], 24)])
 @pytest.mark.parametrize("kernel", [True, False])
 def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, window, kernel, monkeypatch):
-    """Both CPU paths: fitllm's kernel where it is built and the group is in its form (an unquantized cache,
+    """Both CPU paths: fitllm's kernel where it is built and the group is in its form (a float or int8 cache,
     no sliding window cutting the context), PyTorch's otherwise."""
     built = cpu_decode.decode_attention_kernel()
     if kernel and built is None:
@@ -128,7 +128,7 @@ def test_decode_attention_matches_a_float64_softmax(kv_dtype, dtype, contexts, w
     assert group.masked == (len(set(contexts)) > 1 or window is not None and max(contexts) > window)
     got = tb._decode(attn, q, group)
     windowed = window is not None and max(contexts) > window
-    assert len(calls) == (1 if kernel and kv_dtype == "auto" and not windowed else 0)
+    assert len(calls) == (1 if kernel and not windowed else 0)  # int8 caches too
     for i, c in enumerate(contexts):
         pos = torch.arange(c)
         keep = pos > c - 1 - window if window else pos >= 0
@@ -202,8 +202,46 @@ def test_decode_attention_kernel_rows_do_not_depend_on_their_batch(dtype):
     batch = kernel(q, cache[0], cache[1], tb.head_rows(order.reshape(-1), kvh), context, lengths, kvh, 0.125)
     for r in range(n):
         rows = tb.head_rows(order[r], kvh)
-        alone = kernel(q[r : r + 1].contiguous(), cache[0], cache[1], rows, context, lengths[r : r + 1], kvh, 0.125)
+        alone = kernel(
+            q[r : r + 1].contiguous(), cache[0], cache[1], rows, context, lengths[r : r + 1], kvh, 0.125
+        )
         assert torch.equal(alone[0], batch[r]), r
+
+
+@pytest.mark.parametrize(("n", "heads", "kvh", "d", "context"), [(1, 9, 3, 64, 300), (3, 8, 2, 72, 1100)])
+def test_decode_attention_kernel_reads_an_int8_cache(n, heads, kvh, d, context):
+    """`--kv-cache-dtype int8`: rows of int8 codes and a float32 scale, as KVCacheFormat encodes them. The
+    kernel's output equals a float64 softmax over the decoded rows to bfloat16's rounding (a head dim of 72
+    takes the masked path, a context past a piece the merge)."""
+    from fitllm.memory.kv.format import KVCacheFormat
+
+    kernel = cpu_decode.decode_attention_kernel()
+    if kernel is None:
+        pytest.skip("fitllm's CPU kernels are not built here (no AVX-512 or no C compiler)")
+    fmt = KVCacheFormat("int8", torch.bfloat16, d)
+    g = torch.Generator().manual_seed(d + context)
+    slots = n * context + 8
+    raw = torch.randn(2, slots, kvh, d, generator=g).bfloat16()
+    cache = fmt.encode(raw)  # [2, slots, kvh, d + 4] uint8
+    order = torch.randperm(slots, generator=g)[: n * context].view(n, context)
+    lengths = torch.randint(1, context + 1, (n,), generator=g)
+    lengths[0] = context
+    q = (2 * torch.randn(n, heads, d, generator=g)).bfloat16()
+    rows = tb.head_rows(order.reshape(-1), kvh)
+    assert kernel.takes(q, cache[0], rows, kvh, kv_int8=True)
+    got = kernel(q, cache[0], cache[1], rows, context, lengths, kvh, d**-0.5, kv_int8=True)
+    codes, scales = fmt.split(cache.reshape(-1, d + 4))
+    decoded = (codes.double() * scales.double()).view(
+        2, slots, kvh, d
+    )  # exact: the kernel's float32 products
+    for r in range(n):
+        keep = order[r, : int(lengths[r])]
+        k, v = decoded[0, keep].double(), decoded[1, keep].double()
+        qr = q[r].double().view(kvh, heads // kvh, d)
+        probs = (torch.einsum("hgd,chd->hgc", qr, k) * d**-0.5).softmax(-1)
+        want = torch.einsum("hgc,chd->hgd", probs, v).reshape(heads, d)
+        err = (got[r].double() - want).abs()
+        assert (err <= 2.0**-7 * want.abs() + 1e-3).all(), err.max()
 
 
 def _request(i: int, **params) -> Request:

@@ -421,6 +421,9 @@ def test_bench_quant_configs_name_int4_group_sizes(e2e_folder):
     grouped = build_parser().parse_args(["bench", "quant", "--quant-group-size", "32"])
     assert _config(grouped, "int4").quant_group_size == 32  # the flag still serves entries without a group
     assert _config(grouped, "int4:64").quant_group_size == 64  # the entry's own group wins
+    kv = build_parser().parse_args(["bench", "quant", "--kv-cache-dtype", "int8"])
+    assert _config(kv, "int4").kv_cache_dtype == "int8"  # the flag serves entries without +kv (was ignored)
+    assert _config(kv, "int4+kv-fp8").kv_cache_dtype == "fp8"
     for bad in ("int8:32", "int4:", "int4:x", "none:64+kv-int8"):
         with pytest.raises(ValueError, match="int4:GROUP_SIZE"):
             _config(args, bad)

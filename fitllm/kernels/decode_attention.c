@@ -28,6 +28,9 @@
 #define PARALLEL_MIN_ROWS 2048 /* K/V rows per call below which one thread does it all */
 #define PIECE_ROWS 1024        /* a longer context is attended in pieces of this many positions, then merged */
 #define MAX_GROUP 64           /* query heads per KV head */
+#define KV_SCALE_BYTES 4       /* an int8 cache row's float32 scale */
+#define KV_SAME 0              /* kv_kind: the cache holds rows in q's dtype */
+#define KV_INT8 1              /* kv_kind: int8 codes and a float32 scale per row */
 
 static inline const void *row_ptr(const void *base, int dtype, int64_t row, int64_t d) {
     return dtype == DT_BF16 ? (const void *)((const uint16_t *)base + row * d)
@@ -59,6 +62,53 @@ static inline __attribute__((target("avx512bf16"))) __m512 dots16_bf16(const uin
                                     (__m512bh)qv);
     }
     return reduce16(s);
+}
+
+/* ---- an int8 cache (--kv-cache-dtype int8, fitllm/memory/kv/format.py): each row is d int8 codes and
+ * their float32 scale (d + 4 bytes); the value is code * scale. */
+
+static inline const int8_t *i8_row(const void *base, int64_t row, int64_t d) {
+    return (const int8_t *)base + row * (d + KV_SCALE_BYTES);
+}
+
+static inline float i8_scale(const int8_t *row, int64_t d) {
+    float s;
+    memcpy(&s, row + d, sizeof s);
+    return s;
+}
+
+/* scores[p] = q . codes[p] (q float32) for 16 rows; the caller multiplies in each row's scale. */
+static inline __m512 dots16_i8(const float *q, const int8_t **k, int64_t d) {
+    __m512 s[16];
+    for (int p = 0; p < 16; p++) s[p] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
+        for (int p = 0; p < 16; p++)
+            s[p] = _mm512_fmadd_ps(qv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, k[p] + i))), s[p]);
+    }
+    return reduce16(s);
+}
+
+/* acc[0, d) = sum_j p[j] codes_j (p already carries each row's scale), 16 channels at a time. */
+static inline __attribute__((always_inline)) void weighted_sum_i8(const void *vbase, const int64_t *rows, int64_t len,
+                                                                  const float *p, int C, int64_t d, float *acc) {
+    __m512 a[16];
+    for (int c = 0; c < C; c++) a[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j++) {
+        const int8_t *v = i8_row(vbase, rows[j], d);
+        __m512 pj = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < C; c++) {
+            int64_t i = 16 * c;
+            __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+            a[c] = _mm512_fmadd_ps(pj, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, v + i))), a[c]);
+        }
+    }
+    for (int c = 0; c < C; c++) {
+        int64_t i = 16 * c;
+        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        _mm512_mask_storeu_ps(acc + i, m, a[c]);
+    }
 }
 
 /* acc[0, 16 * C) = sum_j p[j] v_j for rows of C * 16 elements; C is a constant at each call site. */
@@ -93,11 +143,27 @@ static void weighted_sum_any(const void *vbase, const int64_t *rows, int64_t len
  * (unnormalized) in acc[g * d ...]. `scores` holds group * (len rounded up to 16) floats. */
 static void attend_piece(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase,
                          const void *vbase, const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot,
-                         float *scores, float *acc, float *top, float *sum) {
+                         int kv_kind, float *scores, float *acc, float *qf, float *top, float *sum) {
     int64_t lp = (len + 15) / 16 * 16;
     const __m512 vscale = _mm512_set1_ps(scale);
+    if (kv_kind == KV_INT8) { /* q in float32 once; scores = (q . codes) * (row scale * scale), as the
+                               * reference backend folds a quantized cache's scales into its scores */
+        for (int g = 0; g < group; g++)
+            for (int64_t i = 0; i < d; i++) qf[g * d + i] = load_f(q, dtype, g * q_stride + i);
+        for (int64_t j0 = 0; j0 < len; j0 += 16) {
+            const int8_t *k[16];
+            float ks[16];
+            for (int p = 0; p < 16; p++) {
+                k[p] = i8_row(kbase, j0 + p < len ? rows[j0 + p] : rows[0], d);
+                ks[p] = i8_scale(k[p], d) * scale;
+            }
+            __m512 kscale = _mm512_loadu_ps(ks);
+            for (int g = 0; g < group; g++)
+                _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots16_i8(qf + g * d, k, d), kscale));
+        }
+    }
     /* scores = q . k * scale, 16 positions at a time (positions past len read row 0 and are dropped) */
-    for (int64_t j0 = 0; j0 < len; j0 += 16) {
+    for (int64_t j0 = 0; j0 < len && kv_kind == KV_SAME; j0 += 16) {
         const void *k[16];
         for (int p = 0; p < 16; p++) k[p] = row_ptr(kbase, dtype, j0 + p < len ? rows[j0 + p] : rows[0], d);
         for (int g = 0; g < group; g++) {
@@ -123,6 +189,35 @@ static void attend_piece(const void *q, int64_t q_stride, int group, int64_t d, 
     }
     /* acc = sum_j p_j v_j: one query head at a time, its d / 16 accumulators in registers where d is a
      * multiple of 16 the calls below make a constant (a loop-carried sum through memory is ~10x slower) */
+    if (kv_kind == KV_INT8) { /* each numerator times its row's V scale, then the codes' weighted sum */
+        for (int64_t j = 0; j < len; j++) {
+            float vs = i8_scale(i8_row(vbase, rows[j], d), d);
+            for (int g = 0; g < group; g++) scores[g * lp + j] *= vs;
+        }
+        for (int g = 0; g < group; g++) {
+            const float *pg = scores + g * lp;
+            float *ag = acc + g * d;
+            switch ((d + 15) / 16) {
+            case 4: weighted_sum_i8(vbase, rows, len, pg, 4, d, ag); break;
+            case 5: weighted_sum_i8(vbase, rows, len, pg, 5, d, ag); break;
+            case 6: weighted_sum_i8(vbase, rows, len, pg, 6, d, ag); break;
+            case 8: weighted_sum_i8(vbase, rows, len, pg, 8, d, ag); break;
+            case 16: weighted_sum_i8(vbase, rows, len, pg, 16, d, ag); break;
+            default:
+                for (int64_t c0 = 0; c0 < d; c0 += 64) { /* 64 channels at a time for other widths */
+                    int64_t w = d - c0 < 64 ? d - c0 : 64;
+                    float part[64];
+                    memset(part, 0, sizeof part);
+                    for (int64_t j = 0; j < len; j++) {
+                        const int8_t *v = i8_row(vbase, rows[j], d) + c0;
+                        for (int64_t i = 0; i < w; i++) part[i] += pg[j] * (float)v[i];
+                    }
+                    memcpy(ag + c0, part, (size_t)w * sizeof(float));
+                }
+            }
+        }
+        return;
+    }
     for (int g = 0; g < group; g++) {
         const float *pg = scores + g * lp;
         float *ag = acc + g * d;
@@ -139,10 +234,11 @@ static void attend_piece(const void *q, int64_t q_stride, int group, int64_t d, 
 
 /* A whole (KV head, request) in one piece: the V sums divided by the numerators' sum, rounded once. */
 static void attend(const void *q, int64_t q_stride, int group, int64_t d, const void *kbase, const void *vbase,
-                   const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot, void *out,
-                   int64_t out_stride, float *scores, float *acc) {
+                   const int64_t *rows, int64_t len, float scale, int dtype, int bf16_dot, int kv_kind, void *out,
+                   int64_t out_stride, float *scores, float *acc, float *qf) {
     float top[MAX_GROUP], sum[MAX_GROUP];
-    attend_piece(q, q_stride, group, d, kbase, vbase, rows, len, scale, dtype, bf16_dot, scores, acc, top, sum);
+    attend_piece(q, q_stride, group, d, kbase, vbase, rows, len, scale, dtype, bf16_dot, kv_kind, scores, acc, qf,
+                 top, sum);
     for (int g = 0; g < group; g++) {
         float inv = 1.0f / sum[g];
         for (int64_t i = 0; i < d; i++) store_f(out, dtype, g * out_stride + i, acc[g * d + i] * inv);
@@ -179,9 +275,10 @@ static void merge_pieces(float *part, int64_t pieces, int group, int64_t d, void
 
 /* out[r, h * group + g, :] for n requests of kvh KV heads, `group` query heads each, head dim d.
  * q and out: [n, kvh * group, d] contiguous in `dtype`; kbase / vbase: the cache's K and V views ([*, d]);
+ * kv_kind: KV_SAME (the cache's rows in q's dtype) or KV_INT8 (int8 codes + a float32 scale per row);
  * rows: [kvh, n, ctx]; lengths: [n] (<= ctx). Returns 0, -1 without memory, -2 for a group over MAX_GROUP. */
 int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, int64_t group, int64_t d,
-                            const void *kbase, const void *vbase, const int64_t *rows, int64_t ctx,
+                            const void *kbase, const void *vbase, int kv_kind, const int64_t *rows, int64_t ctx,
                             const int64_t *lengths, float scale, void *out, int bf16_dot, int threads) {
     if (group > MAX_GROUP) return -2;
     int64_t tasks = kvh * n, total_rows = 0;
@@ -214,7 +311,7 @@ int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, in
 #pragma omp parallel num_threads(nt)
     {
         int64_t lp = (longest + 15) / 16 * 16;
-        float *scores = malloc((size_t)(group * lp + group * d) * sizeof(float));
+        float *scores = malloc((size_t)(group * lp + 2 * group * d) * sizeof(float)); /* + acc, + q as float32 */
         if (!scores) {
 #pragma omp atomic write
             failed = 1;
@@ -230,14 +327,14 @@ int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, in
             int dot = bf16_dot && dtype == DT_BF16;
             if (first[t + 1] - first[t] == 1) {
                 void *op = dtype == DT_BF16 ? (void *)((uint16_t *)out + off) : (void *)((float *)out + off);
-                attend(qp, d, (int)group, d, kbase, vbase, task_rows, len, scale, dtype, dot, op, d, scores,
-                       scores + group * lp);
+                attend(qp, d, (int)group, d, kbase, vbase, task_rows, len, scale, dtype, dot, kv_kind, op, d, scores,
+                       scores + group * lp, scores + group * lp + group * d);
             } else {
                 int64_t start = (i - first[t]) * PIECE_ROWS;
                 int64_t plen = len - start < PIECE_ROWS ? len - start : PIECE_ROWS;
                 float *rp = part + i * rec;
-                attend_piece(qp, d, (int)group, d, kbase, vbase, task_rows + start, plen, scale, dtype, dot, scores,
-                             rp + 2 * group, rp, rp + group);
+                attend_piece(qp, d, (int)group, d, kbase, vbase, task_rows + start, plen, scale, dtype, dot, kv_kind,
+                             scores, rp + 2 * group, scores + group * lp + group * d, rp, rp + group);
             }
         }
         /* the barrier above: every piece is in before any merge */

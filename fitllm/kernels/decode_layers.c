@@ -2,7 +2,7 @@
  *
  * Built with the other kernels into one shared object by fitllm/quant/cpu_kernels.py and called through ctypes
  * from fitllm/model/cpu_decode_layers.py, which checks that a step is in the form read here (bfloat16, a few
- * decode rows, one KV slab, unquantized cache, no sliding window) and otherwise leaves the step to PyTorch.
+ * decode rows, one KV slab, a bfloat16 or int8 cache, no sliding window) and otherwise leaves the step to PyTorch.
  *
  * Why: at batch 1 a 30-layer model's step is ~10 calls a layer into fitllm's kernels plus the small ops
  * between them (rotary, the KV write, SiLU * up, views, output tensors), each paying Python's and PyTorch's
@@ -13,6 +13,7 @@
  * (the float32 exp in SiLU may differ from PyTorch's in its last bit, which moves a bfloat16 result rarely).
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,7 +49,7 @@ int fitllm_int4_gemm(const void *x, int x_dtype, int64_t m, int64_t k, const uin
 int fitllm_bf16_gemm(const uint16_t *x, int64_t ldx, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                      uint16_t *y, int64_t ldy, int threads);
 int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, int64_t group, int64_t d,
-                            const void *kbase, const void *vbase, const int64_t *rows, int64_t ctx,
+                            const void *kbase, const void *vbase, int kv_kind, const int64_t *rows, int64_t ctx,
                             const int64_t *lengths, float scale, void *out, int bf16_dot, int threads);
 void fitllm_add_rms_norm(const void *x, const void *residual, const void *weight, int64_t rows, int64_t hidden,
                          float eps, int dtype, void *out, void *residual_out);
@@ -107,6 +108,20 @@ static void rotate_head(uint16_t *x, const uint16_t *cos, const uint16_t *sin, i
     }
 }
 
+/* One head vector into an int8 cache row (fitllm/memory/kv/format.py's encode): scale = max |x| / 127 (at
+ * least 1e-12), codes = x / scale rounded to nearest even and clamped to +-127, then the float32 scale. */
+static void encode_int8(const uint16_t *x, int64_t d, int8_t *row) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < d; i++) amax = fmaxf(amax, fabsf(load_f(x, DT_BF16, i)));
+    float scale = amax / 127.0f;
+    if (!(scale >= 1e-12f)) scale = 1e-12f;
+    for (int64_t i = 0; i < d; i++) {
+        float c = nearbyintf(load_f(x, DT_BF16, i) / scale);
+        row[i] = (int8_t)(c > 127.0f ? 127.0f : c < -127.0f ? -127.0f : c);
+    }
+    memcpy(row + d, &scale, sizeof scale);
+}
+
 /* out[r, i] = silu(gate[r, i]) * up[r, i] over gate_up [m, 2 I]: silu rounded to bfloat16, then the product
  * (F.silu then the multiply). silu(g) = g / (1 + e^-g) in float32, as PyTorch's CPU kernel computes it. */
 static void silu_mul(const uint16_t *gate_up, int64_t m, int64_t inter, uint16_t *out) {
@@ -129,12 +144,13 @@ static void silu_mul(const uint16_t *gate_up, int64_t m, int64_t inter, uint16_t
  * add); residual [m, hidden]: the residual stream after the last layer's attention (x_out + residual is the
  * final norm's input, as LlamaForCausalLM.forward passes them). cos / sin [m, rotary_dim]: the step's
  * rotary rows. slots [m]: each row's slot in the slab; kv [2 * layers]: each layer's K and V
- * ([slab slots, kv_heads, head_dim]); rows / ctx / lengths: the decode group's attention rows
+ * ([slab slots, kv_heads, head_dim] bfloat16, or with kv_int8 the int8 cache's rows of head_dim codes and a
+ * float32 scale); rows / ctx / lengths: the decode group's attention rows
  * (decode_attention.c). Returns 0, -1 without memory, or a kernel's error code. */
 int fitllm_decode_layers(const fitllm_layer *layers, int64_t n_layers, const fitllm_dims *dims, int64_t m,
                          const uint16_t *x_in, uint16_t *x_out, uint16_t *residual, const uint16_t *cos,
-                         const uint16_t *sin, const int64_t *slots, void *const *kv, const int64_t *rows,
-                         int64_t ctx, const int64_t *lengths, int bf16_dot, int threads) {
+                         const uint16_t *sin, const int64_t *slots, void *const *kv, int kv_int8,
+                         const int64_t *rows, int64_t ctx, const int64_t *lengths, int bf16_dot, int threads) {
     const int64_t hidden = dims->hidden, hq = dims->heads, hk = dims->kv_heads, d = dims->head_dim;
     const int64_t rd = dims->rotary_dim, inter = dims->intermediate, width = (hq + 2 * hk) * d;
     if (rd > 512 || rd % 2 || rd > d) return -2;
@@ -153,16 +169,24 @@ int fitllm_decode_layers(const fitllm_layer *layers, int64_t n_layers, const fit
             fitllm_add_rms_norm(x_out, residual, L->input_norm, m, hidden, dims->eps, DT_BF16, normed, residual);
         }
         if ((rc = linear(&L->qkv, normed, m, qkv, threads))) break;
-        uint16_t *kc = kv[2 * l], *vc = kv[2 * l + 1];
+        void *kc = kv[2 * l], *vc = kv[2 * l + 1];
         for (int64_t r = 0; r < m; r++) {
             uint16_t *row = qkv + r * width;
             for (int64_t h = 0; h < hq + hk; h++) rotate_head(row + h * d, cos + r * rd, sin + r * rd, rd);
             memcpy(q + r * hq * d, row, (size_t)(hq * d) * 2);
-            memcpy(kc + slots[r] * hk * d, row + hq * d, (size_t)(hk * d) * 2);
-            memcpy(vc + slots[r] * hk * d, row + (hq + hk) * d, (size_t)(hk * d) * 2);
+            if (kv_int8) { /* a row per (slot, KV head): d codes and the scale */
+                for (int64_t h = 0; h < hk; h++) {
+                    int64_t at = (slots[r] * hk + h) * (d + 4);
+                    encode_int8(row + (hq + h) * d, d, (int8_t *)kc + at);
+                    encode_int8(row + (hq + hk + h) * d, d, (int8_t *)vc + at);
+                }
+            } else {
+                memcpy((uint16_t *)kc + slots[r] * hk * d, row + hq * d, (size_t)(hk * d) * 2);
+                memcpy((uint16_t *)vc + slots[r] * hk * d, row + (hq + hk) * d, (size_t)(hk * d) * 2);
+            }
         }
-        rc = fitllm_decode_attention(q, DT_BF16, m, hk, hq / hk, d, kc, vc, rows, ctx, lengths, dims->scale, attn,
-                                     bf16_dot, threads);
+        rc = fitllm_decode_attention(q, DT_BF16, m, hk, hq / hk, d, kc, vc, kv_int8, rows, ctx, lengths, dims->scale,
+                                     attn, bf16_dot, threads);
         if (rc || (rc = linear(&L->o, attn, m, x_out, threads))) break;
         fitllm_add_rms_norm(x_out, residual, L->post_norm, m, hidden, dims->eps, DT_BF16, normed, residual);
         if ((rc = linear(&L->gate_up, normed, m, gate_up, threads))) break;

@@ -9,8 +9,9 @@ SiLU's float32 exp may differ in its last bit).
 
 The form: bfloat16 activations, every linear served by one of fitllm's kernels for up to MAX_ROWS rows
 (each quant method's `cpu_linear` says so by its own rule), rotate-half rotary, a decode-only step in one
-decode group whose mask is only each request's length (no sliding window), one KV slab, an unquantized
-cache in the model dtype, one tensor-parallel rank, and not under torch.compile. The plan of pointers to
+decode group whose mask is only each request's length (no sliding window), one KV slab, a cache in the
+model dtype or int8 (`--kv-cache-dtype int8`, encoded as fitllm/memory/kv/format.py encodes), one tensor-parallel
+rank, and not under torch.compile. The plan of pointers to
 the weights is taken once per model; weights on CPU do not move after loading. `FITLLM_DECODE_LOOP=0` leaves
 every step to PyTorch's layers (A/B measurements; `FITLLM_CPU_KERNELS=0` turns all of fitllm's kernels off).
 """
@@ -123,8 +124,8 @@ class CpuDecodeLayers:
         )  # fmt: skip
         fn = lib.fitllm_decode_layers
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
-                       ctypes.c_int]  # fmt: skip
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr,
+                       ctypes.c_int, ctypes.c_int]  # fmt: skip
         fn.restype = ctypes.c_int
         return cls(
             fn, rows, (CLayer * len(layers))(*layers), dims, [layer.self_attn.attn for layer in model.layers],
@@ -152,8 +153,11 @@ class CpuDecodeLayers:
             return False
         for attn in self.attention:
             slab = attn.kv_slabs[slab_id]
-            if attn.kv_format.quantized or slab.dtype != torch.bfloat16 or not slab.is_contiguous():
+            fmt = attn.kv_format
+            if fmt.name != self.attention[0].kv_format.name or not slab.is_contiguous():
                 return False
+            if slab.dtype != (torch.uint8 if fmt.name == "int8" else torch.bfloat16):
+                return False  # fp8, or a cache in another dtype than the model's
         return True
 
     def hooked(self) -> bool:
@@ -185,7 +189,8 @@ class CpuDecodeLayers:
         rc = self.fn(
             self.layers, len(self.layers), ctypes.byref(self.dims), m, h.data_ptr(), out.data_ptr(),
             residual.data_ptr(), rope.cos.data_ptr(), rope.sin.data_ptr(), slots.data_ptr(),
-            (ctypes.c_void_p * len(kv))(*kv), rows.data_ptr(), group.context, group.lengths.data_ptr(),
+            (ctypes.c_void_p * len(kv))(*kv), int(self.attention[0].kv_format.name == "int8"), rows.data_ptr(),
+            group.context, group.lengths.data_ptr(),
             self.bf16_dot, torch.get_num_threads(),
         )  # fmt: skip
         if rc == -1:

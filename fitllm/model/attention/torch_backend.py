@@ -238,14 +238,15 @@ def _decode(attn, q: torch.Tensor, dg: DecodeGroup) -> torch.Tensor:
     computes it in float32 on CPU instead (bfloat16 bmm is the slow path there). Padded groups keep the
     bmm-softmax-bmm in the model dtype, which measured faster than a masked SDPA for batches."""
     n, kvh, d = dg.num, attn.num_kv_heads, attn.head_dim
-    if dg.lengths is not None and not attn.kv_format.quantized and len(dg.rows.parts) == 1:
+    kv_int8 = attn.kv_format.name == "int8"
+    if dg.lengths is not None and (kv_int8 or not attn.kv_format.quantized) and len(dg.rows.parts) == 1:
         kernel = decode_attention_kernel()
         slab = attn.kv_slabs[dg.rows.parts[0][0]]
         rows = dg.rows.parts[0][2]
         if kernel is not None:
             q = q.contiguous()  # a batch's q heads are a strided view of the fused q/k projection
-            if kernel.takes(q, slab, rows, kvh):
-                return kernel(q, slab[0], slab[1], rows, dg.context, dg.lengths, kvh, attn.scale)
+            if kernel.takes(q, slab, rows, kvh, kv_int8):
+                return kernel(q, slab[0], slab[1], rows, dg.context, dg.lengths, kvh, attn.scale, kv_int8)
     group = attn.num_heads // kvh
     qg = q.view(n, kvh, group, d).transpose(0, 1)
     if attn.kv_format.quantized or dg.masked:
