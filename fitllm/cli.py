@@ -51,7 +51,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fitllm.memory.offload.bandwidth import measure_offload_estimate
     from fitllm.plan.memory_plan import MemoryPlan
     from fitllm.plan.planner import DEFAULT_OVERHEAD
-    from fitllm.quant import default_group_size
+    from fitllm.quant import default_group_size, resolve_config
 
     engine_config = engine_config_from_args(args)
     path = Path(engine_config.model) if engine_config.model else None
@@ -60,6 +60,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         config, name = ModelConfig.from_hf_config(json.loads(path.read_text())), path.parent.name or path.name
     else:
         source = open_model(engine_config.model)
+        engine_config = resolve_config(engine_config, source)  # --quantization auto, from the file
         config, name = source.config, source.path.name
         group_size = group_size or default_group_size(source.linear_block_type())
     device = engine_config.resolve_device()

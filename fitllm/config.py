@@ -41,6 +41,9 @@ class ModelConfig:
     scale_embedding: bool = False  # token embeddings times sqrt(hidden_size) (XGLM)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    # The GGUF type every decoder linear has ("Q4_1", ...; ModelSource.linear_block_type), None otherwise:
+    # what --quantization auto resolves from (fitllm/quant/__init__.py).
+    linear_block_type: str | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -242,7 +245,7 @@ def layer_split_arg(text: str) -> str:
 
 
 # `--quantization`'s names, each a QuantMethod of fitllm/quant (listed here: fitllm/quant imports this module).
-QUANTIZATIONS = ("none", "int8", "int4", "bnb-int8", "bnb-nf4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "bnb-int8", "bnb-nf4")
 # `--lm-head-dtype`: how the output projection (and a tied embedding) is stored (fitllm/quant/__init__.py).
 LM_HEAD_DTYPES = ("auto", "model", "int8")
 
@@ -325,9 +328,10 @@ class EngineConfig:
         type=parse_bytes,
     )
     quantization: str | None = flag(  # None: as "none" (fitllm/quant)
-        "none",
-        "decoder weights: model dtype (none), int8 per output channel, int4 in groups, or bitsandbytes' "
-        "LLM.int8() / NF4 (all quantized while loading)",
+        "auto",
+        "decoder weights: auto (a GGUF's own quantization where fitllm holds its codes, as llama.cpp runs it: "
+        "Q4_0 / Q4_1 linears int4, Q8_0 int8; otherwise the model dtype), the model dtype (none), int8 per "
+        "output channel, int4 in groups, or bitsandbytes' LLM.int8() / NF4 (all quantized while loading)",
         choices=QUANTIZATIONS,
     )
     quant_group_size: int | None = flag(

@@ -29,7 +29,9 @@ def run(engine: Engine, prompts, params):
 
 
 def test_greedy_never_writes_the_banned_phrase_and_gives_its_blocks_back():
-    engine = Engine(EngineConfig(dtype="float32", max_model_len=256, block_size=4, max_num_seqs=8))
+    engine = Engine(
+        EngineConfig(dtype="float32", quantization="none", max_model_len=256, block_size=4, max_num_seqs=8)
+    )
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     prompts = [PROMPT, *OTHERS]
     free, _, _ = run(engine, prompts, [greedy] * len(prompts))
@@ -62,7 +64,7 @@ def test_greedy_never_writes_the_banned_phrase_and_gives_its_blocks_back():
 
 @pytest.fixture(scope="module")
 def server():
-    config = EngineConfig(dtype="bfloat16", max_model_len=256, max_num_seqs=4, seed=0)
+    config = EngineConfig(dtype="bfloat16", quantization="none", max_model_len=256, max_num_seqs=4, seed=0)
     with serve(AsyncEngine(config), default_model_name(None)) as s:
         yield s
 

@@ -197,3 +197,21 @@ def test_compile_decode_leaves_the_loops_steps_to_it(tmp_path, monkeypatch):
     tokens, _ = run_engine(engine, PROMPT, 8)
     assert len(tokens) == 8 and sum(served) >= 7
     assert engine.runner.compiled is not None and engine.runner.compiled.compiled_sizes == set()
+
+
+def test_quantization_auto_keeps_a_gguf_own_codes(tmp_path):
+    """The default --quantization auto runs the default model's Q4_1 GGUF as int4 (its codes kept, group
+    32), and a float checkpoint in the model dtype; `fitllm plan`'s engine plan resolves it the same way."""
+    from fitllm.loader import open_model
+    from fitllm.quant import get_quant_method, resolve_quantization
+
+    assert EngineConfig().quantization == "auto"
+    source = open_model(None)
+    assert source.config.linear_block_type == "Q4_1"
+    method = get_quant_method("auto", config=source.config)
+    assert method.name == "int4" and method.group_size == 32
+    assert resolve_quantization("auto", "Q8_0") == "int8" and resolve_quantization("auto", None) == "none"
+    assert resolve_quantization("int8", "Q4_1") == "int8"  # a chosen method is kept
+    folder = make_random_checkpoint(tmp_path, "llama")
+    engine = _engine(folder, "auto")
+    assert engine.config.quantization == "none" and engine.quant.name == "none"

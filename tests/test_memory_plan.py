@@ -77,7 +77,7 @@ def test_budget_units_and_fractions():
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(EngineConfig(dtype="bfloat16", max_model_len=512, max_num_seqs=4))
+    return Engine(EngineConfig(dtype="bfloat16", quantization="none", max_model_len=512, max_num_seqs=4))
 
 
 def test_planned_weights_and_kv_equal_what_the_engine_allocates(engine):
@@ -144,14 +144,18 @@ def test_engine_ledger_holds_weights_workspace_and_kv(engine):
 
 def test_engine_refuses_budget_below_weights_naming_the_flag():
     with pytest.raises(ValueError, match="--memory-budget"):
-        Engine(EngineConfig(dtype="bfloat16", memory_budget="100MiB"))
+        Engine(EngineConfig(dtype="bfloat16", quantization="none", memory_budget="100MiB"))
 
 
 def test_engine_sizes_kv_pool_within_budget():
     cfg = open_model(None).config
     weights = weight_breakdown(cfg, torch.bfloat16).total
     budget = weights + (100 << 20)
-    eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=budget, max_model_len=512, max_num_seqs=64))
+    eng = Engine(
+        EngineConfig(
+            dtype="bfloat16", quantization="none", memory_budget=budget, max_model_len=512, max_num_seqs=64
+        )
+    )
     assert eng.ledger.total <= budget
     assert eng.ledger.current("kv") == eng.pool.num_blocks * eng.block_size * kv_bytes_per_token(
         cfg, torch.bfloat16
@@ -161,7 +165,11 @@ def test_engine_sizes_kv_pool_within_budget():
 def test_engine_max_model_len_auto_is_what_the_budget_holds():
     cfg = open_model(None).config
     weights = weight_breakdown(cfg, torch.bfloat16).total
-    eng = Engine(EngineConfig(dtype="bfloat16", memory_budget=weights + (100 << 20), max_model_len="auto"))
+    eng = Engine(
+        EngineConfig(
+            dtype="bfloat16", quantization="none", memory_budget=weights + (100 << 20), max_model_len="auto"
+        )
+    )
     per_token = kv_bytes_per_token(cfg, torch.bfloat16)
     room = eng.ledger.budget - eng.ledger.current("weights") - eng.ledger.current("workspace")
     slab = eng.storage.slab_bytes
@@ -182,6 +190,7 @@ def test_engine_max_model_len_auto_is_the_planners_answer():
     eng = Engine(
         EngineConfig(
             dtype="bfloat16",
+            quantization="none",
             memory_budget=budget,
             max_model_len="auto",
             static_kv=True,

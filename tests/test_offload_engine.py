@@ -42,7 +42,7 @@ def default_layers_bytes() -> int:
 
 
 def _greedy_default(**kw) -> tuple[list[list[int]], Engine]:
-    eng = Engine(EngineConfig(dtype="bfloat16", max_model_len=512, max_num_seqs=4, **kw))
+    eng = Engine(EngineConfig(dtype="bfloat16", quantization="none", max_model_len=512, max_num_seqs=4, **kw))
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     ids = [eng.add_request(p, params) for p in PROMPTS]  # one batch: one pass over the layers serves all
     done: dict[str, list[int]] = {}

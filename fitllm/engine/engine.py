@@ -44,7 +44,7 @@ from fitllm.memory.offload.streamer import WeightStreamer
 from fitllm.model.attention import resolve_attention_backend
 from fitllm.plan.layer_split import refuse_with_layer_split
 from fitllm.plan.memory_plan import MemoryPlan
-from fitllm.quant import get_quant_method
+from fitllm.quant import get_quant_method, resolve_config
 
 log = logging.getLogger("fitllm")
 
@@ -72,6 +72,7 @@ class Engine:
             devices, self._split_budgets = split_budgets(config, self.device)
             self.device = devices[0]
         self.source = source if source is not None else open_model(config.model)
+        self.config = config = resolve_config(config, self.source)  # --quantization auto, from the file
         self.model_config = mc = self.source.config
         # What one rank's KV pool holds (its KV heads); the model config itself stays whole.
         self.kv_config = rank_kv_config(mc, config.tensor_parallel_size)

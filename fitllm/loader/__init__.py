@@ -130,6 +130,7 @@ def open_model(model: str | None) -> ModelSource:
         with _config_errors(path, gguf_field_names(cfg["model_type"])):
             source = ModelSource(path, "gguf", cfg, ModelConfig.from_hf_config(cfg), reader)
             check_tensor_shapes(source.config, gguf_tensor_shapes(reader))
+        source.config.linear_block_type = source.linear_block_type()
         return source
     if path.is_dir():
         cfg = read_hf_config(path)

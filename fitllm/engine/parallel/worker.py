@@ -29,7 +29,7 @@ from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import metadata_builder, resolve_attention_backend
-from fitllm.quant import get_quant_method
+from fitllm.quant import get_quant_method, resolve_config
 
 log = logging.getLogger("fitllm")
 
@@ -44,6 +44,7 @@ class Worker:
             torch.set_num_threads(config.num_threads)
         init_tp_group(rank, world_size, self.device, config.tp_timeout_s)
         source = open_model(config.model)
+        config = resolve_config(config, source)  # --quantization auto, as rank 0 resolves it
         self.model_config = mc = source.config
         self.kv_config = rank_kv_config(mc, world_size)
         self.dtype = resolve_dtype(config.dtype, self.device)
