@@ -44,7 +44,7 @@ def measure_one(model: str | None, dtype: str, method: str) -> dict:
     source = open_model(model)
     device = torch.device("cpu")
     torch_dtype = resolve_dtype(dtype, device)
-    quant = get_quant_method(name, int(group) if group else None, source.linear_block_type())
+    quant = get_quant_method(name, int(group) if group else None, source.config.linear_block_type)
     planned = weight_breakdown(source.config, torch_dtype, quant)
     before = host_memory()
     with PhaseMemoryProbe() as probe:

@@ -45,7 +45,10 @@ def _layers_bytes(cfg) -> int:
 
     source = open_model(cfg.model)
     quant = get_quant_method(
-        cfg.quantization, cfg.quant_group_size, source.linear_block_type(), lm_head_dtype=cfg.lm_head_dtype
+        cfg.quantization,
+        cfg.quant_group_size,
+        source.config.linear_block_type,
+        lm_head_dtype=cfg.lm_head_dtype,
     )
     w = weight_breakdown(source.config, resolve_dtype(cfg.dtype, cfg.resolve_device()), quant)
     return source.config.num_hidden_layers * w.per_layer

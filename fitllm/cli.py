@@ -62,7 +62,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         source = open_model(engine_config.model)
         engine_config = resolve_config(engine_config, source)  # --quantization auto, from the file
         config, name = source.config, source.path.name
-        group_size = group_size or default_group_size(source.linear_block_type())
+        group_size = group_size or default_group_size(source.config.linear_block_type)
     device = engine_config.resolve_device()
     if engine_config.layer_split is not None:
         return print_layer_split_plan(engine_config, config, device, args.json, group_size)

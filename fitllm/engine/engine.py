@@ -102,7 +102,7 @@ class Engine:
         self.quant = get_quant_method(
             config.quantization,
             config.quant_group_size,
-            self.source.linear_block_type(),
+            mc.linear_block_type,
             mc,
             device=self.device,
             dtype=self.dtype,

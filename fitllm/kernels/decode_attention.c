@@ -28,9 +28,6 @@
 #define PARALLEL_MIN_ROWS 2048 /* K/V rows per call below which one thread does it all */
 #define PIECE_ROWS 1024        /* a longer context is attended in pieces of this many positions, then merged */
 #define MAX_GROUP 64           /* query heads per KV head */
-#define KV_SCALE_BYTES 4       /* an int8 cache row's float32 scale */
-#define KV_SAME 0              /* kv_kind: the cache holds rows in q's dtype */
-#define KV_INT8 1              /* kv_kind: int8 codes and a float32 scale per row */
 
 static inline const void *row_ptr(const void *base, int dtype, int64_t row, int64_t d) {
     return dtype == DT_BF16 ? (const void *)((const uint16_t *)base + row * d)
@@ -42,7 +39,7 @@ static inline __m512 dots16_f32(const void *q, const void **k, int64_t d, int dt
     __m512 s[16];
     for (int p = 0; p < 16; p++) s[p] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
-        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __mmask16 m = tail16(i, d);
         __m512 qv = load16(q, dtype, i, m);
         for (int p = 0; p < 16; p++) s[p] = _mm512_fmadd_ps(qv, load16(k[p], dtype, i, m), s[p]);
     }
@@ -82,7 +79,7 @@ static inline __m512 dots16_i8(const float *q, const int8_t **k, int64_t d) {
     __m512 s[16];
     for (int p = 0; p < 16; p++) s[p] = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
-        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __mmask16 m = tail16(i, d);
         __m512 qv = _mm512_maskz_loadu_ps(m, q + i);
         for (int p = 0; p < 16; p++)
             s[p] = _mm512_fmadd_ps(qv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, k[p] + i))), s[p]);
@@ -100,13 +97,13 @@ static inline __attribute__((always_inline)) void weighted_sum_i8(const void *vb
         __m512 pj = _mm512_set1_ps(p[j]);
         for (int c = 0; c < C; c++) {
             int64_t i = 16 * c;
-            __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+            __mmask16 m = tail16(i, d);
             a[c] = _mm512_fmadd_ps(pj, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, v + i))), a[c]);
         }
     }
     for (int c = 0; c < C; c++) {
         int64_t i = 16 * c;
-        __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+        __mmask16 m = tail16(i, d);
         _mm512_mask_storeu_ps(acc + i, m, a[c]);
     }
 }
@@ -132,7 +129,7 @@ static void weighted_sum_any(const void *vbase, const int64_t *rows, int64_t len
         const void *v = row_ptr(vbase, dtype, rows[j], d);
         __m512 pj = _mm512_set1_ps(p[j]);
         for (int64_t i = 0; i < d; i += 16) {
-            __mmask16 m = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+            __mmask16 m = tail16(i, d);
             _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(pj, load16(v, dtype, i, m), _mm512_maskz_loadu_ps(m, acc + i)));
         }
     }
@@ -161,15 +158,15 @@ static void attend_piece(const void *q, int64_t q_stride, int group, int64_t d, 
             for (int g = 0; g < group; g++)
                 _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots16_i8(qf + g * d, k, d), kscale));
         }
-    }
-    /* scores = q . k * scale, 16 positions at a time (positions past len read row 0 and are dropped) */
-    for (int64_t j0 = 0; j0 < len && kv_kind == KV_SAME; j0 += 16) {
-        const void *k[16];
-        for (int p = 0; p < 16; p++) k[p] = row_ptr(kbase, dtype, j0 + p < len ? rows[j0 + p] : rows[0], d);
-        for (int g = 0; g < group; g++) {
-            __m512 dots = bf16_dot ? dots16_bf16((const uint16_t *)q + g * q_stride, k, d)
-                                   : dots16_f32(row_ptr(q, dtype, g, q_stride), k, d, dtype);
-            _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots, vscale));
+    } else { /* scores = q . k * scale, 16 positions at a time (positions past len read row 0 and are dropped) */
+        for (int64_t j0 = 0; j0 < len; j0 += 16) {
+            const void *k[16];
+            for (int p = 0; p < 16; p++) k[p] = row_ptr(kbase, dtype, j0 + p < len ? rows[j0 + p] : rows[0], d);
+            for (int g = 0; g < group; g++) {
+                __m512 dots = bf16_dot ? dots16_bf16((const uint16_t *)q + g * q_stride, k, d)
+                                       : dots16_f32(row_ptr(q, dtype, g, q_stride), k, d, dtype);
+                _mm512_storeu_ps(scores + g * lp + j0, _mm512_mul_ps(dots, vscale));
+            }
         }
     }
     /* softmax numerators (positions past len: 0) and their sum */
@@ -263,7 +260,7 @@ static void merge_pieces(float *part, int64_t pieces, int group, int64_t d, void
             const __m512 w = _mm512_set1_ps(part[p * rec + g]);
             const float *acc = part + p * rec + 2 * group + g * d;
             for (int64_t i = 0; i < d; i += 16) {
-                __mmask16 k = (i + 16 <= d) ? (__mmask16)0xffff : (__mmask16)((1u << (d - i)) - 1);
+                __mmask16 k = tail16(i, d);
                 _mm512_mask_storeu_ps(a + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, a + i),
                                                               _mm512_mul_ps(w, _mm512_maskz_loadu_ps(k, acc + i))));
             }

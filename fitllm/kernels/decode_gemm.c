@@ -38,7 +38,7 @@ static void quantize_row(const void *x, int x_dtype, int64_t row_off, int64_t k,
                                           : (const void *)((const float *)x + row_off);
     __m512 vmax = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) {
-        __mmask16 mask = (i + 16 <= k) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+        __mmask16 mask = tail16(i, k);
         vmax = _mm512_max_ps(vmax, _mm512_abs_ps(load16(base, x_dtype, i, mask)));
     }
     float amax = _mm512_reduce_max_ps(vmax);
@@ -282,7 +282,7 @@ int fitllm_int8_dequant(const int8_t *w, const void *scale, int scale_dtype, int
         const __m512 s = _mm512_set1_ps(load_f(scale, scale_dtype, j));
         const int8_t *row = w + j * k;
         for (int64_t i = 0; i < k; i += 16) {
-            __mmask16 mask = (i + 16 <= k) ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+            __mmask16 mask = tail16(i, k);
             __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, row + i))), s);
             if (out_dtype == DT_BF16) {
                 __m512i u = _mm512_castps_si512(v);

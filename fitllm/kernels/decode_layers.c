@@ -54,10 +54,6 @@ int fitllm_decode_attention(const void *q, int dtype, int64_t n, int64_t kvh, in
 void fitllm_add_rms_norm(const void *x, const void *residual, const void *weight, int64_t rows, int64_t hidden,
                          float eps, int dtype, void *out, void *residual_out);
 
-static inline __mmask16 tail(int64_t i, int64_t n) {
-    return (i + 16 <= n) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-}
-
 /* y = x W^T (+ bias), bfloat16 in and out. Returns the kernel's code (0: done). */
 static int linear(const fitllm_linear *l, const uint16_t *x, int64_t m, uint16_t *y, int threads) {
     int rc;
@@ -72,7 +68,7 @@ static int linear(const fitllm_linear *l, const uint16_t *x, int64_t m, uint16_t
     /* out + bias: the product is rounded to bfloat16 first, then the sum (PyTorch's two ops) */
     for (int64_t r = 0; r < m; r++)
         for (int64_t i = 0; i < l->n; i += 16) {
-            __mmask16 t = tail(i, l->n);
+            __mmask16 t = tail16(i, l->n);
             store16(y, DT_BF16, r * l->n + i, _mm512_add_ps(load16(y, DT_BF16, r * l->n + i, t),
                                                             load16(l->bias, DT_BF16, i, t)), t);
         }
@@ -129,7 +125,7 @@ static void silu_mul(const uint16_t *gate_up, int64_t m, int64_t inter, uint16_t
     for (int64_t r = 0; r < m; r++) {
         const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
         for (int64_t i = 0; i < inter; i += 16) {
-            __mmask16 t = tail(i, inter);
+            __mmask16 t = tail16(i, inter);
             __m512 gv = load16(g, DT_BF16, i, t);
             __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
             store16(out, DT_BF16, r * inter + i, s, t);
@@ -144,12 +140,12 @@ static void silu_mul(const uint16_t *gate_up, int64_t m, int64_t inter, uint16_t
  * add); residual [m, hidden]: the residual stream after the last layer's attention (x_out + residual is the
  * final norm's input, as LlamaForCausalLM.forward passes them). cos / sin [m, rotary_dim]: the step's
  * rotary rows. slots [m]: each row's slot in the slab; kv [2 * layers]: each layer's K and V
- * ([slab slots, kv_heads, head_dim] bfloat16, or with kv_int8 the int8 cache's rows of head_dim codes and a
- * float32 scale); rows / ctx / lengths: the decode group's attention rows
+ * ([slab slots, kv_heads, head_dim] bfloat16, or with kv_kind KV_INT8 the int8 cache's rows of head_dim codes
+ * and a float32 scale); rows / ctx / lengths: the decode group's attention rows
  * (decode_attention.c). Returns 0, -1 without memory, or a kernel's error code. */
 int fitllm_decode_layers(const fitllm_layer *layers, int64_t n_layers, const fitllm_dims *dims, int64_t m,
                          const uint16_t *x_in, uint16_t *x_out, uint16_t *residual, const uint16_t *cos,
-                         const uint16_t *sin, const int64_t *slots, void *const *kv, int kv_int8,
+                         const uint16_t *sin, const int64_t *slots, void *const *kv, int kv_kind,
                          const int64_t *rows, int64_t ctx, const int64_t *lengths, int bf16_dot, int threads) {
     const int64_t hidden = dims->hidden, hq = dims->heads, hk = dims->kv_heads, d = dims->head_dim;
     const int64_t rd = dims->rotary_dim, inter = dims->intermediate, width = (hq + 2 * hk) * d;
@@ -174,9 +170,9 @@ int fitllm_decode_layers(const fitllm_layer *layers, int64_t n_layers, const fit
             uint16_t *row = qkv + r * width;
             for (int64_t h = 0; h < hq + hk; h++) rotate_head(row + h * d, cos + r * rd, sin + r * rd, rd);
             memcpy(q + r * hq * d, row, (size_t)(hq * d) * 2);
-            if (kv_int8) { /* a row per (slot, KV head): d codes and the scale */
+            if (kv_kind == KV_INT8) { /* a row per (slot, KV head): d codes and the scale */
                 for (int64_t h = 0; h < hk; h++) {
-                    int64_t at = (slots[r] * hk + h) * (d + 4);
+                    int64_t at = (slots[r] * hk + h) * (d + KV_SCALE_BYTES);
                     encode_int8(row + (hq + h) * d, d, (int8_t *)kc + at);
                     encode_int8(row + (hq + hk + h) * d, d, (int8_t *)vc + at);
                 }
@@ -185,7 +181,7 @@ int fitllm_decode_layers(const fitllm_layer *layers, int64_t n_layers, const fit
                 memcpy((uint16_t *)vc + slots[r] * hk * d, row + (hq + hk) * d, (size_t)(hk * d) * 2);
             }
         }
-        rc = fitllm_decode_attention(q, DT_BF16, m, hk, hq / hk, d, kc, vc, kv_int8, rows, ctx, lengths, dims->scale,
+        rc = fitllm_decode_attention(q, DT_BF16, m, hk, hq / hk, d, kc, vc, kv_kind, rows, ctx, lengths, dims->scale,
                                      attn, bf16_dot, threads);
         if (rc || (rc = linear(&L->o, attn, m, x_out, threads))) break;
         fitllm_add_rms_norm(x_out, residual, L->post_norm, m, hidden, dims->eps, DT_BF16, normed, residual);

@@ -24,7 +24,7 @@ void fitllm_add_rms_norm(const void *x, const void *residual, const void *weight
         __m512 sq = _mm512_setzero_ps();
         /* h = x + residual, rounded to the model dtype (stored as the new residual), and its sum of squares */
         for (int64_t i = 0; i < hidden; i += 16) {
-            __mmask16 m = (i + 16 <= hidden) ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - i)) - 1);
+            __mmask16 m = tail16(i, hidden);
             __m512 h = load16(x, dtype, off + i, m);
             if (residual) {
                 h = _mm512_add_ps(h, load16(residual, dtype, off + i, m));
@@ -36,7 +36,7 @@ void fitllm_add_rms_norm(const void *x, const void *residual, const void *weight
         float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(sq) / (float)hidden + eps);
         const void *src = residual ? residual_out : x;
         for (int64_t i = 0; i < hidden; i += 16) {
-            __mmask16 m = (i + 16 <= hidden) ? (__mmask16)0xffff : (__mmask16)((1u << (hidden - i)) - 1);
+            __mmask16 m = tail16(i, hidden);
             __m512 t = _mm512_mul_ps(load16(src, dtype, off + i, m), _mm512_set1_ps(inv));
             store16(out, dtype, off + i, t, m);
             t = _mm512_mul_ps(load16(weight, dtype, i, m), load16(out, dtype, off + i, m));

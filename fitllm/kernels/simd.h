@@ -9,6 +9,16 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 
+/* How a KV cache holds its rows (decode_attention.c's kv_kind): in the compute dtype, or as int8 codes followed
+ * by their float32 scale (--kv-cache-dtype int8, fitllm/memory/kv/format.py). */
+enum { KV_SAME = 0, KV_INT8 = 1 };
+#define KV_SCALE_BYTES 4 /* an int8 cache row's float32 scale */
+
+/* The lanes of a 16-element step at element i of n that are inside n. */
+static inline __mmask16 tail16(int64_t i, int64_t n) {
+    return (i + 16 <= n) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+}
+
 static inline float load_f(const void *p, int dtype, int64_t i) {
     if (dtype == DT_BF16) {
         uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitllm.model.attention.cpu_decode import decode_attention_kernel
+from fitllm.model.attention.cpu_decode import KV_INT8, KV_SAME, decode_attention_kernel
 from fitllm.model.attention.torch_backend import TorchMetadata
 from fitllm.model.cpu_norm import rms_norm_kernel
 from fitllm.model.layers import RotaryTables
@@ -189,7 +189,8 @@ class CpuDecodeLayers:
         rc = self.fn(
             self.layers, len(self.layers), ctypes.byref(self.dims), m, h.data_ptr(), out.data_ptr(),
             residual.data_ptr(), rope.cos.data_ptr(), rope.sin.data_ptr(), slots.data_ptr(),
-            (ctypes.c_void_p * len(kv))(*kv), int(self.attention[0].kv_format.name == "int8"), rows.data_ptr(),
+            (ctypes.c_void_p * len(kv))(*kv), KV_INT8 if self.attention[0].kv_format.name == "int8" else KV_SAME,
+            rows.data_ptr(),
             group.context, group.lengths.data_ptr(),
             self.bf16_dot, torch.get_num_threads(),
         )  # fmt: skip

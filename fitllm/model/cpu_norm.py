@@ -8,7 +8,7 @@ import ctypes
 
 import torch
 
-from fitllm.quant.cpu_kernels import DTYPES, load_library
+from fitllm.quant.cpu_kernels import DTYPES, kernel_once
 
 MAX_ROWS = 64  # rows per call up to which the kernel serves (decode steps); prefill chunks keep PyTorch's ops
 
@@ -59,7 +59,4 @@ _kernel: list[RMSNormKernel | None] = []
 
 def rms_norm_kernel() -> RMSNormKernel | None:
     """The built kernel, or None where fitllm's CPU kernels cannot run here (built on first use)."""
-    if not _kernel:
-        lib = load_library()
-        _kernel.append(RMSNormKernel(lib) if lib is not None else None)
-    return _kernel[0]
+    return kernel_once(_kernel, RMSNormKernel)

@@ -10,13 +10,19 @@ int8 per vocabulary row by default when the decoder is quantized (`head_method`)
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 
-from fitllm.config import LM_HEAD_DTYPES, QUANTIZATIONS, ModelConfig
+from fitllm.config import LM_HEAD_DTYPES, QUANTIZATIONS, EngineConfig, ModelConfig
 from fitllm.quant.base import QuantMethod, UnquantizedMethod
 from fitllm.quant.gguf_blocks import BLOCK
 from fitllm.quant.int4 import Int4Method
 from fitllm.quant.int8 import Int8Method
+
+if TYPE_CHECKING:  # a type only: the loader imports this package
+    from fitllm.loader import ModelSource
 
 DEFAULT_INT4_GROUP_SIZE = 64  # for float checkpoints
 
@@ -70,14 +76,13 @@ def resolve_quantization(name: str | None, source_block_type: str | None) -> str
     return AUTO_FROM_GGUF.get(source_block_type or "", "none")
 
 
-def resolve_config(config, source) -> object:
-    """`config` (an EngineConfig) with --quantization auto resolved for `source` (a ModelSource): what the
-    engine, its tensor-parallel workers and `fitllm plan` run."""
-    import dataclasses
-
+def resolve_config(config: EngineConfig, source: ModelSource) -> EngineConfig:
+    """`config` with --quantization auto resolved for `source`: what the engine, its tensor-parallel workers
+    and `fitllm plan` run."""
     if config.quantization != "auto":
         return config
-    return dataclasses.replace(config, quantization=resolve_quantization("auto", source.linear_block_type()))
+    resolved = resolve_quantization("auto", source.config.linear_block_type)  # kept there by open_model
+    return dataclasses.replace(config, quantization=resolved)
 
 
 def head_method(quantization: str | None, lm_head_dtype: str, decoder: QuantMethod) -> QuantMethod | None:

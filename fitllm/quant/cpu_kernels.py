@@ -21,7 +21,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,6 +35,8 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f"
          "-mavx512vnni")  # fmt: skip
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")  # as /proc/cpuinfo spells them
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # the kernel's dtype codes (decode_gemm.c: DT_F32, DT_BF16)
+
+K = TypeVar("K")  # a kernel wrapper class (kernel_once)
 
 _lock = threading.Lock()
 _loaded: list[ctypes.CDLL | None] = []  # the library, once loaded (or None: cannot run here)
@@ -292,6 +296,16 @@ class Bf16Kernel:
 BF16_KERNEL_ROWS = 16
 
 
+def kernel_once(slot: list[K | None], make: Callable[[ctypes.CDLL], K], *cpu_flags: str) -> K | None:
+    """The kernel `make` wraps around fitllm's library, made at first use and kept in `slot` (its module's
+    one-element cache, which tests reset); None where the library cannot run here or the CPU lacks one of
+    `cpu_flags`."""
+    if not slot:
+        lib = load_library()
+        slot.append(make(lib) if lib is not None and cpu_supports(*cpu_flags) else None)
+    return slot[0]
+
+
 _kernel: list[Int8Kernel | None] = []
 _kernel4: list[Int4Kernel | None] = []
 _kernel16: list[Bf16Kernel | None] = []
@@ -299,26 +313,17 @@ _kernel16: list[Bf16Kernel | None] = []
 
 def int8_kernel() -> Int8Kernel | None:
     """The built int8 VNNI kernel, or None where it cannot run here (built on first use)."""
-    if not _kernel:
-        lib = load_library()
-        _kernel.append(Int8Kernel(lib) if lib is not None else None)
-    return _kernel[0]
+    return kernel_once(_kernel, Int8Kernel)
 
 
 def int4_kernel() -> Int4Kernel | None:
     """The built int4 VNNI kernel, or None where it cannot run here (it also needs AVX-512 VBMI)."""
-    if not _kernel4:
-        lib = load_library()
-        _kernel4.append(Int4Kernel(lib) if lib is not None and cpu_supports("avx512vbmi") else None)
-    return _kernel4[0]
+    return kernel_once(_kernel4, Int4Kernel, "avx512vbmi")
 
 
 def bf16_kernel() -> Bf16Kernel | None:
     """The built bfloat16 kernel, or None where it cannot run here (it needs AVX-512 BF16 too)."""
-    if not _kernel16:
-        lib = load_library()
-        _kernel16.append(Bf16Kernel(lib) if lib is not None and cpu_supports("avx512_bf16") else None)
-    return _kernel16[0]
+    return kernel_once(_kernel16, Bf16Kernel, "avx512_bf16")
 
 
 @torch.library.custom_op("fitllm::int4_gemm", mutates_args=())

@@ -53,7 +53,7 @@ class Worker:
         quant = get_quant_method(
             config.quantization,
             config.quant_group_size,
-            source.linear_block_type(),
+            mc.linear_block_type,
             mc,
             device=self.device,
             dtype=self.dtype,

@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from fitllm.quant.cpu_kernels import DTYPES, cpu_supports, load_library
+from fitllm.quant.cpu_kernels import DTYPES, cpu_supports, kernel_once
 
 KV_SAME, KV_INT8 = (
     0,
@@ -102,7 +102,4 @@ _kernel: list[DecodeAttentionKernel | None] = []
 
 def decode_attention_kernel() -> DecodeAttentionKernel | None:
     """The built kernel, or None where fitllm's CPU kernels cannot run here (built on first use)."""
-    if not _kernel:
-        lib = load_library()
-        _kernel.append(DecodeAttentionKernel(lib) if lib is not None else None)
-    return _kernel[0]
+    return kernel_once(_kernel, DecodeAttentionKernel)
