@@ -188,8 +188,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def fitllm_server(args: argparse.Namespace, config: str, threads: int, slots: int) -> ServerProcess:
-    port = free_port()
+def fitllm_serve_command(
+    args: argparse.Namespace, config: str, threads: int, slots: int, port: int
+) -> list[str]:
+    """`fitllm serve` for one --serve-configs entry. The entry is always passed: with the default
+    (--quantization auto) an omitted "none" would serve the GGUF's own int4."""
     cmd = [sys.executable, "-m", "fitllm.cli", "--log-level", "WARNING", "serve", "--port", str(port)]
     cmd += [
         "--threads",
@@ -199,11 +202,17 @@ def fitllm_server(args: argparse.Namespace, config: str, threads: int, slots: in
         "--max-num-seqs",
         str(slots),
     ]
+    cmd += ["--quantization", config]
     if args.model:
         cmd += ["--model", args.model]
-    if config != "none":
-        cmd += ["--quantization", config]
-    return ServerProcess(f"fitllm serve ({config})", cmd, port).start()
+    return cmd
+
+
+def fitllm_server(args: argparse.Namespace, config: str, threads: int, slots: int) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(
+        f"fitllm serve ({config})", fitllm_serve_command(args, config, threads, slots, port), port
+    ).start()
 
 
 def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Path | None) -> list[Row]:

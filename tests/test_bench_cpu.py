@@ -111,6 +111,21 @@ def test_serve_target_needs_no_more_memory_than_llama_server():
     ]
 
 
+@pytest.mark.parametrize("entry", ["none", "int4"])
+def test_each_serve_config_reaches_the_server_it_names(entry):
+    # The default --quantization is auto (int4 on the default GGUF), so an entry left off the command
+    # would serve something other than its row's name.
+    from benchmarks.cpu import fitllm_serve_command
+    from fitllm.args import engine_config_from_args
+    from fitllm.cli import build_parser
+
+    bench = build_parser().parse_args(["bench", "cpu", "--ctx-per-slot", "512"])
+    cmd = fitllm_serve_command(bench, entry, threads=2, slots=8, port=1234)
+    serve = build_parser().parse_args(cmd[cmd.index("fitllm.cli") + 1 :])
+    config = engine_config_from_args(serve)
+    assert (config.quantization, config.max_num_seqs, config.max_model_len) == (entry, 8, 512)
+
+
 FAKE_LLAMA_SERVER = """#!{python}
 # Stands in for llama-server: its flags, /health and /completion's `timings` (prompt 2 ms a token, 10 ms a
 # generated token after the first), and the arguments it was started with, appended to {log}.
