@@ -46,7 +46,9 @@ NOTES = [
     "llama-server's /completion (prompt_ms, predicted_ms) with one slot, as llama.cpp reports its speed",
     "serve: the same streaming /v1/completions client (serve_load.py) and bodies (each request's own sampling "
     "settings, ignore_eos) for both servers; tok/s = completion tokens (usage) / wall time of the whole load; "
-    "peak RSS = the server process's VmHWM (anonymous and file-backed pages: llama-server maps the GGUF)",
+    "peak RSS = the server process's VmHWM (anonymous and file-backed pages: llama-server maps the GGUF); ready "
+    "RSS = its VmRSS once it answers /health, before any request (fitllm: no KV yet; llama-server: its whole "
+    "KV cache, allocated at start)",
     "targets (issue 24): decode int4 >= 1.0x and int8 >= 0.8x llama.cpp; prefill >= 1.0x at 512 and 2048 "
     "tokens; 8 and 32 concurrent >= 1.5x llama-server with the same slots at <= its peak RSS",
 ]
@@ -234,6 +236,7 @@ def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Pa
                 )
             else:
                 server = fitllm_server(args, system.removeprefix("fitllm "), threads, n)
+            ready = server.rss()  # answering /health, before any request: what it holds with no KV
             try:
                 warm = [dataclasses.replace(w, max_tokens=4) for w in requests[:2]]
                 drive_load(server.url, warm, 2, 600, {"ignore_eos": True})
@@ -250,7 +253,7 @@ def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Pa
                 "tokens": tokens,
             }
             extra["errors"] = [f"{r.id}: {r.error}" for r in results if not r.ok][:5]
-            rows.append(Row("serve", n, system, [tokens / wall], peak, extra))
+            rows.append(Row("serve", n, system, [tokens / wall], peak, extra, ready_rss_bytes=ready))
     return rows
 
 

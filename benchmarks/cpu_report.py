@@ -31,6 +31,7 @@ class Row:
     samples: list[float] = field(default_factory=list)  # tokens/s, one per round
     peak_rss_bytes: int | None = None
     extra: dict = field(default_factory=dict)
+    ready_rss_bytes: int | None = None  # serve: the server's RSS once it answers, before any request
     ratio: float | None = None  # fitllm / llama.cpp (fitllm rows with a peer only)
     target: float | None = None
     verdict: str = ""  # "met", "not met", "no peer", or "" where no target applies
@@ -52,6 +53,7 @@ class Row:
             "tok_per_s_median": self.tok_per_s,
             "tok_per_s_samples": self.samples,
             "peak_rss_bytes": self.peak_rss_bytes,
+            "ready_rss_bytes": self.ready_rss_bytes,
             "ratio_vs_llama_cpp": self.ratio,
             "target": self.target,
             "verdict": self.verdict,
@@ -110,7 +112,16 @@ def render(console, rows: list[Row], header: list[str], notes: list[str]) -> Non
     from rich.table import Table
 
     table = Table(title="fitllm bench cpu", title_justify="left")
-    for name in ("setting", "system", "tok/s", "samples", "peak RSS MiB", "vs llama.cpp", "target"):
+    for name in (
+        "setting",
+        "system",
+        "tok/s",
+        "samples",
+        "ready RSS MiB",
+        "peak RSS MiB",
+        "vs llama.cpp",
+        "target",
+    ):
         table.add_column(name, justify="left" if name in ("setting", "system", "target") else "right")
     last = None
     for r in rows:
@@ -120,6 +131,7 @@ def render(console, rows: list[Row], header: list[str], notes: list[str]) -> Non
             r.system,
             "-" if r.tok_per_s is None else f"{r.tok_per_s:.1f}",
             " ".join(f"{s:.0f}" for s in r.samples),
+            "" if r.ready_rss_bytes is None else f"{r.ready_rss_bytes / MiB:.0f}",
             "" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / MiB:.0f}",
             "" if r.ratio is None else f"{r.ratio:.2f}x",
             _target_text(r),

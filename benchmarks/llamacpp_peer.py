@@ -103,11 +103,12 @@ class LlamaCppSide:
         self.server.stop()
 
 
-def process_peak_rss(pid: int) -> int | None:
-    """A live process's peak resident set (VmHWM, anonymous and file-backed pages alike), in bytes."""
+def process_rss(pid: int, key: str = "VmHWM") -> int | None:
+    """A live process's resident set from /proc (VmHWM: its peak; VmRSS: now; anonymous and file-backed
+    pages alike), in bytes."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -142,7 +143,10 @@ class ServerProcess:
         return self
 
     def peak_rss(self) -> int | None:
-        return process_peak_rss(self.proc.pid)
+        return process_rss(self.proc.pid)
+
+    def rss(self) -> int | None:
+        return process_rss(self.proc.pid, "VmRSS")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -111,6 +111,30 @@ def test_serve_target_needs_no_more_memory_than_llama_server():
     ]
 
 
+def test_serve_rows_show_the_memory_held_before_any_request():
+    """The ready RSS (a server answering /health, no request yet) is read from /proc beside the peak and
+    printed in its own column, so the fixed cost of a process is told apart from what the load added."""
+    import io
+    import os
+
+    from rich.console import Console
+
+    from benchmarks.cpu_report import render
+    from benchmarks.llamacpp_peer import process_rss
+
+    now, peak = process_rss(os.getpid(), "VmRSS"), process_rss(os.getpid())
+    assert 0 < now <= peak
+    rows = [Row("serve", 8, "fitllm int4", [300.0], peak_rss_bytes=600 << 20, ready_rss_bytes=430 << 20)]
+    rows.append(Row("serve", 8, "llama-server", [100.0], peak_rss_bytes=390 << 20, ready_rss_bytes=330 << 20))
+    out = io.StringIO()
+    render(Console(file=out, width=200), judge(rows), [], [])
+    lines = out.getvalue().splitlines()
+    assert "ready RSS MiB" in "".join(lines)
+    fitllm = next(line for line in lines if "fitllm int4" in line)
+    assert "430" in fitllm and "600" in fitllm and "not met" in fitllm
+    assert rows[0].as_dict()["ready_rss_bytes"] == 430 << 20
+
+
 @pytest.mark.parametrize("entry", ["none", "int4"])
 def test_each_serve_config_reaches_the_server_it_names(entry):
     # The default --quantization is auto (int4 on the default GGUF), so an entry left off the command

@@ -44,7 +44,7 @@ from fitllm.memory.offload.streamer import WeightStreamer
 from fitllm.model.attention import resolve_attention_backend
 from fitllm.plan.layer_split import refuse_with_layer_split
 from fitllm.plan.memory_plan import MemoryPlan
-from fitllm.quant import get_quant_method, resolve_config
+from fitllm.quant import engine_quant_method, resolve_config
 
 log = logging.getLogger("fitllm")
 
@@ -99,15 +99,7 @@ class Engine:
         self.ledger = MemoryLedger(
             resolve_budget(config.memory_budget, self.device) if split is None else split[0]
         )
-        self.quant = get_quant_method(
-            config.quantization,
-            config.quant_group_size,
-            mc.linear_block_type,
-            mc,
-            device=self.device,
-            dtype=self.dtype,
-            lm_head_dtype=config.lm_head_dtype,
-        )
+        self.quant = engine_quant_method(config, mc, self.device, self.dtype)
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         # placement -> weights -> staging -> workspace -> graph pool -> KV, each figure the plan's until
         # measured (fitllm/engine/startup.py)

@@ -61,6 +61,21 @@ def get_quant_method(
     return method
 
 
+def engine_quant_method(
+    config: EngineConfig, model_config: ModelConfig, device: torch.device, dtype: torch.dtype
+) -> QuantMethod:
+    """The method an engine's flags name for its model (--quantization, --quant-group-size,
+    --lm-head-dtype): the one rank 0 and every tensor-parallel worker build their layers with."""
+    return get_quant_method(
+        config.quantization,
+        config.quant_group_size,
+        config=model_config,
+        device=device,
+        dtype=dtype,
+        lm_head_dtype=config.lm_head_dtype,
+    )
+
+
 # `--quantization auto`: the method that holds a GGUF's own linear codes (gguf_blocks.py), by their type.
 AUTO_FROM_GGUF = {"Q4_0": "int4", "Q4_1": "int4", "Q8_0": "int8"}
 

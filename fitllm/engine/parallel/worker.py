@@ -29,7 +29,7 @@ from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
 from fitllm.memory.transfer import to_device_packed
 from fitllm.model.attention import metadata_builder, resolve_attention_backend
-from fitllm.quant import get_quant_method, resolve_config
+from fitllm.quant import engine_quant_method, resolve_config
 
 log = logging.getLogger("fitllm")
 
@@ -50,15 +50,7 @@ class Worker:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.backend = resolve_attention_backend(config.attention_backend, self.device)
         self.ledger = MemoryLedger(resolve_budget(config.memory_budget, self.device))
-        quant = get_quant_method(
-            config.quantization,
-            config.quant_group_size,
-            mc.linear_block_type,
-            mc,
-            device=self.device,
-            dtype=self.dtype,
-            lm_head_dtype=config.lm_head_dtype,
-        )
+        quant = engine_quant_method(config, mc, self.device, self.dtype)
         self.kv_format = KVCacheFormat(config.kv_cache_dtype, self.dtype, mc.head_dim)
         # Built for one position; rank 0's "setup" gives the context (as --max-model-len auto does).
         self.model = build_model(source, self.dtype, self.device, 1, False, quant)
