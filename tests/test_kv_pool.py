@@ -273,3 +273,23 @@ def test_tight_budget_random_workloads_match_unconstrained_runs(tiny, w):
     assert eng.ledger.peak_total <= eng.ledger.budget
     if eng.swapper.ledger is not None:
         assert eng.swapper.ledger.current("kv_swapped") == 0
+
+
+def test_the_first_idle_turn_after_work_trims_the_host_heap(tiny, monkeypatch):
+    """glibc keeps the heap a step's activations were freed into: the engine's first idle turn after a
+    step hands it back (once; an idle engine does not trim every half second), as the pool gives back
+    idle slabs."""
+    import fitllm.engine.engine as engine_module
+
+    trims = []
+    monkeypatch.setattr(engine_module, "trim_host_heap", lambda: trims.append(1))
+    eng = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, profile_workspace=False))
+    eng.idle()
+    assert trims == []  # nothing ran since start-up, which trims its own transients
+    _collect(eng, [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    eng.idle()
+    eng.idle()
+    assert trims == [1]
+    eng.step()  # nothing to run: no step launched, nothing to trim
+    eng.idle()
+    assert trims == [1]
