@@ -49,6 +49,7 @@ def _run(folder, backend: str, capture: bool, **kw) -> tuple[list[list[int]], En
         max_model_len=96,
         block_size=4,
         kv_slab_size=4 * 2 * 2 * 2 * 16 * 4 * 4,  # 4 blocks of 4 tokens per slab: many slabs
+        profile_workspace=False,  # a 2048-token step in Triton's interpreter: ~25 s, measuring nothing here
         **kw,
     )
     engine = Engine(config)
@@ -106,7 +107,11 @@ def test_graph_pool_without_room_falls_back_to_eager(tiny_llama):
             return 1 << 50
 
     config = EngineConfig(
-        model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64
+        model=str(tiny_llama),
+        dtype="float32",
+        attention_backend="triton",
+        max_model_len=64,
+        profile_workspace=False,
     )
     engine = Engine(config)
     workspace = engine.ledger.current("workspace")
@@ -141,7 +146,12 @@ def test_the_engine_reserves_the_planned_pool_only_where_graphs_can_run(tiny_lla
     workspace, and with no room for it in the budget it stays eager and reserves nothing."""
     engine = Engine(
         EngineConfig(
-            model=str(tiny_llama), device="cpu", dtype="float32", attention_backend="triton", max_model_len=64
+            model=str(tiny_llama),
+            device="cpu",
+            dtype="float32",
+            attention_backend="triton",
+            max_model_len=64,
+            profile_workspace=False,
         )
     )
     assert engine.graphs is None and reserve_graph_pool(engine) is None
@@ -162,7 +172,12 @@ def test_a_failed_capture_leaves_decode_eager_and_gives_the_planned_bytes_back(t
 
     engine = Engine(
         EngineConfig(
-            model=str(tiny_llama), device="cpu", dtype="float32", attention_backend="triton", max_model_len=64
+            model=str(tiny_llama),
+            device="cpu",
+            dtype="float32",
+            attention_backend="triton",
+            max_model_len=64,
+            profile_workspace=False,
         )
     )
     before = engine.ledger.current("workspace")
@@ -182,7 +197,13 @@ def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):
             return 3 << 20
 
     engine = Engine(
-        EngineConfig(model=str(tiny_llama), dtype="float32", attention_backend="triton", max_model_len=64)
+        EngineConfig(
+            model=str(tiny_llama),
+            dtype="float32",
+            attention_backend="triton",
+            max_model_len=64,
+            profile_workspace=False,
+        )
     )
     before = engine.ledger.current("workspace")
     engine.ledger.reserve("workspace", 5 << 20)  # as startup.reserve_graph_pool does on CUDA
