@@ -300,6 +300,29 @@ def test_int4_unpack_equals_the_torch_unpacking(n, k, group):
     assert torch.equal(got.t().float(), plain.float().to(torch.bfloat16).float())
 
 
+@needs_int4_kernel
+@pytest.mark.parametrize("n,k,group", [(576, 576, 32), (200, 1536, 64), (8, 256, 128)])
+def test_a_float32_models_int4_layer_dequantizes_in_one_pass_exactly(n, k, group):
+    """A float32 model's int4 layers stay in the plain layout (their scales float32, a GGUF's fp16 ones held
+    exactly) and are dequantized every call: the C pass equals dequantize_int4 bit for bit, and the layer's
+    product is F.linear over that weight."""
+    method = Int4Method(group)
+    layer = torch.nn.Module()
+    with default_dtype(torch.float32):
+        method.create_weights(layer, n, k)
+    method.load_rows(layer, 0, torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)))
+    method.finish_loading(layer)
+    assert not layer.int4_kernel_layout and layer.weight_scale_zeros.dtype == torch.float32
+    want = dequantize_int4(unpack_plain(layer.weight.data), layer.weight_scale_zeros.data, group)
+    got = int4_kernel().dequantize_plain(layer.weight.data, layer.weight_scale_zeros.data, group)
+    assert torch.equal(got, want)
+    assert torch.equal(method.dequantize(layer), want)
+    x = torch.randn(3, k)
+    assert torch.equal(method.apply(layer, x), torch.nn.functional.linear(x, want))
+    # A group the pass does not take (not a multiple of 32) falls back to PyTorch's passes.
+    assert int4_kernel().dequantize_plain(layer.weight.data, layer.weight_scale_zeros.data, 16) is None
+
+
 @needs_kernel
 def test_kernels_build_into_the_cache_once_and_fall_back_without_a_compiler(tmp_path, monkeypatch):
     """A fresh cache gets one shared object (named by the source's hash, no temporary left behind), the next

@@ -331,6 +331,43 @@ int fitllm_int4_unpack_t(const uint8_t *w, const uint16_t *scale_zeros, int64_t 
     return 0;
 }
 
+/* A float32 model's int4 layer (the plain layout: byte j of row r holds channel 2j in its low nibble, 2j + 1 in
+ * its high one; scale_zeros float32 [k / group, n, 2]) dequantized to out [n, k] float32, each element
+ * (q - 8) * scale + zero rounded as int4.dequantize_int4 rounds it (a multiply, then an add: no FMA, this file
+ * is built with -ffp-contract=off). Why: PyTorch's elementwise passes over the whole weight cost ~2 ms a
+ * layer on this project's machines, every call; this is one pass. Returns -2 for a group not a multiple of
+ * 32. */
+int fitllm_int4_plain_dequant_f32(const uint8_t *w, const float *scale_zeros, int64_t group, int64_t n,
+                                  int64_t k, float *out, int threads) {
+    if (group % 32 || k % group) return -2;
+    int nt = (n * k >= PARALLEL_MIN && threads > 1) ? threads : 1;
+    int64_t groups = k / group;
+    const __m512i nib = _mm512_set1_epi32(0x0f);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    /* element i of the low nibbles' floats goes to 2i, of the high ones' to 2i + 1 */
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = w + r * (k / 2);
+        float *dst = out + r * k;
+        for (int64_t g = 0; g < groups; g++) {
+            const __m512 sc = _mm512_set1_ps(scale_zeros[2 * (g * n + r)]);
+            const __m512 ze = _mm512_set1_ps(scale_zeros[2 * (g * n + r) + 1]);
+            for (int64_t j = g * group / 2; j < (g + 1) * group / 2; j += 16) {
+                __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + j)));
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib));
+                __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+                lo = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(lo, eight), sc), ze);
+                hi = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(hi, eight), sc), ze);
+                _mm512_storeu_ps(dst + 2 * j, _mm512_permutex2var_ps(lo, first, hi));
+                _mm512_storeu_ps(dst + 2 * j + 16, _mm512_permutex2var_ps(lo, second, hi));
+            }
+        }
+    }
+    return 0;
+}
+
 /* ---- bfloat16 weights: y = x W^T with x, W and y bfloat16 ------------------------------------------------
  * vdpbf16ps multiplies bfloat16 pairs exactly and accumulates in float32, as PyTorch's bfloat16 matmul does
  * (its sums differ from these only in order); each output is rounded to bfloat16 once, and is the same bits

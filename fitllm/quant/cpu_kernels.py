@@ -201,6 +201,10 @@ class Int4Kernel:
         unpack.argtypes = [ptr, ptr, i64, i64, i64, ptr, i32]
         unpack.restype = i32
         self._unpack = unpack
+        plain = lib.fitllm_int4_plain_dequant_f32
+        plain.argtypes = [ptr, ptr, i64, i64, i64, ptr, i32]
+        plain.restype = i32
+        self._plain = plain
 
     def unpack_into(
         self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int, out: torch.Tensor
@@ -213,6 +217,20 @@ class Int4Kernel:
         if rc != 0:
             raise ValueError(f"fitllm_int4_unpack_t: shape not taken (N {n}, K {k}, group {group})")
         return out
+
+    def dequantize_plain(
+        self, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int
+    ) -> torch.Tensor | None:
+        """A plain-layout weight (int4.pack_plain's [N, K / 2] bytes, float32 scale_zeros [K / group, N, 2])
+        as float32 [N, K], equal to int4.dequantize_int4's; None for a shape or dtype it does not take."""
+        n, k = packed.shape[0], packed.shape[1] * 2
+        if scale_zeros.dtype != torch.float32 or not (packed.is_contiguous() and scale_zeros.is_contiguous()):
+            return None
+        out = torch.empty(n, k, dtype=torch.float32)
+        rc = self._plain(
+            packed.data_ptr(), scale_zeros.data_ptr(), group, n, k, out.data_ptr(), torch.get_num_threads()
+        )
+        return out if rc == 0 else None
 
     def __call__(
         self, x: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group: int

