@@ -245,3 +245,7 @@ def test_a_busy_machine_is_named_in_the_report():
     assert load_warning(1.9, 2) is None
     warning = load_warning(12.26, 2)
     assert "load average 12.3 on 2 CPUs" in warning and "quiet machine" in warning
+    # A run's own threads are not other processes: 2 server threads and the client at the end of a serve run.
+    from benchmarks.cpu import own_load
+
+    assert own_load(2, ["serve"]) == 3 and own_load(2, ["decode", "prefill"]) == 2
