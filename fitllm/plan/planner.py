@@ -21,7 +21,9 @@ from fitllm.plan.weights import WeightBreakdown, weight_breakdown
 from fitllm.quant import get_quant_method
 from fitllm.units import format_bytes
 
-# Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered.
+# Framework overhead that is not ours to control (allocator slack, CPU runtime); reported, not ledgered. On
+# CPU it is about what PyTorch and the server's imports take before any weight: 218 MiB for `import torch`,
+# 251 with fitllm's, FastAPI's and the tokenizer's (docs/benchmarks.md, session 15).
 DEFAULT_OVERHEAD = 256 << 20
 
 
