@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.closed_loop import ClosedLoop, run_closed_loop
@@ -37,6 +38,7 @@ from benchmarks.serve_load import drive_load, free_port
 from benchmarks.workload import add_workload_arguments, load_workload, result_path
 
 PARTS = ("decode", "prefill", "serve")
+REST_S = 2.0  # serve: how long after the load a server's RSS is read again (what it keeps while it waits)
 NOTES = [
     "decode tok/s = 1 / TPOT of one greedy request (TPOT = (finish - first token) / (tokens - 1)), EOS ignored "
     "on both sides (ignore_eos); median over rounds",
@@ -48,7 +50,7 @@ NOTES = [
     "settings, ignore_eos) for both servers; tok/s = completion tokens (usage) / wall time of the whole load; "
     "peak RSS = the server process's VmHWM (anonymous and file-backed pages: llama-server maps the GGUF); ready "
     "RSS = its VmRSS once it answers /health, before any request (fitllm: no KV yet; llama-server: its whole "
-    "KV cache, allocated at start)",
+    "KV cache, allocated at start); rested RSS = its VmRSS 2 s after the load",
     "targets (issue 24): decode int4 >= 1.0x and int8 >= 0.8x llama.cpp; prefill >= 1.0x at 512 and 2048 "
     "tokens; 8 and 32 concurrent >= 1.5x llama-server with the same slots at <= its peak RSS",
 ]
@@ -76,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_SERVER_ARGS,
         help="extra llama-server flags (default %(default)r: ggml's AMX weight layout crashes on this machine "
         "class; '' to use it where AMX works)",
+    )
+    g.add_argument(
+        "--fitllm-serve-args",
+        default="",
+        help="extra `fitllm serve` flags for the serve part (e.g. '--max-num-batched-tokens 512')",
     )
     g.add_argument(
         "--quick", action="store_true", help="smoke run: 16 new tokens, 1-2 rounds, 128/512, 8 clients"
@@ -214,7 +221,7 @@ def fitllm_serve_command(
     cmd += ["--quantization", config]
     if args.model:
         cmd += ["--model", args.model]
-    return cmd
+    return cmd + shlex.split(args.fitllm_serve_args)
 
 
 def fitllm_server(args: argparse.Namespace, config: str, threads: int, slots: int) -> ServerProcess:
@@ -249,6 +256,8 @@ def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Pa
                 drive_load(server.url, warm, 2, 600, {"ignore_eos": True})
                 results, wall = drive_load(server.url, requests, n, 1800, {"ignore_eos": True})
                 peak = server.peak_rss()
+                time.sleep(REST_S)  # fitllm's idle turn gives back idle memory (Engine.idle)
+                rested = server.rss()
             finally:
                 server.stop()
             ok = [r for r in results if r.ok]
@@ -260,7 +269,18 @@ def measure_serve(args, plan: Plan, threads: int, model: Path, server_binary: Pa
                 "tokens": tokens,
             }
             extra["errors"] = [f"{r.id}: {r.error}" for r in results if not r.ok][:5]
-            rows.append(Row("serve", n, system, [tokens / wall], peak, extra, ready_rss_bytes=ready))
+            rows.append(
+                Row(
+                    "serve",
+                    n,
+                    system,
+                    [tokens / wall],
+                    peak,
+                    extra,
+                    ready_rss_bytes=ready,
+                    rested_rss_bytes=rested,
+                )
+            )
     return rows
 
 

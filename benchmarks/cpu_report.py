@@ -32,6 +32,7 @@ class Row:
     peak_rss_bytes: int | None = None
     extra: dict = field(default_factory=dict)
     ready_rss_bytes: int | None = None  # serve: the server's RSS once it answers, before any request
+    rested_rss_bytes: int | None = None  # serve: its RSS a moment after the load (cpu.REST_S)
     ratio: float | None = None  # fitllm / llama.cpp (fitllm rows with a peer only)
     target: float | None = None
     verdict: str = ""  # "met", "not met", "no peer", or "" where no target applies
@@ -54,6 +55,7 @@ class Row:
             "tok_per_s_samples": self.samples,
             "peak_rss_bytes": self.peak_rss_bytes,
             "ready_rss_bytes": self.ready_rss_bytes,
+            "rested_rss_bytes": self.rested_rss_bytes,
             "ratio_vs_llama_cpp": self.ratio,
             "target": self.target,
             "verdict": self.verdict,
@@ -119,6 +121,7 @@ def render(console, rows: list[Row], header: list[str], notes: list[str]) -> Non
         "samples",
         "ready RSS MiB",
         "peak RSS MiB",
+        "rested RSS MiB",
         "vs llama.cpp",
         "target",
     ):
@@ -133,6 +136,7 @@ def render(console, rows: list[Row], header: list[str], notes: list[str]) -> Non
             " ".join(f"{s:.0f}" for s in r.samples),
             "" if r.ready_rss_bytes is None else f"{r.ready_rss_bytes / MiB:.0f}",
             "" if r.peak_rss_bytes is None else f"{r.peak_rss_bytes / MiB:.0f}",
+            "" if r.rested_rss_bytes is None else f"{r.rested_rss_bytes / MiB:.0f}",
             "" if r.ratio is None else f"{r.ratio:.2f}x",
             _target_text(r),
             end_section=False,

@@ -124,15 +124,27 @@ def test_serve_rows_show_the_memory_held_before_any_request():
 
     now, peak = process_rss(os.getpid(), "VmRSS"), process_rss(os.getpid())
     assert 0 < now <= peak
-    rows = [Row("serve", 8, "fitllm int4", [300.0], peak_rss_bytes=600 << 20, ready_rss_bytes=430 << 20)]
+    rows = [
+        Row(
+            "serve",
+            8,
+            "fitllm int4",
+            [300.0],
+            peak_rss_bytes=600 << 20,
+            ready_rss_bytes=430 << 20,
+            rested_rss_bytes=512 << 20,
+        )
+    ]
     rows.append(Row("serve", 8, "llama-server", [100.0], peak_rss_bytes=390 << 20, ready_rss_bytes=330 << 20))
     out = io.StringIO()
-    render(Console(file=out, width=200), judge(rows), [], [])
+    render(Console(file=out, width=300), judge(rows), [], [])
     lines = out.getvalue().splitlines()
     assert "ready RSS MiB" in "".join(lines)
     fitllm = next(line for line in lines if "fitllm int4" in line)
-    assert "430" in fitllm and "600" in fitllm and "not met" in fitllm
+    assert "rested RSS MiB" in "".join(lines)
+    assert "430" in fitllm and "600" in fitllm and "512" in fitllm and "not met" in fitllm
     assert rows[0].as_dict()["ready_rss_bytes"] == 430 << 20
+    assert rows[0].as_dict()["rested_rss_bytes"] == 512 << 20
 
 
 @pytest.mark.parametrize("entry", ["none", "int4"])
@@ -143,11 +155,14 @@ def test_each_serve_config_reaches_the_server_it_names(entry):
     from fitllm.args import engine_config_from_args
     from fitllm.cli import build_parser
 
-    bench = build_parser().parse_args(["bench", "cpu", "--ctx-per-slot", "512"])
+    bench = build_parser().parse_args(
+        ["bench", "cpu", "--ctx-per-slot", "512", "--fitllm-serve-args", "--max-num-batched-tokens 256"]
+    )
     cmd = fitllm_serve_command(bench, entry, threads=2, slots=8, port=1234)
     serve = build_parser().parse_args(cmd[cmd.index("fitllm.cli") + 1 :])
     config = engine_config_from_args(serve)
     assert (config.quantization, config.max_num_seqs, config.max_model_len) == (entry, 8, 512)
+    assert config.max_num_batched_tokens == 256  # --fitllm-serve-args reach the server
 
 
 FAKE_LLAMA_SERVER = """#!{python}
