@@ -60,6 +60,21 @@ def _run(folder, backend: str, capture: bool, **kw) -> tuple[list[list[int]], En
     return run_all(engine, PROMPTS, params=PARAMS), engine, capturer
 
 
+def _triton_engine(folder, **kw) -> Engine:
+    """A float32 engine on the Triton backend with a 64-token context, without the start-up profile step (a
+    2048-token step in Triton's interpreter: ~25 s, and these tests measure no workspace)."""
+    return Engine(
+        EngineConfig(
+            model=str(folder),
+            dtype="float32",
+            attention_backend="triton",
+            max_model_len=64,
+            profile_workspace=False,
+            **kw,
+        )
+    )
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_replayed_decode_graphs_give_the_reference_tokens(tiny_llama, kv_cache_dtype):
     ref, _, _ = _run(tiny_llama, "torch", False, kv_cache_dtype=kv_cache_dtype)
@@ -106,14 +121,7 @@ def test_graph_pool_without_room_falls_back_to_eager(tiny_llama):
         def pool_bytes(self) -> int:
             return 1 << 50
 
-    config = EngineConfig(
-        model=str(tiny_llama),
-        dtype="float32",
-        attention_backend="triton",
-        max_model_len=64,
-        profile_workspace=False,
-    )
-    engine = Engine(config)
+    engine = _triton_engine(tiny_llama)
     workspace = engine.ledger.current("workspace")
     assert capture_decode_graphs(engine.runner, engine.ledger, 4, 64, capturer=HugePool()) is None
     assert engine.runner.graphs is None
@@ -144,16 +152,7 @@ def test_eager_reason_names_what_keeps_decode_out_of_graphs():
 def test_the_engine_reserves_the_planned_pool_only_where_graphs_can_run(tiny_llama, monkeypatch):
     """On this CPU engine `eager_reason` says no; made to say yes, the engine reserves the planner's pool as
     workspace, and with no room for it in the budget it stays eager and reserves nothing."""
-    engine = Engine(
-        EngineConfig(
-            model=str(tiny_llama),
-            device="cpu",
-            dtype="float32",
-            attention_backend="triton",
-            max_model_len=64,
-            profile_workspace=False,
-        )
-    )
+    engine = _triton_engine(tiny_llama, device="cpu")
     assert engine.graphs is None and reserve_graph_pool(engine) is None
     monkeypatch.setattr("fitllm.engine.startup.eager_reason", lambda *args: None)
     before = engine.ledger.current("workspace")
@@ -170,16 +169,7 @@ def test_a_failed_capture_leaves_decode_eager_and_gives_the_planned_bytes_back(t
         def capture(self, fn):
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    engine = Engine(
-        EngineConfig(
-            model=str(tiny_llama),
-            device="cpu",
-            dtype="float32",
-            attention_backend="triton",
-            max_model_len=64,
-            profile_workspace=False,
-        )
-    )
+    engine = _triton_engine(tiny_llama, device="cpu")
     before = engine.ledger.current("workspace")
     engine.ledger.reserve("workspace", 5 << 20)
     assert (
@@ -196,15 +186,7 @@ def test_measured_graph_pool_replaces_the_planned_reservation(tiny_llama):
         def pool_bytes(self) -> int:
             return 3 << 20
 
-    engine = Engine(
-        EngineConfig(
-            model=str(tiny_llama),
-            dtype="float32",
-            attention_backend="triton",
-            max_model_len=64,
-            profile_workspace=False,
-        )
-    )
+    engine = _triton_engine(tiny_llama)
     before = engine.ledger.current("workspace")
     engine.ledger.reserve("workspace", 5 << 20)  # as startup.reserve_graph_pool does on CUDA
     assert (

@@ -279,10 +279,10 @@ def test_the_first_idle_turn_after_work_trims_the_host_heap(tiny, monkeypatch):
     """glibc keeps the heap a step's activations were freed into: the engine's first idle turn after a
     step hands it back (once; an idle engine does not trim every half second), as the pool gives back
     idle slabs."""
-    import fitllm.engine.engine as engine_module
+    import fitllm.memory.host as host_module
 
     trims = []
-    monkeypatch.setattr(engine_module, "trim_host_heap", lambda: trims.append(1))
+    monkeypatch.setattr(host_module, "trim_host_heap", lambda: trims.append(1))
     eng = Engine(EngineConfig(model=str(tiny), dtype="float32", max_model_len=128, profile_workspace=False))
     eng.idle()
     assert trims == []  # nothing ran since start-up, which trims its own transients

@@ -36,7 +36,7 @@ from fitllm.engine.structured.compiler import GrammarCompiler
 from fitllm.engine.view import check_token_ids
 from fitllm.loader import ModelSource, open_model
 from fitllm.memory.budget import resolve_budget
-from fitllm.memory.host import trim_host_heap
+from fitllm.memory.host import IdleHeapTrim
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.host_cache import HostKVCache, build_host_cache
 from fitllm.memory.kv.swap import KVSwapper
@@ -58,7 +58,7 @@ class Engine:
     ) -> None:
         """`source`: config.model already opened (and checked), e.g. by `fitllm serve` before it binds."""
         self.tp: TensorParallelGroup | None = None
-        self.heap_dirty = False  # a step ran since the last idle turn's heap trim (idle())
+        self.heap_trim = IdleHeapTrim()
         if config.tensor_parallel_size > 1:
             config = rank_threads(config)
         self.config = config
@@ -353,16 +353,10 @@ class Engine:
 
     def idle(self) -> None:
         """An idle turn (the async engine's, every half second without work): idle slabs given back, the
-        host heap trimmed once after work, and with tensor parallelism the workers told (their heartbeat: a
-        worker lost shows here, not at the next request).
-
-        Why trim: glibc keeps the heap a prefill's activations were freed into, so without it the process
-        stays at its busiest RSS after a burst (measured on the default model: a 1665-token prefill step
-        left 101 MiB, 58 of them free heap)."""
+        host heap trimmed once after work (IdleHeapTrim), and with tensor parallelism the workers told (their
+        heartbeat: a worker lost shows here, not at the next request)."""
         self.release_idle_memory()
-        if self.heap_dirty:
-            trim_host_heap()
-            self.heap_dirty = False
+        self.heap_trim.idle()
         if self.tp is not None:
             self.tp.heartbeat(StepMessage("idle", self.storage.take_journal()))
 
@@ -399,7 +393,7 @@ class Engine:
         # If queueing raises, the step in flight stays in flight (its tokens are still to be read); the
         # requests whose rows made it raise are failed alone and the rest of the batch is launched.
         step, failed = self._launch_isolating(sched, self._in_flight)
-        self.heap_dirty = True
+        self.heap_trim.worked()
         outputs += failed
         if self._in_flight is not None:
             outputs += self._resolve(self._take_in_flight())

@@ -61,6 +61,24 @@ def trim_host_heap() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@dataclass(slots=True)
+class IdleHeapTrim:
+    """The host heap trimmed once on the first idle turn after work (the engine's and each tensor-parallel
+    worker's). Why: glibc keeps the heap a prefill's activations were freed into, so without it the process
+    stays at its busiest RSS after a burst (measured on the default model: a 1665-token prefill step left
+    101 MiB, 58 of them free heap); once, because an idle engine turns every half second."""
+
+    dirty: bool = False  # work ran since the last trim
+
+    def worked(self) -> None:
+        self.dirty = True
+
+    def idle(self) -> None:
+        if self.dirty:
+            trim_host_heap()
+            self.dirty = False
+
+
 def _reset_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False where not allowed."""
     try:

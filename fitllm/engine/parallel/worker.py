@@ -24,7 +24,7 @@ from fitllm.engine.runner import apply_shift, profile_workspace, scratch_prefill
 from fitllm.engine.scorer import logit_chunks
 from fitllm.loader import build_model, open_model
 from fitllm.memory.budget import resolve_budget
-from fitllm.memory.host import trim_host_heap
+from fitllm.memory.host import IdleHeapTrim
 from fitllm.memory.kv.format import KVCacheFormat
 from fitllm.memory.kv.storage import KVSlabStorage
 from fitllm.memory.ledger import MemoryLedger
@@ -59,20 +59,19 @@ class Worker:
         self.ledger.reserve("weights", sum(p.numel() * p.element_size() for p in self.model.parameters()))
         self.storage: KVSlabStorage | None = None
         self.metadata = None
-        self.heap_dirty = False  # a step ran since the last idle turn's heap trim (Engine.idle's rule)
+        self.heap_trim = IdleHeapTrim()
 
     def handle(self, msg: StepMessage) -> None:
         """Do what rank 0 does with the model for `msg` (after its slab ops)."""
         if self.storage is not None:
             self.storage.replay(msg.slab_ops)
         getattr(self, f"_{msg.kind}")(msg)
-        self.heap_dirty = self.heap_dirty or msg.kind != "idle"
+        if msg.kind != "idle":
+            self.heap_trim.worked()
 
     def _idle(self, msg: StepMessage) -> None:
         tp_barrier(self.config.tp_timeout_s)  # rank 0's heartbeat: it learns this rank still answers
-        if self.heap_dirty:
-            trim_host_heap()
-            self.heap_dirty = False
+        self.heap_trim.idle()
 
     def _setup(self, msg: StepMessage) -> None:
         a = msg.args
